@@ -1,0 +1,122 @@
+// Memory-model primitives, bounded waits and fault reporting.
+#pragma once
+#include "abi.cuh"
+
+__device__ __forceinline__ u64 ld_acquire_gpu(const u64* p) {
+    u64 v;
+    asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ u64 ld_acquire_sys(const u64* p) {
+    u64 v;
+    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ u32 ld_relaxed_sys_u32(const u32* p) {
+    u32 v;
+    asm volatile("ld.relaxed.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ u32 ld_relaxed_gpu_u32(const u32* p) {
+    u32 v;
+    asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ u64 ld_relaxed_sys(const u64* p) {
+    u64 v;
+    asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ void st_relaxed_sys(u64* p, u64 v) {
+    asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ void st_relaxed_sys_u32(u32* p, u32 v) {
+    asm volatile("st.relaxed.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ void st_release_sys(u64* p, u64 v) {
+    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ void st_release_sys_u32(u32* p, u32 v) {
+    asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ void st_release_gpu(u64* p, u64 v) {
+    asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ void red_release_gpu(u64* p, u64 v) {
+    asm volatile("red.release.gpu.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ u64 atom_add_acq_rel_gpu(u64* p, u64 v) {
+    u64 old;
+    asm volatile("atom.acq_rel.gpu.global.add.u64 %0, [%1], %2;" : "=l"(old) : "l"(p), "l"(v) : "memory");
+    return old;
+}
+__device__ __forceinline__ u64 globaltimer() {
+    u64 t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+// Where the resident kernel keeps its shared pointers.
+struct Env {
+    const Command* host_commands;
+    Command* dev_commands;
+    u64* output;
+    DeviceState* state;
+    StatusBlock* status;
+    u64 timeout_ns;
+    u32 sm;
+    u32 num_sms;
+};
+
+// What a fault report names besides its kind.
+struct Site {
+    u32 task;
+    u32 opcode;
+    u64 command;
+};
+
+// Claims the error record (first reporter wins), fills it, and stops every block.
+__device__ __noinline__ void report_fault(const Env& env, const Site& site, u32 kind, u32 event, u64 seen,
+                                          u64 needed) {
+    if (atomicCAS(&env.state->abort, 0u, 1u) == 0u) {
+        ErrorRecord* e = &env.status->error;
+        st_relaxed_sys_u32(&e->sm, env.sm);
+        st_relaxed_sys_u32(&e->task, site.task);
+        st_relaxed_sys_u32(&e->opcode, site.opcode);
+        st_relaxed_sys_u32(&e->event, event);
+        st_relaxed_sys(&e->seen, seen);
+        st_relaxed_sys(&e->needed, needed);
+        st_relaxed_sys(&e->command, site.command);
+        st_release_sys_u32(&e->kind, kind);
+    }
+}
+
+// True once any block reported a fault or the host asked to abort.
+__device__ __forceinline__ bool aborted(const Env& env) {
+    return ld_relaxed_gpu_u32(&env.state->abort) != 0u;
+}
+
+// Waits (one thread) until *ctr >= need. Returns false on abort or timeout
+// (a timeout is reported as a hang naming `event`).
+template <bool SYS>
+__device__ __noinline__ bool wait_at_least(const Env& env, const Site& site, const u64* ctr, u64 need, u32 event) {
+    u64 v = SYS ? ld_acquire_sys(ctr) : ld_acquire_gpu(ctr);
+    if (v >= need) return true;
+    const u64 start = globaltimer();
+    u32 spins = 0, sleep_ns = 32;
+    while (true) {
+        if (spins < 64) {
+            ++spins;
+        } else {
+            __nanosleep(sleep_ns);
+            if (sleep_ns < 1024) sleep_ns *= 2;
+        }
+        v = SYS ? ld_acquire_sys(ctr) : ld_acquire_gpu(ctr);
+        if (v >= need) return true;
+        if (aborted(env)) return false;
+        if (globaltimer() - start > env.timeout_ns) {
+            report_fault(env, site, FAULT_HANG, event, v, need);
+            return false;
+        }
+    }
+}

@@ -1,0 +1,62 @@
+// What every task body receives, and helpers shared by task files.
+#pragma once
+#include "sync.cuh"
+
+struct Ctx {
+    Env env;
+    Site site;
+    const TaskDesc* desc;   // shared-memory copy, parameters substituted
+    unsigned char* smem;    // dynamic shared memory scratch
+    u32 smem_bytes;
+};
+
+template <typename A>
+__device__ __forceinline__ const A& task_args(const Ctx& c) {
+    static_assert(sizeof(A) <= TASK_ARG_SLOTS * 8, "argument record too large");
+    return *reinterpret_cast<const A*>(c.desc->args);
+}
+
+// Reports a fault from inside a task (any thread; the first report wins).
+__device__ __forceinline__ void task_fault(const Ctx& c, u32 kind, u64 seen, u64 needed) {
+    report_fault(c.env, c.site, kind, 0, seen, needed);
+}
+
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(u32(h) << 16); }
+
+// Round to nearest even; NaN stays NaN (quiet).
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return u16((u >> 16) | 0x40u);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return u16(u >> 16);
+}
+
+// Loads element i of a float array of type `dtype`.
+__device__ __forceinline__ float load_float(u64 base, u32 dtype, u64 i) {
+    return dtype == DTYPE_BF16 ? bf16_to_f32(reinterpret_cast<const u16*>(base)[i])
+                               : reinterpret_cast<const float*>(base)[i];
+}
+
+// Stores element i of a float array of type `dtype`.
+__device__ __forceinline__ void store_float(u64 base, u32 dtype, u64 i, float v) {
+    if (dtype == DTYPE_BF16) reinterpret_cast<u16*>(base)[i] = f32_to_bf16(v);
+    else reinterpret_cast<float*>(base)[i] = v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+    return v;
+}
+
+// Sum over the block; the result is valid in every thread. Uses 32 floats of scratch.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < (blockDim.x >> 5) ? scratch[lane] : 0.0f;
+    v = warp_sum(v);
+    __syncthreads();
+    return v;
+}

@@ -1,0 +1,157 @@
+// The resident kernel: one block per SM runs its list of tasks for every
+// iteration of every command the host puts in the command ring.
+//
+// Per command: block 0 copies the host command (mapped memory) into a device
+// ring that the other blocks poll. Per iteration g: each block waits until every
+// block finished iteration g - 1, then for each task in its list: copy the
+// descriptor to shared memory, substitute command parameters, wait on the
+// task's events (counter >= need * epoch), run the body, signal its event.
+#include "include/task.cuh"
+#include "mk_dispatch.cuh"
+
+// Thread 0: waits for command `seq` and copies it to `out`. Returns false to stop.
+__device__ __noinline__ bool fetch_command(const Env& env, u64 seq, Command* out) {
+    const u32 slot = u32((seq - 1) % COMMAND_RING_CAP);
+    if (env.sm == 0) {
+        u32 sleep_ns = 64;
+        while (ld_acquire_sys(&env.status->cmd_head) < seq) {
+            if (ld_relaxed_sys_u32(&env.status->abort) != 0u) atomicCAS(&env.state->abort, 0u, 2u);
+            if (aborted(env)) return false;
+            __nanosleep(sleep_ns);
+            if (sleep_ns < 1024) sleep_ns *= 2;
+        }
+        const u64* src = reinterpret_cast<const u64*>(&env.host_commands[slot]);
+        u64* dst = reinterpret_cast<u64*>(&env.dev_commands[slot]);
+        u64 tmp[16];
+#pragma unroll
+        for (int i = 0; i < 16; ++i) tmp[i] = ld_relaxed_sys(src + i);
+#pragma unroll
+        for (int i = 0; i < 16; ++i) dst[i] = tmp[i];
+        st_release_gpu(&env.state->cmd_head, seq);
+    } else {
+        u32 sleep_ns = 32;
+        while (ld_acquire_gpu(&env.state->cmd_head) < seq) {
+            if (aborted(env)) return false;
+            __nanosleep(sleep_ns);
+            if (sleep_ns < 512) sleep_ns *= 2;
+        }
+    }
+    *out = env.dev_commands[slot];
+    return true;
+}
+
+// Thread 0: prepares the task in `d` (parameters, event checks, waits). Returns
+// false to stop the block.
+__device__ __forceinline__ bool prepare_task(const Env& env, const Site& site, TaskDesc* d,
+                                             const ProgramDesc& prog, const Command& cmd, u64 epoch) {
+    for (u32 i = 0; i < TASK_ARG_SLOTS; ++i) {
+        if (d->param_mask & (1u << i)) {
+            const u32 sel = u32(d->param_sel >> (4 * i)) & 0xFu;
+            if (sel >= COMMAND_PARAMS) {
+                report_fault(env, site, FAULT_BAD_ARGS, NO_EVENT, sel, COMMAND_PARAMS);
+                return false;
+            }
+            d->args[i] = cmd.params[sel];
+        }
+    }
+    u64* events = reinterpret_cast<u64*>(prog.events);
+    for (u32 k = 0; k < TASK_WAITS; ++k) {
+        const u32 ev = d->wait[k];
+        if (ev == NO_EVENT) continue;
+        if (ev >= prog.num_events) {
+            report_fault(env, site, FAULT_OUT_OF_RANGE, ev, ev, prog.num_events);
+            return false;
+        }
+        if (!wait_at_least<false>(env, site, &events[ev], u64(d->wait_need[k]) * epoch, ev)) return false;
+    }
+    if (d->signal != NO_EVENT && d->signal >= prog.num_events) {
+        report_fault(env, site, FAULT_OUT_OF_RANGE, d->signal, d->signal, prog.num_events);
+        return false;
+    }
+    return true;
+}
+
+extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const KernelParams kp) {
+    __shared__ TaskDesc s_desc;
+    __shared__ Command s_cmd;
+    __shared__ ProgramDesc s_prog;
+    __shared__ u32 s_go;
+    extern __shared__ __align__(16) unsigned char s_dyn[];
+
+    u32 dyn_bytes;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_bytes));
+    Env env;
+    env.host_commands = reinterpret_cast<const Command*>(kp.host_commands);
+    env.dev_commands = reinterpret_cast<Command*>(kp.dev_commands);
+    env.output = reinterpret_cast<u64*>(kp.output);
+    env.state = reinterpret_cast<DeviceState*>(kp.state);
+    env.status = reinterpret_cast<StatusBlock*>(kp.status);
+    env.timeout_ns = kp.wait_timeout_ns;
+    env.sm = blockIdx.x;
+    env.num_sms = gridDim.x;
+    const u32 tid = threadIdx.x;
+
+    for (u64 seq = 1;; ++seq) {
+        if (tid == 0) {
+            s_go = fetch_command(env, seq, &s_cmd) && s_cmd.kind == CMD_RUN;
+            if (s_go) {
+                s_prog = *reinterpret_cast<const ProgramDesc*>(s_cmd.program);
+                if (s_prog.num_workers != env.num_sms) {
+                    const Site site = {NO_EVENT, 0, seq};
+                    report_fault(env, site, FAULT_BAD_ARGS, NO_EVENT, s_prog.num_workers, env.num_sms);
+                    s_go = 0;
+                }
+            }
+        }
+        __syncthreads();
+        if (!s_go) break;
+        const u32* offsets = reinterpret_cast<const u32*>(s_prog.worker_offsets);
+        const TaskDesc* tasks = reinterpret_cast<const TaskDesc*>(s_prog.tasks);
+        const u32 first = offsets[env.sm], last = offsets[env.sm + 1];
+        bool go = true;
+        for (u32 j = 0; go && j < s_cmd.iterations; ++j) {
+            const u64 g = s_cmd.iter_base + j + 1;
+            const u64 epoch = s_cmd.epoch_base + j + 1;
+            if (tid == 0) {
+                const Site site = {NO_EVENT, 0, seq};
+                s_go = wait_at_least<false>(env, site, &env.state->worker_iters, u64(env.num_sms) * (g - 1),
+                                            WAIT_ITERATION);
+            }
+            __syncthreads();
+            go = s_go;
+            for (u32 t = first; go && t < last; ++t) {
+                if (tid < 8) reinterpret_cast<uint4*>(&s_desc)[tid] = reinterpret_cast<const uint4*>(&tasks[t])[tid];
+                __syncthreads();
+                const Site site = {s_desc.id, s_desc.opcode, seq};
+                if (tid == 0) s_go = prepare_task(env, site, &s_desc, s_prog, s_cmd, epoch);
+                __syncthreads();
+                if (!s_go) {
+                    go = false;
+                    break;
+                }
+                Ctx c = {env, site, &s_desc, s_dyn, dyn_bytes};
+                if (!dispatch_task(s_desc.opcode, c) && tid == 0) {
+                    report_fault(env, site, FAULT_BAD_OPCODE, NO_EVENT, s_desc.opcode, 0);
+                }
+                __syncthreads();
+                if (tid == 0) {
+                    if (s_desc.signal != NO_EVENT) {
+                        red_release_gpu(reinterpret_cast<u64*>(s_prog.events) + s_desc.signal, 1);
+                    }
+                    s_go = !aborted(env);
+                }
+                __syncthreads();
+                go = s_go;
+            }
+            if (go && tid == 0) {
+                const u64 old = atom_add_acq_rel_gpu(&env.state->worker_iters, 1);
+                if (old + 1 == u64(env.num_sms) * g) st_release_sys(&env.status->iterations_done, g);
+            }
+        }
+        if (!go) break;
+    }
+    if (tid == 0) {
+        const u32 n = atomicAdd(&env.state->exited_blocks, 1u);
+        if (n + 1 == env.num_sms) st_release_sys_u32(&env.status->exited, 1u);
+    }
+}

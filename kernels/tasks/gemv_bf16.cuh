@@ -1,0 +1,135 @@
+// gemv_bf16: y[m, row0 + r] (+)= sum_c W[row0 + r, c] * x[m, c], f32 accumulation;
+// src/task/gemv_bf16.rs. One warp per matrix row; each lane streams 16-byte
+// chunks of the row with UNROLL loads in flight; the matrix bypasses L1
+// (read once), x stays in L1 (read by every warp).
+#pragma once
+#include "../include/task.cuh"
+
+struct GemvBf16Args {
+    u64 w;
+    u64 x;
+    u64 y;
+    u32 row0;
+    u32 rows;
+    u32 cols;
+    u32 ldw;
+    u32 m;
+    u32 ldx;
+    u32 ldy;
+    u32 x_dtype;
+    u32 y_dtype;
+    u32 accumulate;
+};
+MK_SIZE(GemvBf16Args, 64);
+MK_OFFSET(GemvBf16Args, w, 0);
+MK_OFFSET(GemvBf16Args, x, 8);
+MK_OFFSET(GemvBf16Args, y, 16);
+MK_OFFSET(GemvBf16Args, row0, 24);
+MK_OFFSET(GemvBf16Args, rows, 28);
+MK_OFFSET(GemvBf16Args, cols, 32);
+MK_OFFSET(GemvBf16Args, ldw, 36);
+MK_OFFSET(GemvBf16Args, m, 40);
+MK_OFFSET(GemvBf16Args, ldx, 44);
+MK_OFFSET(GemvBf16Args, ldy, 48);
+MK_OFFSET(GemvBf16Args, x_dtype, 52);
+MK_OFFSET(GemvBf16Args, y_dtype, 56);
+MK_OFFSET(GemvBf16Args, accumulate, 60);
+
+// 16 bytes of a streamed-once matrix: no L1 allocation.
+__device__ __forceinline__ uint4 ld_stream16(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ void unpack_bf16x8(const uint4& v, float f[8]) {
+    const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+    }
+}
+
+// Eight consecutive elements of x (f32 or bf16), 16-byte aligned.
+template <bool XBF16>
+__device__ __forceinline__ void load_x8(u64 x, u64 idx, float f[8]) {
+    if (XBF16) {
+        unpack_bf16x8(*reinterpret_cast<const uint4*>(x + idx * 2), f);
+    } else {
+        const float4 a = *reinterpret_cast<const float4*>(x + idx * 4);
+        const float4 b = *reinterpret_cast<const float4*>(x + idx * 4 + 16);
+        f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
+    }
+}
+
+template <int M, bool XBF16>
+__device__ __forceinline__ void gemv_pass(const GemvBf16Args& a, u32 m0, u32 mcount) {
+    constexpr int UNROLL = 4;
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    const u32 chunks = a.cols >> 3;
+    for (u32 r = warp; r < a.rows; r += nwarps) {
+        const u64 row = u64(a.row0) + r;
+        const char* wrow = reinterpret_cast<const char*>(a.w) + row * a.ldw * 2;
+        float acc[M];
+#pragma unroll
+        for (int i = 0; i < M; ++i) acc[i] = 0.0f;
+        for (u32 base = lane; base < chunks; base += 32 * UNROLL) {
+            uint4 wv[UNROLL];
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                const u32 ch = base + u * 32;
+                wv[u] = ch < chunks ? ld_stream16(wrow + u64(ch) * 16) : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                const u32 ch = base + u * 32;
+                if (ch >= chunks) break;
+                float wf[8];
+                unpack_bf16x8(wv[u], wf);
+#pragma unroll
+                for (int i = 0; i < M; ++i) {
+                    if (i < int(mcount)) {
+                        float xf[8];
+                        load_x8<XBF16>(a.x, u64(m0 + i) * a.ldx + u64(ch) * 8, xf);
+#pragma unroll
+                        for (int k = 0; k < 8; ++k) acc[i] = fmaf(wf[k], xf[k], acc[i]);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < M; ++i) {
+            const float s = warp_sum(acc[i]);
+            if (lane == 0 && i < int(mcount)) {
+                const u64 idx = u64(m0 + i) * a.ldy + row;
+                const float prev = a.accumulate ? load_float(a.y, a.y_dtype, idx) : 0.0f;
+                store_float(a.y, a.y_dtype, idx, prev + s);
+            }
+        }
+    }
+}
+
+template <bool XBF16>
+__device__ __forceinline__ void gemv_dispatch(const GemvBf16Args& a) {
+    // Input rows in passes of at most 8 (each pass streams the matrix once).
+    for (u32 m0 = 0; m0 < a.m; m0 += 8) {
+        const u32 mc = min(a.m - m0, 8u);
+        if (mc == 1) gemv_pass<1, XBF16>(a, m0, 1);
+        else if (mc == 2) gemv_pass<2, XBF16>(a, m0, 2);
+        else if (mc <= 4) gemv_pass<4, XBF16>(a, m0, mc);
+        else gemv_pass<8, XBF16>(a, m0, mc);
+    }
+}
+
+__device__ __forceinline__ void task_gemv_bf16(const Ctx& c) {
+    const GemvBf16Args& a = task_args<GemvBf16Args>(c);
+    if ((a.cols & 7) || (a.ldw & 7) || a.m == 0 || a.m > 16) {
+        if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, a.cols, a.m);
+        return;
+    }
+    if (a.x_dtype == DTYPE_BF16) gemv_dispatch<true>(a);
+    else gemv_dispatch<false>(a);
+}

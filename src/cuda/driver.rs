@@ -1,0 +1,167 @@
+//! The only module with raw CUDA driver calls: mapped host memory, stream-ordered
+//! device memory, copies, the cooperative launch of the resident kernel, and
+//! stream queries. Everything it exports is safe to call.
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::driver::{result, sys, CudaFunction, CudaStream, DriverError};
+
+use crate::abi::KernelParams;
+
+/// Host memory mapped into the device address space (`cuMemHostAlloc` with
+/// `DEVICEMAP | PORTABLE`): ordinary cached pages, cheap for the host to read.
+pub(crate) struct MappedHost {
+    host: *mut u8,
+    dev: u64,
+    bytes: usize,
+}
+
+// SAFETY: the allocation is plain pinned memory owned by this value; all
+// accesses go through raw pointers with volatile or atomic operations.
+unsafe impl Send for MappedHost {}
+// SAFETY: as above; shared access is only through atomics/volatile ops.
+unsafe impl Sync for MappedHost {}
+
+impl MappedHost {
+    /// Allocates `bytes` zeroed bytes.
+    pub(crate) fn new(bytes: usize) -> Result<Self, DriverError> {
+        let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
+        // SAFETY: the context is current (bound by the caller); the pointer
+        // returned is valid for `bytes` bytes until `free_host`.
+        let host = unsafe { result::malloc_host(bytes, flags) }? as *mut u8;
+        // SAFETY: `host` is valid for `bytes` bytes.
+        unsafe { std::ptr::write_bytes(host, 0, bytes) };
+        let mut dev: sys::CUdeviceptr = 0;
+        // SAFETY: `host` was allocated with DEVICEMAP in the current context.
+        let r = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dev, host as *mut c_void, 0) };
+        if let Err(e) = r.result() {
+            // SAFETY: allocated above and not shared.
+            unsafe { result::free_host(host as *mut c_void) }.ok();
+            return Err(e);
+        }
+        Ok(MappedHost { host, dev, bytes })
+    }
+    /// Host address of byte `off`.
+    pub(crate) fn host_ptr(&self, off: usize) -> *mut u8 {
+        assert!(off < self.bytes);
+        // SAFETY: in bounds by the assertion.
+        unsafe { self.host.add(off) }
+    }
+    /// Device address of byte `off`.
+    pub(crate) fn dev_ptr(&self, off: usize) -> u64 {
+        self.dev + off as u64
+    }
+}
+
+impl Drop for MappedHost {
+    fn drop(&mut self) {
+        // SAFETY: allocated by `malloc_host`; the owner drops this only after
+        // the resident kernel has exited.
+        unsafe { result::free_host(self.host as *mut c_void) }.ok();
+    }
+}
+
+/// Device memory from the stream-ordered allocator (`cuMemAllocAsync` on the
+/// copy stream), which, unlike `cuMemFree`, never waits for the resident kernel.
+pub(crate) struct DevMem {
+    ptr: u64,
+    bytes: usize,
+    stream: Arc<CudaStream>,
+}
+
+impl DevMem {
+    /// Allocates `bytes` (at least 256) zeroed bytes.
+    pub(crate) fn zeroed(stream: &Arc<CudaStream>, bytes: usize) -> Result<Self, DriverError> {
+        let bytes = bytes.max(256);
+        stream.context().bind_to_thread()?;
+        // SAFETY: valid stream of the current context.
+        let ptr = unsafe { result::malloc_async(stream.cu_stream(), bytes) }?;
+        let mem = DevMem { ptr, bytes, stream: stream.clone() };
+        // SAFETY: `ptr` holds `bytes` bytes, ordered after the allocation on the same stream.
+        unsafe { result::memset_d8_async(ptr, 0, bytes, stream.cu_stream()) }?;
+        stream.synchronize()?;
+        Ok(mem)
+    }
+    /// Device address.
+    pub(crate) fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    /// Copies `src` to byte offset `off` and waits for it.
+    pub(crate) fn write(&self, off: usize, src: &[u8]) -> Result<(), DriverError> {
+        assert!(off + src.len() <= self.bytes);
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.stream.context().bind_to_thread()?;
+        // SAFETY: destination range checked above; the copy completes before return.
+        unsafe { result::memcpy_htod_async(self.ptr + off as u64, src, self.stream.cu_stream()) }?;
+        self.stream.synchronize()
+    }
+    /// Copies from byte offset `off` into `dst` and waits for it.
+    pub(crate) fn read(&self, off: usize, dst: &mut [u8]) -> Result<(), DriverError> {
+        assert!(off + dst.len() <= self.bytes);
+        if dst.is_empty() {
+            return Ok(());
+        }
+        self.stream.context().bind_to_thread()?;
+        // SAFETY: source range checked above; the copy completes before return.
+        unsafe { result::memcpy_dtoh_async(dst, self.ptr + off as u64, self.stream.cu_stream()) }?;
+        self.stream.synchronize()
+    }
+}
+
+impl Drop for DevMem {
+    fn drop(&mut self) {
+        if self.stream.context().bind_to_thread().is_ok() {
+            // SAFETY: allocated by `malloc_async`; no task of a running command
+            // uses it any more (programs and buffers outlive their commands).
+            unsafe { result::free_async(self.ptr, self.stream.cu_stream()) }.ok();
+        }
+    }
+}
+
+/// Launches the resident kernel cooperatively (fails instead of hanging when
+/// the grid cannot be co-resident).
+pub(crate) fn launch_resident(
+    func: &CudaFunction,
+    stream: &CudaStream,
+    grid: u32,
+    block: u32,
+    shared_bytes: u32,
+    params: &KernelParams,
+) -> Result<(), DriverError> {
+    stream.context().bind_to_thread()?;
+    let mut p = *params;
+    let mut args = [&mut p as *mut KernelParams as *mut c_void];
+    // SAFETY: the kernel takes exactly one `KernelParams` by value (same layout
+    // on both sides, checked by the ABI test); `p` lives across the call, which
+    // copies it.
+    unsafe {
+        result::launch_cooperative_kernel(
+            func.cu_function(),
+            (grid, 1, 1),
+            (block, 1, 1),
+            shared_bytes,
+            stream.cu_stream(),
+            &mut args,
+        )
+    }
+}
+
+/// Whether all work on `stream` has finished (`cuStreamQuery`).
+pub(crate) fn stream_done(stream: &CudaStream) -> Result<bool, DriverError> {
+    stream.context().bind_to_thread()?;
+    // SAFETY: valid stream of the current context.
+    match unsafe { sys::cuStreamQuery(stream.cu_stream()) } {
+        sys::CUresult::CUDA_SUCCESS => Ok(true),
+        sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+        e => Err(DriverError(e)),
+    }
+}
+
+/// Whether the CUDA driver library can be loaded.
+pub(crate) fn driver_present() -> bool {
+    // SAFETY: only tries to open the library.
+    unsafe { sys::is_culib_present() }
+}

@@ -1,0 +1,563 @@
+//! The GPU runtime: one resident kernel per device.
+//!
+//! [`Runtime::new`] loads the PTX for the GPU, sizes the grid to one block per
+//! SM (checked against the occupancy query) and launches the kernel
+//! cooperatively on its own non-blocking stream. Commands go through a ring in
+//! mapped host memory; completion, errors and emitted values come back through
+//! a status block and an output ring in the same mapping. Memory and program
+//! uploads use a second stream and the stream-ordered allocator, so nothing
+//! ever waits for the resident kernel except [`Runtime::shutdown`].
+
+mod driver;
+pub mod ptx;
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::nvrtc::Ptx;
+
+use crate::abi::{
+    fault, wait_site, Command, DeviceState, KernelParams, ProgramDesc, StatusBlock, TaskDesc, BLOCK_THREADS,
+    CMD_RUN, CMD_SHUTDOWN, COMMAND_RING_CAP, OUTPUT_RING_CAP,
+};
+use crate::buffer::{Buffer, DType};
+use crate::error::{Error, Result};
+use crate::exec::{check_bytes, check_owner, next_executor_id, pack_params, Executor, LoadedProgram, Ticket};
+use crate::program::Program;
+use crate::task::kind_name;
+use driver::{DevMem, MappedHost};
+
+/// Options of a [`Runtime`].
+#[derive(Clone, Debug)]
+pub struct RuntimeOptions {
+    /// Longest a device-side wait may take before the kernel reports a hang.
+    pub wait_timeout: Duration,
+    /// Default host wait ([`ExecutorExt::run`](crate::exec::ExecutorExt::run), shutdown).
+    pub host_timeout: Duration,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        RuntimeOptions { wait_timeout: Duration::from_secs(5), host_timeout: Duration::from_secs(60) }
+    }
+}
+
+/// Devices with a live resident kernel in this process.
+static BUSY: Mutex<Option<HashSet<usize>>> = Mutex::new(None);
+
+/// Primary contexts, retained for the life of the process so that creating and
+/// dropping runtimes does not tear the context down each time.
+fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
+    static CTX: OnceLock<Mutex<Vec<Option<Arc<CudaContext>>>>> = OnceLock::new();
+    if !driver::driver_present() {
+        return Err(Error::NoDriver);
+    }
+    let count = CudaContext::device_count()? as usize;
+    if ordinal >= count {
+        return Err(Error::NoDevice { ordinal, count });
+    }
+    let mut all = CTX.get_or_init(Mutex::default).lock().expect("context cache poisoned");
+    if all.len() <= ordinal {
+        all.resize(ordinal + 1, None);
+    }
+    if all[ordinal].is_none() {
+        let ctx = CudaContext::new(ordinal)?;
+        // SAFETY: buffers shared with the resident kernel must not carry
+        // cudarc's per-buffer events; this crate orders its own work.
+        unsafe { ctx.disable_event_tracking() };
+        all[ordinal] = Some(ctx);
+    }
+    Ok(all[ordinal].clone().expect("set above"))
+}
+
+/// Free and total device memory in bytes.
+pub fn memory_info(ordinal: usize) -> Result<(usize, usize)> {
+    let ctx = context(ordinal)?;
+    ctx.bind_to_thread()?;
+    Ok(ctx.mem_get_info()?)
+}
+
+/// Number of CUDA devices (0 when there is no driver).
+pub fn device_count() -> usize {
+    if !driver::driver_present() {
+        return 0;
+    }
+    CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
+}
+
+const STATUS_OFF: usize = COMMAND_RING_CAP as usize * 128;
+const OUTPUT_OFF: usize = STATUS_OFF + 256;
+const MAPPED_BYTES: usize = OUTPUT_OFF + OUTPUT_RING_CAP as usize * 8;
+
+struct GpuProgram {
+    mem: DevMem,
+    program: Arc<Program>,
+    epoch: AtomicU64,
+}
+
+struct Outstanding {
+    seq: u64,
+    end: u64,
+    program: Arc<GpuProgram>,
+}
+
+struct HostState {
+    seq: u64,
+    iterations: u64,
+    outstanding: VecDeque<Outstanding>,
+    consumed: u64,
+    failed: Option<Error>,
+    running: bool,
+}
+
+/// One resident kernel on one GPU.
+pub struct Runtime {
+    id: u64,
+    ordinal: usize,
+    name: String,
+    arch: &'static str,
+    num_sms: u32,
+    shared_bytes: u32,
+    opts: RuntimeOptions,
+    ctx: Arc<CudaContext>,
+    kernel_stream: Arc<CudaStream>,
+    copy_stream: Arc<CudaStream>,
+    state: Mutex<HostState>,
+    // Dropped after the kernel has exited (see Drop).
+    mapped: Option<MappedHost>,
+    device_state: Option<DevMem>,
+    _func: CudaFunction,
+    _module: Arc<CudaModule>,
+}
+
+impl Runtime {
+    /// Starts the resident kernel on device `ordinal` with default options.
+    pub fn new(ordinal: usize) -> Result<Runtime> {
+        Self::with_options(ordinal, RuntimeOptions::default())
+    }
+
+    /// Starts the resident kernel on device `ordinal`.
+    pub fn with_options(ordinal: usize, opts: RuntimeOptions) -> Result<Runtime> {
+        let ctx = context(ordinal)?;
+        ctx.bind_to_thread()?;
+        let (major, minor) = ctx.compute_capability()?;
+        let name = ctx.name()?;
+        if major < 8 {
+            return Err(Error::UnsupportedGpu { name, major, minor });
+        }
+        {
+            let mut busy = BUSY.lock().expect("device registry poisoned");
+            if !busy.get_or_insert_with(HashSet::new).insert(ordinal) {
+                return Err(Error::Residency(format!("device {ordinal} already runs a resident kernel in this process")));
+            }
+        }
+        Self::start(ordinal, opts, ctx, name, major, minor).inspect_err(|_| release_device(ordinal))
+    }
+
+    fn start(
+        ordinal: usize,
+        opts: RuntimeOptions,
+        ctx: Arc<CudaContext>,
+        name: String,
+        major: i32,
+        minor: i32,
+    ) -> Result<Runtime> {
+        let (arch, ptx) = ptx::select(major, minor);
+        let module = ctx.load_module(Ptx::from_src(ptx))?;
+        let func = module.load_function("mk_resident")?;
+        let num_sms = ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
+        let optin = ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+        let shared_bytes = (optin - func.shared_size_bytes()?).max(0) as u32;
+        func.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            shared_bytes as i32,
+        )?;
+        let per_sm = func.occupancy_max_active_blocks_per_multiprocessor(BLOCK_THREADS, shared_bytes as usize, None)?;
+        if per_sm < 1 {
+            return Err(Error::Residency(format!(
+                "no block of {BLOCK_THREADS} threads with {shared_bytes} bytes of shared memory fits an SM \
+                 ({} registers per thread)",
+                func.num_regs()?
+            )));
+        }
+        let kernel_stream = ctx.new_stream()?;
+        let copy_stream = ctx.new_stream()?;
+        let mapped = MappedHost::new(MAPPED_BYTES)?;
+        let state_bytes = std::mem::size_of::<DeviceState>().next_multiple_of(256);
+        let device_state = DevMem::zeroed(&copy_stream, state_bytes + COMMAND_RING_CAP as usize * 128)?;
+        let params = KernelParams {
+            host_commands: mapped.dev_ptr(0),
+            dev_commands: device_state.ptr() + state_bytes as u64,
+            status: mapped.dev_ptr(STATUS_OFF),
+            state: device_state.ptr(),
+            output: mapped.dev_ptr(OUTPUT_OFF),
+            wait_timeout_ns: opts.wait_timeout.as_nanos().min(u128::from(u64::MAX)) as u64,
+        };
+        driver::launch_resident(&func, &kernel_stream, num_sms, BLOCK_THREADS, shared_bytes, &params)?;
+        Ok(Runtime {
+            id: next_executor_id(),
+            ordinal,
+            name,
+            arch,
+            num_sms,
+            shared_bytes,
+            opts,
+            ctx,
+            kernel_stream,
+            copy_stream,
+            state: Mutex::new(HostState {
+                seq: 0,
+                iterations: 0,
+                outstanding: VecDeque::new(),
+                consumed: 0,
+                failed: None,
+                running: true,
+            }),
+            mapped: Some(mapped),
+            device_state: Some(device_state),
+            _func: func,
+            _module: module,
+        })
+    }
+
+    /// Device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+    /// Which PTX was loaded (`sm_90a` or `compute_80`).
+    pub fn arch(&self) -> &'static str {
+        self.arch
+    }
+    /// Dynamic shared memory each block has.
+    pub fn shared_bytes(&self) -> u32 {
+        self.shared_bytes
+    }
+    /// The CUDA context (for peers such as benchmarks that launch their own kernels).
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    fn status(&self) -> &MappedHost {
+        self.mapped.as_ref().expect("mapped memory lives until drop")
+    }
+    fn status_u64(&self, field: usize) -> &AtomicU64 {
+        // SAFETY: `field` is the offset of a u64 of the StatusBlock inside the
+        // mapping, 8-byte aligned, valid while `self` lives.
+        unsafe { AtomicU64::from_ptr(self.status().host_ptr(STATUS_OFF + field) as *mut u64) }
+    }
+    fn status_u32(&self, field: usize) -> &AtomicU32 {
+        // SAFETY: as for `status_u64`, for a u32 field.
+        unsafe { AtomicU32::from_ptr(self.status().host_ptr(STATUS_OFF + field) as *mut u32) }
+    }
+    fn error_record(&self) -> Option<crate::abi::ErrorRecord> {
+        let kind_off = std::mem::offset_of!(StatusBlock, error);
+        if self.status_u32(kind_off).load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let mut rec = crate::abi::ErrorRecord::default_zeroed();
+        let bytes = bytemuck::bytes_of_mut(&mut rec);
+        for (i, b) in bytes.iter_mut().enumerate() {
+            // SAFETY: inside the mapping; the device finished writing the record
+            // before its release store of `kind`, which we acquired.
+            *b = unsafe { std::ptr::read_volatile(self.status().host_ptr(STATUS_OFF + kind_off + i)) };
+        }
+        Some(rec)
+    }
+
+    /// Turns the device's error record into an [`Error`].
+    fn device_error(&self, st: &HostState, rec: crate::abi::ErrorRecord) -> Error {
+        let task_kind = kind_name(rec.opcode as u16).unwrap_or("unknown");
+        let program = st.outstanding.iter().find(|o| o.seq == rec.command).map(|o| &o.program.program);
+        match rec.kind {
+            fault::HANG => {
+                let counter = match rec.event {
+                    wait_site::ITERATION => "the iteration barrier (every worker done with the previous iteration)".into(),
+                    wait_site::OUTPUT_SPACE => "space in the output ring (host not reading)".into(),
+                    wait_site::OUTPUT_ORDER => "output ring ordering".into(),
+                    ev => match program.and_then(|p| p.event_name(ev)) {
+                        Some(n) => format!("event '{n}'"),
+                        None => format!("event {ev}"),
+                    },
+                };
+                let task_kind = if rec.event == wait_site::ITERATION { "iteration start" } else { task_kind };
+                Error::DeviceHang {
+                    sm: rec.sm,
+                    task: rec.task,
+                    task_kind,
+                    counter,
+                    seen: rec.seen,
+                    needed: rec.needed,
+                    command: rec.command,
+                }
+            }
+            k => Error::DeviceFault {
+                what: match k {
+                    fault::BAD_OPCODE => "bad opcode",
+                    fault::OUT_OF_RANGE => "index out of range",
+                    fault::BAD_ARGS => "bad arguments",
+                    _ => "unknown fault",
+                },
+                sm: rec.sm,
+                task: rec.task,
+                task_kind,
+                value: rec.seen,
+                bound: rec.needed,
+                command: rec.command,
+            },
+        }
+    }
+
+    /// Checks for a device error or a dead kernel; records it.
+    fn check_alive(&self, st: &mut HostState) -> Result<()> {
+        if let Some(e) = &st.failed {
+            return Err(e.clone());
+        }
+        if let Some(rec) = self.error_record() {
+            let e = self.device_error(st, rec);
+            st.failed = Some(e.clone());
+            return Err(e);
+        }
+        if self.status_u32(std::mem::offset_of!(StatusBlock, exited)).load(Ordering::Acquire) != 0
+            || driver::stream_done(&self.kernel_stream)?
+        {
+            let e = Error::Stopped("the resident kernel exited".into());
+            st.failed = Some(e.clone());
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn iterations_done(&self) -> u64 {
+        self.status_u64(std::mem::offset_of!(StatusBlock, iterations_done)).load(Ordering::Acquire)
+    }
+
+    /// Spins, then yields, then sleeps until `done()` or the timeout.
+    fn poll_until(&self, timeout: Duration, what: &str, mut done: impl FnMut() -> Result<bool>) -> Result<()> {
+        let start = Instant::now();
+        let mut polls = 0u32;
+        loop {
+            if done()? {
+                return Ok(());
+            }
+            let waited = start.elapsed();
+            if waited > timeout {
+                return Err(Error::HostTimeout { waited, what: what.into() });
+            }
+            polls += 1;
+            if polls < 20_000 {
+                std::hint::spin_loop();
+            } else if polls < 40_000 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+    }
+
+    /// Drops bookkeeping of commands that are complete.
+    fn retire(&self, st: &mut HostState) {
+        let done = self.iterations_done();
+        while st.outstanding.front().is_some_and(|o| o.end <= done) {
+            st.outstanding.pop_front();
+        }
+    }
+
+    fn write_command(&self, st: &mut HostState, mut cmd: Command) -> Result<u64> {
+        // Keep at most COMMAND_RING_CAP - 1 commands in flight.
+        while st.outstanding.len() >= COMMAND_RING_CAP as usize - 1 {
+            let end = st.outstanding.front().map_or(0, |o| o.end);
+            self.poll_until(self.opts.host_timeout, "a free command slot", || {
+                Ok(self.iterations_done() >= end)
+            })?;
+            self.retire(st);
+        }
+        st.seq += 1;
+        cmd.seq = st.seq;
+        let slot = ((st.seq - 1) % u64::from(COMMAND_RING_CAP)) as usize;
+        let dst = self.status().host_ptr(slot * 128) as *mut Command;
+        // SAFETY: slot `slot` of the command ring; the device has finished with
+        // it (the command that used it before has completed).
+        unsafe { std::ptr::write_volatile(dst, cmd) };
+        self.status_u64(std::mem::offset_of!(StatusBlock, cmd_head)).store(st.seq, Ordering::Release);
+        Ok(st.seq)
+    }
+
+    /// Stops the resident kernel and waits for it to exit. Called by `Drop`.
+    pub fn shutdown(&mut self) -> Result<()> {
+        let mut st = self.state.lock().expect("runtime state poisoned");
+        if !st.running {
+            return Ok(());
+        }
+        let ask = self.write_command(&mut st, Command { kind: CMD_SHUTDOWN, ..Command::default_zeroed() });
+        if ask.is_err() {
+            self.status_u32(std::mem::offset_of!(StatusBlock, abort)).store(1, Ordering::Release);
+        }
+        let wait = self.opts.wait_timeout + Duration::from_secs(10);
+        let exited = self.poll_until(wait, "the resident kernel to exit", || Ok(driver::stream_done(&self.kernel_stream)?));
+        let exited = match exited {
+            Ok(()) => Ok(()),
+            Err(_) => {
+                self.status_u32(std::mem::offset_of!(StatusBlock, abort)).store(1, Ordering::Release);
+                self.poll_until(wait, "the resident kernel to exit after abort", || {
+                    Ok(driver::stream_done(&self.kernel_stream)?)
+                })
+            }
+        };
+        st.running = false;
+        if exited.is_err() {
+            // The kernel may still touch these; leak them rather than free memory in use.
+            std::mem::forget(self.mapped.take());
+            std::mem::forget(self.device_state.take());
+            std::mem::forget(std::mem::take(&mut st.outstanding));
+        } else {
+            st.outstanding.clear();
+        }
+        release_device(self.ordinal);
+        exited
+    }
+}
+
+fn release_device(ordinal: usize) {
+    if let Some(set) = BUSY.lock().expect("device registry poisoned").as_mut() {
+        set.remove(&ordinal);
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+trait ZeroedPod: bytemuck::Zeroable {
+    fn default_zeroed() -> Self {
+        Self::zeroed()
+    }
+}
+impl<T: bytemuck::Zeroable> ZeroedPod for T {}
+
+impl Executor for Runtime {
+    fn id(&self) -> u64 {
+        self.id
+    }
+    fn describe(&self) -> String {
+        format!("{} (device {}, {} SMs, {} PTX)", self.name, self.ordinal, self.num_sms, self.arch)
+    }
+    fn num_workers(&self) -> usize {
+        self.num_sms as usize
+    }
+    fn is_gpu(&self) -> bool {
+        true
+    }
+    fn alloc(&self, dtype: DType, len: usize) -> Result<Buffer> {
+        let bytes = len
+            .checked_mul(dtype.size())
+            .ok_or_else(|| Error::InvalidArgument(format!("buffer of {len} {dtype} is too large")))?;
+        let mem = DevMem::zeroed(&self.copy_stream, bytes)?;
+        Ok(Buffer::from_parts(mem.ptr(), len, dtype, self.id, Box::new(mem)))
+    }
+    fn write_bytes(&self, dst: &Buffer, offset: usize, src: &[u8]) -> Result<()> {
+        let mem = dst.alloc_ref().downcast_ref::<DevMem>().filter(|_| dst.owner() == self.id);
+        check_bytes(dst, offset, src.len())?;
+        Ok(mem.ok_or(Error::Foreign("buffer"))?.write(offset, src)?)
+    }
+    fn read_bytes(&self, src: &Buffer, offset: usize, dst: &mut [u8]) -> Result<()> {
+        let mem = src.alloc_ref().downcast_ref::<DevMem>().filter(|_| src.owner() == self.id);
+        check_bytes(src, offset, dst.len())?;
+        Ok(mem.ok_or(Error::Foreign("buffer"))?.read(offset, dst)?)
+    }
+    fn load(&self, program: &Program) -> Result<LoadedProgram> {
+        check_owner(program, self.id)?;
+        let sched = program.schedule(self.num_sms as usize);
+        let head = 128usize;
+        let offsets_bytes = (sched.offsets.len() * 4).next_multiple_of(128);
+        let events_bytes = (program.num_events() * 8).next_multiple_of(128);
+        let tasks_off = head + offsets_bytes + events_bytes;
+        let total = tasks_off + sched.tasks.len() * std::mem::size_of::<TaskDesc>();
+        let mem = DevMem::zeroed(&self.copy_stream, total)?;
+        let desc = ProgramDesc {
+            tasks: mem.ptr() + tasks_off as u64,
+            worker_offsets: mem.ptr() + head as u64,
+            events: mem.ptr() + (head + offsets_bytes) as u64,
+            num_tasks: sched.tasks.len() as u32,
+            num_events: program.num_events() as u32,
+            num_workers: self.num_sms,
+            reserved: 0,
+        };
+        let mut image = vec![0u8; total];
+        image[..std::mem::size_of::<ProgramDesc>()].copy_from_slice(bytemuck::bytes_of(&desc));
+        image[head..head + sched.offsets.len() * 4].copy_from_slice(bytemuck::cast_slice(&sched.offsets));
+        image[tasks_off..].copy_from_slice(bytemuck::cast_slice(&sched.tasks));
+        mem.write(0, &image)?;
+        let program = Arc::new(program.clone());
+        let inner = Arc::new(GpuProgram { mem, program: program.clone(), epoch: AtomicU64::new(0) });
+        Ok(LoadedProgram { owner: self.id, program, inner: Box::new(inner) })
+    }
+    fn submit(&self, program: &LoadedProgram, iterations: u32, params: &[u64]) -> Result<Ticket> {
+        let gp = program
+            .inner
+            .downcast_ref::<Arc<GpuProgram>>()
+            .filter(|_| program.owner == self.id)
+            .ok_or(Error::Foreign("program"))?;
+        let params = pack_params(params)?;
+        let mut st = self.state.lock().expect("runtime state poisoned");
+        if !st.running {
+            return Err(Error::Stopped("the runtime was shut down".into()));
+        }
+        self.check_alive(&mut st)?;
+        self.retire(&mut st);
+        let epoch = gp.epoch.load(Ordering::Relaxed);
+        let cmd = Command {
+            kind: CMD_RUN,
+            iterations,
+            seq: 0,
+            program: gp.mem.ptr(),
+            epoch_base: epoch,
+            iter_base: st.iterations,
+            reserved: [0; 3],
+            params,
+        };
+        let seq = self.write_command(&mut st, cmd)?;
+        gp.epoch.store(epoch + u64::from(iterations), Ordering::Relaxed);
+        st.iterations += u64::from(iterations);
+        let end = st.iterations;
+        st.outstanding.push_back(Outstanding { seq, end, program: gp.clone() });
+        Ok(Ticket { owner: self.id, end })
+    }
+    fn wait(&self, ticket: &Ticket, timeout: Duration) -> Result<()> {
+        let what = format!("iteration {} to complete", ticket.end);
+        self.poll_until(timeout, &what, || self.is_done(ticket))
+    }
+    fn is_done(&self, ticket: &Ticket) -> Result<bool> {
+        if ticket.owner != self.id {
+            return Err(Error::Foreign("ticket"));
+        }
+        if self.iterations_done() >= ticket.end {
+            return Ok(true);
+        }
+        let mut st = self.state.lock().expect("runtime state poisoned");
+        self.check_alive(&mut st)?;
+        Ok(self.iterations_done() >= ticket.end)
+    }
+    fn poll_outputs(&self, out: &mut Vec<u64>) -> Result<usize> {
+        let mut st = self.state.lock().expect("runtime state poisoned");
+        let published = self.status_u64(std::mem::offset_of!(StatusBlock, out_published)).load(Ordering::Acquire);
+        let n = published - st.consumed;
+        for i in st.consumed..published {
+            let slot = (i % u64::from(OUTPUT_RING_CAP)) as usize;
+            // SAFETY: slot inside the output ring; published by the device
+            // (release) before `out_published`, which we acquired.
+            out.push(unsafe { std::ptr::read_volatile(self.status().host_ptr(OUTPUT_OFF + slot * 8) as *const u64) });
+        }
+        st.consumed = published;
+        self.status_u64(std::mem::offset_of!(StatusBlock, out_consumed)).store(published, Ordering::Release);
+        Ok(n as usize)
+    }
+    fn default_timeout(&self) -> Duration {
+        self.opts.host_timeout
+    }
+}

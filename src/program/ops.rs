@@ -1,0 +1,100 @@
+//! Multi-task building blocks: one operation spread over many workers.
+
+use super::{EventId, ProgramBuilder, TaskId};
+use crate::buffer::BufSlice;
+use crate::error::Result;
+use crate::task::{
+    axpy::Axpy,
+    fill::Fill,
+    gemv_bf16::{GemvBf16, GemvShape},
+    reduce_sum::ReduceSum,
+    split_even,
+};
+
+/// Tasks that together perform one operation.
+#[derive(Clone, Debug)]
+pub struct Group(pub Vec<TaskId>);
+
+impl Group {
+    /// Makes every task wait on `ev`.
+    pub fn wait(&self, b: &mut ProgramBuilder, ev: EventId) -> &Self {
+        for &t in &self.0 {
+            b.task(t).wait(ev);
+        }
+        self
+    }
+    /// Makes every task signal `ev`.
+    pub fn signal(&self, b: &mut ProgramBuilder, ev: EventId) -> &Self {
+        for &t in &self.0 {
+            b.task(t).signal(ev);
+        }
+        self
+    }
+    /// Number of tasks.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    /// Whether the group is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// `y (+)= x · Wᵀ`, rows split evenly over `parts` tasks.
+pub fn gemv(
+    b: &mut ProgramBuilder,
+    w: &BufSlice,
+    x: &BufSlice,
+    y: &BufSlice,
+    shape: GemvShape,
+    parts: usize,
+    accumulate: bool,
+) -> Result<Group> {
+    let specs = split_even(shape.rows, parts)
+        .into_iter()
+        .map(|(r0, n)| GemvBf16::rows(w, x, y, shape, r0, n, accumulate))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(Group(b.push_all(specs)))
+}
+
+/// `dst[..] = value`, split over `parts` tasks.
+pub fn fill(b: &mut ProgramBuilder, dst: &BufSlice, value: f32, parts: usize) -> Result<Group> {
+    let mut specs = Vec::new();
+    for (s, n) in split_even(dst.len(), parts) {
+        specs.push(Fill::task(&dst.sub(s, n)?, value)?);
+    }
+    Ok(Group(b.push_all(specs)))
+}
+
+/// `y = alpha * x + y`, split over `parts` tasks.
+pub fn axpy(b: &mut ProgramBuilder, y: &BufSlice, x: &BufSlice, alpha: f32, parts: usize) -> Result<Group> {
+    let mut specs = Vec::new();
+    for (s, n) in split_even(y.len(), parts) {
+        specs.push(Axpy::task(&y.sub(s, n)?, &x.sub(s, n)?, alpha)?);
+    }
+    Ok(Group(b.push_all(specs)))
+}
+
+/// `out[0] = sum(x)` across workers: `parts` tasks write partial sums into
+/// `scratch` (f32, at least `parts` elements), then one task adds them up.
+/// Returns the partial-sum group (wire its inputs) and the combining task
+/// (wire its output).
+pub fn reduce_sum(
+    b: &mut ProgramBuilder,
+    x: &BufSlice,
+    out: &BufSlice,
+    scratch: &BufSlice,
+    parts: usize,
+) -> Result<(Group, TaskId)> {
+    let ranges = split_even(x.len(), parts);
+    let partials = scratch.sub(0, ranges.len())?;
+    let mut specs = Vec::new();
+    for (i, &(s, n)) in ranges.iter().enumerate() {
+        specs.push(ReduceSum::task(&x.sub(s, n)?, &partials.sub(i, 1)?)?);
+    }
+    let group = Group(b.push_all(specs));
+    let ev = b.event("reduce_sum.partials");
+    group.signal(b, ev);
+    let combine = b.push(ReduceSum::task(&partials, out)?).wait(ev).id();
+    Ok((group, combine))
+}

@@ -1,0 +1,155 @@
+//! `gemv_bf16`: `y[m, r] (+)= sum_c W[r, c] * x[m, c]` for a block of rows of a
+//! row-major bf16 matrix and 1..=16 input rows, accumulated in f32. One task
+//! covers a row range; [`crate::program::ops::gemv`] spreads a matrix over all
+//! workers.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::{bad, want_float, Memory, TaskFault, TaskKind, TaskSpec};
+use crate::abi::layouts::{layout, Layout};
+use crate::buffer::{BufSlice, DType};
+use crate::error::ProgramError;
+
+/// Most input rows (tokens) one task multiplies at once.
+pub const MAX_M: usize = 16;
+
+/// Arguments of [`GemvBf16`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct GemvBf16Args {
+    /// Matrix address (row 0), bf16, rows `ldw` elements apart.
+    pub w: u64,
+    /// Input address, `m` rows `ldx` elements apart.
+    pub x: u64,
+    /// Output address (row 0 of the whole output), `m` rows `ldy` apart.
+    pub y: u64,
+    /// First matrix row of this task.
+    pub row0: u32,
+    /// Matrix rows of this task.
+    pub rows: u32,
+    /// Columns (multiple of 8).
+    pub cols: u32,
+    /// Matrix row stride in elements (multiple of 8).
+    pub ldw: u32,
+    /// Input rows, 1..=16.
+    pub m: u32,
+    /// Input row stride in elements.
+    pub ldx: u32,
+    /// Output row stride in elements.
+    pub ldy: u32,
+    /// [`DType`] code of `x`.
+    pub x_dtype: u32,
+    /// [`DType`] code of `y`.
+    pub y_dtype: u32,
+    /// 1: add into `y`; 0: overwrite.
+    pub accumulate: u32,
+}
+
+/// Row-block matrix-vector product with a bf16 matrix.
+pub struct GemvBf16;
+
+/// Shape of one matrix-vector product: `y[m, rows] (+)= x[m, cols] · Wᵀ`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemvShape {
+    /// Matrix rows (outputs per input row).
+    pub rows: usize,
+    /// Matrix columns (inputs per input row).
+    pub cols: usize,
+    /// Input rows.
+    pub m: usize,
+}
+
+impl GemvBf16 {
+    /// Rows `row0..row0 + rows` of the product; `w` is `[shape.rows, shape.cols]`,
+    /// `x` is `[m, cols]`, `y` is `[m, shape.rows]`, all dense.
+    pub fn rows(
+        w: &BufSlice,
+        x: &BufSlice,
+        y: &BufSlice,
+        shape: GemvShape,
+        row0: usize,
+        rows: usize,
+        accumulate: bool,
+    ) -> Result<TaskSpec, ProgramError> {
+        let GemvShape { rows: total, cols, m } = shape;
+        if w.dtype() != DType::Bf16 {
+            return Err(bad::<GemvBf16>("matrix must be bf16"));
+        }
+        want_float::<GemvBf16>("x", x)?;
+        want_float::<GemvBf16>("y", y)?;
+        if !(1..=MAX_M).contains(&m) {
+            return Err(bad::<GemvBf16>(format!("m = {m}; supported 1..={MAX_M}")));
+        }
+        if cols == 0 || cols % 8 != 0 {
+            return Err(bad::<GemvBf16>(format!("cols = {cols}; must be a positive multiple of 8")));
+        }
+        if rows == 0 || row0 + rows > total {
+            return Err(bad::<GemvBf16>(format!("rows {row0}..{} of {total}", row0 + rows)));
+        }
+        let need = |what: &str, s: &BufSlice, n: usize| {
+            if s.len() < n {
+                Err(bad::<GemvBf16>(format!("{what} has {} elements, needs {n}", s.len())))
+            } else {
+                Ok(())
+            }
+        };
+        need("w", w, total * cols)?;
+        need("x", x, m * cols)?;
+        need("y", y, m * total)?;
+        if w.addr() % 16 != 0 || x.addr() % 16 != 0 {
+            return Err(bad::<GemvBf16>("w and x must be 16-byte aligned"));
+        }
+        let u = |v: usize| u32::try_from(v).map_err(|_| bad::<GemvBf16>("dimension over 2^32"));
+        let args = GemvBf16Args {
+            w: w.addr(),
+            x: x.addr(),
+            y: y.addr(),
+            row0: u(row0)?,
+            rows: u(rows)?,
+            cols: u(cols)?,
+            ldw: u(cols)?,
+            m: u(m)?,
+            ldx: u(cols)?,
+            ldy: u(total)?,
+            x_dtype: x.dtype().code(),
+            y_dtype: y.dtype().code(),
+            accumulate: u32::from(accumulate),
+        };
+        Ok(TaskSpec::new::<GemvBf16>(args, &[w, x, y]))
+    }
+}
+
+impl TaskKind for GemvBf16 {
+    type Args = GemvBf16Args;
+    const NAME: &'static str = "gemv_bf16";
+    fn cpu(a: &GemvBf16Args, mem: &dyn Memory) -> Result<(), TaskFault> {
+        let xd = DType::from_code(a.x_dtype).ok_or(TaskFault::BadArgs("gemv dtype"))?;
+        let yd = DType::from_code(a.y_dtype).ok_or(TaskFault::BadArgs("gemv dtype"))?;
+        let (cols, m) = (a.cols as usize, a.m as usize);
+        let xs: Vec<Vec<f32>> = (0..m)
+            .map(|i| mem.read_f32(a.x + (i * a.ldx as usize * xd.size()) as u64, xd, cols))
+            .collect::<Result<_, _>>()?;
+        let mut out = vec![vec![0f32; a.rows as usize]; m];
+        for r in 0..a.rows as usize {
+            let row = a.row0 as usize + r;
+            let w = mem.read_f32(a.w + (row * a.ldw as usize * 2) as u64, DType::Bf16, cols)?;
+            for (o, x) in out.iter_mut().zip(&xs) {
+                o[r] = w.iter().zip(x).map(|(p, q)| p * q).sum();
+            }
+        }
+        for (i, o) in out.iter_mut().enumerate() {
+            let addr = a.y + ((i * a.ldy as usize + a.row0 as usize) * yd.size()) as u64;
+            if a.accumulate != 0 {
+                let old = mem.read_f32(addr, yd, o.len())?;
+                o.iter_mut().zip(old).for_each(|(v, p)| *v += p);
+            }
+            mem.write_f32(addr, yd, o)?;
+        }
+        Ok(())
+    }
+    fn layout() -> Layout {
+        layout!(GemvBf16Args {
+            w, x, y, row0, rows, cols, ldw, m, ldx, ldy, x_dtype, y_dtype, accumulate
+        })
+    }
+}

@@ -1,0 +1,165 @@
+//! Task kinds: one file per kind, each with its argument record (shared with
+//! `kernels/tasks/<kind>.cuh`), constructors that validate shapes against
+//! buffers, and the CPU reference op. Opcodes are assigned in one place,
+//! [`registry`].
+
+use bytemuck::Pod;
+
+use crate::abi::{layouts::Layout, TASK_ARG_SLOTS};
+use crate::buffer::{BufSlice, Buffer, DType};
+use crate::error::ProgramError;
+
+pub mod axpy;
+pub mod copy;
+pub mod emit;
+pub mod fill;
+pub mod gemv_bf16;
+pub mod nop;
+pub mod reduce_sum;
+pub mod registry;
+
+pub use registry::{kind_name, run_cpu, Registered};
+
+/// A failure found by a task while it ran (the CPU twin of a device fault).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskFault {
+    /// An index was out of range.
+    OutOfRange {
+        /// The index.
+        index: u64,
+        /// Its bound.
+        bound: u64,
+    },
+    /// An address outside every buffer.
+    BadAddress(u64),
+    /// Arguments that make no sense.
+    BadArgs(&'static str),
+    /// The opcode is not in the registry.
+    BadOpcode(u16),
+}
+
+/// Memory as the CPU reference ops see it: typed reads and writes by address,
+/// with every access bounds-checked.
+pub trait Memory: Sync {
+    /// Reads `n` numbers of type `dtype` at `addr`, widened to f32.
+    fn read_f32(&self, addr: u64, dtype: DType, n: usize) -> Result<Vec<f32>, TaskFault>;
+    /// Writes `vals` at `addr`, narrowed to `dtype` (round to nearest even).
+    fn write_f32(&self, addr: u64, dtype: DType, vals: &[f32]) -> Result<(), TaskFault>;
+    /// Reads `n` raw 32-bit words.
+    fn read_u32(&self, addr: u64, n: usize) -> Result<Vec<u32>, TaskFault>;
+    /// Writes raw 32-bit words.
+    fn write_u32(&self, addr: u64, vals: &[u32]) -> Result<(), TaskFault>;
+    /// Appends values to the output ring.
+    fn emit(&self, vals: &[u64]);
+}
+
+/// A task kind: its name, argument record and CPU reference.
+pub trait TaskKind: 'static {
+    /// The argument record stored in [`TaskDesc::args`](crate::abi::TaskDesc::args).
+    type Args: Pod;
+    /// snake_case name, the same as the file names on both sides.
+    const NAME: &'static str;
+    /// Bit `i` set: argument slot `i` (a `u64` of the record) may be replaced by
+    /// a command parameter at run time. Only slots the device bounds-checks.
+    const PARAM_SLOTS: u16 = 0;
+    /// Runs the task on the CPU in f32.
+    fn cpu(args: &Self::Args, mem: &dyn Memory) -> Result<(), TaskFault>;
+    /// Size and field offsets of `Args`, checked against the CUDA header.
+    fn layout() -> Layout;
+}
+
+/// One task ready to be pushed into a [`ProgramBuilder`](crate::program::ProgramBuilder).
+#[derive(Clone, Debug)]
+pub struct TaskSpec {
+    pub(crate) opcode: u16,
+    pub(crate) kind: &'static str,
+    pub(crate) args: [u64; TASK_ARG_SLOTS],
+    pub(crate) param_slots: u16,
+    pub(crate) buffers: Vec<Buffer>,
+}
+
+impl TaskSpec {
+    /// Packs a kind's arguments; `buffers` are those the task touches (kept
+    /// alive by the program and checked to belong to its executor).
+    pub fn new<K: TaskKind + Registered>(args: K::Args, buffers: &[&BufSlice]) -> TaskSpec {
+        const { assert!(std::mem::size_of::<K::Args>() <= TASK_ARG_SLOTS * 8) };
+        let mut slots = [0u64; TASK_ARG_SLOTS];
+        let bytes = bytemuck::bytes_of(&args);
+        bytemuck::cast_slice_mut::<u64, u8>(&mut slots)[..bytes.len()].copy_from_slice(bytes);
+        TaskSpec {
+            opcode: K::OPCODE,
+            kind: K::NAME,
+            args: slots,
+            param_slots: K::PARAM_SLOTS,
+            buffers: buffers.iter().map(|s| s.buffer().clone()).collect(),
+        }
+    }
+
+    /// A task with an arbitrary opcode, for fault-injection tests of the
+    /// executors' opcode check. Validation accepts it; running it faults.
+    #[doc(hidden)]
+    pub fn raw_opcode(opcode: u16) -> TaskSpec {
+        TaskSpec {
+            opcode,
+            kind: "raw",
+            args: [0; TASK_ARG_SLOTS],
+            param_slots: 0,
+            buffers: Vec::new(),
+        }
+    }
+
+    /// Opcode of the task.
+    pub fn opcode(&self) -> u16 {
+        self.opcode
+    }
+    /// Kind name.
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+}
+
+/// Reads a kind's argument record out of descriptor slots.
+pub(crate) fn decode_args<A: Pod>(slots: &[u64; TASK_ARG_SLOTS]) -> A {
+    let bytes = bytemuck::cast_slice::<u64, u8>(slots);
+    bytemuck::pod_read_unaligned(&bytes[..std::mem::size_of::<A>()])
+}
+
+/// Shorthand for an argument error of kind `K`.
+pub(crate) fn bad<K: TaskKind>(reason: impl Into<String>) -> ProgramError {
+    ProgramError::BadArgs { kind: K::NAME, reason: reason.into() }
+}
+
+/// Checks that a slice holds floats.
+pub(crate) fn want_float<K: TaskKind>(what: &str, s: &BufSlice) -> Result<(), ProgramError> {
+    if s.dtype().is_float() {
+        Ok(())
+    } else {
+        Err(bad::<K>(format!("{what} must be f32 or bf16, not {}", s.dtype())))
+    }
+}
+
+/// Checks that a slice has at least `n` elements.
+pub(crate) fn want_len<K: TaskKind>(what: &str, s: &BufSlice, n: usize) -> Result<(), ProgramError> {
+    if s.len() >= n {
+        Ok(())
+    } else {
+        Err(bad::<K>(format!("{what} has {} elements, needs {n}", s.len())))
+    }
+}
+
+/// Splits `n` items into `parts` nearly equal contiguous ranges (`start, len`),
+/// dropping empty ones.
+pub fn split_even(n: usize, parts: usize) -> Vec<(usize, usize)> {
+    let parts = parts.max(1).min(n.max(1));
+    let (q, r) = (n / parts, n % parts);
+    let mut out = Vec::with_capacity(parts);
+    let mut start = 0;
+    for i in 0..parts {
+        let len = q + usize::from(i < r);
+        if len > 0 {
+            out.push((start, len));
+        }
+        start += len;
+    }
+    out
+}
