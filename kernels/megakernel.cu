@@ -155,3 +155,15 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const
         if (n + 1 == env.num_sms) st_release_sys_u32(&env.status->exited, 1u);
     }
 }
+
+// Reference kernels for benchmarks, launched only while no resident kernel runs.
+
+// An empty kernel: the cost of a plain launch.
+extern "C" __global__ void mk_probe_empty() {}
+
+// A 16-byte-per-thread grid-stride copy: the device's copy bandwidth.
+extern "C" __global__ void mk_probe_copy(const uint4* __restrict__ src, uint4* __restrict__ dst, u64 n) {
+    for (u64 i = u64(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += u64(gridDim.x) * blockDim.x) {
+        dst[i] = src[i];
+    }
+}

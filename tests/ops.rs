@@ -1,0 +1,183 @@
+//! Every task kind on every executor against a direct computation in f64.
+
+mod common;
+
+use common::{bf16_round, on_every_executor, rel_l2, Rng};
+use megakernel::prelude::*;
+use megakernel::program::ops;
+use megakernel::task::{copy::Copy, emit::Emit, gemv_bf16::GemvShape};
+
+fn seed() -> u64 {
+    let s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+    eprintln!("seed {s}");
+    s
+}
+
+#[test]
+fn fill_every_dtype() {
+    let mut rng = Rng(seed());
+    on_every_executor("fill_every_dtype", |ex| {
+        for dtype in [DType::F32, DType::Bf16] {
+            let n = 1000 + rng.below(5000);
+            let buf = ex.alloc(dtype, n).unwrap();
+            ex.write_f32(&buf, &rng.vec(n)).unwrap();
+            let mut b = ProgramBuilder::new();
+            let value = rng.f32();
+            ops::fill(&mut b, &buf.all(), value, ex.num_workers()).unwrap();
+            ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[]).unwrap();
+            let want = bf16_round(&[value])[0];
+            let got = ex.read_f32(&buf).unwrap();
+            assert!(got.iter().all(|&v| if dtype == DType::F32 { v == value } else { v == want }));
+        }
+        let buf = ex.alloc(DType::U32, 777).unwrap();
+        let mut b = ProgramBuilder::new();
+        b.push(task::fill::Fill::u32(&buf.all(), 0xDEAD_BEEF).unwrap());
+        ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[]).unwrap();
+        assert!(ex.read_u32(&buf).unwrap().iter().all(|&v| v == 0xDEAD_BEEF));
+    });
+}
+
+#[test]
+fn copy_row_chosen_by_parameter() {
+    let mut rng = Rng(seed());
+    on_every_executor("copy_row_chosen_by_parameter", |ex| {
+        let (rows, n) = (37, 300);
+        let src = ex.alloc(DType::Bf16, rows * n).unwrap();
+        let data = bf16_round(&rng.vec(rows * n));
+        ex.write_f32(&src, &data).unwrap();
+        let dst = ex.alloc(DType::F32, n).unwrap();
+        let mut b = ProgramBuilder::new();
+        b.push(Copy::row(&dst.all(), &src.all(), n, 0).unwrap()).param(2, 3);
+        let p = ex.load(&b.build().unwrap()).unwrap();
+        for _ in 0..4 {
+            let r = rng.below(rows);
+            ex.write_f32(&dst, &vec![f32::NAN; n]).unwrap();
+            ex.run(&p, 1, &[0, 0, 0, r as u64]).unwrap();
+            assert_eq!(ex.read_f32(&dst).unwrap(), data[r * n..(r + 1) * n]);
+        }
+    });
+}
+
+#[test]
+fn axpy_with_parameter_alpha() {
+    let mut rng = Rng(seed());
+    on_every_executor("axpy_with_parameter_alpha", |ex| {
+        let n = 10_000 + rng.below(10_000);
+        let (x, y) = (ex.alloc(DType::Bf16, n).unwrap(), ex.alloc(DType::F32, n).unwrap());
+        let (xv, yv) = (bf16_round(&rng.vec(n)), rng.vec(n));
+        ex.write_f32(&x, &xv).unwrap();
+        ex.write_f32(&y, &yv).unwrap();
+        let mut b = ProgramBuilder::new();
+        let g = ops::axpy(&mut b, &y.all(), &x.all(), 0.0, ex.num_workers()).unwrap();
+        for &t in &g.0 {
+            b.task(t).param(2, 0);
+        }
+        let alpha = rng.f32();
+        ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[u64::from(alpha.to_bits())]).unwrap();
+        let want: Vec<f64> = xv.iter().zip(&yv).map(|(&a, &b)| f64::from(alpha) * f64::from(a) + f64::from(b)).collect();
+        assert!(rel_l2(&ex.read_f32(&y).unwrap(), &want) < 1e-6);
+    });
+}
+
+#[test]
+fn reduction_across_workers() {
+    let mut rng = Rng(seed());
+    on_every_executor("reduction_across_workers", |ex| {
+        let n = 100_000 + rng.below(100_000);
+        let x = ex.alloc(DType::F32, n).unwrap();
+        let xv = rng.vec(n);
+        ex.write_f32(&x, &xv).unwrap();
+        let out = ex.alloc(DType::F32, 1).unwrap();
+        let scratch = ex.alloc(DType::F32, ex.num_workers()).unwrap();
+        ex.write_f32(&out, &[f32::NAN]).unwrap();
+        let mut b = ProgramBuilder::new();
+        ops::reduce_sum(&mut b, &x.all(), &out.all(), &scratch.all(), ex.num_workers()).unwrap();
+        ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[]).unwrap();
+        let want: f64 = xv.iter().map(|&v| f64::from(v)).sum();
+        let got = f64::from(ex.read_f32(&out).unwrap()[0]);
+        assert!((got - want).abs() <= 1e-5 * xv.iter().map(|v| f64::from(v.abs())).sum::<f64>(), "{got} vs {want}");
+    });
+}
+
+fn gemv_case(ex: &dyn Executor, rng: &mut Rng, shape: GemvShape, x_dtype: DType, y_dtype: DType, accumulate: bool) {
+    let GemvShape { rows, cols, m } = shape;
+    let w = ex.alloc(DType::Bf16, rows * cols).unwrap();
+    let x = ex.alloc(x_dtype, m * cols).unwrap();
+    let y = ex.alloc(y_dtype, m * rows).unwrap();
+    let wv = bf16_round(&rng.vec(rows * cols));
+    let mut xv = rng.vec(m * cols);
+    if x_dtype == DType::Bf16 {
+        xv = bf16_round(&xv);
+    }
+    let mut y0 = rng.vec(m * rows);
+    if y_dtype == DType::Bf16 {
+        y0 = bf16_round(&y0);
+    }
+    ex.write_f32(&w, &wv).unwrap();
+    ex.write_f32(&x, &xv).unwrap();
+    ex.write_f32(&y, &y0).unwrap();
+    let mut b = ProgramBuilder::new();
+    let parts = 1 + rng.below(2 * ex.num_workers());
+    ops::gemv(&mut b, &w.all(), &x.all(), &y.all(), shape, parts, accumulate).unwrap();
+    ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[]).unwrap();
+    let mut want = vec![0f64; m * rows];
+    for i in 0..m {
+        for r in 0..rows {
+            let dot: f64 =
+                (0..cols).map(|c| f64::from(wv[r * cols + c]) * f64::from(xv[i * cols + c])).sum();
+            want[i * rows + r] = dot + if accumulate { f64::from(y0[i * rows + r]) } else { 0.0 };
+        }
+    }
+    let err = rel_l2(&ex.read_f32(&y).unwrap(), &want);
+    let tol = if y_dtype == DType::F32 { 1e-5 } else { 8e-3 };
+    assert!(err < tol, "{} {shape:?} x {x_dtype} y {y_dtype} acc {accumulate}: rel err {err}", ex.describe());
+}
+
+#[test]
+fn gemv_random_shapes() {
+    let mut rng = Rng(seed());
+    on_every_executor("gemv_random_shapes", |ex| {
+        for case in 0..12 {
+            let shape = GemvShape {
+                rows: 1 + rng.below(700),
+                cols: 8 * (1 + rng.below(160)),
+                m: if case < 4 { case + 1 } else { 1 + rng.below(16) },
+            };
+            let xd = if rng.below(2) == 0 { DType::F32 } else { DType::Bf16 };
+            let yd = if rng.below(2) == 0 { DType::F32 } else { DType::Bf16 };
+            let acc = rng.below(2) == 0;
+            gemv_case(ex, &mut rng, shape, xd, yd, acc);
+        }
+    });
+}
+
+#[test]
+fn emit_streams_values_in_order() {
+    let mut rng = Rng(seed());
+    on_every_executor("emit_streams_values_in_order", |ex| {
+        let table: Vec<u32> = (0..64).map(|_| rng.next_u64() as u32).collect();
+        let src = ex.alloc(DType::U32, table.len()).unwrap();
+        ex.write_u32(&src, &table).unwrap();
+        let (a, bb) = (ex.alloc(DType::U32, 1).unwrap(), ex.alloc(DType::U32, 3).unwrap());
+        let mut b = ProgramBuilder::new();
+        let e1 = b.event("picked");
+        let e2 = b.event("first emitted");
+        let e3 = b.event("second picked");
+        b.push(Copy::row(&a.all(), &src.all(), 1, 0).unwrap()).param(2, 0).signal(e1);
+        b.push(Emit::task(&a.all()).unwrap()).wait(e1).signal(e2);
+        b.push(Copy::row(&bb.all(), &src.all(), 3, 0).unwrap()).param(2, 1).wait(e2).signal(e3);
+        b.push(Emit::task(&bb.all()).unwrap()).wait(e3);
+        let p = ex.load(&b.build().unwrap()).unwrap();
+        let mut out = Vec::new();
+        ex.poll_outputs(&mut out).unwrap();
+        out.clear();
+        let (i, j) = (rng.below(64) as u64, rng.below(21) as u64);
+        ex.run(&p, 5, &[i, j]).unwrap();
+        ex.poll_outputs(&mut out).unwrap();
+        let one: Vec<u64> = std::iter::once(table[i as usize])
+            .chain(table[3 * j as usize..3 * j as usize + 3].iter().copied())
+            .map(u64::from)
+            .collect();
+        assert_eq!(out, one.repeat(5));
+    });
+}
