@@ -44,6 +44,7 @@ fn main() {
                 }
             }
         }
+        None if update => panic!("MEGAKERNEL_UPDATE_PTX=1 but no nvcc was found (NVCC, CUDA_HOME, CUDA_PATH, PATH)"),
         None if require => panic!("MEGAKERNEL_REQUIRE_NVCC=1 but no nvcc was found (NVCC, CUDA_HOME, CUDA_PATH, PATH)"),
         None => {
             for (name, _) in TARGETS {

@@ -75,7 +75,6 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const
     __shared__ TaskDesc s_desc;
     __shared__ Command s_cmd;
     __shared__ ProgramDesc s_prog;
-    __shared__ u32 s_go;
     extern __shared__ __align__(16) unsigned char s_dyn[];
 
     u32 dyn_bytes;
@@ -91,59 +90,55 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const
     env.num_sms = gridDim.x;
     const u32 tid = threadIdx.x;
 
+    // Flags computed by thread 0 reach the block through __syncthreads_and, so no
+    // shared flag is ever rewritten while another thread may still read it.
     for (u64 seq = 1;; ++seq) {
+        __syncthreads();  // every thread is done with the previous s_cmd / s_prog
+        bool ok = true;
         if (tid == 0) {
-            s_go = fetch_command(env, seq, &s_cmd) && s_cmd.kind == CMD_RUN;
-            if (s_go) {
+            ok = fetch_command(env, seq, &s_cmd) && s_cmd.kind == CMD_RUN;
+            if (ok) {
                 s_prog = *reinterpret_cast<const ProgramDesc*>(s_cmd.program);
                 if (s_prog.num_workers != env.num_sms) {
                     const Site site = {NO_EVENT, 0, seq};
                     report_fault(env, site, FAULT_BAD_ARGS, NO_EVENT, s_prog.num_workers, env.num_sms);
-                    s_go = 0;
+                    ok = false;
                 }
             }
         }
-        __syncthreads();
-        if (!s_go) break;
+        if (!__syncthreads_and(ok)) break;
         const u32* offsets = reinterpret_cast<const u32*>(s_prog.worker_offsets);
         const TaskDesc* tasks = reinterpret_cast<const TaskDesc*>(s_prog.tasks);
+        u64* events = reinterpret_cast<u64*>(s_prog.events);
         const u32 first = offsets[env.sm], last = offsets[env.sm + 1];
+        const u32 iterations = s_cmd.iterations;
+        const u64 iter_base = s_cmd.iter_base, epoch_base = s_cmd.epoch_base;
         bool go = true;
-        for (u32 j = 0; go && j < s_cmd.iterations; ++j) {
-            const u64 g = s_cmd.iter_base + j + 1;
-            const u64 epoch = s_cmd.epoch_base + j + 1;
+        for (u32 j = 0; go && j < iterations; ++j) {
+            const u64 g = iter_base + j + 1;
+            const u64 epoch = epoch_base + j + 1;
             if (tid == 0) {
                 const Site site = {NO_EVENT, 0, seq};
-                s_go = wait_at_least<false>(env, site, &env.state->worker_iters, u64(env.num_sms) * (g - 1),
-                                            WAIT_ITERATION);
+                ok = wait_at_least<false>(env, site, &env.state->worker_iters, u64(env.num_sms) * (g - 1),
+                                          WAIT_ITERATION);
             }
-            __syncthreads();
-            go = s_go;
+            go = __syncthreads_and(ok);
             for (u32 t = first; go && t < last; ++t) {
                 if (tid < 8) reinterpret_cast<uint4*>(&s_desc)[tid] = reinterpret_cast<const uint4*>(&tasks[t])[tid];
                 __syncthreads();
                 const Site site = {s_desc.id, s_desc.opcode, seq};
-                if (tid == 0) s_go = prepare_task(env, site, &s_desc, s_prog, s_cmd, epoch);
-                __syncthreads();
-                if (!s_go) {
-                    go = false;
-                    break;
-                }
+                const u32 signal = s_desc.signal;
+                if (tid == 0) ok = !aborted(env) && prepare_task(env, site, &s_desc, s_prog, s_cmd, epoch);
+                go = __syncthreads_and(ok);
+                if (!go) break;
                 Ctx c = {env, site, &s_desc, s_dyn, dyn_bytes};
                 if (!dispatch_task(s_desc.opcode, c) && tid == 0) {
                     report_fault(env, site, FAULT_BAD_OPCODE, NO_EVENT, s_desc.opcode, 0);
                 }
-                __syncthreads();
-                if (tid == 0) {
-                    if (s_desc.signal != NO_EVENT) {
-                        red_release_gpu(reinterpret_cast<u64*>(s_prog.events) + s_desc.signal, 1);
-                    }
-                    s_go = !aborted(env);
-                }
-                __syncthreads();
-                go = s_go;
+                __syncthreads();  // the task's writes are done; s_desc may be reused
+                if (tid == 0 && signal != NO_EVENT) red_release_gpu(events + signal, 1);
             }
-            if (go && tid == 0) {
+            if (go && tid == 0 && !aborted(env)) {
                 const u64 old = atom_add_acq_rel_gpu(&env.state->worker_iters, 1);
                 if (old + 1 == u64(env.num_sms) * g) st_release_sys(&env.status->iterations_done, g);
             }

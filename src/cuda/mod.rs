@@ -536,7 +536,7 @@ impl Executor for Runtime {
         if ticket.owner != self.id {
             return Err(Error::Foreign("ticket"));
         }
-        if self.iterations_done() >= ticket.end {
+        if self.iterations_done() >= ticket.end && self.error_record().is_none() {
             return Ok(true);
         }
         let mut st = self.state.lock().expect("runtime state poisoned");
