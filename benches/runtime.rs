@@ -73,7 +73,7 @@ fn resident(c: &mut Criterion, summary: &mut Vec<(String, f64)>) {
     let empty = rt.load(&b.build().unwrap()).unwrap();
     let mut round_trip = || rt.run(&empty, 1, &[]).unwrap();
     c.bench_function("resident: empty program round trip", |b| b.iter(&mut round_trip));
-    summary.push(("empty program round trip (s)".into(), median(time_n(5000, &mut round_trip))));
+    summary.push(("empty program round trip (s)".into(), median(time_n(2000, &mut round_trip))));
 
     // (b) hop latency: a chain of nops, each on the next SM.
     let hops = 4 * sms;
@@ -91,7 +91,7 @@ fn resident(c: &mut Criterion, summary: &mut Vec<(String, f64)>) {
     let chain = rt.load(&b.build().unwrap()).unwrap();
     let mut run_chain = || rt.run(&chain, 1, &[]).unwrap();
     c.bench_function("resident: hop chain", |b| b.iter(&mut run_chain));
-    let t_chain = median(time_n(500, &mut run_chain));
+    let t_chain = median(time_n(200, &mut run_chain));
     let t_rt = summary.iter().find(|s| s.0.starts_with("empty program")).unwrap().1;
     summary.push(("dependency hop (s)".into(), (t_chain - t_rt) / (hops - 1) as f64));
 

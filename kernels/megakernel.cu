@@ -13,27 +13,39 @@
 __device__ __noinline__ bool fetch_command(const Env& env, u64 seq, Command* out) {
     const u32 slot = u32((seq - 1) % COMMAND_RING_CAP);
     if (env.sm == 0) {
-        u32 sleep_ns = 64;
+        // Each poll of host memory is a PCIe round trip; sleep little in between.
         while (ld_acquire_sys(&env.status->cmd_head) < seq) {
             if (ld_relaxed_sys_u32(&env.status->abort) != 0u) atomicCAS(&env.state->abort, 0u, 2u);
             if (aborted(env)) return false;
-            __nanosleep(sleep_ns);
-            if (sleep_ns < 1024) sleep_ns *= 2;
+            __nanosleep(100);
         }
-        const u64* src = reinterpret_cast<const u64*>(&env.host_commands[slot]);
+        // One asm block: the eight 16-byte loads from host memory are issued
+        // back to back (each is a PCIe round trip), after the acquire above.
+        const Command* src = &env.host_commands[slot];
+        u64 w[16];
+        asm volatile(
+            "ld.relaxed.sys.global.v2.u64 {%0, %1}, [%16];\n\t"
+            "ld.relaxed.sys.global.v2.u64 {%2, %3}, [%16+16];\n\t"
+            "ld.relaxed.sys.global.v2.u64 {%4, %5}, [%16+32];\n\t"
+            "ld.relaxed.sys.global.v2.u64 {%6, %7}, [%16+48];\n\t"
+            "ld.relaxed.sys.global.v2.u64 {%8, %9}, [%16+64];\n\t"
+            "ld.relaxed.sys.global.v2.u64 {%10, %11}, [%16+80];\n\t"
+            "ld.relaxed.sys.global.v2.u64 {%12, %13}, [%16+96];\n\t"
+            "ld.relaxed.sys.global.v2.u64 {%14, %15}, [%16+112];"
+            : "=l"(w[0]), "=l"(w[1]), "=l"(w[2]), "=l"(w[3]), "=l"(w[4]), "=l"(w[5]), "=l"(w[6]), "=l"(w[7]),
+              "=l"(w[8]), "=l"(w[9]), "=l"(w[10]), "=l"(w[11]), "=l"(w[12]), "=l"(w[13]), "=l"(w[14]), "=l"(w[15])
+            : "l"(src)
+            : "memory");
         u64* dst = reinterpret_cast<u64*>(&env.dev_commands[slot]);
-        u64 tmp[16];
 #pragma unroll
-        for (int i = 0; i < 16; ++i) tmp[i] = ld_relaxed_sys(src + i);
-#pragma unroll
-        for (int i = 0; i < 16; ++i) dst[i] = tmp[i];
+        for (int i = 0; i < 16; ++i) dst[i] = w[i];
         st_release_gpu(&env.state->cmd_head, seq);
     } else {
         u32 sleep_ns = 32;
         while (ld_acquire_gpu(&env.state->cmd_head) < seq) {
             if (aborted(env)) return false;
             __nanosleep(sleep_ns);
-            if (sleep_ns < 512) sleep_ns *= 2;
+            if (sleep_ns < 256) sleep_ns *= 2;
         }
     }
     *out = env.dev_commands[slot];

@@ -4,10 +4,12 @@
 
 use std::ffi::c_void;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use cudarc::driver::{result, sys, CudaFunction, CudaStream, DriverError};
 
 use crate::abi::KernelParams;
+use crate::error::Error;
 
 /// Host memory mapped into the device address space (`cuMemHostAlloc` with
 /// `DEVICEMAP | PORTABLE`): ordinary cached pages, cheap for the host to read.
@@ -72,15 +74,25 @@ pub(crate) struct DevMem {
 
 impl DevMem {
     /// Allocates `bytes` (at least 256) zeroed bytes.
-    pub(crate) fn zeroed(stream: &Arc<CudaStream>, bytes: usize) -> Result<Self, DriverError> {
+    ///
+    /// Zeroing copies from host memory: `cuMemset` may run as a kernel, which
+    /// could never start while the resident kernel holds every SM.
+    pub(crate) fn zeroed(stream: &Arc<CudaStream>, bytes: usize) -> Result<Self, Error> {
+        const CHUNK: usize = 4 << 20;
+        static ZEROS: [u8; CHUNK] = [0; CHUNK];
         let bytes = bytes.max(256);
         stream.context().bind_to_thread()?;
         // SAFETY: valid stream of the current context.
         let ptr = unsafe { result::malloc_async(stream.cu_stream(), bytes) }?;
         let mem = DevMem { ptr, bytes, stream: stream.clone() };
-        // SAFETY: `ptr` holds `bytes` bytes, ordered after the allocation on the same stream.
-        unsafe { result::memset_d8_async(ptr, 0, bytes, stream.cu_stream()) }?;
-        stream.synchronize()?;
+        let mut off = 0;
+        while off < bytes {
+            let n = CHUNK.min(bytes - off);
+            // SAFETY: `ptr + off .. + n` lies in the allocation; ZEROS is static.
+            unsafe { result::memcpy_htod_async(ptr + off as u64, &ZEROS[..n], stream.cu_stream()) }?;
+            off += n;
+        }
+        sync(stream)?;
         Ok(mem)
     }
     /// Device address.
@@ -88,7 +100,7 @@ impl DevMem {
         self.ptr
     }
     /// Copies `src` to byte offset `off` and waits for it.
-    pub(crate) fn write(&self, off: usize, src: &[u8]) -> Result<(), DriverError> {
+    pub(crate) fn write(&self, off: usize, src: &[u8]) -> Result<(), Error> {
         assert!(off + src.len() <= self.bytes);
         if src.is_empty() {
             return Ok(());
@@ -96,10 +108,10 @@ impl DevMem {
         self.stream.context().bind_to_thread()?;
         // SAFETY: destination range checked above; the copy completes before return.
         unsafe { result::memcpy_htod_async(self.ptr + off as u64, src, self.stream.cu_stream()) }?;
-        self.stream.synchronize()
+        sync(&self.stream)
     }
     /// Copies from byte offset `off` into `dst` and waits for it.
-    pub(crate) fn read(&self, off: usize, dst: &mut [u8]) -> Result<(), DriverError> {
+    pub(crate) fn read(&self, off: usize, dst: &mut [u8]) -> Result<(), Error> {
         assert!(off + dst.len() <= self.bytes);
         if dst.is_empty() {
             return Ok(());
@@ -107,7 +119,7 @@ impl DevMem {
         self.stream.context().bind_to_thread()?;
         // SAFETY: source range checked above; the copy completes before return.
         unsafe { result::memcpy_dtoh_async(dst, self.ptr + off as u64, self.stream.cu_stream()) }?;
-        self.stream.synchronize()
+        sync(&self.stream)
     }
 }
 
@@ -158,6 +170,20 @@ pub(crate) fn stream_done(stream: &CudaStream) -> Result<bool, DriverError> {
         sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
         e => Err(DriverError(e)),
     }
+}
+
+/// Waits for the copy stream, polling, so that a copy that cannot proceed
+/// becomes an error instead of a hang.
+pub(crate) fn sync(stream: &CudaStream) -> Result<(), Error> {
+    const LIMIT: Duration = Duration::from_secs(120);
+    let start = Instant::now();
+    while !stream_done(stream)? {
+        if start.elapsed() > LIMIT {
+            return Err(Error::HostTimeout { waited: start.elapsed(), what: "a device copy".into() });
+        }
+        std::thread::yield_now();
+    }
+    Ok(())
 }
 
 /// Whether the CUDA driver library can be loaded.
