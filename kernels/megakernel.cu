@@ -84,7 +84,7 @@ __device__ __forceinline__ bool prepare_task(const Env& env, const Site& site, T
 }
 
 extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const KernelParams kp) {
-    __shared__ TaskDesc s_desc;
+    __shared__ TaskDesc s_descs[2];  // current task and the prefetched next one
     __shared__ Command s_cmd;
     __shared__ ProgramDesc s_prog;
     extern __shared__ __align__(16) unsigned char s_dyn[];
@@ -135,21 +135,34 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const
                                           WAIT_ITERATION);
             }
             go = __syncthreads_and(ok);
-            for (u32 t = first; go && t < last; ++t) {
-                if (tid < 8) reinterpret_cast<uint4*>(&s_desc)[tid] = reinterpret_cast<const uint4*>(&tasks[t])[tid];
+            // Descriptors are double-buffered: while task t runs, threads 0..7
+            // copy task t + 1's 128 bytes into the other buffer (cp.async).
+            if (tid < 8 && first < last) {
+                reinterpret_cast<uint4*>(&s_descs[0])[tid] = reinterpret_cast<const uint4*>(&tasks[first])[tid];
+            }
+            for (u32 t = first, cur = 0; go && t < last; ++t, cur ^= 1) {
+                if (tid < 8) asm volatile("cp.async.wait_all;" ::: "memory");
                 __syncthreads();
-                const Site site = {s_desc.id, s_desc.opcode, seq};
-                const u32 signal = s_desc.signal;
-                if (tid == 0) ok = !aborted(env) && prepare_task(env, site, &s_desc, s_prog, s_cmd, epoch);
+                TaskDesc* d = &s_descs[cur];
+                if (tid < 8 && t + 1 < last) {
+                    const unsigned dst = unsigned(__cvta_generic_to_shared(&s_descs[cur ^ 1])) + 16 * tid;
+                    asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(dst),
+                                 "l"(reinterpret_cast<const uint4*>(&tasks[t + 1]) + tid)
+                                 : "memory");
+                }
+                const Site site = {d->id, d->opcode, seq};
+                const u32 signal = d->signal;
+                if (tid == 0) ok = !aborted(env) && prepare_task(env, site, d, s_prog, s_cmd, epoch);
                 go = __syncthreads_and(ok);
                 if (!go) break;
-                Ctx c = {env, site, &s_desc, s_dyn, dyn_bytes};
-                if (!dispatch_task(s_desc.opcode, c) && tid == 0) {
-                    report_fault(env, site, FAULT_BAD_OPCODE, NO_EVENT, s_desc.opcode, 0);
+                Ctx c = {env, site, d, s_dyn, dyn_bytes};
+                if (!dispatch_task(d->opcode, c) && tid == 0) {
+                    report_fault(env, site, FAULT_BAD_OPCODE, NO_EVENT, d->opcode, 0);
                 }
-                __syncthreads();  // the task's writes are done; s_desc may be reused
+                __syncthreads();  // the task's writes are done
                 if (tid == 0 && signal != NO_EVENT) red_release_gpu(events + signal, 1);
             }
+            if (tid < 8) asm volatile("cp.async.wait_all;" ::: "memory");
             if (go && tid == 0 && !aborted(env)) {
                 const u64 old = atom_add_acq_rel_gpu(&env.state->worker_iters, 1);
                 if (old + 1 == u64(env.num_sms) * g) st_release_sys(&env.status->iterations_done, g);

@@ -98,25 +98,41 @@ __device__ __forceinline__ bool aborted(const Env& env) {
 
 // Waits (one thread) until *ctr >= need. Returns false on abort or timeout
 // (a timeout is reported as a hang naming `event`).
+__device__ __forceinline__ u64 ld_relaxed_gpu(const u64* p) {
+    u64 v;
+    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ void fence_acquire(bool sys) {
+    if (sys) asm volatile("fence.acq_rel.sys;" ::: "memory");
+    else asm volatile("fence.acq_rel.gpu;" ::: "memory");
+}
+
+// Waits (one thread) until *ctr >= need. Polls with relaxed loads (cheap),
+// spinning first and backing off with short sleeps later, and closes with an
+// acquire fence. Returns false on abort or timeout (a timeout is reported as a
+// hang naming `event`).
 template <bool SYS>
 __device__ __noinline__ bool wait_at_least(const Env& env, const Site& site, const u64* ctr, u64 need, u32 event) {
-    u64 v = SYS ? ld_acquire_sys(ctr) : ld_acquire_gpu(ctr);
-    if (v >= need) return true;
+    u64 v = SYS ? ld_relaxed_sys(ctr) : ld_relaxed_gpu(ctr);
+    if (v >= need) {
+        fence_acquire(SYS);
+        return true;
+    }
     const u64 start = globaltimer();
-    u32 spins = 0, sleep_ns = 32;
-    while (true) {
-        if (spins < 64) {
-            ++spins;
-        } else {
-            __nanosleep(sleep_ns);
-            if (sleep_ns < 1024) sleep_ns *= 2;
+    for (u32 polls = 0;; ++polls) {
+        if (polls >= 4096) __nanosleep(polls >= 16384 ? 512 : 64);
+        v = SYS ? ld_relaxed_sys(ctr) : ld_relaxed_gpu(ctr);
+        if (v >= need) {
+            fence_acquire(SYS);
+            return true;
         }
-        v = SYS ? ld_acquire_sys(ctr) : ld_acquire_gpu(ctr);
-        if (v >= need) return true;
-        if (aborted(env)) return false;
-        if (globaltimer() - start > env.timeout_ns) {
-            report_fault(env, site, FAULT_HANG, event, v, need);
-            return false;
+        if ((polls & 63) == 63) {
+            if (aborted(env)) return false;
+            if (globaltimer() - start > env.timeout_ns) {
+                report_fault(env, site, FAULT_HANG, event, v, need);
+                return false;
+            }
         }
     }
 }

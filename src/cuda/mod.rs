@@ -311,8 +311,10 @@ impl Runtime {
         }
     }
 
-    /// Checks for a device error or a dead kernel; records it.
-    fn check_alive(&self, st: &mut HostState) -> Result<()> {
+    /// Checks for a device error or a dead kernel; records it. `query` also
+    /// asks the driver (slow: a driver call), which catches kernels killed by
+    /// a hardware fault.
+    fn check_alive(&self, st: &mut HostState, query: bool) -> Result<()> {
         if let Some(e) = &st.failed {
             return Err(e.clone());
         }
@@ -322,7 +324,7 @@ impl Runtime {
             return Err(e);
         }
         if self.status_u32(std::mem::offset_of!(StatusBlock, exited)).load(Ordering::Acquire) != 0
-            || driver::stream_done(&self.kernel_stream)?
+            || (query && driver::stream_done(&self.kernel_stream)?)
         {
             let e = Error::Stopped("the resident kernel exited".into());
             st.failed = Some(e.clone());
@@ -356,6 +358,18 @@ impl Runtime {
                 std::thread::sleep(Duration::from_micros(50));
             }
         }
+    }
+
+    fn done(&self, ticket: &Ticket, query: bool) -> Result<bool> {
+        if ticket.owner != self.id {
+            return Err(Error::Foreign("ticket"));
+        }
+        if self.iterations_done() >= ticket.end && self.error_record().is_none() {
+            return Ok(true);
+        }
+        let mut st = self.state.lock().expect("runtime state poisoned");
+        self.check_alive(&mut st, query)?;
+        Ok(self.iterations_done() >= ticket.end)
     }
 
     /// Drops bookkeeping of commands that are complete.
@@ -508,7 +522,7 @@ impl Executor for Runtime {
         if !st.running {
             return Err(Error::Stopped("the runtime was shut down".into()));
         }
-        self.check_alive(&mut st)?;
+        self.check_alive(&mut st, false)?;
         self.retire(&mut st);
         let epoch = gp.epoch.load(Ordering::Relaxed);
         let cmd = Command {
@@ -530,18 +544,14 @@ impl Executor for Runtime {
     }
     fn wait(&self, ticket: &Ticket, timeout: Duration) -> Result<()> {
         let what = format!("iteration {} to complete", ticket.end);
-        self.poll_until(timeout, &what, || self.is_done(ticket))
+        let mut polls = 0u32;
+        self.poll_until(timeout, &what, || {
+            polls = polls.wrapping_add(1);
+            self.done(ticket, polls % 4096 == 0)
+        })
     }
     fn is_done(&self, ticket: &Ticket) -> Result<bool> {
-        if ticket.owner != self.id {
-            return Err(Error::Foreign("ticket"));
-        }
-        if self.iterations_done() >= ticket.end && self.error_record().is_none() {
-            return Ok(true);
-        }
-        let mut st = self.state.lock().expect("runtime state poisoned");
-        self.check_alive(&mut st)?;
-        Ok(self.iterations_done() >= ticket.end)
+        self.done(ticket, true)
     }
     fn poll_outputs(&self, out: &mut Vec<u64>) -> Result<usize> {
         let mut st = self.state.lock().expect("runtime state poisoned");
