@@ -95,6 +95,37 @@ fn resident(c: &mut Criterion, summary: &mut Vec<(String, f64)>) {
     let t_rt = summary.iter().find(|s| s.0.starts_with("empty program")).unwrap().1;
     summary.push(("dependency hop (s)".into(), (t_chain - t_rt) / (hops - 1) as f64));
 
+    // Breakdown of the per-task cost (same run): tasks on one worker only.
+    let per_task = |b: ProgramBuilder, n: usize| {
+        let p = rt.load(&b.build().unwrap()).unwrap();
+        let t = median(time_n(200, || rt.run(&p, 1, &[]).unwrap()));
+        (t - t_rt) / n as f64
+    };
+    let n = 512;
+    let mut b = ProgramBuilder::new();
+    for _ in 0..n {
+        b.push(Nop::task()).on_worker(1);
+    }
+    summary.push(("task, no wait/signal, one worker (s)".into(), per_task(b, n)));
+    let mut b = ProgramBuilder::new();
+    let ev = b.event("unused");
+    for _ in 0..n {
+        b.push(Nop::task()).on_worker(1).signal(ev);
+    }
+    summary.push(("task, signal only, one worker (s)".into(), per_task(b, n)));
+    let mut b = ProgramBuilder::new();
+    let mut prev: Option<EventId> = None;
+    for _ in 0..n {
+        let ev = b.event("link");
+        let mut h = b.push(Nop::task()).on_worker(1).signal(ev);
+        if let Some(p) = prev {
+            h = h.wait(p);
+        }
+        let _ = h;
+        prev = Some(ev);
+    }
+    summary.push(("task, wait + signal chain, one worker (s)".into(), per_task(b, n)));
+
     // (c) GEMV.
     for (rows, cols) in [(8192usize, 8192usize), (151_936, 2048)] {
         let shape = GemvShape { rows, cols, m: 1 };

@@ -477,12 +477,12 @@ impl Executor for Runtime {
     fn write_bytes(&self, dst: &Buffer, offset: usize, src: &[u8]) -> Result<()> {
         let mem = dst.alloc_ref().downcast_ref::<DevMem>().filter(|_| dst.owner() == self.id);
         check_bytes(dst, offset, src.len())?;
-        Ok(mem.ok_or(Error::Foreign("buffer"))?.write(offset, src)?)
+        mem.ok_or(Error::Foreign("buffer"))?.write(offset, src)
     }
     fn read_bytes(&self, src: &Buffer, offset: usize, dst: &mut [u8]) -> Result<()> {
         let mem = src.alloc_ref().downcast_ref::<DevMem>().filter(|_| src.owner() == self.id);
         check_bytes(src, offset, dst.len())?;
-        Ok(mem.ok_or(Error::Foreign("buffer"))?.read(offset, dst)?)
+        mem.ok_or(Error::Foreign("buffer"))?.read(offset, dst)
     }
     fn load(&self, program: &Program) -> Result<LoadedProgram> {
         check_owner(program, self.id)?;
