@@ -56,7 +56,8 @@ __device__ __forceinline__ u64 globaltimer() {
     return t;
 }
 
-// Where the resident kernel keeps its shared pointers.
+// The resident kernel's pointers; one copy per block, in shared memory, so
+// that passing it around never materialises per-thread copies in local memory.
 struct Env {
     const Command* host_commands;
     Command* dev_commands;
@@ -68,69 +69,50 @@ struct Env {
     u32 num_sms;
 };
 
-// What a fault report names besides its kind.
-struct Site {
-    u32 task;
-    u32 opcode;
-    u64 command;
-};
-
 // Claims the error record (first reporter wins), fills it, and stops every block.
-__device__ __noinline__ void report_fault(const Env& env, const Site& site, u32 kind, u32 event, u64 seen,
-                                          u64 needed) {
-    if (atomicCAS(&env.state->abort, 0u, 1u) == 0u) {
-        ErrorRecord* e = &env.status->error;
-        st_relaxed_sys_u32(&e->sm, env.sm);
-        st_relaxed_sys_u32(&e->task, site.task);
-        st_relaxed_sys_u32(&e->opcode, site.opcode);
+__device__ __noinline__ void report_fault(const Env* env, u32 task, u32 opcode, u64 command, u32 kind, u32 event,
+                                          u64 seen, u64 needed) {
+    if (atomicCAS(&env->state->abort, 0u, 1u) == 0u) {
+        ErrorRecord* e = &env->status->error;
+        st_relaxed_sys_u32(&e->sm, env->sm);
+        st_relaxed_sys_u32(&e->task, task);
+        st_relaxed_sys_u32(&e->opcode, opcode);
         st_relaxed_sys_u32(&e->event, event);
         st_relaxed_sys(&e->seen, seen);
         st_relaxed_sys(&e->needed, needed);
-        st_relaxed_sys(&e->command, site.command);
+        st_relaxed_sys(&e->command, command);
         st_release_sys_u32(&e->kind, kind);
     }
 }
 
 // True once any block reported a fault or the host asked to abort.
-__device__ __forceinline__ bool aborted(const Env& env) {
-    return ld_relaxed_gpu_u32(&env.state->abort) != 0u;
+__device__ __forceinline__ bool aborted(const Env* env) {
+    return ld_relaxed_gpu_u32(&env->state->abort) != 0u;
 }
 
-// Waits (one thread) until *ctr >= need. Returns false on abort or timeout
-// (a timeout is reported as a hang naming `event`).
 __device__ __forceinline__ u64 ld_relaxed_gpu(const u64* p) {
     u64 v;
     asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
     return v;
 }
-__device__ __forceinline__ void fence_acquire(bool sys) {
-    if (sys) asm volatile("fence.acq_rel.sys;" ::: "memory");
-    else asm volatile("fence.acq_rel.gpu;" ::: "memory");
-}
 
-// Waits (one thread) until *ctr >= need. Polls with relaxed loads (cheap),
-// spinning first and backing off with short sleeps later, and closes with an
-// acquire fence. Returns false on abort or timeout (a timeout is reported as a
-// hang naming `event`).
+// Waits (one thread) until *ctr >= need: acquire loads, spinning first and
+// backing off with short sleeps later. Returns false on abort or timeout (a
+// timeout is reported as a hang of `task` naming `event`).
 template <bool SYS>
-__device__ __noinline__ bool wait_at_least(const Env& env, const Site& site, const u64* ctr, u64 need, u32 event) {
-    u64 v = SYS ? ld_relaxed_sys(ctr) : ld_relaxed_gpu(ctr);
-    if (v >= need) {
-        fence_acquire(SYS);
-        return true;
-    }
+__device__ __noinline__ bool wait_at_least(const Env* env, u32 task, u32 opcode, u64 command, const u64* ctr,
+                                           u64 need, u32 event) {
+    u64 v = SYS ? ld_acquire_sys(ctr) : ld_acquire_gpu(ctr);
+    if (v >= need) return true;
     const u64 start = globaltimer();
     for (u32 polls = 0;; ++polls) {
         if (polls >= 4096) __nanosleep(polls >= 16384 ? 512 : 64);
-        v = SYS ? ld_relaxed_sys(ctr) : ld_relaxed_gpu(ctr);
-        if (v >= need) {
-            fence_acquire(SYS);
-            return true;
-        }
+        v = SYS ? ld_acquire_sys(ctr) : ld_acquire_gpu(ctr);
+        if (v >= need) return true;
         if ((polls & 63) == 63) {
             if (aborted(env)) return false;
-            if (globaltimer() - start > env.timeout_ns) {
-                report_fault(env, site, FAULT_HANG, event, v, need);
+            if (globaltimer() - start > env->timeout_ns) {
+                report_fault(env, task, opcode, command, FAULT_HANG, event, v, need);
                 return false;
             }
         }

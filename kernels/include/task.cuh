@@ -3,9 +3,9 @@
 #include "sync.cuh"
 
 struct Ctx {
-    Env env;
-    Site site;
+    const Env* env;         // shared memory
     const TaskDesc* desc;   // shared-memory copy, parameters substituted
+    u64 command;            // sequence number of the running command
     unsigned char* smem;    // dynamic shared memory scratch
     u32 smem_bytes;
 };
@@ -18,7 +18,7 @@ __device__ __forceinline__ const A& task_args(const Ctx& c) {
 
 // Reports a fault from inside a task (any thread; the first report wins).
 __device__ __forceinline__ void task_fault(const Ctx& c, u32 kind, u64 seen, u64 needed) {
-    report_fault(c.env, c.site, kind, 0, seen, needed);
+    report_fault(c.env, c.desc->id, c.desc->opcode, c.command, kind, 0, seen, needed);
 }
 
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(u32(h) << 16); }

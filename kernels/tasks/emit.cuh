@@ -15,17 +15,18 @@ MK_OFFSET(EmitArgs, reserved, 12);
 __device__ __forceinline__ void task_emit(const Ctx& c) {
     const EmitArgs& a = task_args<EmitArgs>(c);
     if (threadIdx.x != 0) return;
-    DeviceState* st = c.env.state;
-    StatusBlock* hs = c.env.status;
+    DeviceState* st = c.env->state;
+    StatusBlock* hs = c.env->status;
     const u64 base = atomicAdd(reinterpret_cast<unsigned long long*>(&st->out_reserved), u64(a.n));
     // Room in the ring: the host must have consumed up to base + n - CAP.
     const u64 room = base + a.n > OUTPUT_RING_CAP ? base + a.n - OUTPUT_RING_CAP : 0;
-    if (!wait_at_least<true>(c.env, c.site, &hs->out_consumed, room, WAIT_OUTPUT_SPACE)) return;
-    u64* ring = c.env.output;
+    const u32 id = c.desc->id, op = c.desc->opcode;
+    if (!wait_at_least<true>(c.env, id, op, c.command, &hs->out_consumed, room, WAIT_OUTPUT_SPACE)) return;
+    u64* ring = c.env->output;
     const u32* src = reinterpret_cast<const u32*>(a.src);
     for (u32 i = 0; i < a.n; ++i) st_relaxed_sys(&ring[(base + i) % OUTPUT_RING_CAP], u64(src[i]));
     // Publish in reservation order.
-    if (!wait_at_least<false>(c.env, c.site, &st->out_published, base, WAIT_OUTPUT_ORDER)) return;
+    if (!wait_at_least<false>(c.env, id, op, c.command, &st->out_published, base, WAIT_OUTPUT_ORDER)) return;
     st_release_sys(&hs->out_published, base + a.n);
     st_release_gpu(&st->out_published, base + a.n);
 }

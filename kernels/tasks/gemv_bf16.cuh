@@ -114,13 +114,13 @@ __device__ __forceinline__ void gemv_pass(const GemvBf16Args& a, u32 m0, u32 mco
 
 template <bool XBF16>
 __device__ __forceinline__ void gemv_dispatch(const GemvBf16Args& a) {
-    // Input rows in passes of at most 8 (each pass streams the matrix once).
-    for (u32 m0 = 0; m0 < a.m; m0 += 8) {
-        const u32 mc = min(a.m - m0, 8u);
+    // Input rows in passes of at most 4 (each pass streams the matrix once;
+    // more accumulators would spill under the 64-register cap).
+    for (u32 m0 = 0; m0 < a.m; m0 += 4) {
+        const u32 mc = min(a.m - m0, 4u);
         if (mc == 1) gemv_pass<1, XBF16>(a, m0, 1);
         else if (mc == 2) gemv_pass<2, XBF16>(a, m0, 2);
-        else if (mc <= 4) gemv_pass<4, XBF16>(a, m0, mc);
-        else gemv_pass<8, XBF16>(a, m0, mc);
+        else gemv_pass<4, XBF16>(a, m0, mc);
     }
 }
 
