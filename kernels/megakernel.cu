@@ -45,7 +45,7 @@ __device__ __noinline__ bool fetch_command(const Env* env, u64 seq, Command* out
         while (ld_acquire_gpu(&env->state->cmd_head) < seq) {
             if (aborted(env)) return false;
             __nanosleep(sleep_ns);
-            if (sleep_ns < 256) sleep_ns *= 2;
+            if (sleep_ns < 128) sleep_ns *= 2;
         }
     }
     *out = env->dev_commands[slot];
@@ -54,8 +54,7 @@ __device__ __noinline__ bool fetch_command(const Env* env, u64 seq, Command* out
 
 // Thread 0: prepares the task in `d` (parameters, event checks, waits). Returns
 // false to stop the block.
-__device__ __noinline__ bool prepare_task(const Env* env, TaskDesc* d, const ProgramDesc* prog, const Command* cmd,
-                                          u64 epoch) {
+__device__ __noinline__ bool prepare_task(const Env* env, TaskDesc* d, const Command* cmd, u64 epoch) {
     const u64 seq = cmd->seq;
     for (u32 i = 0; i < TASK_ARG_SLOTS; ++i) {
         if (d->param_mask & (1u << i)) {
@@ -67,20 +66,20 @@ __device__ __noinline__ bool prepare_task(const Env* env, TaskDesc* d, const Pro
             d->args[i] = cmd->params[sel];
         }
     }
-    u64* events = reinterpret_cast<u64*>(prog->events);
+    u64* events = reinterpret_cast<u64*>(cmd->events);
     for (u32 k = 0; k < TASK_WAITS; ++k) {
         const u32 ev = d->wait[k];
         if (ev == NO_EVENT) continue;
-        if (ev >= prog->num_events) {
-            report_fault(env, d->id, d->opcode, seq, FAULT_OUT_OF_RANGE, ev, ev, prog->num_events);
+        if (ev >= cmd->num_events) {
+            report_fault(env, d->id, d->opcode, seq, FAULT_OUT_OF_RANGE, ev, ev, cmd->num_events);
             return false;
         }
         if (!wait_at_least<false>(env, d->id, d->opcode, seq, &events[ev], u64(d->wait_need[k]) * epoch, ev)) {
             return false;
         }
     }
-    if (d->signal != NO_EVENT && d->signal >= prog->num_events) {
-        report_fault(env, d->id, d->opcode, seq, FAULT_OUT_OF_RANGE, d->signal, d->signal, prog->num_events);
+    if (d->signal != NO_EVENT && d->signal >= cmd->num_events) {
+        report_fault(env, d->id, d->opcode, seq, FAULT_OUT_OF_RANGE, d->signal, d->signal, cmd->num_events);
         return false;
     }
     return true;
@@ -98,7 +97,6 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const
     __shared__ Env s_env;
     __shared__ TaskDesc s_descs[2];  // current task and the prefetched next one
     __shared__ Command s_cmd;
-    __shared__ ProgramDesc s_prog;
     __shared__ Loop s_loop;
     extern __shared__ __align__(16) unsigned char s_dyn[];
 
@@ -125,19 +123,18 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const
         if (tid == 0) {
             ok = fetch_command(env, seq, &s_cmd) && s_cmd.kind == CMD_RUN;
             if (ok) {
-                s_prog = *reinterpret_cast<const ProgramDesc*>(s_cmd.program);
-                if (s_prog.num_workers != env->num_sms) {
-                    report_fault(env, NO_EVENT, 0, seq, FAULT_BAD_ARGS, NO_EVENT, s_prog.num_workers, env->num_sms);
+                if (s_cmd.num_workers != env->num_sms) {
+                    report_fault(env, NO_EVENT, 0, seq, FAULT_BAD_ARGS, NO_EVENT, s_cmd.num_workers, env->num_sms);
                     ok = false;
                 } else {
-                    const u32* offsets = reinterpret_cast<const u32*>(s_prog.worker_offsets);
+                    const u32* offsets = reinterpret_cast<const u32*>(s_cmd.worker_offsets);
                     s_loop.first = offsets[env->sm];
                     s_loop.last = offsets[env->sm + 1];
                 }
             }
         }
         if (!__syncthreads_and(ok)) break;
-        const TaskDesc* tasks = reinterpret_cast<const TaskDesc*>(s_prog.tasks);
+        const TaskDesc* tasks = reinterpret_cast<const TaskDesc*>(s_cmd.tasks);
         bool go = true;
         for (u32 j = 0; go && j < s_cmd.iterations; ++j) {
             if (tid == 0) {
@@ -165,7 +162,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const
                                  "l"(reinterpret_cast<const uint4*>(&tasks[t + 1]) + tid)
                                  : "memory");
                 }
-                if (tid == 0) ok = prepare_task(env, d, &s_prog, &s_cmd, s_loop.epoch);
+                if (tid == 0) ok = prepare_task(env, d, &s_cmd, s_loop.epoch);
                 go = __syncthreads_and(ok);
                 if (go) {
                     const Ctx c = {env, d, seq, s_dyn, dyn_bytes};
@@ -176,13 +173,16 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const
                 if (tid < 8) asm volatile("cp.async.wait_all;" ::: "memory");
                 __syncthreads();  // the task's writes are done; the next descriptor has landed
                 if (go && tid == 0 && signal != NO_EVENT) {
-                    red_release_gpu(reinterpret_cast<u64*>(s_prog.events) + signal, 1);
+                    red_release_gpu(reinterpret_cast<u64*>(s_cmd.events) + signal, 1);
                 }
             }
             if (go && tid == 0 && !aborted(env)) {
                 const u64 g = s_loop.iteration;
                 const u64 old = atom_add_acq_rel_gpu(&env->state->worker_iters, 1);
-                if (old + 1 == u64(env->num_sms) * g) st_release_sys(&env->status->iterations_done, g);
+                // The acq_rel atomic ordered every block's writes (gpu scope) before
+                // this store; the host reads device memory through copies, which
+                // see them, so a relaxed store (no system-wide fence) suffices.
+                if (old + 1 == u64(env->num_sms) * g) st_relaxed_sys(&env->status->iterations_done, g);
             }
         }
         if (!go) break;

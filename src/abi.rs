@@ -48,32 +48,14 @@ pub struct TaskDesc {
     pub args: [u64; TASK_ARG_SLOTS],
 }
 
-/// A loaded program as the device sees it.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
-pub struct ProgramDesc {
-    /// Device address of the task array, grouped by worker.
-    pub tasks: u64,
-    /// Device address of `num_workers + 1` `u32` offsets into `tasks`.
-    pub worker_offsets: u64,
-    /// Device address of `num_events` `u64` monotonic counters.
-    pub events: u64,
-    /// Number of tasks.
-    pub num_tasks: u32,
-    /// Number of event counters.
-    pub num_events: u32,
-    /// Number of workers the program was laid out for.
-    pub num_workers: u32,
-    /// Reserved, zero.
-    pub reserved: u32,
-}
-
 /// Command kind: run a program for some iterations.
 pub const CMD_RUN: u32 = 1;
 /// Command kind: stop the resident kernel.
 pub const CMD_SHUTDOWN: u32 = 2;
 
-/// One entry of the host → device command ring, 128 bytes.
+/// One entry of the host → device command ring, 128 bytes. It carries the
+/// program's device addresses itself, so a block needs no further dependent
+/// load before it can fetch its first task.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct Command {
@@ -83,15 +65,21 @@ pub struct Command {
     pub iterations: u32,
     /// Sequence number of the command (1-based).
     pub seq: u64,
-    /// Device address of the program's [`ProgramDesc`].
-    pub program: u64,
     /// Program epoch before this command (times the program ran so far).
     pub epoch_base: u64,
     /// Global iteration count before this command.
     pub iter_base: u64,
-    /// Reserved, zero.
-    pub reserved: [u64; 3],
-    /// Parameters added to argument slots selected by `param_mask`.
+    /// Device address of the program's task array, grouped by worker.
+    pub tasks: u64,
+    /// Device address of `num_workers + 1` `u32` offsets into `tasks`.
+    pub worker_offsets: u64,
+    /// Device address of the program's `num_events` `u64` monotonic counters.
+    pub events: u64,
+    /// Number of event counters.
+    pub num_events: u32,
+    /// Number of workers the program was laid out for.
+    pub num_workers: u32,
+    /// Parameters substituted into argument slots selected by `param_mask`.
     pub params: [u64; COMMAND_PARAMS],
 }
 
@@ -225,8 +213,10 @@ pub mod layouts {
     pub fn all() -> Vec<Layout> {
         vec![
             layout!(TaskDesc { opcode, flags, id, signal, param_mask, wait, wait_need, param_sel, args }),
-            layout!(ProgramDesc { tasks, worker_offsets, events, num_tasks, num_events, num_workers }),
-            layout!(Command { kind, iterations, seq, program, epoch_base, iter_base, params }),
+            layout!(Command {
+                kind, iterations, seq, epoch_base, iter_base, tasks, worker_offsets, events, num_events,
+                num_workers, params
+            }),
             layout!(ErrorRecord { kind, sm, task, opcode, event, seen, needed, command }),
             layout!(StatusBlock { cmd_head, iterations_done, out_published, out_consumed, abort, exited, error }),
             layout!(DeviceState { cmd_head, worker_iters, out_reserved, out_published, abort, exited_blocks }),

@@ -48,40 +48,30 @@ MK_OFFSET(TaskDesc, wait_need, 24);
 MK_OFFSET(TaskDesc, param_sel, 32);
 MK_OFFSET(TaskDesc, args, 40);
 
-struct ProgramDesc {
-    u64 tasks;
-    u64 worker_offsets;
-    u64 events;
-    u32 num_tasks;
-    u32 num_events;
-    u32 num_workers;
-    u32 reserved;
-};
-MK_SIZE(ProgramDesc, 40);
-MK_OFFSET(ProgramDesc, tasks, 0);
-MK_OFFSET(ProgramDesc, worker_offsets, 8);
-MK_OFFSET(ProgramDesc, events, 16);
-MK_OFFSET(ProgramDesc, num_tasks, 24);
-MK_OFFSET(ProgramDesc, num_events, 28);
-MK_OFFSET(ProgramDesc, num_workers, 32);
-
 struct __align__(16) Command {
     u32 kind;
     u32 iterations;
     u64 seq;
-    u64 program;
     u64 epoch_base;
     u64 iter_base;
-    u64 reserved[3];
+    u64 tasks;
+    u64 worker_offsets;
+    u64 events;
+    u32 num_events;
+    u32 num_workers;
     u64 params[COMMAND_PARAMS];
 };
 MK_SIZE(Command, 128);
 MK_OFFSET(Command, kind, 0);
 MK_OFFSET(Command, iterations, 4);
 MK_OFFSET(Command, seq, 8);
-MK_OFFSET(Command, program, 16);
-MK_OFFSET(Command, epoch_base, 24);
-MK_OFFSET(Command, iter_base, 32);
+MK_OFFSET(Command, epoch_base, 16);
+MK_OFFSET(Command, iter_base, 24);
+MK_OFFSET(Command, tasks, 32);
+MK_OFFSET(Command, worker_offsets, 40);
+MK_OFFSET(Command, events, 48);
+MK_OFFSET(Command, num_events, 56);
+MK_OFFSET(Command, num_workers, 60);
 MK_OFFSET(Command, params, 64);
 
 struct ErrorRecord {

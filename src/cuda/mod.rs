@@ -21,7 +21,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
 
 use crate::abi::{
-    fault, wait_site, Command, DeviceState, KernelParams, ProgramDesc, StatusBlock, TaskDesc, BLOCK_THREADS,
+    fault, wait_site, Command, DeviceState, KernelParams, StatusBlock, TaskDesc, BLOCK_THREADS,
     CMD_RUN, CMD_SHUTDOWN, COMMAND_RING_CAP, OUTPUT_RING_CAP,
 };
 use crate::buffer::{Buffer, DType};
@@ -94,9 +94,13 @@ const OUTPUT_OFF: usize = STATUS_OFF + 256;
 const MAPPED_BYTES: usize = OUTPUT_OFF + OUTPUT_RING_CAP as usize * 8;
 
 struct GpuProgram {
-    mem: DevMem,
+    /// Holds the device image the addresses below point into.
+    _mem: DevMem,
     program: Arc<Program>,
     epoch: AtomicU64,
+    tasks: u64,
+    worker_offsets: u64,
+    events: u64,
 }
 
 struct Outstanding {
@@ -487,28 +491,26 @@ impl Executor for Runtime {
     fn load(&self, program: &Program) -> Result<LoadedProgram> {
         check_owner(program, self.id)?;
         let sched = program.schedule(self.num_sms as usize);
-        let head = 128usize;
+        // One allocation: [worker offsets][event counters][tasks], 128-byte aligned parts.
         let offsets_bytes = (sched.offsets.len() * 4).next_multiple_of(128);
         let events_bytes = (program.num_events() * 8).next_multiple_of(128);
-        let tasks_off = head + offsets_bytes + events_bytes;
+        let tasks_off = offsets_bytes + events_bytes;
         let total = tasks_off + sched.tasks.len() * std::mem::size_of::<TaskDesc>();
         let mem = DevMem::zeroed(&self.copy_stream, total)?;
-        let desc = ProgramDesc {
-            tasks: mem.ptr() + tasks_off as u64,
-            worker_offsets: mem.ptr() + head as u64,
-            events: mem.ptr() + (head + offsets_bytes) as u64,
-            num_tasks: sched.tasks.len() as u32,
-            num_events: program.num_events() as u32,
-            num_workers: self.num_sms,
-            reserved: 0,
-        };
         let mut image = vec![0u8; total];
-        image[..std::mem::size_of::<ProgramDesc>()].copy_from_slice(bytemuck::bytes_of(&desc));
-        image[head..head + sched.offsets.len() * 4].copy_from_slice(bytemuck::cast_slice(&sched.offsets));
+        image[..sched.offsets.len() * 4].copy_from_slice(bytemuck::cast_slice(&sched.offsets));
         image[tasks_off..].copy_from_slice(bytemuck::cast_slice(&sched.tasks));
         mem.write(0, &image)?;
+        let base = mem.ptr();
         let program = Arc::new(program.clone());
-        let inner = Arc::new(GpuProgram { mem, program: program.clone(), epoch: AtomicU64::new(0) });
+        let inner = Arc::new(GpuProgram {
+            _mem: mem,
+            program: program.clone(),
+            epoch: AtomicU64::new(0),
+            tasks: base + tasks_off as u64,
+            worker_offsets: base,
+            events: base + offsets_bytes as u64,
+        });
         Ok(LoadedProgram { owner: self.id, program, inner: Box::new(inner) })
     }
     fn submit(&self, program: &LoadedProgram, iterations: u32, params: &[u64]) -> Result<Ticket> {
@@ -529,10 +531,13 @@ impl Executor for Runtime {
             kind: CMD_RUN,
             iterations,
             seq: 0,
-            program: gp.mem.ptr(),
             epoch_base: epoch,
             iter_base: st.iterations,
-            reserved: [0; 3],
+            tasks: gp.tasks,
+            worker_offsets: gp.worker_offsets,
+            events: gp.events,
+            num_events: gp.program.num_events() as u32,
+            num_workers: self.num_sms,
             params,
         };
         let seq = self.write_command(&mut st, cmd)?;
