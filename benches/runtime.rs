@@ -37,30 +37,56 @@ fn baselines(c: &mut Criterion, summary: &mut Vec<(String, f64)>) {
     let empty = module.load_function("mk_probe_empty").unwrap();
     let copy = module.load_function("mk_probe_copy").unwrap();
     let stream = ctx.new_stream().unwrap();
-    let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+    let one = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (32, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let mut launch = || {
         // SAFETY: mk_probe_empty takes no arguments.
         unsafe { stream.launch_builder(&empty).launch(one) }.unwrap();
         stream.synchronize().unwrap();
     };
     c.bench_function("empty kernel launch + sync", |b| b.iter(&mut launch));
-    summary.push(("empty kernel launch + sync (s)".into(), median(time_n(2000, &mut launch))));
+    summary.push((
+        "empty kernel launch + sync (s)".into(),
+        median(time_n(2000, &mut launch)),
+    ));
 
     let bytes: usize = 1 << 30;
     let src = stream.alloc_zeros::<u8>(bytes).unwrap();
     let mut dst = stream.alloc_zeros::<u8>(bytes).unwrap();
     let n = (bytes / 16) as u64;
-    let sms = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).unwrap();
-    let cfg = LaunchConfig { grid_dim: (sms as u32 * 2, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+    let sms = ctx
+        .attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )
+        .unwrap();
+    let cfg = LaunchConfig {
+        grid_dim: (sms as u32 * 2, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let mut copy_once = || {
         // SAFETY: (src, dst, n) with n 16-byte elements in each buffer.
-        unsafe { stream.launch_builder(&copy).arg(&src).arg(&mut dst).arg(&n).launch(cfg) }.unwrap();
+        unsafe {
+            stream
+                .launch_builder(&copy)
+                .arg(&src)
+                .arg(&mut dst)
+                .arg(&n)
+                .launch(cfg)
+        }
+        .unwrap();
         stream.synchronize().unwrap();
     };
     copy_once();
     c.bench_function("device copy 1 GiB", |b| b.iter(&mut copy_once));
     let t = median(time_n(30, &mut copy_once));
-    summary.push(("copy bandwidth, read+write (B/s)".into(), 2.0 * bytes as f64 / t));
+    summary.push((
+        "copy bandwidth, read+write (B/s)".into(),
+        2.0 * bytes as f64 / t,
+    ));
 }
 
 fn resident(c: &mut Criterion, summary: &mut Vec<(String, f64)>) {
@@ -72,8 +98,13 @@ fn resident(c: &mut Criterion, summary: &mut Vec<(String, f64)>) {
     b.push(Nop::task());
     let empty = rt.load(&b.build().unwrap()).unwrap();
     let mut round_trip = || rt.run(&empty, 1, &[]).unwrap();
-    c.bench_function("resident: empty program round trip", |b| b.iter(&mut round_trip));
-    summary.push(("empty program round trip (s)".into(), median(time_n(2000, &mut round_trip))));
+    c.bench_function("resident: empty program round trip", |b| {
+        b.iter(&mut round_trip)
+    });
+    summary.push((
+        "empty program round trip (s)".into(),
+        median(time_n(2000, &mut round_trip)),
+    ));
 
     // (b) hop latency: a chain of nops, each on the next SM.
     let hops = 4 * sms;
@@ -92,8 +123,15 @@ fn resident(c: &mut Criterion, summary: &mut Vec<(String, f64)>) {
     let mut run_chain = || rt.run(&chain, 1, &[]).unwrap();
     c.bench_function("resident: hop chain", |b| b.iter(&mut run_chain));
     let t_chain = median(time_n(200, &mut run_chain));
-    let t_rt = summary.iter().find(|s| s.0.starts_with("empty program")).unwrap().1;
-    summary.push(("dependency hop (s)".into(), (t_chain - t_rt) / (hops - 1) as f64));
+    let t_rt = summary
+        .iter()
+        .find(|s| s.0.starts_with("empty program"))
+        .unwrap()
+        .1;
+    summary.push((
+        "dependency hop (s)".into(),
+        (t_chain - t_rt) / (hops - 1) as f64,
+    ));
 
     // Breakdown of the per-task cost (same run): tasks on one worker only.
     let per_task = |b: ProgramBuilder, n: usize| {
@@ -106,7 +144,10 @@ fn resident(c: &mut Criterion, summary: &mut Vec<(String, f64)>) {
     for _ in 0..n {
         b.push(Nop::task()).on_worker(1);
     }
-    summary.push(("task, no wait/signal, one worker (s)".into(), per_task(b, n)));
+    summary.push((
+        "task, no wait/signal, one worker (s)".into(),
+        per_task(b, n),
+    ));
     let mut b = ProgramBuilder::new();
     let ev = b.event("unused");
     for _ in 0..n {
@@ -124,7 +165,10 @@ fn resident(c: &mut Criterion, summary: &mut Vec<(String, f64)>) {
         let _ = h;
         prev = Some(ev);
     }
-    summary.push(("task, wait + signal chain, one worker (s)".into(), per_task(b, n)));
+    summary.push((
+        "task, wait + signal chain, one worker (s)".into(),
+        per_task(b, n),
+    ));
 
     // (c) GEMV.
     for (rows, cols) in [(8192usize, 8192usize), (151_936, 2048)] {
@@ -153,7 +197,10 @@ fn resident(c: &mut Criterion, summary: &mut Vec<(String, f64)>) {
         c.bench_function(&name, |b| b.iter(&mut run));
         let t = median(time_n(20, &mut run)) / f64::from(iters);
         summary.push((format!("gemv {rows}x{cols} per iteration (s)"), t));
-        summary.push((format!("gemv {rows}x{cols} bandwidth (B/s)"), (rows * cols * 2) as f64 / t));
+        summary.push((
+            format!("gemv {rows}x{cols} bandwidth (B/s)"),
+            (rows * cols * 2) as f64 / t,
+        ));
     }
 }
 
@@ -168,17 +215,29 @@ fn all(c: &mut Criterion) {
     let mut summary = Vec::new();
     baselines(c, &mut summary);
     resident(c, &mut summary);
-    let get = |k: &str| summary.iter().find(|s| s.0.starts_with(k)).map(|s| s.1).unwrap();
+    let get = |k: &str| {
+        summary
+            .iter()
+            .find(|s| s.0.starts_with(k))
+            .map(|s| s.1)
+            .unwrap()
+    };
     let copy = get("copy bandwidth");
     println!("\n== summary (medians) ==");
     for (k, v) in &summary {
         println!("{k:48} {v:.4e}");
     }
-    println!("round trip / (launch + sync)        {:.3}", get("empty program") / get("empty kernel"));
+    println!(
+        "round trip / (launch + sync)        {:.3}",
+        get("empty program") / get("empty kernel")
+    );
     for g in ["gemv 8192x8192 bandwidth", "gemv 151936x2048 bandwidth"] {
         println!("{g} / copy bandwidth   {:.3}", get(g) / copy);
     }
-    let json: Vec<String> = summary.iter().map(|(k, v)| format!("\"{k}\": {v:e}")).collect();
+    let json: Vec<String> = summary
+        .iter()
+        .map(|(k, v)| format!("\"{k}\": {v:e}"))
+        .collect();
     println!("{{{}}}", json.join(", "));
 }
 

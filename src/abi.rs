@@ -212,15 +212,65 @@ pub mod layouts {
     /// Every shared record of the runtime itself (task kinds add their own).
     pub fn all() -> Vec<Layout> {
         vec![
-            layout!(TaskDesc { opcode, flags, id, signal, param_mask, wait, wait_need, param_sel, args }),
-            layout!(Command {
-                kind, iterations, seq, epoch_base, iter_base, tasks, worker_offsets, events, num_events,
-                num_workers, params
+            layout!(TaskDesc {
+                opcode,
+                flags,
+                id,
+                signal,
+                param_mask,
+                wait,
+                wait_need,
+                param_sel,
+                args
             }),
-            layout!(ErrorRecord { kind, sm, task, opcode, event, seen, needed, command }),
-            layout!(StatusBlock { cmd_head, iterations_done, out_published, out_consumed, abort, exited, error }),
-            layout!(DeviceState { cmd_head, worker_iters, out_reserved, out_published, abort, exited_blocks }),
-            layout!(KernelParams { host_commands, dev_commands, status, state, output, wait_timeout_ns }),
+            layout!(Command {
+                kind,
+                iterations,
+                seq,
+                epoch_base,
+                iter_base,
+                tasks,
+                worker_offsets,
+                events,
+                num_events,
+                num_workers,
+                params
+            }),
+            layout!(ErrorRecord {
+                kind,
+                sm,
+                task,
+                opcode,
+                event,
+                seen,
+                needed,
+                command
+            }),
+            layout!(StatusBlock {
+                cmd_head,
+                iterations_done,
+                out_published,
+                out_consumed,
+                abort,
+                exited,
+                error
+            }),
+            layout!(DeviceState {
+                cmd_head,
+                worker_iters,
+                out_reserved,
+                out_published,
+                abort,
+                exited_blocks
+            }),
+            layout!(KernelParams {
+                host_commands,
+                dev_commands,
+                status,
+                state,
+                output,
+                wait_timeout_ns
+            }),
         ]
     }
 }

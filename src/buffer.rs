@@ -79,7 +79,11 @@ pub struct Buffer(Arc<Inner>);
 
 impl fmt::Debug for Buffer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Buffer({} x {} at {:#x})", self.0.len, self.0.dtype, self.0.addr)
+        write!(
+            f,
+            "Buffer({} x {} at {:#x})",
+            self.0.len, self.0.dtype, self.0.addr
+        )
     }
 }
 
@@ -93,7 +97,13 @@ impl Buffer {
         owner: u64,
         alloc: Box<dyn Any + Send + Sync>,
     ) -> Buffer {
-        Buffer(Arc::new(Inner { addr, len, dtype, owner, _alloc: alloc }))
+        Buffer(Arc::new(Inner {
+            addr,
+            len,
+            dtype,
+            owner,
+            _alloc: alloc,
+        }))
     }
 
     /// Address of element 0 in the owning executor's address space.
@@ -130,7 +140,11 @@ impl Buffer {
     }
     /// The whole buffer as a slice.
     pub fn all(&self) -> BufSlice {
-        BufSlice { buf: self.clone(), offset: 0, len: self.len() }
+        BufSlice {
+            buf: self.clone(),
+            offset: 0,
+            len: self.len(),
+        }
     }
     /// Elements `range` as a slice; out-of-range bounds are an error.
     pub fn slice(&self, range: impl RangeBounds<usize>) -> Result<BufSlice> {
@@ -151,13 +165,21 @@ impl Buffer {
                 size: self.len(),
             });
         }
-        Ok(BufSlice { buf: self.clone(), offset: start, len: end - start })
+        Ok(BufSlice {
+            buf: self.clone(),
+            offset: start,
+            len: end - start,
+        })
     }
     /// Checks that `offset..offset + len` lies inside the buffer.
     pub fn check_range(&self, offset: usize, len: usize) -> Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.len() => Ok(()),
-            _ => Err(Error::OutOfBounds { offset, len, size: self.len() }),
+            _ => Err(Error::OutOfBounds {
+                offset,
+                len,
+                size: self.len(),
+            }),
         }
     }
 }
@@ -198,10 +220,16 @@ impl BufSlice {
     /// A sub-slice, relative to this slice.
     pub fn sub(&self, offset: usize, len: usize) -> Result<BufSlice> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.len => {
-                Ok(BufSlice { buf: self.buf.clone(), offset: self.offset + offset, len })
-            }
-            _ => Err(Error::OutOfBounds { offset, len, size: self.len }),
+            Some(end) if end <= self.len => Ok(BufSlice {
+                buf: self.buf.clone(),
+                offset: self.offset + offset,
+                len,
+            }),
+            _ => Err(Error::OutOfBounds {
+                offset,
+                len,
+                size: self.len,
+            }),
         }
     }
 }

@@ -123,7 +123,9 @@ pub enum ProgramError {
         event: String,
     },
     /// A wait count differs from the number of tasks that signal the event.
-    #[error("task {task} waits for {need} signals of event '{event}', but {producers} tasks signal it")]
+    #[error(
+        "task {task} waits for {need} signals of event '{event}', but {producers} tasks signal it"
+    )]
     InconsistentCount {
         /// Waiting task.
         task: u32,

@@ -72,7 +72,11 @@ pub trait Executor: Send + Sync {
 pub(crate) fn check_bytes(buf: &Buffer, offset: usize, len: usize) -> Result<()> {
     match offset.checked_add(len) {
         Some(end) if end <= buf.bytes() => Ok(()),
-        _ => Err(Error::OutOfBounds { offset, len, size: buf.bytes() }),
+        _ => Err(Error::OutOfBounds {
+            offset,
+            len,
+            size: buf.bytes(),
+        }),
     }
 }
 
@@ -97,7 +101,10 @@ pub trait ExecutorExt: Executor {
     /// Writes `u32` values into a `u32` buffer.
     fn write_u32(&self, dst: &Buffer, vals: &[u32]) -> Result<()> {
         if dst.dtype() != DType::U32 {
-            return Err(Error::InvalidArgument(format!("write_u32 into a {} buffer", dst.dtype())));
+            return Err(Error::InvalidArgument(format!(
+                "write_u32 into a {} buffer",
+                dst.dtype()
+            )));
         }
         dst.check_range(0, vals.len())?;
         self.write_bytes(dst, 0, bytemuck::cast_slice(vals))
@@ -105,7 +112,10 @@ pub trait ExecutorExt: Executor {
     /// Reads a `u32` buffer.
     fn read_u32(&self, src: &Buffer) -> Result<Vec<u32>> {
         if src.dtype() != DType::U32 {
-            return Err(Error::InvalidArgument(format!("read_u32 of a {} buffer", src.dtype())));
+            return Err(Error::InvalidArgument(format!(
+                "read_u32 of a {} buffer",
+                src.dtype()
+            )));
         }
         let mut v = vec![0u32; src.len()];
         self.read_bytes(src, 0, bytemuck::cast_slice_mut(&mut v))?;
@@ -128,16 +138,30 @@ pub fn encode_f32(dtype: DType, vals: &[f32]) -> Result<Vec<u8>> {
             let v: Vec<bf16> = vals.iter().map(|&x| bf16::from_f32(x)).collect();
             bytemuck::cast_slice(&v).to_vec()
         }
-        DType::U32 => return Err(Error::InvalidArgument("float values for a u32 buffer".into())),
+        DType::U32 => {
+            return Err(Error::InvalidArgument(
+                "float values for a u32 buffer".into(),
+            ))
+        }
     })
 }
 
 /// Decodes `dtype` bytes as floats.
 pub fn decode_f32(dtype: DType, bytes: &[u8]) -> Result<Vec<f32>> {
     Ok(match dtype {
-        DType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect(),
-        DType::Bf16 => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        DType::U32 => return Err(Error::InvalidArgument("reading a u32 buffer as floats".into())),
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect(),
+        DType::Bf16 => bytes
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        DType::U32 => {
+            return Err(Error::InvalidArgument(
+                "reading a u32 buffer as floats".into(),
+            ))
+        }
     })
 }
 

@@ -65,7 +65,10 @@ pub mod prelude {
 pub fn default_executor_with_reason() -> (Box<dyn exec::Executor>, Option<Error>) {
     match cuda::Runtime::new(0) {
         Ok(rt) => (Box::new(rt), None),
-        Err(e) => (Box::new(cpu::CpuExecutor::new(cpu::CpuOptions::default())), Some(e)),
+        Err(e) => (
+            Box::new(cpu::CpuExecutor::new(cpu::CpuOptions::default())),
+            Some(e),
+        ),
     }
 }
 

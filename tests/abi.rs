@@ -35,10 +35,20 @@ fn cuda_layouts() -> BTreeMap<(String, String), usize> {
             } else {
                 continue;
             };
-            let parts: Vec<&str> = body.trim_end_matches(");").split(',').map(str::trim).collect();
-            let (name, field, value) =
-                if is_size { (parts[0], "", parts[1]) } else { (parts[0], parts[1], parts[2]) };
-            m.insert((name.to_string(), field.to_string()), value.parse().unwrap());
+            let parts: Vec<&str> = body
+                .trim_end_matches(");")
+                .split(',')
+                .map(str::trim)
+                .collect();
+            let (name, field, value) = if is_size {
+                (parts[0], "", parts[1])
+            } else {
+                (parts[0], parts[1], parts[2])
+            };
+            m.insert(
+                (name.to_string(), field.to_string()),
+                value.parse().unwrap(),
+            );
         }
     }
     m
@@ -51,9 +61,17 @@ fn layouts_match_the_cuda_headers() {
     rust.extend(registry::layouts());
     let mut checked = 0;
     for (name, size, fields) in rust {
-        assert_eq!(cuda.get(&(name.to_string(), String::new())), Some(&size), "size of {name}");
+        assert_eq!(
+            cuda.get(&(name.to_string(), String::new())),
+            Some(&size),
+            "size of {name}"
+        );
         for (f, off) in fields {
-            assert_eq!(cuda.get(&(name.to_string(), f.to_string())), Some(&off), "offset of {name}.{f}");
+            assert_eq!(
+                cuda.get(&(name.to_string(), f.to_string())),
+                Some(&off),
+                "offset of {name}.{f}"
+            );
             checked += 1;
         }
     }
@@ -64,7 +82,10 @@ fn layouts_match_the_cuda_headers() {
         .map(|l| l.0.to_string())
         .collect();
     for (name, _) in cuda.keys() {
-        assert!(rust_names.contains(name), "{name} is pinned in CUDA but has no Rust layout");
+        assert!(
+            rust_names.contains(name),
+            "{name} is pinned in CUDA but has no Rust layout"
+        );
     }
     assert!(checked > 50);
 }
@@ -77,7 +98,13 @@ fn constants_match_the_cuda_header() {
             .lines()
             .find(|l| l.starts_with("constexpr") && l.contains(&format!(" {name} =")))
             .unwrap_or_else(|| panic!("{name} missing from abi.cuh"));
-        let v = line.split('=').nth(1).unwrap().trim().trim_end_matches(';').trim_end_matches('u');
+        let v = line
+            .split('=')
+            .nth(1)
+            .unwrap()
+            .trim()
+            .trim_end_matches(';')
+            .trim_end_matches('u');
         match v.strip_prefix("0x") {
             Some(h) => u64::from_str_radix(h, 16).unwrap(),
             None => v.parse().unwrap(),
@@ -100,7 +127,10 @@ fn constants_match_the_cuda_header() {
         ("WAIT_ITERATION", u64::from(abi::wait_site::ITERATION)),
         ("WAIT_OUTPUT_SPACE", u64::from(abi::wait_site::OUTPUT_SPACE)),
         ("WAIT_OUTPUT_ORDER", u64::from(abi::wait_site::OUTPUT_ORDER)),
-        ("DTYPE_BF16", u64::from(megakernel::buffer::DType::Bf16.code())),
+        (
+            "DTYPE_BF16",
+            u64::from(megakernel::buffer::DType::Bf16.code()),
+        ),
     ];
     for (name, want) in pairs {
         assert_eq!(value(name), want, "{name}");
@@ -117,22 +147,38 @@ fn registry_is_consistent_with_the_kernels() {
     assert!(!ops.contains(&0), "opcode 0 is reserved");
     for (op, name) in all {
         let path = format!("kernels/tasks/{name}.cuh");
-        let text = fs::read_to_string(&path).unwrap_or_else(|_| panic!("{path} missing for opcode {op}"));
-        assert!(text.contains(&format!("void task_{name}(const Ctx&")), "{path} lacks task_{name}");
-        assert!(Path::new(&format!("src/task/{name}.rs")).exists(), "src/task/{name}.rs missing");
+        let text =
+            fs::read_to_string(&path).unwrap_or_else(|_| panic!("{path} missing for opcode {op}"));
+        assert!(
+            text.contains(&format!("void task_{name}(const Ctx&")),
+            "{path} lacks task_{name}"
+        );
+        assert!(
+            Path::new(&format!("src/task/{name}.rs")).exists(),
+            "src/task/{name}.rs missing"
+        );
         assert_eq!(registry::kind_name(op), Some(name));
     }
 }
 
 #[test]
 fn committed_ptx_is_loadable_by_driver_580() {
-    for (file, target) in [("ptx/megakernel.compute_80.ptx", "sm_80"), ("ptx/megakernel.sm_90a.ptx", "sm_90a")] {
+    for (file, target) in [
+        ("ptx/megakernel.compute_80.ptx", "sm_80"),
+        ("ptx/megakernel.sm_90a.ptx", "sm_90a"),
+    ] {
         let text = fs::read_to_string(file).unwrap();
         assert!(text.contains(&format!(".target {target}")), "{file} target");
         // PTX ISA 9.0 is what CUDA 13.0 drivers accept; 9.1+ is rejected.
         assert!(text.contains(".version 9.0"), "{file} must be PTX ISA 9.0");
-        assert!(text.contains(".entry mk_resident("), "{file} lacks the resident kernel");
+        assert!(
+            text.contains(".entry mk_resident("),
+            "{file} lacks the resident kernel"
+        );
         assert!(!text.contains(".file"), "{file} records source paths");
     }
-    assert_eq!(megakernel::cuda::ptx::PTX_SM_90A, fs::read_to_string("ptx/megakernel.sm_90a.ptx").unwrap());
+    assert_eq!(
+        megakernel::cuda::ptx::PTX_SM_90A,
+        fs::read_to_string("ptx/megakernel.sm_90a.ptx").unwrap()
+    );
 }

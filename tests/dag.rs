@@ -38,7 +38,9 @@ impl Dag {
                 i += size;
             }
             for t in n..n + width {
-                let g = (first_group..groups.len()).find(|&g| groups[g].0 <= t && t < groups[g].1).unwrap();
+                let g = (first_group..groups.len())
+                    .find(|&g| groups[g].0 <= t && t < groups[g].1)
+                    .unwrap();
                 group.push(g);
                 if l == 0 {
                     inputs.push(None);
@@ -53,7 +55,13 @@ impl Dag {
             }
             n += width;
         }
-        Dag { n, inputs, group, groups, waits }
+        Dag {
+            n,
+            inputs,
+            group,
+            groups,
+            waits,
+        }
     }
 
     fn reference(&self, input: &[f32]) -> Vec<f64> {
@@ -70,7 +78,9 @@ impl Dag {
     /// The program; `drop_wait` removes one (task, wait index) edge.
     fn program(&self, input: &Buffer, out: &Buffer, drop_wait: Option<(usize, usize)>) -> Program {
         let mut b = ProgramBuilder::new();
-        let events: Vec<EventId> = (0..self.groups.len()).map(|g| b.event(&format!("group {g}"))).collect();
+        let events: Vec<EventId> = (0..self.groups.len())
+            .map(|g| b.event(&format!("group {g}")))
+            .collect();
         for t in 0..self.n {
             let dst = out.slice(t..t + 1).unwrap();
             let spec = match self.inputs[t] {
@@ -98,7 +108,9 @@ fn run_dag(ex: &dyn Executor, dag: &Dag, rng: &mut Rng, drop_wait: Option<(usize
     ex.run(&p, 1, &[]).unwrap();
     let got = ex.read_f32(&out).unwrap();
     let want = dag.reference(&iv);
-    got.iter().zip(&want).all(|(&g, &w)| (f64::from(g) - w).abs() <= 1e-5 * w.abs().max(1.0))
+    got.iter()
+        .zip(&want)
+        .all(|(&g, &w)| (f64::from(g) - w).abs() <= 1e-5 * w.abs().max(1.0))
 }
 
 proptest! {
@@ -114,13 +126,25 @@ proptest! {
 
 #[test]
 fn random_dags_match_sequential_on_gpu() {
-    let Some((_g, rt)) = gpu("random_dags_match_sequential_on_gpu", RuntimeOptions::default()) else { return };
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let Some((_g, rt)) = gpu(
+        "random_dags_match_sequential_on_gpu",
+        RuntimeOptions::default(),
+    ) else {
+        return;
+    };
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
     eprintln!("seed {seed}");
     let mut rng = Rng(seed);
     for case in 0..40 {
         // Widths up to twice the SM count, so several tasks share each SM's list.
-        let width = if case % 2 == 0 { 12 } else { 2 * rt.num_workers() };
+        let width = if case % 2 == 0 {
+            12
+        } else {
+            2 * rt.num_workers()
+        };
         let dag = Dag::random(&mut rng, 8, width);
         assert!(run_dag(&rt, &dag, &mut rng, None), "case {case} wrong");
     }
@@ -136,11 +160,20 @@ fn removing_one_edge_breaks_some_seed() {
             break d;
         }
     };
-    let (t, k) = (0..dag.n).rev().find_map(|t| (!dag.waits[t].is_empty()).then_some((t, 0))).unwrap();
+    let (t, k) = (0..dag.n)
+        .rev()
+        .find_map(|t| (!dag.waits[t].is_empty()).then_some((t, 0)))
+        .unwrap();
     let mut broken = 0;
     for seed in 0..64 {
-        let ex = CpuExecutor::new(CpuOptions { threads: 1 + (seed % 3) as usize, seed });
-        assert!(run_dag(&ex, &dag, &mut rng, None), "the complete program must always be right");
+        let ex = CpuExecutor::new(CpuOptions {
+            threads: 1 + (seed % 3) as usize,
+            seed,
+        });
+        assert!(
+            run_dag(&ex, &dag, &mut rng, None),
+            "the complete program must always be right"
+        );
         if !run_dag(&ex, &dag, &mut rng, Some((t, k))) {
             broken += 1;
         }

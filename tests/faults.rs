@@ -21,7 +21,14 @@ fn hang_program(ex: &dyn Executor) -> Program {
 
 fn check_hang(e: Error) {
     match e {
-        Error::DeviceHang { task, task_kind, counter, seen, needed, .. } => {
+        Error::DeviceHang {
+            task,
+            task_kind,
+            counter,
+            seen,
+            needed,
+            ..
+        } => {
             assert_eq!(task, 1);
             assert_eq!(task_kind, "nop");
             assert!(counter.contains("never signalled"), "{counter}");
@@ -47,15 +54,23 @@ fn unmet_dependency_is_a_hang_on_cpu() {
 #[test]
 fn unmet_dependency_is_a_hang_on_gpu_within_its_timeout() {
     let timeout = Duration::from_millis(300);
-    let opts = RuntimeOptions { wait_timeout: timeout, host_timeout: Duration::from_secs(20) };
-    let Some((_g, rt)) = gpu("unmet_dependency_is_a_hang_on_gpu", opts.clone()) else { return };
+    let opts = RuntimeOptions {
+        wait_timeout: timeout,
+        host_timeout: Duration::from_secs(20),
+    };
+    let Some((_g, rt)) = gpu("unmet_dependency_is_a_hang_on_gpu", opts.clone()) else {
+        return;
+    };
     let p = rt.load(&hang_program(&rt)).unwrap();
     let start = Instant::now();
     let t = rt.submit(&p, 1, &[]).unwrap();
     let err = rt.wait(&t, Duration::from_secs(20)).unwrap_err();
     let took = start.elapsed();
     check_hang(err.clone());
-    assert!(took >= timeout && took < timeout + Duration::from_secs(2), "hang reported after {took:?}");
+    assert!(
+        took >= timeout && took < timeout + Duration::from_secs(2),
+        "hang reported after {took:?}"
+    );
     // Later calls keep reporting the error; a new runtime works.
     assert!(rt.submit(&p, 1, &[]).is_err());
     drop(rt);
@@ -77,7 +92,9 @@ fn bad_opcode_names_the_task() {
         b.push(TaskSpec::raw_opcode(999)).wait(e);
         let p = ex.load(&b.build().unwrap()).unwrap();
         match ex.run(&p, 1, &[]).unwrap_err() {
-            Error::DeviceFault { what, task, value, .. } => {
+            Error::DeviceFault {
+                what, task, value, ..
+            } => {
                 assert_eq!((what, task, value), ("bad opcode", 1, 999));
             }
             e => panic!("expected a fault, got {e}"),
@@ -92,12 +109,24 @@ fn out_of_range_row_is_a_fault() {
         let dst = ex.alloc(DType::F32, 10).unwrap();
         let mut b = ProgramBuilder::new();
         b.push(Nop::task());
-        b.push(Copy::row(&dst.all(), &src.all(), 10, 0).unwrap()).param(2, 0);
+        b.push(Copy::row(&dst.all(), &src.all(), 10, 0).unwrap())
+            .param(2, 0);
         let p = ex.load(&b.build().unwrap()).unwrap();
         ex.run(&p, 1, &[3]).unwrap();
         match ex.run(&p, 1, &[4]).unwrap_err() {
-            Error::DeviceFault { what, task, task_kind, value, bound, command, .. } => {
-                assert_eq!((what, task, task_kind, value, bound), ("index out of range", 1, "copy", 4, 4));
+            Error::DeviceFault {
+                what,
+                task,
+                task_kind,
+                value,
+                bound,
+                command,
+                ..
+            } => {
+                assert_eq!(
+                    (what, task, task_kind, value, bound),
+                    ("index out of range", 1, "copy", 4, 4)
+                );
                 assert_eq!(command, 2);
             }
             e => panic!("expected a fault, got {e}"),
@@ -107,8 +136,13 @@ fn out_of_range_row_is_a_fault() {
 
 #[test]
 fn host_wait_times_out() {
-    let opts = RuntimeOptions { wait_timeout: Duration::from_secs(3), host_timeout: Duration::from_secs(20) };
-    let Some((_g, rt)) = gpu("host_wait_times_out", opts) else { return };
+    let opts = RuntimeOptions {
+        wait_timeout: Duration::from_secs(3),
+        host_timeout: Duration::from_secs(20),
+    };
+    let Some((_g, rt)) = gpu("host_wait_times_out", opts) else {
+        return;
+    };
     let mut b = ProgramBuilder::new();
     let never = b.external_event("never");
     b.push(Nop::task()).wait_count(never, 1);
@@ -119,5 +153,8 @@ fn host_wait_times_out() {
         r => panic!("expected a host timeout, got {r:?}"),
     }
     // The device then reports the hang itself.
-    assert!(matches!(rt.wait(&t, Duration::from_secs(10)), Err(Error::DeviceHang { .. })));
+    assert!(matches!(
+        rt.wait(&t, Duration::from_secs(10)),
+        Err(Error::DeviceHang { .. })
+    ));
 }

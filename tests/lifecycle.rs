@@ -8,7 +8,9 @@ use megakernel::task::fill::Fill;
 
 #[test]
 fn hundred_runtimes_do_not_leak() {
-    let Some((_g, rt)) = gpu("hundred_runtimes_do_not_leak", RuntimeOptions::default()) else { return };
+    let Some((_g, rt)) = gpu("hundred_runtimes_do_not_leak", RuntimeOptions::default()) else {
+        return;
+    };
     drop(rt);
     let (free_before, _) = megakernel::cuda::memory_info(0).unwrap();
     for i in 0..100u32 {
@@ -16,17 +18,24 @@ fn hundred_runtimes_do_not_leak() {
         let buf = rt.alloc(DType::F32, 1 << 20).unwrap();
         let mut b = ProgramBuilder::new();
         b.push(Fill::task(&buf.all(), i as f32).unwrap());
-        rt.run(&rt.load(&b.build().unwrap()).unwrap(), 2, &[]).unwrap();
+        rt.run(&rt.load(&b.build().unwrap()).unwrap(), 2, &[])
+            .unwrap();
         assert_eq!(rt.read_f32(&buf).unwrap()[12345], i as f32);
     }
     let (free_after, _) = megakernel::cuda::memory_info(0).unwrap();
     let lost = free_before.saturating_sub(free_after);
-    assert!(lost < 32 << 20, "lost {lost} bytes of device memory over 100 runtimes");
+    assert!(
+        lost < 32 << 20,
+        "lost {lost} bytes of device memory over 100 runtimes"
+    );
 }
 
 #[test]
 fn second_runtime_on_a_busy_device_is_an_error() {
-    let Some((_g, rt)) = gpu("second_runtime_on_a_busy_device_is_an_error", RuntimeOptions::default()) else {
+    let Some((_g, rt)) = gpu(
+        "second_runtime_on_a_busy_device_is_an_error",
+        RuntimeOptions::default(),
+    ) else {
         return;
     };
     assert!(matches!(Runtime::new(0), Err(Error::Residency(_))));
@@ -42,7 +51,10 @@ fn missing_device_is_a_typed_error() {
         Ok(_) => panic!("device 4096 exists?"),
     }
     if !gpu_required() && megakernel::cuda::device_count() == 0 {
-        assert!(matches!(Runtime::new(0), Err(Error::NoDriver) | Err(Error::NoDevice { .. })));
+        assert!(matches!(
+            Runtime::new(0),
+            Err(Error::NoDriver) | Err(Error::NoDevice { .. })
+        ));
     }
 }
 
@@ -51,10 +63,16 @@ fn buffers_and_programs_stay_with_their_executor() {
     let a = CpuExecutor::new(CpuOptions::default());
     let b = CpuExecutor::new(CpuOptions::default());
     let buf = a.alloc(DType::F32, 4).unwrap();
-    assert!(matches!(b.write_f32(&buf, &[1.0; 4]), Err(Error::Foreign(_))));
+    assert!(matches!(
+        b.write_f32(&buf, &[1.0; 4]),
+        Err(Error::Foreign(_))
+    ));
     let mut pb = ProgramBuilder::new();
     pb.push(Fill::task(&buf.all(), 1.0).unwrap());
     let p = pb.build().unwrap();
     assert!(matches!(b.load(&p), Err(Error::Foreign(_))));
-    assert!(matches!(a.write_f32(&buf, &[1.0; 5]), Err(Error::OutOfBounds { .. })));
+    assert!(matches!(
+        a.write_f32(&buf, &[1.0; 5]),
+        Err(Error::OutOfBounds { .. })
+    ));
 }

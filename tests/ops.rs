@@ -8,7 +8,9 @@ use megakernel::program::ops;
 use megakernel::task::{copy::Copy, emit::Emit, gemv_bf16::GemvShape};
 
 fn seed() -> u64 {
-    let s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+    let s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
     eprintln!("seed {s}");
     s
 }
@@ -24,15 +26,21 @@ fn fill_every_dtype() {
             let mut b = ProgramBuilder::new();
             let value = rng.f32();
             ops::fill(&mut b, &buf.all(), value, ex.num_workers()).unwrap();
-            ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[]).unwrap();
+            ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[])
+                .unwrap();
             let want = bf16_round(&[value])[0];
             let got = ex.read_f32(&buf).unwrap();
-            assert!(got.iter().all(|&v| if dtype == DType::F32 { v == value } else { v == want }));
+            assert!(got.iter().all(|&v| if dtype == DType::F32 {
+                v == value
+            } else {
+                v == want
+            }));
         }
         let buf = ex.alloc(DType::U32, 777).unwrap();
         let mut b = ProgramBuilder::new();
         b.push(task::fill::Fill::u32(&buf.all(), 0xDEAD_BEEF).unwrap());
-        ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[]).unwrap();
+        ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[])
+            .unwrap();
         assert!(ex.read_u32(&buf).unwrap().iter().all(|&v| v == 0xDEAD_BEEF));
     });
 }
@@ -47,7 +55,8 @@ fn copy_row_chosen_by_parameter() {
         ex.write_f32(&src, &data).unwrap();
         let dst = ex.alloc(DType::F32, n).unwrap();
         let mut b = ProgramBuilder::new();
-        b.push(Copy::row(&dst.all(), &src.all(), n, 0).unwrap()).param(2, 3);
+        b.push(Copy::row(&dst.all(), &src.all(), n, 0).unwrap())
+            .param(2, 3);
         let p = ex.load(&b.build().unwrap()).unwrap();
         for _ in 0..4 {
             let r = rng.below(rows);
@@ -63,7 +72,10 @@ fn axpy_with_parameter_alpha() {
     let mut rng = Rng(seed());
     on_every_executor("axpy_with_parameter_alpha", |ex| {
         let n = 10_000 + rng.below(10_000);
-        let (x, y) = (ex.alloc(DType::Bf16, n).unwrap(), ex.alloc(DType::F32, n).unwrap());
+        let (x, y) = (
+            ex.alloc(DType::Bf16, n).unwrap(),
+            ex.alloc(DType::F32, n).unwrap(),
+        );
         let (xv, yv) = (bf16_round(&rng.vec(n)), rng.vec(n));
         ex.write_f32(&x, &xv).unwrap();
         ex.write_f32(&y, &yv).unwrap();
@@ -73,8 +85,17 @@ fn axpy_with_parameter_alpha() {
             b.task(t).param(2, 0);
         }
         let alpha = rng.f32();
-        ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[u64::from(alpha.to_bits())]).unwrap();
-        let want: Vec<f64> = xv.iter().zip(&yv).map(|(&a, &b)| f64::from(alpha) * f64::from(a) + f64::from(b)).collect();
+        ex.run(
+            &ex.load(&b.build().unwrap()).unwrap(),
+            1,
+            &[u64::from(alpha.to_bits())],
+        )
+        .unwrap();
+        let want: Vec<f64> = xv
+            .iter()
+            .zip(&yv)
+            .map(|(&a, &b)| f64::from(alpha) * f64::from(a) + f64::from(b))
+            .collect();
         assert!(rel_l2(&ex.read_f32(&y).unwrap(), &want) < 1e-6);
     });
 }
@@ -91,15 +112,33 @@ fn reduction_across_workers() {
         let scratch = ex.alloc(DType::F32, ex.num_workers()).unwrap();
         ex.write_f32(&out, &[f32::NAN]).unwrap();
         let mut b = ProgramBuilder::new();
-        ops::reduce_sum(&mut b, &x.all(), &out.all(), &scratch.all(), ex.num_workers()).unwrap();
-        ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[]).unwrap();
+        ops::reduce_sum(
+            &mut b,
+            &x.all(),
+            &out.all(),
+            &scratch.all(),
+            ex.num_workers(),
+        )
+        .unwrap();
+        ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[])
+            .unwrap();
         let want: f64 = xv.iter().map(|&v| f64::from(v)).sum();
         let got = f64::from(ex.read_f32(&out).unwrap()[0]);
-        assert!((got - want).abs() <= 1e-5 * xv.iter().map(|v| f64::from(v.abs())).sum::<f64>(), "{got} vs {want}");
+        assert!(
+            (got - want).abs() <= 1e-5 * xv.iter().map(|v| f64::from(v.abs())).sum::<f64>(),
+            "{got} vs {want}"
+        );
     });
 }
 
-fn gemv_case(ex: &dyn Executor, rng: &mut Rng, shape: GemvShape, x_dtype: DType, y_dtype: DType, accumulate: bool) {
+fn gemv_case(
+    ex: &dyn Executor,
+    rng: &mut Rng,
+    shape: GemvShape,
+    x_dtype: DType,
+    y_dtype: DType,
+    accumulate: bool,
+) {
     let GemvShape { rows, cols, m } = shape;
     let w = ex.alloc(DType::Bf16, rows * cols).unwrap();
     let x = ex.alloc(x_dtype, m * cols).unwrap();
@@ -118,19 +157,39 @@ fn gemv_case(ex: &dyn Executor, rng: &mut Rng, shape: GemvShape, x_dtype: DType,
     ex.write_f32(&y, &y0).unwrap();
     let mut b = ProgramBuilder::new();
     let parts = 1 + rng.below(2 * ex.num_workers());
-    ops::gemv(&mut b, &w.all(), &x.all(), &y.all(), shape, parts, accumulate).unwrap();
-    ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[]).unwrap();
+    ops::gemv(
+        &mut b,
+        &w.all(),
+        &x.all(),
+        &y.all(),
+        shape,
+        parts,
+        accumulate,
+    )
+    .unwrap();
+    ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[])
+        .unwrap();
     let mut want = vec![0f64; m * rows];
     for i in 0..m {
         for r in 0..rows {
-            let dot: f64 =
-                (0..cols).map(|c| f64::from(wv[r * cols + c]) * f64::from(xv[i * cols + c])).sum();
-            want[i * rows + r] = dot + if accumulate { f64::from(y0[i * rows + r]) } else { 0.0 };
+            let dot: f64 = (0..cols)
+                .map(|c| f64::from(wv[r * cols + c]) * f64::from(xv[i * cols + c]))
+                .sum();
+            want[i * rows + r] = dot
+                + if accumulate {
+                    f64::from(y0[i * rows + r])
+                } else {
+                    0.0
+                };
         }
     }
     let err = rel_l2(&ex.read_f32(&y).unwrap(), &want);
     let tol = if y_dtype == DType::F32 { 1e-5 } else { 8e-3 };
-    assert!(err < tol, "{} {shape:?} x {x_dtype} y {y_dtype} acc {accumulate}: rel err {err}", ex.describe());
+    assert!(
+        err < tol,
+        "{} {shape:?} x {x_dtype} y {y_dtype} acc {accumulate}: rel err {err}",
+        ex.describe()
+    );
 }
 
 #[test]
@@ -141,10 +200,22 @@ fn gemv_random_shapes() {
             let shape = GemvShape {
                 rows: 1 + rng.below(700),
                 cols: 8 * (1 + rng.below(160)),
-                m: if case < 4 { case + 1 } else { 1 + rng.below(16) },
+                m: if case < 4 {
+                    case + 1
+                } else {
+                    1 + rng.below(16)
+                },
             };
-            let xd = if rng.below(2) == 0 { DType::F32 } else { DType::Bf16 };
-            let yd = if rng.below(2) == 0 { DType::F32 } else { DType::Bf16 };
+            let xd = if rng.below(2) == 0 {
+                DType::F32
+            } else {
+                DType::Bf16
+            };
+            let yd = if rng.below(2) == 0 {
+                DType::F32
+            } else {
+                DType::Bf16
+            };
             let acc = rng.below(2) == 0;
             gemv_case(ex, &mut rng, shape, xd, yd, acc);
         }
@@ -158,14 +229,22 @@ fn emit_streams_values_in_order() {
         let table: Vec<u32> = (0..64).map(|_| rng.next_u64() as u32).collect();
         let src = ex.alloc(DType::U32, table.len()).unwrap();
         ex.write_u32(&src, &table).unwrap();
-        let (a, bb) = (ex.alloc(DType::U32, 1).unwrap(), ex.alloc(DType::U32, 3).unwrap());
+        let (a, bb) = (
+            ex.alloc(DType::U32, 1).unwrap(),
+            ex.alloc(DType::U32, 3).unwrap(),
+        );
         let mut b = ProgramBuilder::new();
         let e1 = b.event("picked");
         let e2 = b.event("first emitted");
         let e3 = b.event("second picked");
-        b.push(Copy::row(&a.all(), &src.all(), 1, 0).unwrap()).param(2, 0).signal(e1);
+        b.push(Copy::row(&a.all(), &src.all(), 1, 0).unwrap())
+            .param(2, 0)
+            .signal(e1);
         b.push(Emit::task(&a.all()).unwrap()).wait(e1).signal(e2);
-        b.push(Copy::row(&bb.all(), &src.all(), 3, 0).unwrap()).param(2, 1).wait(e2).signal(e3);
+        b.push(Copy::row(&bb.all(), &src.all(), 3, 0).unwrap())
+            .param(2, 1)
+            .wait(e2)
+            .signal(e3);
         b.push(Emit::task(&bb.all()).unwrap()).wait(e3);
         let p = ex.load(&b.build().unwrap()).unwrap();
         let mut out = Vec::new();

@@ -51,15 +51,29 @@ impl MemTable {
             }
         };
         slots[id] = Some(words);
-        ((id as u64) << OFFSET_BITS, CpuAlloc { table: self.clone(), id })
+        (
+            (id as u64) << OFFSET_BITS,
+            CpuAlloc {
+                table: self.clone(),
+                id,
+            },
+        )
     }
 
     /// The words behind `addr`, the byte offset, checked for `len` bytes.
-    fn resolve(&self, addr: u64, len: usize, align: usize) -> Result<(Arc<[AtomicU32]>, usize), TaskFault> {
+    fn resolve(
+        &self,
+        addr: u64,
+        len: usize,
+        align: usize,
+    ) -> Result<(Arc<[AtomicU32]>, usize), TaskFault> {
         let id = (addr >> OFFSET_BITS) as usize;
         let off = (addr & ((1 << OFFSET_BITS) - 1)) as usize;
         let slots = self.slots.read().map_err(|_| TaskFault::BadAddress(addr))?;
-        let words = slots.get(id).and_then(|s| s.clone()).ok_or(TaskFault::BadAddress(addr))?;
+        let words = slots
+            .get(id)
+            .and_then(|s| s.clone())
+            .ok_or(TaskFault::BadAddress(addr))?;
         if off % align != 0 || off + len > words.len() * 4 {
             return Err(TaskFault::BadAddress(addr));
         }
@@ -81,7 +95,10 @@ impl MemTable {
         while i < src.len() {
             let p = off + i;
             if p % 4 == 0 && i + 4 <= src.len() {
-                w[p / 4].store(u32::from_le_bytes(src[i..i + 4].try_into().unwrap()), Relaxed);
+                w[p / 4].store(
+                    u32::from_le_bytes(src[i..i + 4].try_into().unwrap()),
+                    Relaxed,
+                );
                 i += 4;
             } else {
                 let shift = 8 * (p % 4);
@@ -105,7 +122,9 @@ impl Memory for CpuMemory<'_> {
     fn read_f32(&self, addr: u64, dtype: DType, n: usize) -> Result<Vec<f32>, TaskFault> {
         let (w, off) = self.table.resolve(addr, n * dtype.size(), dtype.size())?;
         Ok(match dtype {
-            DType::F32 => (0..n).map(|i| f32::from_bits(w[off / 4 + i].load(Relaxed))).collect(),
+            DType::F32 => (0..n)
+                .map(|i| f32::from_bits(w[off / 4 + i].load(Relaxed)))
+                .collect(),
             DType::Bf16 => (0..n)
                 .map(|i| {
                     let p = off / 2 + i;
@@ -118,9 +137,14 @@ impl Memory for CpuMemory<'_> {
     }
 
     fn write_f32(&self, addr: u64, dtype: DType, vals: &[f32]) -> Result<(), TaskFault> {
-        let (w, off) = self.table.resolve(addr, vals.len() * dtype.size(), dtype.size())?;
+        let (w, off) = self
+            .table
+            .resolve(addr, vals.len() * dtype.size(), dtype.size())?;
         match dtype {
-            DType::F32 => vals.iter().enumerate().for_each(|(i, v)| w[off / 4 + i].store(v.to_bits(), Relaxed)),
+            DType::F32 => vals
+                .iter()
+                .enumerate()
+                .for_each(|(i, v)| w[off / 4 + i].store(v.to_bits(), Relaxed)),
             DType::Bf16 => vals.iter().enumerate().for_each(|(i, v)| {
                 let p = off / 2 + i;
                 let shift = 16 * (p % 2);
@@ -140,11 +164,16 @@ impl Memory for CpuMemory<'_> {
 
     fn write_u32(&self, addr: u64, vals: &[u32]) -> Result<(), TaskFault> {
         let (w, off) = self.table.resolve(addr, vals.len() * 4, 4)?;
-        vals.iter().enumerate().for_each(|(i, v)| w[off / 4 + i].store(*v, Relaxed));
+        vals.iter()
+            .enumerate()
+            .for_each(|(i, v)| w[off / 4 + i].store(*v, Relaxed));
         Ok(())
     }
 
     fn emit(&self, vals: &[u64]) {
-        self.outputs.lock().expect("output ring poisoned").extend_from_slice(vals);
+        self.outputs
+            .lock()
+            .expect("output ring poisoned")
+            .extend_from_slice(vals);
     }
 }

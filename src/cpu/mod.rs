@@ -17,7 +17,9 @@ use std::time::Duration;
 use crate::abi::{TaskDesc, COMMAND_PARAMS, NO_EVENT};
 use crate::buffer::{Buffer, DType};
 use crate::error::{Error, Result};
-use crate::exec::{check_bytes, check_owner, next_executor_id, pack_params, Executor, LoadedProgram, Ticket};
+use crate::exec::{
+    check_bytes, check_owner, next_executor_id, pack_params, Executor, LoadedProgram, Ticket,
+};
 use crate::program::Program;
 use crate::task::{kind_name, run_cpu, TaskFault};
 use memory::{CpuMemory, MemTable};
@@ -33,8 +35,13 @@ pub struct CpuOptions {
 
 impl Default for CpuOptions {
     fn default() -> Self {
-        let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8);
-        CpuOptions { threads, seed: 0x6d65_6761 }
+        let threads = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .clamp(2, 8);
+        CpuOptions {
+            threads,
+            seed: 0x6d65_6761,
+        }
     }
 }
 
@@ -86,7 +93,10 @@ struct Sched {
 impl CpuExecutor {
     /// A new executor.
     pub fn new(opts: CpuOptions) -> Self {
-        let opts = CpuOptions { threads: opts.threads.max(1), ..opts };
+        let opts = CpuOptions {
+            threads: opts.threads.max(1),
+            ..opts
+        };
         CpuExecutor {
             id: next_executor_id(),
             opts,
@@ -114,7 +124,9 @@ impl CpuExecutor {
         let mut ready = Vec::new();
         for (i, d) in prog.descs.iter().enumerate() {
             for k in 0..d.wait.len() {
-                if d.wait[k] != NO_EVENT && counters[d.wait[k] as usize] < u64::from(d.wait_need[k]) * epoch {
+                if d.wait[k] != NO_EVENT
+                    && counters[d.wait[k] as usize] < u64::from(d.wait_need[k]) * epoch
+                {
                     pending[i] += 1;
                 }
             }
@@ -132,16 +144,30 @@ impl CpuExecutor {
         });
         let counters = Mutex::new(counters);
         let cv = Condvar::new();
-        let mem = CpuMemory { table: &self.mem, outputs: &self.outputs };
+        let mem = CpuMemory {
+            table: &self.mem,
+            outputs: &self.outputs,
+        };
         std::thread::scope(|s| {
             for worker in 0..self.opts.threads {
                 let (sched, counters, cv, mem) = (&sched, &counters, &cv, &mem);
                 s.spawn(move || {
-                    self.worker(worker as u32, prog, program, epoch, params, sched, counters, cv, mem)
+                    self.worker(
+                        worker as u32,
+                        prog,
+                        program,
+                        epoch,
+                        params,
+                        sched,
+                        counters,
+                        cv,
+                        mem,
+                    )
                 });
             }
         });
-        *prog.counters.lock().expect("counters poisoned") = counters.into_inner().expect("counters poisoned");
+        *prog.counters.lock().expect("counters poisoned") =
+            counters.into_inner().expect("counters poisoned");
         match sched.into_inner().expect("scheduler poisoned").error {
             Some(e) => Err(e),
             None => Ok(()),
@@ -210,7 +236,14 @@ impl CpuExecutor {
     }
 }
 
-fn hang_error(prog: &CpuProgram, program: &Program, pending: &[u32], counters: &[u64], epoch: u64, worker: u32) -> Error {
+fn hang_error(
+    prog: &CpuProgram,
+    program: &Program,
+    pending: &[u32],
+    counters: &[u64],
+    epoch: u64,
+    worker: u32,
+) -> Error {
     for (i, d) in prog.descs.iter().enumerate() {
         if pending[i] == 0 {
             continue;
@@ -257,7 +290,10 @@ impl Executor for CpuExecutor {
         self.id
     }
     fn describe(&self) -> String {
-        format!("CPU executor ({} threads, f32 reference ops)", self.opts.threads)
+        format!(
+            "CPU executor ({} threads, f32 reference ops)",
+            self.opts.threads
+        )
     }
     fn num_workers(&self) -> usize {
         self.opts.threads
@@ -269,9 +305,17 @@ impl Executor for CpuExecutor {
         let bytes = len
             .checked_mul(dtype.size())
             .filter(|&b| b < 1 << 40)
-            .ok_or_else(|| Error::InvalidArgument(format!("buffer of {len} {dtype} is too large")))?;
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("buffer of {len} {dtype} is too large"))
+            })?;
         let (addr, alloc) = self.mem.alloc(bytes);
-        Ok(Buffer::from_parts(addr, len, dtype, self.id, Box::new(alloc)))
+        Ok(Buffer::from_parts(
+            addr,
+            len,
+            dtype,
+            self.id,
+            Box::new(alloc),
+        ))
     }
     fn write_bytes(&self, dst: &Buffer, offset: usize, src: &[u8]) -> Result<()> {
         if dst.owner() != self.id {
@@ -307,14 +351,21 @@ impl Executor for CpuExecutor {
             counters: Mutex::new(vec![0; program.num_events()]),
             epoch: AtomicU64::new(0),
         };
-        Ok(LoadedProgram { owner: self.id, program: Arc::new(program.clone()), inner: Box::new(inner) })
+        Ok(LoadedProgram {
+            owner: self.id,
+            program: Arc::new(program.clone()),
+            inner: Box::new(inner),
+        })
     }
     fn submit(&self, program: &LoadedProgram, iterations: u32, params: &[u64]) -> Result<Ticket> {
         if program.owner != self.id {
             return Err(Error::Foreign("program"));
         }
         let params = pack_params(params)?;
-        let prog = program.inner.downcast_ref::<CpuProgram>().ok_or(Error::Foreign("program"))?;
+        let prog = program
+            .inner
+            .downcast_ref::<CpuProgram>()
+            .ok_or(Error::Foreign("program"))?;
         let mut st = self.state.lock().expect("executor state poisoned");
         if let Some(e) = &st.failed {
             return Err(e.clone());
@@ -322,9 +373,14 @@ impl Executor for CpuExecutor {
         st.commands += 1;
         for _ in 0..iterations {
             let epoch = prog.epoch.fetch_add(1, Ordering::Relaxed) + 1;
-            let seed = self.opts.seed.wrapping_add(st.iterations.wrapping_mul(0x2545_F491_4F6C_DD1D));
+            let seed = self
+                .opts
+                .seed
+                .wrapping_add(st.iterations.wrapping_mul(0x2545_F491_4F6C_DD1D));
             if let Err(mut e) = self.run_iteration(prog, &program.program, epoch, &params, seed) {
-                if let Error::DeviceHang { command, .. } | Error::DeviceFault { command, .. } = &mut e {
+                if let Error::DeviceHang { command, .. } | Error::DeviceFault { command, .. } =
+                    &mut e
+                {
                     *command = st.commands;
                 }
                 st.failed = Some(e);
@@ -332,7 +388,10 @@ impl Executor for CpuExecutor {
             }
             st.iterations += 1;
         }
-        Ok(Ticket { owner: self.id, end: st.iterations.max(1) })
+        Ok(Ticket {
+            owner: self.id,
+            end: st.iterations.max(1),
+        })
     }
     fn wait(&self, ticket: &Ticket, _timeout: Duration) -> Result<()> {
         self.is_done(ticket).map(|_| ())

@@ -84,12 +84,18 @@ impl DevMem {
         stream.context().bind_to_thread()?;
         // SAFETY: valid stream of the current context.
         let ptr = unsafe { result::malloc_async(stream.cu_stream(), bytes) }?;
-        let mem = DevMem { ptr, bytes, stream: stream.clone() };
+        let mem = DevMem {
+            ptr,
+            bytes,
+            stream: stream.clone(),
+        };
         let mut off = 0;
         while off < bytes {
             let n = CHUNK.min(bytes - off);
             // SAFETY: `ptr + off .. + n` lies in the allocation; ZEROS is static.
-            unsafe { result::memcpy_htod_async(ptr + off as u64, &ZEROS[..n], stream.cu_stream()) }?;
+            unsafe {
+                result::memcpy_htod_async(ptr + off as u64, &ZEROS[..n], stream.cu_stream())
+            }?;
             off += n;
         }
         sync(stream)?;
@@ -179,7 +185,10 @@ pub(crate) fn sync(stream: &CudaStream) -> Result<(), Error> {
     let start = Instant::now();
     while !stream_done(stream)? {
         if start.elapsed() > LIMIT {
-            return Err(Error::HostTimeout { waited: start.elapsed(), what: "a device copy".into() });
+            return Err(Error::HostTimeout {
+                waited: start.elapsed(),
+                what: "a device copy".into(),
+            });
         }
         std::thread::yield_now();
     }

@@ -26,7 +26,9 @@ use crate::abi::{
 };
 use crate::buffer::{Buffer, DType};
 use crate::error::{Error, Result};
-use crate::exec::{check_bytes, check_owner, next_executor_id, pack_params, Executor, LoadedProgram, Ticket};
+use crate::exec::{
+    check_bytes, check_owner, next_executor_id, pack_params, Executor, LoadedProgram, Ticket,
+};
 use crate::program::Program;
 use crate::task::kind_name;
 use driver::{DevMem, MappedHost};
@@ -42,7 +44,10 @@ pub struct RuntimeOptions {
 
 impl Default for RuntimeOptions {
     fn default() -> Self {
-        RuntimeOptions { wait_timeout: Duration::from_secs(5), host_timeout: Duration::from_secs(60) }
+        RuntimeOptions {
+            wait_timeout: Duration::from_secs(5),
+            host_timeout: Duration::from_secs(60),
+        }
     }
 }
 
@@ -60,7 +65,10 @@ fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
     if ordinal >= count {
         return Err(Error::NoDevice { ordinal, count });
     }
-    let mut all = CTX.get_or_init(Mutex::default).lock().expect("context cache poisoned");
+    let mut all = CTX
+        .get_or_init(Mutex::default)
+        .lock()
+        .expect("context cache poisoned");
     if all.len() <= ordinal {
         all.resize(ordinal + 1, None);
     }
@@ -156,7 +164,9 @@ impl Runtime {
         {
             let mut busy = BUSY.lock().expect("device registry poisoned");
             if !busy.get_or_insert_with(HashSet::new).insert(ordinal) {
-                return Err(Error::Residency(format!("device {ordinal} already runs a resident kernel in this process")));
+                return Err(Error::Residency(format!(
+                    "device {ordinal} already runs a resident kernel in this process"
+                )));
             }
         }
         Self::start(ordinal, opts, ctx, name, major, minor).inspect_err(|_| release_device(ordinal))
@@ -173,14 +183,20 @@ impl Runtime {
         let (arch, ptx) = ptx::select(major, minor);
         let module = ctx.load_module(Ptx::from_src(ptx))?;
         let func = module.load_function("mk_resident")?;
-        let num_sms = ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
-        let optin = ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+        let num_sms =
+            ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
+        let optin = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
         let shared_bytes = (optin - func.shared_size_bytes()?).max(0) as u32;
         func.set_attribute(
             CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             shared_bytes as i32,
         )?;
-        let per_sm = func.occupancy_max_active_blocks_per_multiprocessor(BLOCK_THREADS, shared_bytes as usize, None)?;
+        let per_sm = func.occupancy_max_active_blocks_per_multiprocessor(
+            BLOCK_THREADS,
+            shared_bytes as usize,
+            None,
+        )?;
         if per_sm < 1 {
             return Err(Error::Residency(format!(
                 "no block of {BLOCK_THREADS} threads with {shared_bytes} bytes of shared memory fits an SM \
@@ -192,7 +208,8 @@ impl Runtime {
         let copy_stream = ctx.new_stream()?;
         let mapped = MappedHost::new(MAPPED_BYTES)?;
         let state_bytes = std::mem::size_of::<DeviceState>().next_multiple_of(256);
-        let device_state = DevMem::zeroed(&copy_stream, state_bytes + COMMAND_RING_CAP as usize * 128)?;
+        let device_state =
+            DevMem::zeroed(&copy_stream, state_bytes + COMMAND_RING_CAP as usize * 128)?;
         let params = KernelParams {
             host_commands: mapped.dev_ptr(0),
             dev_commands: device_state.ptr() + state_bytes as u64,
@@ -201,7 +218,14 @@ impl Runtime {
             output: mapped.dev_ptr(OUTPUT_OFF),
             wait_timeout_ns: opts.wait_timeout.as_nanos().min(u128::from(u64::MAX)) as u64,
         };
-        driver::launch_resident(&func, &kernel_stream, num_sms, BLOCK_THREADS, shared_bytes, &params)?;
+        driver::launch_resident(
+            &func,
+            &kernel_stream,
+            num_sms,
+            BLOCK_THREADS,
+            shared_bytes,
+            &params,
+        )?;
         Ok(Runtime {
             id: next_executor_id(),
             ordinal,
@@ -246,7 +270,9 @@ impl Runtime {
     }
 
     fn status(&self) -> &MappedHost {
-        self.mapped.as_ref().expect("mapped memory lives until drop")
+        self.mapped
+            .as_ref()
+            .expect("mapped memory lives until drop")
     }
     fn status_u64(&self, field: usize) -> &AtomicU64 {
         // SAFETY: `field` is the offset of a u64 of the StatusBlock inside the
@@ -267,7 +293,9 @@ impl Runtime {
         for (i, b) in bytes.iter_mut().enumerate() {
             // SAFETY: inside the mapping; the device finished writing the record
             // before its release store of `kind`, which we acquired.
-            *b = unsafe { std::ptr::read_volatile(self.status().host_ptr(STATUS_OFF + kind_off + i)) };
+            *b = unsafe {
+                std::ptr::read_volatile(self.status().host_ptr(STATUS_OFF + kind_off + i))
+            };
         }
         Some(rec)
     }
@@ -275,11 +303,18 @@ impl Runtime {
     /// Turns the device's error record into an [`Error`].
     fn device_error(&self, st: &HostState, rec: crate::abi::ErrorRecord) -> Error {
         let task_kind = kind_name(rec.opcode as u16).unwrap_or("unknown");
-        let program = st.outstanding.iter().find(|o| o.seq == rec.command).map(|o| &o.program.program);
+        let program = st
+            .outstanding
+            .iter()
+            .find(|o| o.seq == rec.command)
+            .map(|o| &o.program.program);
         match rec.kind {
             fault::HANG => {
                 let counter = match rec.event {
-                    wait_site::ITERATION => "the iteration barrier (every worker done with the previous iteration)".into(),
+                    wait_site::ITERATION => {
+                        "the iteration barrier (every worker done with the previous iteration)"
+                            .into()
+                    }
                     wait_site::OUTPUT_SPACE => "space in the output ring (host not reading)".into(),
                     wait_site::OUTPUT_ORDER => "output ring ordering".into(),
                     ev => match program.and_then(|p| p.event_name(ev)) {
@@ -287,7 +322,11 @@ impl Runtime {
                         None => format!("event {ev}"),
                     },
                 };
-                let task_kind = if rec.event == wait_site::ITERATION { "iteration start" } else { task_kind };
+                let task_kind = if rec.event == wait_site::ITERATION {
+                    "iteration start"
+                } else {
+                    task_kind
+                };
                 Error::DeviceHang {
                     sm: rec.sm,
                     task: rec.task,
@@ -327,7 +366,10 @@ impl Runtime {
             st.failed = Some(e.clone());
             return Err(e);
         }
-        if self.status_u32(std::mem::offset_of!(StatusBlock, exited)).load(Ordering::Acquire) != 0
+        if self
+            .status_u32(std::mem::offset_of!(StatusBlock, exited))
+            .load(Ordering::Acquire)
+            != 0
             || (query && driver::stream_done(&self.kernel_stream)?)
         {
             let e = Error::Stopped("the resident kernel exited".into());
@@ -338,11 +380,17 @@ impl Runtime {
     }
 
     fn iterations_done(&self) -> u64 {
-        self.status_u64(std::mem::offset_of!(StatusBlock, iterations_done)).load(Ordering::Acquire)
+        self.status_u64(std::mem::offset_of!(StatusBlock, iterations_done))
+            .load(Ordering::Acquire)
     }
 
     /// Spins, then yields, then sleeps until `done()` or the timeout.
-    fn poll_until(&self, timeout: Duration, what: &str, mut done: impl FnMut() -> Result<bool>) -> Result<()> {
+    fn poll_until(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut done: impl FnMut() -> Result<bool>,
+    ) -> Result<()> {
         let start = Instant::now();
         let mut polls = 0u32;
         loop {
@@ -351,7 +399,10 @@ impl Runtime {
             }
             let waited = start.elapsed();
             if waited > timeout {
-                return Err(Error::HostTimeout { waited, what: what.into() });
+                return Err(Error::HostTimeout {
+                    waited,
+                    what: what.into(),
+                });
             }
             polls += 1;
             if polls < 20_000 {
@@ -400,7 +451,8 @@ impl Runtime {
         // SAFETY: slot `slot` of the command ring; the device has finished with
         // it (the command that used it before has completed).
         unsafe { std::ptr::write_volatile(dst, cmd) };
-        self.status_u64(std::mem::offset_of!(StatusBlock, cmd_head)).store(st.seq, Ordering::Release);
+        self.status_u64(std::mem::offset_of!(StatusBlock, cmd_head))
+            .store(st.seq, Ordering::Release);
         Ok(st.seq)
     }
 
@@ -410,16 +462,26 @@ impl Runtime {
         if !st.running {
             return Ok(());
         }
-        let ask = self.write_command(&mut st, Command { kind: CMD_SHUTDOWN, ..Command::default_zeroed() });
+        let ask = self.write_command(
+            &mut st,
+            Command {
+                kind: CMD_SHUTDOWN,
+                ..Command::default_zeroed()
+            },
+        );
         if ask.is_err() {
-            self.status_u32(std::mem::offset_of!(StatusBlock, abort)).store(1, Ordering::Release);
+            self.status_u32(std::mem::offset_of!(StatusBlock, abort))
+                .store(1, Ordering::Release);
         }
         let wait = self.opts.wait_timeout + Duration::from_secs(10);
-        let exited = self.poll_until(wait, "the resident kernel to exit", || Ok(driver::stream_done(&self.kernel_stream)?));
+        let exited = self.poll_until(wait, "the resident kernel to exit", || {
+            Ok(driver::stream_done(&self.kernel_stream)?)
+        });
         let exited = match exited {
             Ok(()) => Ok(()),
             Err(_) => {
-                self.status_u32(std::mem::offset_of!(StatusBlock, abort)).store(1, Ordering::Release);
+                self.status_u32(std::mem::offset_of!(StatusBlock, abort))
+                    .store(1, Ordering::Release);
                 self.poll_until(wait, "the resident kernel to exit after abort", || {
                     Ok(driver::stream_done(&self.kernel_stream)?)
                 })
@@ -463,7 +525,10 @@ impl Executor for Runtime {
         self.id
     }
     fn describe(&self) -> String {
-        format!("{} (device {}, {} SMs, {} PTX)", self.name, self.ordinal, self.num_sms, self.arch)
+        format!(
+            "{} (device {}, {} SMs, {} PTX)",
+            self.name, self.ordinal, self.num_sms, self.arch
+        )
     }
     fn num_workers(&self) -> usize {
         self.num_sms as usize
@@ -472,19 +537,31 @@ impl Executor for Runtime {
         true
     }
     fn alloc(&self, dtype: DType, len: usize) -> Result<Buffer> {
-        let bytes = len
-            .checked_mul(dtype.size())
-            .ok_or_else(|| Error::InvalidArgument(format!("buffer of {len} {dtype} is too large")))?;
+        let bytes = len.checked_mul(dtype.size()).ok_or_else(|| {
+            Error::InvalidArgument(format!("buffer of {len} {dtype} is too large"))
+        })?;
         let mem = DevMem::zeroed(&self.copy_stream, bytes)?;
-        Ok(Buffer::from_parts(mem.ptr(), len, dtype, self.id, Box::new(mem)))
+        Ok(Buffer::from_parts(
+            mem.ptr(),
+            len,
+            dtype,
+            self.id,
+            Box::new(mem),
+        ))
     }
     fn write_bytes(&self, dst: &Buffer, offset: usize, src: &[u8]) -> Result<()> {
-        let mem = dst.alloc_ref().downcast_ref::<DevMem>().filter(|_| dst.owner() == self.id);
+        let mem = dst
+            .alloc_ref()
+            .downcast_ref::<DevMem>()
+            .filter(|_| dst.owner() == self.id);
         check_bytes(dst, offset, src.len())?;
         mem.ok_or(Error::Foreign("buffer"))?.write(offset, src)
     }
     fn read_bytes(&self, src: &Buffer, offset: usize, dst: &mut [u8]) -> Result<()> {
-        let mem = src.alloc_ref().downcast_ref::<DevMem>().filter(|_| src.owner() == self.id);
+        let mem = src
+            .alloc_ref()
+            .downcast_ref::<DevMem>()
+            .filter(|_| src.owner() == self.id);
         check_bytes(src, offset, dst.len())?;
         mem.ok_or(Error::Foreign("buffer"))?.read(offset, dst)
     }
@@ -511,7 +588,11 @@ impl Executor for Runtime {
             worker_offsets: base,
             events: base + offsets_bytes as u64,
         });
-        Ok(LoadedProgram { owner: self.id, program, inner: Box::new(inner) })
+        Ok(LoadedProgram {
+            owner: self.id,
+            program,
+            inner: Box::new(inner),
+        })
     }
     fn submit(&self, program: &LoadedProgram, iterations: u32, params: &[u64]) -> Result<Ticket> {
         let gp = program
@@ -541,11 +622,19 @@ impl Executor for Runtime {
             params,
         };
         let seq = self.write_command(&mut st, cmd)?;
-        gp.epoch.store(epoch + u64::from(iterations), Ordering::Relaxed);
+        gp.epoch
+            .store(epoch + u64::from(iterations), Ordering::Relaxed);
         st.iterations += u64::from(iterations);
         let end = st.iterations;
-        st.outstanding.push_back(Outstanding { seq, end, program: gp.clone() });
-        Ok(Ticket { owner: self.id, end })
+        st.outstanding.push_back(Outstanding {
+            seq,
+            end,
+            program: gp.clone(),
+        });
+        Ok(Ticket {
+            owner: self.id,
+            end,
+        })
     }
     fn wait(&self, ticket: &Ticket, timeout: Duration) -> Result<()> {
         let what = format!("iteration {} to complete", ticket.end);
@@ -560,16 +649,21 @@ impl Executor for Runtime {
     }
     fn poll_outputs(&self, out: &mut Vec<u64>) -> Result<usize> {
         let mut st = self.state.lock().expect("runtime state poisoned");
-        let published = self.status_u64(std::mem::offset_of!(StatusBlock, out_published)).load(Ordering::Acquire);
+        let published = self
+            .status_u64(std::mem::offset_of!(StatusBlock, out_published))
+            .load(Ordering::Acquire);
         let n = published - st.consumed;
         for i in st.consumed..published {
             let slot = (i % u64::from(OUTPUT_RING_CAP)) as usize;
             // SAFETY: slot inside the output ring; published by the device
             // (release) before `out_published`, which we acquired.
-            out.push(unsafe { std::ptr::read_volatile(self.status().host_ptr(OUTPUT_OFF + slot * 8) as *const u64) });
+            out.push(unsafe {
+                std::ptr::read_volatile(self.status().host_ptr(OUTPUT_OFF + slot * 8) as *const u64)
+            });
         }
         st.consumed = published;
-        self.status_u64(std::mem::offset_of!(StatusBlock, out_consumed)).store(published, Ordering::Release);
+        self.status_u64(std::mem::offset_of!(StatusBlock, out_consumed))
+            .store(published, Ordering::Release);
         Ok(n as usize)
     }
     fn default_timeout(&self) -> Duration {

@@ -1,7 +1,8 @@
 //! The resident kernel's PTX, embedded at build time, and the choice per GPU.
 
 /// Portable PTX (`compute_80`): the driver JIT-compiles it for any sm_80+ GPU.
-pub const PTX_COMPUTE_80: &str = include_str!(concat!(env!("OUT_DIR"), "/megakernel.compute_80.ptx"));
+pub const PTX_COMPUTE_80: &str =
+    include_str!(concat!(env!("OUT_DIR"), "/megakernel.compute_80.ptx"));
 /// Hopper PTX (`sm_90a`), for compute capability 9.0.
 pub const PTX_SM_90A: &str = include_str!(concat!(env!("OUT_DIR"), "/megakernel.sm_90a.ptx"));
 

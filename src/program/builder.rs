@@ -94,14 +94,22 @@ impl ProgramBuilder {
 
     /// Declares an event signalled by tasks of this program.
     pub fn event(&mut self, name: &str) -> EventId {
-        self.events.push(EventInfo { name: name.into(), external: false, producers: 0 });
+        self.events.push(EventInfo {
+            name: name.into(),
+            external: false,
+            producers: 0,
+        });
         EventId(self.events.len() as u32 - 1)
     }
 
     /// Declares an event signalled from outside the program (waits on it must
     /// give their count with [`TaskHandle::wait_count`]).
     pub fn external_event(&mut self, name: &str) -> EventId {
-        self.events.push(EventInfo { name: name.into(), external: true, producers: 0 });
+        self.events.push(EventInfo {
+            name: name.into(),
+            external: true,
+            producers: 0,
+        });
         EventId(self.events.len() as u32 - 1)
     }
 
@@ -147,10 +155,20 @@ impl ProgramBuilder {
             return Err(ProgramError::Empty.into());
         }
         let ne = self.events.len() as u32;
-        let check = |ev: EventId| if ev.0 < ne { Ok(()) } else { Err(ProgramError::UnknownEvent(ev.0)) };
+        let check = |ev: EventId| {
+            if ev.0 < ne {
+                Ok(())
+            } else {
+                Err(ProgramError::UnknownEvent(ev.0))
+            }
+        };
         for (i, t) in self.tasks.iter().enumerate() {
             if t.waits.len() > TASK_WAITS {
-                let e = ProgramError::TooManyWaits { task: i as u32, waits: t.waits.len(), max: TASK_WAITS };
+                let e = ProgramError::TooManyWaits {
+                    task: i as u32,
+                    waits: t.waits.len(),
+                    max: TASK_WAITS,
+                };
                 return Err(e.into());
             }
             if t.signals.len() > 1 {
@@ -183,12 +201,21 @@ impl ProgramBuilder {
                     match count {
                         Some(c) if c > 0 => c,
                         _ => {
-                            let reason = format!("wait on external event '{}' needs a count", info.name);
-                            return Err(ProgramError::BadArgs { kind: t.spec.kind, reason }.into());
+                            let reason =
+                                format!("wait on external event '{}' needs a count", info.name);
+                            return Err(ProgramError::BadArgs {
+                                kind: t.spec.kind,
+                                reason,
+                            }
+                            .into());
                         }
                     }
                 } else if info.producers == 0 {
-                    return Err(ProgramError::Unproduced { task: i as u32, event: info.name.clone() }.into());
+                    return Err(ProgramError::Unproduced {
+                        task: i as u32,
+                        event: info.name.clone(),
+                    }
+                    .into());
                 } else {
                     match count {
                         Some(c) if c != info.producers => {
@@ -213,7 +240,10 @@ impl ProgramBuilder {
             descs.push(d);
         }
         let owner = {
-            let mut owners = self.tasks.iter().flat_map(|t| t.spec.buffers.iter().map(Buffer::owner));
+            let mut owners = self
+                .tasks
+                .iter()
+                .flat_map(|t| t.spec.buffers.iter().map(Buffer::owner));
             let first = owners.next();
             if let Some(o) = first {
                 if owners.any(|x| x != o) {
@@ -232,12 +262,23 @@ impl ProgramBuilder {
             }
         }
         let workers = self.tasks.iter().map(|t| t.worker).collect();
-        Ok(Program { descs, events: self.events, topo, workers, buffers, owner })
+        Ok(Program {
+            descs,
+            events: self.events,
+            topo,
+            workers,
+            buffers,
+            owner,
+        })
     }
 }
 
 /// Kahn's algorithm over producer → consumer edges; the order prefers lower ids.
-fn topological_order(tasks: &[TaskNode], events: &[EventInfo], descs: &[TaskDesc]) -> Result<Vec<u32>> {
+fn topological_order(
+    tasks: &[TaskNode],
+    events: &[EventInfo],
+    descs: &[TaskDesc],
+) -> Result<Vec<u32>> {
     let n = tasks.len();
     let mut producers_of: Vec<Vec<u32>> = vec![Vec::new(); events.len()];
     for (i, t) in tasks.iter().enumerate() {
@@ -257,8 +298,10 @@ fn topological_order(tasks: &[TaskNode], events: &[EventInfo], descs: &[TaskDesc
             }
         }
     }
-    let mut ready: std::collections::BinaryHeap<std::cmp::Reverse<u32>> =
-        (0..n as u32).filter(|&i| indeg[i as usize] == 0).map(std::cmp::Reverse).collect();
+    let mut ready: std::collections::BinaryHeap<std::cmp::Reverse<u32>> = (0..n as u32)
+        .filter(|&i| indeg[i as usize] == 0)
+        .map(std::cmp::Reverse)
+        .collect();
     let mut order = Vec::with_capacity(n);
     while let Some(std::cmp::Reverse(t)) = ready.pop() {
         order.push(t);
@@ -275,9 +318,17 @@ fn topological_order(tasks: &[TaskNode], events: &[EventInfo], descs: &[TaskDesc
         let mut t = (0..n).find(|&i| indeg[i] > 0).unwrap_or(0);
         while !seen[t] {
             seen[t] = true;
-            t = preds[t].iter().map(|&p| p as usize).find(|&p| indeg[p] > 0).unwrap_or(t);
+            t = preds[t]
+                .iter()
+                .map(|&p| p as usize)
+                .find(|&p| indeg[p] > 0)
+                .unwrap_or(t);
         }
-        return Err(ProgramError::Cycle { task: t as u32, kind: tasks[t].spec.kind }.into());
+        return Err(ProgramError::Cycle {
+            task: t as u32,
+            kind: tasks[t].spec.kind,
+        }
+        .into());
     }
     Ok(order)
 }

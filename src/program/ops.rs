@@ -67,7 +67,13 @@ pub fn fill(b: &mut ProgramBuilder, dst: &BufSlice, value: f32, parts: usize) ->
 }
 
 /// `y = alpha * x + y`, split over `parts` tasks.
-pub fn axpy(b: &mut ProgramBuilder, y: &BufSlice, x: &BufSlice, alpha: f32, parts: usize) -> Result<Group> {
+pub fn axpy(
+    b: &mut ProgramBuilder,
+    y: &BufSlice,
+    x: &BufSlice,
+    alpha: f32,
+    parts: usize,
+) -> Result<Group> {
     let mut specs = Vec::new();
     for (s, n) in split_even(y.len(), parts) {
         specs.push(Axpy::task(&y.sub(s, n)?, &x.sub(s, n)?, alpha)?);

@@ -36,7 +36,11 @@ impl Axpy {
         want_float::<Axpy>("x", x)?;
         want_float::<Axpy>("y", y)?;
         if x.len() != y.len() {
-            return Err(bad::<Axpy>(format!("x has {} elements, y {}", x.len(), y.len())));
+            return Err(bad::<Axpy>(format!(
+                "x has {} elements, y {}",
+                x.len(),
+                y.len()
+            )));
         }
         let n = u32::try_from(y.len()).map_err(|_| bad::<Axpy>("more than 2^32 elements"))?;
         let args = AxpyArgs {
@@ -69,6 +73,14 @@ impl TaskKind for Axpy {
         mem.write_f32(a.y, yd, &y)
     }
     fn layout() -> Layout {
-        layout!(AxpyArgs { y, x, alpha, n, x_dtype, y_dtype, reserved })
+        layout!(AxpyArgs {
+            y,
+            x,
+            alpha,
+            n,
+            x_dtype,
+            y_dtype,
+            reserved
+        })
     }
 }

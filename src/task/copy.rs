@@ -38,7 +38,12 @@ impl Copy {
     }
 
     /// `dst[..n] = src[row * n..(row + 1) * n]`; `src` holds `src.len() / n` rows.
-    pub fn row(dst: &BufSlice, src: &BufSlice, n: usize, row: u32) -> Result<TaskSpec, ProgramError> {
+    pub fn row(
+        dst: &BufSlice,
+        src: &BufSlice,
+        n: usize,
+        row: u32,
+    ) -> Result<TaskSpec, ProgramError> {
         if n == 0 {
             return Err(bad::<Copy>("empty row"));
         }
@@ -71,7 +76,10 @@ impl TaskKind for Copy {
     const PARAM_SLOTS: u16 = 1 << 2;
     fn cpu(a: &CopyArgs, mem: &dyn Memory) -> Result<(), TaskFault> {
         if a.row >= u64::from(a.src_rows) {
-            return Err(TaskFault::OutOfRange { index: a.row, bound: u64::from(a.src_rows) });
+            return Err(TaskFault::OutOfRange {
+                index: a.row,
+                bound: u64::from(a.src_rows),
+            });
         }
         let dd = DType::from_code(a.dst_dtype).ok_or(TaskFault::BadArgs("copy dtype"))?;
         let sd = DType::from_code(a.src_dtype).ok_or(TaskFault::BadArgs("copy dtype"))?;
@@ -86,6 +94,14 @@ impl TaskKind for Copy {
         }
     }
     fn layout() -> Layout {
-        layout!(CopyArgs { dst, src, row, n, src_rows, dst_dtype, src_dtype })
+        layout!(CopyArgs {
+            dst,
+            src,
+            row,
+            n,
+            src_rows,
+            dst_dtype,
+            src_dtype
+        })
     }
 }

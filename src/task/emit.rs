@@ -33,9 +33,16 @@ impl Emit {
             return Err(bad::<Emit>("source must be u32"));
         }
         if src.is_empty() || src.len() > MAX_EMIT {
-            return Err(bad::<Emit>(format!("emits 1..={MAX_EMIT} values, not {}", src.len())));
+            return Err(bad::<Emit>(format!(
+                "emits 1..={MAX_EMIT} values, not {}",
+                src.len()
+            )));
         }
-        let args = EmitArgs { src: src.addr(), n: src.len() as u32, reserved: 0 };
+        let args = EmitArgs {
+            src: src.addr(),
+            n: src.len() as u32,
+            reserved: 0,
+        };
         Ok(TaskSpec::new::<Emit>(args, &[src]))
     }
 }

@@ -28,7 +28,9 @@ impl Fill {
     /// `dst[..] = value` (rounded to the destination type).
     pub fn task(dst: &BufSlice, value: f32) -> Result<TaskSpec, ProgramError> {
         if !dst.dtype().is_float() {
-            return Err(bad::<Fill>("float value for an integer buffer; use Fill::u32"));
+            return Err(bad::<Fill>(
+                "float value for an integer buffer; use Fill::u32",
+            ));
         }
         Self::bits(dst, u64::from(value.to_bits()))
     }
@@ -43,7 +45,12 @@ impl Fill {
 
     fn bits(dst: &BufSlice, value: u64) -> Result<TaskSpec, ProgramError> {
         let n = u32::try_from(dst.len()).map_err(|_| bad::<Fill>("more than 2^32 elements"))?;
-        let args = FillArgs { dst: dst.addr(), n, dtype: dst.dtype().code(), value };
+        let args = FillArgs {
+            dst: dst.addr(),
+            n,
+            dtype: dst.dtype().code(),
+            value,
+        };
         Ok(TaskSpec::new::<Fill>(args, &[dst]))
     }
 }
@@ -62,6 +69,11 @@ impl TaskKind for Fill {
         }
     }
     fn layout() -> Layout {
-        layout!(FillArgs { dst, n, dtype, value })
+        layout!(FillArgs {
+            dst,
+            n,
+            dtype,
+            value
+        })
     }
 }

@@ -71,7 +71,11 @@ impl GemvBf16 {
         rows: usize,
         accumulate: bool,
     ) -> Result<TaskSpec, ProgramError> {
-        let GemvShape { rows: total, cols, m } = shape;
+        let GemvShape {
+            rows: total,
+            cols,
+            m,
+        } = shape;
         if w.dtype() != DType::Bf16 {
             return Err(bad::<GemvBf16>("matrix must be bf16"));
         }
@@ -81,14 +85,22 @@ impl GemvBf16 {
             return Err(bad::<GemvBf16>(format!("m = {m}; supported 1..={MAX_M}")));
         }
         if cols == 0 || cols % 8 != 0 {
-            return Err(bad::<GemvBf16>(format!("cols = {cols}; must be a positive multiple of 8")));
+            return Err(bad::<GemvBf16>(format!(
+                "cols = {cols}; must be a positive multiple of 8"
+            )));
         }
         if rows == 0 || row0 + rows > total {
-            return Err(bad::<GemvBf16>(format!("rows {row0}..{} of {total}", row0 + rows)));
+            return Err(bad::<GemvBf16>(format!(
+                "rows {row0}..{} of {total}",
+                row0 + rows
+            )));
         }
         let need = |what: &str, s: &BufSlice, n: usize| {
             if s.len() < n {
-                Err(bad::<GemvBf16>(format!("{what} has {} elements, needs {n}", s.len())))
+                Err(bad::<GemvBf16>(format!(
+                    "{what} has {} elements, needs {n}",
+                    s.len()
+                )))
             } else {
                 Ok(())
             }
@@ -149,7 +161,19 @@ impl TaskKind for GemvBf16 {
     }
     fn layout() -> Layout {
         layout!(GemvBf16Args {
-            w, x, y, row0, rows, cols, ldw, m, ldx, ldy, x_dtype, y_dtype, accumulate
+            w,
+            x,
+            y,
+            row0,
+            rows,
+            cols,
+            ldw,
+            m,
+            ldx,
+            ldy,
+            x_dtype,
+            y_dtype,
+            accumulate
         })
     }
 }

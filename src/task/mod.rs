@@ -126,7 +126,10 @@ pub(crate) fn decode_args<A: Pod>(slots: &[u64; TASK_ARG_SLOTS]) -> A {
 
 /// Shorthand for an argument error of kind `K`.
 pub(crate) fn bad<K: TaskKind>(reason: impl Into<String>) -> ProgramError {
-    ProgramError::BadArgs { kind: K::NAME, reason: reason.into() }
+    ProgramError::BadArgs {
+        kind: K::NAME,
+        reason: reason.into(),
+    }
 }
 
 /// Checks that a slice holds floats.
@@ -134,16 +137,26 @@ pub(crate) fn want_float<K: TaskKind>(what: &str, s: &BufSlice) -> Result<(), Pr
     if s.dtype().is_float() {
         Ok(())
     } else {
-        Err(bad::<K>(format!("{what} must be f32 or bf16, not {}", s.dtype())))
+        Err(bad::<K>(format!(
+            "{what} must be f32 or bf16, not {}",
+            s.dtype()
+        )))
     }
 }
 
 /// Checks that a slice has at least `n` elements.
-pub(crate) fn want_len<K: TaskKind>(what: &str, s: &BufSlice, n: usize) -> Result<(), ProgramError> {
+pub(crate) fn want_len<K: TaskKind>(
+    what: &str,
+    s: &BufSlice,
+    n: usize,
+) -> Result<(), ProgramError> {
     if s.len() >= n {
         Ok(())
     } else {
-        Err(bad::<K>(format!("{what} has {} elements, needs {n}", s.len())))
+        Err(bad::<K>(format!(
+            "{what} has {} elements, needs {n}",
+            s.len()
+        )))
     }
 }
 

@@ -62,6 +62,13 @@ impl TaskKind for ReduceSum {
         mem.write_f32(a.out, od, &[s as f32])
     }
     fn layout() -> Layout {
-        layout!(ReduceSumArgs { out, x, n, x_dtype, out_dtype, reserved })
+        layout!(ReduceSumArgs {
+            out,
+            x,
+            n,
+            x_dtype,
+            out_dtype,
+            reserved
+        })
     }
 }

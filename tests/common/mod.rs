@@ -32,7 +32,10 @@ pub fn gpu(test: &str, opts: RuntimeOptions) -> Option<(MutexGuard<'static, ()>,
 /// Runs `body` on CPU executors with a few thread counts and on the GPU.
 pub fn on_every_executor(test: &str, mut body: impl FnMut(&dyn Executor)) {
     for threads in [1, 3] {
-        let cpu = CpuExecutor::new(CpuOptions { threads, seed: 7 + threads as u64 });
+        let cpu = CpuExecutor::new(CpuOptions {
+            threads,
+            seed: 7 + threads as u64,
+        });
         body(&cpu);
     }
     if let Some((_guard, rt)) = gpu(test, RuntimeOptions::default()) {
@@ -65,13 +68,19 @@ impl Rng {
 
 /// Rounds through bf16, as a bf16 buffer stores it.
 pub fn bf16_round(v: &[f32]) -> Vec<f32> {
-    v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()
+    v.iter()
+        .map(|&x| half::bf16::from_f32(x).to_f32())
+        .collect()
 }
 
 /// ‖a − b‖ / ‖b‖.
 pub fn rel_l2(a: &[f32], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(&x, &y)| (f64::from(x) - y).powi(2)).sum();
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(&x, &y)| (f64::from(x) - y).powi(2))
+        .sum();
     let den: f64 = b.iter().map(|y| y * y).sum();
     assert!(a.iter().all(|x| x.is_finite()), "non-finite output");
     (num / den.max(1e-300)).sqrt()
