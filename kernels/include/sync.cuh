@@ -90,16 +90,10 @@ __device__ __forceinline__ bool aborted(const Env* env) {
     return ld_relaxed_gpu_u32(&env->state->abort) != 0u;
 }
 
-__device__ __forceinline__ u64 ld_relaxed_gpu(const u64* p) {
-    u64 v;
-    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-    return v;
-}
-
-// Waits (one thread) until *ctr >= need. One acquire load first (the common,
-// already-satisfied case); then relaxed polling, spinning first and backing off
-// with short sleeps later, closed by an acquire fence. Returns false on abort
-// or timeout (a timeout is reported as a hang of `task` naming `event`).
+// Waits (one thread) until *ctr >= need with acquire loads, spinning first and
+// backing off with short sleeps later. (Relaxed polling closed by an acquire
+// fence measured slower: 1.58 vs 1.28 us per hop on an H100.) Returns false on
+// abort or timeout (a timeout is reported as a hang of `task` naming `event`).
 template <bool SYS>
 __device__ __noinline__ bool wait_at_least(const Env* env, u32 task, u32 opcode, u64 command, const u64* ctr,
                                            u64 need, u32 event) {
@@ -108,12 +102,8 @@ __device__ __noinline__ bool wait_at_least(const Env* env, u32 task, u32 opcode,
     const u64 start = globaltimer();
     for (u32 polls = 0;; ++polls) {
         if (polls >= 4096) __nanosleep(polls >= 16384 ? 512 : 64);
-        v = SYS ? ld_relaxed_sys(ctr) : ld_relaxed_gpu(ctr);
-        if (v >= need) {
-            if (SYS) asm volatile("fence.acq_rel.sys;" ::: "memory");
-            else asm volatile("fence.acq_rel.gpu;" ::: "memory");
-            return true;
-        }
+        v = SYS ? ld_acquire_sys(ctr) : ld_acquire_gpu(ctr);
+        if (v >= need) return true;
         if ((polls & 63) == 63) {
             if (aborted(env)) return false;
             if (globaltimer() - start > env->timeout_ns) {
