@@ -9,49 +9,59 @@
 #include "include/task.cuh"
 #include "mk_dispatch.cuh"
 
-// Thread 0: waits for command `seq` and copies it to `out`. Returns false to stop.
+// Warp 0: waits for command `seq` and copies it to `out`. Returns false (in
+// every lane) to stop. In block 0, lanes 0..15 each poll one 16-byte chunk
+// {word, tag} of the host slot; the command is complete once all sixteen tags
+// equal `seq` (the host writes each word before its tag, and a 16-byte chunk
+// lies in one cache line, so a chunk with the new tag has the new word). Block
+// 0 then relays the command to device memory for the other blocks.
 __device__ __noinline__ bool fetch_command(const Env* env, u64 seq, Command* out) {
+    const u32 lane = threadIdx.x & 31;
     const u32 slot = u32((seq - 1) % COMMAND_RING_CAP);
+    u64* dev = reinterpret_cast<u64*>(&env->dev_commands[slot]);
     if (env->sm == 0) {
-        // Each poll of host memory is a PCIe round trip: poll the head alone,
-        // and look at the host's abort flag only every 64th time.
-        for (u32 polls = 0; ld_acquire_sys(&env->status->cmd_head) < seq; ++polls) {
-            if ((polls & 63) == 63) {
-                if (ld_relaxed_sys_u32(&env->status->abort) != 0u) atomicCAS(&env->state->abort, 0u, 2u);
-                if (aborted(env)) return false;
+        const char* host = reinterpret_cast<const char*>(env->host_commands) + u64(slot) * COMMAND_SLOT_BYTES;
+        u64 word = 0, tag = 0;
+        for (u32 polls = 0;; ++polls) {
+            if (lane < 16) {
+                asm volatile("ld.relaxed.sys.global.v2.u64 {%0, %1}, [%2];"
+                             : "=l"(word), "=l"(tag)
+                             : "l"(host + 16 * lane)
+                             : "memory");
             }
-            __nanosleep(64);
+            if (__all_sync(0xFFFFFFFFu, lane >= 16 || tag == seq)) break;
+            if ((polls & 63) == 63) {
+                bool stop = false;
+                if (lane == 0) {
+                    if (ld_relaxed_sys_u32(&env->status->abort) != 0u) atomicCAS(&env->state->abort, 0u, 2u);
+                    stop = aborted(env);
+                }
+                if (__shfl_sync(0xFFFFFFFFu, stop, 0)) return false;
+            }
+            __nanosleep(32);
         }
-        // One asm block: the eight 16-byte loads from host memory are issued
-        // back to back (each is a PCIe round trip), after the acquire above.
-        const Command* src = &env->host_commands[slot];
-        u64 w[16];
-        asm volatile(
-            "ld.relaxed.sys.global.v2.u64 {%0, %1}, [%16];\n\t"
-            "ld.relaxed.sys.global.v2.u64 {%2, %3}, [%16+16];\n\t"
-            "ld.relaxed.sys.global.v2.u64 {%4, %5}, [%16+32];\n\t"
-            "ld.relaxed.sys.global.v2.u64 {%6, %7}, [%16+48];\n\t"
-            "ld.relaxed.sys.global.v2.u64 {%8, %9}, [%16+64];\n\t"
-            "ld.relaxed.sys.global.v2.u64 {%10, %11}, [%16+80];\n\t"
-            "ld.relaxed.sys.global.v2.u64 {%12, %13}, [%16+96];\n\t"
-            "ld.relaxed.sys.global.v2.u64 {%14, %15}, [%16+112];"
-            : "=l"(w[0]), "=l"(w[1]), "=l"(w[2]), "=l"(w[3]), "=l"(w[4]), "=l"(w[5]), "=l"(w[6]), "=l"(w[7]),
-              "=l"(w[8]), "=l"(w[9]), "=l"(w[10]), "=l"(w[11]), "=l"(w[12]), "=l"(w[13]), "=l"(w[14]), "=l"(w[15])
-            : "l"(src)
-            : "memory");
-        u64* dst = reinterpret_cast<u64*>(&env->dev_commands[slot]);
-#pragma unroll
-        for (int i = 0; i < 16; ++i) dst[i] = w[i];
-        st_release_gpu(&env->state->cmd_head, seq);
+        if (lane < 16) dev[lane] = word;
+        __syncwarp();
+        if (lane == 0) st_release_gpu(&env->state->cmd_head, seq);
+        if (lane < 16) reinterpret_cast<u64*>(out)[lane] = word;
     } else {
-        u32 sleep_ns = 32;
-        while (ld_acquire_gpu(&env->state->cmd_head) < seq) {
-            if (aborted(env)) return false;
-            __nanosleep(sleep_ns);
-            if (sleep_ns < 128) sleep_ns *= 2;
+        bool stop = false;
+        if (lane == 0) {
+            u32 sleep_ns = 32;
+            while (ld_acquire_gpu(&env->state->cmd_head) < seq) {
+                if (aborted(env)) {
+                    stop = true;
+                    break;
+                }
+                __nanosleep(sleep_ns);
+                if (sleep_ns < 128) sleep_ns *= 2;
+            }
         }
+        __syncwarp();  // orders lane 0's acquire before the other lanes' reads
+        if (__shfl_sync(0xFFFFFFFFu, stop, 0)) return false;
+        if (lane < 16) reinterpret_cast<u64*>(out)[lane] = ld_relaxed_gpu64(dev + lane);
     }
-    *out = env->dev_commands[slot];
+    __syncwarp();
     return true;
 }
 
@@ -123,8 +133,9 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const
     for (u64 seq = 1;; ++seq) {
         __syncthreads();  // every thread is done with the previous command
         bool ok = true;
+        if (tid < 32) ok = fetch_command(env, seq, &s_cmd);
         if (tid == 0) {
-            ok = fetch_command(env, seq, &s_cmd) && s_cmd.kind == CMD_RUN;
+            ok = ok && s_cmd.kind == CMD_RUN;
             if (ok) {
                 if (s_cmd.num_workers != env->num_sms) {
                     report_fault(env, NO_EVENT, 0, seq, FAULT_BAD_ARGS, NO_EVENT, s_cmd.num_workers, env->num_sms);

@@ -85,6 +85,12 @@ pub struct Command {
 
 /// Capacity of the command ring (entries).
 pub const COMMAND_RING_CAP: u32 = 64;
+/// Bytes of one host command-ring slot: the 128-byte [`Command`] as sixteen
+/// 16-byte chunks `{word, seq}`. The device reads a whole slot in one batch of
+/// loads and accepts it when every chunk carries the expected sequence number
+/// (the host writes each word before its tag), so a command costs one PCIe
+/// round trip instead of a head poll plus a read.
+pub const COMMAND_SLOT_BYTES: u32 = 256;
 /// Capacity of the output ring (`u64` values).
 pub const OUTPUT_RING_CAP: u32 = 1 << 16;
 
@@ -139,8 +145,8 @@ pub struct ErrorRecord {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct StatusBlock {
-    /// Commands written by the host (ring head).
-    pub cmd_head: u64,
+    /// Reserved, zero.
+    pub reserved0: u64,
     /// Global iterations completed by every worker.
     pub iterations_done: u64,
     /// Values published into the output ring.
@@ -181,7 +187,7 @@ pub struct DeviceState {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct KernelParams {
-    /// Host command ring (`COMMAND_RING_CAP` [`Command`]s, mapped host memory).
+    /// Host command ring (`COMMAND_RING_CAP` tagged slots of `COMMAND_SLOT_BYTES`, mapped host memory).
     pub host_commands: u64,
     /// Device copy of the command ring.
     pub dev_commands: u64,
@@ -247,7 +253,7 @@ pub mod layouts {
                 command
             }),
             layout!(StatusBlock {
-                cmd_head,
+                reserved0,
                 iterations_done,
                 out_published,
                 out_consumed,

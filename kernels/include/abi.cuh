@@ -17,6 +17,7 @@ constexpr u32 BLOCK_THREADS = 1024;
 constexpr u32 CMD_RUN = 1;
 constexpr u32 CMD_SHUTDOWN = 2;
 constexpr u32 COMMAND_RING_CAP = 64;
+constexpr u32 COMMAND_SLOT_BYTES = 256;
 constexpr u32 OUTPUT_RING_CAP = 65536;
 constexpr u32 FAULT_HANG = 1;
 constexpr u32 FAULT_BAD_OPCODE = 2;
@@ -96,7 +97,7 @@ MK_OFFSET(ErrorRecord, needed, 32);
 MK_OFFSET(ErrorRecord, command, 40);
 
 struct StatusBlock {
-    u64 cmd_head;
+    u64 reserved0;
     u64 iterations_done;
     u64 out_published;
     u64 out_consumed;
@@ -106,7 +107,7 @@ struct StatusBlock {
     ErrorRecord error;
 };
 MK_SIZE(StatusBlock, 104);
-MK_OFFSET(StatusBlock, cmd_head, 0);
+MK_OFFSET(StatusBlock, reserved0, 0);
 MK_OFFSET(StatusBlock, iterations_done, 8);
 MK_OFFSET(StatusBlock, out_published, 16);
 MK_OFFSET(StatusBlock, out_consumed, 24);

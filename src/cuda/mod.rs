@@ -22,7 +22,7 @@ use cudarc::nvrtc::Ptx;
 
 use crate::abi::{
     fault, wait_site, Command, DeviceState, KernelParams, StatusBlock, TaskDesc, BLOCK_THREADS,
-    CMD_RUN, CMD_SHUTDOWN, COMMAND_RING_CAP, OUTPUT_RING_CAP,
+    CMD_RUN, CMD_SHUTDOWN, COMMAND_RING_CAP, COMMAND_SLOT_BYTES, OUTPUT_RING_CAP,
 };
 use crate::buffer::{Buffer, DType};
 use crate::error::{Error, Result};
@@ -97,7 +97,7 @@ pub fn device_count() -> usize {
     CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
 }
 
-const STATUS_OFF: usize = COMMAND_RING_CAP as usize * 128;
+const STATUS_OFF: usize = (COMMAND_RING_CAP * COMMAND_SLOT_BYTES) as usize;
 const OUTPUT_OFF: usize = STATUS_OFF + 256;
 const MAPPED_BYTES: usize = OUTPUT_OFF + OUTPUT_RING_CAP as usize * 8;
 
@@ -447,12 +447,17 @@ impl Runtime {
         st.seq += 1;
         cmd.seq = st.seq;
         let slot = ((st.seq - 1) % u64::from(COMMAND_RING_CAP)) as usize;
-        let dst = self.status().host_ptr(slot * 128) as *mut Command;
-        // SAFETY: slot `slot` of the command ring; the device has finished with
-        // it (the command that used it before has completed).
-        unsafe { std::ptr::write_volatile(dst, cmd) };
-        self.status_u64(std::mem::offset_of!(StatusBlock, cmd_head))
-            .store(st.seq, Ordering::Release);
+        let base = self.status().host_ptr(slot * COMMAND_SLOT_BYTES as usize) as *mut u64;
+        let words: [u64; 16] = bytemuck::cast(cmd);
+        for (i, w) in words.iter().enumerate() {
+            // SAFETY: chunk `i` of slot `slot` (16 bytes, 16-byte aligned) inside the
+            // mapping; the device has finished with this slot (the command that used
+            // it before has completed). The word is stored before its tag.
+            unsafe {
+                std::ptr::write_volatile(base.add(2 * i), *w);
+                AtomicU64::from_ptr(base.add(2 * i + 1)).store(st.seq, Ordering::Release);
+            }
+        }
         Ok(st.seq)
     }
 
