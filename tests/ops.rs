@@ -260,3 +260,33 @@ fn emit_streams_values_in_order() {
         assert_eq!(out, one.repeat(5));
     });
 }
+
+#[test]
+fn many_queued_commands_wrap_the_command_ring() {
+    let mut rng = Rng(seed());
+    on_every_executor("many_queued_commands_wrap_the_command_ring", |ex| {
+        let table: Vec<u32> = (0..100).map(|_| rng.next_u64() as u32).collect();
+        let src = ex.alloc(DType::U32, table.len()).unwrap();
+        ex.write_u32(&src, &table).unwrap();
+        let v = ex.alloc(DType::U32, 1).unwrap();
+        let mut b = ProgramBuilder::new();
+        let e = b.event("picked");
+        b.push(Copy::row(&v.all(), &src.all(), 1, 0).unwrap())
+            .param(2, 5)
+            .signal(e);
+        b.push(Emit::task(&v.all()).unwrap()).wait(e);
+        let p = ex.load(&b.build().unwrap()).unwrap();
+        let rows: Vec<usize> = (0..300).map(|_| rng.below(table.len())).collect();
+        let mut last = None;
+        for &r in &rows {
+            // Submitted without waiting: more than the ring holds are in flight.
+            last = Some(ex.submit(&p, 1, &[0, 0, 0, 0, 0, r as u64]).unwrap());
+        }
+        ex.wait(&last.unwrap(), std::time::Duration::from_secs(30))
+            .unwrap();
+        let mut out = Vec::new();
+        ex.poll_outputs(&mut out).unwrap();
+        let want: Vec<u64> = rows.iter().map(|&r| u64::from(table[r])).collect();
+        assert_eq!(out, want);
+    });
+}
