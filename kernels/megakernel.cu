@@ -108,7 +108,7 @@ struct Loop {
 
 extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const KernelParams kp) {
     __shared__ Env s_env;
-    __shared__ TaskDesc s_descs[2];  // current task and the prefetched next one
+    __shared__ TaskDesc s_descs[4];  // ring: current task and the next two
     __shared__ Command s_cmd;
     __shared__ Loop s_loop;
     extern __shared__ __align__(16) unsigned char s_dyn[];
@@ -156,25 +156,29 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const
                 s_loop.epoch = s_cmd.epoch_base + j + 1;
                 ok = wait_at_least<false>(env, NO_EVENT, 0, seq, &env->state->worker_iters,
                                           u64(env->num_sms) * (s_loop.iteration - 1), WAIT_ITERATION);
-                if (ok && s_loop.first < s_loop.last) {
-                    const uint4* src = reinterpret_cast<const uint4*>(&tasks[s_loop.first]);
-                    uint4* dst = reinterpret_cast<uint4*>(&s_descs[s_loop.first & 1]);
-#pragma unroll
-                    for (int i = 0; i < 8; ++i) dst[i] = src[i];
-                }
             }
             go = __syncthreads_and(ok);
-            // Descriptors are double-buffered: while task t runs, threads 0..7
-            // copy task t + 1's 128 bytes into the other buffer (cp.async).
-            const u32 last = s_loop.last;
-            for (u32 t = s_loop.first; go && t < last; ++t) {
-                TaskDesc* d = &s_descs[t & 1];
-                const u32 signal = d->signal;  // read now: the buffer is refilled after the last barrier
-                if (tid < 8 && t + 1 < last) {
-                    const unsigned dst = unsigned(__cvta_generic_to_shared(&s_descs[(t + 1) & 1])) + 16 * tid;
-                    asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(dst),
-                                 "l"(reinterpret_cast<const uint4*>(&tasks[t + 1]) + tid)
-                                 : "memory");
+            // Descriptors live in a ring of four shared buffers. The first two are
+            // copied here; then, while task t runs, threads 0..7 copy task t + 2
+            // (cp.async, one group per task), so even short tasks never wait for
+            // their descriptor.
+            const u32 first = s_loop.first, last = s_loop.last;
+            if (tid < 16 && first + tid / 8 < last) {
+                const u32 t = first + tid / 8;
+                reinterpret_cast<uint4*>(&s_descs[t & 3])[tid & 7] = reinterpret_cast<const uint4*>(&tasks[t])[tid & 7];
+            }
+            __syncthreads();
+            for (u32 t = first; go && t < last; ++t) {
+                TaskDesc* d = &s_descs[t & 3];
+                const u32 signal = d->signal;  // read now: the buffer is refilled two tasks later
+                if (tid < 8) {
+                    if (t + 2 < last) {
+                        const unsigned dst = unsigned(__cvta_generic_to_shared(&s_descs[(t + 2) & 3])) + 16 * tid;
+                        asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(dst),
+                                     "l"(reinterpret_cast<const uint4*>(&tasks[t + 2]) + tid)
+                                     : "memory");
+                    }
+                    asm volatile("cp.async.commit_group;" ::: "memory");
                 }
                 if (tid == 0) ok = prepare_task(env, d, &s_cmd, s_loop.epoch);
                 go = __syncthreads_and(ok);
@@ -184,12 +188,14 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const
                         report_fault(env, d->id, d->opcode, seq, FAULT_BAD_OPCODE, NO_EVENT, d->opcode, 0);
                     }
                 }
-                if (tid < 8) asm volatile("cp.async.wait_all;" ::: "memory");
-                __syncthreads();  // the task's writes are done; the next descriptor has landed
+                // Task t + 1's descriptor (the group before the newest) has landed.
+                if (tid < 8) asm volatile("cp.async.wait_group 1;" ::: "memory");
+                __syncthreads();  // the task's writes are done
                 if (go && tid == 0 && signal != NO_EVENT) {
                     red_release_gpu(reinterpret_cast<u64*>(s_cmd.events) + signal, 1);
                 }
             }
+            if (tid < 8) asm volatile("cp.async.wait_all;" ::: "memory");
             if (go && tid == 0 && !aborted(env)) {
                 const u64 g = s_loop.iteration;
                 const u64 old = atom_add_acq_rel_gpu(&env->state->worker_iters, 1);
