@@ -66,33 +66,44 @@ __device__ __noinline__ bool fetch_command(const Env* env, u64 seq, Command* out
 }
 
 // Thread 0: prepares the task in `d` (parameters, event checks, waits). Returns
-// false to stop the block.
+// false to stop the block. The header is read into registers once; most tasks
+// take no parameter, so that loop is skipped entirely.
 __device__ __noinline__ bool prepare_task(const Env* env, TaskDesc* d, const Command* cmd, u64 epoch) {
     const u64 seq = cmd->seq;
-    for (u32 i = 0; i < TASK_ARG_SLOTS; ++i) {
-        if (d->param_mask & (1u << i)) {
-            const u32 sel = u32(d->param_sel >> (4 * i)) & 0xFu;
-            if (sel >= COMMAND_PARAMS) {
-                report_fault(env, d->id, d->opcode, seq, FAULT_BAD_ARGS, NO_EVENT, sel, COMMAND_PARAMS);
+    const u32 id = d->id, opcode = d->opcode, mask = d->param_mask, signal = d->signal;
+    const u32 num_events = cmd->num_events;
+    if (mask != 0u) {
+        const u64 sel_all = d->param_sel;
+        for (u32 i = 0; i < TASK_ARG_SLOTS; ++i) {
+            if (mask & (1u << i)) {
+                const u32 sel = u32(sel_all >> (4 * i)) & 0xFu;
+                if (sel >= COMMAND_PARAMS) {
+                    report_fault(env, id, opcode, seq, FAULT_BAD_ARGS, NO_EVENT, sel, COMMAND_PARAMS);
+                    return false;
+                }
+                d->args[i] = cmd->params[sel];
+            }
+        }
+    }
+    const u32 w0 = d->wait[0], w1 = d->wait[1];
+    if (w0 != NO_EVENT || w1 != NO_EVENT) {
+        u64* events = reinterpret_cast<u64*>(cmd->events);
+        const u32 waits[TASK_WAITS] = {w0, w1};
+#pragma unroll
+        for (u32 k = 0; k < TASK_WAITS; ++k) {
+            const u32 ev = waits[k];
+            if (ev == NO_EVENT) continue;
+            if (ev >= num_events) {
+                report_fault(env, id, opcode, seq, FAULT_OUT_OF_RANGE, ev, ev, num_events);
                 return false;
             }
-            d->args[i] = cmd->params[sel];
+            if (!wait_at_least<false>(env, id, opcode, seq, &events[ev], u64(d->wait_need[k]) * epoch, ev)) {
+                return false;
+            }
         }
     }
-    u64* events = reinterpret_cast<u64*>(cmd->events);
-    for (u32 k = 0; k < TASK_WAITS; ++k) {
-        const u32 ev = d->wait[k];
-        if (ev == NO_EVENT) continue;
-        if (ev >= cmd->num_events) {
-            report_fault(env, d->id, d->opcode, seq, FAULT_OUT_OF_RANGE, ev, ev, cmd->num_events);
-            return false;
-        }
-        if (!wait_at_least<false>(env, d->id, d->opcode, seq, &events[ev], u64(d->wait_need[k]) * epoch, ev)) {
-            return false;
-        }
-    }
-    if (d->signal != NO_EVENT && d->signal >= cmd->num_events) {
-        report_fault(env, d->id, d->opcode, seq, FAULT_OUT_OF_RANGE, d->signal, d->signal, cmd->num_events);
+    if (signal != NO_EVENT && signal >= num_events) {
+        report_fault(env, id, opcode, seq, FAULT_OUT_OF_RANGE, signal, signal, num_events);
         return false;
     }
     return true;

@@ -131,7 +131,7 @@ impl Buffer {
         self.0.owner
     }
     /// The executor-specific allocation.
-    pub fn alloc_ref(&self) -> &(dyn Any + Send + Sync) {
+    pub(crate) fn alloc_ref(&self) -> &(dyn Any + Send + Sync) {
         &*self.0._alloc
     }
     /// Whether two handles share one allocation.

@@ -23,7 +23,7 @@
 //! ```no_run
 //! use megakernel::prelude::*;
 //! # fn main() -> megakernel::Result<()> {
-//! let exec = megakernel::default_executor()?;
+//! let exec = megakernel::default_executor();
 //! let x = exec.alloc(DType::F32, 4096)?;
 //! let sum = exec.alloc(DType::F32, 1)?;
 //! exec.write_f32(&x, &vec![0.5; 4096])?;
@@ -73,6 +73,6 @@ pub fn default_executor_with_reason() -> (Box<dyn exec::Executor>, Option<Error>
 }
 
 /// The GPU runtime on device 0 when a usable GPU exists, otherwise the CPU executor.
-pub fn default_executor() -> Result<Box<dyn exec::Executor>> {
-    Ok(default_executor_with_reason().0)
+pub fn default_executor() -> Box<dyn exec::Executor> {
+    default_executor_with_reason().0
 }

@@ -135,7 +135,6 @@ pub struct Runtime {
     num_sms: u32,
     shared_bytes: u32,
     opts: RuntimeOptions,
-    ctx: Arc<CudaContext>,
     kernel_stream: Arc<CudaStream>,
     copy_stream: Arc<CudaStream>,
     state: Mutex<HostState>,
@@ -234,7 +233,6 @@ impl Runtime {
             num_sms,
             shared_bytes,
             opts,
-            ctx,
             kernel_stream,
             copy_stream,
             state: Mutex::new(HostState {
@@ -264,10 +262,6 @@ impl Runtime {
     pub fn shared_bytes(&self) -> u32 {
         self.shared_bytes
     }
-    /// The CUDA context (for peers such as benchmarks that launch their own kernels).
-    pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
-    }
 
     fn status(&self) -> &MappedHost {
         self.mapped
@@ -288,7 +282,7 @@ impl Runtime {
         if self.status_u32(kind_off).load(Ordering::Acquire) == 0 {
             return None;
         }
-        let mut rec = crate::abi::ErrorRecord::default_zeroed();
+        let mut rec = <crate::abi::ErrorRecord as bytemuck::Zeroable>::zeroed();
         let bytes = bytemuck::bytes_of_mut(&mut rec);
         for (i, b) in bytes.iter_mut().enumerate() {
             // SAFETY: inside the mapping; the device finished writing the record
@@ -471,7 +465,7 @@ impl Runtime {
             &mut st,
             Command {
                 kind: CMD_SHUTDOWN,
-                ..Command::default_zeroed()
+                ..bytemuck::Zeroable::zeroed()
             },
         );
         if ask.is_err() {
@@ -517,13 +511,6 @@ impl Drop for Runtime {
         let _ = self.shutdown();
     }
 }
-
-trait ZeroedPod: bytemuck::Zeroable {
-    fn default_zeroed() -> Self {
-        Self::zeroed()
-    }
-}
-impl<T: bytemuck::Zeroable> ZeroedPod for T {}
 
 impl Executor for Runtime {
     fn id(&self) -> u64 {
