@@ -68,7 +68,7 @@ __device__ __noinline__ bool fetch_command(const Env* env, u64 seq, Command* out
 // Thread 0: prepares the task in `d` (parameters, event checks, waits). Returns
 // false to stop the block. The header is read into registers once; most tasks
 // take no parameter, so that loop is skipped entirely.
-__device__ __noinline__ bool prepare_task(const Env* env, TaskDesc* d, const Command* cmd, u64 epoch) {
+__device__ __forceinline__ bool prepare_task(const Env* env, TaskDesc* d, const Command* cmd, u64 epoch) {
     const u64 seq = cmd->seq;
     const u32 id = d->id, opcode = d->opcode, mask = d->param_mask, signal = d->signal;
     const u32 num_events = cmd->num_events;
