@@ -170,7 +170,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const
             }
             go = __syncthreads_and(ok);
             // Descriptors live in a ring of four shared buffers. The first two are
-            // copied here; then, while task t runs, threads 0..7 copy task t + 2
+            // copied here; then, while task t runs, threads 32..39 copy task t + 2
             // (cp.async, one group per task), so even short tasks never wait for
             // their descriptor.
             const u32 first = s_loop.first, last = s_loop.last;
@@ -182,11 +182,13 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const
             for (u32 t = first; go && t < last; ++t) {
                 TaskDesc* d = &s_descs[t & 3];
                 const u32 signal = d->signal;  // read now: the buffer is refilled two tasks later
-                if (tid < 8) {
+                // The copying threads are in warp 1, so that thread 0's release
+                // fence when it signals never waits for these loads.
+                if (tid - 32 < 8) {
                     if (t + 2 < last) {
-                        const unsigned dst = unsigned(__cvta_generic_to_shared(&s_descs[(t + 2) & 3])) + 16 * tid;
+                        const unsigned dst = unsigned(__cvta_generic_to_shared(&s_descs[(t + 2) & 3])) + 16 * (tid - 32);
                         asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(dst),
-                                     "l"(reinterpret_cast<const uint4*>(&tasks[t + 2]) + tid)
+                                     "l"(reinterpret_cast<const uint4*>(&tasks[t + 2]) + (tid - 32))
                                      : "memory");
                     }
                     asm volatile("cp.async.commit_group;" ::: "memory");
@@ -200,13 +202,13 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const
                     }
                 }
                 // Task t + 1's descriptor (the group before the newest) has landed.
-                if (tid < 8) asm volatile("cp.async.wait_group 1;" ::: "memory");
+                if (tid - 32 < 8) asm volatile("cp.async.wait_group 1;" ::: "memory");
                 __syncthreads();  // the task's writes are done
                 if (go && tid == 0 && signal != NO_EVENT) {
                     red_release_gpu(reinterpret_cast<u64*>(s_cmd.events) + signal, 1);
                 }
             }
-            if (tid < 8) asm volatile("cp.async.wait_all;" ::: "memory");
+            if (tid - 32 < 8) asm volatile("cp.async.wait_all;" ::: "memory");
             if (go && tid == 0 && !aborted(env)) {
                 const u64 g = s_loop.iteration;
                 const u64 old = atom_add_acq_rel_gpu(&env->state->worker_iters, 1);
