@@ -101,6 +101,77 @@ pub enum Error {
     /// A host-side argument was wrong.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A model file or configuration could not be used.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+}
+
+/// Why a checkpoint or its configuration was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoadError {
+    /// A file could not be read or written.
+    #[error("{path}: {message}")]
+    Io {
+        /// The file.
+        path: String,
+        /// What the OS said.
+        message: String,
+    },
+    /// A file ends before its header says it should.
+    #[error("{path}: truncated: needs {needed} bytes, has {actual}")]
+    Truncated {
+        /// The file.
+        path: String,
+        /// Bytes the header requires.
+        needed: u64,
+        /// Bytes present.
+        actual: u64,
+    },
+    /// A safetensors header or index that is not valid.
+    #[error("{path}: bad header: {reason}")]
+    BadHeader {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A tensor's data lies outside the file's data section or disagrees with its shape.
+    #[error("{path}: tensor '{tensor}': {reason}")]
+    BadTensor {
+        /// The file.
+        path: String,
+        /// Tensor name.
+        tensor: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A tensor the model needs is absent.
+    #[error("missing tensor '{0}'")]
+    MissingTensor(String),
+    /// A tensor the model does not use is present.
+    #[error("unexpected tensor '{0}'")]
+    UnexpectedTensor(String),
+    /// A tensor has the wrong shape.
+    #[error("tensor '{name}' has shape {found:?}, expected {expected:?}")]
+    Shape {
+        /// Tensor name.
+        name: String,
+        /// Shape the config implies.
+        expected: Vec<usize>,
+        /// Shape in the file.
+        found: Vec<usize>,
+    },
+    /// A tensor has a dtype the loader does not accept.
+    #[error("tensor '{name}' has dtype {dtype}; supported: BF16, F16, F32")]
+    Dtype {
+        /// Tensor name.
+        name: String,
+        /// Its dtype string.
+        dtype: String,
+    },
+    /// A configuration that is malformed or names an unsupported model or option.
+    #[error("config: {0}")]
+    Config(String),
 }
 
 /// Why a program was rejected by the builder.

@@ -19,6 +19,7 @@
 //! | [`exec`] | the [`Executor`](exec::Executor) trait both backends implement |
 //! | [`cpu`] | the multi-threaded CPU executor |
 //! | [`cuda`] | the resident-kernel runtime on NVIDIA GPUs |
+//! | [`model`] | Hugging Face configs, safetensors, random-weight checkpoints |
 //!
 //! ```no_run
 //! use megakernel::prelude::*;
@@ -44,6 +45,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod error;
 pub mod exec;
+pub mod model;
 pub mod program;
 pub mod task;
 

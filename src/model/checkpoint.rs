@@ -1,0 +1,163 @@
+//! Random-weight checkpoints in the Hugging Face layout, for tests and benchmarks.
+//!
+//! Weights are drawn from seeded normal distributions, one stream per tensor
+//! (seeded from the checkpoint seed and the tensor's name), so any tensor can
+//! be regenerated alone and a file never depends on the order of writing.
+//! Scales keep activations in a realistic range: projections `N(0, 1/fan_in)`
+//! (variance-preserving), RMSNorm weights `1 + N(0, 0.1²)`, embeddings `N(0, 1)`
+//! and an untied LM head `N(0, 1/hidden)` (logits of unit scale); a tied
+//! embedding is drawn at `N(0, 8²/hidden)` so that, used as the LM head, it
+//! still gives logits of a usable scale.
+
+use std::path::Path;
+
+use half::bf16;
+
+use super::config::ModelConfig;
+use super::safetensors::{write, TensorDtype};
+use crate::error::LoadError;
+
+/// How to write a checkpoint.
+#[derive(Clone, Debug)]
+pub struct WriteOptions {
+    /// Seed of every weight.
+    pub seed: u64,
+    /// Element type of the files (BF16 as published models use, or F32/F16).
+    pub dtype: TensorDtype,
+    /// Split into shards of about this many bytes (with an index file), or one file.
+    pub shard_bytes: Option<usize>,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        WriteOptions {
+            seed: 0x5eed,
+            dtype: TensorDtype::Bf16,
+            shard_bytes: None,
+        }
+    }
+}
+
+/// The scale of the normal distribution a tensor is drawn from, and its mean.
+fn init(config: &ModelConfig, name: &str, shape: &[usize]) -> (f32, f32) {
+    let h = config.hidden_size as f32;
+    if name.ends_with("norm.weight") {
+        (0.1, 1.0)
+    } else if name == "model.embed_tokens.weight" {
+        (
+            if config.tie_word_embeddings {
+                8.0 / h.sqrt()
+            } else {
+                1.0
+            },
+            0.0,
+        )
+    } else {
+        let fan_in = *shape.last().unwrap_or(&1) as f32;
+        (1.0 / fan_in.sqrt(), 0.0)
+    }
+}
+
+/// Values of one tensor, as f32 (before conversion to the file's type).
+pub fn tensor_values(config: &ModelConfig, seed: u64, name: &str, shape: &[usize]) -> Vec<f32> {
+    let (std, mean) = init(config, name, shape);
+    let mut state = name.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let mut next = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let n: usize = shape.iter().product();
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        // Box-Muller: two uniforms give two standard normals.
+        let (u1, u2) = (next().max(f64::MIN_POSITIVE), next());
+        let r = (-2.0 * u1.ln()).sqrt();
+        let t = std::f64::consts::TAU * u2;
+        out.push(mean + std * (r * t.cos()) as f32);
+        if out.len() < n {
+            out.push(mean + std * (r * t.sin()) as f32);
+        }
+    }
+    out
+}
+
+fn encode(dtype: TensorDtype, v: &[f32]) -> Vec<u8> {
+    match dtype {
+        TensorDtype::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        TensorDtype::F16 => v
+            .iter()
+            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+            .collect(),
+        TensorDtype::Bf16 => v
+            .iter()
+            .flat_map(|x| bf16::from_f32(*x).to_le_bytes())
+            .collect(),
+    }
+}
+
+/// Writes `config.json` and random weights for `config` into `dir` (created if needed).
+pub fn write_random(
+    dir: &Path,
+    config: &ModelConfig,
+    opts: &WriteOptions,
+) -> Result<(), LoadError> {
+    config.validate()?;
+    let io = |p: &Path, e: std::io::Error| LoadError::Io {
+        path: p.display().to_string(),
+        message: e.to_string(),
+    };
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let cfg = dir.join("config.json");
+    std::fs::write(&cfg, config.to_json()).map_err(|e| io(&cfg, e))?;
+    let all = config.tensors();
+    let elem = match opts.dtype {
+        TensorDtype::F32 => 4,
+        TensorDtype::F16 | TensorDtype::Bf16 => 2,
+    };
+    // Group tensors into shards of at most `shard_bytes` (a larger tensor gets its own).
+    let limit = opts.shard_bytes.unwrap_or(usize::MAX);
+    let mut shards: Vec<Vec<(String, Vec<usize>)>> = vec![Vec::new()];
+    let mut bytes = 0usize;
+    for (name, shape) in all {
+        let b = shape.iter().product::<usize>() * elem;
+        if bytes > 0 && bytes.saturating_add(b) > limit {
+            shards.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += b;
+        shards.last_mut().expect("one shard").push((name, shape));
+    }
+    let n = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    let mut total = 0usize;
+    for (i, shard) in shards.into_iter().enumerate() {
+        let file = if opts.shard_bytes.is_some() {
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+        } else {
+            "model.safetensors".to_string()
+        };
+        let tensors: Vec<_> = shard
+            .into_iter()
+            .map(|(name, shape)| {
+                let data = encode(opts.dtype, &tensor_values(config, opts.seed, &name, &shape));
+                total += data.len();
+                weight_map.insert(name.clone(), serde_json::Value::String(file.clone()));
+                (name, opts.dtype, shape, data)
+            })
+            .collect();
+        write(&dir.join(&file), &tensors)?;
+    }
+    if opts.shard_bytes.is_some() {
+        let index =
+            serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
+        let path = dir.join("model.safetensors.index.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&index).expect("JSON"))
+            .map_err(|e| io(&path, e))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,394 @@
+//! Safetensors files (memory-mapped), single or sharded checkpoints, and a writer.
+//!
+//! Format (from the safetensors specification): an 8-byte little-endian header
+//! length `N`, `N` bytes of JSON mapping tensor names to
+//! `{"dtype", "shape", "data_offsets": [begin, end]}` (offsets relative to the
+//! data section that follows the header) plus an optional `__metadata__`
+//! object, then the data. Every offset, size and shape is checked on open.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+use serde_json::Value;
+
+use super::config::ModelConfig;
+use crate::error::LoadError;
+
+/// Element types the loader converts from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TensorDtype {
+    /// `F32`.
+    F32,
+    /// `F16`.
+    F16,
+    /// `BF16`.
+    Bf16,
+}
+
+impl TensorDtype {
+    /// The dtype string in a header.
+    pub fn name(self) -> &'static str {
+        match self {
+            TensorDtype::F32 => "F32",
+            TensorDtype::F16 => "F16",
+            TensorDtype::Bf16 => "BF16",
+        }
+    }
+    fn parse(s: &str) -> Option<TensorDtype> {
+        match s {
+            "F32" => Some(TensorDtype::F32),
+            "F16" => Some(TensorDtype::F16),
+            "BF16" => Some(TensorDtype::Bf16),
+            _ => None,
+        }
+    }
+}
+
+/// Bytes per element of any dtype the format defines.
+fn element_size(dtype: &str) -> Option<usize> {
+    Some(match dtype {
+        "F64" | "I64" | "U64" => 8,
+        "F32" | "I32" | "U32" => 4,
+        "F16" | "BF16" | "I16" | "U16" => 2,
+        "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" | "F8_E8M0" => 1,
+        _ => return None,
+    })
+}
+
+/// Largest header the loader reads (the specification's limit).
+const MAX_HEADER: u64 = 100 << 20;
+
+/// One tensor's entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// Name.
+    pub name: String,
+    /// Dtype string as in the header.
+    pub dtype: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Absolute byte offset in the file.
+    pub offset: usize,
+    /// Byte length.
+    pub len: usize,
+}
+
+/// One memory-mapped safetensors file.
+pub struct SafeTensors {
+    path: String,
+    map: Mmap,
+    tensors: BTreeMap<String, TensorInfo>,
+}
+
+fn io(path: &Path, e: std::io::Error) -> LoadError {
+    LoadError::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+impl SafeTensors {
+    /// Maps and checks a file.
+    pub fn open(path: &Path) -> Result<SafeTensors, LoadError> {
+        let file = File::open(path).map_err(|e| io(path, e))?;
+        // SAFETY: the map is read-only; like every reader of memory-mapped model
+        // files this assumes nobody truncates or rewrites the file while it is open.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| io(path, e))?;
+        let label = path.display().to_string();
+        let tensors = parse(&label, &map)?;
+        Ok(SafeTensors {
+            path: label,
+            map,
+            tensors,
+        })
+    }
+
+    /// Path of the file.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+    /// Every tensor, by name.
+    pub fn tensors(&self) -> &BTreeMap<String, TensorInfo> {
+        &self.tensors
+    }
+    /// A tensor's raw bytes.
+    pub fn bytes(&self, name: &str) -> Option<&[u8]> {
+        self.tensors
+            .get(name)
+            .map(|t| &self.map[t.offset..t.offset + t.len])
+    }
+    /// A tensor converted to f32.
+    pub fn read_f32(&self, name: &str) -> Result<Vec<f32>, LoadError> {
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| LoadError::MissingTensor(name.into()))?;
+        let dtype = TensorDtype::parse(&t.dtype).ok_or_else(|| LoadError::Dtype {
+            name: name.into(),
+            dtype: t.dtype.clone(),
+        })?;
+        let b = &self.map[t.offset..t.offset + t.len];
+        Ok(match dtype {
+            TensorDtype::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            TensorDtype::F16 => b
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            TensorDtype::Bf16 => b
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        })
+    }
+}
+
+/// Parses and checks the header of a safetensors image.
+pub fn parse(path: &str, bytes: &[u8]) -> Result<BTreeMap<String, TensorInfo>, LoadError> {
+    let bad = |reason: String| LoadError::BadHeader {
+        path: path.into(),
+        reason,
+    };
+    if bytes.len() < 8 {
+        return Err(LoadError::Truncated {
+            path: path.into(),
+            needed: 8,
+            actual: bytes.len() as u64,
+        });
+    }
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+    if n > MAX_HEADER {
+        return Err(bad(format!("header length {n} exceeds {MAX_HEADER}")));
+    }
+    if 8 + n > bytes.len() as u64 {
+        return Err(LoadError::Truncated {
+            path: path.into(),
+            needed: 8 + n,
+            actual: bytes.len() as u64,
+        });
+    }
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n as usize])
+        .map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let obj = header
+        .as_object()
+        .ok_or_else(|| bad("not a JSON object".into()))?;
+    let data_start = 8 + n as usize;
+    let data_len = bytes.len() - data_start;
+    let mut tensors = BTreeMap::new();
+    for (name, entry) in obj {
+        if name == "__metadata__" {
+            continue;
+        }
+        let bad_t = |reason: String| LoadError::BadTensor {
+            path: path.into(),
+            tensor: name.clone(),
+            reason,
+        };
+        let dtype = entry
+            .get("dtype")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad_t("no dtype".into()))?;
+        let size = element_size(dtype).ok_or_else(|| bad_t(format!("unknown dtype {dtype}")))?;
+        let shape = entry
+            .get("shape")
+            .and_then(Value::as_array)
+            .and_then(|a| {
+                a.iter()
+                    .map(|d| d.as_u64().map(|d| d as usize))
+                    .collect::<Option<Vec<_>>>()
+            })
+            .ok_or_else(|| bad_t("shape must be a list of sizes".into()))?;
+        let offsets = entry
+            .get("data_offsets")
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().map(|d| d.as_u64()).collect::<Option<Vec<_>>>())
+            .filter(|o| o.len() == 2)
+            .ok_or_else(|| bad_t("data_offsets must be [begin, end]".into()))?;
+        let (begin, end) = (offsets[0], offsets[1]);
+        if begin > end || end > data_len as u64 {
+            return Err(bad_t(format!(
+                "data {begin}..{end} outside the {data_len} data bytes"
+            )));
+        }
+        let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let want = numel
+            .and_then(|n| n.checked_mul(size))
+            .ok_or_else(|| bad_t("shape overflows".into()))?;
+        if want as u64 != end - begin {
+            return Err(bad_t(format!(
+                "shape {shape:?} of {dtype} needs {want} bytes, data has {}",
+                end - begin
+            )));
+        }
+        tensors.insert(
+            name.clone(),
+            TensorInfo {
+                name: name.clone(),
+                dtype: dtype.into(),
+                shape,
+                offset: data_start + begin as usize,
+                len: (end - begin) as usize,
+            },
+        );
+    }
+    Ok(tensors)
+}
+
+/// Writes a safetensors file: `(name, dtype, shape, little-endian bytes)` per tensor.
+pub fn write(
+    path: &Path,
+    tensors: &[(String, TensorDtype, Vec<usize>, Vec<u8>)],
+) -> Result<(), LoadError> {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, dtype, shape, data) in tensors {
+        let end = offset + data.len();
+        header.insert(
+            name.clone(),
+            serde_json::json!({ "dtype": dtype.name(), "shape": shape, "data_offsets": [offset, end] }),
+        );
+        offset = end;
+    }
+    header.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
+    let mut text = serde_json::to_string(&Value::Object(header)).expect("a JSON value serialises");
+    while text.len() % 8 != 0 {
+        text.push(' ');
+    }
+    let file = File::create(path).map_err(|e| io(path, e))?;
+    let mut out = std::io::BufWriter::new(file);
+    let mut put = |b: &[u8]| std::io::Write::write_all(&mut out, b).map_err(|e| io(path, e));
+    put(&(text.len() as u64).to_le_bytes())?;
+    put(text.as_bytes())?;
+    for (_, _, _, data) in tensors {
+        put(data)?;
+    }
+    std::io::Write::flush(&mut out).map_err(|e| io(path, e))
+}
+
+/// A checkpoint directory: `config.json` plus `model.safetensors`, or shards
+/// listed in `model.safetensors.index.json`.
+pub struct Checkpoint {
+    /// The model's configuration.
+    pub config: ModelConfig,
+    files: Vec<SafeTensors>,
+    location: HashMap<String, usize>,
+}
+
+impl Checkpoint {
+    /// Opens a directory and checks every file's header (not yet the tensor set; see [`Self::validate`]).
+    pub fn open(dir: &Path) -> Result<Checkpoint, LoadError> {
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| io(&cfg_path, e))?;
+        let config = ModelConfig::from_json(&text)?;
+        let index = dir.join("model.safetensors.index.json");
+        let names: Vec<PathBuf> = if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| io(&index, e))?;
+            let bad = |reason: &str| LoadError::BadHeader {
+                path: index.display().to_string(),
+                reason: reason.into(),
+            };
+            let v: Value = serde_json::from_str(&text).map_err(|_| bad("not valid JSON"))?;
+            let map = v
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .ok_or_else(|| bad("no weight_map"))?;
+            let mut files: Vec<String> = map
+                .values()
+                .map(|f| f.as_str().map(String::from))
+                .collect::<Option<_>>()
+                .ok_or_else(|| bad("weight_map values must be file names"))?;
+            files.sort();
+            files.dedup();
+            if files
+                .iter()
+                .any(|f| f.contains('/') || f.contains('\\') || f.starts_with('.'))
+            {
+                return Err(bad("shard names must be plain file names"));
+            }
+            files.into_iter().map(|f| dir.join(f)).collect()
+        } else {
+            vec![dir.join("model.safetensors")]
+        };
+        let mut files = Vec::new();
+        let mut location = HashMap::new();
+        for path in names {
+            let f = SafeTensors::open(&path)?;
+            for name in f.tensors().keys() {
+                if location.insert(name.clone(), files.len()).is_some() {
+                    return Err(LoadError::BadHeader {
+                        path: path.display().to_string(),
+                        reason: format!("tensor '{name}' appears in two shards"),
+                    });
+                }
+            }
+            files.push(f);
+        }
+        Ok(Checkpoint {
+            config,
+            files,
+            location,
+        })
+    }
+
+    /// Checks that exactly the tensors the configuration implies are present,
+    /// with its shapes and a supported dtype.
+    pub fn validate(&self) -> Result<(), LoadError> {
+        let expected = self.config.tensors();
+        let names: std::collections::HashSet<&str> =
+            expected.iter().map(|(n, _)| n.as_str()).collect();
+        for (name, shape) in &expected {
+            let t = self
+                .info(name)
+                .ok_or_else(|| LoadError::MissingTensor(name.clone()))?;
+            if &t.shape != shape {
+                return Err(LoadError::Shape {
+                    name: name.clone(),
+                    expected: shape.clone(),
+                    found: t.shape.clone(),
+                });
+            }
+            if TensorDtype::parse(&t.dtype).is_none() {
+                return Err(LoadError::Dtype {
+                    name: name.clone(),
+                    dtype: t.dtype.clone(),
+                });
+            }
+        }
+        let mut extra: Vec<&String> = self
+            .location
+            .keys()
+            .filter(|n| !names.contains(n.as_str()))
+            .collect();
+        extra.sort();
+        match extra.first() {
+            Some(n) => Err(LoadError::UnexpectedTensor((*n).clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// A tensor's entry.
+    pub fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.location
+            .get(name)
+            .and_then(|&i| self.files[i].tensors().get(name))
+    }
+
+    /// A tensor converted to f32.
+    pub fn read_f32(&self, name: &str) -> Result<Vec<f32>, LoadError> {
+        let &i = self
+            .location
+            .get(name)
+            .ok_or_else(|| LoadError::MissingTensor(name.into()))?;
+        self.files[i].read_f32(name)
+    }
+
+    /// Number of files.
+    pub fn num_files(&self) -> usize {
+        self.files.len()
+    }
+}

@@ -1,0 +1,259 @@
+//! Configs, safetensors files and random checkpoints: round trips and a typed
+//! error for every malformed input.
+
+use std::path::Path;
+
+use megakernel::error::LoadError;
+use megakernel::model::checkpoint::{tensor_values, write_random, WriteOptions};
+use megakernel::model::safetensors::{self, write, TensorData};
+use megakernel::model::{Checkpoint, ModelConfig, SafeTensors, TensorDtype};
+
+fn cfg_err(text: &str) -> String {
+    match ModelConfig::from_json(text) {
+        Err(LoadError::Config(m)) => m,
+        other => panic!("expected a config error, got {other:?}"),
+    }
+}
+
+#[test]
+fn presets_round_trip_through_config_json() {
+    for name in ModelConfig::PRESETS {
+        let c = ModelConfig::preset(name).unwrap();
+        assert_eq!(ModelConfig::from_json(&c.to_json()).unwrap(), c, "{name}");
+    }
+    // Published sizes: Qwen3-30B-A3B has about 30.5 B parameters, Qwen3-0.6B about 0.6 B (tied).
+    let p30 = ModelConfig::preset("qwen3-30b-a3b").unwrap().num_params() as f64;
+    assert!((30.0e9..31.0e9).contains(&p30), "{p30}");
+    let p06 = ModelConfig::preset("qwen3-0.6b").unwrap().num_params() as f64;
+    assert!((0.55e9..0.65e9).contains(&p06), "{p06}");
+}
+
+#[test]
+fn moe_layer_rule() {
+    let mut c = ModelConfig::preset("tiny-moe").unwrap();
+    let m = c.moe.as_mut().unwrap();
+    m.decoder_sparse_step = 2;
+    m.mlp_only_layers = vec![3];
+    c.num_layers = 6;
+    let moe: Vec<bool> = (0..6).map(|l| c.is_moe_layer(l)).collect();
+    assert_eq!(moe, [false, true, false, false, false, true]);
+    assert!(c
+        .tensors()
+        .iter()
+        .any(|(n, _)| n == "model.layers.1.mlp.experts.7.down_proj.weight"));
+    assert!(c
+        .tensors()
+        .iter()
+        .any(|(n, _)| n == "model.layers.3.mlp.gate_proj.weight"));
+}
+
+#[test]
+fn bad_configs_are_typed_errors() {
+    let good = ModelConfig::preset("tiny-moe").unwrap().to_json();
+    let edit = |k: &str, v: serde_json::Value| {
+        let mut j: serde_json::Value = serde_json::from_str(&good).unwrap();
+        j[k] = v;
+        j.to_string()
+    };
+    assert!(cfg_err("{not json").contains("not valid JSON"));
+    assert!(cfg_err(&edit("model_type", "llama".into())).contains("unsupported model_type 'llama'"));
+    assert!(cfg_err(&edit("hidden_size", (-3).into())).contains("hidden_size"));
+    assert!(cfg_err(&edit("num_key_value_heads", 3.into())).contains("multiple"));
+    assert!(cfg_err(&edit("num_experts_per_tok", 99.into())).contains("exceeds"));
+    assert!(
+        cfg_err(&edit("rope_scaling", serde_json::json!({"type": "yarn"})))
+            .contains("rope_scaling")
+    );
+    assert!(cfg_err(&edit("hidden_act", "gelu".into())).contains("hidden_act"));
+    let mut j: serde_json::Value = serde_json::from_str(&good).unwrap();
+    j.as_object_mut().unwrap().remove("vocab_size");
+    assert!(cfg_err(&j.to_string()).contains("missing 'vocab_size'"));
+}
+
+fn sample_file(dir: &Path) -> (std::path::PathBuf, Vec<f32>) {
+    let vals: Vec<f32> = (0..24).map(|i| i as f32 * 0.25 - 3.0).collect();
+    let bf: Vec<u8> = vals
+        .iter()
+        .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+        .collect();
+    let f32b: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let path = dir.join("t.safetensors");
+    write(
+        &path,
+        &[
+            ("a".into(), TensorDtype::Bf16, vec![4, 6], bf),
+            ("b".into(), TensorDtype::F32, vec![24], f32b),
+        ],
+    )
+    .unwrap();
+    (path, vals)
+}
+
+#[test]
+fn safetensors_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, vals) = sample_file(dir.path());
+    let f = SafeTensors::open(&path).unwrap();
+    assert_eq!(f.tensors()["a"].shape, vec![4, 6]);
+    assert_eq!(f.read_f32("a").unwrap(), vals);
+    assert_eq!(f.read_f32("b").unwrap(), vals);
+    assert!(matches!(f.read_f32("c"), Err(LoadError::MissingTensor(_))));
+}
+
+#[test]
+fn malformed_safetensors_are_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = sample_file(dir.path());
+    let bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(bytes[8..8 + n].to_vec()).unwrap();
+    let with_header = |h: &str| {
+        let mut h = h.to_string();
+        while h.len() % 8 != 0 {
+            h.push(' ');
+        }
+        let mut out = (h.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(h.as_bytes());
+        out.extend_from_slice(&bytes[8 + n..]);
+        out
+    };
+    let check = |b: &[u8]| safetensors::parse("x", b);
+    assert!(matches!(
+        check(&bytes[..5]),
+        Err(LoadError::Truncated { .. })
+    ));
+    assert!(matches!(
+        check(&bytes[..8 + n - 3]),
+        Err(LoadError::Truncated { .. })
+    ));
+    let mut huge = bytes.clone();
+    huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert!(matches!(check(&huge), Err(LoadError::BadHeader { .. })));
+    assert!(matches!(
+        check(&with_header("{\"a\": ")),
+        Err(LoadError::BadHeader { .. })
+    ));
+    assert!(matches!(
+        check(&with_header("[1, 2]")),
+        Err(LoadError::BadHeader { .. })
+    ));
+    let t = |find: &str, repl: &str| check(&with_header(&header.replacen(find, repl, 1)));
+    // Data past the end of the file, and a file cut inside the data.
+    assert!(matches!(
+        t("\"data_offsets\":[48,144]", "\"data_offsets\":[48,1440]"),
+        Err(LoadError::BadTensor { .. })
+    ));
+    assert!(matches!(
+        check(&bytes[..bytes.len() - 10]),
+        Err(LoadError::BadTensor { .. })
+    ));
+    assert!(matches!(
+        t("[4,6]", "[4,7]"),
+        Err(LoadError::BadTensor { .. })
+    ));
+    assert!(matches!(
+        t("\"BF16\"", "\"Q9\""),
+        Err(LoadError::BadTensor { .. })
+    ));
+    assert!(matches!(
+        t("\"shape\":[4,6]", "\"shape\":\"4x6\""),
+        Err(LoadError::BadTensor { .. })
+    ));
+    // A dtype the format knows but the loader does not convert.
+    let i16 = t("\"BF16\"", "\"I16\"").unwrap();
+    assert_eq!(i16["a"].dtype, "I16");
+}
+
+#[test]
+fn random_checkpoints_load_and_validate() {
+    for (preset, shard) in [
+        ("tiny", None),
+        ("tiny-moe", None),
+        ("tiny-moe", Some(40_000)),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ModelConfig::preset(preset).unwrap();
+        let opts = WriteOptions {
+            shard_bytes: shard,
+            ..WriteOptions::default()
+        };
+        write_random(dir.path(), &config, &opts).unwrap();
+        let ck = Checkpoint::open(dir.path()).unwrap();
+        ck.validate().unwrap();
+        assert_eq!(ck.config, config);
+        if shard.is_some() {
+            assert!(ck.num_files() > 1, "{preset} should be sharded");
+        }
+        // Values are the generator's, rounded to bf16, and look like their distribution.
+        let name = "model.layers.1.self_attn.q_proj.weight";
+        let shape = ck.info(name).unwrap().shape.clone();
+        let want: Vec<f32> = tensor_values(&config, opts.seed, name, &shape)
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_f32())
+            .collect();
+        let got = ck.read_f32(name).unwrap();
+        assert_eq!(got, want);
+        let var = got.iter().map(|v| v * v).sum::<f32>() / got.len() as f32;
+        assert!(
+            (var * config.hidden_size as f32 - 1.0).abs() < 0.15,
+            "variance {var}"
+        );
+        let norm = ck.read_f32("model.norm.weight").unwrap();
+        assert!((norm.iter().sum::<f32>() / norm.len() as f32 - 1.0).abs() < 0.05);
+    }
+}
+
+#[test]
+fn checkpoint_content_errors_are_typed() {
+    let config = ModelConfig::preset("tiny").unwrap();
+    let write_with = |edit: &dyn Fn(&mut Vec<TensorData>)| {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), config.to_json()).unwrap();
+        let mut ts: Vec<_> = config
+            .tensors()
+            .into_iter()
+            .map(|(n, s)| {
+                let bytes = vec![0x3f; s.iter().product::<usize>() * 2];
+                (n, TensorDtype::Bf16, s, bytes)
+            })
+            .collect();
+        edit(&mut ts);
+        write(&dir.path().join("model.safetensors"), &ts).unwrap();
+        let r = Checkpoint::open(dir.path()).and_then(|c| c.validate());
+        (dir, r)
+    };
+    assert_eq!(write_with(&|_| {}).1, Ok(()));
+    let (_d, r) = write_with(&|ts| {
+        ts.remove(3);
+    });
+    assert!(matches!(r, Err(LoadError::MissingTensor(_))));
+    let (_d, r) = write_with(&|ts| {
+        ts.push((
+            "lm_head.weight".into(),
+            TensorDtype::Bf16,
+            vec![2],
+            vec![0; 4],
+        ))
+    });
+    assert_eq!(r, Err(LoadError::UnexpectedTensor("lm_head.weight".into())));
+    let (_d, r) = write_with(&|ts| {
+        ts[2].2 = vec![ts[2].2.iter().product::<usize>()];
+    });
+    assert!(matches!(r, Err(LoadError::Shape { .. })));
+    let (_d, r) = write_with(&|ts| {
+        // Same bytes read as 32-bit floats: half the elements, a shape mismatch in the header.
+        ts[1].1 = TensorDtype::F32;
+    });
+    assert!(matches!(r, Err(LoadError::BadTensor { .. })));
+    // Missing files and a missing config.
+    let empty = tempfile::tempdir().unwrap();
+    assert!(matches!(
+        Checkpoint::open(empty.path()),
+        Err(LoadError::Io { .. })
+    ));
+    std::fs::write(empty.path().join("config.json"), config.to_json()).unwrap();
+    assert!(matches!(
+        Checkpoint::open(empty.path()),
+        Err(LoadError::Io { .. })
+    ));
+}
