@@ -239,11 +239,11 @@ pub fn parse(path: &str, bytes: &[u8]) -> Result<BTreeMap<String, TensorInfo>, L
     Ok(tensors)
 }
 
-/// Writes a safetensors file: `(name, dtype, shape, little-endian bytes)` per tensor.
-pub fn write(
-    path: &Path,
-    tensors: &[(String, TensorDtype, Vec<usize>, Vec<u8>)],
-) -> Result<(), LoadError> {
+/// One tensor to write: name, dtype, shape and little-endian bytes.
+pub type TensorData = (String, TensorDtype, Vec<usize>, Vec<u8>);
+
+/// Writes a safetensors file.
+pub fn write(path: &Path, tensors: &[TensorData]) -> Result<(), LoadError> {
     let mut header = serde_json::Map::new();
     let mut offset = 0usize;
     for (name, dtype, shape, data) in tensors {
