@@ -4,6 +4,7 @@ use super::{EventId, ProgramBuilder, TaskId};
 use crate::buffer::BufSlice;
 use crate::error::Result;
 use crate::task::{
+    argmax::Argmax,
     axpy::Axpy,
     fill::Fill,
     gemv_bf16::{GemvBf16, GemvShape},
@@ -102,5 +103,34 @@ pub fn reduce_sum(
     let ev = b.event("reduce_sum.partials");
     group.signal(b, ev);
     let combine = b.push(ReduceSum::task(&partials, out)?).wait(ev).id();
+    Ok((group, combine))
+}
+
+/// The index of the largest value of `x` into `out[0]` (a `u32`), across
+/// workers: `parts` tasks write `(value, index)` pairs into `scratch` (`u32`, at
+/// least `2 * parts` elements), then one task picks the best pair. Returns the
+/// partial group (wire its inputs) and the combining task (wire its output).
+pub fn argmax(
+    b: &mut ProgramBuilder,
+    x: &BufSlice,
+    out: &BufSlice,
+    scratch: &BufSlice,
+    parts: usize,
+) -> Result<(Group, TaskId)> {
+    let ranges = split_even(x.len(), parts);
+    let pairs = scratch.sub(0, 2 * ranges.len())?;
+    let mut specs = Vec::new();
+    for (i, &(s, n)) in ranges.iter().enumerate() {
+        specs.push(Argmax::over_values(
+            &x.sub(s, n)?,
+            s,
+            &pairs.sub(2 * i, 2)?,
+            false,
+        )?);
+    }
+    let group = Group(b.push_all(specs));
+    let ev = b.event("argmax.partials");
+    group.signal(b, ev);
+    let combine = b.push(Argmax::over_pairs(&pairs, out, true)?).wait(ev).id();
     Ok((group, combine))
 }

@@ -9,14 +9,18 @@ use crate::abi::{layouts::Layout, TASK_ARG_SLOTS};
 use crate::buffer::{BufSlice, Buffer, DType};
 use crate::error::ProgramError;
 
+pub mod argmax;
 pub mod axpy;
 pub mod copy;
+pub mod embed;
 pub mod emit;
 pub mod fill;
 pub mod gemv_bf16;
 pub mod nop;
 pub mod reduce_sum;
 pub mod registry;
+pub mod rmsnorm;
+pub mod swiglu;
 
 pub use registry::{kind_name, run_cpu, Registered};
 

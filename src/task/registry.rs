@@ -58,4 +58,8 @@ registry! {
     5 => reduce_sum::ReduceSum,
     6 => gemv_bf16::GemvBf16,
     7 => emit::Emit,
+    8 => rmsnorm::RmsNorm,
+    9 => swiglu::Swiglu,
+    10 => embed::Embed,
+    11 => argmax::Argmax,
 }

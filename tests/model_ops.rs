@@ -1,0 +1,184 @@
+//! Model building-block task kinds on every executor against f64 references.
+
+mod common;
+
+use common::{bf16_round, on_every_executor, rel_l2, Rng};
+use megakernel::prelude::*;
+use megakernel::program::ops;
+use megakernel::task::{embed::Embed, rmsnorm::RmsNorm, swiglu::Swiglu};
+
+fn seed() -> u64 {
+    let s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    eprintln!("seed {s}");
+    s
+}
+
+fn store(ex: &dyn Executor, dtype: DType, v: &[f32]) -> (Buffer, Vec<f32>) {
+    let b = ex.alloc(dtype, v.len()).unwrap();
+    let v = if dtype == DType::Bf16 {
+        bf16_round(v)
+    } else {
+        v.to_vec()
+    };
+    ex.write_f32(&b, &v).unwrap();
+    (b, v)
+}
+
+fn run1(ex: &dyn Executor, spec: task::TaskSpec) -> Result<()> {
+    let mut b = ProgramBuilder::new();
+    b.push(spec);
+    ex.run(&ex.load(&b.build()?)?, 1, &[])
+}
+
+#[test]
+fn rmsnorm_rows_and_heads() {
+    let mut rng = Rng(seed());
+    on_every_executor("rmsnorm_rows_and_heads", |ex| {
+        for (rows, cols, xd, yd, in_place) in [
+            (1, 2048, DType::Bf16, DType::F32, false),
+            (16, 128, DType::F32, DType::F32, true),
+            (5, 1000, DType::F32, DType::Bf16, false),
+            (3, 96, DType::Bf16, DType::Bf16, true),
+        ] {
+            let xv: Vec<f32> = rng.vec(rows * cols).iter().map(|v| v * 3.0).collect();
+            let (x, xv) = store(ex, xd, &xv);
+            let (w, wv) = store(
+                ex,
+                DType::Bf16,
+                &rng.vec(cols)
+                    .iter()
+                    .map(|v| 1.0 + v * 0.5)
+                    .collect::<Vec<_>>(),
+            );
+            let y = if in_place {
+                x.clone()
+            } else {
+                store(ex, yd, &vec![f32::NAN; rows * cols]).0
+            };
+            let yd = if in_place { xd } else { yd };
+            run1(
+                ex,
+                RmsNorm::task(&x.all(), &w.all(), &y.all(), rows, cols, 1e-6).unwrap(),
+            )
+            .unwrap();
+            let mut want = vec![0f64; rows * cols];
+            for r in 0..rows {
+                let row = &xv[r * cols..(r + 1) * cols];
+                let ms = row.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / cols as f64;
+                let inv = 1.0 / (ms + 1e-6).sqrt();
+                for c in 0..cols {
+                    want[r * cols + c] = f64::from(row[c]) * inv * f64::from(wv[c]);
+                }
+            }
+            let err = rel_l2(&ex.read_f32(&y).unwrap(), &want);
+            let tol = if yd == DType::F32 { 1e-5 } else { 8e-3 };
+            assert!(err < tol, "{} {rows}x{cols}: {err}", ex.describe());
+        }
+    });
+}
+
+#[test]
+fn swiglu_matches_reference() {
+    let mut rng = Rng(seed());
+    on_every_executor("swiglu_matches_reference", |ex| {
+        let n = 3000 + rng.below(3000);
+        let (g, gv) = store(
+            ex,
+            DType::Bf16,
+            &rng.vec(n).iter().map(|v| v * 6.0).collect::<Vec<_>>(),
+        );
+        let (u, uv) = store(ex, DType::F32, &rng.vec(n));
+        let (o, _) = store(ex, DType::F32, &vec![f32::NAN; n]);
+        run1(ex, Swiglu::task(&o.all(), &g.all(), &u.all()).unwrap()).unwrap();
+        let want: Vec<f64> = gv
+            .iter()
+            .zip(&uv)
+            .map(|(&g, &u)| f64::from(g) / (1.0 + (-f64::from(g)).exp()) * f64::from(u))
+            .collect();
+        assert!(rel_l2(&ex.read_f32(&o).unwrap(), &want) < 1e-5);
+    });
+}
+
+#[test]
+fn embedding_lookup_and_bad_ids() {
+    let mut rng = Rng(seed());
+    on_every_executor("embedding_lookup_and_bad_ids", |ex| {
+        let (rows, cols, m) = (300, 96, 7);
+        let (table, tv) = store(ex, DType::Bf16, &rng.vec(rows * cols));
+        let ids: Vec<u32> = (0..m)
+            .map(|i| if i == 3 { 5 } else { rng.below(rows) as u32 })
+            .collect();
+        let idb = ex.alloc(DType::U32, m).unwrap();
+        ex.write_u32(&idb, &ids).unwrap();
+        let (dst, _) = store(ex, DType::F32, &vec![f32::NAN; m * cols]);
+        run1(
+            ex,
+            Embed::task(&dst.all(), &table.all(), &idb.all(), cols).unwrap(),
+        )
+        .unwrap();
+        let got = ex.read_f32(&dst).unwrap();
+        for (i, &id) in ids.iter().enumerate() {
+            assert_eq!(
+                got[i * cols..(i + 1) * cols],
+                tv[id as usize * cols..(id as usize + 1) * cols]
+            );
+        }
+        ex.write_u32(&idb, &[1, 2, rows as u32, 0, 0, 0, 0])
+            .unwrap();
+        match run1(
+            ex,
+            Embed::task(&dst.all(), &table.all(), &idb.all(), cols).unwrap(),
+        ) {
+            Err(Error::DeviceFault {
+                what,
+                value,
+                bound,
+                task_kind,
+                ..
+            }) => {
+                assert_eq!(
+                    (what, value, bound, task_kind),
+                    ("index out of range", rows as u64, rows as u64, "embed")
+                );
+            }
+            r => panic!("expected a fault, got {r:?}"),
+        }
+    });
+}
+
+#[test]
+fn argmax_across_workers_prefers_the_lowest_index() {
+    let mut rng = Rng(seed());
+    on_every_executor("argmax_across_workers_prefers_the_lowest_index", |ex| {
+        for dtype in [DType::F32, DType::Bf16] {
+            let n = 50_000 + rng.below(100_000);
+            let mut v = rng.vec(n);
+            let (i, j) = (rng.below(n / 2), n / 2 + rng.below(n / 2));
+            v[i] = 7.5;
+            v[j] = 7.5;
+            v[rng.below(n)] = f32::NAN;
+            let (x, _) = store(ex, dtype, &v);
+            let out = ex.alloc(DType::U32, 1).unwrap();
+            let scratch = ex.alloc(DType::U32, 2 * ex.num_workers()).unwrap();
+            let mut b = ProgramBuilder::new();
+            ops::argmax(
+                &mut b,
+                &x.all(),
+                &out.all(),
+                &scratch.all(),
+                ex.num_workers(),
+            )
+            .unwrap();
+            ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[])
+                .unwrap();
+            assert_eq!(
+                ex.read_u32(&out).unwrap()[0],
+                i as u32,
+                "{} {dtype}",
+                ex.describe()
+            );
+        }
+    });
+}
