@@ -122,14 +122,10 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const
     __shared__ TaskDesc s_descs[4];  // ring: current task and the next two
     __shared__ Command s_cmd;
     __shared__ Loop s_loop;
-    __shared__ u32 s_ok[2];
-    __shared__ u32 s_done;  // warps finished, over all tasks of this block
     extern __shared__ __align__(16) unsigned char s_dyn[];
 
     const u32 tid = threadIdx.x;
-    constexpr u32 LEAD = 32;  // prefetches and prepares tasks (not thread 0: see below)
     if (tid == 0) {
-        s_done = 0;
         s_env.host_commands = reinterpret_cast<const Command*>(kp.host_commands);
         s_env.dev_commands = reinterpret_cast<Command*>(kp.dev_commands);
         s_env.output = reinterpret_cast<u64*>(kp.output);
@@ -174,11 +170,9 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const
             }
             go = __syncthreads_and(ok);
             // Descriptors live in a ring of four shared buffers. The first two are
-            // copied here; then, while task t runs, the lead thread (warp 1, lane 0)
-            // copies task t + 2 (cp.async, one group per task), so even short tasks
-            // never wait for their descriptor. The lead thread also prepares each
-            // task (parameters, waits) and hands its verdict over through a flag
-            // that alternates between two slots.
+            // copied here; then, while task t runs, threads 32..39 copy task t + 2
+            // (cp.async, one group per task), so even short tasks never wait for
+            // their descriptor.
             const u32 first = s_loop.first, last = s_loop.last;
             if (tid < 16 && first + tid / 8 < last) {
                 const u32 t = first + tid / 8;
@@ -187,46 +181,34 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const
             __syncthreads();
             for (u32 t = first; go && t < last; ++t) {
                 TaskDesc* d = &s_descs[t & 3];
-                if (tid == LEAD) {
-                    // Task t's descriptor (the group before the newest) has landed.
-                    asm volatile("cp.async.wait_group 1;" ::: "memory");
+                const u32 signal = d->signal;  // read now: the buffer is refilled two tasks later
+                // The copying threads are in warp 1, so that thread 0's release
+                // fence when it signals never waits for these loads.
+                if (tid - 32 < 8) {
                     if (t + 2 < last) {
-                        const unsigned dst = unsigned(__cvta_generic_to_shared(&s_descs[(t + 2) & 3]));
-                        const uint4* src = reinterpret_cast<const uint4*>(&tasks[t + 2]);
-#pragma unroll
-                        for (int i = 0; i < 8; ++i) {
-                            asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(dst + 16 * i), "l"(src + i)
-                                         : "memory");
-                        }
+                        const unsigned dst = unsigned(__cvta_generic_to_shared(&s_descs[(t + 2) & 3])) + 16 * (tid - 32);
+                        asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(dst),
+                                     "l"(reinterpret_cast<const uint4*>(&tasks[t + 2]) + (tid - 32))
+                                     : "memory");
                     }
                     asm volatile("cp.async.commit_group;" ::: "memory");
-                    s_ok[t & 1] = prepare_task(env, d, &s_cmd, s_loop.epoch);
                 }
-                __syncthreads();
-                go = s_ok[t & 1];
-                if (!go) break;
-                const u32 signal = d->signal;
-                const Ctx c = {env, d, seq, s_dyn, dyn_bytes};
-                if (!dispatch_task(d->opcode, c) && tid == 0) {
-                    report_fault(env, d->id, d->opcode, seq, FAULT_BAD_OPCODE, NO_EVENT, d->opcode, 0);
-                }
-                // Completion without a block barrier: each warp counts itself in
-                // (acquire-release at block scope), and the last warp to finish
-                // signals with a release that covers every warp's writes.
-                __syncwarp();
-                if ((tid & 31) == 0) {
-                    u32 old;
-                    asm volatile("atom.acq_rel.cta.shared::cta.add.u32 %0, [%1], 1;"
-                                 : "=r"(old)
-                                 : "r"(unsigned(__cvta_generic_to_shared(&s_done)))
-                                 : "memory");
-                    if ((old + 1) % (blockDim.x >> 5) == 0 && signal != NO_EVENT) {
-                        red_release_gpu(reinterpret_cast<u64*>(s_cmd.events) + signal, 1);
+                if (tid == 0) ok = prepare_task(env, d, &s_cmd, s_loop.epoch);
+                go = __syncthreads_and(ok);
+                if (go) {
+                    const Ctx c = {env, d, seq, s_dyn, dyn_bytes};
+                    if (!dispatch_task(d->opcode, c) && tid == 0) {
+                        report_fault(env, d->id, d->opcode, seq, FAULT_BAD_OPCODE, NO_EVENT, d->opcode, 0);
                     }
                 }
+                // Task t + 1's descriptor (the group before the newest) has landed.
+                if (tid - 32 < 8) asm volatile("cp.async.wait_group 1;" ::: "memory");
+                __syncthreads();  // the task's writes are done
+                if (go && tid == 0 && signal != NO_EVENT) {
+                    red_release_gpu(reinterpret_cast<u64*>(s_cmd.events) + signal, 1);
+                }
             }
-            if (tid == LEAD) asm volatile("cp.async.wait_all;" ::: "memory");
-            __syncthreads();  // every warp has counted in (and signalled) its last task
+            if (tid - 32 < 8) asm volatile("cp.async.wait_all;" ::: "memory");
             if (go && tid == 0 && !aborted(env)) {
                 const u64 g = s_loop.iteration;
                 const u64 old = atom_add_acq_rel_gpu(&env->state->worker_iters, 1);
