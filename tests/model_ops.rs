@@ -182,3 +182,139 @@ fn argmax_across_workers_prefers_the_lowest_index() {
         }
     });
 }
+
+#[test]
+fn rope_kv_rotates_and_appends() {
+    use megakernel::task::rope_kv::{norm_rope, HeadShape, RopeKv};
+    let mut rng = Rng(seed());
+    on_every_executor("rope_kv_rotates_and_appends", |ex| {
+        for (shape, m, qd) in [
+            (
+                HeadShape {
+                    heads: 8,
+                    kv_heads: 2,
+                    head_dim: 128,
+                },
+                1,
+                DType::Bf16,
+            ),
+            (
+                HeadShape {
+                    heads: 4,
+                    kv_heads: 2,
+                    head_dim: 64,
+                },
+                3,
+                DType::F32,
+            ),
+        ] {
+            let (hd, kvh, max_seq) = (shape.head_dim, shape.kv_heads, 50);
+            let width = shape.qkv_width();
+            let (qkv, qv) = store(
+                ex,
+                qd,
+                &rng.vec(m * width)
+                    .iter()
+                    .map(|v| v * 2.0)
+                    .collect::<Vec<_>>(),
+            );
+            let (norms, nv) = store(
+                ex,
+                DType::Bf16,
+                &rng.vec(2 * hd)
+                    .iter()
+                    .map(|v| 1.0 + v * 0.3)
+                    .collect::<Vec<_>>(),
+            );
+            let (cache, _) = store(ex, DType::Bf16, &vec![7.0; 2 * kvh * max_seq * hd]);
+            let pos = ex.alloc(DType::U32, 1).unwrap();
+            let p0 = rng.below(max_seq - m) as u32;
+            ex.write_u32(&pos, &[p0]).unwrap();
+            let spec = RopeKv::task(
+                &qkv.all(),
+                &norms.all(),
+                &cache.all(),
+                &pos.all(),
+                shape,
+                m,
+                max_seq,
+                1e-6,
+                1e6,
+            );
+            run1(ex, spec.unwrap()).unwrap();
+            let (got_q, got_c) = (ex.read_f32(&qkv).unwrap(), ex.read_f32(&cache).unwrap());
+            let (mut want_q, mut got_qs) = (Vec::new(), Vec::new());
+            let mut want_c = vec![7.0f64; got_c.len()];
+            for i in 0..m {
+                let p = p0 + i as u32;
+                for h in 0..shape.heads + 2 * kvh {
+                    let x = &qv[i * width + h * hd..i * width + (h + 1) * hd];
+                    let slot =
+                        |which: usize, kh: usize| ((which * kvh + kh) * max_seq + p as usize) * hd;
+                    if h < shape.heads {
+                        want_q.extend(
+                            norm_rope(x, &nv[..hd], p, 1e-6, 1e6)
+                                .iter()
+                                .map(|&v| f64::from(v)),
+                        );
+                        got_qs.extend_from_slice(
+                            &got_q[i * width + h * hd..i * width + (h + 1) * hd],
+                        );
+                    } else if h < shape.heads + kvh {
+                        let k = norm_rope(x, &nv[hd..], p, 1e-6, 1e6);
+                        let s = slot(0, h - shape.heads);
+                        want_c[s..s + hd]
+                            .iter_mut()
+                            .zip(&k)
+                            .for_each(|(w, v)| *w = f64::from(*v));
+                    } else {
+                        let s = slot(1, h - shape.heads - kvh);
+                        want_c[s..s + hd]
+                            .iter_mut()
+                            .zip(x)
+                            .for_each(|(w, v)| *w = f64::from(*v));
+                    }
+                }
+            }
+            let tol = if qd == DType::F32 { 1e-5 } else { 8e-3 };
+            assert!(
+                rel_l2(&got_qs, &want_q) < tol,
+                "{} q {shape:?}",
+                ex.describe()
+            );
+            // The cache is bf16: every slot not written still holds 7.
+            assert!(
+                rel_l2(&got_c, &want_c) < 8e-3,
+                "{} cache {shape:?}",
+                ex.describe()
+            );
+            assert_eq!(
+                got_c.iter().filter(|&&v| v == 7.0).count(),
+                want_c.iter().filter(|&&v| v == 7.0).count()
+            );
+            // A row past the end of the cache is a fault (checked last: it stops the executor).
+            ex.write_u32(&pos, &[(max_seq - m + 1) as u32]).unwrap();
+            let spec = RopeKv::task(
+                &qkv.all(),
+                &norms.all(),
+                &cache.all(),
+                &pos.all(),
+                shape,
+                m,
+                max_seq,
+                1e-6,
+                1e6,
+            );
+            if m > 1 {
+                assert!(matches!(
+                    run1(ex, spec.unwrap()),
+                    Err(Error::DeviceFault {
+                        task_kind: "rope_kv",
+                        ..
+                    })
+                ));
+                return;
+            }
+        }
+    });
+}

@@ -20,6 +20,7 @@ pub mod nop;
 pub mod reduce_sum;
 pub mod registry;
 pub mod rmsnorm;
+pub mod rope_kv;
 pub mod swiglu;
 
 pub use registry::{kind_name, run_cpu, Registered};

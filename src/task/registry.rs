@@ -62,4 +62,5 @@ registry! {
     9 => swiglu::Swiglu,
     10 => embed::Embed,
     11 => argmax::Argmax,
+    12 => rope_kv::RopeKv,
 }
