@@ -318,3 +318,117 @@ fn rope_kv_rotates_and_appends() {
         }
     });
 }
+
+#[test]
+fn attention_matches_softmax_reference() {
+    use megakernel::task::rope_kv::HeadShape;
+    let mut rng = Rng(seed());
+    on_every_executor("attention_matches_softmax_reference", |ex| {
+        for (shape, m, chunks) in [
+            (
+                HeadShape {
+                    heads: 8,
+                    kv_heads: 2,
+                    head_dim: 128,
+                },
+                1,
+                33,
+            ),
+            (
+                HeadShape {
+                    heads: 4,
+                    kv_heads: 4,
+                    head_dim: 64,
+                },
+                5,
+                7,
+            ),
+            (
+                HeadShape {
+                    heads: 6,
+                    kv_heads: 3,
+                    head_dim: 32,
+                },
+                16,
+                2,
+            ),
+        ] {
+            let (hd, kvh, max_seq) = (shape.head_dim, shape.kv_heads, 400);
+            let width = shape.qkv_width();
+            let (qkv, qv) = store(
+                ex,
+                DType::F32,
+                &rng.vec(m * width)
+                    .iter()
+                    .map(|v| v * 2.0)
+                    .collect::<Vec<_>>(),
+            );
+            let (cache, cv) = store(ex, DType::Bf16, &rng.vec(2 * kvh * max_seq * hd));
+            let pos = ex.alloc(DType::U32, 1).unwrap();
+            let p0 = rng.below(300);
+            ex.write_u32(&pos, &[p0 as u32]).unwrap();
+            let partial = ex
+                .alloc(DType::F32, m * shape.heads * chunks * (hd + 2))
+                .unwrap();
+            let (out, _) = store(ex, DType::F32, &vec![f32::NAN; m * shape.heads * hd]);
+            let mut b = ProgramBuilder::new();
+            let parts = 1 + rng.below(4);
+            ops::attention(
+                &mut b,
+                &qkv.all(),
+                &cache.all(),
+                &pos.all(),
+                &partial.all(),
+                &out.all(),
+                shape,
+                m,
+                max_seq,
+                chunks,
+                parts,
+            )
+            .unwrap();
+            ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[])
+                .unwrap();
+            let group = shape.heads / kvh;
+            let mut want = Vec::new();
+            for i in 0..m {
+                for h in 0..shape.heads {
+                    let kv = h / group;
+                    let q = &qv[i * width + h * hd..i * width + (h + 1) * hd];
+                    let key =
+                        |j: usize| &cv[((kv * max_seq) + j) * hd..((kv * max_seq) + j + 1) * hd];
+                    let val = |j: usize| {
+                        &cv[(((kvh + kv) * max_seq) + j) * hd
+                            ..(((kvh + kv) * max_seq) + j + 1) * hd]
+                    };
+                    let scores: Vec<f64> = (0..=p0 + i)
+                        .map(|j| {
+                            q.iter()
+                                .zip(key(j))
+                                .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                                .sum::<f64>()
+                                / (hd as f64).sqrt()
+                        })
+                        .collect();
+                    let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let w: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
+                    let total: f64 = w.iter().sum();
+                    for d in 0..hd {
+                        want.push(
+                            (0..=p0 + i)
+                                .map(|j| w[j] * f64::from(val(j)[d]))
+                                .sum::<f64>()
+                                / total,
+                        );
+                    }
+                }
+            }
+            let err = rel_l2(&ex.read_f32(&out).unwrap(), &want);
+            assert!(
+                err < 1e-5,
+                "{} {shape:?} m {m} pos {p0}: {err}",
+                ex.describe()
+            );
+        }
+    });
+}

@@ -5,10 +5,13 @@ use crate::buffer::BufSlice;
 use crate::error::Result;
 use crate::task::{
     argmax::Argmax,
+    attention::Attention,
+    attention_combine::AttentionCombine,
     axpy::Axpy,
     fill::Fill,
     gemv_bf16::{GemvBf16, GemvShape},
     reduce_sum::ReduceSum,
+    rope_kv::HeadShape,
     split_even,
 };
 
@@ -133,4 +136,43 @@ pub fn argmax(
     group.signal(b, ev);
     let combine = b.push(Argmax::over_pairs(&pairs, out, true)?).wait(ev).id();
     Ok((group, combine))
+}
+
+/// Split-sequence attention for `m` rows: `chunks` slices per KV head (tasks
+/// signal an internal event), then `combine_parts` tasks merge heads into `out`.
+/// Returns the slice group (wire its inputs) and the combine group (wire its output).
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    b: &mut ProgramBuilder,
+    qkv: &BufSlice,
+    cache: &BufSlice,
+    pos: &BufSlice,
+    partial: &BufSlice,
+    out: &BufSlice,
+    shape: HeadShape,
+    m: usize,
+    max_seq: usize,
+    chunks: usize,
+    combine_parts: usize,
+) -> Result<(Group, Group)> {
+    let mut specs = Vec::new();
+    for kv in 0..shape.kv_heads {
+        for c in 0..chunks {
+            specs.push(Attention::task(
+                qkv, cache, pos, partial, shape, m, max_seq, kv, c, chunks,
+            )?);
+        }
+    }
+    let slices = Group(b.push_all(specs));
+    let ev = b.event("attention.slices");
+    slices.signal(b, ev);
+    let mut specs = Vec::new();
+    for (h0, n) in split_even(shape.heads, combine_parts) {
+        specs.push(AttentionCombine::task(
+            partial, out, shape, m, chunks, h0, n,
+        )?);
+    }
+    let combine = Group(b.push_all(specs));
+    combine.wait(b, ev);
+    Ok((slices, combine))
 }

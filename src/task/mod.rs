@@ -10,6 +10,8 @@ use crate::buffer::{BufSlice, Buffer, DType};
 use crate::error::ProgramError;
 
 pub mod argmax;
+pub mod attention;
+pub mod attention_combine;
 pub mod axpy;
 pub mod copy;
 pub mod embed;

@@ -63,4 +63,6 @@ registry! {
     10 => embed::Embed,
     11 => argmax::Argmax,
     12 => rope_kv::RopeKv,
+    13 => attention::Attention,
+    14 => attention_combine::AttentionCombine,
 }

@@ -1,0 +1,227 @@
+//! `attention`: split-sequence ("flash-decoding") GQA attention for `m` query
+//! rows at positions `pos[0] + i` over the KV cache. Each task takes one KV
+//! head and one of `chunks` equal slices of the `pos[0] + m` cached keys
+//! (sliced at run time, so every task has work at any context length) and
+//! writes, per query row and head of its group, a partial `(o[head_dim], max,
+//! sum)`; [`attention_combine`](super::attention_combine) merges the slices. Row `i` attends keys
+//! `0..=pos[0] + i` (causal inside a block of rows).
+
+use bytemuck::{Pod, Zeroable};
+
+use super::rope_kv::HeadShape;
+use super::{bad, want_float, Memory, TaskFault, TaskKind, TaskSpec};
+use crate::abi::layouts::{layout, Layout};
+use crate::buffer::{BufSlice, DType};
+use crate::error::ProgramError;
+
+/// Largest head size the kernels take (each lane holds `head_dim / 32` values).
+pub const MAX_HEAD_DIM: usize = 128;
+
+/// Arguments of [`Attention`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct AttentionArgs {
+    /// Fused `qkv` rows (queries already normalised and rotated).
+    pub qkv: u64,
+    /// KV cache `[2][kv_heads][max_seq][head_dim]`.
+    pub cache: u64,
+    /// Address of the `u32` position of row 0.
+    pub pos: u64,
+    /// Partials, f32 `[m][heads][chunks][head_dim + 2]`.
+    pub partial: u64,
+    /// Query rows.
+    pub m: u32,
+    /// Query heads.
+    pub heads: u32,
+    /// Key/value heads.
+    pub kv_heads: u32,
+    /// Head size.
+    pub head_dim: u32,
+    /// Cache length in positions.
+    pub max_seq: u32,
+    /// The KV head of this task.
+    pub kv_head: u32,
+    /// The slice of this task.
+    pub chunk: u32,
+    /// Slices per KV head.
+    pub chunks: u32,
+    /// Score scale (usually `head_dim^-0.5`), f32 bits.
+    pub scale: u32,
+    /// [`DType`] code of `qkv`.
+    pub qkv_dtype: u32,
+    /// [`DType`] code of the cache.
+    pub cache_dtype: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+}
+
+/// One slice of split-sequence attention.
+pub struct Attention;
+
+/// Checks a geometry the attention kernels take: head sizes 32, 64 or 128.
+pub(crate) fn check_geometry<K: TaskKind>(shape: HeadShape, m: usize) -> Result<(), ProgramError> {
+    let HeadShape {
+        heads,
+        kv_heads,
+        head_dim,
+    } = shape;
+    if m == 0
+        || kv_heads == 0
+        || heads % kv_heads != 0
+        || ![32, 64, MAX_HEAD_DIM].contains(&head_dim)
+    {
+        return Err(bad::<K>(format!(
+            "unsupported geometry {shape:?} with m = {m}"
+        )));
+    }
+    Ok(())
+}
+
+impl Attention {
+    /// The task for KV head `kv_head`, slice `chunk` of `chunks`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn task(
+        qkv: &BufSlice,
+        cache: &BufSlice,
+        pos: &BufSlice,
+        partial: &BufSlice,
+        shape: HeadShape,
+        m: usize,
+        max_seq: usize,
+        kv_head: usize,
+        chunk: usize,
+        chunks: usize,
+    ) -> Result<TaskSpec, ProgramError> {
+        check_geometry::<Attention>(shape, m)?;
+        want_float::<Attention>("qkv", qkv)?;
+        want_float::<Attention>("cache", cache)?;
+        let HeadShape {
+            heads,
+            kv_heads,
+            head_dim,
+        } = shape;
+        if pos.dtype() != DType::U32 || partial.dtype() != DType::F32 {
+            return Err(bad::<Attention>("pos must be u32 and partial f32"));
+        }
+        if kv_head >= kv_heads || chunk >= chunks {
+            return Err(bad::<Attention>("kv_head or chunk out of range"));
+        }
+        if qkv.len() < m * shape.qkv_width()
+            || cache.len() < 2 * kv_heads * max_seq * head_dim
+            || partial.len() < m * heads * chunks * (head_dim + 2)
+        {
+            return Err(bad::<Attention>("qkv, cache or partial too small"));
+        }
+        let u = |v: usize| u32::try_from(v).map_err(|_| bad::<Attention>("dimension over 2^32"));
+        let args = AttentionArgs {
+            qkv: qkv.addr(),
+            cache: cache.addr(),
+            pos: pos.addr(),
+            partial: partial.addr(),
+            m: u(m)?,
+            heads: u(heads)?,
+            kv_heads: u(kv_heads)?,
+            head_dim: u(head_dim)?,
+            max_seq: u(max_seq)?,
+            kv_head: u(kv_head)?,
+            chunk: u(chunk)?,
+            chunks: u(chunks)?,
+            scale: (1.0 / (head_dim as f32).sqrt()).to_bits(),
+            qkv_dtype: qkv.dtype().code(),
+            cache_dtype: cache.dtype().code(),
+            reserved: 0,
+        };
+        Ok(TaskSpec::new::<Attention>(
+            args,
+            &[qkv, cache, pos, partial],
+        ))
+    }
+}
+
+/// The key range `[lo, hi)` of slice `chunk` of `chunks` over `len` keys.
+pub fn slice_range(len: u32, chunk: u32, chunks: u32) -> (u32, u32) {
+    let per = len.div_ceil(chunks);
+    let lo = (chunk * per).min(len);
+    (lo, (lo + per).min(len))
+}
+
+impl TaskKind for Attention {
+    type Args = AttentionArgs;
+    const NAME: &'static str = "attention";
+    fn cpu(a: &AttentionArgs, mem: &dyn Memory) -> Result<(), TaskFault> {
+        let dt = |c| DType::from_code(c).ok_or(TaskFault::BadArgs("attention dtype"));
+        let (qd, cd) = (dt(a.qkv_dtype)?, dt(a.cache_dtype)?);
+        let (hd, heads, kvh) = (a.head_dim as usize, a.heads as usize, a.kv_heads as usize);
+        let group = heads / kvh;
+        let pos0 = mem.read_u32(a.pos, 1)?[0];
+        let len =
+            pos0.checked_add(a.m)
+                .filter(|&l| l <= a.max_seq)
+                .ok_or(TaskFault::OutOfRange {
+                    index: u64::from(pos0) + u64::from(a.m),
+                    bound: u64::from(a.max_seq),
+                })?;
+        let (lo, hi) = slice_range(len, a.chunk, a.chunks);
+        let row = |which: usize, j: u32| {
+            a.cache
+                + (((which * kvh + a.kv_head as usize) * a.max_seq as usize + j as usize)
+                    * hd
+                    * cd.size()) as u64
+        };
+        let keys: Vec<Vec<f32>> = (lo..hi)
+            .map(|j| mem.read_f32(row(0, j), cd, hd))
+            .collect::<Result<_, _>>()?;
+        let vals: Vec<Vec<f32>> = (lo..hi)
+            .map(|j| mem.read_f32(row(1, j), cd, hd))
+            .collect::<Result<_, _>>()?;
+        let scale = f32::from_bits(a.scale);
+        let width = (heads + 2 * kvh) * hd;
+        for i in 0..a.m as usize {
+            let last = pos0 + i as u32; // attends keys 0..=last
+            for gh in 0..group {
+                let h = a.kv_head as usize * group + gh;
+                let q = mem.read_f32(a.qkv + ((i * width + h * hd) * qd.size()) as u64, qd, hd)?;
+                let (mut mx, mut sum, mut o) = (f32::NEG_INFINITY, 0f32, vec![0f32; hd]);
+                let scores: Vec<f32> = keys
+                    .iter()
+                    .zip(lo..)
+                    .filter(|(_, j)| *j <= last)
+                    .map(|(k, _)| q.iter().zip(k).map(|(x, y)| x * y).sum::<f32>() * scale)
+                    .collect();
+                for &s in &scores {
+                    mx = mx.max(s);
+                }
+                for (s, v) in scores.iter().zip(&vals) {
+                    let p = (s - mx).exp();
+                    sum += p;
+                    o.iter_mut().zip(v).for_each(|(a, b)| *a += p * b);
+                }
+                o.push(mx);
+                o.push(sum);
+                let at = ((i * heads + h) * a.chunks as usize + a.chunk as usize) * (hd + 2);
+                mem.write_f32(a.partial + (at * 4) as u64, DType::F32, &o)?;
+            }
+        }
+        Ok(())
+    }
+    fn layout() -> Layout {
+        layout!(AttentionArgs {
+            qkv,
+            cache,
+            pos,
+            partial,
+            m,
+            heads,
+            kv_heads,
+            head_dim,
+            max_seq,
+            kv_head,
+            chunk,
+            chunks,
+            scale,
+            qkv_dtype,
+            cache_dtype,
+            reserved
+        })
+    }
+}
