@@ -3,7 +3,9 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod decoder;
 pub mod safetensors;
 
 pub use config::{Arch, ModelConfig, MoeConfig};
+pub use decoder::Decoder;
 pub use safetensors::{Checkpoint, SafeTensors, TensorDtype, TensorInfo};

@@ -9,6 +9,7 @@ use crate::abi::{layouts::Layout, TASK_ARG_SLOTS};
 use crate::buffer::{BufSlice, Buffer, DType};
 use crate::error::ProgramError;
 
+pub mod advance;
 pub mod argmax;
 pub mod attention;
 pub mod attention_combine;

@@ -65,4 +65,5 @@ registry! {
     12 => rope_kv::RopeKv,
     13 => attention::Attention,
     14 => attention_combine::AttentionCombine,
+    15 => advance::Advance,
 }

@@ -1,0 +1,247 @@
+//! A dense Qwen3 model decoding inside task programs: against an independent
+//! plain-Rust forward pass, and GPU against the CPU executor.
+
+mod common;
+
+use common::{gpu, Rng};
+use megakernel::model::checkpoint::{write_random, WriteOptions};
+use megakernel::model::{Checkpoint, Decoder, ModelConfig};
+use megakernel::prelude::*;
+
+/// Keys and values seen so far by one layer.
+type LayerCache = (Vec<Vec<f64>>, Vec<Vec<f64>>);
+
+/// Straightforward f64 forward pass of a Qwen3 model over a token sequence,
+/// returning the logits after every token.
+fn reference(ck: &Checkpoint, tokens: &[u32]) -> Vec<Vec<f64>> {
+    let c = &ck.config;
+    let w = |n: &str| {
+        ck.read_f32(n)
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect::<Vec<f64>>()
+    };
+    let (h, hd, nh, kvh) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
+    let matvec = |m: &[f64], x: &[f64]| -> Vec<f64> {
+        m.chunks(x.len())
+            .map(|r| r.iter().zip(x).map(|(a, b)| a * b).sum())
+            .collect()
+    };
+    let norm = |x: &[f64], g: &[f64]| -> Vec<f64> {
+        let inv =
+            1.0 / (x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64 + c.rms_norm_eps).sqrt();
+        x.iter().zip(g).map(|(v, g)| v * inv * g).collect()
+    };
+    let rope = |x: &mut [f64], p: usize| {
+        let half = x.len() / 2;
+        for j in 0..half {
+            let a = p as f64 / c.rope_theta.powf(2.0 * j as f64 / x.len() as f64);
+            let (s, co) = a.sin_cos();
+            let (x1, x2) = (x[j], x[j + half]);
+            x[j] = x1 * co - x2 * s;
+            x[j + half] = x2 * co + x1 * s;
+        }
+    };
+    let embed = w("model.embed_tokens.weight");
+    let head = if c.tie_word_embeddings {
+        embed.clone()
+    } else {
+        w("lm_head.weight")
+    };
+    let mut caches: Vec<LayerCache> = vec![(Vec::new(), Vec::new()); c.num_layers];
+    let mut out = Vec::new();
+    for (p, &t) in tokens.iter().enumerate() {
+        let mut x = embed[t as usize * h..(t as usize + 1) * h].to_vec();
+        for (l, (kc, vc)) in caches.iter_mut().enumerate() {
+            let pre = |s: &str| w(&format!("model.layers.{l}.{s}"));
+            let hn = norm(&x, &pre("input_layernorm.weight"));
+            let (q, k, v) = (
+                matvec(&pre("self_attn.q_proj.weight"), &hn),
+                matvec(&pre("self_attn.k_proj.weight"), &hn),
+                matvec(&pre("self_attn.v_proj.weight"), &hn),
+            );
+            let (qn, kn) = (
+                pre("self_attn.q_norm.weight"),
+                pre("self_attn.k_norm.weight"),
+            );
+            let mut kk = Vec::new();
+            for g in 0..kvh {
+                let mut r = norm(&k[g * hd..(g + 1) * hd], &kn);
+                rope(&mut r, p);
+                kk.extend(r);
+            }
+            kc.push(kk);
+            vc.push(v);
+            let mut attn = Vec::new();
+            for hh in 0..nh {
+                let g = hh / (nh / kvh);
+                let mut qh = norm(&q[hh * hd..(hh + 1) * hd], &qn);
+                rope(&mut qh, p);
+                let s: Vec<f64> = kc
+                    .iter()
+                    .map(|kr| {
+                        qh.iter()
+                            .zip(&kr[g * hd..(g + 1) * hd])
+                            .map(|(a, b)| a * b)
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = s.iter().map(|v| (v - mx).exp()).collect();
+                let tot: f64 = e.iter().sum();
+                for d in 0..hd {
+                    attn.push(
+                        e.iter()
+                            .zip(vc.iter())
+                            .map(|(a, vr)| a * vr[g * hd + d])
+                            .sum::<f64>()
+                            / tot,
+                    );
+                }
+            }
+            x.iter_mut()
+                .zip(matvec(&pre("self_attn.o_proj.weight"), &attn))
+                .for_each(|(a, b)| *a += b);
+            let hn = norm(&x, &pre("post_attention_layernorm.weight"));
+            let (gt, up) = (
+                matvec(&pre("mlp.gate_proj.weight"), &hn),
+                matvec(&pre("mlp.up_proj.weight"), &hn),
+            );
+            let act: Vec<f64> = gt
+                .iter()
+                .zip(&up)
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
+            x.iter_mut()
+                .zip(matvec(&pre("mlp.down_proj.weight"), &act))
+                .for_each(|(a, b)| *a += b);
+        }
+        out.push(matvec(&head, &norm(&x, &w("model.norm.weight"))));
+    }
+    out
+}
+
+fn argmax(v: &[f64]) -> (usize, f64) {
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    idx.sort_by(|&a, &b| v[b].partial_cmp(&v[a]).unwrap());
+    (idx[0], v[idx[0]] - v[idx[1]])
+}
+
+fn rel(a: &[f32], b: &[f64]) -> f64 {
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (f64::from(*x) - y).powi(2))
+        .sum();
+    (num / b.iter().map(|y| y * y).sum::<f64>()).sqrt()
+}
+
+#[test]
+fn tiny_model_decodes_like_the_reference_on_every_executor() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ModelConfig::preset("tiny").unwrap();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("seed {seed}");
+    write_random(
+        dir.path(),
+        &config,
+        &WriteOptions {
+            seed,
+            ..WriteOptions::default()
+        },
+    )
+    .unwrap();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let mut rng = Rng(seed);
+    let prompt: Vec<u32> = (0..6)
+        .map(|_| rng.below(config.vocab_size) as u32)
+        .collect();
+    let mut runs: Vec<(String, u32, Vec<u32>, Vec<f32>)> = Vec::new();
+    let mut run = |ex: &dyn Executor| {
+        let mut d = Decoder::new(ex, &ck, 64).unwrap();
+        let first = d.prefill(ex, &prompt).unwrap();
+        let logits = d.logits(ex).unwrap();
+        let more = d.generate(ex, 24).unwrap();
+        assert_eq!(d.position(), prompt.len() + 24);
+        // Typed errors: context overflow and a token outside the vocabulary.
+        assert!(matches!(d.generate(ex, 64), Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            d.prefill(ex, &[config.vocab_size as u32]),
+            Err(Error::InvalidArgument(_))
+        ));
+        runs.push((ex.describe(), first, more, logits));
+    };
+    run(&CpuExecutor::new(CpuOptions { threads: 3, seed }));
+    if let Some((_g, rt)) = gpu(
+        "tiny_model_decodes_like_the_reference",
+        RuntimeOptions::default(),
+    ) {
+        run(&rt);
+    }
+    for (name, first, more, logits) in &runs {
+        // The independent forward pass over the prompt and this run's own tokens.
+        let mut seq = prompt.clone();
+        seq.push(*first);
+        seq.extend(&more[..more.len() - 1]);
+        let want = reference(&ck, &seq);
+        let err = rel(logits, &want[prompt.len() - 1]);
+        assert!(
+            err < 3e-2,
+            "{name}: logits after the prompt differ from the reference by {err}"
+        );
+        let got: Vec<u32> = std::iter::once(*first)
+            .chain(more.iter().copied())
+            .collect();
+        let mut checked = 0;
+        for (i, &t) in got.iter().enumerate() {
+            let (best, margin) = argmax(&want[prompt.len() - 1 + i]);
+            if margin > 0.05 {
+                assert_eq!(
+                    t as usize, best,
+                    "{name}: token {i} differs where the reference margin is {margin}"
+                );
+                checked += 1;
+            }
+        }
+        eprintln!(
+            "{name}: logits rel err {err:.2e}; {checked} of {} tokens had a margin to check",
+            got.len()
+        );
+        assert!(
+            checked >= got.len() / 2,
+            "too few tokens with a clear margin ({checked})"
+        );
+    }
+    if runs.len() == 2 {
+        let ((_, f0, m0, l0), (_, f1, m1, l1)) = (&runs[0], &runs[1]);
+        let l0d: Vec<f64> = l0.iter().map(|&v| f64::from(v)).collect();
+        assert!(
+            rel(l1, &l0d) < 1e-2,
+            "GPU logits differ from the CPU executor's"
+        );
+        let agree = std::iter::once(f0 == f1)
+            .chain(m0.iter().zip(m1).map(|(a, b)| a == b))
+            .take_while(|&x| x)
+            .count();
+        eprintln!("GPU and CPU agree on the first {agree} of 25 tokens");
+    }
+}
+
+#[test]
+fn moe_decoding_is_refused_with_a_typed_error() {
+    let dir = tempfile::tempdir().unwrap();
+    write_random(
+        dir.path(),
+        &ModelConfig::preset("tiny-moe").unwrap(),
+        &WriteOptions::default(),
+    )
+    .unwrap();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let cpu = CpuExecutor::new(CpuOptions::default());
+    assert!(matches!(Decoder::new(&cpu, &ck, 16), Err(Error::Load(_))));
+}
