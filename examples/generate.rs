@@ -1,53 +1,74 @@
-//! Runs a demonstration program on the resident kernel (or, without a GPU, on
-//! the CPU executor) and checks it against the CPU executor.
+//! Generates tokens with a Qwen3 model decoding inside the resident kernel (or,
+//! without a GPU, on the CPU executor).
 //!
-//! Until a model exists, the "decode step" is a stack of bf16 matrix-vector
-//! products with a residual update and a cross-SM reduction; each step streams
-//! one value (a row index chosen by a command parameter) back to the host.
+//! With no arguments it writes (once, into a cache folder) a small built-in
+//! random-weight Qwen3 checkpoint, feeds a fixed prompt and generates greedily,
+//! printing the tokens, time to first token and tokens per second.
 
+use std::path::PathBuf;
 use std::time::Instant;
 
+use megakernel::model::checkpoint::{write_random, WriteOptions};
+use megakernel::model::{Checkpoint, Decoder, ModelConfig};
 use megakernel::prelude::*;
-use megakernel::program::ops;
-use megakernel::task::{copy::Copy, emit::Emit, gemv_bf16::GemvShape};
 
-const HELP: &str = "usage: generate [--steps N] [--hidden N] [--layers N] [--cpu]
+const HELP: &str = "usage: generate [--model DIR | --preset NAME] [--prompt-ids 1,2,3] [--tokens N] [--context N] [--cpu]
 
-Runs a demonstration task program for N steps on the GPU's resident kernel
-(or on the CPU executor when there is no GPU, or with --cpu), then checks the
-result against the CPU executor.
+Greedy generation with a dense Qwen3 model (Hugging Face layout: config.json and
+safetensors) decoding inside the resident GPU kernel; on the CPU executor when
+there is no GPU (or with --cpu).
 
-  --steps N    decode steps to run in one command (default 64)
-  --hidden N   vector width, a multiple of 8 (default 1024)
-  --layers N   matrix-vector products per step (default 4)
-  --cpu        use the CPU executor even if a GPU is present
-  --help       this text";
+  --model DIR        a checkpoint folder (model_type qwen3)
+  --preset NAME      a random-weight preset written once into the cache folder:
+                     tiny (default), qwen3-0.6b, qwen3-8b
+  --prompt-ids LIST  prompt token ids, comma-separated (default 17,300,42,5,256,99,3,128)
+  --tokens N         tokens to generate (default 32)
+  --context N        context length to allocate (default 256)
+  --cpu              use the CPU executor even if a GPU is present
+  --help             this text
+
+Prompts are token ids: text prompts need a tokenizer, which comes later.";
 
 struct Args {
-    steps: u32,
-    hidden: usize,
-    layers: usize,
+    model: Option<PathBuf>,
+    preset: String,
+    prompt: Vec<u32>,
+    tokens: usize,
+    context: usize,
     cpu: bool,
 }
 
 fn parse() -> std::result::Result<Args, String> {
     let mut a = Args {
-        steps: 64,
-        hidden: 1024,
-        layers: 4,
+        model: None,
+        preset: "tiny".into(),
+        prompt: vec![17, 300, 42, 5, 256, 99, 3, 128],
+        tokens: 32,
+        context: 256,
         cpu: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
-        let mut value = |name: &str| -> std::result::Result<usize, String> {
-            it.next()
-                .and_then(|v| v.parse().ok())
-                .ok_or(format!("{name} needs a number"))
+        let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value"));
+        let number = |s: String, name: &str| {
+            s.parse::<usize>()
+                .map_err(|_| format!("{name}: not a number: {s}"))
         };
         match flag.as_str() {
-            "--steps" => a.steps = value("--steps")? as u32,
-            "--hidden" => a.hidden = value("--hidden")?,
-            "--layers" => a.layers = value("--layers")?,
+            "--model" => a.model = Some(PathBuf::from(value("--model")?)),
+            "--preset" => a.preset = value("--preset")?,
+            "--prompt-ids" => {
+                a.prompt = value("--prompt-ids")?
+                    .split(',')
+                    .map(|t| {
+                        t.trim()
+                            .parse::<u32>()
+                            .map_err(|_| format!("--prompt-ids: bad id '{t}'"))
+                    })
+                    .collect::<std::result::Result<_, _>>()?
+            }
+            "--tokens" => a.tokens = number(value("--tokens")?, "--tokens")?,
+            "--context" => a.context = number(value("--context")?, "--context")?,
             "--cpu" => a.cpu = true,
             "--help" | "-h" => {
                 println!("{HELP}");
@@ -56,78 +77,27 @@ fn parse() -> std::result::Result<Args, String> {
             other => return Err(format!("unknown flag {other}\n\n{HELP}")),
         }
     }
-    if a.hidden == 0 || a.hidden % 8 != 0 || a.layers == 0 || a.steps == 0 {
-        return Err(
-            "--hidden must be a positive multiple of 8; --layers and --steps positive".into(),
-        );
-    }
     Ok(a)
 }
 
-/// Loads weights, builds the step program, runs `steps` steps; returns the
-/// final state vector, the streamed values and the seconds per step.
-fn run(
-    ex: &dyn Executor,
-    a: &Args,
-    weights: &[Vec<f32>],
-    x0: &[f32],
-) -> Result<(Vec<f32>, Vec<u64>, f64)> {
-    let h = a.hidden;
-    let shape = GemvShape {
-        rows: h,
-        cols: h,
-        m: 1,
-    };
-    let parts = ex.num_workers();
-    let x = ex.alloc(DType::F32, h)?;
-    let t = ex.alloc(DType::F32, h)?;
-    let sum = ex.alloc(DType::F32, 1)?;
-    let scratch = ex.alloc(DType::F32, parts)?;
-    let ids = ex.alloc(DType::U32, 64)?;
-    let picked = ex.alloc(DType::U32, 1)?;
-    ex.write_f32(&x, x0)?;
-    ex.write_u32(&ids, &(0..64u32).map(|i| i * i).collect::<Vec<_>>())?;
-    let mut ws = Vec::new();
-    for w in weights {
-        let buf = ex.alloc(DType::Bf16, h * h)?;
-        ex.write_f32(&buf, w)?;
-        ws.push(buf);
+/// The preset's checkpoint folder, written on first use.
+fn preset_dir(name: &str) -> Result<PathBuf> {
+    let config = ModelConfig::preset(name)
+        .filter(|c| c.moe.is_none())
+        .ok_or_else(|| Error::InvalidArgument(format!("unknown or unsupported preset '{name}'")))?;
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = base.join("megakernel").join("checkpoints").join(name);
+    if Checkpoint::open(&dir).and_then(|c| c.validate()).is_err() {
+        println!(
+            "writing the random-weight '{name}' checkpoint to {} (once)",
+            dir.display()
+        );
+        write_random(&dir, &config, &WriteOptions::default())?;
     }
-    let mut b = ProgramBuilder::new();
-    let mut prev: Option<EventId> = None;
-    for (l, w) in ws.iter().enumerate() {
-        // t = W x, then x = x + 0.5 t (residual), layer after layer.
-        let g = ops::gemv(&mut b, &w.all(), &x.all(), &t.all(), shape, parts, false)?;
-        if let Some(p) = prev {
-            g.wait(&mut b, p);
-        }
-        let done = b.event(&format!("layer {l} gemv"));
-        g.signal(&mut b, done);
-        let r = ops::axpy(&mut b, &x.all(), &t.all(), 0.5, parts)?;
-        r.wait(&mut b, done);
-        let next = b.event(&format!("layer {l} residual"));
-        r.signal(&mut b, next);
-        prev = Some(next);
-    }
-    let last = prev.expect("at least one layer");
-    let (partials, combine) = ops::reduce_sum(&mut b, &x.all(), &sum.all(), &scratch.all(), parts)?;
-    partials.wait(&mut b, last);
-    let reduced = b.event("reduced");
-    b.task(combine).signal(reduced);
-    let chosen = b.event("chosen");
-    b.push(Copy::row(&picked.all(), &ids.all(), 1, 0)?)
-        .param(2, 0)
-        .wait(reduced)
-        .signal(chosen);
-    b.push(Emit::task(&picked.all())?).wait(chosen);
-    let program = ex.load(&b.build()?)?;
-    let start = Instant::now();
-    let ticket = ex.submit(&program, a.steps, &[7])?;
-    ex.wait(&ticket, ex.default_timeout())?;
-    let per_step = start.elapsed().as_secs_f64() / f64::from(a.steps);
-    let mut out = Vec::new();
-    ex.poll_outputs(&mut out)?;
-    Ok((ex.read_f32(&x)?, out, per_step))
+    Ok(dir)
 }
 
 fn main() -> Result<()> {
@@ -146,55 +116,43 @@ fn main() -> Result<()> {
     if let Some(e) = why {
         println!("no GPU runtime ({e}); running on the CPU executor");
     }
-    println!("executor: {}", exec.describe());
-    let mut s = 0x2545_F491_4F6C_DD1Du64;
-    let mut rnd = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    let dir = match &args.model {
+        Some(d) => d.clone(),
+        None => preset_dir(&args.preset)?,
     };
-    let scale = 1.0 / (args.hidden as f32).sqrt();
-    let weights: Vec<Vec<f32>> = (0..args.layers)
-        .map(|_| {
-            (0..args.hidden * args.hidden)
-                .map(|_| rnd() * scale)
-                .collect()
-        })
-        .collect();
-    let x0: Vec<f32> = (0..args.hidden).map(|_| rnd()).collect();
-
-    let (x, out, per_step) = run(exec.as_ref(), &args, &weights, &x0)?;
+    let ck = Checkpoint::open(&dir)?;
+    let c = &ck.config;
     println!(
-        "{} steps of {} layers ({}x{} bf16): {:.1} us/step, {:.0} steps/s",
-        args.steps,
-        args.layers,
-        args.hidden,
-        args.hidden,
-        per_step * 1e6,
-        1.0 / per_step
+        "model: {} ({} layers, hidden {}, {} heads / {} kv, vocab {}, {:.2} B parameters)",
+        dir.display(),
+        c.num_layers,
+        c.hidden_size,
+        c.num_heads,
+        c.num_kv_heads,
+        c.vocab_size,
+        c.num_params() as f64 / 1e9
     );
+    println!("executor: {}", exec.describe());
+    let t = Instant::now();
+    let mut d = Decoder::new(exec.as_ref(), &ck, args.context)?;
+    println!("loaded in {:.2} s", t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    let first = d.prefill(exec.as_ref(), &args.prompt)?;
+    let ttft = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let rest = d.generate(exec.as_ref(), args.tokens.saturating_sub(1))?;
+    let gen = t.elapsed().as_secs_f64();
+    let tokens: Vec<u32> = std::iter::once(first).chain(rest).collect();
+    println!("prompt: {:?}", args.prompt);
+    println!("tokens: {tokens:?}");
     println!(
-        "streamed values: {:?}{}",
-        &out[..out.len().min(8)],
-        if out.len() > 8 { " ..." } else { "" }
+        "time to first token {:.2} ms ({} prompt tokens, {:.0} prompt tokens/s); {} tokens in one command: {:.1} tokens/s ({:.3} ms/token)",
+        ttft * 1e3,
+        args.prompt.len(),
+        args.prompt.len() as f64 / ttft,
+        tokens.len() - 1,
+        (tokens.len() - 1) as f64 / gen,
+        gen * 1e3 / (tokens.len() - 1).max(1) as f64
     );
-    if exec.is_gpu() {
-        let cpu = CpuExecutor::new(CpuOptions::default());
-        let check = Args {
-            steps: args.steps.min(8),
-            ..args
-        };
-        let (want, _, _) = run(&cpu, &check, &weights, &x0)?;
-        let (got, _, _) = run(exec.as_ref(), &check, &weights, &x0)?;
-        let num: f32 = got.iter().zip(&want).map(|(a, b)| (a - b) * (a - b)).sum();
-        let den: f32 = want.iter().map(|b| b * b).sum();
-        println!(
-            "relative L2 difference vs the CPU executor over {} steps: {:.2e}",
-            check.steps,
-            (num / den).sqrt()
-        );
-    }
-    assert!(x.iter().all(|v| v.is_finite()));
     Ok(())
 }

@@ -140,8 +140,17 @@ fn rel(a: &[f32], b: &[f64]) -> f64 {
 
 #[test]
 fn tiny_model_decodes_like_the_reference_on_every_executor() {
+    for tied in [false, true] {
+        let config = ModelConfig {
+            tie_word_embeddings: tied,
+            ..ModelConfig::preset("tiny").unwrap()
+        };
+        decode_against_reference(config);
+    }
+}
+
+fn decode_against_reference(config: ModelConfig) {
     let dir = tempfile::tempdir().unwrap();
-    let config = ModelConfig::preset("tiny").unwrap();
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -208,8 +217,10 @@ fn tiny_model_decodes_like_the_reference_on_every_executor() {
                 checked += 1;
             }
         }
+        let distinct = got.iter().collect::<std::collections::HashSet<_>>().len();
         eprintln!(
-            "{name}: logits rel err {err:.2e}; {checked} of {} tokens had a margin to check",
+            "{name} (tied {}): logits rel err {err:.2e}; {checked} of {} tokens had a margin to check; {distinct} distinct",
+            config.tie_word_embeddings,
             got.len()
         );
         assert!(

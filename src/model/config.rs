@@ -349,7 +349,7 @@ impl ModelConfig {
         Some(match name {
             "tiny" => ModelConfig {
                 head_dim: 32,
-                ..dense(128, 2, 4, 2, 256, 512, true)
+                ..dense(128, 2, 4, 2, 256, 512, false)
             },
             "tiny-moe" => moe(
                 ModelConfig {
