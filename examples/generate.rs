@@ -90,7 +90,8 @@ fn preset_dir(name: &str) -> Result<PathBuf> {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .unwrap_or_else(std::env::temp_dir);
     let dir = base.join("megakernel").join("checkpoints").join(name);
-    if Checkpoint::open(&dir).and_then(|c| c.validate()).is_err() {
+    let current = Checkpoint::open(&dir).and_then(|c| c.validate().map(|_| c.config));
+    if current.as_ref() != Ok(&config) {
         println!(
             "writing the random-weight '{name}' checkpoint to {} (once)",
             dir.display()

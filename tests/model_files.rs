@@ -235,7 +235,12 @@ fn checkpoint_content_errors_are_typed() {
             vec![0; 4],
         ))
     });
-    assert_eq!(r, Err(LoadError::UnexpectedTensor("lm_head.weight".into())));
+    assert_eq!(
+        r,
+        Err(LoadError::UnexpectedTensor(
+            "model.rotary_emb.inv_freq".into()
+        ))
+    );
     let (_d, r) = write_with(&|ts| {
         ts[2].2 = vec![ts[2].2.iter().product::<usize>()];
     });
