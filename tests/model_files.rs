@@ -229,7 +229,7 @@ fn checkpoint_content_errors_are_typed() {
     assert!(matches!(r, Err(LoadError::MissingTensor(_))));
     let (_d, r) = write_with(&|ts| {
         ts.push((
-            "lm_head.weight".into(),
+            "model.rotary_emb.inv_freq".into(),
             TensorDtype::Bf16,
             vec![2],
             vec![0; 4],
