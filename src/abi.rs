@@ -19,17 +19,13 @@ pub const COMMAND_PARAMS: usize = 8;
 /// Threads per block of the resident kernel.
 pub const BLOCK_THREADS: u32 = 1024;
 
-/// Task flag: the task has no producer inside its program; in iteration `g`
-/// it first waits until every worker finished iteration `g - 1`.
-pub const TASK_FLAG_SOURCE: u16 = 1;
-
 /// One unit of work for one block, 128 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct TaskDesc {
     /// Opcode from the task registry.
     pub opcode: u16,
-    /// `TASK_FLAG_*` bits.
+    /// Reserved, zero.
     pub flags: u16,
     /// Index of the task in the program as built (for error reports).
     pub id: u32,
