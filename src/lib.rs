@@ -19,9 +19,9 @@
 //! | [`exec`] | the [`Executor`](exec::Executor) trait both backends implement |
 //! | [`cpu`] | the multi-threaded CPU executor |
 //! | [`cuda`] | the resident-kernel runtime on NVIDIA GPUs |
-//! | [`model`] | Hugging Face configs, safetensors, random-weight checkpoints |
+//! | [`model`] | Hugging Face configs, safetensors, random-weight checkpoints, the Qwen3 decode program |
 //!
-//! ```no_run
+//! ```
 //! use megakernel::prelude::*;
 //! # fn main() -> megakernel::Result<()> {
 //! let exec = megakernel::default_executor();
