@@ -2,18 +2,10 @@
 
 mod common;
 
-use common::{bf16_round, on_every_executor, rel_l2, Rng};
+use common::{bf16_round, on_every_executor, rel_l2, seed, Rng};
 use megakernel::prelude::*;
 use megakernel::program::ops;
 use megakernel::task::{embed::Embed, rmsnorm::RmsNorm, swiglu::Swiglu};
-
-fn seed() -> u64 {
-    let s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_nanos() as u64);
-    eprintln!("seed {s}");
-    s
-}
 
 fn store(ex: &dyn Executor, dtype: DType, v: &[f32]) -> (Buffer, Vec<f32>) {
     let b = ex.alloc(dtype, v.len()).unwrap();

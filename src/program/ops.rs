@@ -12,7 +12,7 @@ use crate::task::{
     gemv_bf16::{GemvBf16, GemvShape},
     reduce_sum::ReduceSum,
     rope_kv::HeadShape,
-    split_even,
+    split_even, TaskSpec,
 };
 
 /// Tasks that together perform one operation.
@@ -85,6 +85,32 @@ pub fn axpy(
     Ok(Group(b.push_all(specs)))
 }
 
+/// Two-level pattern: one task per part of `x` writes `width` elements of
+/// `scratch`, then one task combines the written prefix of `scratch`.
+#[allow(clippy::too_many_arguments)]
+fn split_then_combine(
+    b: &mut ProgramBuilder,
+    x: &BufSlice,
+    scratch: &BufSlice,
+    parts: usize,
+    width: usize,
+    name: &str,
+    part: impl Fn(&BufSlice, usize, &BufSlice) -> Result<TaskSpec>,
+    combine: impl FnOnce(&BufSlice) -> Result<TaskSpec>,
+) -> Result<(Group, TaskId)> {
+    let ranges = split_even(x.len(), parts);
+    let written = scratch.sub(0, width * ranges.len())?;
+    let mut specs = Vec::new();
+    for (i, &(s, n)) in ranges.iter().enumerate() {
+        specs.push(part(&x.sub(s, n)?, s, &written.sub(width * i, width)?)?);
+    }
+    let group = Group(b.push_all(specs));
+    let ev = b.event(name);
+    group.signal(b, ev);
+    let last = b.push(combine(&written)?).wait(ev).id();
+    Ok((group, last))
+}
+
 /// `out[0] = sum(x)` across workers: `parts` tasks write partial sums into
 /// `scratch` (f32, at least `parts` elements), then one task adds them up.
 /// Returns the partial-sum group (wire its inputs) and the combining task
@@ -96,17 +122,18 @@ pub fn reduce_sum(
     scratch: &BufSlice,
     parts: usize,
 ) -> Result<(Group, TaskId)> {
-    let ranges = split_even(x.len(), parts);
-    let partials = scratch.sub(0, ranges.len())?;
-    let mut specs = Vec::new();
-    for (i, &(s, n)) in ranges.iter().enumerate() {
-        specs.push(ReduceSum::task(&x.sub(s, n)?, &partials.sub(i, 1)?)?);
-    }
-    let group = Group(b.push_all(specs));
-    let ev = b.event("reduce_sum.partials");
-    group.signal(b, ev);
-    let combine = b.push(ReduceSum::task(&partials, out)?).wait(ev).id();
-    Ok((group, combine))
+    let part = |x: &BufSlice, _: usize, dst: &BufSlice| Ok(ReduceSum::task(x, dst)?);
+    let combine = |partials: &BufSlice| Ok(ReduceSum::task(partials, out)?);
+    split_then_combine(
+        b,
+        x,
+        scratch,
+        parts,
+        1,
+        "reduce_sum.partials",
+        part,
+        combine,
+    )
 }
 
 /// The index of the largest value of `x` into `out[0]` (a `u32`), across
@@ -120,22 +147,10 @@ pub fn argmax(
     scratch: &BufSlice,
     parts: usize,
 ) -> Result<(Group, TaskId)> {
-    let ranges = split_even(x.len(), parts);
-    let pairs = scratch.sub(0, 2 * ranges.len())?;
-    let mut specs = Vec::new();
-    for (i, &(s, n)) in ranges.iter().enumerate() {
-        specs.push(Argmax::over_values(
-            &x.sub(s, n)?,
-            s,
-            &pairs.sub(2 * i, 2)?,
-            false,
-        )?);
-    }
-    let group = Group(b.push_all(specs));
-    let ev = b.event("argmax.partials");
-    group.signal(b, ev);
-    let combine = b.push(Argmax::over_pairs(&pairs, out, true)?).wait(ev).id();
-    Ok((group, combine))
+    let part =
+        |x: &BufSlice, base: usize, dst: &BufSlice| Ok(Argmax::over_values(x, base, dst, false)?);
+    let combine = |pairs: &BufSlice| Ok(Argmax::over_pairs(pairs, out, true)?);
+    split_then_combine(b, x, scratch, parts, 2, "argmax.partials", part, combine)
 }
 
 /// Split-sequence attention for `m` rows: `chunks` slices per KV head (tasks

@@ -85,3 +85,12 @@ pub fn rel_l2(a: &[f32], b: &[f64]) -> f64 {
     assert!(a.iter().all(|x| x.is_finite()), "non-finite output");
     (num / den.max(1e-300)).sqrt()
 }
+
+/// A fresh seed from the clock, printed so that a failure can be replayed.
+pub fn seed() -> u64 {
+    let s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    eprintln!("seed {s}");
+    s
+}
