@@ -12,7 +12,7 @@ use megakernel::model::checkpoint::{write_random, WriteOptions};
 use megakernel::model::{Checkpoint, Decoder, ModelConfig};
 use megakernel::prelude::*;
 
-const HELP: &str = "usage: generate [--model DIR | --preset NAME] [--prompt-ids 1,2,3] [--tokens N] [--context N] [--cpu]
+const HELP: &str = "usage: generate [--model DIR | --preset NAME] [--prompt-ids 1,2,3] [--tokens N] [--context N] [--cpu] [--dump FILE]
 
 Greedy generation with a dense Qwen3 model (Hugging Face layout: config.json and
 safetensors) decoding inside the resident GPU kernel; on the CPU executor when
@@ -25,6 +25,8 @@ there is no GPU (or with --cpu).
   --tokens N         tokens to generate (default 32)
   --context N        context length to allocate (default 256)
   --cpu              use the CPU executor even if a GPU is present
+  --dump FILE        also write the model folder, prompt, tokens and the logits
+                     after the prompt as JSON (scripts/compare_hf.py reads it)
   --help             this text
 
 Prompts are token ids: text prompts need a tokenizer, which comes later.";
@@ -36,6 +38,7 @@ struct Args {
     tokens: usize,
     context: usize,
     cpu: bool,
+    dump: Option<PathBuf>,
 }
 
 fn parse() -> std::result::Result<Args, String> {
@@ -46,6 +49,7 @@ fn parse() -> std::result::Result<Args, String> {
         tokens: 32,
         context: 256,
         cpu: false,
+        dump: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -70,6 +74,7 @@ fn parse() -> std::result::Result<Args, String> {
             "--tokens" => a.tokens = number(value("--tokens")?, "--tokens")?,
             "--context" => a.context = number(value("--context")?, "--context")?,
             "--cpu" => a.cpu = true,
+            "--dump" => a.dump = Some(PathBuf::from(value("--dump")?)),
             "--help" | "-h" => {
                 println!("{HELP}");
                 std::process::exit(0);
@@ -140,6 +145,7 @@ fn main() -> Result<()> {
     let t = Instant::now();
     let first = d.prefill(exec.as_ref(), &args.prompt)?;
     let ttft = t.elapsed().as_secs_f64();
+    let logits = d.logits(exec.as_ref())?;
     let t = Instant::now();
     let rest = d.generate(exec.as_ref(), args.tokens.saturating_sub(1))?;
     let gen = t.elapsed().as_secs_f64();
@@ -155,5 +161,18 @@ fn main() -> Result<()> {
         (tokens.len() - 1) as f64 / gen,
         gen * 1e3 / (tokens.len() - 1).max(1) as f64
     );
+    if let Some(path) = &args.dump {
+        let json = format!(
+            "{{\"model_dir\": {:?}, \"executor\": {:?}, \"prompt\": {:?}, \"tokens\": {:?}, \"logits\": {:?}}}",
+            dir.display().to_string(),
+            exec.describe(),
+            args.prompt,
+            tokens,
+            logits
+        );
+        std::fs::write(path, json)
+            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
+        println!("wrote {}", path.display());
+    }
     Ok(())
 }
