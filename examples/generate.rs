@@ -2,7 +2,7 @@
 //! without a GPU, on the CPU executor).
 //!
 //! With no arguments it writes (once, into a cache folder) a small built-in
-//! random-weight Qwen3 checkpoint, feeds a fixed prompt and generates greedily,
+//! random-weight Qwen3-MoE checkpoint, feeds a fixed prompt and generates greedily,
 //! printing the tokens, time to first token and tokens per second.
 
 use std::path::PathBuf;
@@ -14,13 +14,13 @@ use megakernel::prelude::*;
 
 const HELP: &str = "usage: generate [--model DIR | --preset NAME] [--prompt-ids 1,2,3] [--tokens N] [--context N] [--cpu] [--dump FILE]
 
-Greedy generation with a dense Qwen3 model (Hugging Face layout: config.json and
-safetensors) decoding inside the resident GPU kernel; on the CPU executor when
-there is no GPU (or with --cpu).
+Greedy generation with a Qwen3 or Qwen3-MoE model (Hugging Face layout:
+config.json and safetensors) decoding inside the resident GPU kernel; on the
+CPU executor when there is no GPU (or with --cpu).
 
-  --model DIR        a checkpoint folder (model_type qwen3)
+  --model DIR        a checkpoint folder (model_type qwen3 or qwen3_moe)
   --preset NAME      a random-weight preset written once into the cache folder:
-                     tiny (default), qwen3-0.6b, qwen3-8b
+                     tiny-moe (default), tiny, qwen3-0.6b, qwen3-8b, qwen3-30b-a3b
   --prompt-ids LIST  prompt token ids, comma-separated (default 17,300,42,5,256,99,3,128)
   --tokens N         tokens to generate (default 32)
   --context N        context length to allocate (default 256)
@@ -44,7 +44,7 @@ struct Args {
 fn parse() -> std::result::Result<Args, String> {
     let mut a = Args {
         model: None,
-        preset: "tiny".into(),
+        preset: "tiny-moe".into(),
         prompt: vec![17, 300, 42, 5, 256, 99, 3, 128],
         tokens: 32,
         context: 256,
@@ -87,9 +87,12 @@ fn parse() -> std::result::Result<Args, String> {
 
 /// The preset's checkpoint folder, written on first use.
 fn preset_dir(name: &str) -> Result<PathBuf> {
-    let config = ModelConfig::preset(name)
-        .filter(|c| c.moe.is_none())
-        .ok_or_else(|| Error::InvalidArgument(format!("unknown or unsupported preset '{name}'")))?;
+    let config = ModelConfig::preset(name).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "unknown preset '{name}' (known: {})",
+            ModelConfig::PRESETS.join(", ")
+        ))
+    })?;
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))

@@ -1,4 +1,4 @@
-//! A dense Qwen3 model as a decode-step task program.
+//! A Qwen3 or Qwen3-MoE model as a decode-step task program.
 //!
 //! One program iteration is one decode step for one token: embedding lookup,
 //! every layer (RMSNorm, fused q/k/v projection, per-head norm + RoPE + KV
@@ -11,19 +11,38 @@
 //! accumulate in f32.
 
 use crate::buffer::{BufSlice, Buffer, DType};
-use crate::error::{Error, LoadError, Result};
+use crate::error::{Error, Result};
 use crate::exec::{Executor, ExecutorExt, LoadedProgram};
 use crate::program::{ops, EventId, ProgramBuilder};
 use crate::task::advance::Advance;
 use crate::task::embed::Embed;
 use crate::task::emit::Emit;
 use crate::task::gemv_bf16::GemvShape;
+use crate::task::gemv_expert::GemvExpert;
+use crate::task::moe_combine::MoeCombine;
+use crate::task::moe_route::MoeRoute;
 use crate::task::rmsnorm::RmsNorm;
 use crate::task::rope_kv::{HeadShape, RopeKv};
+use crate::task::split_even;
 use crate::task::swiglu::Swiglu;
 
 use super::config::ModelConfig;
 use super::safetensors::Checkpoint;
+
+enum Mlp {
+    Dense {
+        gate: Buffer,
+        up: Buffer,
+        down: Buffer,
+    },
+    /// Router `[experts, hidden]` and the experts' matrices stacked per kind.
+    Moe {
+        router: Buffer,
+        gate: Buffer,
+        up: Buffer,
+        down: Buffer,
+    },
+}
 
 struct Layer {
     in_norm: Buffer,
@@ -31,13 +50,11 @@ struct Layer {
     qk_norms: Buffer,
     o: Buffer,
     post_norm: Buffer,
-    gate: Buffer,
-    up: Buffer,
-    down: Buffer,
+    mlp: Mlp,
     cache: Buffer,
 }
 
-/// A loaded dense model with its KV cache and decode program, on one executor.
+/// A loaded model with its KV cache and decode program, on one executor.
 pub struct Decoder {
     config: ModelConfig,
     max_seq: usize,
@@ -83,12 +100,6 @@ impl Decoder {
     pub fn new(ex: &dyn Executor, ck: &Checkpoint, max_seq: usize) -> Result<Decoder> {
         ck.validate()?;
         let c = ck.config.clone();
-        if c.moe.is_some() {
-            return Err(LoadError::Config(
-                "decoding qwen3_moe models is not implemented yet".into(),
-            )
-            .into());
-        }
         if max_seq == 0 || max_seq > c.max_position_embeddings {
             return Err(Error::InvalidArgument(format!(
                 "max_seq {max_seq} must be in 1..={}",
@@ -134,9 +145,26 @@ impl Decoder {
                 )?,
                 o: upload(ex, ck, &[p("self_attn.o_proj.weight")], h)?,
                 post_norm: upload(ex, ck, &[p("post_attention_layernorm.weight")], 1)?,
-                gate: upload(ex, ck, &[p("mlp.gate_proj.weight")], inter)?,
-                up: upload(ex, ck, &[p("mlp.up_proj.weight")], inter)?,
-                down: upload(ex, ck, &[p("mlp.down_proj.weight")], h)?,
+                mlp: match &c.moe {
+                    Some(m) if c.is_moe_layer(l) => {
+                        let experts = |kind: &str| -> Vec<String> {
+                            (0..m.num_experts)
+                                .map(|e| p(&format!("mlp.experts.{e}.{kind}.weight")))
+                                .collect()
+                        };
+                        Mlp::Moe {
+                            router: upload(ex, ck, &[p("mlp.gate.weight")], m.num_experts)?,
+                            gate: upload(ex, ck, &experts("gate_proj"), m.moe_intermediate_size)?,
+                            up: upload(ex, ck, &experts("up_proj"), m.moe_intermediate_size)?,
+                            down: upload(ex, ck, &experts("down_proj"), h)?,
+                        }
+                    }
+                    _ => Mlp::Dense {
+                        gate: upload(ex, ck, &[p("mlp.gate_proj.weight")], inter)?,
+                        up: upload(ex, ck, &[p("mlp.up_proj.weight")], inter)?,
+                        down: upload(ex, ck, &[p("mlp.down_proj.weight")], h)?,
+                    },
+                },
                 cache,
             });
         }
@@ -148,6 +176,18 @@ impl Decoder {
             buf(DType::Bf16, c.num_heads * hd)?,
         );
         let (g, u) = (buf(DType::Bf16, inter)?, buf(DType::Bf16, inter)?);
+        // Routed experts: one slot per chosen expert (top-k for one token).
+        let (experts, top_k, moe_inter) = c.moe.as_ref().map_or((1, 1, 8), |m| {
+            (m.num_experts, m.top_k, m.moe_intermediate_size)
+        });
+        let router_logits = buf(DType::F32, experts)?;
+        let route_weights = buf(DType::F32, experts)?;
+        let list = buf(DType::U32, 1 + top_k)?;
+        let (eg, eu) = (
+            buf(DType::Bf16, top_k * moe_inter)?,
+            buf(DType::Bf16, top_k * moe_inter)?,
+        );
+        let ey = buf(DType::F32, top_k * h)?;
         let logits = buf(DType::F32, vocab)?;
         let chunks = (workers / c.num_kv_heads).max(1);
         let partial = buf(DType::F32, c.num_heads * chunks * (hd + 2))?;
@@ -239,13 +279,105 @@ impl Decoder {
                 RmsNorm::task(&x.all(), &ly.post_norm.all(), &hn.all(), 1, h, eps)?,
             );
             ch.stage(n, &format!("layer {l} post norm"));
-            let mut gu = gemv(&mut ch, &ly.gate, &hn.all(), &g.all(), inter, h, false)?;
-            gu.0.extend(gemv(&mut ch, &ly.up, &hn.all(), &u.all(), inter, h, false)?.0);
-            ch.stage(gu, &format!("layer {l} gate+up"));
-            let s = single(&mut ch, Swiglu::task(&g.all(), &g.all(), &u.all())?);
-            ch.stage(s, &format!("layer {l} swiglu"));
-            let d = gemv(&mut ch, &ly.down, &g.all(), &x.all(), h, inter, true)?;
-            ch.stage(d, &format!("layer {l} down"));
+            match &ly.mlp {
+                Mlp::Dense { gate, up, down } => {
+                    let mut gu = gemv(&mut ch, gate, &hn.all(), &g.all(), inter, h, false)?;
+                    gu.0.extend(gemv(&mut ch, up, &hn.all(), &u.all(), inter, h, false)?.0);
+                    ch.stage(gu, &format!("layer {l} gate+up"));
+                    let s = single(&mut ch, Swiglu::task(&g.all(), &g.all(), &u.all())?);
+                    ch.stage(s, &format!("layer {l} swiglu"));
+                    let d = gemv(&mut ch, down, &g.all(), &x.all(), h, inter, true)?;
+                    ch.stage(d, &format!("layer {l} down"));
+                }
+                Mlp::Moe {
+                    router,
+                    gate,
+                    up,
+                    down,
+                } => {
+                    let moe = c.moe.as_ref().expect("MoE layer of a MoE config");
+                    let shape = GemvShape {
+                        rows: experts,
+                        cols: h,
+                        m: 1,
+                    };
+                    let r = ops::gemv(
+                        ch.b,
+                        &router.all(),
+                        &hn.all(),
+                        &router_logits.all(),
+                        shape,
+                        workers.min(experts),
+                        false,
+                    )?;
+                    ch.stage(r, &format!("layer {l} router"));
+                    let route = MoeRoute::task(
+                        &router_logits.all(),
+                        &route_weights.all(),
+                        &list.all(),
+                        1,
+                        experts,
+                        top_k,
+                        moe.norm_topk_prob,
+                    )?;
+                    let route = single(&mut ch, route);
+                    ch.stage(route, &format!("layer {l} route"));
+                    let per_slot = (workers / top_k).max(1);
+                    let expert_gemv = |w: &Buffer,
+                                       xin: &Buffer,
+                                       y: &Buffer,
+                                       rows: usize,
+                                       cols: usize,
+                                       per_x: bool| {
+                        let mut specs = Vec::new();
+                        for slot in 0..top_k {
+                            for (r0, n) in split_even(rows, per_slot) {
+                                let shape = GemvShape { rows, cols, m: 1 };
+                                specs.push(GemvExpert::rows(
+                                    &w.all(),
+                                    &xin.all(),
+                                    &y.all(),
+                                    &list.all(),
+                                    shape,
+                                    experts,
+                                    slot,
+                                    top_k,
+                                    per_x,
+                                    r0,
+                                    n,
+                                )?);
+                            }
+                        }
+                        Ok::<_, Error>(specs)
+                    };
+                    let mut specs = expert_gemv(gate, &hn, &eg, moe_inter, h, false)?;
+                    specs.extend(expert_gemv(up, &hn, &eu, moe_inter, h, false)?);
+                    let gu = ops::Group(ch.b.push_all(specs));
+                    ch.stage(gu, &format!("layer {l} expert gate+up"));
+                    let s = single(&mut ch, Swiglu::task(&eg.all(), &eg.all(), &eu.all())?);
+                    ch.stage(s, &format!("layer {l} expert swiglu"));
+                    let d =
+                        ops::Group(ch.b.push_all(expert_gemv(down, &eg, &ey, h, moe_inter, true)?));
+                    ch.stage(d, &format!("layer {l} expert down"));
+                    let mut specs = Vec::new();
+                    for (h0, n) in split_even(h, workers.min(h.div_ceil(64))) {
+                        specs.push(MoeCombine::task(
+                            &x.all(),
+                            &ey.all(),
+                            &route_weights.all(),
+                            &list.all(),
+                            1,
+                            h,
+                            experts,
+                            top_k,
+                            h0,
+                            n,
+                        )?);
+                    }
+                    let comb = ops::Group(ch.b.push_all(specs));
+                    ch.stage(comb, &format!("layer {l} expert combine"));
+                }
+            }
         }
         let n = single(
             &mut ch,

@@ -66,4 +66,7 @@ registry! {
     13 => attention::Attention,
     14 => attention_combine::AttentionCombine,
     15 => advance::Advance,
+    16 => moe_route::MoeRoute,
+    17 => gemv_expert::GemvExpert,
+    18 => moe_combine::MoeCombine,
 }

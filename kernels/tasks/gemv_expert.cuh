@@ -1,0 +1,41 @@
+// gemv_expert: gemv_bf16 for the expert in one slot of a routing list;
+// src/task/gemv_expert.rs.
+#pragma once
+#include "gemv_bf16.cuh"
+
+struct GemvExpertArgs {
+    GemvBf16Args gemv;
+    u64 list;
+    u32 slot;
+    u32 x_per_slot;
+};
+MK_SIZE(GemvExpertArgs, 80);
+MK_OFFSET(GemvExpertArgs, gemv, 0);
+MK_OFFSET(GemvExpertArgs, list, 64);
+MK_OFFSET(GemvExpertArgs, slot, 72);
+MK_OFFSET(GemvExpertArgs, x_per_slot, 76);
+
+__device__ __forceinline__ void task_gemv_expert(const Ctx& c) {
+    // The product's arguments are patched in place in the shared descriptor
+    // (a private copy per task), so the matrix loop reads them from shared
+    // memory exactly as gemv_bf16 does instead of holding a copy in registers.
+    GemvExpertArgs& a = *reinterpret_cast<GemvExpertArgs*>(const_cast<u64*>(c.desc->args));
+    const u32* list = reinterpret_cast<const u32*>(a.list);
+    if (a.slot >= list[0]) return;
+    const u64 expert = list[1 + a.slot];
+    __syncthreads();  // every thread has read the unpatched fields
+    if (threadIdx.x == 0) {
+        GemvBf16Args& g = a.gemv;
+        g.w += expert * u64(g.ldy) * g.cols * 2;
+        g.y += u64(a.slot) * g.m * g.ldy * (g.y_dtype == DTYPE_BF16 ? 2 : 4);
+        if (a.x_per_slot) g.x += u64(a.slot) * g.m * g.ldx * (g.x_dtype == DTYPE_BF16 ? 2 : 4);
+    }
+    __syncthreads();
+    const GemvBf16Args& g = a.gemv;
+    if ((g.cols & 7) || (g.ldw & 7) || g.m == 0 || g.m > 16) {
+        if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, g.cols, g.m);
+        return;
+    }
+    if (g.x_dtype == DTYPE_BF16) gemv_dispatch<true>(g);
+    else gemv_dispatch<false>(g);
+}

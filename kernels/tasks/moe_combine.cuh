@@ -1,0 +1,45 @@
+// moe_combine: x[i, h] += sum over listed experts of weight * y[slot, i, h];
+// src/task/moe_combine.rs.
+#pragma once
+#include "../include/task.cuh"
+
+struct MoeCombineArgs {
+    u64 x;
+    u64 y;
+    u64 weights;
+    u64 list;
+    u32 m;
+    u32 hidden;
+    u32 experts;
+    u32 h0;
+    u32 hn;
+    u32 x_dtype;
+};
+MK_SIZE(MoeCombineArgs, 56);
+MK_OFFSET(MoeCombineArgs, x, 0);
+MK_OFFSET(MoeCombineArgs, y, 8);
+MK_OFFSET(MoeCombineArgs, weights, 16);
+MK_OFFSET(MoeCombineArgs, list, 24);
+MK_OFFSET(MoeCombineArgs, m, 32);
+MK_OFFSET(MoeCombineArgs, hidden, 36);
+MK_OFFSET(MoeCombineArgs, experts, 40);
+MK_OFFSET(MoeCombineArgs, h0, 44);
+MK_OFFSET(MoeCombineArgs, hn, 48);
+MK_OFFSET(MoeCombineArgs, x_dtype, 52);
+
+__device__ __forceinline__ void task_moe_combine(const Ctx& c) {
+    const MoeCombineArgs& a = task_args<MoeCombineArgs>(c);
+    const u32* list = reinterpret_cast<const u32*>(a.list);
+    const u32 count = list[0];
+    const float* y = reinterpret_cast<const float*>(a.y);
+    const float* w = reinterpret_cast<const float*>(a.weights);
+    for (u32 k = threadIdx.x; k < a.m * a.hn; k += blockDim.x) {
+        const u32 i = k / a.hn, h = a.h0 + k % a.hn;
+        const u64 at = u64(i) * a.hidden + h;
+        float acc = load_float(a.x, a.x_dtype, at);
+        for (u32 s = 0; s < count; ++s) {
+            acc = fmaf(w[u64(i) * a.experts + list[1 + s]], y[(u64(s) * a.m + i) * a.hidden + h], acc);
+        }
+        store_float(a.x, a.x_dtype, at, acc);
+    }
+}

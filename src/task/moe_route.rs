@@ -1,0 +1,127 @@
+//! `moe_route`: Qwen3-MoE routing for `m` rows: softmax over the router logits,
+//! top-k (lowest index on ties), optional renormalisation of the k weights.
+//! Writes a dense `[m, experts]` weight table (zero for experts a row did not
+//! choose) and the list of experts chosen by any row, in ascending order:
+//! `list[0]` is the count, `list[1..]` the expert ids. Expert tasks stride
+//! over that list, so each chosen expert's weights are read once per step.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::{bad, Memory, TaskFault, TaskKind, TaskSpec};
+use crate::abi::layouts::{layout, Layout};
+use crate::buffer::{BufSlice, DType};
+use crate::error::ProgramError;
+
+/// Most experts the routing kernel handles.
+pub const MAX_EXPERTS: usize = 1024;
+
+/// Arguments of [`MoeRoute`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct MoeRouteArgs {
+    /// Router logits, f32 `[m, experts]`.
+    pub logits: u64,
+    /// Output weights, f32 `[m, experts]`.
+    pub weights: u64,
+    /// Output list, `u32`: count, then ids.
+    pub list: u64,
+    /// Rows.
+    pub m: u32,
+    /// Experts.
+    pub experts: u32,
+    /// Experts per row.
+    pub top_k: u32,
+    /// 1: renormalise the chosen weights to sum to one.
+    pub norm_topk: u32,
+}
+
+/// Routing.
+pub struct MoeRoute;
+
+impl MoeRoute {
+    /// Routes `m` rows over `experts` experts.
+    pub fn task(
+        logits: &BufSlice,
+        weights: &BufSlice,
+        list: &BufSlice,
+        m: usize,
+        experts: usize,
+        top_k: usize,
+        norm_topk: bool,
+    ) -> Result<TaskSpec, ProgramError> {
+        if logits.dtype() != DType::F32
+            || weights.dtype() != DType::F32
+            || list.dtype() != DType::U32
+        {
+            return Err(bad::<MoeRoute>("logits and weights must be f32, list u32"));
+        }
+        if m == 0 || experts == 0 || experts > MAX_EXPERTS || top_k == 0 || top_k > experts.min(32)
+        {
+            return Err(bad::<MoeRoute>(format!(
+                "{experts} experts, top {top_k}, m {m} unsupported"
+            )));
+        }
+        if logits.len() < m * experts
+            || weights.len() < m * experts
+            || list.len() < 1 + experts.min(m * top_k)
+        {
+            return Err(bad::<MoeRoute>("logits, weights or list too small"));
+        }
+        let args = MoeRouteArgs {
+            logits: logits.addr(),
+            weights: weights.addr(),
+            list: list.addr(),
+            m: m as u32,
+            experts: experts as u32,
+            top_k: top_k as u32,
+            norm_topk: u32::from(norm_topk),
+        };
+        Ok(TaskSpec::new::<MoeRoute>(args, &[logits, weights, list]))
+    }
+}
+
+impl TaskKind for MoeRoute {
+    type Args = MoeRouteArgs;
+    const NAME: &'static str = "moe_route";
+    fn cpu(a: &MoeRouteArgs, mem: &dyn Memory) -> Result<(), TaskFault> {
+        let (m, e, k) = (a.m as usize, a.experts as usize, a.top_k as usize);
+        let logits = mem.read_f32(a.logits, DType::F32, m * e)?;
+        let mut weights = vec![0f32; m * e];
+        let mut chosen = vec![false; e];
+        for i in 0..m {
+            let row = &logits[i * e..(i + 1) * e];
+            let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let ex: Vec<f32> = row.iter().map(|v| (v - mx).exp()).collect();
+            let total: f32 = ex.iter().sum();
+            let p: Vec<f32> = ex.iter().map(|v| v / total).collect();
+            let mut order: Vec<usize> = (0..e).collect();
+            order.sort_by(|&x, &y| {
+                p[y].partial_cmp(&p[x])
+                    .unwrap_or(std::cmp::Ordering::Equal)
+                    .then(x.cmp(&y))
+            });
+            let top = &order[..k];
+            let sum: f32 = top.iter().map(|&j| p[j]).sum();
+            for &j in top {
+                weights[i * e + j] = if a.norm_topk != 0 { p[j] / sum } else { p[j] };
+                chosen[j] = true;
+            }
+        }
+        mem.write_f32(a.weights, DType::F32, &weights)?;
+        let ids: Vec<u32> = (0..e as u32).filter(|&j| chosen[j as usize]).collect();
+        let mut list = vec![ids.len() as u32];
+        list.extend(ids);
+        mem.write_u32(a.list, &list)
+    }
+    fn layout() -> Layout {
+        layout!(MoeRouteArgs {
+            logits,
+            weights,
+            list,
+            m,
+            experts,
+            top_k,
+            norm_topk
+        })
+    }
+}
