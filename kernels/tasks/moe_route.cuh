@@ -64,7 +64,7 @@ __device__ __forceinline__ void task_moe_route(const Ctx& c) {
             if (lane == r) my_pick = bi, my_p = bv;
             picked_sum += bv;
         }
-        if (lane < a.top_k) {
+        if (lane < a.top_k && my_pick < a.experts) {  // NaN logits pick nothing
             out[my_pick] = a.norm_topk ? my_p / picked_sum : my_p;
             chosen[my_pick] = 1;
         }
