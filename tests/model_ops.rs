@@ -424,3 +424,120 @@ fn attention_matches_softmax_reference() {
         }
     });
 }
+
+#[test]
+fn moe_routing_experts_and_combine() {
+    use megakernel::task::gemv_bf16::GemvShape;
+    use megakernel::task::gemv_expert::GemvExpert;
+    use megakernel::task::moe_combine::MoeCombine;
+    use megakernel::task::moe_route::MoeRoute;
+    let mut rng = Rng(seed());
+    on_every_executor("moe_routing_experts_and_combine", |ex| {
+        let (m, e, k, hdim, inter) = (3, 16, 3, 64, 32);
+        let slots = (m * k).min(e);
+        let mut lv: Vec<f32> = rng.vec(m * e).iter().map(|v| v * 4.0).collect();
+        lv[5] = lv[9]; // a tie inside row 0
+        let (logits, _) = store(ex, DType::F32, &lv);
+        let (weights, _) = store(ex, DType::F32, &vec![f32::NAN; m * e]);
+        let list = ex.alloc(DType::U32, 1 + slots).unwrap();
+        let (w, wv) = store(
+            ex,
+            DType::Bf16,
+            &rng.vec(e * hdim * inter)
+                .iter()
+                .map(|v| v * 0.2)
+                .collect::<Vec<_>>(),
+        );
+        let (xin, xv) = store(ex, DType::Bf16, &rng.vec(m * inter));
+        let (y, _) = store(ex, DType::F32, &vec![f32::NAN; slots * m * hdim]);
+        let (res, rv) = store(ex, DType::F32, &rng.vec(m * hdim));
+        let mut b = ProgramBuilder::new();
+        let (routed, produced) = (b.event("routed"), b.event("experts"));
+        b.push(MoeRoute::task(&logits.all(), &weights.all(), &list.all(), m, e, k, true).unwrap())
+            .signal(routed);
+        let shape = GemvShape {
+            rows: hdim,
+            cols: inter,
+            m,
+        };
+        for slot in 0..slots {
+            // The input here is shared by every slot (x_per_slot = false).
+            let spec = GemvExpert::rows(
+                &w.all(),
+                &xin.all(),
+                &y.all(),
+                &list.all(),
+                shape,
+                e,
+                slot,
+                slots,
+                false,
+                0,
+                hdim,
+            );
+            b.push(spec.unwrap()).wait(routed).signal(produced);
+        }
+        for (h0, n) in [(0, 40), (40, 24)] {
+            let spec = MoeCombine::task(
+                &res.all(),
+                &y.all(),
+                &weights.all(),
+                &list.all(),
+                m,
+                hdim,
+                e,
+                slots,
+                h0,
+                n,
+            );
+            b.push(spec.unwrap()).wait(produced);
+        }
+        ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[])
+            .unwrap();
+
+        // Independent routing: softmax, top-k with the lower index first on ties, renormalised.
+        let mut want_w = vec![0f64; m * e];
+        let mut chosen = std::collections::BTreeSet::new();
+        for i in 0..m {
+            let row: Vec<f64> = lv[i * e..(i + 1) * e]
+                .iter()
+                .map(|&v| f64::from(v))
+                .collect();
+            let mx = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let p: Vec<f64> = row.iter().map(|v| (v - mx).exp()).collect();
+            let mut idx: Vec<usize> = (0..e).collect();
+            idx.sort_by(|&a, &b| p[b].partial_cmp(&p[a]).unwrap().then(a.cmp(&b)));
+            let s: f64 = idx[..k].iter().map(|&j| p[j]).sum();
+            for &j in &idx[..k] {
+                want_w[i * e + j] = p[j] / s;
+                chosen.insert(j as u32);
+            }
+        }
+        let got_list = ex.read_u32(&list).unwrap();
+        let ids: Vec<u32> = chosen.into_iter().collect();
+        assert_eq!(got_list[0] as usize, ids.len(), "{}", ex.describe());
+        assert_eq!(&got_list[1..=ids.len()], &ids[..]);
+        assert!(rel_l2(&ex.read_f32(&weights).unwrap(), &want_w) < 1e-5);
+        let mut want = rv.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
+        for i in 0..m {
+            for &id in &ids {
+                let wt = want_w[i * e + id as usize];
+                for r in 0..hdim {
+                    let mat =
+                        &wv[(id as usize * hdim + r) * inter..(id as usize * hdim + r + 1) * inter];
+                    let dot: f64 = mat
+                        .iter()
+                        .zip(&xv[i * inter..(i + 1) * inter])
+                        .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                        .sum();
+                    want[i * hdim + r] += wt * dot;
+                }
+            }
+        }
+        assert!(
+            rel_l2(&ex.read_f32(&res).unwrap(), &want) < 1e-5,
+            "{}",
+            ex.describe()
+        );
+    });
+}
