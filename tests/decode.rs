@@ -199,7 +199,7 @@ fn decode_against_reference(config: ModelConfig) {
     .unwrap();
     let ck = Checkpoint::open(dir.path()).unwrap();
     let mut rng = Rng(seed);
-    let prompt: Vec<u32> = (0..6)
+    let prompt: Vec<u32> = (0..21)
         .map(|_| rng.below(config.vocab_size) as u32)
         .collect();
     let mut runs: Vec<(String, u32, Vec<u32>, Vec<f32>)> = Vec::new();

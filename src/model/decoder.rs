@@ -54,15 +54,37 @@ struct Layer {
     cache: Buffer,
 }
 
-/// A loaded model with its KV cache and decode program, on one executor.
+/// Rows of the prefill program: prompts go through in chunks of this many tokens.
+pub const PREFILL_CHUNK: usize = 16;
+
+/// A loaded model with its KV cache and decode programs, on one executor.
 pub struct Decoder {
     config: ModelConfig,
     max_seq: usize,
     pos: usize,
-    ids: Buffer,
+    /// Input id of the one-token step (the chosen token lands here too).
+    step_ids: Buffer,
+    /// Input ids of the prefill chunk.
+    chunk_ids: Buffer,
     pos_buf: Buffer,
     logits: Buffer,
-    program: LoadedProgram,
+    step: LoadedProgram,
+    chunk: LoadedProgram,
+}
+
+struct Weights {
+    embed: Buffer,
+    lm_head: Buffer,
+    final_norm: Buffer,
+    layers: Vec<Layer>,
+}
+
+/// Buffers both programs share.
+struct Shared {
+    pos: Buffer,
+    token: Buffer,
+    step_ids: Buffer,
+    logits: Buffer,
 }
 
 fn upload(ex: &dyn Executor, ck: &Checkpoint, names: &[String], rows: usize) -> Result<Buffer> {
@@ -168,246 +190,39 @@ impl Decoder {
                 cache,
             });
         }
-        let workers = ex.num_workers();
-        let buf = |d: DType, n: usize| ex.alloc(d, n);
-        let (x, hn) = (buf(DType::Bf16, h)?, buf(DType::Bf16, h)?);
-        let (qkv, attn) = (
-            buf(DType::Bf16, width)?,
-            buf(DType::Bf16, c.num_heads * hd)?,
-        );
-        let (g, u) = (buf(DType::Bf16, inter)?, buf(DType::Bf16, inter)?);
-        // Routed experts: one slot per chosen expert (top-k for one token).
-        let (experts, top_k, moe_inter) = c.moe.as_ref().map_or((1, 1, 8), |m| {
-            (m.num_experts, m.top_k, m.moe_intermediate_size)
-        });
-        let router_logits = buf(DType::F32, experts)?;
-        let route_weights = buf(DType::F32, experts)?;
-        let list = buf(DType::U32, 1 + top_k)?;
-        let (eg, eu) = (
-            buf(DType::Bf16, top_k * moe_inter)?,
-            buf(DType::Bf16, top_k * moe_inter)?,
-        );
-        let ey = buf(DType::F32, top_k * h)?;
-        let logits = buf(DType::F32, vocab)?;
-        let chunks = (workers / c.num_kv_heads).max(1);
-        let partial = buf(DType::F32, c.num_heads * chunks * (hd + 2))?;
-        let (pos_buf, ids, token) = (
-            buf(DType::U32, 1)?,
-            buf(DType::U32, 1)?,
-            buf(DType::U32, 1)?,
-        );
-        let pairs = buf(DType::U32, 2 * workers)?;
-
-        let eps = c.rms_norm_eps as f32;
-        let mut b = ProgramBuilder::new();
-        let mut ch = Chain {
-            b: &mut b,
-            prev: None,
+        let weights = Weights {
+            embed,
+            lm_head,
+            final_norm,
+            layers,
         };
-        let single = |ch: &mut Chain<'_>, spec| ops::Group(vec![ch.b.push(spec).id()]);
-        let gemv = |ch: &mut Chain<'_>,
-                    w: &Buffer,
-                    xin: &BufSlice,
-                    y: &BufSlice,
-                    rows: usize,
-                    cols: usize,
-                    acc: bool| {
-            ops::gemv(
-                ch.b,
-                &w.all(),
-                xin,
-                y,
-                GemvShape { rows, cols, m: 1 },
-                workers,
-                acc,
-            )
+        let shared = Shared {
+            pos: ex.alloc(DType::U32, 1)?,
+            token: ex.alloc(DType::U32, 1)?,
+            step_ids: ex.alloc(DType::U32, 1)?,
+            logits: ex.alloc(DType::F32, vocab)?,
         };
-        let e = single(&mut ch, Embed::task(&x.all(), &embed.all(), &ids.all(), h)?);
-        ch.stage(e, "embed");
-        for (l, ly) in layers.iter().enumerate() {
-            let n = single(
-                &mut ch,
-                RmsNorm::task(&x.all(), &ly.in_norm.all(), &hn.all(), 1, h, eps)?,
-            );
-            ch.stage(n, &format!("layer {l} input norm"));
-            let q = gemv(&mut ch, &ly.qkv, &hn.all(), &qkv.all(), width, h, false)?;
-            ch.stage(q, &format!("layer {l} qkv"));
-            let r = RopeKv::task(
-                &qkv.all(),
-                &ly.qk_norms.all(),
-                &ly.cache.all(),
-                &pos_buf.all(),
-                shape,
-                1,
-                max_seq,
-                eps,
-                c.rope_theta as f32,
-            )?;
-            let r = single(&mut ch, r);
-            ch.stage(r, &format!("layer {l} rope"));
-            let parts = workers.min(c.num_heads);
-            let (slices, combine) = ops::attention(
-                ch.b,
-                &qkv.all(),
-                &ly.cache.all(),
-                &pos_buf.all(),
-                &partial.all(),
-                &attn.all(),
-                shape,
-                1,
-                max_seq,
-                chunks,
-                parts,
-            )?;
-            if let Some(p) = ch.prev {
-                slices.wait(ch.b, p);
-            }
-            ch.prev = None;
-            ch.stage(combine, &format!("layer {l} attention"));
-            let o = gemv(
-                &mut ch,
-                &ly.o,
-                &attn.all(),
-                &x.all(),
-                h,
-                c.num_heads * hd,
-                true,
-            )?;
-            ch.stage(o, &format!("layer {l} o_proj"));
-            let n = single(
-                &mut ch,
-                RmsNorm::task(&x.all(), &ly.post_norm.all(), &hn.all(), 1, h, eps)?,
-            );
-            ch.stage(n, &format!("layer {l} post norm"));
-            match &ly.mlp {
-                Mlp::Dense { gate, up, down } => {
-                    let mut gu = gemv(&mut ch, gate, &hn.all(), &g.all(), inter, h, false)?;
-                    gu.0.extend(gemv(&mut ch, up, &hn.all(), &u.all(), inter, h, false)?.0);
-                    ch.stage(gu, &format!("layer {l} gate+up"));
-                    let s = single(&mut ch, Swiglu::task(&g.all(), &g.all(), &u.all())?);
-                    ch.stage(s, &format!("layer {l} swiglu"));
-                    let d = gemv(&mut ch, down, &g.all(), &x.all(), h, inter, true)?;
-                    ch.stage(d, &format!("layer {l} down"));
-                }
-                Mlp::Moe {
-                    router,
-                    gate,
-                    up,
-                    down,
-                } => {
-                    let moe = c.moe.as_ref().expect("MoE layer of a MoE config");
-                    let shape = GemvShape {
-                        rows: experts,
-                        cols: h,
-                        m: 1,
-                    };
-                    let r = ops::gemv(
-                        ch.b,
-                        &router.all(),
-                        &hn.all(),
-                        &router_logits.all(),
-                        shape,
-                        workers.min(experts),
-                        false,
-                    )?;
-                    ch.stage(r, &format!("layer {l} router"));
-                    let route = MoeRoute::task(
-                        &router_logits.all(),
-                        &route_weights.all(),
-                        &list.all(),
-                        1,
-                        experts,
-                        top_k,
-                        moe.norm_topk_prob,
-                    )?;
-                    let route = single(&mut ch, route);
-                    ch.stage(route, &format!("layer {l} route"));
-                    let per_slot = (workers / top_k).max(1);
-                    let expert_gemv = |w: &Buffer,
-                                       xin: &Buffer,
-                                       y: &Buffer,
-                                       rows: usize,
-                                       cols: usize,
-                                       per_x: bool| {
-                        let mut specs = Vec::new();
-                        for slot in 0..top_k {
-                            for (r0, n) in split_even(rows, per_slot) {
-                                let shape = GemvShape { rows, cols, m: 1 };
-                                specs.push(GemvExpert::rows(
-                                    &w.all(),
-                                    &xin.all(),
-                                    &y.all(),
-                                    &list.all(),
-                                    shape,
-                                    experts,
-                                    slot,
-                                    top_k,
-                                    per_x,
-                                    r0,
-                                    n,
-                                )?);
-                            }
-                        }
-                        Ok::<_, Error>(specs)
-                    };
-                    let mut specs = expert_gemv(gate, &hn, &eg, moe_inter, h, false)?;
-                    specs.extend(expert_gemv(up, &hn, &eu, moe_inter, h, false)?);
-                    let gu = ops::Group(ch.b.push_all(specs));
-                    ch.stage(gu, &format!("layer {l} expert gate+up"));
-                    let s = single(&mut ch, Swiglu::task(&eg.all(), &eg.all(), &eu.all())?);
-                    ch.stage(s, &format!("layer {l} expert swiglu"));
-                    let d =
-                        ops::Group(ch.b.push_all(expert_gemv(down, &eg, &ey, h, moe_inter, true)?));
-                    ch.stage(d, &format!("layer {l} expert down"));
-                    let mut specs = Vec::new();
-                    for (h0, n) in split_even(h, workers.min(h.div_ceil(64))) {
-                        specs.push(MoeCombine::task(
-                            &x.all(),
-                            &ey.all(),
-                            &route_weights.all(),
-                            &list.all(),
-                            1,
-                            h,
-                            experts,
-                            top_k,
-                            h0,
-                            n,
-                        )?);
-                    }
-                    let comb = ops::Group(ch.b.push_all(specs));
-                    ch.stage(comb, &format!("layer {l} expert combine"));
-                }
-            }
-        }
-        let n = single(
-            &mut ch,
-            RmsNorm::task(&x.all(), &final_norm.all(), &hn.all(), 1, h, eps)?,
-        );
-        ch.stage(n, "final norm");
-        let lm = gemv(&mut ch, &lm_head, &hn.all(), &logits.all(), vocab, h, false)?;
-        ch.stage(lm, "lm head");
-        let (partials, pick) =
-            ops::argmax(ch.b, &logits.all(), &token.all(), &pairs.all(), workers)?;
-        if let Some(p) = ch.prev {
-            partials.wait(ch.b, p);
-        }
-        ch.prev = None;
-        ch.stage(ops::Group(vec![pick]), "token");
-        let last = ch.prev.expect("stages exist");
-        b.push(Advance::task(&pos_buf.all(), &ids.all(), &token.all(), 1)?)
-            .wait(last);
-        b.push(Emit::task(&token.all())?).wait(last);
-        let program = ex.load(&b.build()?)?;
-        // Layers, weights and work buffers stay alive through the program's references.
-        drop(layers);
+        let chunk_ids = ex.alloc(DType::U32, PREFILL_CHUNK)?;
+        let step = build(ex, &c, &weights, &shared, &shared.step_ids, 1, max_seq)?;
+        let chunk = build(
+            ex,
+            &c,
+            &weights,
+            &shared,
+            &chunk_ids,
+            PREFILL_CHUNK,
+            max_seq,
+        )?;
         Ok(Decoder {
             config: c,
             max_seq,
             pos: 0,
-            ids,
-            pos_buf,
-            logits,
-            program,
+            step_ids: shared.step_ids,
+            chunk_ids,
+            pos_buf: shared.pos,
+            logits: shared.logits,
+            step,
+            chunk,
         })
     }
 
@@ -440,7 +255,8 @@ impl Decoder {
         Ok(())
     }
 
-    /// Feeds a prompt (one step per token) and returns the model's next token.
+    /// Feeds a prompt (in chunks of [`PREFILL_CHUNK`] tokens, the rest one at a
+    /// time) and returns the model's next token.
     pub fn prefill(&mut self, ex: &dyn Executor, prompt: &[u32]) -> Result<u32> {
         if prompt.is_empty() {
             return Err(Error::InvalidArgument("empty prompt".into()));
@@ -448,11 +264,24 @@ impl Decoder {
         self.check(prompt, prompt.len())?;
         let mut out = Vec::new();
         ex.poll_outputs(&mut out)?;
-        for &t in prompt {
-            ex.write_u32(&self.ids, &[t])?;
+        // Whole chunks through the chunk program, the rest one token at a time.
+        let mut rest = prompt;
+        while !rest.is_empty() {
+            let n = if rest.len() >= PREFILL_CHUNK {
+                PREFILL_CHUNK
+            } else {
+                1
+            };
+            let (ids, program) = if n == PREFILL_CHUNK {
+                (&self.chunk_ids, &self.chunk)
+            } else {
+                (&self.step_ids, &self.step)
+            };
+            ex.write_u32(ids, &rest[..n])?;
             ex.write_u32(&self.pos_buf, &[self.pos as u32])?;
-            ex.run(&self.program, 1, &[])?;
-            self.pos += 1;
+            ex.run(program, 1, &[])?;
+            self.pos += n;
+            rest = &rest[n..];
         }
         out.clear();
         ex.poll_outputs(&mut out)?;
@@ -468,7 +297,7 @@ impl Decoder {
         let mut out = Vec::new();
         ex.poll_outputs(&mut out)?;
         out.clear();
-        let t = ex.submit(&self.program, n as u32, &[])?;
+        let t = ex.submit(&self.step, n as u32, &[])?;
         ex.wait(&t, ex.default_timeout())?;
         self.pos += n;
         ex.poll_outputs(&mut out)?;
@@ -479,4 +308,274 @@ impl Decoder {
     pub fn logits(&self, ex: &dyn Executor) -> Result<Vec<f32>> {
         ex.read_f32(&self.logits)
     }
+}
+
+/// The decode program for `m` token rows: it reads `m` ids from `ids`, writes
+/// the KV cache at `pos .. pos + m`, and leaves the token chosen after the last
+/// row in `shared.token` and `shared.step_ids`, advancing `pos` by `m`.
+fn build(
+    ex: &dyn Executor,
+    c: &ModelConfig,
+    wts: &Weights,
+    shared: &Shared,
+    ids: &Buffer,
+    m: usize,
+    max_seq: usize,
+) -> Result<LoadedProgram> {
+    let workers = ex.num_workers();
+    let (h, hd, inter, vocab) = (c.hidden_size, c.head_dim, c.intermediate_size, c.vocab_size);
+    let shape = HeadShape {
+        heads: c.num_heads,
+        kv_heads: c.num_kv_heads,
+        head_dim: hd,
+    };
+    let width = shape.qkv_width();
+    let Weights {
+        embed,
+        lm_head,
+        final_norm,
+        layers,
+    } = wts;
+    let (pos_buf, token, logits) = (&shared.pos, &shared.token, &shared.logits);
+    let buf = |d: DType, n: usize| ex.alloc(d, n);
+    let (x, hn) = (buf(DType::Bf16, m * h)?, buf(DType::Bf16, m * h)?);
+    let (qkv, attn) = (
+        buf(DType::Bf16, m * width)?,
+        buf(DType::Bf16, m * c.num_heads * hd)?,
+    );
+    let (g, u) = (buf(DType::Bf16, m * inter)?, buf(DType::Bf16, m * inter)?);
+    // Routed experts: one slot per expert chosen by any row (at most m * top_k).
+    let (experts, top_k, moe_inter) = c.moe.as_ref().map_or((1, 1, 8), |mo| {
+        (mo.num_experts, mo.top_k, mo.moe_intermediate_size)
+    });
+    let slots = experts.min(m * top_k);
+    let router_logits = buf(DType::F32, m * experts)?;
+    let route_weights = buf(DType::F32, m * experts)?;
+    let list = buf(DType::U32, 1 + slots)?;
+    let (eg, eu) = (
+        buf(DType::Bf16, slots * m * moe_inter)?,
+        buf(DType::Bf16, slots * m * moe_inter)?,
+    );
+    let ey = buf(DType::F32, slots * m * h)?;
+    let chunks = (workers / c.num_kv_heads).max(1);
+    let partial = buf(DType::F32, m * c.num_heads * chunks * (hd + 2))?;
+    let pairs = buf(DType::U32, 2 * workers)?;
+
+    let eps = c.rms_norm_eps as f32;
+    let mut b = ProgramBuilder::new();
+    let mut ch = Chain {
+        b: &mut b,
+        prev: None,
+    };
+    let single = |ch: &mut Chain<'_>, spec| ops::Group(vec![ch.b.push(spec).id()]);
+    let gemv = |ch: &mut Chain<'_>,
+                w: &Buffer,
+                xin: &BufSlice,
+                y: &BufSlice,
+                rows: usize,
+                cols: usize,
+                acc: bool| {
+        ops::gemv(
+            ch.b,
+            &w.all(),
+            xin,
+            y,
+            GemvShape { rows, cols, m },
+            workers,
+            acc,
+        )
+    };
+    let e = single(&mut ch, Embed::task(&x.all(), &embed.all(), &ids.all(), h)?);
+    ch.stage(e, "embed");
+    for (l, ly) in layers.iter().enumerate() {
+        let n = single(
+            &mut ch,
+            RmsNorm::task(&x.all(), &ly.in_norm.all(), &hn.all(), m, h, eps)?,
+        );
+        ch.stage(n, &format!("layer {l} input norm"));
+        let q = gemv(&mut ch, &ly.qkv, &hn.all(), &qkv.all(), width, h, false)?;
+        ch.stage(q, &format!("layer {l} qkv"));
+        let r = RopeKv::task(
+            &qkv.all(),
+            &ly.qk_norms.all(),
+            &ly.cache.all(),
+            &pos_buf.all(),
+            shape,
+            m,
+            max_seq,
+            eps,
+            c.rope_theta as f32,
+        )?;
+        let r = single(&mut ch, r);
+        ch.stage(r, &format!("layer {l} rope"));
+        let parts = workers.min(c.num_heads);
+        let (slices, combine) = ops::attention(
+            ch.b,
+            &qkv.all(),
+            &ly.cache.all(),
+            &pos_buf.all(),
+            &partial.all(),
+            &attn.all(),
+            shape,
+            m,
+            max_seq,
+            chunks,
+            parts,
+        )?;
+        if let Some(p) = ch.prev {
+            slices.wait(ch.b, p);
+        }
+        ch.prev = None;
+        ch.stage(combine, &format!("layer {l} attention"));
+        let o = gemv(
+            &mut ch,
+            &ly.o,
+            &attn.all(),
+            &x.all(),
+            h,
+            c.num_heads * hd,
+            true,
+        )?;
+        ch.stage(o, &format!("layer {l} o_proj"));
+        let n = single(
+            &mut ch,
+            RmsNorm::task(&x.all(), &ly.post_norm.all(), &hn.all(), m, h, eps)?,
+        );
+        ch.stage(n, &format!("layer {l} post norm"));
+        match &ly.mlp {
+            Mlp::Dense { gate, up, down } => {
+                let mut gu = gemv(&mut ch, gate, &hn.all(), &g.all(), inter, h, false)?;
+                gu.0.extend(gemv(&mut ch, up, &hn.all(), &u.all(), inter, h, false)?.0);
+                ch.stage(gu, &format!("layer {l} gate+up"));
+                let s = single(&mut ch, Swiglu::task(&g.all(), &g.all(), &u.all())?);
+                ch.stage(s, &format!("layer {l} swiglu"));
+                let d = gemv(&mut ch, down, &g.all(), &x.all(), h, inter, true)?;
+                ch.stage(d, &format!("layer {l} down"));
+            }
+            Mlp::Moe {
+                router,
+                gate,
+                up,
+                down,
+            } => {
+                let moe = c.moe.as_ref().expect("MoE layer of a MoE config");
+                let shape = GemvShape {
+                    rows: experts,
+                    cols: h,
+                    m,
+                };
+                let r = ops::gemv(
+                    ch.b,
+                    &router.all(),
+                    &hn.all(),
+                    &router_logits.all(),
+                    shape,
+                    workers.min(experts),
+                    false,
+                )?;
+                ch.stage(r, &format!("layer {l} router"));
+                let route = MoeRoute::task(
+                    &router_logits.all(),
+                    &route_weights.all(),
+                    &list.all(),
+                    m,
+                    experts,
+                    top_k,
+                    moe.norm_topk_prob,
+                )?;
+                let route = single(&mut ch, route);
+                ch.stage(route, &format!("layer {l} route"));
+                let per_slot = (workers / slots).max(1);
+                let expert_gemv = |w: &Buffer,
+                                   xin: &Buffer,
+                                   y: &Buffer,
+                                   rows: usize,
+                                   cols: usize,
+                                   per_x: bool| {
+                    let mut specs = Vec::new();
+                    for slot in 0..slots {
+                        for (r0, n) in split_even(rows, per_slot) {
+                            let shape = GemvShape { rows, cols, m };
+                            specs.push(GemvExpert::rows(
+                                &w.all(),
+                                &xin.all(),
+                                &y.all(),
+                                &list.all(),
+                                shape,
+                                experts,
+                                slot,
+                                slots,
+                                per_x,
+                                r0,
+                                n,
+                            )?);
+                        }
+                    }
+                    Ok::<_, Error>(specs)
+                };
+                let mut specs = expert_gemv(gate, &hn, &eg, moe_inter, h, false)?;
+                specs.extend(expert_gemv(up, &hn, &eu, moe_inter, h, false)?);
+                let gu = ops::Group(ch.b.push_all(specs));
+                ch.stage(gu, &format!("layer {l} expert gate+up"));
+                let s = single(&mut ch, Swiglu::task(&eg.all(), &eg.all(), &eu.all())?);
+                ch.stage(s, &format!("layer {l} expert swiglu"));
+                let d = ops::Group(ch.b.push_all(expert_gemv(down, &eg, &ey, h, moe_inter, true)?));
+                ch.stage(d, &format!("layer {l} expert down"));
+                let mut specs = Vec::new();
+                for (h0, n) in split_even(h, workers.min(h.div_ceil(64))) {
+                    specs.push(MoeCombine::task(
+                        &x.all(),
+                        &ey.all(),
+                        &route_weights.all(),
+                        &list.all(),
+                        m,
+                        h,
+                        experts,
+                        slots,
+                        h0,
+                        n,
+                    )?);
+                }
+                let comb = ops::Group(ch.b.push_all(specs));
+                ch.stage(comb, &format!("layer {l} expert combine"));
+            }
+        }
+    }
+    let n = single(
+        &mut ch,
+        RmsNorm::task(&x.all(), &final_norm.all(), &hn.all(), m, h, eps)?,
+    );
+    ch.stage(n, "final norm");
+    // Logits of the last row only.
+    let last_row = hn.slice((m - 1) * h..m * h)?;
+    let lm = ops::gemv(
+        ch.b,
+        &lm_head.all(),
+        &last_row,
+        &logits.all(),
+        GemvShape {
+            rows: vocab,
+            cols: h,
+            m: 1,
+        },
+        workers,
+        false,
+    )?;
+    ch.stage(lm, "lm head");
+    let (partials, pick) = ops::argmax(ch.b, &logits.all(), &token.all(), &pairs.all(), workers)?;
+    if let Some(p) = ch.prev {
+        partials.wait(ch.b, p);
+    }
+    ch.prev = None;
+    ch.stage(ops::Group(vec![pick]), "token");
+    let last = ch.prev.expect("stages exist");
+    b.push(Advance::task(
+        &pos_buf.all(),
+        &shared.step_ids.all(),
+        &token.all(),
+        m as u32,
+    )?)
+    .wait(last);
+    b.push(Emit::task(&token.all())?).wait(last);
+    ex.load(&b.build()?)
 }
