@@ -8,7 +8,7 @@ use crate::abi::layouts::{layout, Layout};
 use crate::buffer::{BufSlice, DType};
 use crate::error::ProgramError;
 
-/// Arguments of [`Copy`].
+/// Arguments of [`Copy`](struct@Copy).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
 pub struct CopyArgs {
