@@ -279,3 +279,30 @@ fn decode_against_reference(config: ModelConfig) {
 fn tiny_moe_model_decodes_like_the_reference() {
     decode_against_reference(ModelConfig::preset("tiny-moe").unwrap());
 }
+
+#[test]
+fn random_weights_in_memory_equal_the_written_checkpoint() {
+    let config = ModelConfig::preset("tiny-moe").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let seed = 99;
+    write_random(
+        dir.path(),
+        &config,
+        &WriteOptions {
+            seed,
+            ..WriteOptions::default()
+        },
+    )
+    .unwrap();
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let cpu = CpuExecutor::new(CpuOptions::default());
+    let prompt = [3, 1, 4, 1, 5, 9, 2, 6];
+    let mut a = Decoder::new(&cpu, &ck, 32).unwrap();
+    let mut b = Decoder::random(&cpu, &config, seed, 32).unwrap();
+    assert_eq!(
+        a.prefill(&cpu, &prompt).unwrap(),
+        b.prefill(&cpu, &prompt).unwrap()
+    );
+    assert_eq!(a.logits(&cpu).unwrap(), b.logits(&cpu).unwrap());
+    assert_eq!(a.generate(&cpu, 8).unwrap(), b.generate(&cpu, 8).unwrap());
+}

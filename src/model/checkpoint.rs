@@ -59,29 +59,42 @@ fn init(config: &ModelConfig, name: &str, shape: &[usize]) -> (f32, f32) {
 }
 
 /// Values of one tensor, as f32 (before conversion to the file's type).
+///
+/// Counter-based: element pair `j` is a Box-Muller transform of one 64-bit hash
+/// of (seed, name, j), so any part of a tensor can be drawn independently and
+/// large tensors are drawn on all cores.
 pub fn tensor_values(config: &ModelConfig, seed: u64, name: &str, shape: &[usize]) -> Vec<f32> {
     let (std, mean) = init(config, name, shape);
-    let mut state = name.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+    let base = name.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
     });
-    let mut next = move || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    };
     let n: usize = shape.iter().product();
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        // Box-Muller: two uniforms give two standard normals.
-        let (u1, u2) = (next().max(f64::MIN_POSITIVE), next());
-        let r = (-2.0 * u1.ln()).sqrt();
-        let t = std::f64::consts::TAU * u2;
-        out.push(mean + std * (r * t.cos()) as f32);
-        if out.len() < n {
-            out.push(mean + std * (r * t.sin()) as f32);
+    let mut out = vec![0f32; n];
+    let fill = |start: usize, chunk: &mut [f32]| {
+        for (k, v) in chunk.iter_mut().enumerate() {
+            let i = start + k;
+            let mut z = base.wrapping_add((i as u64 / 2).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let u1 = ((z >> 32) as f64 + 0.5) / 4_294_967_296.0;
+            let u2 = ((z & 0xFFFF_FFFF) as f64 + 0.5) / 4_294_967_296.0;
+            let (r, t) = ((-2.0 * u1.ln()).sqrt(), std::f64::consts::TAU * u2);
+            let g = if i % 2 == 0 { r * t.cos() } else { r * t.sin() };
+            *v = mean + std * g as f32;
         }
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    if n < (1 << 20) || threads == 1 {
+        fill(0, &mut out);
+    } else {
+        let per = n.div_ceil(threads).next_multiple_of(2);
+        std::thread::scope(|s| {
+            for (c, chunk) in out.chunks_mut(per).enumerate() {
+                let fill = &fill;
+                s.spawn(move || fill(c * per, chunk));
+            }
+        });
     }
     out
 }

@@ -87,10 +87,54 @@ struct Shared {
     logits: Buffer,
 }
 
-fn upload(ex: &dyn Executor, ck: &Checkpoint, names: &[String], rows: usize) -> Result<Buffer> {
+/// Where a decoder's tensors come from.
+pub enum WeightSource<'a> {
+    /// A checkpoint on disk (validated first).
+    Checkpoint(&'a Checkpoint),
+    /// Random weights generated straight into device memory, the same values
+    /// [`write_random`](super::checkpoint::write_random) writes for this seed.
+    Random {
+        /// The model's shape.
+        config: &'a ModelConfig,
+        /// The seed.
+        seed: u64,
+    },
+}
+
+impl WeightSource<'_> {
+    fn config(&self) -> &ModelConfig {
+        match self {
+            WeightSource::Checkpoint(ck) => &ck.config,
+            WeightSource::Random { config, .. } => config,
+        }
+    }
+    fn read(&self, name: &str) -> Result<Vec<f32>> {
+        match self {
+            WeightSource::Checkpoint(ck) => Ok(ck.read_f32(name)?),
+            WeightSource::Random { config, seed } => {
+                let shape = config
+                    .tensors()
+                    .into_iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, s)| s)
+                    .ok_or_else(|| crate::error::LoadError::MissingTensor(name.into()))?;
+                Ok(super::checkpoint::tensor_values(
+                    config, *seed, name, &shape,
+                ))
+            }
+        }
+    }
+}
+
+fn upload(
+    ex: &dyn Executor,
+    src: &WeightSource<'_>,
+    names: &[String],
+    rows: usize,
+) -> Result<Buffer> {
     let mut data = Vec::new();
     for n in names {
-        data.extend(ck.read_f32(n)?);
+        data.extend(src.read(n)?);
     }
     let buf = ex.alloc(DType::Bf16, data.len())?;
     ex.write_f32(&buf, &data)?;
@@ -121,7 +165,28 @@ impl Decoder {
     /// context of `max_seq` positions.
     pub fn new(ex: &dyn Executor, ck: &Checkpoint, max_seq: usize) -> Result<Decoder> {
         ck.validate()?;
-        let c = ck.config.clone();
+        Self::from_source(ex, &WeightSource::Checkpoint(ck), max_seq)
+    }
+
+    /// A model with random weights generated straight into the executor's
+    /// memory (no files): the same values a checkpoint written with `seed` holds.
+    pub fn random(
+        ex: &dyn Executor,
+        config: &ModelConfig,
+        seed: u64,
+        max_seq: usize,
+    ) -> Result<Decoder> {
+        config.validate()?;
+        Self::from_source(ex, &WeightSource::Random { config, seed }, max_seq)
+    }
+
+    /// Loads weights from `src` and builds the decode programs.
+    pub fn from_source(
+        ex: &dyn Executor,
+        src: &WeightSource<'_>,
+        max_seq: usize,
+    ) -> Result<Decoder> {
+        let c = src.config().clone();
         if max_seq == 0 || max_seq > c.max_position_embeddings {
             return Err(Error::InvalidArgument(format!(
                 "max_seq {max_seq} must be in 1..={}",
@@ -136,22 +201,22 @@ impl Decoder {
         };
         let width = shape.qkv_width();
         let one = |n: &str| vec![n.to_string()];
-        let embed = upload(ex, ck, &one("model.embed_tokens.weight"), vocab)?;
+        let embed = upload(ex, src, &one("model.embed_tokens.weight"), vocab)?;
         let lm_head = if c.tie_word_embeddings {
             embed.clone()
         } else {
-            upload(ex, ck, &one("lm_head.weight"), vocab)?
+            upload(ex, src, &one("lm_head.weight"), vocab)?
         };
-        let final_norm = upload(ex, ck, &one("model.norm.weight"), 1)?;
+        let final_norm = upload(ex, src, &one("model.norm.weight"), 1)?;
         let mut layers = Vec::new();
         for l in 0..c.num_layers {
             let p = |s: &str| format!("model.layers.{l}.{s}");
             let cache = ex.alloc(DType::Bf16, 2 * c.num_kv_heads * max_seq * hd)?;
             layers.push(Layer {
-                in_norm: upload(ex, ck, &[p("input_layernorm.weight")], 1)?,
+                in_norm: upload(ex, src, &[p("input_layernorm.weight")], 1)?,
                 qkv: upload(
                     ex,
-                    ck,
+                    src,
                     &[
                         p("self_attn.q_proj.weight"),
                         p("self_attn.k_proj.weight"),
@@ -161,12 +226,12 @@ impl Decoder {
                 )?,
                 qk_norms: upload(
                     ex,
-                    ck,
+                    src,
                     &[p("self_attn.q_norm.weight"), p("self_attn.k_norm.weight")],
                     2,
                 )?,
-                o: upload(ex, ck, &[p("self_attn.o_proj.weight")], h)?,
-                post_norm: upload(ex, ck, &[p("post_attention_layernorm.weight")], 1)?,
+                o: upload(ex, src, &[p("self_attn.o_proj.weight")], h)?,
+                post_norm: upload(ex, src, &[p("post_attention_layernorm.weight")], 1)?,
                 mlp: match &c.moe {
                     Some(m) if c.is_moe_layer(l) => {
                         let experts = |kind: &str| -> Vec<String> {
@@ -175,16 +240,16 @@ impl Decoder {
                                 .collect()
                         };
                         Mlp::Moe {
-                            router: upload(ex, ck, &[p("mlp.gate.weight")], m.num_experts)?,
-                            gate: upload(ex, ck, &experts("gate_proj"), m.moe_intermediate_size)?,
-                            up: upload(ex, ck, &experts("up_proj"), m.moe_intermediate_size)?,
-                            down: upload(ex, ck, &experts("down_proj"), h)?,
+                            router: upload(ex, src, &[p("mlp.gate.weight")], m.num_experts)?,
+                            gate: upload(ex, src, &experts("gate_proj"), m.moe_intermediate_size)?,
+                            up: upload(ex, src, &experts("up_proj"), m.moe_intermediate_size)?,
+                            down: upload(ex, src, &experts("down_proj"), h)?,
                         }
                     }
                     _ => Mlp::Dense {
-                        gate: upload(ex, ck, &[p("mlp.gate_proj.weight")], inter)?,
-                        up: upload(ex, ck, &[p("mlp.up_proj.weight")], inter)?,
-                        down: upload(ex, ck, &[p("mlp.down_proj.weight")], h)?,
+                        gate: upload(ex, src, &[p("mlp.gate_proj.weight")], inter)?,
+                        up: upload(ex, src, &[p("mlp.up_proj.weight")], inter)?,
+                        down: upload(ex, src, &[p("mlp.down_proj.weight")], h)?,
                     },
                 },
                 cache,
