@@ -8,8 +8,6 @@
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use cudarc::driver::{CudaContext, LaunchConfig, PushKernelArg};
-use cudarc::nvrtc::Ptx;
 use megakernel::prelude::*;
 use megakernel::program::ops;
 use megakernel::task::{gemv_bf16::GemvShape, nop::Nop};
@@ -30,63 +28,11 @@ fn time_n(n: usize, mut f: impl FnMut()) -> Vec<f64> {
 }
 
 /// Empty-kernel launch + sync and copy bandwidth, with no resident kernel on the GPU.
-fn baselines(c: &mut Criterion, summary: &mut Vec<(String, f64)>) {
-    let ctx = CudaContext::new(0).unwrap();
-    let (_, ptx) = megakernel::cuda::ptx::select(ctx.compute_capability().unwrap().0, 0);
-    let module = ctx.load_module(Ptx::from_src(ptx)).unwrap();
-    let empty = module.load_function("mk_probe_empty").unwrap();
-    let copy = module.load_function("mk_probe_copy").unwrap();
-    let stream = ctx.new_stream().unwrap();
-    let one = LaunchConfig {
-        grid_dim: (1, 1, 1),
-        block_dim: (32, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut launch = || {
-        // SAFETY: mk_probe_empty takes no arguments.
-        unsafe { stream.launch_builder(&empty).launch(one) }.unwrap();
-        stream.synchronize().unwrap();
-    };
-    c.bench_function("empty kernel launch + sync", |b| b.iter(&mut launch));
-    summary.push((
-        "empty kernel launch + sync (s)".into(),
-        median(time_n(2000, &mut launch)),
-    ));
-
-    let bytes: usize = 1 << 30;
-    let src = stream.alloc_zeros::<u8>(bytes).unwrap();
-    let mut dst = stream.alloc_zeros::<u8>(bytes).unwrap();
-    let n = (bytes / 16) as u64;
-    let sms = ctx
-        .attribute(
-            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-        )
-        .unwrap();
-    let cfg = LaunchConfig {
-        grid_dim: (sms as u32 * 2, 1, 1),
-        block_dim: (1024, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut copy_once = || {
-        // SAFETY: (src, dst, n) with n 16-byte elements in each buffer.
-        unsafe {
-            stream
-                .launch_builder(&copy)
-                .arg(&src)
-                .arg(&mut dst)
-                .arg(&n)
-                .launch(cfg)
-        }
-        .unwrap();
-        stream.synchronize().unwrap();
-    };
-    copy_once();
-    c.bench_function("device copy 1 GiB", |b| b.iter(&mut copy_once));
-    let t = median(time_n(30, &mut copy_once));
-    summary.push((
-        "copy bandwidth, read+write (B/s)".into(),
-        2.0 * bytes as f64 / t,
-    ));
+fn baselines(summary: &mut Vec<(String, f64)>) {
+    let launch = megakernel::cuda::probe::launch_latency(0, 2000).unwrap();
+    summary.push(("empty kernel launch + sync (s)".into(), launch));
+    let copy = megakernel::cuda::probe::copy_bandwidth(0, 1 << 30, 30).unwrap();
+    summary.push(("copy bandwidth, read+write (B/s)".into(), copy));
 }
 
 fn resident(c: &mut Criterion, summary: &mut Vec<(String, f64)>) {
@@ -213,7 +159,7 @@ fn all(c: &mut Criterion) {
         return;
     }
     let mut summary = Vec::new();
-    baselines(c, &mut summary);
+    baselines(&mut summary);
     resident(c, &mut summary);
     let get = |k: &str| {
         summary

@@ -262,3 +262,19 @@ fn checkpoint_content_errors_are_typed() {
         Err(LoadError::Io { .. })
     ));
 }
+
+#[test]
+fn decode_bytes_match_the_design_table() {
+    // Bytes per batch-1 step at 1024 positions (weights once, KV once).
+    for (preset, gb) in [
+        ("qwen3-0.6b", 1.31),
+        ("qwen3-8b", 15.3),
+        ("qwen3-30b-a3b", 6.18),
+    ] {
+        let got = ModelConfig::preset(preset).unwrap().decode_bytes(1024) as f64 / 1e9;
+        assert!(
+            (got / gb - 1.0).abs() < 0.02,
+            "{preset}: {got:.3} GB vs {gb} GB"
+        );
+    }
+}

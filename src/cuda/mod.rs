@@ -9,6 +9,7 @@
 //! ever waits for the resident kernel except [`Runtime::shutdown`].
 
 mod driver;
+pub mod probe;
 pub mod ptx;
 
 use std::collections::{HashSet, VecDeque};

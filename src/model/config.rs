@@ -317,6 +317,29 @@ impl ModelConfig {
             .sum()
     }
 
+    /// Bytes one batch-1 decode step must read at `context` positions: every
+    /// weight used once (for MoE layers the router and `top_k` experts), one
+    /// embedding row, the LM head, and the bf16 KV cache.
+    pub fn decode_bytes(&self, context: usize) -> usize {
+        let (h, hd) = (self.hidden_size, self.head_dim);
+        let attn = (self.num_heads + 2 * self.num_kv_heads) * hd * h
+            + h * self.num_heads * hd
+            + 2 * hd
+            + 2 * h;
+        let kv = 2 * self.num_kv_heads * hd * context;
+        let mut elems = h + h + self.vocab_size * h;
+        for l in 0..self.num_layers {
+            elems += attn + kv;
+            elems += match &self.moe {
+                Some(m) if self.is_moe_layer(l) => {
+                    m.num_experts * h + m.top_k * 3 * m.moe_intermediate_size * h
+                }
+                _ => 3 * self.intermediate_size * h,
+            };
+        }
+        2 * elems
+    }
+
     /// A named preset: `tiny`, `tiny-moe`, `qwen3-0.6b`, `qwen3-8b`, `qwen3-30b-a3b`.
     pub fn preset(name: &str) -> Option<ModelConfig> {
         let dense = |h, layers, heads, kv, inter, vocab, tied| ModelConfig {

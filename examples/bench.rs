@@ -1,0 +1,97 @@
+//! Batch-1 decode benchmark: tokens/s at a given context for a preset with
+//! random weights generated straight into GPU memory, the bytes each step must
+//! read, and the device's copy bandwidth measured in the same run (roofline %).
+//! Prints a table line and one JSON line per run. Needs a GPU.
+
+use std::time::Instant;
+
+use megakernel::model::{Decoder, ModelConfig};
+use megakernel::prelude::*;
+
+const HELP: &str = "usage: bench [--preset NAME]... [--context N] [--tokens N]
+
+For each preset (default qwen3-0.6b): random weights straight into GPU memory,
+a prompt of N-context random tokens (chunked prefill, reported as prompt
+tokens/s), then N-tokens greedy decode steps in one command. Reports ms/token,
+tokens/s, the bytes a step reads at the mean context, the device copy bandwidth
+measured first in the same run, and the ratio (roofline %).
+
+  --preset NAME   tiny, tiny-moe, qwen3-0.6b, qwen3-8b, qwen3-30b-a3b (repeatable)
+  --context N     positions before the timed steps (default 1024)
+  --tokens N      timed decode steps (default 64)";
+
+fn main() -> Result<()> {
+    let mut presets = Vec::new();
+    let (mut context, mut tokens) = (1024usize, 64usize);
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut num = |f: &str| -> usize {
+            it.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
+                eprintln!("{f} needs a number\n\n{HELP}");
+                std::process::exit(2)
+            })
+        };
+        match a.as_str() {
+            "--preset" => presets.push(it.next().unwrap_or_default()),
+            "--context" => context = num("--context"),
+            "--tokens" => tokens = num("--tokens"),
+            _ => {
+                println!("{HELP}");
+                std::process::exit(if a == "--help" { 0 } else { 2 });
+            }
+        }
+    }
+    if presets.is_empty() {
+        presets.push("qwen3-0.6b".into());
+    }
+    if megakernel::cuda::device_count() == 0 {
+        println!("bench needs a GPU; none found");
+        if std::env::var("MK_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
+    let copy = megakernel::cuda::probe::copy_bandwidth(0, 1 << 30, 20)?;
+    println!(
+        "device copy bandwidth (read + write): {:.3} TB/s",
+        copy / 1e12
+    );
+    for name in presets {
+        let config = ModelConfig::preset(&name)
+            .ok_or_else(|| Error::InvalidArgument(format!("unknown preset '{name}'")))?;
+        let rt = Runtime::new(0)?;
+        let t = Instant::now();
+        let mut d = Decoder::random(&rt, &config, 7, context + tokens)?;
+        let load = t.elapsed().as_secs_f64();
+        let prompt: Vec<u32> = (0..context)
+            .map(|i| ((i * 7919) % config.vocab_size) as u32)
+            .collect();
+        let t = Instant::now();
+        d.prefill(&rt, &prompt)?;
+        let prefill = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        d.generate(&rt, tokens)?;
+        let per_token = t.elapsed().as_secs_f64() / tokens as f64;
+        let bytes = config.decode_bytes(context + tokens / 2) as f64;
+        let roofline = bytes / per_token / copy;
+        println!(
+            "{name} bf16: {:.3} ms/token, {:.1} tokens/s at context {context}; {:.2} GB/step; {:.1} % of copy bandwidth; \
+             prefill {:.0} tokens/s; load {load:.1} s",
+            per_token * 1e3,
+            1.0 / per_token,
+            bytes / 1e9,
+            roofline * 100.0,
+            context as f64 / prefill
+        );
+        println!(
+            "{{\"preset\": \"{name}\", \"dtype\": \"bf16\", \"context\": {context}, \"ms_per_token\": {:.4}, \"tokens_per_s\": {:.2}, \
+             \"bytes_per_step\": {bytes:.0}, \"copy_bandwidth\": {copy:.4e}, \"roofline\": {roofline:.4}, \"prefill_tokens_per_s\": {:.1}, \
+             \"device\": \"{}\"}}",
+            per_token * 1e3,
+            1.0 / per_token,
+            context as f64 / prefill,
+            rt.describe()
+        );
+    }
+    Ok(())
+}
