@@ -208,8 +208,21 @@ impl Decoder {
             upload(ex, src, &one("lm_head.weight"), vocab)?
         };
         let final_norm = upload(ex, src, &one("model.norm.weight"), 1)?;
+        // A progress bar for loads of more than 1 GB (it draws only on a terminal).
+        let bar = if c.num_params() * 2 > 1 << 30 {
+            indicatif::ProgressBar::new(c.num_layers as u64)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "loading layers {bar:40} {pos}/{len} {elapsed}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
         let mut layers = Vec::new();
         for l in 0..c.num_layers {
+            bar.inc(1);
             let p = |s: &str| format!("model.layers.{l}.{s}");
             let cache = ex.alloc(DType::Bf16, 2 * c.num_kv_heads * max_seq * hd)?;
             layers.push(Layer {
@@ -255,6 +268,7 @@ impl Decoder {
                 cache,
             });
         }
+        bar.finish_and_clear();
         let weights = Weights {
             embed,
             lm_head,
