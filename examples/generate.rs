@@ -9,10 +9,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use megakernel::model::checkpoint::{write_random, WriteOptions};
-use megakernel::model::{Checkpoint, Decoder, ModelConfig};
+use megakernel::model::{Checkpoint, Decoder, ModelConfig, Tokenizer};
 use megakernel::prelude::*;
 
-const HELP: &str = "usage: generate [--model DIR | --preset NAME] [--prompt-ids 1,2,3] [--tokens N] [--context N] [--cpu] [--dump FILE]
+const HELP: &str = "usage: generate [--model DIR | --preset NAME] [--prompt TEXT | --prompt-ids 1,2,3] [--tokens N] [--context N] [--cpu] [--dump FILE]
 
 Greedy generation with a Qwen3 or Qwen3-MoE model (Hugging Face layout:
 config.json and safetensors) decoding inside the resident GPU kernel; on the
@@ -21,6 +21,7 @@ CPU executor when there is no GPU (or with --cpu).
   --model DIR        a checkpoint folder (model_type qwen3 or qwen3_moe)
   --preset NAME      a random-weight preset written once into the cache folder:
                      tiny-moe (default), tiny, qwen3-0.6b, qwen3-8b, qwen3-30b-a3b
+  --prompt TEXT      a text prompt, tokenized with the model folder's tokenizer.json
   --prompt-ids LIST  prompt token ids, comma-separated (default 17,300,42,5,256,99,3,128)
   --tokens N         tokens to generate (default 32)
   --context N        context length to allocate (default 256)
@@ -29,12 +30,13 @@ CPU executor when there is no GPU (or with --cpu).
                      after the prompt as JSON (scripts/compare_hf.py reads it)
   --help             this text
 
-Prompts are token ids: text prompts need a tokenizer, which comes later.";
+With a tokenizer.json in the model folder the generated text is printed too.";
 
 struct Args {
     model: Option<PathBuf>,
     preset: String,
     prompt: Vec<u32>,
+    text: Option<String>,
     tokens: usize,
     context: usize,
     cpu: bool,
@@ -46,6 +48,7 @@ fn parse() -> std::result::Result<Args, String> {
         model: None,
         preset: "tiny-moe".into(),
         prompt: vec![17, 300, 42, 5, 256, 99, 3, 128],
+        text: None,
         tokens: 32,
         context: 256,
         cpu: false,
@@ -61,6 +64,7 @@ fn parse() -> std::result::Result<Args, String> {
         match flag.as_str() {
             "--model" => a.model = Some(PathBuf::from(value("--model")?)),
             "--preset" => a.preset = value("--preset")?,
+            "--prompt" => a.text = Some(value("--prompt")?),
             "--prompt-ids" => {
                 a.prompt = value("--prompt-ids")?
                     .split(',')
@@ -130,6 +134,22 @@ fn main() -> Result<()> {
         None => preset_dir(&args.preset)?,
     };
     let ck = Checkpoint::open(&dir)?;
+    let tokenizer_path = dir.join("tokenizer.json");
+    let tokenizer = if tokenizer_path.exists() {
+        Some(Tokenizer::from_file(&tokenizer_path)?)
+    } else {
+        None
+    };
+    let mut args = args;
+    if let Some(text) = &args.text {
+        let t = tokenizer.as_ref().ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "--prompt needs {}; use --prompt-ids",
+                tokenizer_path.display()
+            ))
+        })?;
+        args.prompt = t.encode(text)?;
+    }
     let c = &ck.config;
     println!(
         "model: {} ({} layers, hidden {}, {} heads / {} kv, vocab {}, {:.2} B parameters)",
@@ -155,6 +175,9 @@ fn main() -> Result<()> {
     let tokens: Vec<u32> = std::iter::once(first).chain(rest).collect();
     println!("prompt: {:?}", args.prompt);
     println!("tokens: {tokens:?}");
+    if let Some(t) = &tokenizer {
+        println!("text: {:?}", t.decode(&tokens)?);
+    }
     println!(
         "time to first token {:.2} ms ({} prompt tokens, {:.0} prompt tokens/s); {} tokens in one command: {:.1} tokens/s ({:.3} ms/token)",
         ttft * 1e3,

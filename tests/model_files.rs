@@ -278,3 +278,33 @@ fn decode_bytes_match_the_design_table() {
         );
     }
 }
+
+#[test]
+fn tokenizer_json_round_trip_and_errors() {
+    use megakernel::model::Tokenizer;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
+    let json = r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": {"hello": 0, "world": 1, "[UNK]": 2}, "unk_token": "[UNK]"}}"#;
+    std::fs::write(&path, json).unwrap();
+    let t = Tokenizer::from_file(&path).unwrap();
+    assert_eq!(t.encode("hello world again").unwrap(), vec![0, 1, 2]);
+    assert_eq!(
+        t.decode(&[1, 0])
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["world", "hello"]
+    );
+    std::fs::write(&path, "{\"model\": 3}").unwrap();
+    assert!(matches!(
+        Tokenizer::from_file(&path),
+        Err(LoadError::BadHeader { .. })
+    ));
+    assert!(matches!(
+        Tokenizer::from_file(&dir.path().join("none.json")),
+        Err(LoadError::Io { .. })
+    ));
+}
