@@ -308,3 +308,96 @@ fn tokenizer_json_round_trip_and_errors() {
         Err(LoadError::Io { .. })
     ));
 }
+
+#[test]
+fn fused_expert_layout_loads_like_per_expert_tensors() {
+    let config = ModelConfig::preset("tiny-moe").unwrap();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    write_random(
+        a.path(),
+        &config,
+        &WriteOptions {
+            dtype: TensorDtype::F32,
+            ..WriteOptions::default()
+        },
+    )
+    .unwrap();
+    let per_expert = Checkpoint::open(a.path()).unwrap();
+    // The same weights with each MoE layer's experts fused as recent transformers versions hold them.
+    let moe = config.moe.as_ref().unwrap();
+    let bytes = |v: Vec<f32>| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let mut tensors: Vec<TensorData> = Vec::new();
+    for (name, shape) in config.tensors() {
+        if !name.contains(".mlp.experts.") {
+            tensors.push((
+                name.clone(),
+                TensorDtype::F32,
+                shape,
+                bytes(per_expert.read_f32(&name).unwrap()),
+            ));
+        }
+    }
+    let (e, i, h) = (
+        moe.num_experts,
+        moe.moe_intermediate_size,
+        config.hidden_size,
+    );
+    for l in 0..config.num_layers {
+        let p = format!("model.layers.{l}.mlp.experts.");
+        let (mut gate_up, mut down) = (Vec::new(), Vec::new());
+        for x in 0..e {
+            gate_up.extend(
+                per_expert
+                    .read_f32(&format!("{p}{x}.gate_proj.weight"))
+                    .unwrap(),
+            );
+            gate_up.extend(
+                per_expert
+                    .read_f32(&format!("{p}{x}.up_proj.weight"))
+                    .unwrap(),
+            );
+            down.extend(
+                per_expert
+                    .read_f32(&format!("{p}{x}.down_proj.weight"))
+                    .unwrap(),
+            );
+        }
+        tensors.push((
+            format!("{p}gate_up_proj"),
+            TensorDtype::F32,
+            vec![e, 2 * i, h],
+            bytes(gate_up),
+        ));
+        tensors.push((
+            format!("{p}down_proj"),
+            TensorDtype::F32,
+            vec![e, h, i],
+            bytes(down),
+        ));
+    }
+    std::fs::write(b.path().join("config.json"), config.to_json()).unwrap();
+    write(&b.path().join("model.safetensors"), &tensors).unwrap();
+    let fused = Checkpoint::open(b.path()).unwrap();
+    fused.validate().unwrap();
+    for (name, shape) in config.tensors() {
+        assert_eq!(fused.info(&name).unwrap().shape, shape, "{name}");
+        assert_eq!(
+            fused.read_f32(&name).unwrap(),
+            per_expert.read_f32(&name).unwrap(),
+            "{name}"
+        );
+    }
+    // A fused tensor of the wrong rank is a typed error.
+    tensors.retain(|t| !t.0.ends_with("layers.0.mlp.experts.down_proj"));
+    tensors.push((
+        "model.layers.0.mlp.experts.down_proj".into(),
+        TensorDtype::F32,
+        vec![e * h * i],
+        vec![0; 4 * e * h * i],
+    ));
+    write(&b.path().join("model.safetensors"), &tensors).unwrap();
+    assert!(matches!(
+        Checkpoint::open(b.path()),
+        Err(LoadError::BadTensor { .. })
+    ));
+}

@@ -122,6 +122,20 @@ impl SafeTensors {
     }
     /// A tensor converted to f32.
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>, LoadError> {
+        let n = self
+            .tensors
+            .get(name)
+            .map_or(0, |t| t.shape.iter().product());
+        self.read_f32_range(name, 0, n)
+    }
+
+    /// Elements `start..start + count` of a tensor (row-major), converted to f32.
+    pub fn read_f32_range(
+        &self,
+        name: &str,
+        start: usize,
+        count: usize,
+    ) -> Result<Vec<f32>, LoadError> {
         let t = self
             .tensors
             .get(name)
@@ -130,7 +144,15 @@ impl SafeTensors {
             name: name.into(),
             dtype: t.dtype.clone(),
         })?;
-        let b = &self.map[t.offset..t.offset + t.len];
+        let size = if dtype == TensorDtype::F32 { 4 } else { 2 };
+        if start + count > t.len / size {
+            return Err(LoadError::BadTensor {
+                path: self.path.clone(),
+                tensor: name.into(),
+                reason: format!("elements {start}..{} outside the tensor", start + count),
+            });
+        }
+        let b = &self.map[t.offset + start * size..t.offset + (start + count) * size];
         Ok(match dtype {
             TensorDtype::F32 => b
                 .chunks_exact(4)
@@ -272,11 +294,71 @@ pub fn write(path: &Path, tensors: &[TensorData]) -> Result<(), LoadError> {
 
 /// A checkpoint directory: `config.json` plus `model.safetensors`, or shards
 /// listed in `model.safetensors.index.json`.
+///
+/// Routed experts may be stored per expert, as published checkpoints do
+/// (`mlp.experts.{e}.{gate,up,down}_proj.weight`), or fused, as recent
+/// `transformers` versions hold them (`mlp.experts.gate_up_proj` of shape
+/// `[experts, 2 * moe_intermediate, hidden]` with the gate rows first, and
+/// `mlp.experts.down_proj` of shape `[experts, hidden, moe_intermediate]`).
+/// Fused tensors are served under the per-expert names.
 pub struct Checkpoint {
     /// The model's configuration.
     pub config: ModelConfig,
     files: Vec<SafeTensors>,
     location: HashMap<String, usize>,
+    parts: HashMap<String, Part>,
+}
+
+/// A per-expert matrix inside a fused `[experts, rows, cols]` tensor.
+#[derive(Clone, Debug)]
+struct Part {
+    source: String,
+    start: usize,
+    shape: Vec<usize>,
+}
+
+/// Per-expert names for the fused expert tensors among `tensors`.
+fn fused_parts<'a>(
+    tensors: impl Iterator<Item = &'a TensorInfo>,
+    path: &str,
+) -> Result<HashMap<String, Part>, LoadError> {
+    let mut parts = HashMap::new();
+    for t in tensors {
+        let (prefix, kinds): (&str, &[(&str, usize)]) =
+            if let Some(p) = t.name.strip_suffix("gate_up_proj") {
+                (p, &[("gate_proj", 0), ("up_proj", 1)])
+            } else if let Some(p) = t.name.strip_suffix("down_proj") {
+                (p, &[("down_proj", 0)])
+            } else {
+                continue;
+            };
+        if !prefix.ends_with(".mlp.experts.") {
+            continue;
+        }
+        let bad = |reason: &str| LoadError::BadTensor {
+            path: path.into(),
+            tensor: t.name.clone(),
+            reason: reason.into(),
+        };
+        let &[experts, rows, cols] = t.shape.as_slice() else {
+            return Err(bad("a fused expert tensor must be [experts, rows, cols]"));
+        };
+        let rows_each = rows / kinds.len();
+        if rows_each * kinds.len() != rows {
+            return Err(bad("fused gate_up rows must be even"));
+        }
+        for e in 0..experts {
+            for &(kind, k) in kinds {
+                let part = Part {
+                    source: t.name.clone(),
+                    start: (e * rows + k * rows_each) * cols,
+                    shape: vec![rows_each, cols],
+                };
+                parts.insert(format!("{prefix}{e}.{kind}.weight"), part);
+            }
+        }
+    }
+    Ok(parts)
 }
 
 impl Checkpoint {
@@ -328,10 +410,15 @@ impl Checkpoint {
             }
             files.push(f);
         }
+        let mut parts = HashMap::new();
+        for f in &files {
+            parts.extend(fused_parts(f.tensors().values(), f.path())?);
+        }
         Ok(Checkpoint {
             config,
             files,
             location,
+            parts,
         })
     }
 
@@ -359,10 +446,12 @@ impl Checkpoint {
                 });
             }
         }
+        let sources: std::collections::HashSet<&str> =
+            self.parts.values().map(|p| p.source.as_str()).collect();
         let mut extra: Vec<&String> = self
             .location
             .keys()
-            .filter(|n| !names.contains(n.as_str()))
+            .filter(|n| !names.contains(n.as_str()) && !sources.contains(n.as_str()))
             .collect();
         extra.sort();
         match extra.first() {
@@ -371,20 +460,42 @@ impl Checkpoint {
         }
     }
 
-    /// A tensor's entry.
-    pub fn info(&self, name: &str) -> Option<&TensorInfo> {
-        self.location
+    /// A tensor's entry (for a fused expert tensor's part: its place inside it).
+    pub fn info(&self, name: &str) -> Option<TensorInfo> {
+        if let Some(t) = self
+            .location
             .get(name)
             .and_then(|&i| self.files[i].tensors().get(name))
+        {
+            return Some(t.clone());
+        }
+        let part = self.parts.get(name)?;
+        let src = self.info(&part.source)?;
+        let size = element_size(&src.dtype)?;
+        let numel: usize = part.shape.iter().product();
+        Some(TensorInfo {
+            name: name.into(),
+            dtype: src.dtype,
+            shape: part.shape.clone(),
+            offset: src.offset + part.start * size,
+            len: numel * size,
+        })
     }
 
     /// A tensor converted to f32.
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>, LoadError> {
-        let &i = self
-            .location
+        if let Some(&i) = self.location.get(name) {
+            return self.files[i].read_f32(name);
+        }
+        let part = self
+            .parts
             .get(name)
             .ok_or_else(|| LoadError::MissingTensor(name.into()))?;
-        self.files[i].read_f32(name)
+        let &i = self
+            .location
+            .get(&part.source)
+            .ok_or_else(|| LoadError::MissingTensor(part.source.clone()))?;
+        self.files[i].read_f32_range(&part.source, part.start, part.shape.iter().product())
     }
 
     /// Number of files.
