@@ -24,7 +24,6 @@ use crate::task::moe_route::MoeRoute;
 use crate::task::rmsnorm::RmsNorm;
 use crate::task::rope_kv::{HeadShape, RopeKv};
 use crate::task::split_even;
-use crate::task::swiglu::Swiglu;
 
 use super::config::ModelConfig;
 use super::safetensors::Checkpoint;
@@ -526,7 +525,7 @@ fn build(
                 let mut gu = gemv(&mut ch, gate, &hn.all(), &g.all(), inter, h, false)?;
                 gu.0.extend(gemv(&mut ch, up, &hn.all(), &u.all(), inter, h, false)?.0);
                 ch.stage(gu, &format!("layer {l} gate+up"));
-                let s = single(&mut ch, Swiglu::task(&g.all(), &g.all(), &u.all())?);
+                let s = ops::swiglu(ch.b, &g.all(), &g.all(), &u.all(), workers)?;
                 ch.stage(s, &format!("layer {l} swiglu"));
                 let d = gemv(&mut ch, down, &g.all(), &x.all(), h, inter, true)?;
                 ch.stage(d, &format!("layer {l} down"));
@@ -596,7 +595,7 @@ fn build(
                 specs.extend(expert_gemv(up, &hn, &eu, moe_inter, h, false)?);
                 let gu = ops::Group(ch.b.push_all(specs));
                 ch.stage(gu, &format!("layer {l} expert gate+up"));
-                let s = single(&mut ch, Swiglu::task(&eg.all(), &eg.all(), &eu.all())?);
+                let s = ops::swiglu(ch.b, &eg.all(), &eg.all(), &eu.all(), workers)?;
                 ch.stage(s, &format!("layer {l} expert swiglu"));
                 let d = ops::Group(ch.b.push_all(expert_gemv(down, &eg, &ey, h, moe_inter, true)?));
                 ch.stage(d, &format!("layer {l} expert down"));

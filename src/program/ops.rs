@@ -12,7 +12,9 @@ use crate::task::{
     gemv_bf16::{GemvBf16, GemvShape},
     reduce_sum::ReduceSum,
     rope_kv::HeadShape,
-    split_even, TaskSpec,
+    split_even,
+    swiglu::Swiglu,
+    TaskSpec,
 };
 
 /// Tasks that together perform one operation.
@@ -66,6 +68,25 @@ pub fn fill(b: &mut ProgramBuilder, dst: &BufSlice, value: f32, parts: usize) ->
     let mut specs = Vec::new();
     for (s, n) in split_even(dst.len(), parts) {
         specs.push(Fill::task(&dst.sub(s, n)?, value)?);
+    }
+    Ok(Group(b.push_all(specs)))
+}
+
+/// `out = silu(gate) * up`, split over `parts` tasks.
+pub fn swiglu(
+    b: &mut ProgramBuilder,
+    out: &BufSlice,
+    gate: &BufSlice,
+    up: &BufSlice,
+    parts: usize,
+) -> Result<Group> {
+    let mut specs = Vec::new();
+    for (s, n) in split_even(out.len(), parts) {
+        specs.push(Swiglu::task(
+            &out.sub(s, n)?,
+            &gate.sub(s, n)?,
+            &up.sub(s, n)?,
+        )?);
     }
     Ok(Group(b.push_all(specs)))
 }
