@@ -21,7 +21,6 @@ use crate::task::gemv_bf16::GemvShape;
 use crate::task::gemv_expert::GemvExpert;
 use crate::task::moe_combine::MoeCombine;
 use crate::task::moe_route::MoeRoute;
-use crate::task::rmsnorm::RmsNorm;
 use crate::task::rope_kv::{HeadShape, RopeKv};
 use crate::task::split_even;
 
@@ -466,10 +465,16 @@ fn build(
     let e = single(&mut ch, Embed::task(&x.all(), &embed.all(), &ids.all(), h)?);
     ch.stage(e, "embed");
     for (l, ly) in layers.iter().enumerate() {
-        let n = single(
-            &mut ch,
-            RmsNorm::task(&x.all(), &ly.in_norm.all(), &hn.all(), m, h, eps)?,
-        );
+        let n = ops::rmsnorm(
+            ch.b,
+            &x.all(),
+            &ly.in_norm.all(),
+            &hn.all(),
+            m,
+            h,
+            eps,
+            workers,
+        )?;
         ch.stage(n, &format!("layer {l} input norm"));
         let q = gemv(&mut ch, &ly.qkv, &hn.all(), &qkv.all(), width, h, false)?;
         ch.stage(q, &format!("layer {l} qkv"));
@@ -515,10 +520,16 @@ fn build(
             true,
         )?;
         ch.stage(o, &format!("layer {l} o_proj"));
-        let n = single(
-            &mut ch,
-            RmsNorm::task(&x.all(), &ly.post_norm.all(), &hn.all(), m, h, eps)?,
-        );
+        let n = ops::rmsnorm(
+            ch.b,
+            &x.all(),
+            &ly.post_norm.all(),
+            &hn.all(),
+            m,
+            h,
+            eps,
+            workers,
+        )?;
         ch.stage(n, &format!("layer {l} post norm"));
         match &ly.mlp {
             Mlp::Dense { gate, up, down } => {
@@ -619,10 +630,16 @@ fn build(
             }
         }
     }
-    let n = single(
-        &mut ch,
-        RmsNorm::task(&x.all(), &final_norm.all(), &hn.all(), m, h, eps)?,
-    );
+    let n = ops::rmsnorm(
+        ch.b,
+        &x.all(),
+        &final_norm.all(),
+        &hn.all(),
+        m,
+        h,
+        eps,
+        workers,
+    )?;
     ch.stage(n, "final norm");
     // Logits of the last row only.
     let last_row = hn.slice((m - 1) * h..m * h)?;

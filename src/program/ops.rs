@@ -11,6 +11,7 @@ use crate::task::{
     fill::Fill,
     gemv_bf16::{GemvBf16, GemvShape},
     reduce_sum::ReduceSum,
+    rmsnorm::RmsNorm,
     rope_kv::HeadShape,
     split_even,
     swiglu::Swiglu,
@@ -68,6 +69,32 @@ pub fn fill(b: &mut ProgramBuilder, dst: &BufSlice, value: f32, parts: usize) ->
     let mut specs = Vec::new();
     for (s, n) in split_even(dst.len(), parts) {
         specs.push(Fill::task(&dst.sub(s, n)?, value)?);
+    }
+    Ok(Group(b.push_all(specs)))
+}
+
+/// RMSNorm of `rows` rows of `cols`, rows split over up to `parts` tasks.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm(
+    b: &mut ProgramBuilder,
+    x: &BufSlice,
+    w: &BufSlice,
+    y: &BufSlice,
+    rows: usize,
+    cols: usize,
+    eps: f32,
+    parts: usize,
+) -> Result<Group> {
+    let mut specs = Vec::new();
+    for (r, n) in split_even(rows, parts) {
+        specs.push(RmsNorm::task(
+            &x.sub(r * cols, n * cols)?,
+            w,
+            &y.sub(r * cols, n * cols)?,
+            n,
+            cols,
+            eps,
+        )?);
     }
     Ok(Group(b.push_all(specs)))
 }
