@@ -207,7 +207,12 @@ fn decode_against_reference(config: ModelConfig) {
         let mut d = Decoder::new(ex, &ck, 64).unwrap();
         let first = d.prefill(ex, &prompt).unwrap();
         let logits = d.logits(ex).unwrap();
-        let more = d.generate(ex, 24).unwrap();
+        let mut streamed = Vec::new();
+        let more = d.generate_streaming(ex, 24, |t| streamed.push(t)).unwrap();
+        assert_eq!(
+            streamed, more,
+            "streamed tokens differ from the returned ones"
+        );
         assert_eq!(d.position(), prompt.len() + 24);
         // Typed errors: context overflow and a token outside the vocabulary.
         assert!(matches!(d.generate(ex, 64), Err(Error::InvalidArgument(_))));

@@ -360,24 +360,65 @@ impl Decoder {
             self.pos += n;
             rest = &rest[n..];
         }
+        // One token per command; the last one is the answer.
+        let commands = prompt.len() / PREFILL_CHUNK + prompt.len() % PREFILL_CHUNK;
         out.clear();
-        ex.poll_outputs(&mut out)?;
-        out.last()
-            .map(|&t| t as u32)
-            .ok_or_else(|| Error::Stopped("no token came back".into()))
+        let deadline = std::time::Instant::now() + ex.default_timeout();
+        while out.len() < commands {
+            ex.poll_outputs(&mut out)?;
+            if std::time::Instant::now() > deadline {
+                let what = format!("{commands} tokens from the prompt ({} arrived)", out.len());
+                return Err(Error::HostTimeout {
+                    waited: ex.default_timeout(),
+                    what,
+                });
+            }
+            std::thread::yield_now();
+        }
+        Ok(out[commands - 1] as u32)
     }
 
     /// Generates `n` more tokens greedily in one command (the input is the
     /// last token returned) and returns them.
     pub fn generate(&mut self, ex: &dyn Executor, n: usize) -> Result<Vec<u32>> {
+        self.generate_streaming(ex, n, |_| {})
+    }
+
+    /// Like [`generate`](Self::generate), calling `on_token` for each token as
+    /// the device produces it (the host polls the output ring while the one
+    /// command runs).
+    pub fn generate_streaming(
+        &mut self,
+        ex: &dyn Executor,
+        n: usize,
+        mut on_token: impl FnMut(u32),
+    ) -> Result<Vec<u32>> {
         self.check(&[], n)?;
         let mut out = Vec::new();
         ex.poll_outputs(&mut out)?;
         out.clear();
         let t = ex.submit(&self.step, n as u32, &[])?;
+        let deadline = std::time::Instant::now() + ex.default_timeout();
+        let mut seen = 0;
+        // Completion and the output ring are published separately: wait for both.
+        while seen < n {
+            let done = ex.is_done(&t)?;
+            ex.poll_outputs(&mut out)?;
+            for &tok in &out[seen..] {
+                on_token(tok as u32);
+            }
+            seen = out.len();
+            if std::time::Instant::now() > deadline {
+                let what = format!("{n} tokens ({seen} arrived, command done: {done})");
+                return Err(Error::HostTimeout {
+                    waited: ex.default_timeout(),
+                    what,
+                });
+            }
+            std::thread::yield_now();
+        }
         ex.wait(&t, ex.default_timeout())?;
         self.pos += n;
-        ex.poll_outputs(&mut out)?;
         Ok(out.into_iter().map(|t| t as u32).collect())
     }
 
