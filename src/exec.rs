@@ -62,6 +62,9 @@ pub trait Executor: Send + Sync {
     /// Whether a command is done (an error if the executor failed).
     fn is_done(&self, ticket: &Ticket) -> Result<bool>;
     /// Moves values the device has emitted so far into `out`; returns how many.
+    /// Values are published separately from completion: right after
+    /// [`wait`](Self::wait) returns, the last ones may still be on their way,
+    /// so a caller that knows how many to expect polls until it has them.
     fn poll_outputs(&self, out: &mut Vec<u64>) -> Result<usize>;
     /// Host wait used by [`ExecutorExt::run`].
     fn default_timeout(&self) -> Duration {
