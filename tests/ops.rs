@@ -285,7 +285,7 @@ fn many_queued_commands_wrap_the_command_ring() {
         ex.wait(&last.unwrap(), std::time::Duration::from_secs(30))
             .unwrap();
         let mut out = Vec::new();
-        ex.poll_outputs(&mut out).unwrap();
+        poll_until(ex, &mut out, rows.len());
         let want: Vec<u64> = rows.iter().map(|&r| u64::from(table[r])).collect();
         assert_eq!(out, want);
     });
