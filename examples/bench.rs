@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use megakernel::model::{Decoder, ModelConfig};
+use megakernel::model::{Model, ModelConfig};
 use megakernel::prelude::*;
 
 const HELP: &str = "usage: bench [--preset NAME]... [--context N] [--tokens N]
@@ -61,7 +61,7 @@ fn main() -> Result<()> {
             .ok_or_else(|| Error::InvalidArgument(format!("unknown preset '{name}'")))?;
         let rt = Runtime::new(0)?;
         let t = Instant::now();
-        let mut d = Decoder::random(&rt, &config, 7, context + tokens)?;
+        let mut d = Model::random(&rt, &config, 7)?.session(&rt, context + tokens)?;
         let load = t.elapsed().as_secs_f64();
         let prompt: Vec<u32> = (0..context)
             .map(|i| ((i * 7919) % config.vocab_size) as u32)

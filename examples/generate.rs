@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use megakernel::model::checkpoint::{write_random, WriteOptions};
-use megakernel::model::{Checkpoint, Decoder, ModelConfig, Tokenizer};
+use megakernel::model::{Checkpoint, Model, ModelConfig, Tokenizer};
 use megakernel::prelude::*;
 
 const HELP: &str = "usage: generate [--model DIR | --preset NAME] [--prompt TEXT | --prompt-ids 1,2,3] [--tokens N] [--context N] [--cpu] [--dump FILE]
@@ -163,7 +163,7 @@ fn main() -> Result<()> {
     );
     println!("executor: {}", exec.describe());
     let t = Instant::now();
-    let mut d = Decoder::new(exec.as_ref(), &ck, args.context)?;
+    let mut d = Model::load(exec.as_ref(), &ck)?.session(exec.as_ref(), args.context)?;
     println!("loaded in {:.2} s", t.elapsed().as_secs_f64());
     let t = Instant::now();
     let first = d.prefill(exec.as_ref(), &args.prompt)?;

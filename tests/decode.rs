@@ -5,7 +5,7 @@ mod common;
 
 use common::{gpu, Rng};
 use megakernel::model::checkpoint::{write_random, WriteOptions};
-use megakernel::model::{Checkpoint, Decoder, ModelConfig};
+use megakernel::model::{Checkpoint, Model, ModelConfig};
 use megakernel::prelude::*;
 
 /// Keys and values seen so far by one layer.
@@ -204,7 +204,7 @@ fn decode_against_reference(config: ModelConfig) {
         .collect();
     let mut runs: Vec<(String, u32, Vec<u32>, Vec<f32>)> = Vec::new();
     let mut run = |ex: &dyn Executor| {
-        let mut d = Decoder::new(ex, &ck, 64).unwrap();
+        let mut d = Model::load(ex, &ck).unwrap().session(ex, 64).unwrap();
         let first = d.prefill(ex, &prompt).unwrap();
         let logits = d.logits(ex).unwrap();
         let mut streamed = Vec::new();
@@ -302,12 +302,51 @@ fn random_weights_in_memory_equal_the_written_checkpoint() {
     let ck = Checkpoint::open(dir.path()).unwrap();
     let cpu = CpuExecutor::new(CpuOptions::default());
     let prompt = [3, 1, 4, 1, 5, 9, 2, 6];
-    let mut a = Decoder::new(&cpu, &ck, 32).unwrap();
-    let mut b = Decoder::random(&cpu, &config, seed, 32).unwrap();
+    let mut a = Model::load(&cpu, &ck).unwrap().session(&cpu, 32).unwrap();
+    let mut b = Model::random(&cpu, &config, seed)
+        .unwrap()
+        .session(&cpu, 32)
+        .unwrap();
     assert_eq!(
         a.prefill(&cpu, &prompt).unwrap(),
         b.prefill(&cpu, &prompt).unwrap()
     );
     assert_eq!(a.logits(&cpu).unwrap(), b.logits(&cpu).unwrap());
     assert_eq!(a.generate(&cpu, 8).unwrap(), b.generate(&cpu, 8).unwrap());
+}
+
+#[test]
+fn sessions_on_one_model_keep_their_own_caches() {
+    let config = ModelConfig::preset("tiny").unwrap();
+    let cpu = CpuExecutor::new(CpuOptions::default());
+    let model = Model::random(&cpu, &config, 5).unwrap();
+    let (p1, p2) = ([1u32, 2, 3, 4], [400u32, 300, 200, 100, 50]);
+    // Alone.
+    let alone1 = {
+        let mut s = model.session(&cpu, 32).unwrap();
+        let f = s.prefill(&cpu, &p1).unwrap();
+        (f, s.generate(&cpu, 6).unwrap())
+    };
+    let alone2 = {
+        let mut s = model.session(&cpu, 32).unwrap();
+        let f = s.prefill(&cpu, &p2).unwrap();
+        (f, s.generate(&cpu, 6).unwrap())
+    };
+    // Interleaved on the same model.
+    let (mut s1, mut s2) = (
+        model.session(&cpu, 32).unwrap(),
+        model.session(&cpu, 32).unwrap(),
+    );
+    let f1 = s1.prefill(&cpu, &p1).unwrap();
+    let f2 = s2.prefill(&cpu, &p2).unwrap();
+    let (mut g1, mut g2) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        g1.extend(s1.generate(&cpu, 2).unwrap());
+        g2.extend(s2.generate(&cpu, 2).unwrap());
+    }
+    assert_eq!((f1, g1), alone1);
+    assert_eq!((f2, g2), alone2);
+    // A model belongs to its executor.
+    let other = CpuExecutor::new(CpuOptions::default());
+    assert!(matches!(model.session(&other, 8), Err(Error::Foreign(_))));
 }

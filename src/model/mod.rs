@@ -4,11 +4,11 @@
 
 pub mod checkpoint;
 pub mod config;
-pub mod decoder;
 pub mod safetensors;
+pub mod session;
 pub mod tokenizer;
 
 pub use config::{Arch, ModelConfig, MoeConfig};
-pub use decoder::Decoder;
 pub use safetensors::{Checkpoint, SafeTensors, TensorDtype, TensorInfo};
+pub use session::{Model, Session, WeightSource, PREFILL_CHUNK};
 pub use tokenizer::Tokenizer;

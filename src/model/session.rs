@@ -1,4 +1,5 @@
-//! A Qwen3 or Qwen3-MoE model as a decode-step task program.
+//! A Qwen3 or Qwen3-MoE model as decode-step task programs: a [`Model`]
+//! holds the weights, each [`Session`] its own KV cache and programs.
 //!
 //! One program iteration is one decode step for one token: embedding lookup,
 //! every layer (RMSNorm, fused q/k/v projection, per-head norm + RoPE + KV
@@ -49,14 +50,20 @@ struct Layer {
     o: Buffer,
     post_norm: Buffer,
     mlp: Mlp,
-    cache: Buffer,
 }
 
 /// Rows of the prefill program: prompts go through in chunks of this many tokens.
 pub const PREFILL_CHUNK: usize = 16;
 
-/// A loaded model with its KV cache and decode programs, on one executor.
-pub struct Decoder {
+/// A model's weights loaded on one executor; sessions share them.
+pub struct Model {
+    config: ModelConfig,
+    weights: std::sync::Arc<Weights>,
+    owner: u64,
+}
+
+/// One sequence on a [`Model`]: its own KV cache, position and decode programs.
+pub struct Session {
     config: ModelConfig,
     max_seq: usize,
     pos: usize,
@@ -158,39 +165,28 @@ impl Chain<'_> {
     }
 }
 
-impl Decoder {
-    /// Uploads a validated checkpoint and builds the decode program for a
-    /// context of `max_seq` positions.
-    pub fn new(ex: &dyn Executor, ck: &Checkpoint, max_seq: usize) -> Result<Decoder> {
+impl Model {
+    /// Uploads a validated checkpoint.
+    pub fn load(ex: &dyn Executor, ck: &Checkpoint) -> Result<Model> {
         ck.validate()?;
-        Self::from_source(ex, &WeightSource::Checkpoint(ck), max_seq)
+        Self::from_source(ex, &WeightSource::Checkpoint(ck))
     }
 
-    /// A model with random weights generated straight into the executor's
-    /// memory (no files): the same values a checkpoint written with `seed` holds.
-    pub fn random(
-        ex: &dyn Executor,
-        config: &ModelConfig,
-        seed: u64,
-        max_seq: usize,
-    ) -> Result<Decoder> {
+    /// Random weights generated straight into the executor's memory (no files):
+    /// the same values a checkpoint written with `seed` holds.
+    pub fn random(ex: &dyn Executor, config: &ModelConfig, seed: u64) -> Result<Model> {
         config.validate()?;
-        Self::from_source(ex, &WeightSource::Random { config, seed }, max_seq)
+        Self::from_source(ex, &WeightSource::Random { config, seed })
     }
 
-    /// Loads weights from `src` and builds the decode programs.
-    pub fn from_source(
-        ex: &dyn Executor,
-        src: &WeightSource<'_>,
-        max_seq: usize,
-    ) -> Result<Decoder> {
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Loads weights from `src`.
+    pub fn from_source(ex: &dyn Executor, src: &WeightSource<'_>) -> Result<Model> {
         let c = src.config().clone();
-        if max_seq == 0 || max_seq > c.max_position_embeddings {
-            return Err(Error::InvalidArgument(format!(
-                "max_seq {max_seq} must be in 1..={}",
-                c.max_position_embeddings
-            )));
-        }
         let (h, hd, inter, vocab) = (c.hidden_size, c.head_dim, c.intermediate_size, c.vocab_size);
         let shape = HeadShape {
             heads: c.num_heads,
@@ -222,7 +218,6 @@ impl Decoder {
         for l in 0..c.num_layers {
             bar.inc(1);
             let p = |s: &str| format!("model.layers.{l}.{s}");
-            let cache = ex.alloc(DType::Bf16, 2 * c.num_kv_heads * max_seq * hd)?;
             layers.push(Layer {
                 in_norm: upload(ex, src, &[p("input_layernorm.weight")], 1)?,
                 qkv: upload(
@@ -263,7 +258,6 @@ impl Decoder {
                         down: upload(ex, src, &[p("mlp.down_proj.weight")], h)?,
                     },
                 },
-                cache,
             });
         }
         bar.finish_and_clear();
@@ -273,25 +267,50 @@ impl Decoder {
             final_norm,
             layers,
         };
+        Ok(Model {
+            config: c,
+            weights: std::sync::Arc::new(weights),
+            owner: ex.id(),
+        })
+    }
+
+    /// A new session with a context of `max_seq` positions: its KV cache and
+    /// decode programs (one token per step, and chunks of [`PREFILL_CHUNK`]).
+    pub fn session(&self, ex: &dyn Executor, max_seq: usize) -> Result<Session> {
+        let c = &self.config;
+        if ex.id() != self.owner {
+            return Err(Error::Foreign("model"));
+        }
+        if max_seq == 0 || max_seq > c.max_position_embeddings {
+            return Err(Error::InvalidArgument(format!(
+                "max_seq {max_seq} must be in 1..={}",
+                c.max_position_embeddings
+            )));
+        }
+        let caches = (0..c.num_layers)
+            .map(|_| ex.alloc(DType::Bf16, 2 * c.num_kv_heads * max_seq * c.head_dim))
+            .collect::<Result<Vec<_>>>()?;
         let shared = Shared {
             pos: ex.alloc(DType::U32, 1)?,
             token: ex.alloc(DType::U32, 1)?,
             step_ids: ex.alloc(DType::U32, 1)?,
-            logits: ex.alloc(DType::F32, vocab)?,
+            logits: ex.alloc(DType::F32, c.vocab_size)?,
         };
         let chunk_ids = ex.alloc(DType::U32, PREFILL_CHUNK)?;
-        let step = build(ex, &c, &weights, &shared, &shared.step_ids, 1, max_seq)?;
+        let w = &self.weights;
+        let step = build(ex, c, w, &caches, &shared, &shared.step_ids, 1, max_seq)?;
         let chunk = build(
             ex,
-            &c,
-            &weights,
+            c,
+            w,
+            &caches,
             &shared,
             &chunk_ids,
             PREFILL_CHUNK,
             max_seq,
         )?;
-        Ok(Decoder {
-            config: c,
+        Ok(Session {
+            config: c.clone(),
             max_seq,
             pos: 0,
             step_ids: shared.step_ids,
@@ -302,7 +321,9 @@ impl Decoder {
             chunk,
         })
     }
+}
 
+impl Session {
     /// The model's configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.config
@@ -431,10 +452,12 @@ impl Decoder {
 /// The decode program for `m` token rows: it reads `m` ids from `ids`, writes
 /// the KV cache at `pos .. pos + m`, and leaves the token chosen after the last
 /// row in `shared.token` and `shared.step_ids`, advancing `pos` by `m`.
+#[allow(clippy::too_many_arguments)]
 fn build(
     ex: &dyn Executor,
     c: &ModelConfig,
     wts: &Weights,
+    caches: &[Buffer],
     shared: &Shared,
     ids: &Buffer,
     m: usize,
@@ -522,7 +545,7 @@ fn build(
         let r = RopeKv::task(
             &qkv.all(),
             &ly.qk_norms.all(),
-            &ly.cache.all(),
+            &caches[l].all(),
             &pos_buf.all(),
             shape,
             m,
@@ -536,7 +559,7 @@ fn build(
         let (slices, combine) = ops::attention(
             ch.b,
             &qkv.all(),
-            &ly.cache.all(),
+            &caches[l].all(),
             &pos_buf.all(),
             &partial.all(),
             &attn.all(),
