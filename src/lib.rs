@@ -19,7 +19,7 @@
 //! | [`exec`] | the [`Executor`](exec::Executor) trait both backends implement |
 //! | [`cpu`] | the multi-threaded CPU executor |
 //! | [`cuda`] | the resident-kernel runtime on NVIDIA GPUs |
-//! | [`model`] | Hugging Face configs, safetensors, random-weight checkpoints, the Qwen3 decode program |
+//! | [`model`] | Hugging Face configs, safetensors, random-weight checkpoints, tokenizer, Qwen3 models and sessions |
 //!
 //! ```
 //! use megakernel::prelude::*;
