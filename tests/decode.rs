@@ -155,6 +155,20 @@ fn reference(ck: &Checkpoint, tokens: &[u32]) -> Vec<Vec<f64>> {
     out
 }
 
+/// Writes a random checkpoint for `config` and opens it.
+fn checkpoint(dir: &std::path::Path, config: &ModelConfig, seed: u64) -> Checkpoint {
+    write_random(
+        dir,
+        config,
+        &WriteOptions {
+            seed,
+            ..WriteOptions::default()
+        },
+    )
+    .unwrap();
+    Checkpoint::open(dir).unwrap()
+}
+
 fn argmax(v: &[f64]) -> (usize, f64) {
     let mut idx: Vec<usize> = (0..v.len()).collect();
     idx.sort_by(|&a, &b| v[b].partial_cmp(&v[a]).unwrap());
@@ -188,16 +202,7 @@ fn decode_against_reference(config: ModelConfig) {
         .unwrap()
         .as_nanos() as u64;
     eprintln!("seed {seed}");
-    write_random(
-        dir.path(),
-        &config,
-        &WriteOptions {
-            seed,
-            ..WriteOptions::default()
-        },
-    )
-    .unwrap();
-    let ck = Checkpoint::open(dir.path()).unwrap();
+    let ck = checkpoint(dir.path(), &config, seed);
     let mut rng = Rng(seed);
     let prompt: Vec<u32> = (0..21)
         .map(|_| rng.below(config.vocab_size) as u32)
@@ -290,16 +295,7 @@ fn random_weights_in_memory_equal_the_written_checkpoint() {
     let config = ModelConfig::preset("tiny-moe").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let seed = 99;
-    write_random(
-        dir.path(),
-        &config,
-        &WriteOptions {
-            seed,
-            ..WriteOptions::default()
-        },
-    )
-    .unwrap();
-    let ck = Checkpoint::open(dir.path()).unwrap();
+    let ck = checkpoint(dir.path(), &config, seed);
     let cpu = CpuExecutor::new(CpuOptions::default());
     let prompt = [3, 1, 4, 1, 5, 9, 2, 6];
     let mut a = Model::load(&cpu, &ck).unwrap().session(&cpu, 32).unwrap();

@@ -526,19 +526,13 @@ fn build(
             acc,
         )
     };
+    let norm = |ch: &mut Chain<'_>, w: &Buffer| {
+        ops::rmsnorm(ch.b, &x.all(), &w.all(), &hn.all(), m, h, eps, workers)
+    };
     let e = single(&mut ch, Embed::task(&x.all(), &embed.all(), &ids.all(), h)?);
     ch.stage(e, "embed");
     for (l, ly) in layers.iter().enumerate() {
-        let n = ops::rmsnorm(
-            ch.b,
-            &x.all(),
-            &ly.in_norm.all(),
-            &hn.all(),
-            m,
-            h,
-            eps,
-            workers,
-        )?;
+        let n = norm(&mut ch, &ly.in_norm)?;
         ch.stage(n, &format!("layer {l} input norm"));
         let q = gemv(&mut ch, &ly.qkv, &hn.all(), &qkv.all(), width, h, false)?;
         ch.stage(q, &format!("layer {l} qkv"));
@@ -584,16 +578,7 @@ fn build(
             true,
         )?;
         ch.stage(o, &format!("layer {l} o_proj"));
-        let n = ops::rmsnorm(
-            ch.b,
-            &x.all(),
-            &ly.post_norm.all(),
-            &hn.all(),
-            m,
-            h,
-            eps,
-            workers,
-        )?;
+        let n = norm(&mut ch, &ly.post_norm)?;
         ch.stage(n, &format!("layer {l} post norm"));
         match &ly.mlp {
             Mlp::Dense { gate, up, down } => {
@@ -694,16 +679,7 @@ fn build(
             }
         }
     }
-    let n = ops::rmsnorm(
-        ch.b,
-        &x.all(),
-        &final_norm.all(),
-        &hn.all(),
-        m,
-        h,
-        eps,
-        workers,
-    )?;
+    let n = norm(&mut ch, final_norm)?;
     ch.stage(n, "final norm");
     // Logits of the last row only.
     let last_row = hn.slice((m - 1) * h..m * h)?;
