@@ -131,19 +131,22 @@ impl WeightSource<'_> {
     }
 }
 
-fn upload(
-    ex: &dyn Executor,
-    src: &WeightSource<'_>,
-    names: &[String],
-    rows: usize,
-) -> Result<Buffer> {
+/// The attention geometry of a model.
+fn head_shape(c: &ModelConfig) -> HeadShape {
+    HeadShape {
+        heads: c.num_heads,
+        kv_heads: c.num_kv_heads,
+        head_dim: c.head_dim,
+    }
+}
+
+fn upload(ex: &dyn Executor, src: &WeightSource<'_>, names: &[String]) -> Result<Buffer> {
     let mut data = Vec::new();
     for n in names {
         data.extend(src.read(n)?);
     }
     let buf = ex.alloc(DType::Bf16, data.len())?;
     ex.write_f32(&buf, &data)?;
-    debug_assert_eq!(data.len() % rows.max(1), 0);
     Ok(buf)
 }
 
@@ -187,21 +190,14 @@ impl Model {
     /// Loads weights from `src`.
     pub fn from_source(ex: &dyn Executor, src: &WeightSource<'_>) -> Result<Model> {
         let c = src.config().clone();
-        let (h, hd, inter, vocab) = (c.hidden_size, c.head_dim, c.intermediate_size, c.vocab_size);
-        let shape = HeadShape {
-            heads: c.num_heads,
-            kv_heads: c.num_kv_heads,
-            head_dim: hd,
-        };
-        let width = shape.qkv_width();
         let one = |n: &str| vec![n.to_string()];
-        let embed = upload(ex, src, &one("model.embed_tokens.weight"), vocab)?;
+        let embed = upload(ex, src, &one("model.embed_tokens.weight"))?;
         let lm_head = if c.tie_word_embeddings {
             embed.clone()
         } else {
-            upload(ex, src, &one("lm_head.weight"), vocab)?
+            upload(ex, src, &one("lm_head.weight"))?
         };
-        let final_norm = upload(ex, src, &one("model.norm.weight"), 1)?;
+        let final_norm = upload(ex, src, &one("model.norm.weight"))?;
         // A progress bar for loads of more than 1 GB (it draws only on a terminal).
         let bar = if c.num_params() * 2 > 1 << 30 {
             indicatif::ProgressBar::new(c.num_layers as u64)
@@ -219,7 +215,7 @@ impl Model {
             bar.inc(1);
             let p = |s: &str| format!("model.layers.{l}.{s}");
             layers.push(Layer {
-                in_norm: upload(ex, src, &[p("input_layernorm.weight")], 1)?,
+                in_norm: upload(ex, src, &[p("input_layernorm.weight")])?,
                 qkv: upload(
                     ex,
                     src,
@@ -228,16 +224,14 @@ impl Model {
                         p("self_attn.k_proj.weight"),
                         p("self_attn.v_proj.weight"),
                     ],
-                    width,
                 )?,
                 qk_norms: upload(
                     ex,
                     src,
                     &[p("self_attn.q_norm.weight"), p("self_attn.k_norm.weight")],
-                    2,
                 )?,
-                o: upload(ex, src, &[p("self_attn.o_proj.weight")], h)?,
-                post_norm: upload(ex, src, &[p("post_attention_layernorm.weight")], 1)?,
+                o: upload(ex, src, &[p("self_attn.o_proj.weight")])?,
+                post_norm: upload(ex, src, &[p("post_attention_layernorm.weight")])?,
                 mlp: match &c.moe {
                     Some(m) if c.is_moe_layer(l) => {
                         let experts = |kind: &str| -> Vec<String> {
@@ -246,16 +240,16 @@ impl Model {
                                 .collect()
                         };
                         Mlp::Moe {
-                            router: upload(ex, src, &[p("mlp.gate.weight")], m.num_experts)?,
-                            gate: upload(ex, src, &experts("gate_proj"), m.moe_intermediate_size)?,
-                            up: upload(ex, src, &experts("up_proj"), m.moe_intermediate_size)?,
-                            down: upload(ex, src, &experts("down_proj"), h)?,
+                            router: upload(ex, src, &[p("mlp.gate.weight")])?,
+                            gate: upload(ex, src, &experts("gate_proj"))?,
+                            up: upload(ex, src, &experts("up_proj"))?,
+                            down: upload(ex, src, &experts("down_proj"))?,
                         }
                     }
                     _ => Mlp::Dense {
-                        gate: upload(ex, src, &[p("mlp.gate_proj.weight")], inter)?,
-                        up: upload(ex, src, &[p("mlp.up_proj.weight")], inter)?,
-                        down: upload(ex, src, &[p("mlp.down_proj.weight")], h)?,
+                        gate: upload(ex, src, &[p("mlp.gate_proj.weight")])?,
+                        up: upload(ex, src, &[p("mlp.up_proj.weight")])?,
+                        down: upload(ex, src, &[p("mlp.down_proj.weight")])?,
                     },
                 },
             });
@@ -465,11 +459,7 @@ fn build(
 ) -> Result<LoadedProgram> {
     let workers = ex.num_workers();
     let (h, hd, inter, vocab) = (c.hidden_size, c.head_dim, c.intermediate_size, c.vocab_size);
-    let shape = HeadShape {
-        heads: c.num_heads,
-        kv_heads: c.num_kv_heads,
-        head_dim: hd,
-    };
+    let shape = head_shape(c);
     let width = shape.qkv_width();
     let Weights {
         embed,
