@@ -50,6 +50,14 @@ def compare(path):
     return rel <= TOL and first_diff is None
 
 
+def compare_or_report(path):
+    try:
+        return compare(path)
+    except Exception as e:  # noqa: BLE001 - one bad file must not hide the others
+        print(f"{path}: could not compare: {type(e).__name__}: {e}")
+        return False
+
+
 if __name__ == "__main__":
-    ok = all([compare(p) for p in sys.argv[1:]])
+    ok = all([compare_or_report(p) for p in sys.argv[1:]])
     sys.exit(0 if ok else 1)

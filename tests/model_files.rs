@@ -65,6 +65,34 @@ fn bad_configs_are_typed_errors() {
             .contains("rope_scaling")
     );
     assert!(cfg_err(&edit("hidden_act", "gelu".into())).contains("hidden_act"));
+    assert!(cfg_err(&edit(
+        "rope_parameters",
+        serde_json::json!({"rope_type": "yarn", "rope_theta": 1e6})
+    ))
+    .contains("rope_type 'yarn'"));
+}
+
+/// transformers 5 spells some keys differently; both spellings load alike.
+#[test]
+fn transformers5_config_spellings_load() {
+    let preset = ModelConfig::preset("tiny-moe").unwrap();
+    let good = preset.to_json();
+    let mut j: serde_json::Value = serde_json::from_str(&good).unwrap();
+    let o = j.as_object_mut().unwrap();
+    let experts = o.remove("num_experts").unwrap();
+    o.insert("num_local_experts".into(), experts);
+    o.remove("rope_theta");
+    o.insert(
+        "rope_parameters".into(),
+        serde_json::json!({"rope_type": "default", "rope_theta": 12345.0}),
+    );
+    o.insert("rope_scaling".into(), serde_json::json!({"rope_type": "default"}));
+    let c = ModelConfig::from_json(&j.to_string()).unwrap();
+    assert_eq!(c.rope_theta, 12345.0);
+    assert_eq!(
+        c.moe.as_ref().unwrap().num_experts,
+        preset.moe.as_ref().unwrap().num_experts
+    );
     let mut j: serde_json::Value = serde_json::from_str(&good).unwrap();
     j.as_object_mut().unwrap().remove("vocab_size");
     assert!(cfg_err(&j.to_string()).contains("missing 'vocab_size'"));

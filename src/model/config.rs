@@ -77,6 +77,30 @@ fn get_usize(o: &Map<String, Value>, key: &str) -> Result<usize, LoadError> {
     }
 }
 
+/// The first of `keys` present (names differ between transformers versions).
+fn get_usize_any(o: &Map<String, Value>, keys: &[&str]) -> Result<usize, LoadError> {
+    match keys.iter().find(|k| o.contains_key(**k)) {
+        Some(k) => get_usize(o, k),
+        None => Err(cfg(format!("missing '{}'", keys.join("' or '")))),
+    }
+}
+
+/// RoPE base frequency: top-level `rope_theta` (transformers 4) or
+/// `rope_parameters.rope_theta` (transformers 5); only the default rope type.
+fn rope_theta(o: &Map<String, Value>) -> Result<f64, LoadError> {
+    match o.get("rope_parameters") {
+        None | Some(Value::Null) => get_f64(o, "rope_theta", 1e6),
+        Some(Value::Object(p)) => {
+            match p.get("rope_type").and_then(Value::as_str) {
+                None | Some("default") => {}
+                Some(t) => return Err(cfg(format!("rope_type '{t}' is not supported"))),
+            }
+            get_f64(p, "rope_theta", get_f64(o, "rope_theta", 1e6)?)
+        }
+        Some(v) => Err(cfg(format!("'rope_parameters' must be an object, not {v}"))),
+    }
+}
+
 fn get_f64(o: &Map<String, Value>, key: &str, default: f64) -> Result<f64, LoadError> {
     match o.get(key) {
         None | Some(Value::Null) => Ok(default),
@@ -119,7 +143,10 @@ impl ModelConfig {
                 return Err(cfg(format!("'{key}: {}' is not supported", !allowed)));
             }
         }
-        if let Some(s) = o.get("rope_scaling").filter(|v| !v.is_null()) {
+        if let Some(s) = o.get("rope_scaling").filter(|v| {
+            let t = v.get("rope_type").or_else(|| v.get("type"));
+            !v.is_null() && t.and_then(Value::as_str) != Some("default")
+        }) {
             return Err(cfg(format!("rope_scaling {s} is not supported")));
         }
         if let Some(act) = o
@@ -153,7 +180,7 @@ impl ModelConfig {
                     }
                 };
                 Some(MoeConfig {
-                    num_experts: get_usize(o, "num_experts")?,
+                    num_experts: get_usize_any(o, &["num_experts", "num_local_experts"])?,
                     top_k: get_usize(o, "num_experts_per_tok")?,
                     moe_intermediate_size: get_usize(o, "moe_intermediate_size")?,
                     norm_topk_prob: get_bool(o, "norm_topk_prob", false)?,
@@ -175,7 +202,7 @@ impl ModelConfig {
             intermediate_size: get_usize(o, "intermediate_size")?,
             vocab_size: get_usize(o, "vocab_size")?,
             rms_norm_eps: get_f64(o, "rms_norm_eps", 1e-6)?,
-            rope_theta: get_f64(o, "rope_theta", 1e6)?,
+            rope_theta: rope_theta(o)?,
             tie_word_embeddings: get_bool(o, "tie_word_embeddings", false)?,
             max_position_embeddings: match o.get("max_position_embeddings") {
                 None => 40960,
