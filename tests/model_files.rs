@@ -86,7 +86,10 @@ fn transformers5_config_spellings_load() {
         "rope_parameters".into(),
         serde_json::json!({"rope_type": "default", "rope_theta": 12345.0}),
     );
-    o.insert("rope_scaling".into(), serde_json::json!({"rope_type": "default"}));
+    o.insert(
+        "rope_scaling".into(),
+        serde_json::json!({"rope_type": "default"}),
+    );
     let c = ModelConfig::from_json(&j.to_string()).unwrap();
     assert_eq!(c.rope_theta, 12345.0);
     assert_eq!(

@@ -37,6 +37,44 @@ fn fill_every_dtype() {
     });
 }
 
+/// The device draws exactly the values the CPU reference (and a checkpoint
+/// written to disk) holds, bit for bit, from any starting index.
+#[test]
+fn fill_random_is_bit_identical_everywhere() {
+    let mut rng = Rng(seed());
+    let key = rng.below(1 << 30) as u64 * 0x1234_5678_9ABC;
+    let first = rng.below(1 << 20) as u64;
+    let (std, mean) = (0.02 + rng.f32().abs(), rng.f32());
+    let n = 5000 + rng.below(5000);
+    let want: Vec<f32> = (0..n as u64)
+        .map(|j| task::fill_random::random_value(key, first + j, std, mean))
+        .collect();
+    let m = want.iter().sum::<f32>() / n as f32;
+    let var = want.iter().map(|v| (v - m) * (v - m)).sum::<f32>() / n as f32;
+    assert!((m - mean).abs() < 0.1 * std && (var.sqrt() / std - 1.0).abs() < 0.05);
+    on_every_executor("fill_random_is_bit_identical_everywhere", |ex| {
+        for dtype in [DType::F32, DType::Bf16] {
+            let buf = ex.alloc(dtype, n).unwrap();
+            ex.write_f32(&buf, &vec![f32::NAN; n]).unwrap();
+            let mut b = ProgramBuilder::new();
+            b.push(task::fill_random::FillRandom::task(&buf.all(), key, first, std, mean).unwrap());
+            ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[])
+                .unwrap();
+            let got = ex.read_f32(&buf).unwrap();
+            let exp = if dtype == DType::F32 {
+                want.clone()
+            } else {
+                bf16_round(&want)
+            };
+            let same = got
+                .iter()
+                .zip(&exp)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{dtype:?}: device values differ from random_value");
+        }
+    });
+}
+
 #[test]
 fn copy_row_chosen_by_parameter() {
     let mut rng = Rng(seed());

@@ -1,6 +1,7 @@
 //! Random-weight checkpoints in the Hugging Face layout, for tests and benchmarks.
 //!
-//! Weights are drawn from seeded normal distributions, one stream per tensor
+//! Weights are drawn from seeded near-normal distributions (Irwin–Hall, see
+//! [`random_value`]), one stream per tensor
 //! (seeded from the checkpoint seed and the tensor's name), so any tensor can
 //! be regenerated alone and a file never depends on the order of writing.
 //! Scales keep activations in a realistic range: projections `N(0, 1/fan_in)`
@@ -16,6 +17,7 @@ use half::bf16;
 use super::config::ModelConfig;
 use super::safetensors::{write, TensorDtype};
 use crate::error::LoadError;
+use crate::task::fill_random::random_value;
 
 /// How to write a checkpoint.
 #[derive(Clone, Debug)]
@@ -58,37 +60,39 @@ fn init(config: &ModelConfig, name: &str, shape: &[usize]) -> (f32, f32) {
     }
 }
 
+/// The stream key of tensor `name` under `seed` (FNV-1a of the name).
+pub fn tensor_key(seed: u64, name: &str) -> u64 {
+    name.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// Standard deviation and mean of the random init of tensor `name`.
+pub fn tensor_init(config: &ModelConfig, name: &str, shape: &[usize]) -> (f32, f32) {
+    init(config, name, shape)
+}
+
 /// Values of one tensor, as f32 (before conversion to the file's type).
 ///
-/// Counter-based: element pair `j` is a Box-Muller transform of one 64-bit hash
-/// of (seed, name, j), so any part of a tensor can be drawn independently and
-/// large tensors are drawn on all cores.
+/// Counter-based: element `i` is [`random_value`]`(tensor_key(seed, name), i, ..)`,
+/// so any part of a tensor can be drawn independently (large tensors are drawn
+/// on all cores), and the device draws the same values with the `fill_random`
+/// task.
 pub fn tensor_values(config: &ModelConfig, seed: u64, name: &str, shape: &[usize]) -> Vec<f32> {
     let (std, mean) = init(config, name, shape);
-    let base = name.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    });
+    let key = tensor_key(seed, name);
     let n: usize = shape.iter().product();
     let mut out = vec![0f32; n];
     let fill = |start: usize, chunk: &mut [f32]| {
         for (k, v) in chunk.iter_mut().enumerate() {
-            let i = start + k;
-            let mut z = base.wrapping_add((i as u64 / 2).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            let u1 = ((z >> 32) as f64 + 0.5) / 4_294_967_296.0;
-            let u2 = ((z & 0xFFFF_FFFF) as f64 + 0.5) / 4_294_967_296.0;
-            let (r, t) = ((-2.0 * u1.ln()).sqrt(), std::f64::consts::TAU * u2);
-            let g = if i % 2 == 0 { r * t.cos() } else { r * t.sin() };
-            *v = mean + std * g as f32;
+            *v = random_value(key, (start + k) as u64, std, mean);
         }
     };
     let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
     if n < (1 << 20) || threads == 1 {
         fill(0, &mut out);
     } else {
-        let per = n.div_ceil(threads).next_multiple_of(2);
+        let per = n.div_ceil(threads);
         std::thread::scope(|s| {
             for (c, chunk) in out.chunks_mut(per).enumerate() {
                 let fill = &fill;

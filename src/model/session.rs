@@ -18,6 +18,7 @@ use crate::program::{ops, EventId, ProgramBuilder};
 use crate::task::advance::Advance;
 use crate::task::embed::Embed;
 use crate::task::emit::Emit;
+use crate::task::fill_random::FillRandom;
 use crate::task::gemv_bf16::GemvShape;
 use crate::task::gemv_expert::GemvExpert;
 use crate::task::moe_combine::MoeCombine;
@@ -25,6 +26,7 @@ use crate::task::moe_route::MoeRoute;
 use crate::task::rope_kv::{HeadShape, RopeKv};
 use crate::task::split_even;
 
+use super::checkpoint;
 use super::config::ModelConfig;
 use super::safetensors::Checkpoint;
 
@@ -113,22 +115,6 @@ impl WeightSource<'_> {
             WeightSource::Random { config, .. } => config,
         }
     }
-    fn read(&self, name: &str) -> Result<Vec<f32>> {
-        match self {
-            WeightSource::Checkpoint(ck) => Ok(ck.read_f32(name)?),
-            WeightSource::Random { config, seed } => {
-                let shape = config
-                    .tensors()
-                    .into_iter()
-                    .find(|(n, _)| n == name)
-                    .map(|(_, s)| s)
-                    .ok_or_else(|| crate::error::LoadError::MissingTensor(name.into()))?;
-                Ok(super::checkpoint::tensor_values(
-                    config, *seed, name, &shape,
-                ))
-            }
-        }
-    }
 }
 
 /// The attention geometry of a model.
@@ -140,14 +126,85 @@ fn head_shape(c: &ModelConfig) -> HeadShape {
     }
 }
 
-fn upload(ex: &dyn Executor, src: &WeightSource<'_>, names: &[String]) -> Result<Buffer> {
-    let mut data = Vec::new();
-    for n in names {
-        data.extend(src.read(n)?);
+/// Elements per `fill_random` task.
+const FILL_CHUNK: usize = 1 << 22;
+
+/// Puts tensors into executor buffers: uploads a checkpoint's, or queues
+/// `fill_random` tasks that draw random weights on the executor itself (run
+/// by [`flush`](Loader::flush)), so large random models never pass through the
+/// host.
+struct Loader<'a> {
+    ex: &'a dyn Executor,
+    src: &'a WeightSource<'a>,
+    shapes: std::collections::HashMap<String, Vec<usize>>,
+    fills: ProgramBuilder,
+}
+
+impl<'a> Loader<'a> {
+    fn new(ex: &'a dyn Executor, src: &'a WeightSource<'a>) -> Self {
+        let shapes = match src {
+            WeightSource::Random { config, .. } => config.tensors().into_iter().collect(),
+            WeightSource::Checkpoint(_) => Default::default(),
+        };
+        Loader {
+            ex,
+            src,
+            shapes,
+            fills: ProgramBuilder::new(),
+        }
     }
-    let buf = ex.alloc(DType::Bf16, data.len())?;
-    ex.write_f32(&buf, &data)?;
-    Ok(buf)
+
+    /// One bf16 buffer holding `names` back to back.
+    fn tensor(&mut self, names: &[String]) -> Result<Buffer> {
+        match self.src {
+            WeightSource::Checkpoint(ck) => {
+                let mut data = Vec::new();
+                for n in names {
+                    data.extend(ck.read_f32(n)?);
+                }
+                let buf = self.ex.alloc(DType::Bf16, data.len())?;
+                self.ex.write_f32(&buf, &data)?;
+                Ok(buf)
+            }
+            WeightSource::Random { config, seed } => {
+                let shape = |n: &String| {
+                    self.shapes
+                        .get(n)
+                        .ok_or_else(|| crate::error::LoadError::MissingTensor(n.clone()))
+                };
+                let mut total = 0;
+                for n in names {
+                    total += shape(n)?.iter().product::<usize>();
+                }
+                let buf = self.ex.alloc(DType::Bf16, total)?;
+                let mut off = 0;
+                for n in names {
+                    let dims = shape(n)?;
+                    let len: usize = dims.iter().product();
+                    let (std, mean) = checkpoint::tensor_init(config, n, dims);
+                    let key = checkpoint::tensor_key(*seed, n);
+                    for start in (0..len).step_by(FILL_CHUNK) {
+                        let end = (start + FILL_CHUNK).min(len);
+                        let dst = buf.slice(off + start..off + end)?;
+                        self.fills
+                            .push(FillRandom::task(&dst, key, start as u64, std, mean)?);
+                    }
+                    off += len;
+                }
+                Ok(buf)
+            }
+        }
+    }
+
+    /// Runs the queued fills.
+    fn flush(&mut self) -> Result<()> {
+        if self.fills.is_empty() {
+            return Ok(());
+        }
+        let program = std::mem::take(&mut self.fills).build()?;
+        let loaded = self.ex.load(&program)?;
+        self.ex.run(&loaded, 1, &[])
+    }
 }
 
 /// Events of one stage feed the next.
@@ -190,14 +247,16 @@ impl Model {
     /// Loads weights from `src`.
     pub fn from_source(ex: &dyn Executor, src: &WeightSource<'_>) -> Result<Model> {
         let c = src.config().clone();
+        let mut ld = Loader::new(ex, src);
         let one = |n: &str| vec![n.to_string()];
-        let embed = upload(ex, src, &one("model.embed_tokens.weight"))?;
+        let embed = ld.tensor(&one("model.embed_tokens.weight"))?;
         let lm_head = if c.tie_word_embeddings {
             embed.clone()
         } else {
-            upload(ex, src, &one("lm_head.weight"))?
+            ld.tensor(&one("lm_head.weight"))?
         };
-        let final_norm = upload(ex, src, &one("model.norm.weight"))?;
+        let final_norm = ld.tensor(&one("model.norm.weight"))?;
+        ld.flush()?;
         // A progress bar for loads of more than 1 GB (it draws only on a terminal).
         let bar = if c.num_params() * 2 > 1 << 30 {
             indicatif::ProgressBar::new(c.num_layers as u64)
@@ -215,23 +274,16 @@ impl Model {
             bar.inc(1);
             let p = |s: &str| format!("model.layers.{l}.{s}");
             layers.push(Layer {
-                in_norm: upload(ex, src, &[p("input_layernorm.weight")])?,
-                qkv: upload(
-                    ex,
-                    src,
-                    &[
-                        p("self_attn.q_proj.weight"),
-                        p("self_attn.k_proj.weight"),
-                        p("self_attn.v_proj.weight"),
-                    ],
-                )?,
-                qk_norms: upload(
-                    ex,
-                    src,
-                    &[p("self_attn.q_norm.weight"), p("self_attn.k_norm.weight")],
-                )?,
-                o: upload(ex, src, &[p("self_attn.o_proj.weight")])?,
-                post_norm: upload(ex, src, &[p("post_attention_layernorm.weight")])?,
+                in_norm: ld.tensor(&[p("input_layernorm.weight")])?,
+                qkv: ld.tensor(&[
+                    p("self_attn.q_proj.weight"),
+                    p("self_attn.k_proj.weight"),
+                    p("self_attn.v_proj.weight"),
+                ])?,
+                qk_norms: ld
+                    .tensor(&[p("self_attn.q_norm.weight"), p("self_attn.k_norm.weight")])?,
+                o: ld.tensor(&[p("self_attn.o_proj.weight")])?,
+                post_norm: ld.tensor(&[p("post_attention_layernorm.weight")])?,
                 mlp: match &c.moe {
                     Some(m) if c.is_moe_layer(l) => {
                         let experts = |kind: &str| -> Vec<String> {
@@ -240,19 +292,20 @@ impl Model {
                                 .collect()
                         };
                         Mlp::Moe {
-                            router: upload(ex, src, &[p("mlp.gate.weight")])?,
-                            gate: upload(ex, src, &experts("gate_proj"))?,
-                            up: upload(ex, src, &experts("up_proj"))?,
-                            down: upload(ex, src, &experts("down_proj"))?,
+                            router: ld.tensor(&[p("mlp.gate.weight")])?,
+                            gate: ld.tensor(&experts("gate_proj"))?,
+                            up: ld.tensor(&experts("up_proj"))?,
+                            down: ld.tensor(&experts("down_proj"))?,
                         }
                     }
                     _ => Mlp::Dense {
-                        gate: upload(ex, src, &[p("mlp.gate_proj.weight")])?,
-                        up: upload(ex, src, &[p("mlp.up_proj.weight")])?,
-                        down: upload(ex, src, &[p("mlp.down_proj.weight")])?,
+                        gate: ld.tensor(&[p("mlp.gate_proj.weight")])?,
+                        up: ld.tensor(&[p("mlp.up_proj.weight")])?,
+                        down: ld.tensor(&[p("mlp.down_proj.weight")])?,
                     },
                 },
             });
+            ld.flush()?;
         }
         bar.finish_and_clear();
         let weights = Weights {

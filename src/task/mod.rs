@@ -18,6 +18,7 @@ pub mod copy;
 pub mod embed;
 pub mod emit;
 pub mod fill;
+pub mod fill_random;
 pub mod gemv_bf16;
 pub mod gemv_expert;
 pub mod moe_combine;

@@ -69,4 +69,5 @@ registry! {
     16 => moe_route::MoeRoute,
     17 => gemv_expert::GemvExpert,
     18 => moe_combine::MoeCombine,
+    19 => fill_random::FillRandom,
 }
