@@ -18,11 +18,16 @@ measured first in the same run, and the ratio (roofline %).
 
   --preset NAME   tiny, tiny-moe, qwen3-0.6b, qwen3-8b, qwen3-30b-a3b (repeatable)
   --context N     positions before the timed steps (default 1024)
-  --tokens N      timed decode steps (default 64)";
+  --tokens N      timed decode steps (default 64)
+  --config-out D  write D/NAME/config.json for each preset (for the PyTorch
+                  peer, scripts/torch_decode_bench.py --random) and exit
+  --profile       after timing, trace one more step and print where its time
+                  went, stage by stage (device timestamps of every task)";
 
 fn main() -> Result<()> {
     let mut presets = Vec::new();
-    let (mut context, mut tokens) = (1024usize, 64usize);
+    let (mut context, mut tokens, mut profile) = (1024usize, 64usize, false);
+    let mut config_out: Option<String> = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut num = |f: &str| -> usize {
@@ -35,6 +40,8 @@ fn main() -> Result<()> {
             "--preset" => presets.push(it.next().unwrap_or_default()),
             "--context" => context = num("--context"),
             "--tokens" => tokens = num("--tokens"),
+            "--profile" => profile = true,
+            "--config-out" => config_out = it.next(),
             _ => {
                 println!("{HELP}");
                 std::process::exit(if a == "--help" { 0 } else { 2 });
@@ -43,6 +50,18 @@ fn main() -> Result<()> {
     }
     if presets.is_empty() {
         presets.push("qwen3-0.6b".into());
+    }
+    if let Some(dir) = config_out {
+        for name in &presets {
+            let config = ModelConfig::preset(name)
+                .ok_or_else(|| Error::InvalidArgument(format!("unknown preset '{name}'")))?;
+            let d = std::path::Path::new(&dir).join(name);
+            std::fs::create_dir_all(&d)
+                .and_then(|_| std::fs::write(d.join("config.json"), config.to_json()))
+                .map_err(|e| Error::InvalidArgument(format!("{}: {e}", d.display())))?;
+            println!("wrote {}", d.join("config.json").display());
+        }
+        return Ok(());
     }
     if megakernel::cuda::device_count() == 0 {
         println!("bench needs a GPU; none found");
@@ -61,11 +80,13 @@ fn main() -> Result<()> {
             .ok_or_else(|| Error::InvalidArgument(format!("unknown preset '{name}'")))?;
         let rt = Runtime::new(0)?;
         let t = Instant::now();
-        let mut d = Model::random(&rt, &config, 7)?.session(&rt, context + tokens)?;
+        eprintln!("{name}: drawing random weights on the device");
+        let mut d = Model::random(&rt, &config, 7)?.session(&rt, context + tokens + 1)?;
         let load = t.elapsed().as_secs_f64();
         let prompt: Vec<u32> = (0..context)
             .map(|i| ((i * 7919) % config.vocab_size) as u32)
             .collect();
+        eprintln!("{name}: prefill of {context} tokens");
         let t = Instant::now();
         d.prefill(&rt, &prompt)?;
         let prefill = t.elapsed().as_secs_f64();
@@ -92,6 +113,36 @@ fn main() -> Result<()> {
             context as f64 / prefill,
             rt.describe()
         );
+        if profile {
+            print_profile(&d.trace_step(&rt)?, d.step_program());
+        }
     }
     Ok(())
+}
+
+/// Critical-path share of each stage kind (summed over layers) in one step.
+fn print_profile(
+    trace: &megakernel::program::trace::Trace,
+    program: &megakernel::program::Program,
+) {
+    let total = trace.total_ns() as f64;
+    println!(
+        "  traced step: {:.1} µs (first task start to last task end)",
+        total / 1e3
+    );
+    println!(
+        "  {:<28} {:>6} {:>6} {:>10} {:>6} {:>12}",
+        "stage", "count", "tasks", "µs/step", "share", "µs/task"
+    );
+    for s in trace.by_kind(program) {
+        println!(
+            "  {:<28} {:>6} {:>6} {:>10.1} {:>5.1}% {:>12.2}",
+            s.name,
+            s.count,
+            s.tasks,
+            s.critical_ns as f64 / 1e3,
+            100.0 * s.critical_ns as f64 / total,
+            s.mean_task_ns / 1e3
+        );
+    }
 }

@@ -115,6 +115,7 @@ struct Loop {
     u32 last;
     u64 epoch;
     u64 iteration;
+    ulonglong2* trace;  // per task slot {start, end} ns, or null
 };
 
 extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const KernelParams kp) {
@@ -146,7 +147,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const
         bool ok = true;
         if (tid < 32) ok = fetch_command(env, seq, &s_cmd);
         if (tid == 0) {
-            ok = ok && s_cmd.kind == CMD_RUN;
+            ok = ok && (s_cmd.kind & 0xFFu) == CMD_RUN;
             if (ok) {
                 if (s_cmd.num_workers != env->num_sms) {
                     report_fault(env, NO_EVENT, 0, seq, FAULT_BAD_ARGS, NO_EVENT, s_cmd.num_workers, env->num_sms);
@@ -155,6 +156,11 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const
                     const u32* offsets = reinterpret_cast<const u32*>(s_cmd.worker_offsets);
                     s_loop.first = offsets[env->sm];
                     s_loop.last = offsets[env->sm + 1];
+                    // The trace area follows the task array.
+                    s_loop.trace = (s_cmd.kind & CMD_FLAG_TRACE)
+                                       ? reinterpret_cast<ulonglong2*>(reinterpret_cast<TaskDesc*>(s_cmd.tasks) +
+                                                                       offsets[env->num_sms])
+                                       : nullptr;
                 }
             }
         }
@@ -193,7 +199,11 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const
                     }
                     asm volatile("cp.async.commit_group;" ::: "memory");
                 }
-                if (tid == 0) ok = prepare_task(env, d, &s_cmd, s_loop.epoch);
+                u64 t_start = 0;
+                if (tid == 0) {
+                    ok = prepare_task(env, d, &s_cmd, s_loop.epoch);
+                    if (s_loop.trace) t_start = globaltimer();
+                }
                 go = __syncthreads_and(ok);
                 if (go) {
                     const Ctx c = {env, d, seq, s_dyn, dyn_bytes};
@@ -204,6 +214,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const
                 // Task t + 1's descriptor (the group before the newest) has landed.
                 if (tid - 32 < 8) asm volatile("cp.async.wait_group 1;" ::: "memory");
                 __syncthreads();  // the task's writes are done
+                if (go && tid == 0 && s_loop.trace) s_loop.trace[t] = make_ulonglong2(t_start, globaltimer());
                 if (go && tid == 0 && signal != NO_EVENT) {
                     red_release_gpu(reinterpret_cast<u64*>(s_cmd.events) + signal, 1);
                 }

@@ -48,6 +48,10 @@ pub struct TaskDesc {
 pub const CMD_RUN: u32 = 1;
 /// Command kind: stop the resident kernel.
 pub const CMD_SHUTDOWN: u32 = 2;
+/// Flag or-ed into a [`CMD_RUN`] kind: record each task's start and end time
+/// (`globaltimer`, ns) into the program's trace area, two `u64`s per task slot,
+/// placed right after the task array.
+pub const CMD_FLAG_TRACE: u32 = 0x100;
 
 /// One entry of the host → device command ring, 128 bytes. It carries the
 /// program's device addresses itself, so a block needs no further dependent

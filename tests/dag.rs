@@ -181,3 +181,48 @@ fn removing_one_edge_breaks_some_seed() {
     assert!(broken > 0, "no seed exposed the missing edge");
     eprintln!("missing edge exposed on {broken} of 64 seeds");
 }
+
+/// A traced run records every task once, and the device times respect the
+/// program's edges: a task starts only after every task it waits on ended.
+#[test]
+fn traced_run_times_respect_every_edge() {
+    let Some((_g, rt)) = gpu(
+        "traced_run_times_respect_every_edge",
+        RuntimeOptions::default(),
+    ) else {
+        return;
+    };
+    let mut rng = Rng(common::seed());
+    let dag = Dag::random(&mut rng, 8, 2 * rt.num_workers());
+    let input = rt.alloc(DType::F32, dag.n).unwrap();
+    let out = rt.alloc(DType::F32, dag.n).unwrap();
+    rt.write_f32(&input, &rng.vec(dag.n)).unwrap();
+    let p = rt.load(&dag.program(&input, &out, None)).unwrap();
+    let trace = rt.trace(&p, &[]).unwrap();
+    assert_eq!(trace.tasks.len(), dag.n);
+    let mut by_task = vec![None; dag.n];
+    for t in &trace.tasks {
+        assert!(t.start_ns > 0 && t.start_ns <= t.end_ns, "{t:?}");
+        assert!((t.worker as usize) < rt.num_workers());
+        assert!(by_task[t.task as usize].replace(*t).is_none(), "task twice");
+    }
+    let mut edges = 0;
+    for (task, waits) in dag.waits.iter().enumerate() {
+        let me = by_task[task].unwrap();
+        for &g in waits {
+            for producer in dag.groups[g].0..dag.groups[g].1 {
+                let p = by_task[producer].unwrap();
+                assert!(
+                    p.end_ns <= me.start_ns,
+                    "task {task} started before {producer} ended"
+                );
+                edges += 1;
+            }
+        }
+    }
+    assert!(edges > 0);
+    let stages = trace.stages(p.program());
+    assert_eq!(stages.iter().map(|s| s.tasks).sum::<usize>(), dag.n);
+    let critical: u64 = stages.iter().map(|s| s.critical_ns).sum();
+    assert_eq!(critical, trace.total_ns());
+}

@@ -1,7 +1,15 @@
 // attention: one KV head, one run-time slice of the cached keys, every query
-// row and head of the group; writes (o, max, sum) partials with an online
-// softmax; src/task/attention.rs. One warp per (row, head); each lane holds
-// head_dim / 32 consecutive elements.
+// row and head of the group (the "pairs"); writes (o, max, sum) partials with
+// an online softmax; src/task/attention.rs.
+//
+// Fast path (bf16 q and cache, head_dim 64 or 128): the slice is processed in
+// tiles of 64 keys. The block copies the pairs' q and a tile's K and V into
+// shared memory (cp.async, 16 bytes per thread), computes every (pair, key)
+// score with one thread each (rows read at a per-thread rotation, so a warp's
+// 32 threads hit 32 different banks), updates each pair's running max and sum
+// (one warp per pair), then accumulates P·V with threads laid out as
+// (column pair, pair group) so V is read once per key per pair group.
+// Other geometries use the generic path: one warp per pair, one key at a time.
 #pragma once
 #include "../include/task.cuh"
 
@@ -79,6 +87,150 @@ __device__ __forceinline__ void attention_rows(const AttentionArgs& a, u32 pos0,
     }
 }
 
+constexpr u32 ATTN_TILE = 64;
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    const unsigned dst = unsigned(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
+}
+
+// Shared memory the fast path needs for `pairs` pairs.
+__host__ __device__ constexpr u32 attention_smem_bytes(u32 pairs, u32 hd) {
+    return pairs * hd * 2 + 2 * ATTN_TILE * hd * 2 + pairs * ATTN_TILE * 4 + 3 * pairs * 4;
+}
+
+// PP: pairs per thread in the P·V phase (pairs <= PP * pair groups).
+template <u32 HD, u32 PP>
+__device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArgs& a, u32 pos0, u32 lo, u32 hi) {
+    constexpr u32 W = HD / 2;  // 32-bit words (bf16 pairs) per row
+    constexpr u32 NPG = BLOCK_THREADS / W;  // pair groups in the P·V phase
+    const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = BLOCK_THREADS / 32;
+    const u32 group = a.heads / a.kv_heads, pairs = a.m * group, width = (a.heads + 2 * a.kv_heads) * HD;
+    const float scale = __uint_as_float(a.scale);
+    u32* q_s = reinterpret_cast<u32*>(c.smem);                 // [pairs][W]
+    u32* k_s = q_s + pairs * W;                                // [TILE][W]
+    u32* v_s = k_s + ATTN_TILE * W;                            // [TILE][W]
+    float* p_s = reinterpret_cast<float*>(v_s + ATTN_TILE * W);  // [pairs][TILE]
+    float* m_s = p_s + pairs * ATTN_TILE;                      // running max
+    float* l_s = m_s + pairs;                                  // running sum
+    float* f_s = l_s + pairs;                                  // this tile's correction
+    const char* kbase = reinterpret_cast<const char*>(a.cache) + (u64(a.kv_head) * a.max_seq) * HD * 2;
+    const char* vbase = reinterpret_cast<const char*>(a.cache) + (u64(a.kv_heads + a.kv_head) * a.max_seq) * HD * 2;
+    // q of every pair: row i = p / group, head kv_head * group + p % group.
+    for (u32 ch = tid; ch < pairs * (HD / 8); ch += BLOCK_THREADS) {
+        const u32 p = ch / (HD / 8), part = ch % (HD / 8);
+        const u32 i = p / group, h = a.kv_head * group + p % group;
+        cp_async16(q_s + p * W + part * 4, reinterpret_cast<const char*>(a.qkv) + (u64(i) * width + u64(h) * HD) * 2 + part * 16);
+    }
+    for (u32 p = tid; p < pairs; p += BLOCK_THREADS) m_s[p] = -__int_as_float(0x7f800000), l_s[p] = 0.0f;
+    float o[PP][2];
+#pragma unroll
+    for (u32 k = 0; k < PP; ++k) o[k][0] = o[k][1] = 0.0f;
+    const u32 d2 = tid % W, pg = tid / W;
+    for (u32 t0 = lo; t0 < hi; t0 += ATTN_TILE) {
+        const u32 n = min(ATTN_TILE, hi - t0);
+        for (u32 ch = tid; ch < 2 * n * (HD / 8); ch += BLOCK_THREADS) {
+            const u32 which = ch / (n * (HD / 8)), r = ch % (n * (HD / 8));
+            const u32 j = r / (HD / 8), part = r % (HD / 8);
+            const char* src = (which ? vbase : kbase) + u64(t0 + j) * HD * 2 + part * 16;
+            cp_async16((which ? v_s : k_s) + j * W + part * 4, src);
+        }
+        cp_async_wait_all();
+        __syncthreads();
+        // Scores: thread (p, j), j fastest.
+        for (u32 w = tid; w < pairs * ATTN_TILE; w += BLOCK_THREADS) {
+            const u32 p = w / ATTN_TILE, j = w % ATTN_TILE;
+            float s = -__int_as_float(0x7f800000);
+            if (j < n && t0 + j <= pos0 + p / group) {
+                const u32* qr = q_s + p * W;
+                const u32* kr = k_s + j * W;
+                float dot = 0.0f;
+#pragma unroll 8
+                for (u32 e = 0; e < W; ++e) {
+                    const u32 idx = (e + j) % W;
+                    const u32 qw = qr[idx], kw = kr[idx];
+                    dot = fmaf(__uint_as_float(qw << 16), __uint_as_float(kw << 16), dot);
+                    dot = fmaf(__uint_as_float(qw & 0xFFFF0000u), __uint_as_float(kw & 0xFFFF0000u), dot);
+                }
+                s = dot * scale;
+            }
+            p_s[w] = s;
+        }
+        __syncthreads();
+        // Online softmax update, one warp per pair.
+        for (u32 p = warp; p < pairs; p += nwarps) {
+            float* row = p_s + p * ATTN_TILE;
+            const float s0 = row[lane], s1 = row[lane + 32];
+            float mx = fmaxf(s0, s1);
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, off));
+            const float old = m_s[p], nm = fmaxf(old, mx);
+            const bool none = nm == -__int_as_float(0x7f800000);
+            const float e0 = none ? 0.0f : __expf(s0 - nm), e1 = none ? 0.0f : __expf(s1 - nm);
+            row[lane] = e0, row[lane + 32] = e1;
+            const float sum = warp_sum(e0 + e1);
+            if (lane == 0) {
+                const float corr = none ? 1.0f : __expf(old - nm);
+                f_s[p] = corr;
+                l_s[p] = fmaf(l_s[p], corr, sum);
+                m_s[p] = nm;
+            }
+        }
+        __syncthreads();
+        // P·V: thread (column pair d2, pair group pg) owns pairs pg + k * NPG.
+#pragma unroll
+        for (u32 k = 0; k < PP; ++k) {
+            const u32 p = pg + k * NPG;
+            if (p < pairs) o[k][0] *= f_s[p], o[k][1] *= f_s[p];
+        }
+        for (u32 j = 0; j < n; ++j) {
+            const u32 vw = v_s[j * W + d2];
+            const float v0 = __uint_as_float(vw << 16), v1 = __uint_as_float(vw & 0xFFFF0000u);
+#pragma unroll
+            for (u32 k = 0; k < PP; ++k) {
+                const u32 p = pg + k * NPG;
+                if (p < pairs) {
+                    const float w = p_s[p * ATTN_TILE + j];
+                    o[k][0] = fmaf(w, v0, o[k][0]);
+                    o[k][1] = fmaf(w, v1, o[k][1]);
+                }
+            }
+        }
+        __syncthreads();  // k_s, v_s and p_s are refilled next tile
+    }
+    if (lo >= hi) {
+        cp_async_wait_all();
+        __syncthreads();
+    }
+#pragma unroll
+    for (u32 k = 0; k < PP; ++k) {
+        const u32 p = pg + k * NPG;
+        if (p < pairs) {
+            const u32 i = p / group, h = a.kv_head * group + p % group;
+            float* out = reinterpret_cast<float*>(a.partial) + ((u64(i) * a.heads + h) * a.chunks + a.chunk) * (HD + 2);
+            reinterpret_cast<float2*>(out)[d2] = make_float2(o[k][0], o[k][1]);
+            if (d2 == 0) out[HD] = m_s[p], out[HD + 1] = l_s[p];
+        }
+    }
+}
+
+template <u32 HD>
+__device__ __forceinline__ bool attention_fast(const Ctx& c, const AttentionArgs& a, u32 pos0, u32 lo, u32 hi) {
+    constexpr u32 NPG = BLOCK_THREADS / (HD / 2);
+    const u32 pairs = a.m * (a.heads / a.kv_heads);
+    if (attention_smem_bytes(pairs, HD) > c.smem_bytes) return false;
+    if (pairs <= NPG) attention_tiled<HD, 1>(c, a, pos0, lo, hi);
+    else if (pairs <= 2 * NPG) attention_tiled<HD, 2>(c, a, pos0, lo, hi);
+    else if (pairs <= 4 * NPG) attention_tiled<HD, 4>(c, a, pos0, lo, hi);
+    else if (pairs <= 8 * NPG) attention_tiled<HD, 8>(c, a, pos0, lo, hi);
+    else return false;
+    return true;
+}
+
 __device__ __forceinline__ void task_attention(const Ctx& c) {
     const AttentionArgs& a = task_args<AttentionArgs>(c);
     const u32 pos0 = *reinterpret_cast<const u32*>(a.pos);
@@ -88,6 +240,10 @@ __device__ __forceinline__ void task_attention(const Ctx& c) {
     }
     const u32 len = pos0 + a.m, per = (len + a.chunks - 1) / a.chunks;
     const u32 lo = min(a.chunk * per, len), hi = min(lo + per, len);
+    if (a.qkv_dtype == DTYPE_BF16 && a.cache_dtype == DTYPE_BF16) {
+        if (a.head_dim == 128 && attention_fast<128>(c, a, pos0, lo, hi)) return;
+        if (a.head_dim == 64 && attention_fast<64>(c, a, pos0, lo, hi)) return;
+    }
     switch (a.head_dim) {
         case 32: attention_rows<1>(a, pos0, lo, hi); break;
         case 64: attention_rows<2>(a, pos0, lo, hi); break;

@@ -23,13 +23,14 @@ use cudarc::nvrtc::Ptx;
 
 use crate::abi::{
     fault, wait_site, Command, DeviceState, KernelParams, StatusBlock, TaskDesc, BLOCK_THREADS,
-    CMD_RUN, CMD_SHUTDOWN, COMMAND_RING_CAP, COMMAND_SLOT_BYTES, OUTPUT_RING_CAP,
+    CMD_FLAG_TRACE, CMD_RUN, CMD_SHUTDOWN, COMMAND_RING_CAP, COMMAND_SLOT_BYTES, OUTPUT_RING_CAP,
 };
 use crate::buffer::{Buffer, DType};
 use crate::error::{Error, Result};
 use crate::exec::{
     check_bytes, check_owner, next_executor_id, pack_params, Executor, LoadedProgram, Ticket,
 };
+use crate::program::trace::{TaskTime, Trace};
 use crate::program::Program;
 use crate::task::kind_name;
 use driver::{DevMem, MappedHost};
@@ -104,7 +105,11 @@ const MAPPED_BYTES: usize = OUTPUT_OFF + OUTPUT_RING_CAP as usize * 8;
 
 struct GpuProgram {
     /// Holds the device image the addresses below point into.
-    _mem: DevMem,
+    mem: DevMem,
+    /// Byte offset of the trace area (two `u64`s per task slot).
+    trace_off: usize,
+    /// `(task id, worker)` of each task slot.
+    slots: Vec<(u32, u32)>,
     program: Arc<Program>,
     epoch: AtomicU64,
     tasks: u64,
@@ -565,7 +570,8 @@ impl Executor for Runtime {
         let offsets_bytes = (sched.offsets.len() * 4).next_multiple_of(128);
         let events_bytes = (program.num_events() * 8).next_multiple_of(128);
         let tasks_off = offsets_bytes + events_bytes;
-        let total = tasks_off + sched.tasks.len() * std::mem::size_of::<TaskDesc>();
+        let trace_off = tasks_off + sched.tasks.len() * std::mem::size_of::<TaskDesc>();
+        let total = trace_off + sched.tasks.len() * 16;
         let mem = DevMem::zeroed(&self.copy_stream, total)?;
         let mut image = vec![0u8; total];
         image[..sched.offsets.len() * 4].copy_from_slice(bytemuck::cast_slice(&sched.offsets));
@@ -573,8 +579,18 @@ impl Executor for Runtime {
         mem.write(0, &image)?;
         let base = mem.ptr();
         let program = Arc::new(program.clone());
+        let slots = sched
+            .offsets
+            .windows(2)
+            .enumerate()
+            .flat_map(|(w, r)| (r[0]..r[1]).map(move |_| w as u32))
+            .zip(&sched.tasks)
+            .map(|(w, d)| (d.id, w))
+            .collect();
         let inner = Arc::new(GpuProgram {
-            _mem: mem,
+            mem,
+            trace_off,
+            slots,
             program: program.clone(),
             epoch: AtomicU64::new(0),
             tasks: base + tasks_off as u64,
@@ -588,46 +604,7 @@ impl Executor for Runtime {
         })
     }
     fn submit(&self, program: &LoadedProgram, iterations: u32, params: &[u64]) -> Result<Ticket> {
-        let gp = program
-            .inner
-            .downcast_ref::<Arc<GpuProgram>>()
-            .filter(|_| program.owner == self.id)
-            .ok_or(Error::Foreign("program"))?;
-        let params = pack_params(params)?;
-        let mut st = self.state.lock().expect("runtime state poisoned");
-        if !st.running {
-            return Err(Error::Stopped("the runtime was shut down".into()));
-        }
-        self.check_alive(&mut st, false)?;
-        self.retire(&mut st);
-        let epoch = gp.epoch.load(Ordering::Relaxed);
-        let cmd = Command {
-            kind: CMD_RUN,
-            iterations,
-            seq: 0,
-            epoch_base: epoch,
-            iter_base: st.iterations,
-            tasks: gp.tasks,
-            worker_offsets: gp.worker_offsets,
-            events: gp.events,
-            num_events: gp.program.num_events() as u32,
-            num_workers: self.num_sms,
-            params,
-        };
-        let seq = self.write_command(&mut st, cmd)?;
-        gp.epoch
-            .store(epoch + u64::from(iterations), Ordering::Relaxed);
-        st.iterations += u64::from(iterations);
-        let end = st.iterations;
-        st.outstanding.push_back(Outstanding {
-            seq,
-            end,
-            program: gp.clone(),
-        });
-        Ok(Ticket {
-            owner: self.id,
-            end,
-        })
+        self.submit_kind(program, iterations, params, CMD_RUN)
     }
     fn wait(&self, ticket: &Ticket, timeout: Duration) -> Result<()> {
         let what = format!("iteration {} to complete", ticket.end);
@@ -661,5 +638,83 @@ impl Executor for Runtime {
     }
     fn default_timeout(&self) -> Duration {
         self.opts.host_timeout
+    }
+}
+
+impl Runtime {
+    fn gpu_program<'p>(&self, program: &'p LoadedProgram) -> Result<&'p Arc<GpuProgram>> {
+        program
+            .inner
+            .downcast_ref::<Arc<GpuProgram>>()
+            .filter(|_| program.owner == self.id)
+            .ok_or(Error::Foreign("program"))
+    }
+
+    fn submit_kind(
+        &self,
+        program: &LoadedProgram,
+        iterations: u32,
+        params: &[u64],
+        kind: u32,
+    ) -> Result<Ticket> {
+        let gp = self.gpu_program(program)?;
+        let params = pack_params(params)?;
+        let mut st = self.state.lock().expect("runtime state poisoned");
+        if !st.running {
+            return Err(Error::Stopped("the runtime was shut down".into()));
+        }
+        self.check_alive(&mut st, false)?;
+        self.retire(&mut st);
+        let epoch = gp.epoch.load(Ordering::Relaxed);
+        let cmd = Command {
+            kind,
+            iterations,
+            seq: 0,
+            epoch_base: epoch,
+            iter_base: st.iterations,
+            tasks: gp.tasks,
+            worker_offsets: gp.worker_offsets,
+            events: gp.events,
+            num_events: gp.program.num_events() as u32,
+            num_workers: self.num_sms,
+            params,
+        };
+        let seq = self.write_command(&mut st, cmd)?;
+        gp.epoch
+            .store(epoch + u64::from(iterations), Ordering::Relaxed);
+        st.iterations += u64::from(iterations);
+        let end = st.iterations;
+        st.outstanding.push_back(Outstanding {
+            seq,
+            end,
+            program: gp.clone(),
+        });
+        Ok(Ticket {
+            owner: self.id,
+            end,
+        })
+    }
+
+    /// Runs `program` once with `params`, recording when each task started
+    /// (its waits satisfied) and ended, and returns those times.
+    pub fn trace(&self, program: &LoadedProgram, params: &[u64]) -> Result<Trace> {
+        let gp = self.gpu_program(program)?;
+        let t = self.submit_kind(program, 1, params, CMD_RUN | CMD_FLAG_TRACE)?;
+        self.wait(&t, self.opts.host_timeout)?;
+        let mut raw = vec![0u8; gp.slots.len() * 16];
+        gp.mem.read(gp.trace_off, &mut raw)?;
+        let times: &[u64] = bytemuck::cast_slice(&raw);
+        let tasks = gp
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, &(task, worker))| TaskTime {
+                task,
+                worker,
+                start_ns: times[2 * i],
+                end_ns: times[2 * i + 1],
+            })
+            .collect();
+        Ok(Trace { tasks })
     }
 }

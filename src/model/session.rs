@@ -14,6 +14,7 @@
 use crate::buffer::{BufSlice, Buffer, DType};
 use crate::error::{Error, Result};
 use crate::exec::{Executor, ExecutorExt, LoadedProgram};
+use crate::program::trace::Trace;
 use crate::program::{ops, EventId, ProgramBuilder};
 use crate::task::advance::Advance;
 use crate::task::embed::Embed;
@@ -488,6 +489,21 @@ impl Session {
         ex.wait(&t, ex.default_timeout())?;
         self.pos += n;
         Ok(out.into_iter().map(|t| t as u32).collect())
+    }
+
+    /// Runs one greedy decode step with device timing of every task (see
+    /// [`Runtime::trace`](crate::cuda::Runtime::trace)); the step counts like
+    /// any other. [`step_program`](Self::step_program) names the stages.
+    pub fn trace_step(&mut self, rt: &crate::cuda::Runtime) -> Result<Trace> {
+        self.check(&[], 1)?;
+        let trace = rt.trace(&self.step, &[])?;
+        self.pos += 1;
+        Ok(trace)
+    }
+
+    /// The one-token decode program (its event names label the stages).
+    pub fn step_program(&self) -> &crate::program::Program {
+        self.step.program()
     }
 
     /// Logits of the last step.

@@ -11,6 +11,7 @@
 mod builder;
 pub mod ops;
 mod schedule;
+pub mod trace;
 
 pub use builder::{EventId, Program, ProgramBuilder, TaskHandle, TaskId};
 pub use schedule::Schedule;
