@@ -210,8 +210,9 @@ fn traced_run_times_respect_every_edge() {
     for (task, waits) in dag.waits.iter().enumerate() {
         let me = by_task[task].unwrap();
         for &g in waits {
-            for producer in dag.groups[g].0..dag.groups[g].1 {
-                let p = by_task[producer].unwrap();
+            let (a, z) = dag.groups[g];
+            for (producer, p) in by_task.iter().enumerate().take(z).skip(a) {
+                let p = p.unwrap();
                 assert!(
                     p.end_ns <= me.start_ns,
                     "task {task} started before {producer} ended"
