@@ -25,7 +25,7 @@ pub const BLOCK_THREADS: u32 = 1024;
 pub struct TaskDesc {
     /// Opcode from the task registry.
     pub opcode: u16,
-    /// Reserved, zero.
+    /// `TASK_FLAG_*` bits.
     pub flags: u16,
     /// Index of the task in the program as built (for error reports).
     pub id: u32,
@@ -43,6 +43,12 @@ pub struct TaskDesc {
     /// The task kind's own argument record (see each kind's `Args`).
     pub args: [u64; TASK_ARG_SLOTS],
 }
+
+/// Task flag: `args[TASK_ARG_SLOTS - 1]` is a 16-byte-aligned device address
+/// and `args[TASK_ARG_SLOTS - 2]` a byte count (a multiple of 16) that the task
+/// will stream; the device may prefetch that range into L2 one task ahead,
+/// before the task's waits are satisfied.
+pub const TASK_FLAG_PREFETCH: u16 = 1;
 
 /// Command kind: run a program for some iterations.
 pub const CMD_RUN: u32 = 1;

@@ -575,7 +575,7 @@ impl Executor for Runtime {
         let mem = DevMem::zeroed(&self.copy_stream, total)?;
         let mut image = vec![0u8; total];
         image[..sched.offsets.len() * 4].copy_from_slice(bytemuck::cast_slice(&sched.offsets));
-        image[tasks_off..].copy_from_slice(bytemuck::cast_slice(&sched.tasks));
+        image[tasks_off..trace_off].copy_from_slice(bytemuck::cast_slice(&sched.tasks));
         mem.write(0, &image)?;
         let base = mem.ptr();
         let program = Arc::new(program.clone());

@@ -186,7 +186,7 @@ impl ProgramBuilder {
         for (i, t) in self.tasks.iter().enumerate() {
             let mut d = TaskDesc {
                 opcode: t.spec.opcode,
-                flags: 0,
+                flags: t.spec.flags,
                 id: i as u32,
                 signal: t.signals.first().map_or(NO_EVENT, |e| e.0),
                 param_mask: 0,

@@ -127,7 +127,9 @@ impl GemvBf16 {
             y_dtype: y.dtype().code(),
             accumulate: u32::from(accumulate),
         };
-        Ok(TaskSpec::new::<GemvBf16>(args, &[w, x, y]))
+        let first = w.addr() + (row0 * cols * 2) as u64;
+        Ok(TaskSpec::new::<GemvBf16>(args, &[w, x, y])
+            .with_prefetch(first, (rows * cols * 2) as u64))
     }
 }
 

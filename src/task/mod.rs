@@ -88,6 +88,8 @@ pub struct TaskSpec {
     pub(crate) args: [u64; TASK_ARG_SLOTS],
     pub(crate) param_slots: u16,
     pub(crate) buffers: Vec<Buffer>,
+    pub(crate) flags: u16,
+    arg_bytes: usize,
 }
 
 impl TaskSpec {
@@ -104,7 +106,24 @@ impl TaskSpec {
             args: slots,
             param_slots: K::PARAM_SLOTS,
             buffers: buffers.iter().map(|s| s.buffer().clone()).collect(),
+            flags: 0,
+            arg_bytes: bytes.len(),
         }
+    }
+
+    /// Declares that the task streams `bytes` bytes from `addr` (for example
+    /// its slice of a weight matrix), so the device may prefetch them into L2
+    /// while earlier tasks run ([`TASK_FLAG_PREFETCH`](crate::abi::TASK_FLAG_PREFETCH)).
+    /// A hint: ignored when the range is misaligned or the kind's arguments
+    /// leave no room for it.
+    pub fn with_prefetch(mut self, addr: u64, bytes: u64) -> TaskSpec {
+        let free = self.arg_bytes <= (TASK_ARG_SLOTS - 2) * 8;
+        if free && addr % 16 == 0 && bytes % 16 == 0 && bytes > 0 {
+            self.args[TASK_ARG_SLOTS - 1] = addr;
+            self.args[TASK_ARG_SLOTS - 2] = bytes;
+            self.flags |= crate::abi::TASK_FLAG_PREFETCH;
+        }
+        self
     }
 
     /// A task with an arbitrary opcode, for fault-injection tests of the
@@ -117,6 +136,8 @@ impl TaskSpec {
             args: [0; TASK_ARG_SLOTS],
             param_slots: 0,
             buffers: Vec::new(),
+            flags: 0,
+            arg_bytes: 0,
         }
     }
 
