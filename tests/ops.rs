@@ -328,3 +328,99 @@ fn many_queued_commands_wrap_the_command_ring() {
         assert_eq!(out, want);
     });
 }
+
+/// A product whose input rows are first RMS-normalised or SwiGLU-combined by
+/// every task (rounded to bf16, as a separate stage would store them) matches
+/// the f64 reference of norm-then-product and swiglu-then-product.
+#[test]
+fn gemv_prologues_match_reference() {
+    use megakernel::task::gemv_bf16::Prologue;
+    let mut rng = Rng(seed());
+    on_every_executor("gemv_prologues_match_reference", |ex| {
+        for case in 0..6 {
+            let (rows, cols, m) = (
+                1 + rng.below(500),
+                8 * (1 + rng.below(96)),
+                1 + rng.below(16),
+            );
+            let xd = if case % 2 == 0 {
+                DType::F32
+            } else {
+                DType::Bf16
+            };
+            let xv = bf16_round(&rng.vec(m * cols));
+            let av = bf16_round(&rng.vec(m * cols));
+            let wv = bf16_round(&rng.vec(rows * cols));
+            let (x, aux, w, y) = (
+                ex.alloc(xd, m * cols).unwrap(),
+                ex.alloc(DType::Bf16, m * cols).unwrap(),
+                ex.alloc(DType::Bf16, rows * cols).unwrap(),
+                ex.alloc(DType::F32, m * rows).unwrap(),
+            );
+            ex.write_f32(&x, &xv).unwrap();
+            ex.write_f32(&w, &wv).unwrap();
+            let norm = case < 3;
+            // The swiglu prologue needs `up` of x's type.
+            let up = ex.alloc(xd, m * cols).unwrap();
+            ex.write_f32(&up, &av).unwrap();
+            ex.write_f32(&aux, &av).unwrap();
+            let eps = 1e-6f32;
+            let pro = if norm {
+                Prologue::RmsNorm(aux.slice(0..cols).unwrap(), eps)
+            } else {
+                Prologue::Swiglu(up.all())
+            };
+            ex.write_f32(&y, &vec![f32::NAN; m * rows]).unwrap();
+            let mut b = ProgramBuilder::new();
+            ops::gemv_with(
+                &mut b,
+                &w.all(),
+                &x.all(),
+                &y.all(),
+                GemvShape { rows, cols, m },
+                ex.num_workers(),
+                false,
+                &pro,
+            )
+            .unwrap();
+            ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[])
+                .unwrap();
+            let got = ex.read_f32(&y).unwrap();
+            let mut want = Vec::new();
+            for i in 0..m {
+                let xr = &xv[i * cols..(i + 1) * cols];
+                let prepared: Vec<f32> = if norm {
+                    let ms = xr.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / cols as f64;
+                    let inv = 1.0 / (ms + f64::from(eps)).sqrt();
+                    xr.iter()
+                        .zip(&av[..cols])
+                        .map(|(v, g)| (f64::from(*v) * inv * f64::from(*g)) as f32)
+                        .collect()
+                } else {
+                    xr.iter()
+                        .zip(&av[i * cols..(i + 1) * cols])
+                        .map(|(g, u)| {
+                            let g = f64::from(*g);
+                            (g / (1.0 + (-g).exp()) * f64::from(*u)) as f32
+                        })
+                        .collect()
+                };
+                let prepared = bf16_round(&prepared);
+                for r in 0..rows {
+                    let wr = &wv[r * cols..(r + 1) * cols];
+                    want.push(
+                        wr.iter()
+                            .zip(&prepared)
+                            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                            .sum::<f64>(),
+                    );
+                }
+            }
+            let err = rel_l2(&got, &want);
+            assert!(
+                err < 1e-2,
+                "case {case} (norm {norm}, m {m}, cols {cols}): rel L2 {err}"
+            );
+        }
+    });
+}

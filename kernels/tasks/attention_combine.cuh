@@ -27,27 +27,67 @@ MK_OFFSET(AttentionCombineArgs, nheads, 36);
 MK_OFFSET(AttentionCombineArgs, out_dtype, 40);
 MK_OFFSET(AttentionCombineArgs, reserved, 44);
 
+// One warp per (row, head): lanes first turn the slices' (max, sum) into
+// weights (kept in shared memory, up to COMBINE_MAX_CHUNKS per warp),
+// then each lane accumulates its own head_dim / 32 consecutive columns over
+// the slices with independent, vectorised loads.
+constexpr u32 COMBINE_MAX_CHUNKS = 256;
+
+template <u32 E>
+__device__ __forceinline__ void combine_pair(const AttentionCombineArgs& a, const float* p, float* w, u32 i, u32 h) {
+    const u32 lane = threadIdx.x & 31, hd = a.head_dim, stride = hd + 2;
+    float mx = -__int_as_float(0x7f800000);
+    for (u32 k = lane; k < a.chunks; k += 32) mx = fmaxf(mx, p[k * stride + hd]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, o));
+    float total = 0.0f;
+    for (u32 k = lane; k < a.chunks; k += 32) {
+        const float s = p[k * stride + hd + 1];
+        const float wk = s > 0.0f ? __expf(p[k * stride + hd] - mx) : 0.0f;
+        w[k] = wk;
+        total = fmaf(wk, s, total);
+    }
+    total = warp_sum(total);
+    __syncwarp();
+    float acc[E];
+#pragma unroll
+    for (u32 e = 0; e < E; ++e) acc[e] = 0.0f;
+#pragma unroll 4
+    for (u32 k = 0; k < a.chunks; ++k) {
+        const float wk = w[k];
+        const float* src = p + k * stride + lane * E;
+        if (E == 1) {
+            acc[0] = fmaf(wk, src[0], acc[0]);
+        } else {
+#pragma unroll
+            for (u32 e = 0; e + 1 < E; e += 2) {
+                const float2 v = *reinterpret_cast<const float2*>(src + e);
+                acc[e] = fmaf(wk, v.x, acc[e]);
+                acc[e + 1] = fmaf(wk, v.y, acc[e + 1]);
+            }
+        }
+    }
+    const float inv = 1.0f / total;
+#pragma unroll
+    for (u32 e = 0; e < E; ++e) store_float(a.out, a.out_dtype, (u64(i) * a.heads + h) * hd + lane * E + e, acc[e] * inv);
+    __syncwarp();
+}
+
 __device__ __forceinline__ void task_attention_combine(const Ctx& c) {
     const AttentionCombineArgs& a = task_args<AttentionCombineArgs>(c);
-    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    const u32 warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     const u32 hd = a.head_dim, stride = hd + 2;
+    if (a.chunks > COMBINE_MAX_CHUNKS || nwarps * COMBINE_MAX_CHUNKS * 4 > c.smem_bytes ||
+        (hd != 64 && hd != 128 && hd != 32)) {
+        if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, a.chunks, COMBINE_MAX_CHUNKS);
+        return;
+    }
+    float* w = reinterpret_cast<float*>(c.smem) + warp * COMBINE_MAX_CHUNKS;
     for (u32 pair = warp; pair < a.m * a.nheads; pair += nwarps) {
         const u32 i = pair / a.nheads, h = a.head0 + pair % a.nheads;
         const float* p = reinterpret_cast<const float*>(a.partial) + (u64(i) * a.heads + h) * a.chunks * stride;
-        float mx = -__int_as_float(0x7f800000);
-        for (u32 k = 0; k < a.chunks; ++k) mx = fmaxf(mx, p[k * stride + hd]);
-        float total = 0.0f;
-        for (u32 k = 0; k < a.chunks; ++k) {
-            const float s = p[k * stride + hd + 1];
-            if (s > 0.0f) total = fmaf(__expf(p[k * stride + hd] - mx), s, total);
-        }
-        const float inv = 1.0f / total;
-        for (u32 j = lane; j < hd; j += 32) {
-            float acc = 0.0f;
-            for (u32 k = 0; k < a.chunks; ++k) {
-                if (p[k * stride + hd + 1] > 0.0f) acc = fmaf(__expf(p[k * stride + hd] - mx), p[k * stride + j], acc);
-            }
-            store_float(a.out, a.out_dtype, (u64(i) * a.heads + h) * hd + j, acc * inv);
-        }
+        if (hd == 128) combine_pair<4>(a, p, w, i, h);
+        else if (hd == 64) combine_pair<2>(a, p, w, i, h);
+        else combine_pair<1>(a, p, w, i, h);
     }
 }

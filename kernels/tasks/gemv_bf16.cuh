@@ -16,11 +16,14 @@ struct GemvBf16Args {
     u32 m;
     u32 ldx;
     u32 ldy;
-    u32 x_dtype;
-    u32 y_dtype;
-    u32 accumulate;
+    u16 x_dtype;
+    u16 y_dtype;
+    u16 accumulate;
+    u16 prologue;
+    u32 eps;
+    u64 aux;
 };
-MK_SIZE(GemvBf16Args, 64);
+MK_SIZE(GemvBf16Args, 72);
 MK_OFFSET(GemvBf16Args, w, 0);
 MK_OFFSET(GemvBf16Args, x, 8);
 MK_OFFSET(GemvBf16Args, y, 16);
@@ -32,8 +35,15 @@ MK_OFFSET(GemvBf16Args, m, 40);
 MK_OFFSET(GemvBf16Args, ldx, 44);
 MK_OFFSET(GemvBf16Args, ldy, 48);
 MK_OFFSET(GemvBf16Args, x_dtype, 52);
-MK_OFFSET(GemvBf16Args, y_dtype, 56);
-MK_OFFSET(GemvBf16Args, accumulate, 60);
+MK_OFFSET(GemvBf16Args, y_dtype, 54);
+MK_OFFSET(GemvBf16Args, accumulate, 56);
+MK_OFFSET(GemvBf16Args, prologue, 58);
+MK_OFFSET(GemvBf16Args, eps, 60);
+MK_OFFSET(GemvBf16Args, aux, 64);
+
+constexpr u16 PROLOGUE_NONE = 0;
+constexpr u16 PROLOGUE_RMSNORM = 1;
+constexpr u16 PROLOGUE_SWIGLU = 2;
 
 // 16 bytes of a streamed-once matrix: no L1 allocation.
 __device__ __forceinline__ uint4 ld_stream16(const void* p) {
@@ -66,7 +76,7 @@ __device__ __forceinline__ void load_x8(u64 x, u64 idx, float f[8]) {
 }
 
 template <int M, bool XBF16>
-__device__ __forceinline__ void gemv_pass(const GemvBf16Args& a, u32 m0, u32 mcount) {
+__device__ __forceinline__ void gemv_pass(const GemvBf16Args& a, u64 x, u32 ldx, u32 m0, u32 mcount) {
     constexpr int UNROLL = 4;
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     const u32 chunks = a.cols >> 3;
@@ -93,7 +103,7 @@ __device__ __forceinline__ void gemv_pass(const GemvBf16Args& a, u32 m0, u32 mco
                 for (int i = 0; i < M; ++i) {
                     if (i < int(mcount)) {
                         float xf[8];
-                        load_x8<XBF16>(a.x, u64(m0 + i) * a.ldx + u64(ch) * 8, xf);
+                        load_x8<XBF16>(x, u64(m0 + i) * ldx + u64(ch) * 8, xf);
 #pragma unroll
                         for (int k = 0; k < 8; ++k) acc[i] = fmaf(wf[k], xf[k], acc[i]);
                     }
@@ -113,14 +123,62 @@ __device__ __forceinline__ void gemv_pass(const GemvBf16Args& a, u32 m0, u32 mco
 }
 
 template <bool XBF16>
-__device__ __forceinline__ void gemv_dispatch(const GemvBf16Args& a) {
+__device__ __forceinline__ void gemv_rows(const GemvBf16Args& a, u64 x, u32 ldx) {
     // Input rows in passes of at most 4 (each pass streams the matrix once;
     // more accumulators would spill under the 64-register cap).
     for (u32 m0 = 0; m0 < a.m; m0 += 4) {
         const u32 mc = min(a.m - m0, 4u);
-        if (mc == 1) gemv_pass<1, XBF16>(a, m0, 1);
-        else if (mc == 2) gemv_pass<2, XBF16>(a, m0, 2);
-        else gemv_pass<4, XBF16>(a, m0, mc);
+        if (mc == 1) gemv_pass<1, XBF16>(a, x, ldx, m0, 1);
+        else if (mc == 2) gemv_pass<2, XBF16>(a, x, ldx, m0, 2);
+        else gemv_pass<4, XBF16>(a, x, ldx, m0, mc);
+    }
+}
+
+// Prepares the input rows into shared memory as bf16 (RMSNorm or SwiGLU, with
+// the same arithmetic as the rmsnorm and swiglu tasks) and returns their
+// address; the rows are then read from shared memory by every warp.
+__device__ __forceinline__ u64 gemv_prologue(const Ctx& c, const GemvBf16Args& a) {
+    u16* xs = reinterpret_cast<u16*>(c.smem);
+    float* scratch = reinterpret_cast<float*>(c.smem + a.m * a.cols * 2);
+    for (u32 i = 0; i < a.m; ++i) {
+        const u64 row = u64(i) * a.ldx;
+        if (a.prologue == PROLOGUE_RMSNORM) {
+            float ss = 0.0f;
+            for (u32 k = threadIdx.x; k < a.cols; k += blockDim.x) {
+                const float v = load_float(a.x, a.x_dtype, row + k);
+                ss = fmaf(v, v, ss);
+            }
+            const float inv = rsqrtf(block_sum(ss, scratch) / float(a.cols) + __uint_as_float(a.eps));
+            for (u32 k = threadIdx.x; k < a.cols; k += blockDim.x) {
+                const float v = load_float(a.x, a.x_dtype, row + k);
+                xs[i * a.cols + k] = f32_to_bf16(v * inv * load_float(a.aux, DTYPE_BF16, k));
+            }
+        } else {
+            for (u32 k = threadIdx.x; k < a.cols; k += blockDim.x) {
+                const float g = load_float(a.x, a.x_dtype, row + k);
+                const float u = load_float(a.aux, a.x_dtype, row + k);
+                xs[i * a.cols + k] = f32_to_bf16(g / (1.0f + __expf(-g)) * u);
+            }
+        }
+    }
+    __syncthreads();
+    return reinterpret_cast<u64>(xs);
+}
+
+// Bytes of shared memory the prologue needs.
+__device__ __forceinline__ u32 gemv_prologue_bytes(const GemvBf16Args& a) { return a.m * a.cols * 2 + 32 * 4; }
+
+__device__ __forceinline__ void gemv_dispatch(const Ctx& c, const GemvBf16Args& a) {
+    if (a.prologue != PROLOGUE_NONE) {
+        if ((a.prologue != PROLOGUE_RMSNORM && a.prologue != PROLOGUE_SWIGLU) || gemv_prologue_bytes(a) > c.smem_bytes) {
+            if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, a.prologue, gemv_prologue_bytes(a));
+            return;
+        }
+        gemv_rows<true>(a, gemv_prologue(c, a), a.cols);
+    } else if (a.x_dtype == DTYPE_BF16) {
+        gemv_rows<true>(a, a.x, a.ldx);
+    } else {
+        gemv_rows<false>(a, a.x, a.ldx);
     }
 }
 
@@ -130,6 +188,5 @@ __device__ __forceinline__ void task_gemv_bf16(const Ctx& c) {
         if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, a.cols, a.m);
         return;
     }
-    if (a.x_dtype == DTYPE_BF16) gemv_dispatch<true>(a);
-    else gemv_dispatch<false>(a);
+    gemv_dispatch(c, a);
 }

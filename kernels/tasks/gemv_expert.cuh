@@ -9,11 +9,11 @@ struct GemvExpertArgs {
     u32 slot;
     u32 x_per_slot;
 };
-MK_SIZE(GemvExpertArgs, 80);
+MK_SIZE(GemvExpertArgs, 88);
 MK_OFFSET(GemvExpertArgs, gemv, 0);
-MK_OFFSET(GemvExpertArgs, list, 64);
-MK_OFFSET(GemvExpertArgs, slot, 72);
-MK_OFFSET(GemvExpertArgs, x_per_slot, 76);
+MK_OFFSET(GemvExpertArgs, list, 72);
+MK_OFFSET(GemvExpertArgs, slot, 80);
+MK_OFFSET(GemvExpertArgs, x_per_slot, 84);
 
 __device__ __forceinline__ void task_gemv_expert(const Ctx& c) {
     // The product's arguments are patched in place in the shared descriptor
@@ -28,7 +28,11 @@ __device__ __forceinline__ void task_gemv_expert(const Ctx& c) {
         GemvBf16Args& g = a.gemv;
         g.w += expert * u64(g.ldy) * g.cols * 2;
         g.y += u64(a.slot) * g.m * g.ldy * (g.y_dtype == DTYPE_BF16 ? 2 : 4);
-        if (a.x_per_slot) g.x += u64(a.slot) * g.m * g.ldx * (g.x_dtype == DTYPE_BF16 ? 2 : 4);
+        if (a.x_per_slot) {
+            const u64 step = u64(a.slot) * g.m * g.ldx * (g.x_dtype == DTYPE_BF16 ? 2 : 4);
+            g.x += step;
+            if (g.prologue == PROLOGUE_SWIGLU) g.aux += step;
+        }
     }
     __syncthreads();
     const GemvBf16Args& g = a.gemv;
@@ -36,6 +40,5 @@ __device__ __forceinline__ void task_gemv_expert(const Ctx& c) {
         if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, g.cols, g.m);
         return;
     }
-    if (g.x_dtype == DTYPE_BF16) gemv_dispatch<true>(g);
-    else gemv_dispatch<false>(g);
+    gemv_dispatch(c, g);
 }

@@ -23,10 +23,19 @@ MK_OFFSET(MoeRouteArgs, experts, 28);
 MK_OFFSET(MoeRouteArgs, top_k, 32);
 MK_OFFSET(MoeRouteArgs, norm_topk, 36);
 
+// One warp per token row. The row's probabilities are computed once into
+// shared memory; each of the top_k rounds is then a warp argmax over shared
+// memory, and the pick is struck out (set to -inf) for the next round.
 __device__ __forceinline__ void task_moe_route(const Ctx& c) {
     const MoeRouteArgs& a = task_args<MoeRouteArgs>(c);
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    unsigned char* chosen = c.smem;  // experts bytes: chosen by any row
+    const float NEG_INF = -__int_as_float(0x7f800000);
+    if (u64(nwarps) * a.experts * 4 + a.experts > c.smem_bytes || a.top_k > 32) {
+        if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, a.experts, a.top_k);
+        return;
+    }
+    float* probs = reinterpret_cast<float*>(c.smem) + warp * a.experts;
+    unsigned char* chosen = c.smem + u64(nwarps) * a.experts * 4;  // experts bytes: chosen by any row
     for (u32 j = threadIdx.x; j < a.experts; j += blockDim.x) chosen[j] = 0;
     __syncthreads();
     const float* logits = reinterpret_cast<const float*>(a.logits);
@@ -34,48 +43,56 @@ __device__ __forceinline__ void task_moe_route(const Ctx& c) {
     for (u32 i = warp; i < a.m; i += nwarps) {
         const float* row = logits + u64(i) * a.experts;
         float* out = weights + u64(i) * a.experts;
-        float mx = -__int_as_float(0x7f800000);
-        for (u32 j = lane; j < a.experts; j += 32) mx = fmaxf(mx, row[j]);
+        float mx = NEG_INF;
+        for (u32 j = lane; j < a.experts; j += 32) {
+            const float v = row[j];
+            probs[j] = v;
+            mx = fmaxf(mx, v);
+        }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, o));
         float total = 0.0f;
         for (u32 j = lane; j < a.experts; j += 32) {
-            total += __expf(row[j] - mx);
+            total += __expf(probs[j] - mx);
             out[j] = 0.0f;
         }
         total = warp_sum(total);
-        // k rounds of a warp argmax over the probabilities not taken yet; the
-        // picks are held by lane r (round r), so no per-row scratch is needed.
+        for (u32 j = lane; j < a.experts; j += 32) probs[j] = __expf(probs[j] - mx) / total;
+        __syncwarp();
         u32 my_pick = 0xFFFFFFFFu;
         float my_p = 0.0f, picked_sum = 0.0f;
         for (u32 r = 0; r < a.top_k; ++r) {
-            float bv = -__int_as_float(0x7f800000);
+            float bv = NEG_INF;
             u32 bi = 0xFFFFFFFFu;
-            for (u32 base = 0; base < a.experts; base += 32) {  // uniform trip count: shuffles inside
-                const u32 j = base + lane;
-                bool taken = j >= a.experts;
-                for (u32 q = 0; q < r; ++q) taken |= __shfl_sync(0xFFFFFFFFu, my_pick, q) == j;
-                if (!taken) {
-                    const float p = __expf(row[j] - mx) / total;
-                    if (argmax_better(p, j, bv, bi)) bv = p, bi = j;
-                }
+            for (u32 j = lane; j < a.experts; j += 32) {
+                const float p = probs[j];
+                if (argmax_better(p, j, bv, bi)) bv = p, bi = j;
             }
             argmax_warp(bv, bi);
             if (lane == r) my_pick = bi, my_p = bv;
-            picked_sum += bv;
+            if (bi < a.experts) picked_sum += bv;
+            __syncwarp();
+            if (lane == 0 && bi < a.experts) probs[bi] = NEG_INF;
+            __syncwarp();
         }
         if (lane < a.top_k && my_pick < a.experts) {  // NaN logits pick nothing
             out[my_pick] = a.norm_topk ? my_p / picked_sum : my_p;
             chosen[my_pick] = 1;
         }
+        __syncwarp();
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
+    if (warp == 0) {
+        // Ordered compaction of the chosen experts: one ballot per 32 experts.
         u32* list = reinterpret_cast<u32*>(a.list);
         u32 n = 0;
-        for (u32 j = 0; j < a.experts; ++j) {
-            if (chosen[j]) list[1 + n++] = j;
+        for (u32 base = 0; base < a.experts; base += 32) {
+            const u32 j = base + lane;
+            const bool on = j < a.experts && chosen[j];
+            const u32 mask = __ballot_sync(0xFFFFFFFFu, on);
+            if (on) list[1 + n + __popc(mask & ((1u << lane) - 1u))] = j;
+            n += __popc(mask);
         }
-        list[0] = n;
+        if (lane == 0) list[0] = n;
     }
 }

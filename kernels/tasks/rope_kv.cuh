@@ -19,8 +19,10 @@ struct RopeKvArgs {
     u32 qkv_dtype;
     u32 norm_dtype;
     u32 cache_dtype;
+    u32 job0;
+    u32 jobs;
 };
-MK_SIZE(RopeKvArgs, 72);
+MK_SIZE(RopeKvArgs, 80);
 MK_OFFSET(RopeKvArgs, qkv, 0);
 MK_OFFSET(RopeKvArgs, norms, 8);
 MK_OFFSET(RopeKvArgs, cache, 16);
@@ -35,6 +37,8 @@ MK_OFFSET(RopeKvArgs, theta, 56);
 MK_OFFSET(RopeKvArgs, qkv_dtype, 60);
 MK_OFFSET(RopeKvArgs, norm_dtype, 64);
 MK_OFFSET(RopeKvArgs, cache_dtype, 68);
+MK_OFFSET(RopeKvArgs, job0, 72);
+MK_OFFSET(RopeKvArgs, jobs, 76);
 
 __device__ __forceinline__ void task_rope_kv(const Ctx& c) {
     const RopeKvArgs& a = task_args<RopeKvArgs>(c);
@@ -46,7 +50,14 @@ __device__ __forceinline__ void task_rope_kv(const Ctx& c) {
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     const u32 hd = a.head_dim, half = hd / 2, per_row = a.heads + 2 * a.kv_heads;
     const float eps = __uint_as_float(a.eps), theta = __uint_as_float(a.theta);
-    for (u32 job = warp; job < a.m * per_row; job += nwarps) {
+    // Inverse frequencies theta^(-2j/d), once per task (the f64 power is slow).
+    float* inv_freq = reinterpret_cast<float*>(c.smem);
+    for (u32 j = threadIdx.x; j < half; j += blockDim.x) {
+        inv_freq[j] = float(1.0 / pow(double(theta), 2.0 * double(j) / double(hd)));
+    }
+    __syncthreads();
+    const u32 job_end = min(a.job0 + a.jobs, a.m * per_row);
+    for (u32 job = a.job0 + warp; job < job_end; job += nwarps) {
         const u32 i = job / per_row, h = job % per_row, p = pos0 + i;
         const u64 src = (u64(i) * per_row + h) * hd;
         if (h >= a.heads + a.kv_heads) {  // v: copy into the cache
@@ -69,7 +80,7 @@ __device__ __forceinline__ void task_rope_kv(const Ctx& c) {
             const float x1 = load_float(a.qkv, a.qkv_dtype, src + j) * inv * load_float(a.norms, a.norm_dtype, w0 + j);
             const float x2 =
                 load_float(a.qkv, a.qkv_dtype, src + j + half) * inv * load_float(a.norms, a.norm_dtype, w0 + j + half);
-            const float freq = float(1.0 / pow(double(theta), 2.0 * double(j) / double(hd)));
+            const float freq = inv_freq[j];
             float s, co;
             sincosf(float(p) * freq, &s, &co);
             store_float(out, out_dtype, dst + j, x1 * co - x2 * s);

@@ -20,7 +20,7 @@ use crate::task::advance::Advance;
 use crate::task::embed::Embed;
 use crate::task::emit::Emit;
 use crate::task::fill_random::FillRandom;
-use crate::task::gemv_bf16::GemvShape;
+use crate::task::gemv_bf16::{prologue_bytes, GemvShape, Prologue};
 use crate::task::gemv_expert::GemvExpert;
 use crate::task::moe_combine::MoeCombine;
 use crate::task::moe_route::MoeRoute;
@@ -126,6 +126,10 @@ fn head_shape(c: &ModelConfig) -> HeadShape {
         head_dim: c.head_dim,
     }
 }
+
+/// Shared memory a fused norm or SwiGLU may use for its prepared rows (fits
+/// every sm_80+ GPU's block limit with room to spare).
+const FUSED_PROLOGUE_BYTES: usize = 96 * 1024;
 
 /// Elements per `fill_random` task.
 const FILL_CHUNK: usize = 1 << 22;
@@ -574,8 +578,9 @@ fn build(
                 y: &BufSlice,
                 rows: usize,
                 cols: usize,
-                acc: bool| {
-        ops::gemv(
+                acc: bool,
+                pro: &Prologue| {
+        ops::gemv_with(
             ch.b,
             &w.all(),
             xin,
@@ -583,19 +588,33 @@ fn build(
             GemvShape { rows, cols, m },
             workers,
             acc,
+            pro,
         )
     };
+    // Norms and SwiGLU run inside the following product's tasks when the
+    // prepared rows fit in shared memory; otherwise as stages of their own.
+    let fuse = |cols: usize| prologue_bytes(m, cols) <= FUSED_PROLOGUE_BYTES;
     let norm = |ch: &mut Chain<'_>, w: &Buffer| {
         ops::rmsnorm(ch.b, &x.all(), &w.all(), &hn.all(), m, h, eps, workers)
     };
     let e = single(&mut ch, Embed::task(&x.all(), &embed.all(), &ids.all(), h)?);
     ch.stage(e, "embed");
+    // `src` normalised by `w`: fused into the product (`x` and a prologue) or a
+    // stage writing `hn` (and no prologue).
+    let normed = |ch: &mut Chain<'_>, w: &Buffer, what: &str| -> Result<(BufSlice, Prologue)> {
+        if fuse(h) {
+            return Ok((x.all(), Prologue::RmsNorm(w.all(), eps)));
+        }
+        let n = norm(ch, w)?;
+        ch.stage(n, what);
+        Ok((hn.all(), Prologue::None))
+    };
     for (l, ly) in layers.iter().enumerate() {
-        let n = norm(&mut ch, &ly.in_norm)?;
-        ch.stage(n, &format!("layer {l} input norm"));
-        let q = gemv(&mut ch, &ly.qkv, &hn.all(), &qkv.all(), width, h, false)?;
+        let (src, pro) = normed(&mut ch, &ly.in_norm, &format!("layer {l} input norm"))?;
+        let q = gemv(&mut ch, &ly.qkv, &src, &qkv.all(), width, h, false, &pro)?;
         ch.stage(q, &format!("layer {l} qkv"));
-        let r = RopeKv::task(
+        let jobs = (c.num_heads + 2 * c.num_kv_heads) * m;
+        let r = RopeKv::split(
             &qkv.all(),
             &ly.qk_norms.all(),
             &caches[l].all(),
@@ -605,8 +624,9 @@ fn build(
             max_seq,
             eps,
             c.rope_theta as f32,
+            jobs.div_ceil(4).min(workers),
         )?;
-        let r = single(&mut ch, r);
+        let r = ops::Group(ch.b.push_all(r));
         ch.stage(r, &format!("layer {l} rope"));
         let parts = workers.min(c.num_heads);
         let (slices, combine) = ops::attention(
@@ -635,18 +655,23 @@ fn build(
             h,
             c.num_heads * hd,
             true,
+            &Prologue::None,
         )?;
         ch.stage(o, &format!("layer {l} o_proj"));
-        let n = norm(&mut ch, &ly.post_norm)?;
-        ch.stage(n, &format!("layer {l} post norm"));
         match &ly.mlp {
             Mlp::Dense { gate, up, down } => {
-                let mut gu = gemv(&mut ch, gate, &hn.all(), &g.all(), inter, h, false)?;
-                gu.0.extend(gemv(&mut ch, up, &hn.all(), &u.all(), inter, h, false)?.0);
+                let (src, pro) = normed(&mut ch, &ly.post_norm, &format!("layer {l} post norm"))?;
+                let mut gu = gemv(&mut ch, gate, &src, &g.all(), inter, h, false, &pro)?;
+                gu.0.extend(gemv(&mut ch, up, &src, &u.all(), inter, h, false, &pro)?.0);
                 ch.stage(gu, &format!("layer {l} gate+up"));
-                let s = ops::swiglu(ch.b, &g.all(), &g.all(), &u.all(), workers)?;
-                ch.stage(s, &format!("layer {l} swiglu"));
-                let d = gemv(&mut ch, down, &g.all(), &x.all(), h, inter, true)?;
+                let pro = if fuse(inter) {
+                    Prologue::Swiglu(u.all())
+                } else {
+                    let s = ops::swiglu(ch.b, &g.all(), &g.all(), &u.all(), workers)?;
+                    ch.stage(s, &format!("layer {l} swiglu"));
+                    Prologue::None
+                };
+                let d = gemv(&mut ch, down, &g.all(), &x.all(), h, inter, true, &pro)?;
                 ch.stage(d, &format!("layer {l} down"));
             }
             Mlp::Moe {
@@ -656,6 +681,9 @@ fn build(
                 down,
             } => {
                 let moe = c.moe.as_ref().expect("MoE layer of a MoE config");
+                // The router and every expert read the normalised rows.
+                let n = norm(&mut ch, &ly.post_norm)?;
+                ch.stage(n, &format!("layer {l} post norm"));
                 let shape = GemvShape {
                     rows: experts,
                     cols: h,
@@ -738,11 +766,9 @@ fn build(
             }
         }
     }
-    let n = norm(&mut ch, final_norm)?;
-    ch.stage(n, "final norm");
-    // Logits of the last row only.
-    let last_row = hn.slice((m - 1) * h..m * h)?;
-    let lm = ops::gemv(
+    // Logits of the last row only, its final norm fused into the LM head.
+    let last_row = x.slice((m - 1) * h..m * h)?;
+    let lm = ops::gemv_with(
         ch.b,
         &lm_head.all(),
         &last_row,
@@ -754,6 +780,7 @@ fn build(
         },
         workers,
         false,
+        &Prologue::RmsNorm(final_norm.all(), eps),
     )?;
     ch.stage(lm, "lm head");
     let (partials, pick) = ops::argmax(ch.b, &logits.all(), &token.all(), &pairs.all(), workers)?;

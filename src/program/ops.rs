@@ -9,7 +9,7 @@ use crate::task::{
     attention_combine::AttentionCombine,
     axpy::Axpy,
     fill::Fill,
-    gemv_bf16::{GemvBf16, GemvShape},
+    gemv_bf16::{GemvBf16, GemvShape, Prologue},
     reduce_sum::ReduceSum,
     rmsnorm::RmsNorm,
     rope_kv::HeadShape,
@@ -57,9 +57,24 @@ pub fn gemv(
     parts: usize,
     accumulate: bool,
 ) -> Result<Group> {
+    gemv_with(b, w, x, y, shape, parts, accumulate, &Prologue::None)
+}
+
+/// [`gemv`] with the input rows prepared by `prologue` in every task.
+#[allow(clippy::too_many_arguments)]
+pub fn gemv_with(
+    b: &mut ProgramBuilder,
+    w: &BufSlice,
+    x: &BufSlice,
+    y: &BufSlice,
+    shape: GemvShape,
+    parts: usize,
+    accumulate: bool,
+    prologue: &Prologue,
+) -> Result<Group> {
     let specs = split_even(shape.rows, parts)
         .into_iter()
-        .map(|(r0, n)| GemvBf16::rows(w, x, y, shape, r0, n, accumulate))
+        .map(|(r0, n)| GemvBf16::rows_with(w, x, y, shape, r0, n, accumulate, prologue))
         .collect::<std::result::Result<Vec<_>, _>>()?;
     Ok(Group(b.push_all(specs)))
 }

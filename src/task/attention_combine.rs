@@ -40,6 +40,9 @@ pub struct AttentionCombineArgs {
 /// Merges attention slices for a range of heads.
 pub struct AttentionCombine;
 
+/// Most slices a combine merges (the device keeps one weight per slice per warp).
+pub const MAX_CHUNKS: usize = 256;
+
 impl AttentionCombine {
     /// Heads `head0..head0 + nheads` of every row.
     #[allow(clippy::too_many_arguments)]
@@ -57,7 +60,7 @@ impl AttentionCombine {
         let HeadShape {
             heads, head_dim, ..
         } = shape;
-        if nheads == 0 || head0 + nheads > heads || chunks == 0 {
+        if nheads == 0 || head0 + nheads > heads || chunks == 0 || chunks > MAX_CHUNKS {
             return Err(bad::<AttentionCombine>("head range or chunks out of range"));
         }
         if partial.dtype() != DType::F32

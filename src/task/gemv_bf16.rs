@@ -38,11 +38,43 @@ pub struct GemvBf16Args {
     /// Output row stride in elements.
     pub ldy: u32,
     /// [`DType`] code of `x`.
-    pub x_dtype: u32,
+    pub x_dtype: u16,
     /// [`DType`] code of `y`.
-    pub y_dtype: u32,
+    pub y_dtype: u16,
     /// 1: add into `y`; 0: overwrite.
-    pub accumulate: u32,
+    pub accumulate: u16,
+    /// `PROLOGUE_*`: how the input rows are prepared before the product.
+    pub prologue: u16,
+    /// RMSNorm epsilon (f32 bits), for [`PROLOGUE_RMSNORM`].
+    pub eps: u32,
+    /// RMSNorm weights (bf16, `cols`) for [`PROLOGUE_RMSNORM`]; the `up` rows
+    /// (laid out like `x`) for [`PROLOGUE_SWIGLU`].
+    pub aux: u64,
+}
+
+/// The input rows are used as they are.
+pub const PROLOGUE_NONE: u16 = 0;
+/// The product uses `bf16(rmsnorm(x) * aux)` (each row normalised), computed
+/// into shared memory by every task: the norm costs no stage of its own.
+pub const PROLOGUE_RMSNORM: u16 = 1;
+/// The product uses `bf16(silu(x) * aux)` (x the gate rows, aux the up rows).
+pub const PROLOGUE_SWIGLU: u16 = 2;
+
+/// How a [`GemvBf16`] task prepares its input rows.
+#[derive(Clone, Debug, Default)]
+pub enum Prologue {
+    /// Use `x` as it is.
+    #[default]
+    None,
+    /// RMSNorm each row of `x` with these weights (bf16, `cols`) and epsilon.
+    RmsNorm(BufSlice, f32),
+    /// SwiGLU: `x` is the gate, this the up projection (same layout and type).
+    Swiglu(BufSlice),
+}
+
+/// Bytes of shared memory a prologue needs for `m` rows of `cols` (bf16 rows).
+pub fn prologue_bytes(m: usize, cols: usize) -> usize {
+    m * cols * 2
 }
 
 /// Row-block matrix-vector product with a bf16 matrix.
@@ -70,6 +102,21 @@ impl GemvBf16 {
         row0: usize,
         rows: usize,
         accumulate: bool,
+    ) -> Result<TaskSpec, ProgramError> {
+        Self::rows_with(w, x, y, shape, row0, rows, accumulate, &Prologue::None)
+    }
+
+    /// [`rows`](Self::rows) with the input rows prepared by `prologue`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rows_with(
+        w: &BufSlice,
+        x: &BufSlice,
+        y: &BufSlice,
+        shape: GemvShape,
+        row0: usize,
+        rows: usize,
+        accumulate: bool,
+        prologue: &Prologue,
     ) -> Result<TaskSpec, ProgramError> {
         let GemvShape {
             rows: total,
@@ -111,6 +158,23 @@ impl GemvBf16 {
         if w.addr() % 16 != 0 || x.addr() % 16 != 0 {
             return Err(bad::<GemvBf16>("w and x must be 16-byte aligned"));
         }
+        let (code, eps, aux) = match prologue {
+            Prologue::None => (PROLOGUE_NONE, 0.0, 0),
+            Prologue::RmsNorm(nw, eps) => {
+                if nw.dtype() != DType::Bf16 || nw.len() < cols || !(*eps > 0.0) {
+                    return Err(bad::<GemvBf16>(
+                        "RMSNorm weights must be bf16 [cols], eps > 0",
+                    ));
+                }
+                (PROLOGUE_RMSNORM, *eps, nw.addr())
+            }
+            Prologue::Swiglu(up) => {
+                if up.dtype() != x.dtype() || up.len() < m * cols {
+                    return Err(bad::<GemvBf16>("up must match x in type and size"));
+                }
+                (PROLOGUE_SWIGLU, 0.0, up.addr())
+            }
+        };
         let u = |v: usize| u32::try_from(v).map_err(|_| bad::<GemvBf16>("dimension over 2^32"));
         let args = GemvBf16Args {
             w: w.addr(),
@@ -123,13 +187,19 @@ impl GemvBf16 {
             m: u(m)?,
             ldx: u(cols)?,
             ldy: u(total)?,
-            x_dtype: x.dtype().code(),
-            y_dtype: y.dtype().code(),
-            accumulate: u32::from(accumulate),
+            x_dtype: x.dtype().code() as u16,
+            y_dtype: y.dtype().code() as u16,
+            accumulate: u16::from(accumulate),
+            prologue: code,
+            eps: eps.to_bits(),
+            aux,
         };
         let first = w.addr() + (row0 * cols * 2) as u64;
-        Ok(TaskSpec::new::<GemvBf16>(args, &[w, x, y])
-            .with_prefetch(first, (rows * cols * 2) as u64))
+        let mut bufs = vec![w, x, y];
+        if let Prologue::RmsNorm(b, _) | Prologue::Swiglu(b) = prologue {
+            bufs.push(b);
+        }
+        Ok(TaskSpec::new::<GemvBf16>(args, &bufs).with_prefetch(first, (rows * cols * 2) as u64))
     }
 }
 
@@ -137,12 +207,33 @@ impl TaskKind for GemvBf16 {
     type Args = GemvBf16Args;
     const NAME: &'static str = "gemv_bf16";
     fn cpu(a: &GemvBf16Args, mem: &dyn Memory) -> Result<(), TaskFault> {
-        let xd = DType::from_code(a.x_dtype).ok_or(TaskFault::BadArgs("gemv dtype"))?;
-        let yd = DType::from_code(a.y_dtype).ok_or(TaskFault::BadArgs("gemv dtype"))?;
+        let xd = DType::from_code(u32::from(a.x_dtype)).ok_or(TaskFault::BadArgs("gemv dtype"))?;
+        let yd = DType::from_code(u32::from(a.y_dtype)).ok_or(TaskFault::BadArgs("gemv dtype"))?;
         let (cols, m) = (a.cols as usize, a.m as usize);
-        let xs: Vec<Vec<f32>> = (0..m)
-            .map(|i| mem.read_f32(a.x + (i * a.ldx as usize * xd.size()) as u64, xd, cols))
+        let row_at = |base: u64, i: usize| base + (i * a.ldx as usize * xd.size()) as u64;
+        let mut xs: Vec<Vec<f32>> = (0..m)
+            .map(|i| mem.read_f32(row_at(a.x, i), xd, cols))
             .collect::<Result<_, _>>()?;
+        let bf16 = |v: f32| half::bf16::from_f32(v).to_f32();
+        match a.prologue {
+            PROLOGUE_NONE => {}
+            PROLOGUE_RMSNORM => {
+                let nw = mem.read_f32(a.aux, DType::Bf16, cols)?;
+                for x in &mut xs {
+                    *x = super::rmsnorm::normalize(x, &nw, f32::from_bits(a.eps));
+                    x.iter_mut().for_each(|v| *v = bf16(*v));
+                }
+            }
+            PROLOGUE_SWIGLU => {
+                for (i, x) in xs.iter_mut().enumerate() {
+                    let up = mem.read_f32(row_at(a.aux, i), xd, cols)?;
+                    for (g, u) in x.iter_mut().zip(up) {
+                        *g = bf16(super::swiglu::silu(*g) * u);
+                    }
+                }
+            }
+            _ => return Err(TaskFault::BadArgs("gemv prologue")),
+        }
         let mut out = vec![vec![0f32; a.rows as usize]; m];
         for r in 0..a.rows as usize {
             let row = a.row0 as usize + r;
@@ -175,7 +266,10 @@ impl TaskKind for GemvBf16 {
             ldy,
             x_dtype,
             y_dtype,
-            accumulate
+            accumulate,
+            prologue,
+            eps,
+            aux
         })
     }
 }

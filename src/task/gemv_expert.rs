@@ -93,15 +93,19 @@ fn resolve(a: &GemvExpertArgs, list: &[u32]) -> Result<Option<GemvBf16Args>, Tas
     let expert = u64::from(list[1 + a.slot as usize]);
     let mut g = a.gemv;
     g.w += expert * u64::from(g.ldy) * u64::from(g.cols) * 2;
-    let ysize = DType::from_code(g.y_dtype)
+    let ysize = DType::from_code(u32::from(g.y_dtype))
         .ok_or(TaskFault::BadArgs("gemv dtype"))?
         .size() as u64;
     g.y += u64::from(a.slot) * u64::from(g.m) * u64::from(g.ldy) * ysize;
     if a.x_per_slot != 0 {
-        let xsize = DType::from_code(g.x_dtype)
+        let xsize = DType::from_code(u32::from(g.x_dtype))
             .ok_or(TaskFault::BadArgs("gemv dtype"))?
             .size() as u64;
-        g.x += u64::from(a.slot) * u64::from(g.m) * u64::from(g.ldx) * xsize;
+        let step = u64::from(a.slot) * u64::from(g.m) * u64::from(g.ldx) * xsize;
+        g.x += step;
+        if g.prologue == super::gemv_bf16::PROLOGUE_SWIGLU {
+            g.aux += step;
+        }
     }
     Ok(Some(g))
 }

@@ -78,6 +78,13 @@ impl RmsNorm {
     }
 }
 
+/// `x * w / sqrt(mean(x²) + eps)`, the mean in f64.
+pub fn normalize(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let ms = x.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>() / x.len() as f64;
+    let inv = (1.0 / (ms + f64::from(eps)).sqrt()) as f32;
+    x.iter().zip(w).map(|(v, g)| v * inv * g).collect()
+}
+
 impl TaskKind for RmsNorm {
     type Args = RmsNormArgs;
     const NAME: &'static str = "rmsnorm";
@@ -89,9 +96,7 @@ impl TaskKind for RmsNorm {
         let eps = f32::from_bits(a.eps);
         for r in 0..a.rows as usize {
             let x = mem.read_f32(a.x + (r * cols * xd.size()) as u64, xd, cols)?;
-            let ms = x.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>() / cols as f64;
-            let inv = (1.0 / (ms + f64::from(eps)).sqrt()) as f32;
-            let y: Vec<f32> = x.iter().zip(&w).map(|(v, g)| v * inv * g).collect();
+            let y = normalize(&x, &w, eps);
             mem.write_f32(a.y + (r * cols * yd.size()) as u64, yd, &y)?;
         }
         Ok(())

@@ -49,6 +49,10 @@ pub struct RopeKvArgs {
     pub norm_dtype: u32,
     /// [`DType`] code of the cache.
     pub cache_dtype: u32,
+    /// First job (`row * (heads + 2 * kv_heads) + head`) this task handles.
+    pub job0: u32,
+    /// Jobs this task handles.
+    pub jobs: u32,
 }
 
 /// Attention geometry shared by the attention tasks.
@@ -127,8 +131,40 @@ impl RopeKv {
             qkv_dtype: qkv.dtype().code(),
             norm_dtype: norms.dtype().code(),
             cache_dtype: cache.dtype().code(),
+            job0: 0,
+            jobs: u((heads + 2 * kv_heads) * m)?,
         };
         Ok(TaskSpec::new::<RopeKv>(args, &[qkv, norms, cache, pos]))
+    }
+
+    /// The same work split over `parts` tasks by (row, head) job.
+    #[allow(clippy::too_many_arguments)]
+    pub fn split(
+        qkv: &BufSlice,
+        norms: &BufSlice,
+        cache: &BufSlice,
+        pos: &BufSlice,
+        shape: HeadShape,
+        m: usize,
+        max_seq: usize,
+        eps: f32,
+        theta: f32,
+        parts: usize,
+    ) -> Result<Vec<TaskSpec>, ProgramError> {
+        let whole = Self::task(qkv, norms, cache, pos, shape, m, max_seq, eps, theta)?;
+        let jobs = (shape.heads + 2 * shape.kv_heads) * m;
+        super::split_even(jobs, parts.max(1))
+            .into_iter()
+            .map(|(j0, n)| {
+                let mut t = whole.clone();
+                let mut a: RopeKvArgs = super::decode_args(&t.args);
+                (a.job0, a.jobs) = (j0 as u32, n as u32);
+                let bytes = bytemuck::bytes_of(&a);
+                bytemuck::cast_slice_mut::<u64, u8>(&mut t.args)[..bytes.len()]
+                    .copy_from_slice(bytes);
+                Ok(t)
+            })
+            .collect()
     }
 }
 
@@ -172,6 +208,10 @@ impl TaskKind for RopeKv {
                 })?;
             let row = a.qkv + (i * width * qd.size()) as u64;
             for h in 0..heads + 2 * kvh {
+                let job = (i * (heads + 2 * kvh) + h) as u32;
+                if job < a.job0 || job - a.job0 >= a.jobs {
+                    continue;
+                }
                 let at = row + (h * hd * qd.size()) as u64;
                 let x = mem.read_f32(at, qd, hd)?;
                 let slot = |which: usize, kh: usize| {
@@ -209,7 +249,9 @@ impl TaskKind for RopeKv {
             theta,
             qkv_dtype,
             norm_dtype,
-            cache_dtype
+            cache_dtype,
+            job0,
+            jobs
         })
     }
 }
