@@ -161,7 +161,7 @@ impl GemvBf16 {
         let (code, eps, aux) = match prologue {
             Prologue::None => (PROLOGUE_NONE, 0.0, 0),
             Prologue::RmsNorm(nw, eps) => {
-                if nw.dtype() != DType::Bf16 || nw.len() < cols || !(*eps > 0.0) {
+                if nw.dtype() != DType::Bf16 || nw.len() < cols || eps.is_nan() || *eps <= 0.0 {
                     return Err(bad::<GemvBf16>(
                         "RMSNorm weights must be bf16 [cols], eps > 0",
                     ));
