@@ -474,6 +474,7 @@ fn moe_routing_experts_and_combine() {
                 false,
                 0,
                 hdim,
+                &megakernel::task::gemv_bf16::Prologue::None,
             );
             b.push(spec.unwrap()).wait(routed).signal(produced);
         }

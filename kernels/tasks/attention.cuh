@@ -94,30 +94,53 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem) : "memory");
 }
 
-__device__ __forceinline__ void cp_async_wait_all() {
-    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
-}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_prev() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
 
-// Shared memory the fast path needs for `pairs` pairs.
+// Shared memory the fast path needs for `pairs` pairs: q, two K/V tile
+// buffers, scores, and per-pair running max, sum and correction.
 __host__ __device__ constexpr u32 attention_smem_bytes(u32 pairs, u32 hd) {
-    return pairs * hd * 2 + 2 * ATTN_TILE * hd * 2 + pairs * ATTN_TILE * 4 + 3 * pairs * 4;
+    return pairs * hd * 2 + 4 * ATTN_TILE * hd * 2 + pairs * ATTN_TILE * 4 + 3 * pairs * 4;
 }
 
-// PP: pairs per thread in the P·V phase (pairs <= PP * pair groups).
+// Issues the cp.async copies of keys t0 .. t0 + n into one tile buffer.
+template <u32 HD>
+__device__ __forceinline__ void attention_load_tile(u32* k_s, u32* v_s, const char* kbase, const char* vbase, u32 t0, u32 n) {
+    constexpr u32 W = HD / 2;
+    for (u32 ch = threadIdx.x; ch < 2 * n * (HD / 8); ch += BLOCK_THREADS) {
+        const u32 which = ch / (n * (HD / 8)), r = ch % (n * (HD / 8));
+        const u32 j = r / (HD / 8), part = r % (HD / 8);
+        const char* src = (which ? vbase : kbase) + u64(t0 + j) * HD * 2 + part * 16;
+        cp_async16((which ? v_s : k_s) + j * W + part * 4, src);
+    }
+}
+
+// PP: pairs per thread in the P·V phase. Work is spread over all 1024 threads
+// whatever the number of pairs: a score is summed by S adjacent lanes (S
+// segments of the row), and in P·V each (pair, column pair) is owned by KS
+// threads taking every KS-th key, reduced once at the end. Tiles are double
+// buffered: tile t + 1 is in flight while tile t is computed.
 template <u32 HD, u32 PP>
 __device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArgs& a, u32 pos0, u32 lo, u32 hi) {
-    constexpr u32 W = HD / 2;  // 32-bit words (bf16 pairs) per row
-    constexpr u32 NPG = BLOCK_THREADS / W;  // pair groups in the P·V phase
+    constexpr u32 W = HD / 2;               // 32-bit words (bf16 pairs) per row
+    constexpr u32 NPG = BLOCK_THREADS / W;  // row groups in the P·V phase
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = BLOCK_THREADS / 32;
     const u32 group = a.heads / a.kv_heads, pairs = a.m * group, width = (a.heads + 2 * a.kv_heads) * HD;
     const float scale = __uint_as_float(a.scale);
-    u32* q_s = reinterpret_cast<u32*>(c.smem);                 // [pairs][W]
-    u32* k_s = q_s + pairs * W;                                // [TILE][W]
-    u32* v_s = k_s + ATTN_TILE * W;                            // [TILE][W]
-    float* p_s = reinterpret_cast<float*>(v_s + ATTN_TILE * W);  // [pairs][TILE]
-    float* m_s = p_s + pairs * ATTN_TILE;                      // running max
-    float* l_s = m_s + pairs;                                  // running sum
-    float* f_s = l_s + pairs;                                  // this tile's correction
+    // Score segments: S lanes per (pair, key), S in {1, 2, 4, 8}.
+    u32 S = 1;
+    while (S < 8 && pairs * ATTN_TILE * S * 2 <= BLOCK_THREADS) S *= 2;
+    const u32 SW = W / S;  // words per segment
+    // P·V: KS key phases, PG pair groups (KS * PG = NPG).
+    u32 KS = 1;
+    while (KS * 2 <= NPG && pairs * KS * 2 <= NPG) KS *= 2;
+    const u32 PG = NPG / KS;
+    u32* q_s = reinterpret_cast<u32*>(c.smem);  // [pairs][W]
+    u32* kv_s = q_s + pairs * W;                // [2][K, V][TILE][W]
+    float* p_s = reinterpret_cast<float*>(kv_s + 4 * ATTN_TILE * W);  // [pairs][TILE]
+    float* m_s = p_s + pairs * ATTN_TILE;                             // running max
+    float* l_s = m_s + pairs;                                         // running sum
+    float* f_s = l_s + pairs;                                         // this tile's correction
     const char* kbase = reinterpret_cast<const char*>(a.cache) + (u64(a.kv_head) * a.max_seq) * HD * 2;
     const char* vbase = reinterpret_cast<const char*>(a.cache) + (u64(a.kv_heads + a.kv_head) * a.max_seq) * HD * 2;
     // q of every pair: row i = p / group, head kv_head * group + p % group.
@@ -126,39 +149,44 @@ __device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArg
         const u32 i = p / group, h = a.kv_head * group + p % group;
         cp_async16(q_s + p * W + part * 4, reinterpret_cast<const char*>(a.qkv) + (u64(i) * width + u64(h) * HD) * 2 + part * 16);
     }
+    if (lo < hi) attention_load_tile<HD>(kv_s, kv_s + ATTN_TILE * W, kbase, vbase, lo, min(ATTN_TILE, hi - lo));
+    cp_async_commit();
     for (u32 p = tid; p < pairs; p += BLOCK_THREADS) m_s[p] = -__int_as_float(0x7f800000), l_s[p] = 0.0f;
     float o[PP][2];
 #pragma unroll
     for (u32 k = 0; k < PP; ++k) o[k][0] = o[k][1] = 0.0f;
-    const u32 d2 = tid % W, pg = tid / W;
-    for (u32 t0 = lo; t0 < hi; t0 += ATTN_TILE) {
+    const u32 d2 = tid % W, r = tid / W, pg = r % PG, ks = r / PG;
+    u32 buf = 0;
+    for (u32 t0 = lo; t0 < hi; t0 += ATTN_TILE, buf ^= 1) {
         const u32 n = min(ATTN_TILE, hi - t0);
-        for (u32 ch = tid; ch < 2 * n * (HD / 8); ch += BLOCK_THREADS) {
-            const u32 which = ch / (n * (HD / 8)), r = ch % (n * (HD / 8));
-            const u32 j = r / (HD / 8), part = r % (HD / 8);
-            const char* src = (which ? vbase : kbase) + u64(t0 + j) * HD * 2 + part * 16;
-            cp_async16((which ? v_s : k_s) + j * W + part * 4, src);
+        if (t0 + ATTN_TILE < hi) {
+            u32* nk = kv_s + (buf ^ 1) * 2 * ATTN_TILE * W;
+            attention_load_tile<HD>(nk, nk + ATTN_TILE * W, kbase, vbase, t0 + ATTN_TILE, min(ATTN_TILE, hi - t0 - ATTN_TILE));
         }
-        cp_async_wait_all();
+        cp_async_commit();
+        cp_async_wait_prev();
         __syncthreads();
-        // Scores: thread (p, j), j fastest.
-        for (u32 w = tid; w < pairs * ATTN_TILE; w += BLOCK_THREADS) {
-            const u32 p = w / ATTN_TILE, j = w % ATTN_TILE;
-            float s = -__int_as_float(0x7f800000);
-            if (j < n && t0 + j <= pos0 + p / group) {
-                const u32* qr = q_s + p * W;
-                const u32* kr = k_s + j * W;
-                float dot = 0.0f;
-#pragma unroll 8
-                for (u32 e = 0; e < W; ++e) {
-                    const u32 idx = (e + j) % W;
+        const u32* k_s = kv_s + buf * 2 * ATTN_TILE * W;
+        const u32* v_s = k_s + ATTN_TILE * W;
+        // Scores: S adjacent threads per (pair, key), key fastest after the segment.
+        for (u32 w0 = tid; w0 < pairs * ATTN_TILE * S; w0 += BLOCK_THREADS) {
+            const u32 seg = w0 % S, pj = w0 / S, p = pj / ATTN_TILE, j = pj % ATTN_TILE;
+            float dot = 0.0f;
+            if (j < n) {
+                const u32* qr = q_s + p * W + seg * SW;
+                const u32* kr = k_s + j * W + seg * SW;
+                for (u32 e = 0; e < SW; ++e) {
+                    const u32 idx = (e + j) & (SW - 1);  // rotation: neighbouring keys hit other banks
                     const u32 qw = qr[idx], kw = kr[idx];
                     dot = fmaf(__uint_as_float(qw << 16), __uint_as_float(kw << 16), dot);
                     dot = fmaf(__uint_as_float(qw & 0xFFFF0000u), __uint_as_float(kw & 0xFFFF0000u), dot);
                 }
-                s = dot * scale;
             }
-            p_s[w] = s;
+            for (u32 off = 1; off < S; off *= 2) dot += __shfl_xor_sync(0xFFFFFFFFu, dot, off);
+            if (seg == 0) {
+                const bool live = j < n && t0 + j <= pos0 + p / group;
+                p_s[pj] = live ? dot * scale : -__int_as_float(0x7f800000);
+            }
         }
         __syncthreads();
         // Online softmax update, one warp per pair.
@@ -181,18 +209,18 @@ __device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArg
             }
         }
         __syncthreads();
-        // P·V: thread (column pair d2, pair group pg) owns pairs pg + k * NPG.
+        // P·V: thread (column pair d2, pair group pg, key phase ks).
 #pragma unroll
         for (u32 k = 0; k < PP; ++k) {
-            const u32 p = pg + k * NPG;
+            const u32 p = pg + k * PG;
             if (p < pairs) o[k][0] *= f_s[p], o[k][1] *= f_s[p];
         }
-        for (u32 j = 0; j < n; ++j) {
+        for (u32 j = ks; j < n; j += KS) {
             const u32 vw = v_s[j * W + d2];
             const float v0 = __uint_as_float(vw << 16), v1 = __uint_as_float(vw & 0xFFFF0000u);
 #pragma unroll
             for (u32 k = 0; k < PP; ++k) {
-                const u32 p = pg + k * NPG;
+                const u32 p = pg + k * PG;
                 if (p < pairs) {
                     const float w = p_s[p * ATTN_TILE + j];
                     o[k][0] = fmaf(w, v0, o[k][0]);
@@ -200,21 +228,29 @@ __device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArg
                 }
             }
         }
-        __syncthreads();  // k_s, v_s and p_s are refilled next tile
+        __syncthreads();  // this buffer and p_s are refilled
     }
-    if (lo >= hi) {
-        cp_async_wait_all();
-        __syncthreads();
-    }
+    asm volatile("cp.async.wait_all;" ::: "memory");
+    __syncthreads();
+    // Reduce the KS key phases (through the tile buffers, free now) and write.
+    float2* red = reinterpret_cast<float2*>(kv_s);  // [KS][pairs][W]
 #pragma unroll
     for (u32 k = 0; k < PP; ++k) {
-        const u32 p = pg + k * NPG;
-        if (p < pairs) {
-            const u32 i = p / group, h = a.kv_head * group + p % group;
-            float* out = reinterpret_cast<float*>(a.partial) + ((u64(i) * a.heads + h) * a.chunks + a.chunk) * (HD + 2);
-            reinterpret_cast<float2*>(out)[d2] = make_float2(o[k][0], o[k][1]);
-            if (d2 == 0) out[HD] = m_s[p], out[HD + 1] = l_s[p];
+        const u32 p = pg + k * PG;
+        if (p < pairs) red[(ks * pairs + p) * W + d2] = make_float2(o[k][0], o[k][1]);
+    }
+    __syncthreads();
+    for (u32 idx = tid; idx < pairs * W; idx += BLOCK_THREADS) {
+        const u32 p = idx / W, col = idx % W;
+        float2 sum = make_float2(0.0f, 0.0f);
+        for (u32 k = 0; k < KS; ++k) {
+            const float2 v = red[(k * pairs + p) * W + col];
+            sum.x += v.x, sum.y += v.y;
         }
+        const u32 i = p / group, h = a.kv_head * group + p % group;
+        float* out = reinterpret_cast<float*>(a.partial) + ((u64(i) * a.heads + h) * a.chunks + a.chunk) * (HD + 2);
+        reinterpret_cast<float2*>(out)[col] = sum;
+        if (col == 0) out[HD] = m_s[p], out[HD + 1] = l_s[p];
     }
 }
 
@@ -223,6 +259,9 @@ __device__ __forceinline__ bool attention_fast(const Ctx& c, const AttentionArgs
     constexpr u32 NPG = BLOCK_THREADS / (HD / 2);
     const u32 pairs = a.m * (a.heads / a.kv_heads);
     if (attention_smem_bytes(pairs, HD) > c.smem_bytes) return false;
+    // The final reduction reuses the tile buffers (4 * TILE * W words), which
+    // hold KS * pairs * W float2s while KS * pairs <= 2 * TILE.
+    if (pairs > 2 * ATTN_TILE) return false;
     if (pairs <= NPG) attention_tiled<HD, 1>(c, a, pos0, lo, hi);
     else if (pairs <= 2 * NPG) attention_tiled<HD, 2>(c, a, pos0, lo, hi);
     else if (pairs <= 4 * NPG) attention_tiled<HD, 4>(c, a, pos0, lo, hi);

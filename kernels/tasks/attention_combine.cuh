@@ -52,7 +52,7 @@ __device__ __forceinline__ void combine_pair(const AttentionCombineArgs& a, cons
     float acc[E];
 #pragma unroll
     for (u32 e = 0; e < E; ++e) acc[e] = 0.0f;
-#pragma unroll 4
+#pragma unroll 8
     for (u32 k = 0; k < a.chunks; ++k) {
         const float wk = w[k];
         const float* src = p + k * stride + lane * E;
@@ -73,17 +73,74 @@ __device__ __forceinline__ void combine_pair(const AttentionCombineArgs& a, cons
     __syncwarp();
 }
 
+// Few pairs (decode): the whole block merges one pair at a time, each warp
+// taking a share of the slices, so every load of a pair is in flight at once.
+template <u32 E>
+__device__ __forceinline__ void combine_pair_block(const AttentionCombineArgs& a, const float* p, float* w, float* red,
+                                                   u32 i, u32 h) {
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    const u32 hd = a.head_dim, stride = hd + 2;
+    if (warp == 0) {
+        float mx = -__int_as_float(0x7f800000);
+        for (u32 k = lane; k < a.chunks; k += 32) mx = fmaxf(mx, p[k * stride + hd]);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, o));
+        float total = 0.0f;
+        for (u32 k = lane; k < a.chunks; k += 32) {
+            const float s = p[k * stride + hd + 1];
+            const float wk = s > 0.0f ? __expf(p[k * stride + hd] - mx) : 0.0f;
+            w[k] = wk;
+            total = fmaf(wk, s, total);
+        }
+        total = warp_sum(total);
+        if (lane == 0) w[COMBINE_MAX_CHUNKS] = total;
+    }
+    __syncthreads();
+    float acc[E];
+#pragma unroll
+    for (u32 e = 0; e < E; ++e) acc[e] = 0.0f;
+    for (u32 k = warp; k < a.chunks; k += nwarps) {
+        const float wk = w[k];
+        const float* src = p + k * stride + lane * E;
+#pragma unroll
+        for (u32 e = 0; e < E; ++e) acc[e] = fmaf(wk, src[e], acc[e]);
+    }
+#pragma unroll
+    for (u32 e = 0; e < E; ++e) red[warp * hd + lane * E + e] = acc[e];
+    __syncthreads();
+    const float inv = 1.0f / w[COMBINE_MAX_CHUNKS];
+    for (u32 d = threadIdx.x; d < hd; d += blockDim.x) {
+        float sum = 0.0f;
+        for (u32 k = 0; k < nwarps; ++k) sum += red[k * hd + d];
+        store_float(a.out, a.out_dtype, (u64(i) * a.heads + h) * hd + d, sum * inv);
+    }
+    __syncthreads();
+}
+
 __device__ __forceinline__ void task_attention_combine(const Ctx& c) {
     const AttentionCombineArgs& a = task_args<AttentionCombineArgs>(c);
     const u32 warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     const u32 hd = a.head_dim, stride = hd + 2;
-    if (a.chunks > COMBINE_MAX_CHUNKS || nwarps * COMBINE_MAX_CHUNKS * 4 > c.smem_bytes ||
-        (hd != 64 && hd != 128 && hd != 32)) {
+    const u32 need = (nwarps * COMBINE_MAX_CHUNKS + COMBINE_MAX_CHUNKS + 1 + nwarps * hd) * 4;
+    if (a.chunks > COMBINE_MAX_CHUNKS || need > c.smem_bytes || (hd != 64 && hd != 128 && hd != 32)) {
         if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, a.chunks, COMBINE_MAX_CHUNKS);
         return;
     }
-    float* w = reinterpret_cast<float*>(c.smem) + warp * COMBINE_MAX_CHUNKS;
-    for (u32 pair = warp; pair < a.m * a.nheads; pair += nwarps) {
+    const u32 pairs = a.m * a.nheads;
+    float* scratch = reinterpret_cast<float*>(c.smem);
+    if (pairs * 4 <= nwarps) {
+        float* red = scratch + COMBINE_MAX_CHUNKS + 1;
+        for (u32 pair = 0; pair < pairs; ++pair) {
+            const u32 i = pair / a.nheads, h = a.head0 + pair % a.nheads;
+            const float* p = reinterpret_cast<const float*>(a.partial) + (u64(i) * a.heads + h) * a.chunks * stride;
+            if (hd == 128) combine_pair_block<4>(a, p, scratch, red, i, h);
+            else if (hd == 64) combine_pair_block<2>(a, p, scratch, red, i, h);
+            else combine_pair_block<1>(a, p, scratch, red, i, h);
+        }
+        return;
+    }
+    float* w = scratch + warp * COMBINE_MAX_CHUNKS;
+    for (u32 pair = warp; pair < pairs; pair += nwarps) {
         const u32 i = pair / a.nheads, h = a.head0 + pair % a.nheads;
         const float* p = reinterpret_cast<const float*>(a.partial) + (u64(i) * a.heads + h) * a.chunks * stride;
         if (hd == 128) combine_pair<4>(a, p, w, i, h);

@@ -681,22 +681,22 @@ fn build(
                 down,
             } => {
                 let moe = c.moe.as_ref().expect("MoE layer of a MoE config");
-                // The router and every expert read the normalised rows.
-                let n = norm(&mut ch, &ly.post_norm)?;
-                ch.stage(n, &format!("layer {l} post norm"));
+                // The router and every expert normalise the rows themselves.
+                let (src, pro) = normed(&mut ch, &ly.post_norm, &format!("layer {l} post norm"))?;
                 let shape = GemvShape {
                     rows: experts,
                     cols: h,
                     m,
                 };
-                let r = ops::gemv(
+                let r = ops::gemv_with(
                     ch.b,
                     &router.all(),
-                    &hn.all(),
+                    &src,
                     &router_logits.all(),
                     shape,
                     workers.min(experts),
                     false,
+                    &pro,
                 )?;
                 ch.stage(r, &format!("layer {l} router"));
                 let route = MoeRoute::task(
@@ -712,18 +712,19 @@ fn build(
                 ch.stage(route, &format!("layer {l} route"));
                 let per_slot = (workers / slots).max(1);
                 let expert_gemv = |w: &Buffer,
-                                   xin: &Buffer,
+                                   xin: &BufSlice,
                                    y: &Buffer,
                                    rows: usize,
                                    cols: usize,
-                                   per_x: bool| {
+                                   per_x: bool,
+                                   pro: &Prologue| {
                     let mut specs = Vec::new();
                     for slot in 0..slots {
                         for (r0, n) in split_even(rows, per_slot) {
                             let shape = GemvShape { rows, cols, m };
                             specs.push(GemvExpert::rows(
                                 &w.all(),
-                                &xin.all(),
+                                xin,
                                 &y.all(),
                                 &list.all(),
                                 shape,
@@ -733,18 +734,25 @@ fn build(
                                 per_x,
                                 r0,
                                 n,
+                                pro,
                             )?);
                         }
                     }
                     Ok::<_, Error>(specs)
                 };
-                let mut specs = expert_gemv(gate, &hn, &eg, moe_inter, h, false)?;
-                specs.extend(expert_gemv(up, &hn, &eu, moe_inter, h, false)?);
+                let mut specs = expert_gemv(gate, &src, &eg, moe_inter, h, false, &pro)?;
+                specs.extend(expert_gemv(up, &src, &eu, moe_inter, h, false, &pro)?);
                 let gu = ops::Group(ch.b.push_all(specs));
                 ch.stage(gu, &format!("layer {l} expert gate+up"));
-                let s = ops::swiglu(ch.b, &eg.all(), &eg.all(), &eu.all(), workers)?;
-                ch.stage(s, &format!("layer {l} expert swiglu"));
-                let d = ops::Group(ch.b.push_all(expert_gemv(down, &eg, &ey, h, moe_inter, true)?));
+                let pro = if fuse(moe_inter) {
+                    Prologue::Swiglu(eu.all())
+                } else {
+                    let s = ops::swiglu(ch.b, &eg.all(), &eg.all(), &eu.all(), workers)?;
+                    ch.stage(s, &format!("layer {l} expert swiglu"));
+                    Prologue::None
+                };
+                let d = expert_gemv(down, &eg.all(), &ey, h, moe_inter, true, &pro)?;
+                let d = ops::Group(ch.b.push_all(d));
                 ch.stage(d, &format!("layer {l} expert down"));
                 let mut specs = Vec::new();
                 for (h0, n) in split_even(h, workers.min(h.div_ceil(64))) {

@@ -7,7 +7,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::gemv_bf16::{GemvBf16, GemvBf16Args, GemvShape};
+use super::gemv_bf16::{GemvBf16, GemvBf16Args, GemvShape, Prologue};
 use super::{bad, Memory, TaskFault, TaskKind, TaskSpec};
 use crate::abi::layouts::{layout, Layout};
 use crate::buffer::{BufSlice, DType};
@@ -46,6 +46,7 @@ impl GemvExpert {
         x_per_slot: bool,
         row0: usize,
         rows: usize,
+        prologue: &Prologue,
     ) -> Result<TaskSpec, ProgramError> {
         if list.dtype() != DType::U32 || list.len() < 1 + slots || slot >= slots {
             return Err(bad::<GemvExpert>(
@@ -61,8 +62,21 @@ impl GemvExpert {
                 "w, x or y too small for every expert and slot",
             ));
         }
-        // Checked as the product of expert 0, slot 0; the device adds the offsets.
-        let spec = GemvBf16::rows(
+        // Checked as the product of expert 0, slot 0; the device adds the offsets
+        // (to `up` too, which is laid out like `x`).
+        let prologue = match prologue {
+            Prologue::Swiglu(up) => {
+                if up.len() < x.len() {
+                    return Err(bad::<GemvExpert>("up must be laid out like x"));
+                }
+                Prologue::Swiglu(
+                    up.sub(0, shape.m * shape.cols)
+                        .map_err(|e| bad::<GemvExpert>(e.to_string()))?,
+                )
+            }
+            other => other.clone(),
+        };
+        let spec = GemvBf16::rows_with(
             &w.sub(0, shape.rows * shape.cols)
                 .map_err(|e| bad::<GemvExpert>(e.to_string()))?,
             &x.sub(0, shape.m * shape.cols)
@@ -73,14 +87,19 @@ impl GemvExpert {
             row0,
             rows,
             false,
+            &prologue,
         )?;
+        let mut bufs = vec![w, x, y, list];
+        if let Prologue::RmsNorm(b, _) | Prologue::Swiglu(b) = &prologue {
+            bufs.push(b);
+        }
         let args = GemvExpertArgs {
             gemv: super::decode_args(&spec.args),
             list: list.addr(),
             slot: slot as u32,
             x_per_slot: u32::from(x_per_slot),
         };
-        Ok(TaskSpec::new::<GemvExpert>(args, &[w, x, y, list]))
+        Ok(TaskSpec::new::<GemvExpert>(args, &bufs))
     }
 }
 
