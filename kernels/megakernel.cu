@@ -65,6 +65,20 @@ __device__ __noinline__ bool fetch_command(const Env* env, u64 seq, Command* out
     return true;
 }
 
+// Thread 0: asks L2 to fetch the range a task declared (TASK_FLAG_PREFETCH),
+// in 32 KiB bulk requests. Hopper and later; a no-op elsewhere.
+__device__ __forceinline__ void prefetch_task(const TaskDesc* d) {
+#if __CUDA_ARCH__ >= 900
+    if (d->flags & TASK_FLAG_PREFETCH) {
+        const u64 addr = d->args[TASK_ARG_SLOTS - 1], bytes = d->args[TASK_ARG_SLOTS - 2];
+        for (u64 off = 0; off < bytes; off += 32768) {
+            const u32 n = u32(min(bytes - off, u64(32768)));
+            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(addr + off), "r"(n) : "memory");
+        }
+    }
+#endif
+}
+
 // Thread 0: prepares the task in `d` (parameters, event checks, waits). Returns
 // false to stop the block. The header is read into registers once; most tasks
 // take no parameter, so that loop is skipped entirely.
@@ -97,6 +111,9 @@ __device__ __forceinline__ bool prepare_task(const Env* env, TaskDesc* d, const 
                 report_fault(env, id, opcode, seq, FAULT_OUT_OF_RANGE, ev, ev, num_events);
                 return false;
             }
+            // About to idle: let the range the task will stream travel to L2
+            // meanwhile (only then, so a ready task does not fetch twice).
+            if (k == 0 && ld_acquire_gpu(&events[ev]) < u64(d->wait_need[k]) * epoch) prefetch_task(d);
             if (!wait_at_least<false>(env, id, opcode, seq, &events[ev], u64(d->wait_need[k]) * epoch, ev)) {
                 return false;
             }
@@ -107,20 +124,6 @@ __device__ __forceinline__ bool prepare_task(const Env* env, TaskDesc* d, const 
         return false;
     }
     return true;
-}
-
-// Thread 0: asks L2 to fetch the range a task declared (TASK_FLAG_PREFETCH),
-// in 32 KiB bulk requests. Hopper and later; a no-op elsewhere.
-__device__ __forceinline__ void prefetch_task(const TaskDesc* d) {
-#if __CUDA_ARCH__ >= 900
-    if (d->flags & TASK_FLAG_PREFETCH) {
-        const u64 addr = d->args[TASK_ARG_SLOTS - 1], bytes = d->args[TASK_ARG_SLOTS - 2];
-        for (u64 off = 0; off < bytes; off += 32768) {
-            const u32 n = u32(min(bytes - off, u64(32768)));
-            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(addr + off), "r"(n) : "memory");
-        }
-    }
-#endif
 }
 
 // Block-wide state of the command being run, written by thread 0 between barriers.
@@ -215,10 +218,6 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const
                 }
                 u64 t_start = 0;
                 if (tid == 0) {
-                    // Weights of this task (first of the list) and the next one
-                    // stream into L2 while this one waits and runs.
-                    if (t == first) prefetch_task(d);
-                    if (t + 1 < last) prefetch_task(&s_descs[(t + 1) & 3]);
                     ok = prepare_task(env, d, &s_cmd, s_loop.epoch);
                     if (s_loop.trace) t_start = globaltimer();
                 }
@@ -229,8 +228,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const
                         report_fault(env, d->id, d->opcode, seq, FAULT_BAD_OPCODE, NO_EVENT, d->opcode, 0);
                     }
                 }
-                // Task t + 2's descriptor has landed too (read ahead for prefetching).
-                if (tid - 32 < 8) asm volatile("cp.async.wait_group 0;" ::: "memory");
+                // Task t + 1's descriptor (the group before the newest) has landed.
+                if (tid - 32 < 8) asm volatile("cp.async.wait_group 1;" ::: "memory");
                 __syncthreads();  // the task's writes are done
                 if (go && tid == 0 && s_loop.trace) s_loop.trace[t] = make_ulonglong2(t_start, globaltimer());
                 if (go && tid == 0 && signal != NO_EVENT) {
