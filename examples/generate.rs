@@ -11,8 +11,9 @@ use std::time::Instant;
 use megakernel::model::checkpoint::{write_random, WriteOptions};
 use megakernel::model::{Checkpoint, Model, ModelConfig, Tokenizer};
 use megakernel::prelude::*;
+use megakernel::task::sample::Sampling;
 
-const HELP: &str = "usage: generate [--model DIR | --preset NAME] [--prompt TEXT | --prompt-ids 1,2,3] [--tokens N] [--context N] [--cpu] [--dump FILE]
+const HELP: &str = "usage: generate [--model DIR | --preset NAME] [--prompt TEXT | --prompt-ids 1,2,3] [--tokens N] [--context N] [--temperature T [--top-k K] [--top-p P] [--seed S]] [--cpu] [--dump FILE]
 
 Greedy generation with a Qwen3 or Qwen3-MoE model (Hugging Face layout:
 config.json and safetensors) decoding inside the resident GPU kernel; on the
@@ -25,6 +26,11 @@ CPU executor when there is no GPU (or with --cpu).
   --prompt-ids LIST  prompt token ids, comma-separated (default 17,300,42,5,256,99,3,128)
   --tokens N         tokens to generate (default 32)
   --context N        context length to allocate (default 256)
+  --temperature T    sample with this temperature instead of greedy decoding
+                     (the first token, chosen by the prompt, stays greedy)
+  --top-k K          sample among the K most likely tokens (default 0: up to 1024)
+  --top-p P          sample within the smallest set of tokens of probability P (default 1)
+  --seed S           seed of the draws (default 0)
   --cpu              use the CPU executor even if a GPU is present
   --dump FILE        also write the model folder, prompt, tokens and the logits
                      after the prompt as JSON (scripts/compare_hf.py reads it)
@@ -41,6 +47,7 @@ struct Args {
     context: usize,
     cpu: bool,
     dump: Option<PathBuf>,
+    sampling: Option<Sampling>,
 }
 
 fn parse() -> std::result::Result<Args, String> {
@@ -53,6 +60,13 @@ fn parse() -> std::result::Result<Args, String> {
         context: 256,
         cpu: false,
         dump: None,
+        sampling: None,
+    };
+    let mut sampling = Sampling {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        seed: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -76,6 +90,19 @@ fn parse() -> std::result::Result<Args, String> {
                     .collect::<std::result::Result<_, _>>()?
             }
             "--tokens" => a.tokens = number(value("--tokens")?, "--tokens")?,
+            "--temperature" | "--top-p" => {
+                let v = value(&flag)?;
+                let f = v
+                    .parse::<f32>()
+                    .map_err(|_| format!("{flag}: not a number: {v}"))?;
+                if flag == "--temperature" {
+                    sampling.temperature = f;
+                } else {
+                    sampling.top_p = f;
+                }
+            }
+            "--top-k" => sampling.top_k = number(value("--top-k")?, "--top-k")? as u32,
+            "--seed" => sampling.seed = number(value("--seed")?, "--seed")? as u64,
             "--context" => a.context = number(value("--context")?, "--context")?,
             "--cpu" => a.cpu = true,
             "--dump" => a.dump = Some(PathBuf::from(value("--dump")?)),
@@ -85,6 +112,19 @@ fn parse() -> std::result::Result<Args, String> {
             }
             other => return Err(format!("unknown flag {other}\n\n{HELP}")),
         }
+    }
+    if sampling.temperature > 0.0 {
+        sampling.validate().map_err(|e| e.to_string())?;
+        a.sampling = Some(sampling);
+    } else if sampling
+        != (Sampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        })
+    {
+        return Err("--top-k, --top-p and --seed need --temperature".into());
     }
     Ok(a)
 }
@@ -170,7 +210,8 @@ fn main() -> Result<()> {
     let ttft = t.elapsed().as_secs_f64();
     let logits = d.logits(exec.as_ref())?;
     let t = Instant::now();
-    let rest = d.generate(exec.as_ref(), args.tokens.saturating_sub(1))?;
+    let n = args.tokens.saturating_sub(1);
+    let rest = d.generate_with(exec.as_ref(), n, args.sampling.as_ref(), |_| {})?;
     let gen = t.elapsed().as_secs_f64();
     let tokens: Vec<u32> = std::iter::once(first).chain(rest).collect();
     println!("prompt: {:?}", args.prompt);

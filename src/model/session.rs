@@ -25,6 +25,7 @@ use crate::task::gemv_expert::GemvExpert;
 use crate::task::moe_combine::MoeCombine;
 use crate::task::moe_route::MoeRoute;
 use crate::task::rope_kv::{HeadShape, RopeKv};
+use crate::task::sample::{Sample, Sampling};
 use crate::task::split_even;
 
 use super::checkpoint;
@@ -78,6 +79,9 @@ pub struct Session {
     logits: Buffer,
     step: LoadedProgram,
     chunk: LoadedProgram,
+    /// The one-token step drawing with [`Sampling`] settings from `sampling`.
+    step_sampled: LoadedProgram,
+    sampling: Buffer,
 }
 
 struct Weights {
@@ -350,7 +354,10 @@ impl Model {
         };
         let chunk_ids = ex.alloc(DType::U32, PREFILL_CHUNK)?;
         let w = &self.weights;
-        let step = build(ex, c, w, &caches, &shared, &shared.step_ids, 1, max_seq)?;
+        let ids = &shared.step_ids;
+        let step = build(ex, c, w, &caches, &shared, ids, 1, max_seq, None)?;
+        let sampling = ex.alloc(DType::U32, 5)?;
+        let step_sampled = build(ex, c, w, &caches, &shared, ids, 1, max_seq, Some(&sampling))?;
         let chunk = build(
             ex,
             c,
@@ -360,6 +367,7 @@ impl Model {
             &chunk_ids,
             PREFILL_CHUNK,
             max_seq,
+            None,
         )?;
         Ok(Session {
             config: c.clone(),
@@ -371,6 +379,8 @@ impl Model {
             logits: shared.logits,
             step,
             chunk,
+            step_sampled,
+            sampling,
         })
     }
 }
@@ -464,13 +474,44 @@ impl Session {
         &mut self,
         ex: &dyn Executor,
         n: usize,
+        on_token: impl FnMut(u32),
+    ) -> Result<Vec<u32>> {
+        self.generate_with(ex, n, None, on_token)
+    }
+
+    /// Generates `n` tokens in one command, each drawn with `sampling`
+    /// (temperature, top-k, top-p, seed) on the device.
+    pub fn generate_sampled(
+        &mut self,
+        ex: &dyn Executor,
+        n: usize,
+        sampling: &Sampling,
+    ) -> Result<Vec<u32>> {
+        self.generate_with(ex, n, Some(sampling), |_| {})
+    }
+
+    /// Generates `n` tokens in one command, greedily or with `sampling`,
+    /// calling `on_token` for each as it arrives.
+    pub fn generate_with(
+        &mut self,
+        ex: &dyn Executor,
+        n: usize,
+        sampling: Option<&Sampling>,
         mut on_token: impl FnMut(u32),
     ) -> Result<Vec<u32>> {
         self.check(&[], n)?;
+        let program = match sampling {
+            Some(s) => {
+                s.validate()?;
+                ex.write_u32(&self.sampling, &s.words())?;
+                &self.step_sampled
+            }
+            None => &self.step,
+        };
         let mut out = Vec::new();
         ex.poll_outputs(&mut out)?;
         out.clear();
-        let t = ex.submit(&self.step, n as u32, &[])?;
+        let t = ex.submit(program, n as u32, &[])?;
         let deadline = std::time::Instant::now() + ex.default_timeout();
         let mut seen = 0;
         // Completion and the output ring are published separately: wait for both.
@@ -520,6 +561,7 @@ impl Session {
 /// the KV cache at `pos .. pos + m`, and leaves the token chosen after the last
 /// row in `shared.token` and `shared.step_ids`, advancing `pos` by `m`.
 #[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)]
 fn build(
     ex: &dyn Executor,
     c: &ModelConfig,
@@ -529,6 +571,7 @@ fn build(
     ids: &Buffer,
     m: usize,
     max_seq: usize,
+    sampling: Option<&Buffer>,
 ) -> Result<LoadedProgram> {
     let workers = ex.num_workers();
     let (h, hd, inter, vocab) = (c.hidden_size, c.head_dim, c.intermediate_size, c.vocab_size);
@@ -791,12 +834,19 @@ fn build(
         &Prologue::RmsNorm(final_norm.all(), eps),
     )?;
     ch.stage(lm, "lm head");
-    let (partials, pick) = ops::argmax(ch.b, &logits.all(), &token.all(), &pairs.all(), workers)?;
-    if let Some(p) = ch.prev {
-        partials.wait(ch.b, p);
+    if let Some(params) = sampling {
+        let pick = Sample::task(&logits.all(), &params.all(), &pos_buf.all(), &token.all())?;
+        let pick = single(&mut ch, pick);
+        ch.stage(pick, "sample");
+    } else {
+        let (partials, pick) =
+            ops::argmax(ch.b, &logits.all(), &token.all(), &pairs.all(), workers)?;
+        if let Some(p) = ch.prev {
+            partials.wait(ch.b, p);
+        }
+        ch.prev = None;
+        ch.stage(ops::Group(vec![pick]), "token");
     }
-    ch.prev = None;
-    ch.stage(ops::Group(vec![pick]), "token");
     let last = ch.prev.expect("stages exist");
     b.push(Advance::task(
         &pos_buf.all(),

@@ -28,6 +28,7 @@ pub mod reduce_sum;
 pub mod registry;
 pub mod rmsnorm;
 pub mod rope_kv;
+pub mod sample;
 pub mod swiglu;
 
 pub use registry::{kind_name, run_cpu, Registered};

@@ -70,4 +70,5 @@ registry! {
     17 => gemv_expert::GemvExpert,
     18 => moe_combine::MoeCombine,
     19 => fill_random::FillRandom,
+    20 => sample::Sample,
 }
