@@ -560,7 +560,8 @@ impl Session {
 /// The decode program for `m` token rows: it reads `m` ids from `ids`, writes
 /// the KV cache at `pos .. pos + m`, and leaves the token chosen after the last
 /// row in `shared.token` and `shared.step_ids`, advancing `pos` by `m`.
-#[allow(clippy::too_many_arguments)]
+/// With `sampling`, the token is drawn with the settings in that buffer
+/// instead of chosen greedily.
 #[allow(clippy::too_many_arguments)]
 fn build(
     ex: &dyn Executor,
