@@ -346,3 +346,21 @@ fn sessions_on_one_model_keep_their_own_caches() {
     let other = CpuExecutor::new(CpuOptions::default());
     assert!(matches!(model.session(&other, 8), Err(Error::Foreign(_))));
 }
+
+/// Truncating the context and generating again repeats the same tokens (the
+/// cache entries past the cut are overwritten); truncating forward or to an
+/// out-of-range token is an error.
+#[test]
+fn truncate_and_regenerate_repeats() {
+    let config = ModelConfig::preset("tiny-moe").unwrap();
+    common::on_every_executor("truncate_and_regenerate_repeats", |ex| {
+        let model = Model::random(ex, &config, 9).unwrap();
+        let mut d = model.session(ex, 64).unwrap();
+        let first = d.prefill(ex, &[3, 1, 4, 1, 5]).unwrap();
+        let a = d.generate(ex, 12).unwrap();
+        d.truncate(ex, 5, first).unwrap();
+        assert_eq!(d.generate(ex, 12).unwrap(), a);
+        assert!(d.truncate(ex, 40, first).is_err());
+        assert!(d.truncate(ex, 2, config.vocab_size as u32).is_err());
+    });
+}

@@ -396,6 +396,22 @@ impl Session {
         self.pos
     }
 
+    /// Forgets every position from `len` on (the KV cache keeps its first
+    /// `len` entries) and makes `next` the next step's input token.
+    pub fn truncate(&mut self, ex: &dyn Executor, len: usize, next: u32) -> Result<()> {
+        self.check(&[next], 0)?;
+        if len > self.pos {
+            return Err(Error::InvalidArgument(format!(
+                "cannot truncate to {len}: only {} positions are used",
+                self.pos
+            )));
+        }
+        ex.write_u32(&self.pos_buf, &[len as u32])?;
+        ex.write_u32(&self.step_ids, &[next])?;
+        self.pos = len;
+        Ok(())
+    }
+
     fn check(&self, tokens: &[u32], steps: usize) -> Result<()> {
         if let Some(&t) = tokens
             .iter()
