@@ -65,20 +65,6 @@ __device__ __noinline__ bool fetch_command(const Env* env, u64 seq, Command* out
     return true;
 }
 
-// Thread 0: asks L2 to fetch the range a task declared (TASK_FLAG_PREFETCH),
-// in 32 KiB bulk requests. Hopper and later; a no-op elsewhere.
-__device__ __forceinline__ void prefetch_task(const TaskDesc* d) {
-#if __CUDA_ARCH__ >= 900
-    if (d->flags & TASK_FLAG_PREFETCH) {
-        const u64 addr = d->args[TASK_ARG_SLOTS - 1], bytes = d->args[TASK_ARG_SLOTS - 2];
-        for (u64 off = 0; off < bytes; off += 32768) {
-            const u32 n = u32(min(bytes - off, u64(32768)));
-            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(addr + off), "r"(n) : "memory");
-        }
-    }
-#endif
-}
-
 // Thread 0: prepares the task in `d` (parameters, event checks, waits). Returns
 // false to stop the block. The header is read into registers once; most tasks
 // take no parameter, so that loop is skipped entirely.
@@ -111,10 +97,10 @@ __device__ __forceinline__ bool prepare_task(const Env* env, TaskDesc* d, const 
                 report_fault(env, id, opcode, seq, FAULT_OUT_OF_RANGE, ev, ev, num_events);
                 return false;
             }
-            // About to idle: let the range the task will stream travel to L2
+            // A task about to idle lets the range it will stream travel to L2
             // meanwhile (only then, so a ready task does not fetch twice).
-            if (k == 0 && ld_acquire_gpu(&events[ev]) < u64(d->wait_need[k]) * epoch) prefetch_task(d);
-            if (!wait_at_least<false>(env, id, opcode, seq, &events[ev], u64(d->wait_need[k]) * epoch, ev)) {
+            if (!wait_at_least<false>(env, id, opcode, seq, &events[ev], u64(d->wait_need[k]) * epoch, ev,
+                                      k == 0 ? d : nullptr)) {
                 return false;
             }
         }
@@ -197,6 +183,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const
             // (cp.async, one group per task), so even short tasks never wait for
             // their descriptor.
             const u32 first = s_loop.first, last = s_loop.last;
+            ulonglong2* const trace = s_loop.trace;
             if (tid < 16 && first + tid / 8 < last) {
                 const u32 t = first + tid / 8;
                 reinterpret_cast<uint4*>(&s_descs[t & 3])[tid & 7] = reinterpret_cast<const uint4*>(&tasks[t])[tid & 7];
@@ -219,7 +206,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const
                 u64 t_start = 0;
                 if (tid == 0) {
                     ok = prepare_task(env, d, &s_cmd, s_loop.epoch);
-                    if (s_loop.trace) t_start = globaltimer();
+                    if (trace) t_start = globaltimer();
                 }
                 go = __syncthreads_and(ok);
                 if (go) {
@@ -231,7 +218,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const
                 // Task t + 1's descriptor (the group before the newest) has landed.
                 if (tid - 32 < 8) asm volatile("cp.async.wait_group 1;" ::: "memory");
                 __syncthreads();  // the task's writes are done
-                if (go && tid == 0 && s_loop.trace) s_loop.trace[t] = make_ulonglong2(t_start, globaltimer());
+                if (go && tid == 0 && trace) trace[t] = make_ulonglong2(t_start, globaltimer());
                 if (go && tid == 0 && signal != NO_EVENT) {
                     red_release_gpu(reinterpret_cast<u64*>(s_cmd.events) + signal, 1);
                 }
