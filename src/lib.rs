@@ -47,6 +47,7 @@ pub mod error;
 pub mod exec;
 pub mod model;
 pub mod program;
+pub mod quant;
 pub mod task;
 
 pub use error::{Error, Result};
