@@ -134,30 +134,42 @@ __device__ __forceinline__ void gemv_rows(const GemvBf16Args& a, u64 x, u32 ldx)
     }
 }
 
+// Where the input rows of a product come from and how they are prepared.
+struct GemvInput {
+    u64 x;         // rows, ldx elements apart
+    u64 aux;       // RMSNorm weights (bf16) or the up rows (like x)
+    u32 ldx;
+    u32 m;
+    u32 cols;
+    u32 x_dtype;
+    u32 prologue;
+    float eps;
+};
+
 // Prepares the input rows into shared memory as bf16 (RMSNorm or SwiGLU, with
 // the same arithmetic as the rmsnorm and swiglu tasks) and returns their
 // address; the rows are then read from shared memory by every warp.
-__device__ __forceinline__ u64 gemv_prologue(const Ctx& c, const GemvBf16Args& a) {
+__device__ __forceinline__ u64 gemv_prologue(const Ctx& c, const GemvInput& in) {
     u16* xs = reinterpret_cast<u16*>(c.smem);
-    float* scratch = reinterpret_cast<float*>(c.smem + a.m * a.cols * 2);
-    for (u32 i = 0; i < a.m; ++i) {
-        const u64 row = u64(i) * a.ldx;
-        if (a.prologue == PROLOGUE_RMSNORM) {
+    float* scratch = reinterpret_cast<float*>(c.smem + in.m * in.cols * 2);
+    for (u32 i = 0; i < in.m; ++i) {
+        const u64 row = u64(i) * in.ldx;
+        if (in.prologue == PROLOGUE_RMSNORM) {
             float ss = 0.0f;
-            for (u32 k = threadIdx.x; k < a.cols; k += blockDim.x) {
-                const float v = load_float(a.x, a.x_dtype, row + k);
+            for (u32 k = threadIdx.x; k < in.cols; k += blockDim.x) {
+                const float v = load_float(in.x, in.x_dtype, row + k);
                 ss = fmaf(v, v, ss);
             }
-            const float inv = rsqrtf(block_sum(ss, scratch) / float(a.cols) + __uint_as_float(a.eps));
-            for (u32 k = threadIdx.x; k < a.cols; k += blockDim.x) {
-                const float v = load_float(a.x, a.x_dtype, row + k);
-                xs[i * a.cols + k] = f32_to_bf16(v * inv * load_float(a.aux, DTYPE_BF16, k));
+            const float inv = rsqrtf(block_sum(ss, scratch) / float(in.cols) + in.eps);
+            for (u32 k = threadIdx.x; k < in.cols; k += blockDim.x) {
+                const float v = load_float(in.x, in.x_dtype, row + k);
+                xs[i * in.cols + k] = f32_to_bf16(v * inv * load_float(in.aux, DTYPE_BF16, k));
             }
         } else {
-            for (u32 k = threadIdx.x; k < a.cols; k += blockDim.x) {
-                const float g = load_float(a.x, a.x_dtype, row + k);
-                const float u = load_float(a.aux, a.x_dtype, row + k);
-                xs[i * a.cols + k] = f32_to_bf16(g / (1.0f + __expf(-g)) * u);
+            for (u32 k = threadIdx.x; k < in.cols; k += blockDim.x) {
+                const float g = load_float(in.x, in.x_dtype, row + k);
+                const float u = load_float(in.aux, in.x_dtype, row + k);
+                xs[i * in.cols + k] = f32_to_bf16(g / (1.0f + __expf(-g)) * u);
             }
         }
     }
@@ -166,20 +178,33 @@ __device__ __forceinline__ u64 gemv_prologue(const Ctx& c, const GemvBf16Args& a
 }
 
 // Bytes of shared memory the prologue needs.
-__device__ __forceinline__ u32 gemv_prologue_bytes(const GemvBf16Args& a) { return a.m * a.cols * 2 + 32 * 4; }
+__device__ __forceinline__ u32 gemv_prologue_bytes(u32 m, u32 cols) { return m * cols * 2 + 32 * 4; }
+
+// The rows the product reads: prepared in shared memory (as bf16, ld = cols)
+// or `x` itself. False (after reporting a fault) when the prologue is unknown
+// or does not fit.
+__device__ __forceinline__ bool gemv_input(const Ctx& c, const GemvInput& in, u64& x, u32& ldx, bool& bf16) {
+    if (in.prologue == PROLOGUE_NONE) {
+        x = in.x, ldx = in.ldx, bf16 = in.x_dtype == DTYPE_BF16;
+        return true;
+    }
+    if ((in.prologue != PROLOGUE_RMSNORM && in.prologue != PROLOGUE_SWIGLU) ||
+        gemv_prologue_bytes(in.m, in.cols) > c.smem_bytes) {
+        if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, in.prologue, gemv_prologue_bytes(in.m, in.cols));
+        return false;
+    }
+    x = gemv_prologue(c, in), ldx = in.cols, bf16 = true;
+    return true;
+}
 
 __device__ __forceinline__ void gemv_dispatch(const Ctx& c, const GemvBf16Args& a) {
-    if (a.prologue != PROLOGUE_NONE) {
-        if ((a.prologue != PROLOGUE_RMSNORM && a.prologue != PROLOGUE_SWIGLU) || gemv_prologue_bytes(a) > c.smem_bytes) {
-            if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, a.prologue, gemv_prologue_bytes(a));
-            return;
-        }
-        gemv_rows<true>(a, gemv_prologue(c, a), a.cols);
-    } else if (a.x_dtype == DTYPE_BF16) {
-        gemv_rows<true>(a, a.x, a.ldx);
-    } else {
-        gemv_rows<false>(a, a.x, a.ldx);
-    }
+    const GemvInput in = {a.x, a.aux, a.ldx, a.m, a.cols, a.x_dtype, a.prologue, __uint_as_float(a.eps)};
+    u64 x;
+    u32 ldx;
+    bool bf16;
+    if (!gemv_input(c, in, x, ldx, bf16)) return;
+    if (bf16) gemv_rows<true>(a, x, ldx);
+    else gemv_rows<false>(a, x, ldx);
 }
 
 __device__ __forceinline__ void task_gemv_bf16(const Ctx& c) {

@@ -203,54 +203,67 @@ impl GemvBf16 {
     }
 }
 
+/// The CPU reference of a product described by `a` (input rows, prologue,
+/// output), with matrix row `r` given by `weight_row(r)` in f32.
+pub(crate) fn cpu_product(
+    a: &GemvBf16Args,
+    mem: &dyn Memory,
+    weight_row: &dyn Fn(usize) -> Result<Vec<f32>, TaskFault>,
+) -> Result<(), TaskFault> {
+    let xd = DType::from_code(u32::from(a.x_dtype)).ok_or(TaskFault::BadArgs("gemv dtype"))?;
+    let yd = DType::from_code(u32::from(a.y_dtype)).ok_or(TaskFault::BadArgs("gemv dtype"))?;
+    let (cols, m) = (a.cols as usize, a.m as usize);
+    let row_at = |base: u64, i: usize| base + (i * a.ldx as usize * xd.size()) as u64;
+    let mut xs: Vec<Vec<f32>> = (0..m)
+        .map(|i| mem.read_f32(row_at(a.x, i), xd, cols))
+        .collect::<Result<_, _>>()?;
+    let bf16 = |v: f32| half::bf16::from_f32(v).to_f32();
+    match a.prologue {
+        PROLOGUE_NONE => {}
+        PROLOGUE_RMSNORM => {
+            let nw = mem.read_f32(a.aux, DType::Bf16, cols)?;
+            for x in &mut xs {
+                *x = super::rmsnorm::normalize(x, &nw, f32::from_bits(a.eps));
+                x.iter_mut().for_each(|v| *v = bf16(*v));
+            }
+        }
+        PROLOGUE_SWIGLU => {
+            for (i, x) in xs.iter_mut().enumerate() {
+                let up = mem.read_f32(row_at(a.aux, i), xd, cols)?;
+                for (g, u) in x.iter_mut().zip(up) {
+                    *g = bf16(super::swiglu::silu(*g) * u);
+                }
+            }
+        }
+        _ => return Err(TaskFault::BadArgs("gemv prologue")),
+    }
+    let mut out = vec![vec![0f32; a.rows as usize]; m];
+    for r in 0..a.rows as usize {
+        let row = a.row0 as usize + r;
+        let w = weight_row(row)?;
+        for (o, x) in out.iter_mut().zip(&xs) {
+            o[r] = w.iter().zip(x).map(|(p, q)| p * q).sum();
+        }
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        let addr = a.y + ((i * a.ldy as usize + a.row0 as usize) * yd.size()) as u64;
+        if a.accumulate != 0 {
+            let old = mem.read_f32(addr, yd, o.len())?;
+            o.iter_mut().zip(old).for_each(|(v, p)| *v += p);
+        }
+        mem.write_f32(addr, yd, o)?;
+    }
+    Ok(())
+}
+
 impl TaskKind for GemvBf16 {
     type Args = GemvBf16Args;
     const NAME: &'static str = "gemv_bf16";
     fn cpu(a: &GemvBf16Args, mem: &dyn Memory) -> Result<(), TaskFault> {
-        let xd = DType::from_code(u32::from(a.x_dtype)).ok_or(TaskFault::BadArgs("gemv dtype"))?;
-        let yd = DType::from_code(u32::from(a.y_dtype)).ok_or(TaskFault::BadArgs("gemv dtype"))?;
-        let (cols, m) = (a.cols as usize, a.m as usize);
-        let row_at = |base: u64, i: usize| base + (i * a.ldx as usize * xd.size()) as u64;
-        let mut xs: Vec<Vec<f32>> = (0..m)
-            .map(|i| mem.read_f32(row_at(a.x, i), xd, cols))
-            .collect::<Result<_, _>>()?;
-        let bf16 = |v: f32| half::bf16::from_f32(v).to_f32();
-        match a.prologue {
-            PROLOGUE_NONE => {}
-            PROLOGUE_RMSNORM => {
-                let nw = mem.read_f32(a.aux, DType::Bf16, cols)?;
-                for x in &mut xs {
-                    *x = super::rmsnorm::normalize(x, &nw, f32::from_bits(a.eps));
-                    x.iter_mut().for_each(|v| *v = bf16(*v));
-                }
-            }
-            PROLOGUE_SWIGLU => {
-                for (i, x) in xs.iter_mut().enumerate() {
-                    let up = mem.read_f32(row_at(a.aux, i), xd, cols)?;
-                    for (g, u) in x.iter_mut().zip(up) {
-                        *g = bf16(super::swiglu::silu(*g) * u);
-                    }
-                }
-            }
-            _ => return Err(TaskFault::BadArgs("gemv prologue")),
-        }
-        let mut out = vec![vec![0f32; a.rows as usize]; m];
-        for r in 0..a.rows as usize {
-            let row = a.row0 as usize + r;
-            let w = mem.read_f32(a.w + (row * a.ldw as usize * 2) as u64, DType::Bf16, cols)?;
-            for (o, x) in out.iter_mut().zip(&xs) {
-                o[r] = w.iter().zip(x).map(|(p, q)| p * q).sum();
-            }
-        }
-        for (i, o) in out.iter_mut().enumerate() {
-            let addr = a.y + ((i * a.ldy as usize + a.row0 as usize) * yd.size()) as u64;
-            if a.accumulate != 0 {
-                let old = mem.read_f32(addr, yd, o.len())?;
-                o.iter_mut().zip(old).for_each(|(v, p)| *v += p);
-            }
-            mem.write_f32(addr, yd, o)?;
-        }
-        Ok(())
+        let ldw = a.ldw as usize;
+        cpu_product(a, mem, &|row| {
+            mem.read_f32(a.w + (row * ldw * 2) as u64, DType::Bf16, a.cols as usize)
+        })
     }
     fn layout() -> Layout {
         layout!(GemvBf16Args {

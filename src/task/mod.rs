@@ -21,6 +21,7 @@ pub mod fill;
 pub mod fill_random;
 pub mod gemv_bf16;
 pub mod gemv_expert;
+pub mod gemv_expert_fp4;
 pub mod moe_combine;
 pub mod moe_route;
 pub mod nop;

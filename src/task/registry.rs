@@ -71,4 +71,5 @@ registry! {
     18 => moe_combine::MoeCombine,
     19 => fill_random::FillRandom,
     20 => sample::Sample,
+    21 => gemv_expert_fp4::GemvExpertFp4,
 }

@@ -1,0 +1,181 @@
+// gemv_expert_fp4: the expert product of gemv_expert with the expert's matrix
+// in MXFP4 or NVFP4 (src/quant.rs has the formats, src/task/gemv_expert_fp4.rs
+// the layout). The 4-bit codes are decoded in registers: each lane streams 16
+// bytes (32 elements) at a time, sums code * x per scale block and applies
+// the block scale once per block; nothing is written back in 16-bit form.
+#pragma once
+#include "../include/task.cuh"
+#include "gemv_bf16.cuh"
+
+struct GemvExpertFp4Args {
+    u64 w;
+    u64 scales;
+    u64 x;
+    u64 y;
+    u64 list;
+    u64 aux;
+    u32 row0;
+    u32 rows;
+    u32 cols;
+    u32 m;
+    u32 ldy;
+    unsigned char x_dtype;
+    unsigned char y_dtype;
+    unsigned char prologue;
+    unsigned char format;
+    u32 eps;
+    u16 slot;
+    u16 flags;
+};
+MK_SIZE(GemvExpertFp4Args, 80);
+MK_OFFSET(GemvExpertFp4Args, w, 0);
+MK_OFFSET(GemvExpertFp4Args, scales, 8);
+MK_OFFSET(GemvExpertFp4Args, x, 16);
+MK_OFFSET(GemvExpertFp4Args, y, 24);
+MK_OFFSET(GemvExpertFp4Args, list, 32);
+MK_OFFSET(GemvExpertFp4Args, aux, 40);
+MK_OFFSET(GemvExpertFp4Args, row0, 48);
+MK_OFFSET(GemvExpertFp4Args, rows, 52);
+MK_OFFSET(GemvExpertFp4Args, cols, 56);
+MK_OFFSET(GemvExpertFp4Args, m, 60);
+MK_OFFSET(GemvExpertFp4Args, ldy, 64);
+MK_OFFSET(GemvExpertFp4Args, x_dtype, 68);
+MK_OFFSET(GemvExpertFp4Args, y_dtype, 69);
+MK_OFFSET(GemvExpertFp4Args, prologue, 70);
+MK_OFFSET(GemvExpertFp4Args, format, 71);
+MK_OFFSET(GemvExpertFp4Args, eps, 72);
+MK_OFFSET(GemvExpertFp4Args, slot, 76);
+MK_OFFSET(GemvExpertFp4Args, flags, 78);
+
+constexpr u32 FP4_MXFP4 = 0;
+constexpr u32 FP4_NVFP4 = 1;
+constexpr u16 FP4_ACCUMULATE = 1;
+constexpr u16 FP4_X_PER_SLOT = 2;
+
+// E2M1 code (low 4 bits) to float: exponent and mantissa moved into f32 place.
+__device__ __forceinline__ float e2m1_value(u32 c) {
+    const u32 e = (c >> 1) & 3u, mb = c & 1u;
+    const u32 bits = e ? (((e + 126u) << 23) | (mb << 22)) : (mb ? 0x3F000000u : 0u);
+    return __uint_as_float(bits | ((c & 8u) << 28));
+}
+
+__device__ __forceinline__ float e8m0_value(u32 e) {
+    return e == 255u ? __uint_as_float(0x7FC00000u) : __uint_as_float(e ? e << 23 : 0x00400000u);
+}
+
+__device__ __forceinline__ float e4m3_value(u32 c) {
+    const u32 e = (c >> 3) & 15u, m = c & 7u;
+    float v;
+    if (e == 0) v = float(m) * (1.0f / 512.0f);
+    else if (e == 15u && m == 7u) v = __uint_as_float(0x7FC00000u);
+    else v = __uint_as_float(((e + 120u) << 23) | (m << 20));
+    return (c & 0x80u) ? -v : v;
+}
+
+// Bytes of one expert's scale region: its block scales, for NVFP4 followed by
+// its f32 tensor scale, padded to 16 bytes.
+__device__ __forceinline__ u64 fp4_scale_stride(u32 format, u32 ldy, u32 cols) {
+    const u64 block = format == FP4_MXFP4 ? 32 : 16;
+    const u64 bytes = u64(ldy) * (cols / block) + (format == FP4_NVFP4 ? 4 : 0);
+    return (bytes + 15) & ~u64(15);
+}
+
+template <int M, bool XBF16, bool NV>
+__device__ __forceinline__ void fp4_pass(const GemvExpertFp4Args& a, const unsigned char* codes, const unsigned char* sc,
+                                         float tscale, u64 x, u32 ldx, u64 y, u32 m0, u32 mcount) {
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    const u32 chunks = a.cols / 32, per_row_scales = NV ? a.cols / 16 : a.cols / 32;
+    for (u32 r = warp; r < a.rows; r += nwarps) {
+        const u64 row = u64(a.row0) + r;
+        const unsigned char* wrow = codes + row * (a.cols / 2);
+        const unsigned char* srow = sc + row * per_row_scales;
+        float acc[M];
+#pragma unroll
+        for (int i = 0; i < M; ++i) acc[i] = 0.0f;
+        for (u32 ch = lane; ch < chunks; ch += 32) {
+            const uint4 q = ld_stream16(wrow + u64(ch) * 16);
+            float s0, s1;
+            if (NV) {
+                s0 = e4m3_value(srow[2 * ch]) * tscale;
+                s1 = e4m3_value(srow[2 * ch + 1]) * tscale;
+            } else {
+                s0 = s1 = e8m0_value(srow[ch]);
+            }
+            const u32 words[4] = {q.x, q.y, q.z, q.w};
+            float p0[M], p1[M];
+#pragma unroll
+            for (int i = 0; i < M; ++i) p0[i] = p1[i] = 0.0f;
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                float wv[8];
+#pragma unroll
+                for (int t = 0; t < 8; ++t) wv[t] = e2m1_value(words[k] >> (4 * t));
+#pragma unroll
+                for (int i = 0; i < M; ++i) {
+                    if (i < int(mcount)) {
+                        float xf[8];
+                        load_x8<XBF16>(x, u64(m0 + i) * ldx + u64(ch) * 32 + k * 8, xf);
+#pragma unroll
+                        for (int t = 0; t < 8; ++t) {
+                            if (k < 2) p0[i] = fmaf(wv[t], xf[t], p0[i]);
+                            else p1[i] = fmaf(wv[t], xf[t], p1[i]);
+                        }
+                    }
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < M; ++i) acc[i] = fmaf(p0[i], s0, fmaf(p1[i], s1, acc[i]));
+        }
+#pragma unroll
+        for (int i = 0; i < M; ++i) {
+            const float s = warp_sum(acc[i]);
+            if (lane == 0 && i < int(mcount)) {
+                const u64 idx = u64(m0 + i) * a.ldy + row;
+                const float prev = (a.flags & FP4_ACCUMULATE) ? load_float(y, a.y_dtype, idx) : 0.0f;
+                store_float(y, a.y_dtype, idx, prev + s);
+            }
+        }
+    }
+}
+
+template <bool XBF16, bool NV>
+__device__ __forceinline__ void fp4_rows(const GemvExpertFp4Args& a, const unsigned char* codes, const unsigned char* sc,
+                                         float tscale, u64 x, u32 ldx, u64 y) {
+    for (u32 m0 = 0; m0 < a.m; m0 += 2) {
+        const u32 mc = min(a.m - m0, 2u);
+        if (mc == 1) fp4_pass<1, XBF16, NV>(a, codes, sc, tscale, x, ldx, y, m0, 1);
+        else fp4_pass<2, XBF16, NV>(a, codes, sc, tscale, x, ldx, y, m0, 2);
+    }
+}
+
+__device__ __forceinline__ void task_gemv_expert_fp4(const Ctx& c) {
+    const GemvExpertFp4Args& a = task_args<GemvExpertFp4Args>(c);
+    if ((a.cols & 31) || a.m == 0 || a.m > 16 || a.format > FP4_NVFP4) {
+        if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, a.cols, a.m);
+        return;
+    }
+    const u32* list = reinterpret_cast<const u32*>(a.list);
+    if (a.slot >= list[0]) return;
+    const u64 expert = list[1 + a.slot];
+    const bool nv = a.format == FP4_NVFP4;
+    const unsigned char* codes = reinterpret_cast<const unsigned char*>(a.w) + expert * a.ldy * (a.cols / 2);
+    const u64 stride = fp4_scale_stride(a.format, a.ldy, a.cols);
+    const unsigned char* sc = reinterpret_cast<const unsigned char*>(a.scales) + expert * stride;
+    const float tscale = nv ? *reinterpret_cast<const float*>(sc + u64(a.ldy) * (a.cols / 16)) : 1.0f;
+    const u32 xsize = a.x_dtype == DTYPE_BF16 ? 2 : 4, ysize = a.y_dtype == DTYPE_BF16 ? 2 : 4;
+    const u64 y = a.y + u64(a.slot) * a.m * a.ldy * ysize;
+    const u64 step = (a.flags & FP4_X_PER_SLOT) ? u64(a.slot) * a.m * a.cols * xsize : 0;
+    const GemvInput in = {a.x + step, a.prologue == PROLOGUE_SWIGLU ? a.aux + step : a.aux, a.cols, a.m, a.cols,
+                          a.x_dtype, a.prologue, __uint_as_float(a.eps)};
+    u64 x;
+    u32 ldx;
+    bool bf16;
+    if (!gemv_input(c, in, x, ldx, bf16)) return;
+    if (bf16) {
+        if (nv) fp4_rows<true, true>(a, codes, sc, tscale, x, ldx, y);
+        else fp4_rows<true, false>(a, codes, sc, tscale, x, ldx, y);
+    } else {
+        if (nv) fp4_rows<false, true>(a, codes, sc, tscale, x, ldx, y);
+        else fp4_rows<false, false>(a, codes, sc, tscale, x, ldx, y);
+    }
+}
