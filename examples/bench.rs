@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use megakernel::model::{Model, ModelConfig};
 use megakernel::prelude::*;
+use megakernel::quant::Fp4Format;
 
 const HELP: &str = "usage: bench [--preset NAME]... [--context N] [--tokens N]
 
@@ -21,6 +22,8 @@ measured first in the same run, and the ratio (roofline %).
   --tokens N      timed decode steps (default 64)
   --config-out D  write D/NAME/config.json for each preset (for the PyTorch
                   peer, scripts/torch_decode_bench.py --random) and exit
+  --experts F     routed experts as bf16 (default), mxfp4 or nvfp4 (repeatable:
+                  each preset runs once per format; bf16 for dense presets)
   --profile       after timing, trace one more step and print where its time
                   went, stage by stage (device timestamps of every task)";
 
@@ -28,6 +31,7 @@ fn main() -> Result<()> {
     let mut presets = Vec::new();
     let (mut context, mut tokens, mut profile) = (1024usize, 64usize, false);
     let mut config_out: Option<String> = None;
+    let mut formats: Vec<Option<Fp4Format>> = Vec::new();
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut num = |f: &str| -> usize {
@@ -42,6 +46,16 @@ fn main() -> Result<()> {
             "--tokens" => tokens = num("--tokens"),
             "--profile" => profile = true,
             "--config-out" => config_out = it.next(),
+            "--experts" => {
+                let v = it.next().unwrap_or_default();
+                formats.push(match v.as_str() {
+                    "bf16" => None,
+                    f => Some(Fp4Format::parse(f).unwrap_or_else(|| {
+                        eprintln!("--experts: bf16, mxfp4 or nvfp4, not '{f}'\n\n{HELP}");
+                        std::process::exit(2)
+                    })),
+                });
+            }
             _ => {
                 println!("{HELP}");
                 std::process::exit(if a == "--help" { 0 } else { 2 });
@@ -75,13 +89,25 @@ fn main() -> Result<()> {
         "device copy bandwidth (read + write): {:.3} TB/s",
         copy / 1e12
     );
-    for name in presets {
+    if formats.is_empty() {
+        formats.push(None);
+    }
+    let runs: Vec<(String, Option<Fp4Format>)> = presets
+        .iter()
+        .flat_map(|p| formats.iter().map(move |f| (p.clone(), *f)))
+        .collect();
+    for (name, experts) in runs {
         let config = ModelConfig::preset(&name)
             .ok_or_else(|| Error::InvalidArgument(format!("unknown preset '{name}'")))?;
+        if experts.is_some() && config.moe.is_none() {
+            continue;
+        }
+        let dtype = experts.map_or("bf16", |f| f.name());
         let rt = Runtime::new(0)?;
         let t = Instant::now();
         eprintln!("{name}: drawing random weights on the device");
-        let mut d = Model::random(&rt, &config, 7)?.session(&rt, context + tokens + 1)?;
+        let mut d =
+            Model::random_with(&rt, &config, 7, experts)?.session(&rt, context + tokens + 1)?;
         let load = t.elapsed().as_secs_f64();
         let prompt: Vec<u32> = (0..context)
             .map(|i| ((i * 7919) % config.vocab_size) as u32)
@@ -93,10 +119,10 @@ fn main() -> Result<()> {
         let t = Instant::now();
         d.generate(&rt, tokens)?;
         let per_token = t.elapsed().as_secs_f64() / tokens as f64;
-        let bytes = config.decode_bytes(context + tokens / 2) as f64;
+        let bytes = config.decode_bytes_with(context + tokens / 2, experts) as f64;
         let roofline = bytes / per_token / copy;
         println!(
-            "{name} bf16: {:.3} ms/token, {:.1} tokens/s at context {context}; {:.2} GB/step; {:.1} % of copy bandwidth; \
+            "{name} {dtype}: {:.3} ms/token, {:.1} tokens/s at context {context}; {:.2} GB/step; {:.1} % of copy bandwidth; \
              prefill {:.0} tokens/s; load {load:.1} s",
             per_token * 1e3,
             1.0 / per_token,
@@ -105,7 +131,7 @@ fn main() -> Result<()> {
             context as f64 / prefill
         );
         println!(
-            "{{\"preset\": \"{name}\", \"dtype\": \"bf16\", \"context\": {context}, \"ms_per_token\": {:.4}, \"tokens_per_s\": {:.2}, \
+            "{{\"preset\": \"{name}\", \"dtype\": \"{dtype}\", \"context\": {context}, \"ms_per_token\": {:.4}, \"tokens_per_s\": {:.2}, \
              \"bytes_per_step\": {bytes:.0}, \"copy_bandwidth\": {copy:.4e}, \"roofline\": {roofline:.4}, \"prefill_tokens_per_s\": {:.1}, \
              \"device\": \"{}\"}}",
             per_token * 1e3,

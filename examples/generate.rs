@@ -11,9 +11,10 @@ use std::time::Instant;
 use megakernel::model::checkpoint::{write_random, WriteOptions};
 use megakernel::model::{Checkpoint, Model, ModelConfig, Tokenizer};
 use megakernel::prelude::*;
+use megakernel::quant::Fp4Format;
 use megakernel::task::sample::Sampling;
 
-const HELP: &str = "usage: generate [--model DIR | --preset NAME] [--prompt TEXT | --prompt-ids 1,2,3] [--tokens N] [--context N] [--temperature T [--top-k K] [--top-p P] [--seed S]] [--cpu] [--dump FILE]
+const HELP: &str = "usage: generate [--model DIR | --preset NAME] [--prompt TEXT | --prompt-ids 1,2,3] [--tokens N] [--context N] [--temperature T [--top-k K] [--top-p P] [--seed S]] [--experts F] [--cpu] [--dump FILE]
 
 Greedy generation with a Qwen3 or Qwen3-MoE model (Hugging Face layout:
 config.json and safetensors) decoding inside the resident GPU kernel; on the
@@ -31,6 +32,8 @@ CPU executor when there is no GPU (or with --cpu).
   --top-k K          sample among the K most likely tokens (default 0: up to 1024)
   --top-p P          sample within the smallest set of tokens of probability P (default 1)
   --seed S           seed of the draws (default 0)
+  --experts F        routed experts as bf16 (default), mxfp4 or nvfp4: quantized
+                     on load; attention, router, norms, embeddings stay bf16
   --cpu              use the CPU executor even if a GPU is present
   --dump FILE        also write the model folder, prompt, tokens and the logits
                      after the prompt as JSON (scripts/compare_hf.py reads it)
@@ -48,6 +51,7 @@ struct Args {
     cpu: bool,
     dump: Option<PathBuf>,
     sampling: Option<Sampling>,
+    experts: Option<Fp4Format>,
 }
 
 fn parse() -> std::result::Result<Args, String> {
@@ -61,6 +65,7 @@ fn parse() -> std::result::Result<Args, String> {
         cpu: false,
         dump: None,
         sampling: None,
+        experts: None,
     };
     let mut sampling = Sampling {
         temperature: 0.0,
@@ -100,6 +105,16 @@ fn parse() -> std::result::Result<Args, String> {
                 } else {
                     sampling.top_p = f;
                 }
+            }
+            "--experts" => {
+                let v = value("--experts")?;
+                a.experts = match v.as_str() {
+                    "bf16" => None,
+                    f => Some(
+                        Fp4Format::parse(f)
+                            .ok_or(format!("--experts: bf16, mxfp4 or nvfp4, not '{f}'"))?,
+                    ),
+                };
             }
             "--top-k" => sampling.top_k = number(value("--top-k")?, "--top-k")? as u32,
             "--seed" => sampling.seed = number(value("--seed")?, "--seed")? as u64,
@@ -203,7 +218,8 @@ fn main() -> Result<()> {
     );
     println!("executor: {}", exec.describe());
     let t = Instant::now();
-    let mut d = Model::load(exec.as_ref(), &ck)?.session(exec.as_ref(), args.context)?;
+    let mut d =
+        Model::load_with(exec.as_ref(), &ck, args.experts)?.session(exec.as_ref(), args.context)?;
     println!("loaded in {:.2} s", t.elapsed().as_secs_f64());
     let t = Instant::now();
     let first = d.prefill(exec.as_ref(), &args.prompt)?;

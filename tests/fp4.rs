@@ -184,3 +184,56 @@ fn fp4_expert_products_match_reference() {
         }
     });
 }
+
+/// Greedy tokens and logits of a step-by-step decode.
+fn decode_steps(
+    ex: &dyn Executor,
+    format: Option<Fp4Format>,
+    steps: usize,
+) -> Vec<(u32, Vec<f32>)> {
+    use megakernel::model::{Model, ModelConfig};
+    let config = ModelConfig::preset("tiny-moe").unwrap();
+    let model = Model::random_with(ex, &config, 21, format).unwrap();
+    let mut d = model.session(ex, 64).unwrap();
+    let mut tok = d.prefill(ex, &[7, 99, 3, 250, 18]).unwrap();
+    let mut out = vec![(tok, d.logits(ex).unwrap())];
+    for _ in 0..steps {
+        tok = d.generate(ex, 1).unwrap()[0];
+        out.push((tok, d.logits(ex).unwrap()));
+    }
+    out
+}
+
+/// A whole MoE model with FP4 experts decodes alike on every executor: logits
+/// within bf16 tolerance and the same greedy tokens wherever the first
+/// executor's top-2 margin is clear (the sequences may part after a near tie).
+#[test]
+fn fp4_model_decodes_alike_on_every_executor() {
+    for format in [Some(Fp4Format::Mxfp4), Some(Fp4Format::Nvfp4)] {
+        let mut runs: Vec<(String, Vec<(u32, Vec<f32>)>)> = Vec::new();
+        on_every_executor("fp4_model_decodes_alike_on_every_executor", |ex| {
+            runs.push((ex.describe(), decode_steps(ex, format, 24)));
+        });
+        let (_, base) = &runs[0];
+        for (who, run) in &runs[1..] {
+            for (step, ((t0, l0), (t1, l1))) in base.iter().zip(run).enumerate() {
+                let want: Vec<f64> = l0.iter().map(|&v| f64::from(v)).collect();
+                let err = rel_l2(l1, &want);
+                assert!(
+                    err < 3e-2,
+                    "{format:?} {who} step {step}: logits rel L2 {err}"
+                );
+                let mut sorted = l0.clone();
+                sorted.sort_by(|a, b| b.total_cmp(a));
+                let margin = sorted[0] - sorted[1];
+                if t0 != t1 {
+                    assert!(
+                        margin < 0.05 * sorted[0].abs().max(1.0),
+                        "{format:?} {who} step {step}: token {t1} vs {t0} with margin {margin}"
+                    );
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -72,6 +72,22 @@ pub fn tensor_init(config: &ModelConfig, name: &str, shape: &[usize]) -> (f32, f
     init(config, name, shape)
 }
 
+/// [`tensor_values`] on the calling thread only (for callers that already
+/// spread tensors over threads).
+pub fn tensor_values_serial(
+    config: &ModelConfig,
+    seed: u64,
+    name: &str,
+    shape: &[usize],
+) -> Vec<f32> {
+    let (std, mean) = init(config, name, shape);
+    let key = tensor_key(seed, name);
+    let n: usize = shape.iter().product();
+    (0..n as u64)
+        .map(|i| random_value(key, i, std, mean))
+        .collect()
+}
+
 /// Values of one tensor, as f32 (before conversion to the file's type).
 ///
 /// Counter-based: element `i` is [`random_value`]`(tensor_key(seed, name), i, ..)`,

@@ -348,6 +348,16 @@ impl ModelConfig {
     /// weight used once (for MoE layers the router and `top_k` experts), one
     /// embedding row, the LM head, and the bf16 KV cache.
     pub fn decode_bytes(&self, context: usize) -> usize {
+        self.decode_bytes_with(context, None)
+    }
+
+    /// [`decode_bytes`](Self::decode_bytes) with the routed experts stored in
+    /// `experts` (codes plus block scales) instead of bf16.
+    pub fn decode_bytes_with(
+        &self,
+        context: usize,
+        experts: Option<crate::quant::Fp4Format>,
+    ) -> usize {
         let (h, hd) = (self.hidden_size, self.head_dim);
         let attn = (self.num_heads + 2 * self.num_kv_heads) * hd * h
             + h * self.num_heads * hd
@@ -355,16 +365,23 @@ impl ModelConfig {
             + 2 * h;
         let kv = 2 * self.num_kv_heads * hd * context;
         let mut elems = h + h + self.vocab_size * h;
+        let mut expert_bytes = 0usize;
         for l in 0..self.num_layers {
             elems += attn + kv;
             elems += match &self.moe {
                 Some(m) if self.is_moe_layer(l) => {
-                    m.num_experts * h + m.top_k * 3 * m.moe_intermediate_size * h
+                    let e = m.top_k * 3 * m.moe_intermediate_size * h;
+                    match experts {
+                        // Half a byte per element, one scale byte per block.
+                        Some(f) => expert_bytes += e / 2 + e / f.block(),
+                        None => elems += e,
+                    }
+                    m.num_experts * h
                 }
                 _ => 3 * self.intermediate_size * h,
             };
         }
-        2 * elems
+        2 * elems + expert_bytes
     }
 
     /// A named preset: `tiny`, `tiny-moe`, `qwen3-0.6b`, `qwen3-8b`, `qwen3-30b-a3b`.

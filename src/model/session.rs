@@ -16,12 +16,14 @@ use crate::error::{Error, Result};
 use crate::exec::{Executor, ExecutorExt, LoadedProgram};
 use crate::program::trace::Trace;
 use crate::program::{ops, EventId, ProgramBuilder};
+use crate::quant::{self, Fp4Format};
 use crate::task::advance::Advance;
 use crate::task::embed::Embed;
 use crate::task::emit::Emit;
 use crate::task::fill_random::FillRandom;
 use crate::task::gemv_bf16::{prologue_bytes, GemvShape, Prologue};
 use crate::task::gemv_expert::GemvExpert;
+use crate::task::gemv_expert_fp4::{Fp4Experts, GemvExpertFp4};
 use crate::task::moe_combine::MoeCombine;
 use crate::task::moe_route::MoeRoute;
 use crate::task::rope_kv::{HeadShape, RopeKv};
@@ -32,6 +34,12 @@ use super::checkpoint;
 use super::config::ModelConfig;
 use super::safetensors::Checkpoint;
 
+/// Stacked routed-expert matrices of one kind (gate, up or down).
+enum ExpertMats {
+    Bf16(Buffer),
+    Fp4(Fp4Experts),
+}
+
 enum Mlp {
     Dense {
         gate: Buffer,
@@ -41,9 +49,9 @@ enum Mlp {
     /// Router `[experts, hidden]` and the experts' matrices stacked per kind.
     Moe {
         router: Buffer,
-        gate: Buffer,
-        up: Buffer,
-        down: Buffer,
+        gate: ExpertMats,
+        up: ExpertMats,
+        down: ExpertMats,
     },
 }
 
@@ -147,10 +155,11 @@ struct Loader<'a> {
     src: &'a WeightSource<'a>,
     shapes: std::collections::HashMap<String, Vec<usize>>,
     fills: ProgramBuilder,
+    experts: Option<Fp4Format>,
 }
 
 impl<'a> Loader<'a> {
-    fn new(ex: &'a dyn Executor, src: &'a WeightSource<'a>) -> Self {
+    fn new(ex: &'a dyn Executor, src: &'a WeightSource<'a>, experts: Option<Fp4Format>) -> Self {
         let shapes = match src {
             WeightSource::Random { config, .. } => config.tensors().into_iter().collect(),
             WeightSource::Checkpoint(_) => Default::default(),
@@ -160,7 +169,57 @@ impl<'a> Loader<'a> {
             src,
             shapes,
             fills: ProgramBuilder::new(),
+            experts,
         }
+    }
+
+    /// One kind of routed-expert matrix (`[rows, cols]` each): bf16, or
+    /// quantized on the host to the chosen FP4 format (experts in parallel).
+    fn experts(&mut self, names: &[String], rows: usize, cols: usize) -> Result<ExpertMats> {
+        let Some(format) = self.experts else {
+            return Ok(ExpertMats::Bf16(self.tensor(names)?));
+        };
+        let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let mut out: Vec<Option<Result<quant::Fp4Tensor>>> =
+            (0..names.len()).map(|_| None).collect();
+        let slots: Vec<std::sync::Mutex<&mut Option<Result<quant::Fp4Tensor>>>> =
+            out.iter_mut().map(std::sync::Mutex::new).collect();
+        let src = self.src;
+        std::thread::scope(|s| {
+            for _ in 0..threads.min(names.len()) {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= names.len() {
+                        break;
+                    }
+                    let values = match src {
+                        WeightSource::Checkpoint(ck) => ck.read_f32(&names[i]).map_err(Error::from),
+                        WeightSource::Random { config, seed } => {
+                            Ok(checkpoint::tensor_values_serial(
+                                config,
+                                *seed,
+                                &names[i],
+                                &[rows, cols],
+                            ))
+                        }
+                    };
+                    let q = values.and_then(|v| {
+                        quant::quantize(format, &v)
+                            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", names[i])))
+                    });
+                    **slots[i].lock().expect("quantizer poisoned") = Some(q);
+                });
+            }
+        });
+        drop(slots);
+        let tensors = out
+            .into_iter()
+            .map(|q| q.expect("every expert quantized"))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ExpertMats::Fp4(Fp4Experts::upload_quantized(
+            self.ex, format, rows, cols, &tensors,
+        )?))
     }
 
     /// One bf16 buffer holding `names` back to back.
@@ -237,15 +296,36 @@ impl Chain<'_> {
 impl Model {
     /// Uploads a validated checkpoint.
     pub fn load(ex: &dyn Executor, ck: &Checkpoint) -> Result<Model> {
+        Self::load_with(ex, ck, None)
+    }
+
+    /// Uploads a validated checkpoint with the routed experts quantized to
+    /// `experts` (attention, router, norms, embeddings and LM head stay bf16).
+    pub fn load_with(
+        ex: &dyn Executor,
+        ck: &Checkpoint,
+        experts: Option<Fp4Format>,
+    ) -> Result<Model> {
         ck.validate()?;
-        Self::from_source(ex, &WeightSource::Checkpoint(ck))
+        Self::from_source(ex, &WeightSource::Checkpoint(ck), experts)
     }
 
     /// Random weights generated straight into the executor's memory (no files):
     /// the same values a checkpoint written with `seed` holds.
     pub fn random(ex: &dyn Executor, config: &ModelConfig, seed: u64) -> Result<Model> {
+        Self::random_with(ex, config, seed, None)
+    }
+
+    /// [`random`](Self::random) with the routed experts quantized to
+    /// `experts` (drawn and quantized on the host, experts in parallel).
+    pub fn random_with(
+        ex: &dyn Executor,
+        config: &ModelConfig,
+        seed: u64,
+        experts: Option<Fp4Format>,
+    ) -> Result<Model> {
         config.validate()?;
-        Self::from_source(ex, &WeightSource::Random { config, seed })
+        Self::from_source(ex, &WeightSource::Random { config, seed }, experts)
     }
 
     /// The model's configuration.
@@ -254,9 +334,13 @@ impl Model {
     }
 
     /// Loads weights from `src`.
-    pub fn from_source(ex: &dyn Executor, src: &WeightSource<'_>) -> Result<Model> {
+    pub fn from_source(
+        ex: &dyn Executor,
+        src: &WeightSource<'_>,
+        experts: Option<Fp4Format>,
+    ) -> Result<Model> {
         let c = src.config().clone();
-        let mut ld = Loader::new(ex, src);
+        let mut ld = Loader::new(ex, src, experts);
         let one = |n: &str| vec![n.to_string()];
         let embed = ld.tensor(&one("model.embed_tokens.weight"))?;
         let lm_head = if c.tie_word_embeddings {
@@ -300,11 +384,12 @@ impl Model {
                                 .map(|e| p(&format!("mlp.experts.{e}.{kind}.weight")))
                                 .collect()
                         };
+                        let (h, i) = (c.hidden_size, m.moe_intermediate_size);
                         Mlp::Moe {
                             router: ld.tensor(&[p("mlp.gate.weight")])?,
-                            gate: ld.tensor(&experts("gate_proj"))?,
-                            up: ld.tensor(&experts("up_proj"))?,
-                            down: ld.tensor(&experts("down_proj"))?,
+                            gate: ld.experts(&experts("gate_proj"), i, h)?,
+                            up: ld.experts(&experts("up_proj"), i, h)?,
+                            down: ld.experts(&experts("down_proj"), h, i)?,
                         }
                     }
                     _ => Mlp::Dense {
@@ -771,7 +856,7 @@ fn build(
                 let route = single(&mut ch, route);
                 ch.stage(route, &format!("layer {l} route"));
                 let per_slot = (workers / slots).max(1);
-                let expert_gemv = |w: &Buffer,
+                let expert_gemv = |w: &ExpertMats,
                                    xin: &BufSlice,
                                    y: &Buffer,
                                    rows: usize,
@@ -782,20 +867,36 @@ fn build(
                     for slot in 0..slots {
                         for (r0, n) in split_even(rows, per_slot) {
                             let shape = GemvShape { rows, cols, m };
-                            specs.push(GemvExpert::rows(
-                                &w.all(),
-                                xin,
-                                &y.all(),
-                                &list.all(),
-                                shape,
-                                experts,
-                                slot,
-                                slots,
-                                per_x,
-                                r0,
-                                n,
-                                pro,
-                            )?);
+                            specs.push(match w {
+                                ExpertMats::Bf16(w) => GemvExpert::rows(
+                                    &w.all(),
+                                    xin,
+                                    &y.all(),
+                                    &list.all(),
+                                    shape,
+                                    experts,
+                                    slot,
+                                    slots,
+                                    per_x,
+                                    r0,
+                                    n,
+                                    pro,
+                                )?,
+                                ExpertMats::Fp4(w) => GemvExpertFp4::rows(
+                                    w,
+                                    xin,
+                                    &y.all(),
+                                    &list.all(),
+                                    m,
+                                    slot,
+                                    slots,
+                                    per_x,
+                                    r0,
+                                    n,
+                                    false,
+                                    pro,
+                                )?,
+                            });
                         }
                     }
                     Ok::<_, Error>(specs)

@@ -39,7 +39,7 @@ pub struct GemvExpertFp4Args {
     pub row0: u32,
     /// Matrix rows of this task.
     pub rows: u32,
-    /// Columns (a multiple of 128).
+    /// Columns (a multiple of 32).
     pub cols: u32,
     /// Input rows, 1..=16.
     pub m: u32,
@@ -115,18 +115,37 @@ impl Fp4Experts {
         cols: usize,
         experts: &[Vec<f32>],
     ) -> Result<Fp4Experts> {
-        if cols % 128 != 0 || experts.iter().any(|e| e.len() != rows * cols) {
+        let q = experts
+            .iter()
+            .enumerate()
+            .map(|(e, m)| {
+                quant::quantize(format, m).map_err(|err| {
+                    crate::error::Error::InvalidArgument(format!("expert {e}: {err}"))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Self::upload_quantized(ex, format, rows, cols, &q)
+    }
+
+    /// Uploads already quantized `[rows, cols]` matrices.
+    pub fn upload_quantized(
+        ex: &dyn Executor,
+        format: Fp4Format,
+        rows: usize,
+        cols: usize,
+        experts: &[quant::Fp4Tensor],
+    ) -> Result<Fp4Experts> {
+        let fits = |e: &quant::Fp4Tensor| e.len() == rows * cols && e.format == format;
+        // 16-byte code rows; a 4-byte aligned NVFP4 tensor scale.
+        if cols % 32 != 0 || (rows * cols / 16) % 4 != 0 || !experts.iter().all(fits) {
             return Err(crate::error::Error::InvalidArgument(format!(
-                "FP4 experts need [rows, cols] matrices with cols a multiple of 128 (cols {cols})"
+                "FP4 experts need {format:?} [rows, cols] matrices, cols a multiple of 32 and rows * cols of 64 (rows {rows}, cols {cols})"
             )));
         }
         let stride = scale_stride(format, rows, cols);
         let mut codes = Vec::with_capacity(experts.len() * rows * cols / 2);
         let mut scales = vec![0u8; experts.len() * stride];
-        for (e, m) in experts.iter().enumerate() {
-            let q = quant::quantize(format, m).map_err(|err| {
-                crate::error::Error::InvalidArgument(format!("expert {e}: {err}"))
-            })?;
+        for (e, q) in experts.iter().enumerate() {
             codes.extend_from_slice(&q.codes);
             let region = &mut scales[e * stride..(e + 1) * stride];
             region[..q.scales.len()].copy_from_slice(&q.scales);
@@ -253,7 +272,7 @@ impl TaskKind for GemvExpertFp4 {
             _ => return Err(TaskFault::BadArgs("fp4 format")),
         };
         let (rows, cols) = (a.ldy as usize, a.cols as usize);
-        if cols % 128 != 0 {
+        if cols % 32 != 0 {
             return Err(TaskFault::BadArgs("fp4 cols"));
         }
         let stride = scale_stride(format, rows, cols);
