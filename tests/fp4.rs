@@ -210,7 +210,7 @@ fn decode_steps(
 #[test]
 fn fp4_model_decodes_alike_on_every_executor() {
     for format in [Some(Fp4Format::Mxfp4), Some(Fp4Format::Nvfp4)] {
-        let mut runs: Vec<(String, Vec<(u32, Vec<f32>)>)> = Vec::new();
+        let mut runs: Vec<(String, Steps)> = Vec::new();
         on_every_executor("fp4_model_decodes_alike_on_every_executor", |ex| {
             runs.push((ex.describe(), decode_steps(ex, format, 24)));
         });
