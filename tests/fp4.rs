@@ -185,6 +185,9 @@ fn fp4_expert_products_match_reference() {
     });
 }
 
+/// Each step's greedy token and logits.
+type Steps = Vec<(u32, Vec<f32>)>;
+
 /// Greedy tokens and logits of a step-by-step decode.
 fn decode_steps(
     ex: &dyn Executor,
