@@ -24,6 +24,9 @@ measured first in the same run, and the ratio (roofline %).
                   peer, scripts/torch_decode_bench.py --random) and exit
   --experts F     routed experts as bf16 (default), mxfp4 or nvfp4 (repeatable:
                   each preset runs once per format; bf16 for dense presets)
+  --expert-stream also time the FP4 expert task alone streaming every expert
+                  of one qwen3-30b-a3b layer (gate, up and down of 128 experts,
+                  one token), for each FP4 format, against the copy bandwidth
   --profile       after timing, trace one more step and print where its time
                   went, stage by stage (device timestamps of every task)";
 
@@ -31,6 +34,7 @@ fn main() -> Result<()> {
     let mut presets = Vec::new();
     let (mut context, mut tokens, mut profile) = (1024usize, 64usize, false);
     let mut config_out: Option<String> = None;
+    let mut expert_stream = false;
     let mut formats: Vec<Option<Fp4Format>> = Vec::new();
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -45,6 +49,7 @@ fn main() -> Result<()> {
             "--context" => context = num("--context"),
             "--tokens" => tokens = num("--tokens"),
             "--profile" => profile = true,
+            "--expert-stream" => expert_stream = true,
             "--config-out" => config_out = it.next(),
             "--experts" => {
                 let v = it.next().unwrap_or_default();
@@ -89,6 +94,11 @@ fn main() -> Result<()> {
         "device copy bandwidth (read + write): {:.3} TB/s",
         copy / 1e12
     );
+    if expert_stream {
+        for format in [Fp4Format::Mxfp4, Fp4Format::Nvfp4] {
+            stream_experts(format, copy)?;
+        }
+    }
     if formats.is_empty() {
         formats.push(None);
     }
@@ -143,6 +153,85 @@ fn main() -> Result<()> {
             print_profile(&d.trace_step(&rt)?, d.step_program());
         }
     }
+    Ok(())
+}
+
+/// One qwen3-30b-a3b MoE layer's experts (128 × gate, up [768, 2048] and down
+/// [2048, 768]) in `format`, streamed by the FP4 expert task for one token,
+/// every expert chosen: bytes read per second against the copy bandwidth.
+fn stream_experts(format: Fp4Format, copy: f64) -> Result<()> {
+    use megakernel::task::gemv_expert_fp4::{Fp4Experts, GemvExpertFp4};
+    let (n, inter, h) = (128usize, 768usize, 2048usize);
+    let rt = Runtime::new(0)?;
+    let mats = |rows: usize, cols: usize| -> Vec<Vec<f32>> {
+        (0..n)
+            .map(|e| {
+                megakernel::model::checkpoint::tensor_values_serial(
+                    &ModelConfig::preset("qwen3-30b-a3b").expect("preset"),
+                    e as u64,
+                    "model.layers.0.mlp.experts.0.gate_proj.weight",
+                    &[rows, cols],
+                )
+            })
+            .collect()
+    };
+    let gate = Fp4Experts::upload(&rt, format, inter, h, &mats(inter, h))?;
+    let up = Fp4Experts::upload(&rt, format, inter, h, &mats(inter, h))?;
+    let down = Fp4Experts::upload(&rt, format, h, inter, &mats(h, inter))?;
+    let x = rt.alloc(DType::Bf16, h.max(inter) * n)?;
+    rt.write_f32(&x, &vec![0.01; h.max(inter) * n])?;
+    let (yg, yu) = (
+        rt.alloc(DType::Bf16, n * inter)?,
+        rt.alloc(DType::Bf16, n * inter)?,
+    );
+    let yd = rt.alloc(DType::F32, n * h)?;
+    let list = rt.alloc(DType::U32, n + 1)?;
+    let ids: Vec<u32> = std::iter::once(n as u32).chain(0..n as u32).collect();
+    rt.write_u32(&list, &ids)?;
+    let mut b = ProgramBuilder::new();
+    let per = (rt.num_workers() / n).max(1);
+    for slot in 0..n {
+        for (w, y, rows, cols) in [
+            (&gate, &yg, inter, h),
+            (&up, &yu, inter, h),
+            (&down, &yd, h, inter),
+        ] {
+            let xs = x.slice(0..cols)?;
+            for (r0, k) in megakernel::task::split_even(rows, per) {
+                let none = megakernel::task::gemv_bf16::Prologue::None;
+                let t = GemvExpertFp4::rows(
+                    w,
+                    &xs,
+                    &y.all(),
+                    &list.all(),
+                    1,
+                    slot,
+                    n,
+                    false,
+                    r0,
+                    k,
+                    false,
+                    &none,
+                )?;
+                b.push(t);
+            }
+        }
+    }
+    let p = rt.load(&b.build()?)?;
+    rt.run(&p, 3, &[])?;
+    let iters = 50;
+    let t = Instant::now();
+    rt.run(&p, iters, &[])?;
+    let per_iter = t.elapsed().as_secs_f64() / f64::from(iters);
+    let bytes = (gate.bytes() + up.bytes() + down.bytes()) as f64;
+    println!(
+        "expert stream {}: one layer's 128 experts ({:.1} MB) in {:.1} µs: {:.3} TB/s, {:.1} % of copy bandwidth",
+        format.name(),
+        bytes / 1e6,
+        per_iter * 1e6,
+        bytes / per_iter / 1e12,
+        100.0 * bytes / per_iter / copy
+    );
     Ok(())
 }
 
