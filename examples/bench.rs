@@ -113,7 +113,13 @@ fn main() -> Result<()> {
             continue;
         }
         let dtype = experts.map_or("bf16", |f| f.name());
-        let rt = Runtime::new(0)?;
+        let rt = Runtime::with_options(
+            0,
+            RuntimeOptions {
+                trace: profile,
+                ..RuntimeOptions::default()
+            },
+        )?;
         let t = Instant::now();
         eprintln!("{name}: drawing random weights on the device");
         let mut d =

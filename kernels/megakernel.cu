@@ -121,7 +121,10 @@ struct Loop {
     ulonglong2* trace;  // per task slot {start, end} ns, or null
 };
 
-extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const KernelParams kp) {
+// The task loop. TRACE: record each task's start and end time when the command
+// asks for it (CMD_FLAG_TRACE); the kernel without it carries no trace code.
+template <bool TRACE>
+__device__ __forceinline__ void resident(const KernelParams& kp) {
     __shared__ Env s_env;
     __shared__ TaskDesc s_descs[4];  // ring: current task and the next two
     __shared__ Command s_cmd;
@@ -160,7 +163,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const
                     s_loop.first = offsets[env->sm];
                     s_loop.last = offsets[env->sm + 1];
                     // The trace area follows the task array.
-                    s_loop.trace = (s_cmd.kind & CMD_FLAG_TRACE)
+                    s_loop.trace = (TRACE && (s_cmd.kind & CMD_FLAG_TRACE))
                                        ? reinterpret_cast<ulonglong2*>(reinterpret_cast<TaskDesc*>(s_cmd.tasks) +
                                                                        offsets[env->num_sms])
                                        : nullptr;
@@ -183,7 +186,7 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const
             // (cp.async, one group per task), so even short tasks never wait for
             // their descriptor.
             const u32 first = s_loop.first, last = s_loop.last;
-            ulonglong2* const trace = s_loop.trace;
+            ulonglong2* const trace = TRACE ? s_loop.trace : nullptr;
             if (tid < 16 && first + tid / 8 < last) {
                 const u32 t = first + tid / 8;
                 reinterpret_cast<uint4*>(&s_descs[t & 3])[tid & 7] = reinterpret_cast<const uint4*>(&tasks[t])[tid & 7];
@@ -239,6 +242,13 @@ extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const
         const u32 n = atomicAdd(&env->state->exited_blocks, 1u);
         if (n + 1 == env->num_sms) st_release_sys_u32(&env->status->exited, 1u);
     }
+}
+
+extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident(const KernelParams kp) { resident<false>(kp); }
+
+// The same loop able to record task times (RuntimeOptions::trace).
+extern "C" __global__ void __launch_bounds__(BLOCK_THREADS, 1) mk_resident_trace(const KernelParams kp) {
+    resident<true>(kp);
 }
 
 // Reference kernels for benchmarks, launched only while no resident kernel runs.

@@ -147,16 +147,27 @@ pub fn e4m3_to_f32(c: u8) -> f32 {
 pub fn f32_to_e4m3(x: f32) -> u8 {
     let sign = if x.is_sign_negative() { 0x80 } else { 0 };
     let a = x.abs().min(E4M3_MAX);
-    // Nearest of the 127 non-negative finite codes, ties to the even code.
-    let mut best = 0u8;
-    let mut best_err = f32::INFINITY;
-    for c in 0u8..0x7F {
-        let err = (e4m3_to_f32(c) - a).abs();
-        if err < best_err || (err == best_err && c % 2 == 0) {
-            best = c;
-            best_err = err;
+    // Codes 0..=0x7E increase with their value: binary search for the first
+    // code not below `a`, then take the nearer neighbour (ties to the even code).
+    let (mut lo, mut hi) = (0u8, 0x7Eu8);
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if e4m3_to_f32(mid) < a {
+            lo = mid + 1;
+        } else {
+            hi = mid;
         }
     }
+    let best = if lo == 0 {
+        0
+    } else {
+        let (below, above) = (a - e4m3_to_f32(lo - 1), e4m3_to_f32(lo) - a);
+        if below < above || (below == above && (lo - 1) % 2 == 0) {
+            lo - 1
+        } else {
+            lo
+        }
+    };
     sign | best
 }
 

@@ -182,14 +182,19 @@ fn removing_one_edge_breaks_some_seed() {
     eprintln!("missing edge exposed on {broken} of 64 seeds");
 }
 
+fn input2(ex: &dyn Executor, n: usize) -> Buffer {
+    ex.alloc(DType::F32, n).unwrap()
+}
+
 /// A traced run records every task once, and the device times respect the
 /// program's edges: a task starts only after every task it waits on ended.
 #[test]
 fn traced_run_times_respect_every_edge() {
-    let Some((_g, rt)) = gpu(
-        "traced_run_times_respect_every_edge",
-        RuntimeOptions::default(),
-    ) else {
+    let opts = RuntimeOptions {
+        trace: true,
+        ..RuntimeOptions::default()
+    };
+    let Some((_g, rt)) = gpu("traced_run_times_respect_every_edge", opts) else {
         return;
     };
     let mut rng = Rng(common::seed());
@@ -223,6 +228,13 @@ fn traced_run_times_respect_every_edge() {
     }
     assert!(edges > 0);
     let stages = trace.stages(p.program());
+    // The default kernel carries no tracing code and says so.
+    drop(rt);
+    let plain = Runtime::new(0).unwrap();
+    let p2 = plain
+        .load(&dag.program(&input2(&plain, dag.n), &input2(&plain, dag.n), None))
+        .unwrap();
+    assert!(plain.trace(&p2, &[]).is_err());
     assert_eq!(stages.iter().map(|s| s.tasks).sum::<usize>(), dag.n);
     let critical: u64 = stages.iter().map(|s| s.critical_ns).sum();
     assert_eq!(critical, trace.total_ns());

@@ -61,6 +61,7 @@ fn unmet_dependency_is_a_hang_on_gpu_within_its_timeout() {
     let opts = RuntimeOptions {
         wait_timeout: timeout,
         host_timeout: Duration::from_secs(20),
+        ..RuntimeOptions::default()
     };
     let Some((_g, rt)) = gpu("unmet_dependency_is_a_hang_on_gpu", opts.clone()) else {
         return;
@@ -143,6 +144,7 @@ fn host_wait_times_out() {
     let opts = RuntimeOptions {
         wait_timeout: Duration::from_secs(3),
         host_timeout: Duration::from_secs(20),
+        ..RuntimeOptions::default()
     };
     let Some((_g, rt)) = gpu("host_wait_times_out", opts) else {
         return;

@@ -42,6 +42,9 @@ pub struct RuntimeOptions {
     pub wait_timeout: Duration,
     /// Default host wait ([`ExecutorExt::run`](crate::exec::ExecutorExt::run), shutdown).
     pub host_timeout: Duration,
+    /// Launch the kernel variant that can time every task
+    /// ([`Runtime::trace`]); the default variant carries no tracing code.
+    pub trace: bool,
 }
 
 impl Default for RuntimeOptions {
@@ -49,6 +52,7 @@ impl Default for RuntimeOptions {
         RuntimeOptions {
             wait_timeout: Duration::from_secs(5),
             host_timeout: Duration::from_secs(60),
+            trace: false,
         }
     }
 }
@@ -187,7 +191,11 @@ impl Runtime {
     ) -> Result<Runtime> {
         let (arch, ptx) = ptx::select(major, minor);
         let module = ctx.load_module(Ptx::from_src(ptx))?;
-        let func = module.load_function("mk_resident")?;
+        let func = module.load_function(if opts.trace {
+            "mk_resident_trace"
+        } else {
+            "mk_resident"
+        })?;
         let num_sms =
             ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
         let optin = ctx
@@ -695,9 +703,15 @@ impl Runtime {
         })
     }
 
-    /// Runs `program` once with `params`, recording when each task started
+    /// Runs `program` once with `params` (on a runtime created with
+    /// [`RuntimeOptions::trace`]), recording when each task started
     /// (its waits satisfied) and ended, and returns those times.
     pub fn trace(&self, program: &LoadedProgram, params: &[u64]) -> Result<Trace> {
+        if !self.opts.trace {
+            return Err(Error::InvalidArgument(
+                "tracing needs a runtime created with RuntimeOptions { trace: true, .. }".into(),
+            ));
+        }
         let gp = self.gpu_program(program)?;
         let t = self.submit_kind(program, 1, params, CMD_RUN | CMD_FLAG_TRACE)?;
         self.wait(&t, self.opts.host_timeout)?;

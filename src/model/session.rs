@@ -638,8 +638,8 @@ impl Session {
     }
 
     /// Runs one greedy decode step with device timing of every task (see
-    /// [`Runtime::trace`](crate::cuda::Runtime::trace)); the step counts like
-    /// any other. [`step_program`](Self::step_program) names the stages.
+    /// [`Runtime::trace`](crate::cuda::Runtime::trace); the runtime must be
+    /// created with tracing on); the step counts like any other. [`step_program`](Self::step_program) names the stages.
     pub fn trace_step(&mut self, rt: &crate::cuda::Runtime) -> Result<Trace> {
         self.check(&[], 1)?;
         let trace = rt.trace(&self.step, &[])?;
