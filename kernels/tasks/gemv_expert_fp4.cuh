@@ -1,8 +1,9 @@
 // gemv_expert_fp4: the expert product of gemv_expert with the expert's matrix
 // in MXFP4 or NVFP4 (src/quant.rs has the formats, src/task/gemv_expert_fp4.rs
 // the layout). The 4-bit codes are decoded in registers: each lane streams 16
-// bytes (32 elements) at a time, sums code * x per scale block and applies
-// the block scale once per block; nothing is written back in 16-bit form.
+// bytes (32 elements) at a time, decodes them to bf16 with byte permutes, sums
+// code * x per scale block and applies the block scale once per block; nothing
+// is written back in 16-bit form.
 #pragma once
 #include "../include/task.cuh"
 #include "gemv_bf16.cuh"
@@ -52,11 +53,20 @@ constexpr u32 FP4_NVFP4 = 1;
 constexpr u16 FP4_ACCUMULATE = 1;
 constexpr u16 FP4_X_PER_SLOT = 2;
 
-// E2M1 code (low 4 bits) to float: exponent and mantissa moved into f32 place.
-__device__ __forceinline__ float e2m1_value(u32 c) {
-    const u32 e = (c >> 1) & 3u, mb = c & 1u;
-    const u32 bits = e ? (((e + 126u) << 23) | (mb << 22)) : (mb ? 0x3F000000u : 0u);
-    return __uint_as_float(bits | ((c & 8u) << 28));
+// Eight E2M1 codes (a 32-bit word, element 0 in the low nibble) to four bf16
+// pairs (element 2t in the low half of out[t]), exactly: every E2M1 value is a
+// bf16. Byte permutes look the high and low bytes of the magnitudes up in two
+// 8-byte tables, two more interleave them, and the sign bits are moved in.
+__device__ __forceinline__ void fp4_to_bf16x8(u32 w8, u32 out[4]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const u32 w = h ? (w8 >> 16) : w8;
+        const u32 sel = w & 0x7777u;
+        const u32 hi = __byte_perm(0x3F3F3F00u, 0x40404040u, sel);  // 0, .5, 1, 1.5 | 2, 3, 4, 6
+        const u32 lo = __byte_perm(0xC0800000u, 0xC0804000u, sel);
+        out[2 * h] = __byte_perm(lo, hi, 0x5140) | ((w << 12) & 0x8000u) | ((w << 24) & 0x80000000u);
+        out[2 * h + 1] = __byte_perm(lo, hi, 0x7362) | ((w << 4) & 0x8000u) | ((w << 16) & 0x80000000u);
+    }
 }
 
 __device__ __forceinline__ float e8m0_value(u32 e) {
@@ -107,18 +117,18 @@ __device__ __forceinline__ void fp4_pass(const GemvExpertFp4Args& a, const unsig
             for (int i = 0; i < M; ++i) p0[i] = p1[i] = 0.0f;
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
-                float wv[8];
-#pragma unroll
-                for (int t = 0; t < 8; ++t) wv[t] = e2m1_value(words[k] >> (4 * t));
+                u32 bf[4];
+                fp4_to_bf16x8(words[k], bf);
 #pragma unroll
                 for (int i = 0; i < M; ++i) {
                     if (i < int(mcount)) {
                         float xf[8];
                         load_x8<XBF16>(x, u64(m0 + i) * ldx + u64(ch) * 32 + k * 8, xf);
 #pragma unroll
-                        for (int t = 0; t < 8; ++t) {
-                            if (k < 2) p0[i] = fmaf(wv[t], xf[t], p0[i]);
-                            else p1[i] = fmaf(wv[t], xf[t], p1[i]);
+                        for (int t = 0; t < 4; ++t) {
+                            const float lo = __uint_as_float(bf[t] << 16), hi = __uint_as_float(bf[t] & 0xFFFF0000u);
+                            if (k < 2) p0[i] = fmaf(hi, xf[2 * t + 1], fmaf(lo, xf[2 * t], p0[i]));
+                            else p1[i] = fmaf(hi, xf[2 * t + 1], fmaf(lo, xf[2 * t], p1[i]));
                         }
                     }
                 }
