@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use megakernel::model::checkpoint::{write_random, WriteOptions};
+use megakernel::model::checkpoint::{write_quantized, write_random, WriteOptions};
 use megakernel::model::{Checkpoint, Model, ModelConfig, Tokenizer};
 use megakernel::prelude::*;
 use megakernel::quant::Fp4Format;
@@ -34,6 +34,9 @@ CPU executor when there is no GPU (or with --cpu).
   --seed S           seed of the draws (default 0)
   --experts F        routed experts as bf16 (default), mxfp4 or nvfp4: quantized
                      on load; attention, router, norms, embeddings stay bf16
+  --save-quantized D write the checkpoint with its experts quantized to the
+                     --experts format into folder D (it then loads without
+                     quantizing again), before generating
   --cpu              use the CPU executor even if a GPU is present
   --dump FILE        also write the model folder, prompt, tokens and the logits
                      after the prompt as JSON (scripts/compare_hf.py reads it)
@@ -50,6 +53,7 @@ struct Args {
     context: usize,
     cpu: bool,
     dump: Option<PathBuf>,
+    save_quantized: Option<PathBuf>,
     sampling: Option<Sampling>,
     experts: Option<Fp4Format>,
 }
@@ -64,6 +68,7 @@ fn parse() -> std::result::Result<Args, String> {
         context: 256,
         cpu: false,
         dump: None,
+        save_quantized: None,
         sampling: None,
         experts: None,
     };
@@ -121,6 +126,9 @@ fn parse() -> std::result::Result<Args, String> {
             "--context" => a.context = number(value("--context")?, "--context")?,
             "--cpu" => a.cpu = true,
             "--dump" => a.dump = Some(PathBuf::from(value("--dump")?)),
+            "--save-quantized" => {
+                a.save_quantized = Some(PathBuf::from(value("--save-quantized")?))
+            }
             "--help" | "-h" => {
                 println!("{HELP}");
                 std::process::exit(0);
@@ -217,6 +225,13 @@ fn main() -> Result<()> {
         c.num_params() as f64 / 1e9
     );
     println!("executor: {}", exec.describe());
+    if let Some(out) = &args.save_quantized {
+        let format = args.experts.ok_or_else(|| {
+            Error::InvalidArgument("--save-quantized needs --experts mxfp4 or nvfp4".into())
+        })?;
+        write_quantized(out, &ck, format, &WriteOptions::default())?;
+        println!("wrote {} ({} experts)", out.display(), format.name());
+    }
     let t = Instant::now();
     let mut d =
         Model::load_with(exec.as_ref(), &ck, args.experts)?.session(exec.as_ref(), args.context)?;

@@ -240,3 +240,67 @@ fn fp4_model_decodes_alike_on_every_executor() {
         }
     }
 }
+
+fn tiny_tokens(ex: &dyn Executor, model: &megakernel::model::Model) -> (Vec<u32>, Vec<f32>) {
+    let mut d = model.session(ex, 48).unwrap();
+    let first = d.prefill(ex, &[7, 99, 3, 250, 18]).unwrap();
+    let mut t = vec![first];
+    t.extend(d.generate(ex, 16).unwrap());
+    (t, d.logits(ex).unwrap())
+}
+
+/// A checkpoint saved with FP4 experts (random, or quantized from a bf16
+/// checkpoint) loads without quantizing again and decodes exactly like the
+/// same weights quantized on load; a format mismatch and an unknown
+/// quantization method are typed errors.
+#[test]
+fn quantized_checkpoints_save_and_load() {
+    use megakernel::model::checkpoint::{write_quantized, write_random, WriteOptions};
+    use megakernel::model::{Checkpoint, Model, ModelConfig};
+    let cpu = CpuExecutor::new(CpuOptions {
+        threads: 1,
+        seed: 1,
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let base = ModelConfig::preset("tiny-moe").unwrap();
+    let opts = WriteOptions {
+        seed: 77,
+        ..WriteOptions::default()
+    };
+    write_random(&dir.path().join("bf16"), &base, &opts).unwrap();
+    let bf16 = Checkpoint::open(&dir.path().join("bf16")).unwrap();
+    for format in [Fp4Format::Mxfp4, Fp4Format::Nvfp4] {
+        let want = tiny_tokens(&cpu, &Model::load_with(&cpu, &bf16, Some(format)).unwrap());
+        // Quantized from the bf16 checkpoint.
+        let q = dir.path().join(format.name());
+        write_quantized(&q, &bf16, format, &opts).unwrap();
+        let ck = Checkpoint::open(&q).unwrap();
+        assert_eq!(ck.config.moe.as_ref().unwrap().fp4, Some(format));
+        assert!(ck
+            .info("model.layers.0.mlp.experts.0.gate_proj.weight_blocks")
+            .is_some());
+        assert!(ck
+            .info("model.layers.0.mlp.experts.0.gate_proj.weight")
+            .is_none());
+        assert_eq!(tiny_tokens(&cpu, &Model::load(&cpu, &ck).unwrap()), want);
+        let other = match format {
+            Fp4Format::Mxfp4 => Fp4Format::Nvfp4,
+            Fp4Format::Nvfp4 => Fp4Format::Mxfp4,
+        };
+        assert!(Model::load_with(&cpu, &ck, Some(other)).is_err());
+        // Random weights written quantized equal random weights quantized on load.
+        let mut config = base.clone();
+        config.moe.as_mut().unwrap().fp4 = Some(format);
+        let r = dir.path().join(format!("random-{}", format.name()));
+        write_random(&r, &config, &opts).unwrap();
+        let from_disk = Model::load(&cpu, &Checkpoint::open(&r).unwrap()).unwrap();
+        let in_memory = Model::random_with(&cpu, &base, 77, Some(format)).unwrap();
+        assert_eq!(tiny_tokens(&cpu, &from_disk), tiny_tokens(&cpu, &in_memory));
+    }
+    let mut j: serde_json::Value = serde_json::from_str(&base.to_json()).unwrap();
+    j["quantization_config"] = serde_json::json!({"quant_method": "awq"});
+    let err = ModelConfig::from_json(&j.to_string())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("quantization_config"), "{err}");
+}

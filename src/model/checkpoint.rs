@@ -15,7 +15,7 @@ use std::path::Path;
 use half::bf16;
 
 use super::config::ModelConfig;
-use super::safetensors::{write, TensorDtype};
+use super::safetensors::{write, TensorData, TensorDtype};
 use crate::error::LoadError;
 use crate::task::fill_random::random_value;
 
@@ -126,18 +126,106 @@ fn encode(dtype: TensorDtype, v: &[f32]) -> Vec<u8> {
             .iter()
             .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
             .collect(),
-        TensorDtype::Bf16 => v
+        TensorDtype::Bf16 | TensorDtype::U8 => v
             .iter()
             .flat_map(|x| bf16::from_f32(*x).to_le_bytes())
             .collect(),
     }
 }
 
-/// Writes `config.json` and random weights for `config` into `dir` (created if needed).
+/// One logical tensor as stored: floats in `dtype`, or (a routed expert of a
+/// model whose experts are FP4) its `_blocks`, `_scales` and `_scale_2` parts.
+fn stored(
+    config: &ModelConfig,
+    dtype: TensorDtype,
+    name: &str,
+    shape: &[usize],
+    values: Vec<f32>,
+) -> Result<Vec<TensorData>, LoadError> {
+    let fp4 = config.moe.as_ref().and_then(|m| m.fp4);
+    match fp4 {
+        Some(f) if name.contains(".mlp.experts.") => {
+            let q = crate::quant::quantize(f, &values).map_err(|e| LoadError::BadTensor {
+                path: String::new(),
+                tensor: name.into(),
+                reason: e.to_string(),
+            })?;
+            let (rows, blocks) = (shape[0], shape[1] / f.block());
+            let mut out = vec![
+                (
+                    format!("{name}_blocks"),
+                    TensorDtype::U8,
+                    vec![rows, blocks, f.block() / 2],
+                    q.codes,
+                ),
+                (
+                    format!("{name}_scales"),
+                    TensorDtype::U8,
+                    vec![rows, blocks],
+                    q.scales,
+                ),
+            ];
+            if f == crate::quant::Fp4Format::Nvfp4 {
+                let g = q.tensor_scale.to_le_bytes().to_vec();
+                out.push((format!("{name}_scale_2"), TensorDtype::F32, vec![1], g));
+            }
+            Ok(out)
+        }
+        _ => Ok(vec![(
+            name.to_string(),
+            dtype,
+            shape.to_vec(),
+            encode(dtype, &values),
+        )]),
+    }
+}
+
+/// Writes a copy of `src` into `dir` with its routed experts quantized to
+/// `format` (the other tensors as `dtype`), recording the format in
+/// `config.json`: a checkpoint that loads without quantizing again.
+pub fn write_quantized(
+    dir: &Path,
+    src: &super::Checkpoint,
+    format: crate::quant::Fp4Format,
+    opts: &WriteOptions,
+) -> Result<(), LoadError> {
+    let mut config = src.config.clone();
+    match config.moe.as_mut() {
+        Some(m) if m.fp4.is_none() => m.fp4 = Some(format),
+        Some(_) => {
+            return Err(LoadError::Config(
+                "the experts are quantized already".into(),
+            ))
+        }
+        None => {
+            return Err(LoadError::Config(
+                "a dense model has no routed experts to quantize".into(),
+            ))
+        }
+    }
+    write_tensors(dir, &config, opts, &|name, _| src.read_f32(name))
+}
+
+/// Writes `config.json` and random weights for `config` into `dir` (created if
+/// needed); with FP4 experts in the config, the experts are written quantized.
 pub fn write_random(
     dir: &Path,
     config: &ModelConfig,
     opts: &WriteOptions,
+) -> Result<(), LoadError> {
+    let seed = opts.seed;
+    write_tensors(dir, config, opts, &|name, shape| {
+        Ok(tensor_values(config, seed, name, shape))
+    })
+}
+
+type Values<'a> = dyn Fn(&str, &[usize]) -> Result<Vec<f32>, LoadError> + 'a;
+
+fn write_tensors(
+    dir: &Path,
+    config: &ModelConfig,
+    opts: &WriteOptions,
+    values: &Values<'_>,
 ) -> Result<(), LoadError> {
     config.validate()?;
     let io = |p: &Path, e: std::io::Error| LoadError::Io {
@@ -151,6 +239,7 @@ pub fn write_random(
     let elem = match opts.dtype {
         TensorDtype::F32 => 4,
         TensorDtype::F16 | TensorDtype::Bf16 => 2,
+        TensorDtype::U8 => return Err(LoadError::Config("weights are written as floats".into())),
     };
     // Group tensors into shards of at most `shard_bytes` (a larger tensor gets its own).
     let limit = opts.shard_bytes.unwrap_or(usize::MAX);
@@ -174,15 +263,14 @@ pub fn write_random(
         } else {
             "model.safetensors".to_string()
         };
-        let tensors: Vec<_> = shard
-            .into_iter()
-            .map(|(name, shape)| {
-                let data = encode(opts.dtype, &tensor_values(config, opts.seed, &name, &shape));
-                total += data.len();
-                weight_map.insert(name.clone(), serde_json::Value::String(file.clone()));
-                (name, opts.dtype, shape, data)
-            })
-            .collect();
+        let mut tensors = Vec::new();
+        for (name, shape) in shard {
+            for t in stored(config, opts.dtype, &name, &shape, values(&name, &shape)?)? {
+                total += t.3.len();
+                weight_map.insert(t.0.clone(), serde_json::Value::String(file.clone()));
+                tensors.push(t);
+            }
+        }
         write(&dir.join(&file), &tensors)?;
     }
     if opts.shard_bytes.is_some() {

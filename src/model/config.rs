@@ -29,6 +29,9 @@ pub struct MoeConfig {
     pub decoder_sparse_step: usize,
     /// Layers that stay dense regardless.
     pub mlp_only_layers: Vec<usize>,
+    /// The routed experts are stored in this 4-bit format
+    /// (`quantization_config.quant_method` of `config.json`); `None`: floats.
+    pub fp4: Option<crate::quant::Fp4Format>,
 }
 
 /// The shape of a model, as `config.json` gives it.
@@ -189,6 +192,15 @@ impl ModelConfig {
                         Some(_) => get_usize(o, "decoder_sparse_step")?,
                     },
                     mlp_only_layers,
+                    fp4: match o.get("quantization_config") {
+                        None | Some(Value::Null) => None,
+                        Some(q) => {
+                            let method = q.get("quant_method").and_then(Value::as_str);
+                            Some(method.and_then(crate::quant::Fp4Format::parse).ok_or_else(|| {
+                                cfg(format!("quantization_config {q} is not supported (quant_method mxfp4 or nvfp4 on the routed experts)"))
+                            })?)
+                        }
+                    },
                 })
             }
         };
@@ -269,6 +281,12 @@ impl ModelConfig {
             o.insert("norm_topk_prob".into(), json!(m.norm_topk_prob));
             o.insert("decoder_sparse_step".into(), json!(m.decoder_sparse_step));
             o.insert("mlp_only_layers".into(), json!(m.mlp_only_layers));
+            if let Some(f) = m.fp4 {
+                o.insert(
+                    "quantization_config".into(),
+                    json!({"quant_method": f.name(), "modules": "routed experts", "block_size": f.block()}),
+                );
+            }
         }
         serde_json::to_string_pretty(&v).expect("a JSON value serialises")
     }
@@ -282,7 +300,35 @@ impl ModelConfig {
         })
     }
 
-    /// Every tensor of the checkpoint with its shape, in a fixed order.
+    /// Every tensor of the checkpoint with its shape, as stored, in a fixed
+    /// order: with FP4 experts, each routed-expert weight `NAME` becomes
+    /// `NAME_blocks` (U8 `[rows, cols / block, block / 2]`, two codes per byte,
+    /// even column in the low nibble), `NAME_scales` (U8 `[rows, cols / block]`,
+    /// E8M0 or E4M3 codes) and, for NVFP4, `NAME_scale_2` (F32 `[1]`, the
+    /// tensor scale).
+    pub fn stored_tensors(&self) -> Vec<(String, Vec<usize>)> {
+        let fp4 = self.moe.as_ref().and_then(|m| m.fp4);
+        let mut out = Vec::new();
+        for (name, shape) in self.tensors() {
+            match fp4 {
+                Some(f) if name.contains(".mlp.experts.") => {
+                    let (rows, cols) = (shape[0], shape[1]);
+                    let blocks = cols / f.block();
+                    out.push((format!("{name}_blocks"), vec![rows, blocks, f.block() / 2]));
+                    out.push((format!("{name}_scales"), vec![rows, blocks]));
+                    if f == crate::quant::Fp4Format::Nvfp4 {
+                        out.push((format!("{name}_scale_2"), vec![1]));
+                    }
+                }
+                _ => out.push((name, shape)),
+            }
+        }
+        out
+    }
+
+    /// Every tensor a checkpoint of this shape holds, as floats (routed experts
+    /// by their `.weight` names even when [`stored_tensors`](Self::stored_tensors)
+    /// keeps them in FP4), in a fixed order.
     pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
         let (h, hd) = (self.hidden_size, self.head_dim);
         let mut t = vec![(
@@ -410,6 +456,7 @@ impl ModelConfig {
                 norm_topk_prob: true,
                 decoder_sparse_step: 1,
                 mlp_only_layers: Vec::new(),
+                fp4: None,
             }),
             ..c
         };

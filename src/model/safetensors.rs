@@ -26,6 +26,8 @@ pub enum TensorDtype {
     F16,
     /// `BF16`.
     Bf16,
+    /// `U8` (raw bytes: FP4 codes and scales).
+    U8,
 }
 
 impl TensorDtype {
@@ -35,13 +37,16 @@ impl TensorDtype {
             TensorDtype::F32 => "F32",
             TensorDtype::F16 => "F16",
             TensorDtype::Bf16 => "BF16",
+            TensorDtype::U8 => "U8",
         }
     }
-    fn parse(s: &str) -> Option<TensorDtype> {
+    /// Parses a header dtype string this crate reads.
+    pub fn parse(s: &str) -> Option<TensorDtype> {
         match s {
             "F32" => Some(TensorDtype::F32),
             "F16" => Some(TensorDtype::F16),
             "BF16" => Some(TensorDtype::Bf16),
+            "U8" => Some(TensorDtype::U8),
             _ => None,
         }
     }
@@ -140,10 +145,12 @@ impl SafeTensors {
             .tensors
             .get(name)
             .ok_or_else(|| LoadError::MissingTensor(name.into()))?;
-        let dtype = TensorDtype::parse(&t.dtype).ok_or_else(|| LoadError::Dtype {
-            name: name.into(),
-            dtype: t.dtype.clone(),
-        })?;
+        let dtype = TensorDtype::parse(&t.dtype)
+            .filter(|d| *d != TensorDtype::U8)
+            .ok_or_else(|| LoadError::Dtype {
+                name: name.into(),
+                dtype: t.dtype.clone(),
+            })?;
         let size = if dtype == TensorDtype::F32 { 4 } else { 2 };
         if start + count > t.len / size {
             return Err(LoadError::BadTensor {
@@ -166,7 +173,23 @@ impl SafeTensors {
                 .chunks_exact(2)
                 .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
+            TensorDtype::U8 => unreachable!("U8 is rejected above"),
         })
+    }
+
+    /// The raw bytes of a `U8` tensor.
+    pub fn read_bytes(&self, name: &str) -> Result<&[u8], LoadError> {
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| LoadError::MissingTensor(name.into()))?;
+        if t.dtype != "U8" {
+            return Err(LoadError::Dtype {
+                name: name.into(),
+                dtype: t.dtype.clone(),
+            });
+        }
+        Ok(&self.map[t.offset..t.offset + t.len])
     }
 }
 
@@ -425,7 +448,7 @@ impl Checkpoint {
     /// Checks that exactly the tensors the configuration implies are present,
     /// with its shapes and a supported dtype.
     pub fn validate(&self) -> Result<(), LoadError> {
-        let expected = self.config.tensors();
+        let expected = self.config.stored_tensors();
         let names: std::collections::HashSet<&str> =
             expected.iter().map(|(n, _)| n.as_str()).collect();
         for (name, shape) in &expected {
@@ -439,7 +462,15 @@ impl Checkpoint {
                     found: t.shape.clone(),
                 });
             }
-            if TensorDtype::parse(&t.dtype).is_none() {
+            let fp4 = self.config.moe.as_ref().is_some_and(|m| m.fp4.is_some())
+                && name.contains(".mlp.experts.");
+            let ok = match TensorDtype::parse(&t.dtype) {
+                Some(TensorDtype::U8) => fp4 && !name.ends_with("_scale_2"),
+                Some(TensorDtype::F32) if fp4 => name.ends_with("_scale_2"),
+                Some(_) => !fp4,
+                None => false,
+            };
+            if !ok {
                 return Err(LoadError::Dtype {
                     name: name.clone(),
                     dtype: t.dtype.clone(),
@@ -480,6 +511,15 @@ impl Checkpoint {
             offset: src.offset + part.start * size,
             len: numel * size,
         })
+    }
+
+    /// The raw bytes of a `U8` tensor (FP4 codes or scales).
+    pub fn read_bytes(&self, name: &str) -> Result<Vec<u8>, LoadError> {
+        let &i = self
+            .location
+            .get(name)
+            .ok_or_else(|| LoadError::MissingTensor(name.into()))?;
+        Ok(self.files[i].read_bytes(name)?.to_vec())
     }
 
     /// A tensor converted to f32.

@@ -146,6 +146,21 @@ const FUSED_PROLOGUE_BYTES: usize = 96 * 1024;
 /// Elements per `fill_random` task.
 const FILL_CHUNK: usize = 1 << 22;
 
+/// An FP4 expert matrix stored in a checkpoint (`NAME_blocks`, `NAME_scales`,
+/// for NVFP4 `NAME_scale_2`).
+fn read_fp4(ck: &Checkpoint, name: &str, format: Fp4Format) -> Result<quant::Fp4Tensor> {
+    let tensor_scale = match format {
+        Fp4Format::Nvfp4 => ck.read_f32(&format!("{name}_scale_2"))?[0],
+        Fp4Format::Mxfp4 => 1.0,
+    };
+    Ok(quant::Fp4Tensor {
+        format,
+        codes: ck.read_bytes(&format!("{name}_blocks"))?,
+        scales: ck.read_bytes(&format!("{name}_scales"))?,
+        tensor_scale,
+    })
+}
+
 /// Puts tensors into executor buffers: uploads a checkpoint's, or queues
 /// `fill_random` tasks that draw random weights on the executor itself (run
 /// by [`flush`](Loader::flush)), so large random models never pass through the
@@ -192,6 +207,13 @@ impl<'a> Loader<'a> {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if i >= names.len() {
                         break;
+                    }
+                    let stored = src.config().moe.as_ref().and_then(|m| m.fp4);
+                    if let (Some(f), WeightSource::Checkpoint(ck)) = (stored, src) {
+                        // Stored quantized: read the codes, no quantizing again.
+                        let q = read_fp4(ck, &names[i], f);
+                        **slots[i].lock().expect("quantizer poisoned") = Some(q);
+                        continue;
                     }
                     let values = match src {
                         WeightSource::Checkpoint(ck) => ck.read_f32(&names[i]).map_err(Error::from),
@@ -340,6 +362,17 @@ impl Model {
         experts: Option<Fp4Format>,
     ) -> Result<Model> {
         let c = src.config().clone();
+        let stored = c.moe.as_ref().and_then(|m| m.fp4);
+        let experts = match (stored, experts) {
+            (Some(f), Some(g)) if f != g => {
+                return Err(Error::InvalidArgument(format!(
+                    "the checkpoint's experts are {}; they cannot be loaded as {}",
+                    f.name(),
+                    g.name()
+                )))
+            }
+            (s, e) => s.or(e),
+        };
         let mut ld = Loader::new(ex, src, experts);
         let one = |n: &str| vec![n.to_string()];
         let embed = ld.tensor(&one("model.embed_tokens.weight"))?;
