@@ -33,8 +33,9 @@ MK_OFFSET(AttentionCombineArgs, reserved, 44);
 // the slices with independent, vectorised loads.
 constexpr u32 COMBINE_MAX_CHUNKS = 256;
 
-template <u32 E>
-__device__ __forceinline__ void combine_pair(const AttentionCombineArgs& a, const float* p, float* w, u32 i, u32 h) {
+// One warp: the weight of each slice, exp(max_k − max) where its sum is
+// positive, into w[k]; returns the weighted total of the sums (every lane).
+__device__ __forceinline__ float combine_weights(const AttentionCombineArgs& a, const float* p, float* w) {
     const u32 lane = threadIdx.x & 31, hd = a.head_dim, stride = hd + 2;
     float mx = -__int_as_float(0x7f800000);
     for (u32 k = lane; k < a.chunks; k += 32) mx = fmaxf(mx, p[k * stride + hd]);
@@ -47,7 +48,13 @@ __device__ __forceinline__ void combine_pair(const AttentionCombineArgs& a, cons
         w[k] = wk;
         total = fmaf(wk, s, total);
     }
-    total = warp_sum(total);
+    return warp_sum(total);
+}
+
+template <u32 E>
+__device__ __forceinline__ void combine_pair(const AttentionCombineArgs& a, const float* p, float* w, u32 i, u32 h) {
+    const u32 lane = threadIdx.x & 31, hd = a.head_dim, stride = hd + 2;
+    const float total = combine_weights(a, p, w);
     __syncwarp();
     float acc[E];
 #pragma unroll
@@ -81,18 +88,7 @@ __device__ __forceinline__ void combine_pair_block(const AttentionCombineArgs& a
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     const u32 hd = a.head_dim, stride = hd + 2;
     if (warp == 0) {
-        float mx = -__int_as_float(0x7f800000);
-        for (u32 k = lane; k < a.chunks; k += 32) mx = fmaxf(mx, p[k * stride + hd]);
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, o));
-        float total = 0.0f;
-        for (u32 k = lane; k < a.chunks; k += 32) {
-            const float s = p[k * stride + hd + 1];
-            const float wk = s > 0.0f ? __expf(p[k * stride + hd] - mx) : 0.0f;
-            w[k] = wk;
-            total = fmaf(wk, s, total);
-        }
-        total = warp_sum(total);
+        const float total = combine_weights(a, p, w);
         if (lane == 0) w[COMBINE_MAX_CHUNKS] = total;
     }
     __syncthreads();
