@@ -90,19 +90,35 @@ __device__ __forceinline__ u64 fp4_scale_stride(u32 format, u32 ldy, u32 cols) {
     return (bytes + 15) & ~u64(15);
 }
 
+// Lanes per matrix row: the power of two among 32, 16 and 8 that leaves the
+// fewest lanes idle for `chunks` 16-byte chunks per row (a warp then works on
+// 32 / lanes rows at once; 768 columns are 24 chunks: 8 lanes, 3 each).
+__device__ __forceinline__ u32 fp4_row_lanes(u32 chunks) {
+    u32 best = 32, best_idle = 32 * ((chunks + 31) / 32) - chunks;
+    for (u32 l = 16; l >= 8; l /= 2) {
+        const u32 idle = (l * ((chunks + l - 1) / l) - chunks) * (32 / l);
+        if (idle < best_idle) best = l, best_idle = idle;
+    }
+    return best;
+}
+
 template <int M, bool XBF16, bool NV>
 __device__ __forceinline__ void fp4_pass(const GemvExpertFp4Args& a, const unsigned char* codes, const unsigned char* sc,
                                          float tscale, u64 x, u32 ldx, u64 y, u32 m0, u32 mcount) {
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     const u32 chunks = a.cols / 32, per_row_scales = NV ? a.cols / 16 : a.cols / 32;
-    for (u32 r = warp; r < a.rows; r += nwarps) {
-        const u64 row = u64(a.row0) + r;
+    const u32 lanes = fp4_row_lanes(chunks), per_warp = 32 / lanes, sub = lane % lanes, group = lane / lanes;
+    // Uniform trip count over the warp (the reduction shuffles need every lane).
+    for (u32 r0 = warp * per_warp; r0 < a.rows; r0 += nwarps * per_warp) {
+        const u32 r = r0 + group;
+        const bool live = r < a.rows;
+        const u64 row = u64(a.row0) + (live ? r : 0);
         const unsigned char* wrow = codes + row * (a.cols / 2);
         const unsigned char* srow = sc + row * per_row_scales;
         float acc[M];
 #pragma unroll
         for (int i = 0; i < M; ++i) acc[i] = 0.0f;
-        for (u32 ch = lane; ch < chunks; ch += 32) {
+        for (u32 ch = sub; live && ch < chunks; ch += lanes) {
             const uint4 q = ld_stream16(wrow + u64(ch) * 16);
             float s0, s1;
             if (NV) {
@@ -138,8 +154,9 @@ __device__ __forceinline__ void fp4_pass(const GemvExpertFp4Args& a, const unsig
         }
 #pragma unroll
         for (int i = 0; i < M; ++i) {
-            const float s = warp_sum(acc[i]);
-            if (lane == 0 && i < int(mcount)) {
+            float s = acc[i];
+            for (u32 off = lanes / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xFFFFFFFFu, s, off);
+            if (live && sub == 0 && i < int(mcount)) {
                 const u64 idx = u64(m0 + i) * a.ldy + row;
                 const float prev = (a.flags & FP4_ACCUMULATE) ? load_float(y, a.y_dtype, idx) : 0.0f;
                 store_float(y, a.y_dtype, idx, prev + s);
