@@ -191,8 +191,11 @@ fn stream_experts(format: Fp4Format, copy: f64) -> Result<()> {
         rt.alloc(DType::Bf16, n * inter)?,
     );
     let yd = rt.alloc(DType::F32, n * h)?;
-    let list = rt.alloc(DType::U32, n + 1)?;
-    let ids: Vec<u32> = std::iter::once(n as u32).chain(0..n as u32).collect();
+    let list = rt.alloc(DType::U32, 2 * n + 1)?;
+    let ids: Vec<u32> = std::iter::once(n as u32)
+        .chain(0..n as u32)
+        .chain((0..n).map(|_| 1))
+        .collect();
     rt.write_u32(&list, &ids)?;
     let mut b = ProgramBuilder::new();
     let per = (rt.num_workers() / n).max(1);

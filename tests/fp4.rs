@@ -27,9 +27,11 @@ fn run(
     x_per_slot: bool,
     pro: &Prologue,
 ) {
-    let list = ex.alloc(DType::U32, 1 + chosen.len()).unwrap();
+    // Count, ids, then each slot's row mask (every row here).
+    let list = ex.alloc(DType::U32, 1 + 2 * chosen.len()).unwrap();
     let mut l = vec![chosen.len() as u32];
     l.extend_from_slice(chosen);
+    l.extend(chosen.iter().map(|_| (1u32 << m) - 1));
     ex.write_u32(&list, &l).unwrap();
     let mut b = ProgramBuilder::new();
     for slot in 0..chosen.len() {

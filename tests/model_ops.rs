@@ -439,7 +439,7 @@ fn moe_routing_experts_and_combine() {
         lv[5] = lv[9]; // a tie inside row 0
         let (logits, _) = store(ex, DType::F32, &lv);
         let (weights, _) = store(ex, DType::F32, &vec![f32::NAN; m * e]);
-        let list = ex.alloc(DType::U32, 1 + slots).unwrap();
+        let list = ex.alloc(DType::U32, 1 + 2 * slots).unwrap();
         let (w, wv) = store(
             ex,
             DType::Bf16,
@@ -518,6 +518,13 @@ fn moe_routing_experts_and_combine() {
         let ids: Vec<u32> = chosen.into_iter().collect();
         assert_eq!(got_list[0] as usize, ids.len(), "{}", ex.describe());
         assert_eq!(&got_list[1..=ids.len()], &ids[..]);
+        // Each listed expert's mask holds exactly the rows that chose it.
+        for (s, &id) in ids.iter().enumerate() {
+            let want: u32 = (0..m)
+                .filter(|&i| want_w[i * e + id as usize] != 0.0)
+                .fold(0, |mask, i| mask | (1 << i));
+            assert_eq!(got_list[1 + slots + s], want, "mask of slot {s}");
+        }
         assert!(rel_l2(&ex.read_f32(&weights).unwrap(), &want_w) < 1e-5);
         let mut want = rv.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
         for i in 0..m {

@@ -75,8 +75,11 @@ __device__ __forceinline__ void load_x8(u64 x, u64 idx, float f[8]) {
     }
 }
 
+// Input row `i` of a pass: through the row map when there is one.
+__device__ __forceinline__ u32 gemv_row(const u32* rmap, u32 i) { return rmap ? rmap[i] : i; }
+
 template <int M, bool XBF16>
-__device__ __forceinline__ void gemv_pass(const GemvBf16Args& a, u64 x, u32 ldx, u32 m0, u32 mcount) {
+__device__ __forceinline__ void gemv_pass(const GemvBf16Args& a, u64 x, u32 ldx, const u32* rmap, u32 m0, u32 mcount) {
     constexpr int UNROLL = 4;
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     const u32 chunks = a.cols >> 3;
@@ -103,7 +106,7 @@ __device__ __forceinline__ void gemv_pass(const GemvBf16Args& a, u64 x, u32 ldx,
                 for (int i = 0; i < M; ++i) {
                     if (i < int(mcount)) {
                         float xf[8];
-                        load_x8<XBF16>(x, u64(m0 + i) * ldx + u64(ch) * 8, xf);
+                        load_x8<XBF16>(x, u64(gemv_row(rmap, m0 + i)) * ldx + u64(ch) * 8, xf);
 #pragma unroll
                         for (int k = 0; k < 8; ++k) acc[i] = fmaf(wf[k], xf[k], acc[i]);
                     }
@@ -114,7 +117,7 @@ __device__ __forceinline__ void gemv_pass(const GemvBf16Args& a, u64 x, u32 ldx,
         for (int i = 0; i < M; ++i) {
             const float s = warp_sum(acc[i]);
             if (lane == 0 && i < int(mcount)) {
-                const u64 idx = u64(m0 + i) * a.ldy + row;
+                const u64 idx = u64(gemv_row(rmap, m0 + i)) * a.ldy + row;
                 const float prev = a.accumulate ? load_float(a.y, a.y_dtype, idx) : 0.0f;
                 store_float(a.y, a.y_dtype, idx, prev + s);
             }
@@ -122,15 +125,16 @@ __device__ __forceinline__ void gemv_pass(const GemvBf16Args& a, u64 x, u32 ldx,
     }
 }
 
+// The `n` input rows listed in `rmap` (all `a.m` rows in order when null).
 template <bool XBF16>
-__device__ __forceinline__ void gemv_rows(const GemvBf16Args& a, u64 x, u32 ldx) {
+__device__ __forceinline__ void gemv_rows(const GemvBf16Args& a, u64 x, u32 ldx, const u32* rmap, u32 n) {
     // Input rows in passes of at most 4 (each pass streams the matrix once;
     // more accumulators would spill under the 64-register cap).
-    for (u32 m0 = 0; m0 < a.m; m0 += 4) {
-        const u32 mc = min(a.m - m0, 4u);
-        if (mc == 1) gemv_pass<1, XBF16>(a, x, ldx, m0, 1);
-        else if (mc == 2) gemv_pass<2, XBF16>(a, x, ldx, m0, 2);
-        else gemv_pass<4, XBF16>(a, x, ldx, m0, mc);
+    for (u32 m0 = 0; m0 < n; m0 += 4) {
+        const u32 mc = min(n - m0, 4u);
+        if (mc == 1) gemv_pass<1, XBF16>(a, x, ldx, rmap, m0, 1);
+        else if (mc == 2) gemv_pass<2, XBF16>(a, x, ldx, rmap, m0, 2);
+        else gemv_pass<4, XBF16>(a, x, ldx, rmap, m0, mc);
     }
 }
 
@@ -197,14 +201,28 @@ __device__ __forceinline__ bool gemv_input(const Ctx& c, const GemvInput& in, u6
     return true;
 }
 
-__device__ __forceinline__ void gemv_dispatch(const Ctx& c, const GemvBf16Args& a) {
+// With `rmap`, only the `n` rows it lists are computed (the others keep
+// whatever they held).
+__device__ __forceinline__ void gemv_dispatch(const Ctx& c, const GemvBf16Args& a, const u32* rmap = nullptr,
+                                              u32 n = 0) {
     const GemvInput in = {a.x, a.aux, a.ldx, a.m, a.cols, a.x_dtype, a.prologue, __uint_as_float(a.eps)};
     u64 x;
     u32 ldx;
     bool bf16;
     if (!gemv_input(c, in, x, ldx, bf16)) return;
-    if (bf16) gemv_rows<true>(a, x, ldx);
-    else gemv_rows<false>(a, x, ldx);
+    if (!rmap) n = a.m;
+    if (bf16) gemv_rows<true>(a, x, ldx, rmap, n);
+    else gemv_rows<false>(a, x, ldx, rmap, n);
+}
+
+// The rows set in `mask` (bit i: row i), ascending, into `rmap`; returns how
+// many. Every thread computes the same list.
+__device__ __forceinline__ u32 rows_of_mask(u32 mask, u32* rmap) {
+    u32 n = 0;
+    for (u32 i = 0; i < 32; ++i) {
+        if (mask & (1u << i)) rmap[n++] = i;
+    }
+    return n;
 }
 
 __device__ __forceinline__ void task_gemv_bf16(const Ctx& c) {

@@ -7,13 +7,15 @@ struct GemvExpertArgs {
     GemvBf16Args gemv;
     u64 list;
     u32 slot;
-    u32 x_per_slot;
+    u16 x_per_slot;
+    u16 slots;
 };
 MK_SIZE(GemvExpertArgs, 88);
 MK_OFFSET(GemvExpertArgs, gemv, 0);
 MK_OFFSET(GemvExpertArgs, list, 72);
 MK_OFFSET(GemvExpertArgs, slot, 80);
 MK_OFFSET(GemvExpertArgs, x_per_slot, 84);
+MK_OFFSET(GemvExpertArgs, slots, 86);
 
 __device__ __forceinline__ void task_gemv_expert(const Ctx& c) {
     // The product's arguments are patched in place in the shared descriptor
@@ -40,5 +42,8 @@ __device__ __forceinline__ void task_gemv_expert(const Ctx& c) {
         if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, g.cols, g.m);
         return;
     }
-    gemv_dispatch(c, g);
+    // Only the rows routed to this expert (the mask after the list's ids).
+    u32 rmap[16];
+    const u32 n = rows_of_mask(list[1 + a.slots + a.slot] & ((1u << g.m) - 1u), rmap);
+    if (n > 0) gemv_dispatch(c, g, rmap, n);
 }

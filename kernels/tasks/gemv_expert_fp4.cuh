@@ -27,8 +27,10 @@ struct GemvExpertFp4Args {
     u32 eps;
     u16 slot;
     u16 flags;
+    u32 slots;
+    u32 reserved;
 };
-MK_SIZE(GemvExpertFp4Args, 80);
+MK_SIZE(GemvExpertFp4Args, 88);
 MK_OFFSET(GemvExpertFp4Args, w, 0);
 MK_OFFSET(GemvExpertFp4Args, scales, 8);
 MK_OFFSET(GemvExpertFp4Args, x, 16);
@@ -47,6 +49,8 @@ MK_OFFSET(GemvExpertFp4Args, format, 71);
 MK_OFFSET(GemvExpertFp4Args, eps, 72);
 MK_OFFSET(GemvExpertFp4Args, slot, 76);
 MK_OFFSET(GemvExpertFp4Args, flags, 78);
+MK_OFFSET(GemvExpertFp4Args, slots, 80);
+MK_OFFSET(GemvExpertFp4Args, reserved, 84);
 
 constexpr u32 FP4_MXFP4 = 0;
 constexpr u32 FP4_NVFP4 = 1;
@@ -104,7 +108,7 @@ __device__ __forceinline__ u32 fp4_row_lanes(u32 chunks) {
 
 template <int M, bool XBF16, bool NV>
 __device__ __forceinline__ void fp4_pass(const GemvExpertFp4Args& a, const unsigned char* codes, const unsigned char* sc,
-                                         float tscale, u64 x, u32 ldx, u64 y, u32 m0, u32 mcount) {
+                                         float tscale, u64 x, u32 ldx, u64 y, const u32* rmap, u32 m0, u32 mcount) {
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     const u32 chunks = a.cols / 32, per_row_scales = NV ? a.cols / 16 : a.cols / 32;
     const u32 lanes = fp4_row_lanes(chunks), per_warp = 32 / lanes, sub = lane % lanes, group = lane / lanes;
@@ -139,7 +143,7 @@ __device__ __forceinline__ void fp4_pass(const GemvExpertFp4Args& a, const unsig
                 for (int i = 0; i < M; ++i) {
                     if (i < int(mcount)) {
                         float xf[8];
-                        load_x8<XBF16>(x, u64(m0 + i) * ldx + u64(ch) * 32 + k * 8, xf);
+                        load_x8<XBF16>(x, u64(rmap[m0 + i]) * ldx + u64(ch) * 32 + k * 8, xf);
 #pragma unroll
                         for (int t = 0; t < 4; ++t) {
                             const float lo = __uint_as_float(bf[t] << 16), hi = __uint_as_float(bf[t] & 0xFFFF0000u);
@@ -157,7 +161,7 @@ __device__ __forceinline__ void fp4_pass(const GemvExpertFp4Args& a, const unsig
             float s = acc[i];
             for (u32 off = lanes / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xFFFFFFFFu, s, off);
             if (live && sub == 0 && i < int(mcount)) {
-                const u64 idx = u64(m0 + i) * a.ldy + row;
+                const u64 idx = u64(rmap[m0 + i]) * a.ldy + row;
                 const float prev = (a.flags & FP4_ACCUMULATE) ? load_float(y, a.y_dtype, idx) : 0.0f;
                 store_float(y, a.y_dtype, idx, prev + s);
             }
@@ -165,13 +169,14 @@ __device__ __forceinline__ void fp4_pass(const GemvExpertFp4Args& a, const unsig
     }
 }
 
+// The `n` input rows listed in `rmap`, two per pass.
 template <bool XBF16, bool NV>
 __device__ __forceinline__ void fp4_rows(const GemvExpertFp4Args& a, const unsigned char* codes, const unsigned char* sc,
-                                         float tscale, u64 x, u32 ldx, u64 y) {
-    for (u32 m0 = 0; m0 < a.m; m0 += 2) {
-        const u32 mc = min(a.m - m0, 2u);
-        if (mc == 1) fp4_pass<1, XBF16, NV>(a, codes, sc, tscale, x, ldx, y, m0, 1);
-        else fp4_pass<2, XBF16, NV>(a, codes, sc, tscale, x, ldx, y, m0, 2);
+                                         float tscale, u64 x, u32 ldx, u64 y, const u32* rmap, u32 n) {
+    for (u32 m0 = 0; m0 < n; m0 += 2) {
+        const u32 mc = min(n - m0, 2u);
+        if (mc == 1) fp4_pass<1, XBF16, NV>(a, codes, sc, tscale, x, ldx, y, rmap, m0, 1);
+        else fp4_pass<2, XBF16, NV>(a, codes, sc, tscale, x, ldx, y, rmap, m0, 2);
     }
 }
 
@@ -194,15 +199,19 @@ __device__ __forceinline__ void task_gemv_expert_fp4(const Ctx& c) {
     const u64 step = (a.flags & FP4_X_PER_SLOT) ? u64(a.slot) * a.m * a.cols * xsize : 0;
     const GemvInput in = {a.x + step, a.prologue == PROLOGUE_SWIGLU ? a.aux + step : a.aux, a.cols, a.m, a.cols,
                           a.x_dtype, a.prologue, __uint_as_float(a.eps)};
+    // Only the rows routed to this expert (the mask after the list's ids).
+    u32 rmap[16];
+    const u32 n = rows_of_mask(list[1 + a.slots + a.slot] & ((1u << a.m) - 1u), rmap);
+    if (n == 0) return;
     u64 x;
     u32 ldx;
     bool bf16;
     if (!gemv_input(c, in, x, ldx, bf16)) return;
     if (bf16) {
-        if (nv) fp4_rows<true, true>(a, codes, sc, tscale, x, ldx, y);
-        else fp4_rows<true, false>(a, codes, sc, tscale, x, ldx, y);
+        if (nv) fp4_rows<true, true>(a, codes, sc, tscale, x, ldx, y, rmap, n);
+        else fp4_rows<true, false>(a, codes, sc, tscale, x, ldx, y, rmap, n);
     } else {
-        if (nv) fp4_rows<false, true>(a, codes, sc, tscale, x, ldx, y);
-        else fp4_rows<false, false>(a, codes, sc, tscale, x, ldx, y);
+        if (nv) fp4_rows<false, true>(a, codes, sc, tscale, x, ldx, y, rmap, n);
+        else fp4_rows<false, false>(a, codes, sc, tscale, x, ldx, y, rmap, n);
     }
 }

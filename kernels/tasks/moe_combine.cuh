@@ -38,7 +38,9 @@ __device__ __forceinline__ void task_moe_combine(const Ctx& c) {
         const u64 at = u64(i) * a.hidden + h;
         float acc = load_float(a.x, a.x_dtype, at);
         for (u32 s = 0; s < count; ++s) {
-            acc = fmaf(w[u64(i) * a.experts + list[1 + s]], y[(u64(s) * a.m + i) * a.hidden + h], acc);
+            // Rows not routed to an expert weigh 0 and its output row was not computed.
+            const float ws = w[u64(i) * a.experts + list[1 + s]];
+            if (ws != 0.0f) acc = fmaf(ws, y[(u64(s) * a.m + i) * a.hidden + h], acc);
         }
         store_float(a.x, a.x_dtype, at, acc);
     }

@@ -13,8 +13,10 @@ struct MoeRouteArgs {
     u32 experts;
     u32 top_k;
     u32 norm_topk;
+    u32 slots;
+    u32 reserved;
 };
-MK_SIZE(MoeRouteArgs, 40);
+MK_SIZE(MoeRouteArgs, 48);
 MK_OFFSET(MoeRouteArgs, logits, 0);
 MK_OFFSET(MoeRouteArgs, weights, 8);
 MK_OFFSET(MoeRouteArgs, list, 16);
@@ -22,6 +24,8 @@ MK_OFFSET(MoeRouteArgs, m, 24);
 MK_OFFSET(MoeRouteArgs, experts, 28);
 MK_OFFSET(MoeRouteArgs, top_k, 32);
 MK_OFFSET(MoeRouteArgs, norm_topk, 36);
+MK_OFFSET(MoeRouteArgs, slots, 40);
+MK_OFFSET(MoeRouteArgs, reserved, 44);
 
 // One warp per token row. The row's probabilities are computed once into
 // shared memory; each of the top_k rounds is then a warp argmax over shared
@@ -30,7 +34,7 @@ __device__ __forceinline__ void task_moe_route(const Ctx& c) {
     const MoeRouteArgs& a = task_args<MoeRouteArgs>(c);
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     const float NEG_INF = -__int_as_float(0x7f800000);
-    if (u64(nwarps) * a.experts * 4 + a.experts > c.smem_bytes || a.top_k > 32) {
+    if (u64(nwarps) * a.experts * 4 + a.experts > c.smem_bytes || a.top_k > 32 || a.m > 32) {
         if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, a.experts, a.top_k);
         return;
     }
@@ -105,5 +109,14 @@ __device__ __forceinline__ void task_moe_route(const Ctx& c) {
             n += __popc(mask);
         }
         if (lane == 0) list[0] = n;
+        // Row masks of the listed experts (after the ids, at the list's capacity).
+        __syncwarp();
+        const float* w = reinterpret_cast<const float*>(a.weights);
+        for (u32 s = lane; s < n; s += 32) {
+            const u32 e = list[1 + s];
+            u32 mask = 0;
+            for (u32 i = 0; i < a.m; ++i) mask |= (w[u64(i) * a.experts + e] != 0.0f ? 1u : 0u) << i;
+            list[1 + a.slots + s] = mask;
+        }
     }
 }

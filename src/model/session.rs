@@ -733,7 +733,10 @@ fn build(
     let slots = experts.min(m * top_k);
     let router_logits = buf(DType::F32, m * experts)?;
     let route_weights = buf(DType::F32, m * experts)?;
-    let list = buf(DType::U32, 1 + slots)?;
+    let list = buf(
+        DType::U32,
+        crate::task::moe_route::list_len(m, experts, top_k),
+    )?;
     let (eg, eu) = (
         buf(DType::Bf16, slots * m * moe_inter)?,
         buf(DType::Bf16, slots * m * moe_inter)?,

@@ -24,7 +24,9 @@ pub struct GemvExpertArgs {
     /// Slot of the list this task serves.
     pub slot: u32,
     /// 1: the input is per slot.
-    pub x_per_slot: u32,
+    pub x_per_slot: u16,
+    /// Capacity of the routing list (where the row masks start).
+    pub slots: u16,
 }
 
 /// Expert matrix-vector product through the routing list.
@@ -48,7 +50,7 @@ impl GemvExpert {
         rows: usize,
         prologue: &Prologue,
     ) -> Result<TaskSpec, ProgramError> {
-        if list.dtype() != DType::U32 || list.len() < 1 + slots || slot >= slots {
+        if list.dtype() != DType::U32 || list.len() < 1 + 2 * slots || slot >= slots {
             return Err(bad::<GemvExpert>(
                 "list must be u32 with room for every slot",
             ));
@@ -97,7 +99,8 @@ impl GemvExpert {
             gemv: super::decode_args(&spec.args),
             list: list.addr(),
             slot: slot as u32,
-            x_per_slot: u32::from(x_per_slot),
+            x_per_slot: u16::from(x_per_slot),
+            slots: u16::try_from(slots).map_err(|_| bad::<GemvExpert>("over 2^16 slots"))?,
         };
         Ok(TaskSpec::new::<GemvExpert>(args, &bufs))
     }
@@ -144,7 +147,8 @@ impl TaskKind for GemvExpert {
             gemv,
             list,
             slot,
-            x_per_slot
+            x_per_slot,
+            slots
         })
     }
 }

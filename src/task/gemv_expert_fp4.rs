@@ -59,6 +59,10 @@ pub struct GemvExpertFp4Args {
     pub slot: u16,
     /// Bit 0: accumulate into `y`; bit 1: the input is per slot.
     pub flags: u16,
+    /// Capacity of the routing list (where the row masks start).
+    pub slots: u32,
+    /// Zero.
+    pub reserved: u32,
 }
 
 /// FP4 expert matrix-vector product through the routing list.
@@ -196,7 +200,7 @@ impl GemvExpertFp4 {
     ) -> Result<TaskSpec, ProgramError> {
         want_float::<GemvExpertFp4>("x", x)?;
         want_float::<GemvExpertFp4>("y", y)?;
-        if list.dtype() != DType::U32 || list.len() < 1 + slots || slot >= slots {
+        if list.dtype() != DType::U32 || list.len() < 1 + 2 * slots || slot >= slots {
             return Err(bad::<GemvExpertFp4>(
                 "list must be u32 with room for every slot",
             ));
@@ -247,6 +251,8 @@ impl GemvExpertFp4 {
             eps: eps.to_bits(),
             slot: u16::try_from(slot).map_err(|_| bad::<GemvExpertFp4>("slot over 2^16"))?,
             flags: u16::from(accumulate) | (u16::from(x_per_slot) << 1),
+            slots: slots as u32,
+            reserved: 0,
         };
         let (codes, scales) = (w.codes.all(), w.scales.all());
         let mut bufs = vec![&codes, &scales, x, y, list];
@@ -353,7 +359,9 @@ impl TaskKind for GemvExpertFp4 {
             format,
             eps,
             slot,
-            flags
+            flags,
+            slots,
+            reserved
         })
     }
 }

@@ -98,6 +98,10 @@ impl TaskKind for MoeCombine {
             let mut x = mem.read_f32(at, xd, a.hn as usize)?;
             for (s, &id) in ids.iter().enumerate() {
                 let weight = w[i * e + id as usize];
+                if weight == 0.0 {
+                    // Not routed here: the expert did not compute this row.
+                    continue;
+                }
                 let y = mem.read_f32(
                     a.y + (((s * m + i) * h + a.h0 as usize) * 4) as u64,
                     DType::F32,

@@ -2,8 +2,11 @@
 //! top-k (lowest index on ties), optional renormalisation of the k weights.
 //! Writes a dense `[m, experts]` weight table (zero for experts a row did not
 //! choose) and the list of experts chosen by any row, in ascending order:
-//! `list[0]` is the count, `list[1..]` the expert ids. Expert tasks stride
-//! over that list, so each chosen expert's weights are read once per step.
+//! `list[0]` is the count, `list[1 + s]` the expert in slot `s`, and
+//! `list[1 + slots + s]` a bit mask of the rows routed to it (`slots =
+//! min(experts, m * top_k)`, the list's capacity). Expert tasks stride over the
+//! list, so each chosen expert's weights are read once per step, and compute
+//! only the rows in its mask.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -33,6 +36,20 @@ pub struct MoeRouteArgs {
     pub top_k: u32,
     /// 1: renormalise the chosen weights to sum to one.
     pub norm_topk: u32,
+    /// Capacity of the list (`min(experts, m * top_k)`); the masks follow the ids.
+    pub slots: u32,
+    /// Zero.
+    pub reserved: u32,
+}
+
+/// Slots of a routing list for `m` rows (its capacity).
+pub fn list_slots(m: usize, experts: usize, top_k: usize) -> usize {
+    experts.min(m * top_k)
+}
+
+/// Elements of a routing list for `m` rows: count, ids, row masks.
+pub fn list_len(m: usize, experts: usize, top_k: usize) -> usize {
+    1 + 2 * list_slots(m, experts, top_k)
 }
 
 /// Routing.
@@ -63,7 +80,7 @@ impl MoeRoute {
         }
         if logits.len() < m * experts
             || weights.len() < m * experts
-            || list.len() < 1 + experts.min(m * top_k)
+            || list.len() < list_len(m, experts, top_k)
         {
             return Err(bad::<MoeRoute>("logits, weights or list too small"));
         }
@@ -75,6 +92,8 @@ impl MoeRoute {
             experts: experts as u32,
             top_k: top_k as u32,
             norm_topk: u32::from(norm_topk),
+            slots: list_slots(m, experts, top_k) as u32,
+            reserved: 0,
         };
         Ok(TaskSpec::new::<MoeRoute>(args, &[logits, weights, list]))
     }
@@ -109,8 +128,18 @@ impl TaskKind for MoeRoute {
         }
         mem.write_f32(a.weights, DType::F32, &weights)?;
         let ids: Vec<u32> = (0..e as u32).filter(|&j| chosen[j as usize]).collect();
-        let mut list = vec![ids.len() as u32];
-        list.extend(ids);
+        let slots = a.slots as usize;
+        if ids.len() > slots || m > 32 {
+            return Err(TaskFault::BadArgs("routing list capacity"));
+        }
+        let mut list = vec![0u32; 1 + 2 * slots];
+        list[0] = ids.len() as u32;
+        for (s, &j) in ids.iter().enumerate() {
+            list[1 + s] = j;
+            list[1 + slots + s] = (0..m)
+                .filter(|&i| weights[i * e + j as usize] != 0.0)
+                .fold(0, |mask, i| mask | (1 << i));
+        }
         mem.write_u32(a.list, &list)
     }
     fn layout() -> Layout {
@@ -121,7 +150,9 @@ impl TaskKind for MoeRoute {
             m,
             experts,
             top_k,
-            norm_topk
+            norm_topk,
+            slots,
+            reserved
         })
     }
 }
