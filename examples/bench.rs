@@ -15,7 +15,8 @@ For each preset (default qwen3-0.6b): random weights straight into GPU memory,
 a prompt of N-context random tokens (chunked prefill, reported as prompt
 tokens/s), then N-tokens greedy decode steps in one command. Reports ms/token,
 tokens/s, the bytes a step reads at the mean context, the device copy bandwidth
-measured first in the same run, and the ratio (roofline %).
+measured first in the same run, and the ratio (roofline %); then the time of a
+16-row verify step (the prefill chunk program) next to one decode step.
 
   --preset NAME   tiny, tiny-moe, qwen3-0.6b, qwen3-8b, qwen3-30b-a3b (repeatable)
   --context N     positions before the timed steps (default 1024)
@@ -123,7 +124,7 @@ fn main() -> Result<()> {
         let t = Instant::now();
         eprintln!("{name}: drawing random weights on the device");
         let mut d =
-            Model::random_with(&rt, &config, 7, experts)?.session(&rt, context + tokens + 1)?;
+            Model::random_with(&rt, &config, 7, experts)?.session(&rt, context + tokens + 17)?;
         let load = t.elapsed().as_secs_f64();
         let prompt: Vec<u32> = (0..context)
             .map(|i| ((i * 7919) % config.vocab_size) as u32)
@@ -133,26 +134,42 @@ fn main() -> Result<()> {
         d.prefill(&rt, &prompt)?;
         let prefill = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        d.generate(&rt, tokens)?;
+        let generated = d.generate(&rt, tokens)?;
         let per_token = t.elapsed().as_secs_f64() / tokens as f64;
+        // A 16-row block through the chunk program (a speculative verify step),
+        // then the context cut back: its cost next to one decode step.
+        let (base, last) = (d.position(), generated.last().copied().unwrap_or(0));
+        let block: Vec<u32> = (0..16)
+            .map(|i| ((i * 31 + 7) % config.vocab_size) as u32)
+            .collect();
+        let mut verify = f64::INFINITY;
+        for _ in 0..4 {
+            let t = Instant::now();
+            d.prefill(&rt, &block)?;
+            verify = verify.min(t.elapsed().as_secs_f64());
+            d.truncate(&rt, base, last)?;
+        }
         let bytes = config.decode_bytes_with(context + tokens / 2, experts) as f64;
         let roofline = bytes / per_token / copy;
         println!(
             "{name} {dtype}: {:.3} ms/token, {:.1} tokens/s at context {context}; {:.2} GB/step; {:.1} % of copy bandwidth; \
-             prefill {:.0} tokens/s; load {load:.1} s",
+             prefill {:.0} tokens/s; load {load:.1} s; a 16-row verify step {:.3} ms ({:.1} decode steps)",
             per_token * 1e3,
             1.0 / per_token,
             bytes / 1e9,
             roofline * 100.0,
-            context as f64 / prefill
+            context as f64 / prefill,
+            verify * 1e3,
+            verify / per_token
         );
         println!(
             "{{\"preset\": \"{name}\", \"dtype\": \"{dtype}\", \"context\": {context}, \"ms_per_token\": {:.4}, \"tokens_per_s\": {:.2}, \
              \"bytes_per_step\": {bytes:.0}, \"copy_bandwidth\": {copy:.4e}, \"roofline\": {roofline:.4}, \"prefill_tokens_per_s\": {:.1}, \
-             \"device\": \"{}\"}}",
+             \"verify16_ms\": {:.4}, \"device\": \"{}\"}}",
             per_token * 1e3,
             1.0 / per_token,
             context as f64 / prefill,
+            verify * 1e3,
             rt.describe()
         );
         if profile {
