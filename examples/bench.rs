@@ -124,7 +124,7 @@ fn main() -> Result<()> {
         let t = Instant::now();
         eprintln!("{name}: drawing random weights on the device");
         let mut d =
-            Model::random_with(&rt, &config, 7, experts)?.session(&rt, context + tokens + 17)?;
+            Model::random_with(&rt, &config, 7, experts)?.session(&rt, context + tokens + 34)?;
         let load = t.elapsed().as_secs_f64();
         let prompt: Vec<u32> = (0..context)
             .map(|i| ((i * 7919) % config.vocab_size) as u32)
@@ -174,6 +174,11 @@ fn main() -> Result<()> {
         );
         if profile {
             print_profile(&d.trace_step(&rt)?, d.step_program());
+            let block: Vec<u32> = (0..16)
+                .map(|i| ((i * 17 + 3) % config.vocab_size) as u32)
+                .collect();
+            println!("  a 16-row chunk (verify block):");
+            print_profile(&d.trace_chunk(&rt, &block)?, d.chunk_program());
         }
     }
     Ok(())

@@ -680,6 +680,30 @@ impl Session {
         Ok(trace)
     }
 
+    /// Runs the 16-row chunk program (a prefill chunk, or a speculative verify
+    /// block) on `tokens` with device timing of every task; the positions
+    /// count like any others. [`chunk_program`](Self::chunk_program) names the
+    /// stages.
+    pub fn trace_chunk(&mut self, rt: &crate::cuda::Runtime, tokens: &[u32]) -> Result<Trace> {
+        if tokens.len() != PREFILL_CHUNK {
+            return Err(Error::InvalidArgument(format!(
+                "a chunk is {PREFILL_CHUNK} tokens, not {}",
+                tokens.len()
+            )));
+        }
+        self.check(tokens, tokens.len())?;
+        rt.write_u32(&self.chunk_ids, tokens)?;
+        rt.write_u32(&self.pos_buf, &[self.pos as u32])?;
+        let trace = rt.trace(&self.chunk, &[])?;
+        self.pos += tokens.len();
+        Ok(trace)
+    }
+
+    /// The chunk program (its event names label the stages).
+    pub fn chunk_program(&self) -> &crate::program::Program {
+        self.chunk.program()
+    }
+
     /// The one-token decode program (its event names label the stages).
     pub fn step_program(&self) -> &crate::program::Program {
         self.step.program()
