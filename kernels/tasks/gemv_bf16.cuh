@@ -189,7 +189,23 @@ __device__ __forceinline__ u32 gemv_prologue_bytes(u32 m, u32 cols) { return m *
 // or does not fit.
 __device__ __forceinline__ bool gemv_input(const Ctx& c, const GemvInput& in, u64& x, u32& ldx, bool& bf16) {
     if (in.prologue == PROLOGUE_NONE) {
-        x = in.x, ldx = in.ldx, bf16 = in.x_dtype == DTYPE_BF16;
+        bf16 = in.x_dtype == DTYPE_BF16;
+        const u32 row_bytes = in.cols * (bf16 ? 2 : 4);
+        // Several rows: copy them (unchanged) into shared memory, since every
+        // warp rereads them for each matrix row and the L1 left beside the
+        // kernel's shared memory does not hold them.
+        if (in.m > 1 && in.m * row_bytes <= c.smem_bytes && (row_bytes & 15) == 0 && ((in.x | (in.ldx * (bf16 ? 2 : 4))) & 15) == 0) {
+            const u32 per_row = row_bytes / 16;
+            for (u32 k = threadIdx.x; k < in.m * per_row; k += blockDim.x) {
+                const u32 i = k / per_row, j = k % per_row;
+                const uint4 v = *reinterpret_cast<const uint4*>(in.x + u64(i) * in.ldx * (bf16 ? 2 : 4) + u64(j) * 16);
+                reinterpret_cast<uint4*>(c.smem)[k] = v;
+            }
+            __syncthreads();
+            x = reinterpret_cast<u64>(c.smem), ldx = in.cols;
+            return true;
+        }
+        x = in.x, ldx = in.ldx;
         return true;
     }
     if ((in.prologue != PROLOGUE_RMSNORM && in.prologue != PROLOGUE_SWIGLU) ||
