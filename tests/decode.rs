@@ -15,7 +15,11 @@ type LayerCache = (Vec<Vec<f64>>, Vec<Vec<f64>>);
 /// returning the logits after every token. Values are rounded to bf16 where
 /// the model stores them in bf16 (activations, the KV cache), so that routing
 /// decisions do not flip on rounding alone; everything else is f64.
-fn reference(ck: &Checkpoint, tokens: &[u32]) -> Vec<Vec<f64>> {
+/// The reference logits at every position, and at every position the
+/// smallest gap (in router logits) between the last expert chosen and the
+/// first one left out, over the MoE layers (infinite for dense models): where
+/// it is tiny, bf16 activations may route differently and the runs part.
+fn reference(ck: &Checkpoint, tokens: &[u32]) -> (Vec<Vec<f64>>, Vec<f64>) {
     let c = &ck.config;
     let w = |n: &str| {
         ck.read_f32(n)
@@ -58,7 +62,9 @@ fn reference(ck: &Checkpoint, tokens: &[u32]) -> Vec<Vec<f64>> {
     };
     let mut caches: Vec<LayerCache> = vec![(Vec::new(), Vec::new()); c.num_layers];
     let mut out = Vec::new();
+    let mut gaps = Vec::new();
     for (p, &t) in tokens.iter().enumerate() {
+        let mut gap = f64::INFINITY;
         let mut x = embed[t as usize * h..(t as usize + 1) * h].to_vec();
         for (l, (kc, vc)) in caches.iter_mut().enumerate() {
             let pre = |s: &str| w(&format!("model.layers.{l}.{s}"));
@@ -132,6 +138,9 @@ fn reference(ck: &Checkpoint, tokens: &[u32]) -> Vec<Vec<f64>> {
                     let mut order: Vec<usize> = (0..e.len()).collect();
                     order.sort_by(|&a, &b| e[b].partial_cmp(&e[a]).unwrap().then(a.cmp(&b)));
                     let top = &order[..m.top_k];
+                    if m.top_k < order.len() {
+                        gap = gap.min(logits[order[m.top_k - 1]] - logits[order[m.top_k]]);
+                    }
                     let norm_sum: f64 = if m.norm_topk_prob {
                         top.iter().map(|&j| e[j] / tot).sum()
                     } else {
@@ -151,8 +160,9 @@ fn reference(ck: &Checkpoint, tokens: &[u32]) -> Vec<Vec<f64>> {
             x = bf(x.iter().zip(delta).map(|(a, b)| a + b).collect());
         }
         out.push(matvec(&head, &bf(norm(&x, &w("model.norm.weight")))));
+        gaps.push(gap);
     }
-    out
+    (out, gaps)
 }
 
 /// Writes a random checkpoint for `config` and opens it.
@@ -239,7 +249,7 @@ fn decode_against_reference(config: ModelConfig) {
         let mut seq = prompt.clone();
         seq.push(*first);
         seq.extend(&more[..more.len() - 1]);
-        let want = reference(&ck, &seq);
+        let (want, gaps) = reference(&ck, &seq);
         let err = rel(logits, &want[prompt.len() - 1]);
         assert!(
             err < 1e-2,
@@ -248,9 +258,16 @@ fn decode_against_reference(config: ModelConfig) {
         let got: Vec<u32> = std::iter::once(*first)
             .chain(more.iter().copied())
             .collect();
-        let mut checked = 0;
+        let (mut checked, mut examined) = (0, 0);
         for (i, &t) in got.iter().enumerate() {
-            let (best, margin) = argmax(&want[prompt.len() - 1 + i]);
+            // A near tie in routing at this token's input (or any before it in
+            // the generated part) may legitimately send the runs apart.
+            let at = prompt.len() - 1 + i;
+            if gaps[prompt.len() - 1..=at].iter().any(|&g| g < 0.02) {
+                break;
+            }
+            examined += 1;
+            let (best, margin) = argmax(&want[at]);
             if margin > 0.05 {
                 assert_eq!(
                     t as usize, best,
@@ -261,13 +278,13 @@ fn decode_against_reference(config: ModelConfig) {
         }
         let distinct = got.iter().collect::<std::collections::HashSet<_>>().len();
         eprintln!(
-            "{name} (tied {}): logits rel err {err:.2e}; {checked} of {} tokens had a margin to check; {distinct} distinct",
+            "{name} (tied {}): logits rel err {err:.2e}; {checked} of {examined} tokens before any routing near-tie had a margin to check (of {}); {distinct} distinct",
             config.tie_word_embeddings,
             got.len()
         );
         assert!(
-            checked >= got.len() / 2,
-            "too few tokens with a clear margin ({checked})"
+            checked >= examined / 2,
+            "too few tokens with a clear margin ({checked} of {examined})"
         );
     }
     if runs.len() == 2 {
