@@ -40,8 +40,8 @@ impl Default for WriteOptions {
     }
 }
 
-/// The scale of the normal distribution a tensor is drawn from, and its mean.
-fn init(config: &ModelConfig, name: &str, shape: &[usize]) -> (f32, f32) {
+/// Standard deviation and mean of the random init of tensor `name`.
+pub fn tensor_init(config: &ModelConfig, name: &str, shape: &[usize]) -> (f32, f32) {
     let h = config.hidden_size as f32;
     if name.ends_with("norm.weight") {
         (0.1, 1.0)
@@ -67,11 +67,6 @@ pub fn tensor_key(seed: u64, name: &str) -> u64 {
     })
 }
 
-/// Standard deviation and mean of the random init of tensor `name`.
-pub fn tensor_init(config: &ModelConfig, name: &str, shape: &[usize]) -> (f32, f32) {
-    init(config, name, shape)
-}
-
 /// [`tensor_values`] on the calling thread only (for callers that already
 /// spread tensors over threads).
 pub fn tensor_values_serial(
@@ -80,12 +75,7 @@ pub fn tensor_values_serial(
     name: &str,
     shape: &[usize],
 ) -> Vec<f32> {
-    let (std, mean) = init(config, name, shape);
-    let key = tensor_key(seed, name);
-    let n: usize = shape.iter().product();
-    (0..n as u64)
-        .map(|i| random_value(key, i, std, mean))
-        .collect()
+    draw(config, seed, name, shape, 1)
 }
 
 /// Values of one tensor, as f32 (before conversion to the file's type).
@@ -95,7 +85,18 @@ pub fn tensor_values_serial(
 /// on all cores), and the device draws the same values with the `fill_random`
 /// task.
 pub fn tensor_values(config: &ModelConfig, seed: u64, name: &str, shape: &[usize]) -> Vec<f32> {
-    let (std, mean) = init(config, name, shape);
+    let n: usize = shape.iter().product();
+    let threads = if n < (1 << 20) {
+        1
+    } else {
+        std::thread::available_parallelism().map_or(1, |t| t.get())
+    };
+    draw(config, seed, name, shape, threads)
+}
+
+/// The values of one tensor, drawn in `threads` contiguous parts.
+fn draw(config: &ModelConfig, seed: u64, name: &str, shape: &[usize], threads: usize) -> Vec<f32> {
+    let (std, mean) = tensor_init(config, name, shape);
     let key = tensor_key(seed, name);
     let n: usize = shape.iter().product();
     let mut out = vec![0f32; n];
@@ -104,18 +105,17 @@ pub fn tensor_values(config: &ModelConfig, seed: u64, name: &str, shape: &[usize
             *v = random_value(key, (start + k) as u64, std, mean);
         }
     };
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
-    if n < (1 << 20) || threads == 1 {
-        fill(0, &mut out);
-    } else {
-        let per = n.div_ceil(threads);
-        std::thread::scope(|s| {
-            for (c, chunk) in out.chunks_mut(per).enumerate() {
-                let fill = &fill;
+    let per = n.div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|s| {
+        for (c, chunk) in out.chunks_mut(per).enumerate() {
+            let fill = &fill;
+            if threads > 1 {
                 s.spawn(move || fill(c * per, chunk));
+            } else {
+                fill(c * per, chunk);
             }
-        });
-    }
+        }
+    });
     out
 }
 

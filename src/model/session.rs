@@ -194,51 +194,36 @@ impl<'a> Loader<'a> {
         let Some(format) = self.experts else {
             return Ok(ExpertMats::Bf16(self.tensor(names)?));
         };
-        let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let mut out: Vec<Option<Result<quant::Fp4Tensor>>> =
-            (0..names.len()).map(|_| None).collect();
-        let slots: Vec<std::sync::Mutex<&mut Option<Result<quant::Fp4Tensor>>>> =
-            out.iter_mut().map(std::sync::Mutex::new).collect();
         let src = self.src;
-        std::thread::scope(|s| {
-            for _ in 0..threads.min(names.len()) {
-                s.spawn(|| loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if i >= names.len() {
-                        break;
-                    }
-                    let stored = src.config().moe.as_ref().and_then(|m| m.fp4);
-                    if let (Some(f), WeightSource::Checkpoint(ck)) = (stored, src) {
-                        // Stored quantized: read the codes, no quantizing again.
-                        let q = read_fp4(ck, &names[i], f);
-                        **slots[i].lock().expect("quantizer poisoned") = Some(q);
-                        continue;
-                    }
-                    let values = match src {
-                        WeightSource::Checkpoint(ck) => ck.read_f32(&names[i]).map_err(Error::from),
-                        WeightSource::Random { config, seed } => {
-                            Ok(checkpoint::tensor_values_serial(
-                                config,
-                                *seed,
-                                &names[i],
-                                &[rows, cols],
-                            ))
-                        }
-                    };
-                    let q = values.and_then(|v| {
-                        quant::quantize(format, &v)
-                            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", names[i])))
-                    });
-                    **slots[i].lock().expect("quantizer poisoned") = Some(q);
-                });
+        let stored = src.config().moe.as_ref().and_then(|m| m.fp4);
+        // One expert's matrix in FP4: read as stored, or drawn / read as
+        // floats and quantized.
+        let one = |name: &String| -> Result<quant::Fp4Tensor> {
+            if let (Some(f), WeightSource::Checkpoint(ck)) = (stored, src) {
+                return read_fp4(ck, name, f);
             }
-        });
-        drop(slots);
-        let tensors = out
-            .into_iter()
-            .map(|q| q.expect("every expert quantized"))
-            .collect::<Result<Vec<_>>>()?;
+            let values = match src {
+                WeightSource::Checkpoint(ck) => ck.read_f32(name)?,
+                WeightSource::Random { config, seed } => {
+                    checkpoint::tensor_values_serial(config, *seed, name, &[rows, cols])
+                }
+            };
+            quant::quantize(format, &values)
+                .map_err(|e| Error::InvalidArgument(format!("{name}: {e}")))
+        };
+        // Experts are alike in size: contiguous runs of them per thread.
+        let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+        let per = names.len().div_ceil(threads).max(1);
+        let tensors = std::thread::scope(|s| {
+            let runs: Vec<_> = names
+                .chunks(per)
+                .map(|run| s.spawn(|| run.iter().map(one).collect::<Result<Vec<_>>>()))
+                .collect();
+            runs.into_iter()
+                .map(|h| h.join().expect("quantizer thread panicked"))
+                .collect::<Result<Vec<_>>>()
+        })?
+        .concat();
         Ok(ExpertMats::Fp4(Fp4Experts::upload_quantized(
             self.ex, format, rows, cols, &tensors,
         )?))

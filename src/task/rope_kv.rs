@@ -90,6 +90,24 @@ impl RopeKv {
         eps: f32,
         theta: f32,
     ) -> Result<TaskSpec, ProgramError> {
+        let mut one = Self::split(qkv, norms, cache, pos, shape, m, max_seq, eps, theta, 1)?;
+        Ok(one.remove(0))
+    }
+
+    /// The same work split over `parts` tasks by (row, head) job.
+    #[allow(clippy::too_many_arguments)]
+    pub fn split(
+        qkv: &BufSlice,
+        norms: &BufSlice,
+        cache: &BufSlice,
+        pos: &BufSlice,
+        shape: HeadShape,
+        m: usize,
+        max_seq: usize,
+        eps: f32,
+        theta: f32,
+        parts: usize,
+    ) -> Result<Vec<TaskSpec>, ProgramError> {
         for (n, s) in [("qkv", qkv), ("norms", norms), ("cache", cache)] {
             want_float::<RopeKv>(n, s)?;
         }
@@ -116,7 +134,7 @@ impl RopeKv {
             return Err(bad::<RopeKv>("eps must be positive and theta above 1"));
         }
         let u = |v: usize| u32::try_from(v).map_err(|_| bad::<RopeKv>("dimension over 2^32"));
-        let args = RopeKvArgs {
+        let all = RopeKvArgs {
             qkv: qkv.addr(),
             norms: norms.addr(),
             cache: cache.addr(),
@@ -132,37 +150,18 @@ impl RopeKv {
             norm_dtype: norms.dtype().code(),
             cache_dtype: cache.dtype().code(),
             job0: 0,
-            jobs: u((heads + 2 * kv_heads) * m)?,
+            jobs: 0,
         };
-        Ok(TaskSpec::new::<RopeKv>(args, &[qkv, norms, cache, pos]))
-    }
-
-    /// The same work split over `parts` tasks by (row, head) job.
-    #[allow(clippy::too_many_arguments)]
-    pub fn split(
-        qkv: &BufSlice,
-        norms: &BufSlice,
-        cache: &BufSlice,
-        pos: &BufSlice,
-        shape: HeadShape,
-        m: usize,
-        max_seq: usize,
-        eps: f32,
-        theta: f32,
-        parts: usize,
-    ) -> Result<Vec<TaskSpec>, ProgramError> {
-        let whole = Self::task(qkv, norms, cache, pos, shape, m, max_seq, eps, theta)?;
-        let jobs = (shape.heads + 2 * shape.kv_heads) * m;
+        let jobs = (heads + 2 * kv_heads) * m;
         super::split_even(jobs, parts.max(1))
             .into_iter()
             .map(|(j0, n)| {
-                let mut t = whole.clone();
-                let mut a: RopeKvArgs = super::decode_args(&t.args);
-                (a.job0, a.jobs) = (j0 as u32, n as u32);
-                let bytes = bytemuck::bytes_of(&a);
-                bytemuck::cast_slice_mut::<u64, u8>(&mut t.args)[..bytes.len()]
-                    .copy_from_slice(bytes);
-                Ok(t)
+                let args = RopeKvArgs {
+                    job0: u(j0)?,
+                    jobs: u(n)?,
+                    ..all
+                };
+                Ok(TaskSpec::new::<RopeKv>(args, &[qkv, norms, cache, pos]))
             })
             .collect()
     }
