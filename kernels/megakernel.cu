@@ -119,7 +119,27 @@ struct Loop {
     u64 epoch;
     u64 iteration;
     ulonglong2* trace;  // per task slot {start, end} ns, or null
+    bool stop;          // the command ends before this iteration
 };
+
+// A command ending early (CMD_FLAG_UNTIL) accounts for the iterations it skips
+// as if they ran: every task of this block signals its event `skipped` times
+// and the block counts them as done, so the program's epochs and the global
+// iteration count stay what the host expects. `done` is the last iteration run.
+__device__ __noinline__ void finish_early(const Env* env, const TaskDesc* tasks, u32 first, u32 last,
+                                          const Command* cmd, u32 skipped, u64 done) {
+    u64* events = reinterpret_cast<u64*>(cmd->events);
+    for (u32 t = first + threadIdx.x; t < last; t += blockDim.x) {
+        const u32 signal = tasks[t].signal;
+        if (signal != NO_EVENT && signal < cmd->num_events) red_release_gpu(events + signal, skipped);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0 && !aborted(env)) {
+        const u64 end = done + skipped;
+        const u64 old = atom_add_acq_rel_gpu(&env->state->worker_iters, skipped);
+        if (old + skipped == u64(env->num_sms) * end) st_relaxed_sys(&env->status->iterations_done, end);
+    }
+}
 
 // The task loop. TRACE: record each task's start and end time when the command
 // asks for it (CMD_FLAG_TRACE); the kernel without it carries no trace code.
@@ -177,10 +197,26 @@ __device__ __forceinline__ void resident(const KernelParams& kp) {
             if (tid == 0) {
                 s_loop.iteration = s_cmd.iter_base + j + 1;
                 s_loop.epoch = s_cmd.epoch_base + j + 1;
+                s_env.epoch = s_loop.epoch;
                 ok = wait_at_least<false>(env, NO_EVENT, 0, seq, &env->state->worker_iters,
                                           u64(env->num_sms) * (s_loop.iteration - 1), WAIT_ITERATION);
+                // CMD_FLAG_UNTIL: params[last] points at a stop word that a task
+                // sets to its epoch to end the command after that iteration. Every
+                // block finished iteration j - 1 (the wait above), so every block
+                // reads the same verdict; a word stamped with this iteration's
+                // epoch (a fast block's task ran already) does not stop it.
+                s_loop.stop = false;
+                if (ok && j > 0 && (s_cmd.kind & CMD_FLAG_UNTIL)) {
+                    const u64 w = ld_relaxed_gpu64(reinterpret_cast<const u64*>(s_cmd.params[COMMAND_PARAMS - 1]));
+                    s_loop.stop = w > s_cmd.epoch_base && w < s_loop.epoch;
+                }
             }
             go = __syncthreads_and(ok);
+            if (go && s_loop.stop) {
+                finish_early(env, tasks, s_loop.first, s_loop.last, &s_cmd, s_cmd.iterations - j,
+                             s_loop.iteration - 1);
+                break;
+            }
             // Descriptors live in a ring of four shared buffers. The first two are
             // copied here; then, while task t runs, threads 32..39 copy task t + 2
             // (cp.async, one group per task), so even short tasks never wait for

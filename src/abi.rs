@@ -58,6 +58,10 @@ pub const CMD_SHUTDOWN: u32 = 2;
 /// (`globaltimer`, ns) into the program's trace area, two `u64`s per task slot,
 /// placed right after the task array.
 pub const CMD_FLAG_TRACE: u32 = 0x100;
+/// Flag or-ed into a [`CMD_RUN`] kind: the last command parameter is the
+/// address of a `u64` stop word; a task that writes its epoch there ends the
+/// command after the current iteration (see [`Executor::submit_until`](crate::exec::Executor::submit_until)).
+pub const CMD_FLAG_UNTIL: u32 = 0x200;
 
 /// One entry of the host → device command ring, 128 bytes. It carries the
 /// program's device addresses itself, so a block needs no further dependent

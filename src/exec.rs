@@ -57,6 +57,18 @@ pub trait Executor: Send + Sync {
     fn load(&self, program: &Program) -> Result<LoadedProgram>;
     /// Enqueues "run `program` `iterations` times with `params`" and returns at once.
     fn submit(&self, program: &LoadedProgram, iterations: u32, params: &[u64]) -> Result<Ticket>;
+    /// Like [`submit`](Self::submit), but the command may end early: a task
+    /// that writes the running epoch ([`Memory::epoch`](crate::task::Memory::epoch))
+    /// into the `u64` stop word `stop` (a `u32` buffer of two words) ends it
+    /// after that iteration. `params` may hold one fewer entry than usual: the
+    /// last command parameter carries the stop word's address.
+    fn submit_until(
+        &self,
+        program: &LoadedProgram,
+        iterations: u32,
+        params: &[u64],
+        stop: &Buffer,
+    ) -> Result<Ticket>;
     /// Waits until a command is done, at most `timeout`.
     fn wait(&self, ticket: &Ticket, timeout: Duration) -> Result<()>;
     /// Whether a command is done (an error if the executor failed).
@@ -172,6 +184,34 @@ pub fn decode_f32(dtype: DType, bytes: &[u8]) -> Result<Vec<f32>> {
 pub(crate) fn next_executor_id() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The parameters of an early-ending command: `params` then, in the last
+/// slot, the address of the stop word `stop`.
+pub(crate) fn until_params(
+    params: &[u64],
+    stop: &Buffer,
+    owner: u64,
+) -> Result<[u64; crate::abi::COMMAND_PARAMS]> {
+    use crate::abi::COMMAND_PARAMS;
+    if stop.owner() != owner {
+        return Err(Error::Foreign("stop word"));
+    }
+    if stop.dtype() != DType::U32 || stop.len() < 2 {
+        return Err(Error::InvalidArgument(
+            "the stop word is a u32 buffer of at least two elements".into(),
+        ));
+    }
+    if params.len() >= COMMAND_PARAMS {
+        return Err(Error::InvalidArgument(format!(
+            "{} command parameters; at most {} with a stop word",
+            params.len(),
+            COMMAND_PARAMS - 1
+        )));
+    }
+    let mut out = pack_params(params)?;
+    out[COMMAND_PARAMS - 1] = stop.addr();
+    Ok(out)
 }
 
 /// Copies up to [`COMMAND_PARAMS`](crate::abi::COMMAND_PARAMS) parameters into a command's array.

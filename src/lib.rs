@@ -43,6 +43,7 @@ pub mod abi;
 pub mod buffer;
 pub mod cpu;
 pub mod cuda;
+pub mod dflash;
 pub mod error;
 pub mod exec;
 pub mod model;

@@ -365,6 +365,8 @@ fn attention_matches_softmax_reference() {
             let (out, _) = store(ex, DType::F32, &vec![f32::NAN; m * shape.heads * hd]);
             let mut b = ProgramBuilder::new();
             let parts = 1 + rng.below(4);
+            // A DFlash draft block sees itself whole.
+            let bidirectional = rng.below(2) == 1;
             ops::attention(
                 &mut b,
                 &qkv.all(),
@@ -377,6 +379,7 @@ fn attention_matches_softmax_reference() {
                 max_seq,
                 chunks,
                 parts,
+                bidirectional,
             )
             .unwrap();
             ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[])
@@ -393,7 +396,8 @@ fn attention_matches_softmax_reference() {
                         &cv[(((kvh + kv) * max_seq) + j) * hd
                             ..(((kvh + kv) * max_seq) + j + 1) * hd]
                     };
-                    let scores: Vec<f64> = (0..=p0 + i)
+                    let last = if bidirectional { p0 + m - 1 } else { p0 + i };
+                    let scores: Vec<f64> = (0..=last)
                         .map(|j| {
                             q.iter()
                                 .zip(key(j))
@@ -407,10 +411,7 @@ fn attention_matches_softmax_reference() {
                     let total: f64 = w.iter().sum();
                     for d in 0..hd {
                         want.push(
-                            (0..=p0 + i)
-                                .map(|j| w[j] * f64::from(val(j)[d]))
-                                .sum::<f64>()
-                                / total,
+                            (0..=last).map(|j| w[j] * f64::from(val(j)[d])).sum::<f64>() / total,
                         );
                     }
                 }
@@ -418,7 +419,7 @@ fn attention_matches_softmax_reference() {
             let err = rel_l2(&ex.read_f32(&out).unwrap(), &want);
             assert!(
                 err < 1e-5,
-                "{} {shape:?} m {m} pos {p0}: {err}",
+                "{} {shape:?} m {m} pos {p0} bidirectional {bidirectional}: {err}",
                 ex.describe()
             );
         }

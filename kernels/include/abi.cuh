@@ -17,6 +17,7 @@ constexpr u32 BLOCK_THREADS = 1024;
 constexpr u32 CMD_RUN = 1;
 constexpr u32 CMD_SHUTDOWN = 2;
 constexpr u32 CMD_FLAG_TRACE = 0x100;
+constexpr u32 CMD_FLAG_UNTIL = 0x200;
 constexpr u16 TASK_FLAG_PREFETCH = 1;
 constexpr u32 COMMAND_RING_CAP = 64;
 constexpr u32 COMMAND_SLOT_BYTES = 256;

@@ -65,6 +65,7 @@ struct Env {
     DeviceState* state;
     StatusBlock* status;
     u64 timeout_ns;
+    u64 epoch;  // the running program's epoch (times it ran, this iteration included)
     u32 sm;
     u32 num_sms;
 };

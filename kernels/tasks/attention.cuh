@@ -29,7 +29,7 @@ struct AttentionArgs {
     u32 scale;
     u32 qkv_dtype;
     u32 cache_dtype;
-    u32 reserved;
+    u32 bidirectional;
 };
 MK_SIZE(AttentionArgs, 80);
 MK_OFFSET(AttentionArgs, qkv, 0);
@@ -47,7 +47,7 @@ MK_OFFSET(AttentionArgs, chunks, 60);
 MK_OFFSET(AttentionArgs, scale, 64);
 MK_OFFSET(AttentionArgs, qkv_dtype, 68);
 MK_OFFSET(AttentionArgs, cache_dtype, 72);
-MK_OFFSET(AttentionArgs, reserved, 76);
+MK_OFFSET(AttentionArgs, bidirectional, 76);
 
 template <int E>
 __device__ __forceinline__ void attention_rows(const AttentionArgs& a, u32 pos0, u32 lo, u32 hi) {
@@ -58,7 +58,8 @@ __device__ __forceinline__ void attention_rows(const AttentionArgs& a, u32 pos0,
     const u64 vbase = (u64(a.kv_heads + a.kv_head) * a.max_seq) * hd;
     for (u32 pair = warp; pair < a.m * group; pair += nwarps) {
         const u32 i = pair / group, h = a.kv_head * group + pair % group;
-        const u32 end = min(hi, pos0 + i + 1);  // row i attends keys 0..=pos0 + i
+        // row i attends keys 0..=pos0 + i (every row all keys when bidirectional)
+        const u32 end = min(hi, pos0 + (a.bidirectional ? a.m - 1 : i) + 1);
         float q[E], o[E];
 #pragma unroll
         for (int e = 0; e < E; ++e) {
@@ -184,7 +185,7 @@ __device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArg
             }
             for (u32 off = 1; off < S; off *= 2) dot += __shfl_xor_sync(0xFFFFFFFFu, dot, off);
             if (seg == 0) {
-                const bool live = j < n && t0 + j <= pos0 + p / group;
+                const bool live = j < n && t0 + j <= pos0 + (a.bidirectional ? a.m - 1 : p / group);
                 p_s[pj] = live ? dot * scale : -__int_as_float(0x7f800000);
             }
         }

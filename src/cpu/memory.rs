@@ -116,6 +116,7 @@ impl MemTable {
 pub(crate) struct CpuMemory<'a> {
     pub(crate) table: &'a MemTable,
     pub(crate) outputs: &'a Mutex<Vec<u64>>,
+    pub(crate) epoch: u64,
 }
 
 impl Memory for CpuMemory<'_> {
@@ -175,5 +176,8 @@ impl Memory for CpuMemory<'_> {
             .lock()
             .expect("output ring poisoned")
             .extend_from_slice(vals);
+    }
+    fn epoch(&self) -> u64 {
+        self.epoch
     }
 }

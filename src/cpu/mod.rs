@@ -18,7 +18,8 @@ use crate::abi::{TaskDesc, COMMAND_PARAMS, NO_EVENT};
 use crate::buffer::{Buffer, DType};
 use crate::error::{Error, Result};
 use crate::exec::{
-    check_bytes, check_owner, next_executor_id, pack_params, Executor, LoadedProgram, Ticket,
+    check_bytes, check_owner, next_executor_id, pack_params, until_params, Executor, LoadedProgram,
+    Ticket,
 };
 use crate::program::Program;
 use crate::task::{kind_name, run_cpu, TaskFault};
@@ -111,6 +112,58 @@ impl CpuExecutor {
         &self.opts
     }
 
+    fn submit_params(
+        &self,
+        program: &LoadedProgram,
+        iterations: u32,
+        params: [u64; COMMAND_PARAMS],
+        stop: Option<&Buffer>,
+    ) -> Result<Ticket> {
+        if program.owner != self.id {
+            return Err(Error::Foreign("program"));
+        }
+        let prog = program
+            .inner
+            .downcast_ref::<CpuProgram>()
+            .ok_or(Error::Foreign("program"))?;
+        let mut st = self.state.lock().expect("executor state poisoned");
+        if let Some(e) = &st.failed {
+            return Err(e.clone());
+        }
+        st.commands += 1;
+        let epoch_base = prog.epoch.load(Ordering::Relaxed);
+        for _ in 0..iterations {
+            // The command ends once a task stamped the stop word with an epoch
+            // of this command (skipped iterations never ran: epochs stay exact).
+            if let Some(stop) = stop {
+                let mut w = [0u8; 8];
+                self.read_bytes(stop, 0, &mut w)?;
+                if u64::from_le_bytes(w) > epoch_base {
+                    break;
+                }
+            }
+            let epoch = prog.epoch.fetch_add(1, Ordering::Relaxed) + 1;
+            let seed = self
+                .opts
+                .seed
+                .wrapping_add(st.iterations.wrapping_mul(0x2545_F491_4F6C_DD1D));
+            if let Err(mut e) = self.run_iteration(prog, &program.program, epoch, &params, seed) {
+                if let Error::DeviceHang { command, .. } | Error::DeviceFault { command, .. } =
+                    &mut e
+                {
+                    *command = st.commands;
+                }
+                st.failed = Some(e);
+                break;
+            }
+            st.iterations += 1;
+        }
+        Ok(Ticket {
+            owner: self.id,
+            end: st.iterations.max(1),
+        })
+    }
+
     fn run_iteration(
         &self,
         prog: &CpuProgram,
@@ -147,6 +200,7 @@ impl CpuExecutor {
         let mem = CpuMemory {
             table: &self.mem,
             outputs: &self.outputs,
+            epoch,
         };
         std::thread::scope(|s| {
             for worker in 0..self.opts.threads {
@@ -358,40 +412,17 @@ impl Executor for CpuExecutor {
         })
     }
     fn submit(&self, program: &LoadedProgram, iterations: u32, params: &[u64]) -> Result<Ticket> {
-        if program.owner != self.id {
-            return Err(Error::Foreign("program"));
-        }
-        let params = pack_params(params)?;
-        let prog = program
-            .inner
-            .downcast_ref::<CpuProgram>()
-            .ok_or(Error::Foreign("program"))?;
-        let mut st = self.state.lock().expect("executor state poisoned");
-        if let Some(e) = &st.failed {
-            return Err(e.clone());
-        }
-        st.commands += 1;
-        for _ in 0..iterations {
-            let epoch = prog.epoch.fetch_add(1, Ordering::Relaxed) + 1;
-            let seed = self
-                .opts
-                .seed
-                .wrapping_add(st.iterations.wrapping_mul(0x2545_F491_4F6C_DD1D));
-            if let Err(mut e) = self.run_iteration(prog, &program.program, epoch, &params, seed) {
-                if let Error::DeviceHang { command, .. } | Error::DeviceFault { command, .. } =
-                    &mut e
-                {
-                    *command = st.commands;
-                }
-                st.failed = Some(e);
-                break;
-            }
-            st.iterations += 1;
-        }
-        Ok(Ticket {
-            owner: self.id,
-            end: st.iterations.max(1),
-        })
+        self.submit_params(program, iterations, pack_params(params)?, None)
+    }
+    fn submit_until(
+        &self,
+        program: &LoadedProgram,
+        iterations: u32,
+        params: &[u64],
+        stop: &Buffer,
+    ) -> Result<Ticket> {
+        let params = until_params(params, stop, self.id)?;
+        self.submit_params(program, iterations, params, Some(stop))
     }
     fn wait(&self, ticket: &Ticket, _timeout: Duration) -> Result<()> {
         self.is_done(ticket).map(|_| ())

@@ -23,12 +23,14 @@ use cudarc::nvrtc::Ptx;
 
 use crate::abi::{
     fault, wait_site, Command, DeviceState, KernelParams, StatusBlock, TaskDesc, BLOCK_THREADS,
-    CMD_FLAG_TRACE, CMD_RUN, CMD_SHUTDOWN, COMMAND_RING_CAP, COMMAND_SLOT_BYTES, OUTPUT_RING_CAP,
+    CMD_FLAG_TRACE, CMD_FLAG_UNTIL, CMD_RUN, CMD_SHUTDOWN, COMMAND_PARAMS, COMMAND_RING_CAP,
+    COMMAND_SLOT_BYTES, OUTPUT_RING_CAP,
 };
 use crate::buffer::{Buffer, DType};
 use crate::error::{Error, Result};
 use crate::exec::{
-    check_bytes, check_owner, next_executor_id, pack_params, Executor, LoadedProgram, Ticket,
+    check_bytes, check_owner, next_executor_id, pack_params, until_params, Executor, LoadedProgram,
+    Ticket,
 };
 use crate::program::trace::{TaskTime, Trace};
 use crate::program::Program;
@@ -612,7 +614,17 @@ impl Executor for Runtime {
         })
     }
     fn submit(&self, program: &LoadedProgram, iterations: u32, params: &[u64]) -> Result<Ticket> {
-        self.submit_kind(program, iterations, params, CMD_RUN)
+        self.submit_kind(program, iterations, pack_params(params)?, CMD_RUN)
+    }
+    fn submit_until(
+        &self,
+        program: &LoadedProgram,
+        iterations: u32,
+        params: &[u64],
+        stop: &Buffer,
+    ) -> Result<Ticket> {
+        let params = until_params(params, stop, self.id)?;
+        self.submit_kind(program, iterations, params, CMD_RUN | CMD_FLAG_UNTIL)
     }
     fn wait(&self, ticket: &Ticket, timeout: Duration) -> Result<()> {
         let what = format!("iteration {} to complete", ticket.end);
@@ -662,11 +674,10 @@ impl Runtime {
         &self,
         program: &LoadedProgram,
         iterations: u32,
-        params: &[u64],
+        params: [u64; COMMAND_PARAMS],
         kind: u32,
     ) -> Result<Ticket> {
         let gp = self.gpu_program(program)?;
-        let params = pack_params(params)?;
         let mut st = self.state.lock().expect("runtime state poisoned");
         if !st.running {
             return Err(Error::Stopped("the runtime was shut down".into()));
@@ -713,7 +724,7 @@ impl Runtime {
             ));
         }
         let gp = self.gpu_program(program)?;
-        let t = self.submit_kind(program, 1, params, CMD_RUN | CMD_FLAG_TRACE)?;
+        let t = self.submit_kind(program, 1, pack_params(params)?, CMD_RUN | CMD_FLAG_TRACE)?;
         self.wait(&t, self.opts.host_timeout)?;
         let mut raw = vec![0u8; gp.slots.len() * 16];
         gp.mem.read(gp.trace_off, &mut raw)?;

@@ -448,10 +448,16 @@ impl Checkpoint {
     /// Checks that exactly the tensors the configuration implies are present,
     /// with its shapes and a supported dtype.
     pub fn validate(&self) -> Result<(), LoadError> {
-        let expected = self.config.stored_tensors();
+        self.validate_against(&self.config.stored_tensors())
+    }
+
+    /// Checks that exactly the tensors in `expected` are present, with those
+    /// shapes and a supported dtype (for files whose tensor set the model
+    /// configuration alone does not give, such as a DFlash draft's).
+    pub fn validate_against(&self, expected: &[(String, Vec<usize>)]) -> Result<(), LoadError> {
         let names: std::collections::HashSet<&str> =
             expected.iter().map(|(n, _)| n.as_str()).collect();
-        for (name, shape) in &expected {
+        for (name, shape) in expected {
             let t = self
                 .info(name)
                 .ok_or_else(|| LoadError::MissingTensor(name.clone()))?;

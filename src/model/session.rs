@@ -18,6 +18,7 @@ use crate::program::trace::Trace;
 use crate::program::{ops, EventId, ProgramBuilder};
 use crate::quant::{self, Fp4Format};
 use crate::task::advance::Advance;
+use crate::task::copy::Copy;
 use crate::task::embed::Embed;
 use crate::task::emit::Emit;
 use crate::task::fill_random::FillRandom;
@@ -90,6 +91,59 @@ pub struct Session {
     /// The one-token step drawing with [`Sampling`] settings from `sampling`.
     step_sampled: LoadedProgram,
     sampling: Buffer,
+    /// Per-layer KV caches of `cache_len` positions.
+    caches: Vec<Buffer>,
+    cache_len: usize,
+    token: Buffer,
+}
+
+/// Extra work a target program does for speculative decoding.
+pub(crate) struct Extras<'a> {
+    /// After each listed layer its output rows are copied into the buffer,
+    /// laid out `[m][layers.len() * hidden]`.
+    pub capture: Option<(&'a [usize], &'a Buffer)>,
+    /// The LM head runs on every row and the greedy token after each row
+    /// lands in this `u32 [m]` buffer (instead of the last row's alone).
+    pub row_tokens: Option<&'a Buffer>,
+    /// Pushes tasks that run before the forward pass (a draft block) and
+    /// returns the event the first stage waits on.
+    pub head: Option<&'a Head<'a>>,
+    /// Appends tasks after the token stage (whose event it gets) and returns
+    /// the event they end on.
+    pub tail: Option<&'a Tail<'a>>,
+    /// End with the usual step bookkeeping (advance and emit); off when the
+    /// tail ends the iteration itself.
+    pub advance: bool,
+}
+
+/// Tasks pushed before a program's forward pass.
+pub(crate) type Head<'a> = dyn Fn(&mut ProgramBuilder) -> Result<EventId> + 'a;
+
+/// Tasks appended to a program of `m` rows after its token stage (given the
+/// session's `u32` position buffer).
+pub(crate) type Tail<'a> =
+    dyn Fn(&mut ProgramBuilder, EventId, usize, &Buffer) -> Result<EventId> + 'a;
+
+impl Extras<'_> {
+    /// A plain program: no capture, last row's token, advance and emit.
+    pub(crate) const PLAIN: Extras<'static> = Extras {
+        capture: None,
+        row_tokens: None,
+        head: None,
+        tail: None,
+        advance: true,
+    };
+}
+
+/// Speculative decoding's needs from every program of a session.
+pub(crate) struct Hook<'a> {
+    /// Positions the KV cache holds beyond the context (a verify block may
+    /// run past the end before acceptance clips it).
+    pub slack: usize,
+    /// Capture of hidden states, as in [`Extras::capture`].
+    pub capture: (&'a [usize], &'a Buffer),
+    /// Tasks after each program's token stage.
+    pub tail: &'a Tail<'a>,
 }
 
 struct Weights {
@@ -165,7 +219,7 @@ fn read_fp4(ck: &Checkpoint, name: &str, format: Fp4Format) -> Result<quant::Fp4
 /// `fill_random` tasks that draw random weights on the executor itself (run
 /// by [`flush`](Loader::flush)), so large random models never pass through the
 /// host.
-struct Loader<'a> {
+pub(crate) struct Loader<'a> {
     ex: &'a dyn Executor,
     src: &'a WeightSource<'a>,
     shapes: std::collections::HashMap<String, Vec<usize>>,
@@ -174,6 +228,21 @@ struct Loader<'a> {
 }
 
 impl<'a> Loader<'a> {
+    /// A loader of tensors named as in `shapes` (their shapes, for random weights).
+    pub(crate) fn with_shapes(
+        ex: &'a dyn Executor,
+        src: &'a WeightSource<'a>,
+        shapes: Vec<(String, Vec<usize>)>,
+    ) -> Self {
+        Loader {
+            ex,
+            src,
+            shapes: shapes.into_iter().collect(),
+            fills: ProgramBuilder::new(),
+            experts: None,
+        }
+    }
+
     fn new(ex: &'a dyn Executor, src: &'a WeightSource<'a>, experts: Option<Fp4Format>) -> Self {
         let shapes = match src {
             WeightSource::Random { config, .. } => config.tensors().into_iter().collect(),
@@ -230,7 +299,7 @@ impl<'a> Loader<'a> {
     }
 
     /// One bf16 buffer holding `names` back to back.
-    fn tensor(&mut self, names: &[String]) -> Result<Buffer> {
+    pub(crate) fn tensor(&mut self, names: &[String]) -> Result<Buffer> {
         match self.src {
             WeightSource::Checkpoint(ck) => {
                 let mut data = Vec::new();
@@ -272,7 +341,7 @@ impl<'a> Loader<'a> {
     }
 
     /// Runs the queued fills.
-    fn flush(&mut self) -> Result<()> {
+    pub(crate) fn flush(&mut self) -> Result<()> {
         if self.fills.is_empty() {
             return Ok(());
         }
@@ -286,11 +355,14 @@ impl<'a> Loader<'a> {
 struct Chain<'a> {
     b: &'a mut ProgramBuilder,
     prev: Option<EventId>,
+    /// Tasks that join the next stage (they need what the previous stage made).
+    join: Vec<crate::program::TaskId>,
 }
 
 impl Chain<'_> {
     /// Makes `group` wait on the previous stage and become the previous stage.
-    fn stage(&mut self, group: ops::Group, name: &str) {
+    fn stage(&mut self, mut group: ops::Group, name: &str) {
+        group.0.append(&mut self.join);
         if let Some(p) = self.prev {
             group.wait(self.b, p);
         }
@@ -436,6 +508,16 @@ impl Model {
     /// A new session with a context of `max_seq` positions: its KV cache and
     /// decode programs (one token per step, and chunks of [`PREFILL_CHUNK`]).
     pub fn session(&self, ex: &dyn Executor, max_seq: usize) -> Result<Session> {
+        self.session_with(ex, max_seq, None)
+    }
+
+    /// [`session`](Self::session) whose programs also do `hook`'s work.
+    pub(crate) fn session_with(
+        &self,
+        ex: &dyn Executor,
+        max_seq: usize,
+        hook: Option<&Hook<'_>>,
+    ) -> Result<Session> {
         let c = &self.config;
         if ex.id() != self.owner {
             return Err(Error::Foreign("model"));
@@ -446,8 +528,9 @@ impl Model {
                 c.max_position_embeddings
             )));
         }
+        let cache_len = max_seq + hook.map_or(0, |h| h.slack);
         let caches = (0..c.num_layers)
-            .map(|_| ex.alloc(DType::Bf16, 2 * c.num_kv_heads * max_seq * c.head_dim))
+            .map(|_| ex.alloc(DType::Bf16, 2 * c.num_kv_heads * cache_len * c.head_dim))
             .collect::<Result<Vec<_>>>()?;
         let shared = Shared {
             pos: ex.alloc(DType::U32, 1)?,
@@ -456,21 +539,35 @@ impl Model {
             logits: ex.alloc(DType::F32, c.vocab_size)?,
         };
         let chunk_ids = ex.alloc(DType::U32, PREFILL_CHUNK)?;
+        let extras = match hook {
+            Some(h) => Extras {
+                capture: Some(h.capture),
+                row_tokens: None,
+                head: None,
+                tail: Some(h.tail),
+                advance: true,
+            },
+            None => Extras::PLAIN,
+        };
         let w = &self.weights;
         let ids = &shared.step_ids;
-        let step = build(ex, c, w, &caches, &shared, ids, 1, max_seq, None)?;
+        let spec = |ids, m, sampling| Spec {
+            ids,
+            m,
+            cache_len,
+            sampling,
+            extras: &extras,
+        };
+        let step = build(ex, c, w, &caches, &shared, &spec(ids, 1, None))?;
         let sampling = ex.alloc(DType::U32, 5)?;
-        let step_sampled = build(ex, c, w, &caches, &shared, ids, 1, max_seq, Some(&sampling))?;
+        let step_sampled = build(ex, c, w, &caches, &shared, &spec(ids, 1, Some(&sampling)))?;
         let chunk = build(
             ex,
             c,
             w,
             &caches,
             &shared,
-            &chunk_ids,
-            PREFILL_CHUNK,
-            max_seq,
-            None,
+            &spec(&chunk_ids, PREFILL_CHUNK, None),
         )?;
         Ok(Session {
             config: c.clone(),
@@ -484,7 +581,53 @@ impl Model {
             chunk,
             step_sampled,
             sampling,
+            caches,
+            cache_len,
+            token: shared.token,
         })
+    }
+
+    /// A program of `m` rows over `session`'s KV cache reading its inputs
+    /// from `ids`, doing `extras`' work.
+    pub(crate) fn program(
+        &self,
+        ex: &dyn Executor,
+        session: &Session,
+        ids: &Buffer,
+        m: usize,
+        extras: &Extras<'_>,
+    ) -> Result<LoadedProgram> {
+        let shared = Shared {
+            pos: session.pos_buf.clone(),
+            token: session.token.clone(),
+            step_ids: session.step_ids.clone(),
+            logits: session.logits.clone(),
+        };
+        let spec = Spec {
+            ids,
+            m,
+            cache_len: session.cache_len,
+            sampling: None,
+            extras,
+        };
+        build(
+            ex,
+            &self.config,
+            &self.weights,
+            &session.caches,
+            &shared,
+            &spec,
+        )
+    }
+
+    /// The embedding matrix and the LM head.
+    pub(crate) fn embed_and_head(&self) -> (&Buffer, &Buffer) {
+        (&self.weights.embed, &self.weights.lm_head)
+    }
+
+    /// Id of the executor holding the weights.
+    pub(crate) fn owner(&self) -> u64 {
+        self.owner
     }
 }
 
@@ -492,6 +635,26 @@ impl Session {
     /// The model's configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// Positions the context holds.
+    pub fn max_seq(&self) -> usize {
+        self.max_seq
+    }
+
+    /// The device position and the one-token step's input (the last token).
+    pub(crate) fn position_and_input(&self) -> (&Buffer, &Buffer) {
+        (&self.pos_buf, &self.step_ids)
+    }
+
+    /// Records positions the device consumed on its own.
+    pub(crate) fn advanced(&mut self, n: usize) {
+        self.pos += n;
+    }
+
+    /// Checks token ids and that `steps` more positions fit the context.
+    pub(crate) fn check_room(&self, tokens: &[u32], steps: usize) -> Result<()> {
+        self.check(tokens, steps)
     }
 
     /// Positions used so far.
@@ -700,23 +863,37 @@ impl Session {
     }
 }
 
+/// What one program is: its rows and inputs, and its extra work.
+struct Spec<'a> {
+    ids: &'a Buffer,
+    m: usize,
+    /// Positions of the KV cache.
+    cache_len: usize,
+    /// Draw the token with the settings in this buffer instead of greedily.
+    sampling: Option<&'a Buffer>,
+    extras: &'a Extras<'a>,
+}
+
 /// The decode program for `m` token rows: it reads `m` ids from `ids`, writes
 /// the KV cache at `pos .. pos + m`, and leaves the token chosen after the last
 /// row in `shared.token` and `shared.step_ids`, advancing `pos` by `m`.
 /// With `sampling`, the token is drawn with the settings in that buffer
 /// instead of chosen greedily.
-#[allow(clippy::too_many_arguments)]
 fn build(
     ex: &dyn Executor,
     c: &ModelConfig,
     wts: &Weights,
     caches: &[Buffer],
     shared: &Shared,
-    ids: &Buffer,
-    m: usize,
-    max_seq: usize,
-    sampling: Option<&Buffer>,
+    spec: &Spec<'_>,
 ) -> Result<LoadedProgram> {
+    let Spec {
+        ids,
+        m,
+        cache_len: max_seq,
+        sampling,
+        extras,
+    } = *spec;
     let workers = ex.num_workers();
     let (h, hd, inter, vocab) = (c.hidden_size, c.head_dim, c.intermediate_size, c.vocab_size);
     let shape = head_shape(c);
@@ -760,7 +937,11 @@ fn build(
     let mut ch = Chain {
         b: &mut b,
         prev: None,
+        join: Vec::new(),
     };
+    if let Some(head) = extras.head {
+        ch.prev = Some(head(ch.b)?);
+    }
     let single = |ch: &mut Chain<'_>, spec| ops::Group(vec![ch.b.push(spec).id()]);
     let gemv = |ch: &mut Chain<'_>,
                 w: &Buffer,
@@ -831,6 +1012,7 @@ fn build(
             max_seq,
             chunks,
             parts,
+            false,
         )?;
         if let Some(p) = ch.prev {
             slices.wait(ch.b, p);
@@ -979,25 +1161,74 @@ fn build(
                 ch.stage(comb, &format!("layer {l} expert combine"));
             }
         }
+        // The layer's output rows, copied while the next stage runs.
+        if let Some((taps, cap)) = extras.capture {
+            if let Some(k) = taps.iter().position(|&t| t == l) {
+                let width = taps.len() * h;
+                for r in 0..m {
+                    let dst = cap.slice(r * width + k * h..r * width + (k + 1) * h)?;
+                    let t = ch.b.push(Copy::task(&dst, &x.slice(r * h..(r + 1) * h)?)?);
+                    ch.join.push(t.id());
+                }
+            }
+        }
     }
-    // Logits of the last row only, its final norm fused into the LM head.
-    let last_row = x.slice((m - 1) * h..m * h)?;
-    let lm = ops::gemv_with(
-        ch.b,
-        &lm_head.all(),
-        &last_row,
-        &logits.all(),
-        GemvShape {
-            rows: vocab,
-            cols: h,
-            m: 1,
-        },
-        workers,
-        false,
-        &Prologue::RmsNorm(final_norm.all(), eps),
-    )?;
-    ch.stage(lm, "lm head");
-    if let Some(params) = sampling {
+    if let Some(tokens) = extras.row_tokens {
+        // Every row's logits and greedy token (a verify block).
+        let all = buf(DType::F32, m * vocab)?;
+        let lm = ops::gemv_with(
+            ch.b,
+            &lm_head.all(),
+            &x.all(),
+            &all.all(),
+            GemvShape {
+                rows: vocab,
+                cols: h,
+                m,
+            },
+            workers,
+            false,
+            &Prologue::RmsNorm(final_norm.all(), eps),
+        )?;
+        ch.stage(lm, "lm head");
+        let parts = (workers / m).max(1);
+        let row_pairs = buf(DType::U32, 2 * parts * m)?;
+        let lm_done = ch.prev.expect("stages exist");
+        let picked = ch.b.event("row tokens");
+        for r in 0..m {
+            let (partials, pick) = ops::argmax(
+                ch.b,
+                &all.slice(r * vocab..(r + 1) * vocab)?,
+                &tokens.slice(r..r + 1)?,
+                &row_pairs.slice(2 * parts * r..2 * parts * (r + 1))?,
+                parts,
+            )?;
+            partials.wait(ch.b, lm_done);
+            ch.b.task(pick).signal(picked);
+        }
+        ch.prev = Some(picked);
+    } else {
+        // Logits of the last row only, its final norm fused into the LM head.
+        let last_row = x.slice((m - 1) * h..m * h)?;
+        let lm = ops::gemv_with(
+            ch.b,
+            &lm_head.all(),
+            &last_row,
+            &logits.all(),
+            GemvShape {
+                rows: vocab,
+                cols: h,
+                m: 1,
+            },
+            workers,
+            false,
+            &Prologue::RmsNorm(final_norm.all(), eps),
+        )?;
+        ch.stage(lm, "lm head");
+    }
+    if extras.row_tokens.is_some() {
+        // The tokens are in place already.
+    } else if let Some(params) = sampling {
         let pick = Sample::task(&logits.all(), &params.all(), &pos_buf.all(), &token.all())?;
         let pick = single(&mut ch, pick);
         ch.stage(pick, "sample");
@@ -1010,7 +1241,13 @@ fn build(
         ch.prev = None;
         ch.stage(ops::Group(vec![pick]), "token");
     }
-    let last = ch.prev.expect("stages exist");
+    let mut last = ch.prev.expect("stages exist");
+    if let Some(tail) = extras.tail {
+        last = tail(&mut b, last, m, pos_buf)?;
+    }
+    if !extras.advance {
+        return ex.load(&b.build()?);
+    }
     b.push(Advance::task(
         &pos_buf.all(),
         &shared.step_ids.all(),

@@ -219,6 +219,7 @@ pub fn argmax(
 /// Split-sequence attention for `m` rows: `chunks` slices per KV head (tasks
 /// signal an internal event), then `combine_parts` tasks merge heads into `out`.
 /// Returns the slice group (wire its inputs) and the combine group (wire its output).
+/// `bidirectional`: every row attends the whole block (see [`Attention::bidirectional`]).
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     b: &mut ProgramBuilder,
@@ -232,13 +233,17 @@ pub fn attention(
     max_seq: usize,
     chunks: usize,
     combine_parts: usize,
+    bidirectional: bool,
 ) -> Result<(Group, Group)> {
     let mut specs = Vec::new();
     for kv in 0..shape.kv_heads {
         for c in 0..chunks {
-            specs.push(Attention::task(
-                qkv, cache, pos, partial, shape, m, max_seq, kv, c, chunks,
-            )?);
+            let t = Attention::task(qkv, cache, pos, partial, shape, m, max_seq, kv, c, chunks)?;
+            specs.push(if bidirectional {
+                Attention::bidirectional(t)
+            } else {
+                t
+            });
         }
     }
     let slices = Group(b.push_all(specs));

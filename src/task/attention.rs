@@ -4,7 +4,8 @@
 //! (sliced at run time, so every task has work at any context length) and
 //! writes, per query row and head of its group, a partial `(o[head_dim], max,
 //! sum)`; [`attention_combine`](super::attention_combine) merges the slices. Row `i` attends keys
-//! `0..=pos[0] + i` (causal inside a block of rows).
+//! `0..=pos[0] + i` (causal inside a block of rows), or all of them when
+//! the task is [`bidirectional`](Attention::bidirectional).
 
 use bytemuck::{Pod, Zeroable};
 
@@ -51,8 +52,9 @@ pub struct AttentionArgs {
     pub qkv_dtype: u32,
     /// [`DType`] code of the cache.
     pub cache_dtype: u32,
-    /// Reserved, zero.
-    pub reserved: u32,
+    /// 1: every row attends all `pos[0] + m` keys (a block that sees itself
+    /// whole, as a DFlash draft block does); 0: causal.
+    pub bidirectional: u32,
 }
 
 /// One slice of split-sequence attention.
@@ -129,12 +131,19 @@ impl Attention {
             scale: (1.0 / (head_dim as f32).sqrt()).to_bits(),
             qkv_dtype: qkv.dtype().code(),
             cache_dtype: cache.dtype().code(),
-            reserved: 0,
+            bidirectional: 0,
         };
         Ok(TaskSpec::new::<Attention>(
             args,
             &[qkv, cache, pos, partial],
         ))
+    }
+}
+
+impl Attention {
+    /// Makes an attention task's rows see the whole block (`bidirectional`).
+    pub fn bidirectional(spec: TaskSpec) -> TaskSpec {
+        spec.map_args::<Attention>(|a| a.bidirectional = 1)
     }
 }
 
@@ -177,7 +186,13 @@ impl TaskKind for Attention {
         let scale = f32::from_bits(a.scale);
         let width = (heads + 2 * kvh) * hd;
         for i in 0..a.m as usize {
-            let last = pos0 + i as u32; // attends keys 0..=last
+            // Attends keys 0..=last.
+            let last = pos0
+                + if a.bidirectional != 0 {
+                    a.m - 1
+                } else {
+                    i as u32
+                };
             for gh in 0..group {
                 let h = a.kv_head as usize * group + gh;
                 let q = mem.read_f32(a.qkv + ((i * width + h * hd) * qd.size()) as u64, qd, hd)?;
@@ -221,7 +236,7 @@ impl TaskKind for Attention {
             scale,
             qkv_dtype,
             cache_dtype,
-            reserved
+            bidirectional
         })
     }
 }

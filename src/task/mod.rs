@@ -15,6 +15,8 @@ pub mod attention;
 pub mod attention_combine;
 pub mod axpy;
 pub mod copy;
+pub mod dflash_accept;
+pub mod dflash_inject;
 pub mod embed;
 pub mod emit;
 pub mod fill;
@@ -65,6 +67,8 @@ pub trait Memory: Sync {
     fn write_u32(&self, addr: u64, vals: &[u32]) -> Result<(), TaskFault>;
     /// Appends values to the output ring.
     fn emit(&self, vals: &[u64]);
+    /// The running program's epoch: how many times it ran, this iteration included.
+    fn epoch(&self) -> u64;
 }
 
 /// A task kind: its name, argument record and CPU reference.
@@ -141,6 +145,19 @@ impl TaskSpec {
             flags: 0,
             arg_bytes: 0,
         }
+    }
+
+    /// Edits the argument record of a task of kind `K`.
+    pub(crate) fn map_args<K: TaskKind + Registered>(
+        mut self,
+        f: impl FnOnce(&mut K::Args),
+    ) -> Self {
+        debug_assert_eq!(self.opcode, K::OPCODE);
+        let mut a: K::Args = decode_args(&self.args);
+        f(&mut a);
+        let bytes = bytemuck::bytes_of(&a);
+        bytemuck::cast_slice_mut::<u64, u8>(&mut self.args)[..bytes.len()].copy_from_slice(bytes);
+        self
     }
 
     /// Opcode of the task.

@@ -72,4 +72,6 @@ registry! {
     19 => fill_random::FillRandom,
     20 => sample::Sample,
     21 => gemv_expert_fp4::GemvExpertFp4,
+    22 => dflash_accept::DflashAccept,
+    23 => dflash_inject::DflashInject,
 }

@@ -1,0 +1,151 @@
+//! A DFlash draft model's weights on an executor, loaded from a checkpoint in
+//! the reference layout or drawn at random, and the random-draft writer.
+
+use std::path::Path;
+
+use super::config::DraftConfig;
+use crate::buffer::Buffer;
+use crate::error::{Error, LoadError, Result};
+use crate::exec::Executor;
+use crate::model::checkpoint::tensor_values;
+use crate::model::safetensors::{write, TensorDtype};
+use crate::model::session::{Loader, WeightSource};
+use crate::model::{Checkpoint, Model};
+
+/// One draft decoder layer (a dense Qwen3 layer).
+pub(crate) struct DraftLayer {
+    pub in_norm: Buffer,
+    /// `q_proj`, `k_proj`, `v_proj` stacked.
+    pub qkv: Buffer,
+    /// `q_norm`, `k_norm`.
+    pub qk_norms: Buffer,
+    pub o: Buffer,
+    pub post_norm: Buffer,
+    pub gate: Buffer,
+    pub up: Buffer,
+    pub down: Buffer,
+}
+
+/// A draft model's weights; it uses its target's embedding and LM head.
+pub struct DraftModel {
+    config: DraftConfig,
+    /// Context projection `[hidden, ids · hidden]`.
+    pub(crate) fc: Buffer,
+    pub(crate) hidden_norm: Buffer,
+    pub(crate) layers: Vec<DraftLayer>,
+    pub(crate) norm: Buffer,
+    owner: u64,
+}
+
+impl DraftModel {
+    /// Loads the draft checkpoint in `dir` (its `config.json` and safetensors)
+    /// for `target`.
+    pub fn open(ex: &dyn Executor, dir: &Path, target: &Model) -> Result<DraftModel> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| LoadError::Io {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let config = DraftConfig::from_json(&text)?;
+        let ck = Checkpoint::open(dir)?;
+        ck.validate_against(&config.tensors())?;
+        Self::from_source(ex, config, &WeightSource::Checkpoint(&ck), target)
+    }
+
+    /// Random weights for `config` drawn on the executor: the values
+    /// [`write_random_draft`] writes for `seed`.
+    pub fn random(
+        ex: &dyn Executor,
+        config: &DraftConfig,
+        seed: u64,
+        target: &Model,
+    ) -> Result<DraftModel> {
+        config.validate()?;
+        let src = WeightSource::Random {
+            config: &config.layers,
+            seed,
+        };
+        Self::from_source(ex, config.clone(), &src, target)
+    }
+
+    fn from_source(
+        ex: &dyn Executor,
+        config: DraftConfig,
+        src: &WeightSource<'_>,
+        target: &Model,
+    ) -> Result<DraftModel> {
+        config.check_target(target.config())?;
+        if ex.id() != target.owner() {
+            return Err(Error::Foreign("target model"));
+        }
+        let mut ld = Loader::with_shapes(ex, src, config.tensors());
+        let one = |n: &str| vec![n.to_string()];
+        let fc = ld.tensor(&one("fc.weight"))?;
+        let hidden_norm = ld.tensor(&one("hidden_norm.weight"))?;
+        let norm = ld.tensor(&one("norm.weight"))?;
+        let mut layers = Vec::new();
+        for l in 0..config.layers.num_layers {
+            let p = |s: &str| format!("layers.{l}.{s}");
+            layers.push(DraftLayer {
+                in_norm: ld.tensor(&[p("input_layernorm.weight")])?,
+                qkv: ld.tensor(&[
+                    p("self_attn.q_proj.weight"),
+                    p("self_attn.k_proj.weight"),
+                    p("self_attn.v_proj.weight"),
+                ])?,
+                qk_norms: ld
+                    .tensor(&[p("self_attn.q_norm.weight"), p("self_attn.k_norm.weight")])?,
+                o: ld.tensor(&[p("self_attn.o_proj.weight")])?,
+                post_norm: ld.tensor(&[p("post_attention_layernorm.weight")])?,
+                gate: ld.tensor(&[p("mlp.gate_proj.weight")])?,
+                up: ld.tensor(&[p("mlp.up_proj.weight")])?,
+                down: ld.tensor(&[p("mlp.down_proj.weight")])?,
+            });
+        }
+        ld.flush()?;
+        Ok(DraftModel {
+            config,
+            fc,
+            hidden_norm,
+            layers,
+            norm,
+            owner: ex.id(),
+        })
+    }
+
+    /// The draft's configuration.
+    pub fn config(&self) -> &DraftConfig {
+        &self.config
+    }
+
+    /// Id of the executor holding the weights.
+    pub(crate) fn owner(&self) -> u64 {
+        self.owner
+    }
+}
+
+/// Writes `config.json` and random bf16 weights of a draft into `dir`
+/// (created if needed), drawn as the target's checkpoint writer draws them.
+pub fn write_random_draft(dir: &Path, config: &DraftConfig, seed: u64) -> Result<()> {
+    config.validate()?;
+    let io = |p: &Path, e: std::io::Error| LoadError::Io {
+        path: p.display().to_string(),
+        message: e.to_string(),
+    };
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let cfg = dir.join("config.json");
+    std::fs::write(&cfg, config.to_json()).map_err(|e| io(&cfg, e))?;
+    let tensors: Vec<_> = config
+        .tensors()
+        .into_iter()
+        .map(|(name, shape)| {
+            let bytes = tensor_values(&config.layers, seed, &name, &shape)
+                .into_iter()
+                .flat_map(|v| half::bf16::from_f32(v).to_le_bytes())
+                .collect();
+            (name, TensorDtype::Bf16, shape, bytes)
+        })
+        .collect();
+    write(&dir.join("model.safetensors"), &tensors)?;
+    Ok(())
+}
