@@ -5,6 +5,7 @@
 
 use std::time::Instant;
 
+use megakernel::dflash::{DflashOptions, DflashSession, DraftConfig, DraftModel, Injected};
 use megakernel::model::{Model, ModelConfig};
 use megakernel::prelude::*;
 use megakernel::quant::Fp4Format;
@@ -29,7 +30,15 @@ measured first in the same run, and the ratio (roofline %); then the time of a
                   of one qwen3-30b-a3b layer (gate, up and down of 128 experts,
                   one token), for each FP4 format, against the copy bandwidth
   --profile       after timing, trace one more step and print where its time
-                  went, stage by stage (device timestamps of every task)";
+                  went, stage by stage (device timestamps of every task)
+  --dflash TAUS   also decode with DFlash in INJECTED-ACCEPTANCE mode at each
+                  mean acceptance length in the comma-separated list (e.g.
+                  1,3,5,6.5,8): a random draft runs its full computation, then
+                  its proposals are replaced by the greedy continuation with
+                  the first mismatch placed to give that tau; tokens/s next to
+                  plain decode from the same run (with --profile: draft,
+                  verify, context and accept time of one traced iteration)
+  --block B       DFlash block size (default 16)";
 
 fn main() -> Result<()> {
     let mut presets = Vec::new();
@@ -37,6 +46,7 @@ fn main() -> Result<()> {
     let mut config_out: Option<String> = None;
     let mut expert_stream = false;
     let mut formats: Vec<Option<Fp4Format>> = Vec::new();
+    let (mut taus, mut block) = (Vec::<f64>::new(), 16usize);
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut num = |f: &str| -> usize {
@@ -52,6 +62,18 @@ fn main() -> Result<()> {
             "--profile" => profile = true,
             "--expert-stream" => expert_stream = true,
             "--config-out" => config_out = it.next(),
+            "--block" => block = num("--block"),
+            "--dflash" => {
+                let v = it.next().unwrap_or_default();
+                taus = v
+                    .split(',')
+                    .map(|t| t.trim().parse::<f64>())
+                    .collect::<std::result::Result<_, _>>()
+                    .unwrap_or_else(|_| {
+                        eprintln!("--dflash needs a list of numbers, not '{v}'\n\n{HELP}");
+                        std::process::exit(2)
+                    });
+            }
             "--experts" => {
                 let v = it.next().unwrap_or_default();
                 formats.push(match v.as_str() {
@@ -123,15 +145,15 @@ fn main() -> Result<()> {
         )?;
         let t = Instant::now();
         eprintln!("{name}: drawing random weights on the device");
-        let mut d =
-            Model::random_with(&rt, &config, 7, experts)?.session(&rt, context + tokens + 34)?;
+        let model = Model::random_with(&rt, &config, 7, experts)?;
+        let mut d = model.session(&rt, context + tokens + 34)?;
         let load = t.elapsed().as_secs_f64();
         let prompt: Vec<u32> = (0..context)
             .map(|i| ((i * 7919) % config.vocab_size) as u32)
             .collect();
         eprintln!("{name}: prefill of {context} tokens");
         let t = Instant::now();
-        d.prefill(&rt, &prompt)?;
+        let first = d.prefill(&rt, &prompt)?;
         let prefill = t.elapsed().as_secs_f64();
         let t = Instant::now();
         let generated = d.generate(&rt, tokens)?;
@@ -139,13 +161,13 @@ fn main() -> Result<()> {
         // A 16-row block through the chunk program (a speculative verify step),
         // then the context cut back: its cost next to one decode step.
         let (base, last) = (d.position(), generated.last().copied().unwrap_or(0));
-        let block: Vec<u32> = (0..16)
+        let chunk: Vec<u32> = (0..16)
             .map(|i| ((i * 31 + 7) % config.vocab_size) as u32)
             .collect();
         let mut verify = f64::INFINITY;
         for _ in 0..4 {
             let t = Instant::now();
-            d.prefill(&rt, &block)?;
+            d.prefill(&rt, &chunk)?;
             verify = verify.min(t.elapsed().as_secs_f64());
             d.truncate(&rt, base, last)?;
         }
@@ -172,13 +194,32 @@ fn main() -> Result<()> {
             verify * 1e3,
             rt.describe()
         );
+        if !taus.is_empty() {
+            let mut reference = prompt.clone();
+            reference.push(first);
+            reference.extend(&generated);
+            let run = DflashRun {
+                name: &name,
+                dtype,
+                model: &model,
+                prompt: &prompt,
+                reference,
+                tokens,
+                block,
+                plain: per_token,
+                profile,
+            };
+            drop(d);
+            run.go(&rt, &taus)?;
+            continue;
+        }
         if profile {
             print_profile(&d.trace_step(&rt)?, d.step_program());
-            let block: Vec<u32> = (0..16)
+            let chunk: Vec<u32> = (0..16)
                 .map(|i| ((i * 17 + 3) % config.vocab_size) as u32)
                 .collect();
             println!("  a 16-row chunk (verify block):");
-            print_profile(&d.trace_chunk(&rt, &block)?, d.chunk_program());
+            print_profile(&d.trace_chunk(&rt, &chunk)?, d.chunk_program());
         }
     }
     Ok(())
@@ -264,6 +305,119 @@ fn stream_experts(format: Fp4Format, copy: f64) -> Result<()> {
         100.0 * bytes / per_iter / copy
     );
     Ok(())
+}
+
+/// DFlash decode of one preset with injected acceptance, next to plain decode.
+struct DflashRun<'a> {
+    name: &'a str,
+    dtype: &'a str,
+    model: &'a Model,
+    prompt: &'a [u32],
+    /// Prompt, first token, then the plain greedy continuation.
+    reference: Vec<u32>,
+    tokens: usize,
+    block: usize,
+    /// Plain decode seconds per token, same run.
+    plain: f64,
+    profile: bool,
+}
+
+impl DflashRun<'_> {
+    fn go(&self, rt: &Runtime, taus: &[f64]) -> Result<()> {
+        let config = self.model.config();
+        let layers = DraftConfig::default_layers(config.num_layers);
+        let dc = DraftConfig::for_target(config, layers, self.block);
+        let draft = DraftModel::random(rt, &dc, 11, self.model)?;
+        let opts = DflashOptions {
+            block_size: Some(self.block),
+            injected: Some(Injected {
+                reference: self.reference.clone(),
+                tau: 1.0,
+            }),
+        };
+        let max_seq = self.prompt.len() + self.tokens + 2 * self.block + 34;
+        let mut s = DflashSession::new(rt, self.model, &draft, max_seq, &opts)?;
+        let first = s.prefill(rt, self.prompt)?;
+        let base = s.position();
+        let want = &self.reference[base + 1..];
+        for &tau in taus {
+            s.set_injected_tau(rt, tau)?;
+            let before = s.stats(rt)?;
+            let t = Instant::now();
+            let out = s.generate(rt, self.tokens, None)?;
+            let secs = t.elapsed().as_secs_f64();
+            let after = s.stats(rt)?;
+            let iters = after.iterations - before.iterations;
+            let lossless = out[..] == want[..self.tokens];
+            let per_token = secs / self.tokens as f64;
+            println!(
+                "{} {} dflash INJECTED tau {tau}: {:.1} tokens/s ({:.3} ms/token), {:.2}x plain decode; \
+                 block {}, {iters} iterations, measured tau {:.2}, {:.3} ms/iteration; output equals greedy: {lossless}",
+                self.name,
+                self.dtype,
+                1.0 / per_token,
+                per_token * 1e3,
+                self.plain / per_token,
+                self.block,
+                self.tokens as f64 / iters as f64,
+                secs * 1e3 / iters as f64,
+            );
+            println!(
+                "{{\"preset\": \"{}\", \"dtype\": \"{}\", \"mode\": \"dflash injected\", \"tau\": {tau}, \"block\": {}, \
+                 \"tokens_per_s\": {:.2}, \"plain_tokens_per_s\": {:.2}, \"speedup\": {:.3}, \"iterations\": {iters}, \
+                 \"ms_per_iteration\": {:.4}, \"lossless\": {lossless}, \"device\": \"{}\"}}",
+                self.name,
+                self.dtype,
+                self.block,
+                1.0 / per_token,
+                1.0 / self.plain,
+                self.plain / per_token,
+                secs * 1e3 / iters as f64,
+                rt.describe()
+            );
+            s.truncate(rt, base, first)?;
+        }
+        if self.profile {
+            let trace = s.trace_iteration(rt)?;
+            let program = s.iteration_program();
+            let mut parts = [
+                ("draft", 0u64),
+                ("verify", 0),
+                ("context", 0),
+                ("accept", 0),
+            ];
+            for st in trace.stages(program) {
+                let k = if st.name.starts_with("draft context") {
+                    2
+                } else if st.name.starts_with("draft") || st.name == "inject" {
+                    0
+                } else if st.name == "accept" {
+                    3
+                } else {
+                    1
+                };
+                parts[k].1 += st.critical_ns;
+            }
+            let total = trace.total_ns() as f64;
+            let line: Vec<String> = parts
+                .iter()
+                .map(|(n, ns)| {
+                    format!(
+                        "{n} {:.1} µs ({:.0} %)",
+                        *ns as f64 / 1e3,
+                        100.0 * *ns as f64 / total
+                    )
+                })
+                .collect();
+            println!(
+                "  one traced iteration, {:.1} µs: {}",
+                total / 1e3,
+                line.join(", ")
+            );
+            print_profile(&trace, program);
+        }
+        Ok(())
+    }
 }
 
 /// Critical-path share of each stage kind (summed over layers) in one step.

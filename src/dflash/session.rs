@@ -97,6 +97,17 @@ pub struct DflashSession {
     state: Buffer,
     stop: Buffer,
     iteration: LoadedProgram,
+    injected: bool,
+}
+
+/// τ × 1000, checked against the block size.
+fn tau_milli(tau: f64, block: usize) -> Result<u32> {
+    if !(1.0..=block as f64).contains(&tau) {
+        return Err(Error::InvalidArgument(format!(
+            "injected tau {tau} outside 1..={block}"
+        )));
+    }
+    Ok((tau * 1000.0).round() as u32)
 }
 
 /// Draft-side buffers the programs share.
@@ -179,6 +190,9 @@ impl DflashSession {
         ex.write_u32(&dids, &vec![dc.mask_token_id; block])?;
         let mut st = vec![0u32; state::LEN];
         st[state::STOP_TOKEN] = u32::MAX;
+        if let Some(inj) = &opts.injected {
+            st[state::TAU_MILLI] = tau_milli(inj.tau, block)?;
+        }
         ex.write_u32(&state_buf, &st)?;
         let reference = match &opts.injected {
             Some(inj) => {
@@ -188,7 +202,7 @@ impl DflashSession {
                 session.check_room(&inj.reference, 0)?;
                 let r = u32s(inj.reference.len())?;
                 ex.write_u32(&r, &inj.reference)?;
-                Some((r, inj.tau))
+                Some(r)
             }
             None => None,
         };
@@ -199,14 +213,13 @@ impl DflashSession {
                 b, model, draft, &bufs, &scratch, &dids, &vids, pos, block, workers,
             )?;
             match &reference {
-                Some((r, tau)) => {
+                Some(r) => {
                     let t = DflashInject::task(
                         &vids.all(),
                         &r.all(),
                         &pos.all(),
                         &state_buf.all(),
                         block,
-                        *tau,
                         c.vocab_size,
                     )?;
                     let done = b.event("inject");
@@ -248,7 +261,55 @@ impl DflashSession {
             state: state_buf,
             stop,
             iteration,
+            injected: opts.injected.is_some(),
         })
+    }
+
+    /// Benchmark sessions ([`DflashOptions::injected`]): changes the mean
+    /// acceptance length to inject from the next iteration on.
+    pub fn set_injected_tau(&mut self, ex: &dyn Executor, tau: f64) -> Result<()> {
+        if !self.injected {
+            return Err(Error::InvalidArgument(
+                "the session was not created with injected acceptance".into(),
+            ));
+        }
+        let mut st = ex.read_u32(&self.state)?;
+        st[state::TAU_MILLI] = tau_milli(tau, self.block)?;
+        ex.write_u32(&self.state, &st)
+    }
+
+    /// Forgets every position from `len` on and makes `next` the next input
+    /// (see [`Session::truncate`]); the draft's context follows.
+    pub fn truncate(&mut self, ex: &dyn Executor, len: usize, next: u32) -> Result<()> {
+        self.session.truncate(ex, len, next)
+    }
+
+    /// Runs one iteration with device timing of every task (the runtime must
+    /// be created with tracing on); [`iteration_program`](Self::iteration_program)
+    /// names the stages. Its tokens are emitted and counted like any others;
+    /// call only with room for a block left in the context.
+    pub fn trace_iteration(
+        &mut self,
+        rt: &crate::cuda::Runtime,
+    ) -> Result<crate::program::trace::Trace> {
+        let room = self.session.max_seq() - self.session.position();
+        if room < self.block {
+            return Err(Error::InvalidArgument(format!(
+                "a traced iteration needs {} free positions, {room} are left",
+                self.block
+            )));
+        }
+        self.sync_input(rt)?;
+        let before = rt.read_u32(&self.state)?[state::PRODUCED];
+        let mut st = rt.read_u32(&self.state)?;
+        st[state::LIMIT] = before.saturating_add(self.block as u32);
+        rt.write_u32(&self.state, &st)?;
+        let trace = rt.trace(&self.iteration, &[])?;
+        let after = rt.read_u32(&self.state)?[state::PRODUCED];
+        self.session.advanced((after - before) as usize);
+        let mut sink = Vec::new();
+        rt.poll_outputs(&mut sink)?;
+        Ok(trace)
     }
 
     /// The target session (position, configuration, plain decoding).
@@ -307,12 +368,7 @@ impl DflashSession {
         let stop_ids: Vec<u32> = stop_token.into_iter().collect();
         self.session.check_room(&stop_ids, n)?;
         let n32 = u32::try_from(n).map_err(|_| Error::InvalidArgument("n too large".into()))?;
-        let (_, step_ids) = self.session.position_and_input();
-        let last = ex.read_u32(step_ids)?[0];
-        let mut ids = vec![0; self.block];
-        ids[0] = last;
-        ex.write_u32(&self.vids, &ids)?;
-        ex.write_u32(&self.dids, &[last])?;
+        self.sync_input(ex)?;
         let mut st = ex.read_u32(&self.state)?;
         st[state::LIMIT] = n32;
         st[state::PRODUCED] = 0;
@@ -349,6 +405,17 @@ impl DflashSession {
         }
         self.session.advanced(seen);
         Ok(out.into_iter().map(|t| t as u32).collect())
+    }
+
+    /// Makes the one-token step's input (the last token, also what
+    /// [`truncate`](Self::truncate) sets) the first token of both blocks.
+    fn sync_input(&self, ex: &dyn Executor) -> Result<()> {
+        let (_, step_ids) = self.session.position_and_input();
+        let last = ex.read_u32(step_ids)?[0];
+        let mut ids = vec![0; self.block];
+        ids[0] = last;
+        ex.write_u32(&self.vids, &ids)?;
+        ex.write_u32(&self.dids, &[last])
     }
 
     /// Acceptance statistics since the session began.

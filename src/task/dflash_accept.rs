@@ -30,6 +30,9 @@ pub mod state {
     /// Histogram of acceptance lengths: `HIST + acc` counts iterations that
     /// accepted `acc` tokens (1..=16; cumulative).
     pub const HIST: usize = 5;
+    /// Injected-acceptance benchmarks: the mean acceptance length × 1000
+    /// (see [`DflashInject`](crate::task::dflash_inject::DflashInject)).
+    pub const TAU_MILLI: usize = 22;
     /// Length of the state.
     pub const LEN: usize = 24;
 }

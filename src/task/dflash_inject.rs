@@ -3,7 +3,9 @@
 //! a known greedy continuation `reference` (the token at each absolute
 //! position), with the first mismatch placed so that iteration `k` accepts
 //! `⌊(k+1)τ⌋ − ⌊kτ⌋` tokens (clamped to `1..=block`): a mean acceptance length
-//! of τ. Outputs stay the target's greedy tokens; only acceptance is steered.
+//! of τ, read from the accept state ([`state::TAU_MILLI`]) so that one
+//! program serves every τ. Outputs stay the target's greedy tokens; only
+//! acceptance is steered.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -23,16 +25,16 @@ pub struct DflashInjectArgs {
     pub reference: u64,
     /// Address of the `u32` position of `ids[0]`.
     pub pos: u64,
-    /// The accept state (its iteration count picks the pattern).
+    /// The accept state (its iteration count picks the pattern, τ its length).
     pub state: u64,
     /// Block size.
     pub block: u32,
     /// Positions `reference` covers.
     pub ref_len: u32,
-    /// τ × 1000.
-    pub tau_milli: u32,
     /// Vocabulary size (a mismatching token stays a valid id).
     pub vocab: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
 }
 
 /// Injected acceptance (benchmarks only).
@@ -45,14 +47,13 @@ pub fn injected_length(k: u64, tau_milli: u32, block: u32) -> u32 {
 }
 
 impl DflashInject {
-    /// The task; `tau` in `1.0..=block`.
+    /// The task.
     pub fn task(
         ids: &BufSlice,
         reference: &BufSlice,
         pos: &BufSlice,
         accept_state: &BufSlice,
         block: usize,
-        tau: f64,
         vocab: usize,
     ) -> Result<TaskSpec, ProgramError> {
         if [ids, reference, pos, accept_state]
@@ -61,10 +62,8 @@ impl DflashInject {
         {
             return Err(bad::<DflashInject>("every buffer is u32"));
         }
-        if !(1.0..=block as f64).contains(&tau) || ids.len() < block {
-            return Err(bad::<DflashInject>(format!(
-                "tau {tau} must lie in 1..={block} and ids hold the block"
-            )));
+        if ids.len() < block || !(2..=16).contains(&block) {
+            return Err(bad::<DflashInject>("ids must hold a block of 2..=16"));
         }
         if accept_state.len() < state::LEN || pos.is_empty() || reference.is_empty() {
             return Err(bad::<DflashInject>("a buffer is too short"));
@@ -77,8 +76,8 @@ impl DflashInject {
             state: accept_state.addr(),
             block: u(block)?,
             ref_len: u(reference.len())?,
-            tau_milli: (tau * 1000.0).round() as u32,
             vocab: u(vocab)?,
+            reserved: 0,
         };
         Ok(TaskSpec::new::<DflashInject>(
             args,
@@ -93,8 +92,9 @@ impl TaskKind for DflashInject {
     fn cpu(a: &DflashInjectArgs, mem: &dyn Memory) -> Result<(), TaskFault> {
         let b = a.block as usize;
         let mut ids = mem.read_u32(a.ids, b)?;
-        let k = mem.read_u32(a.state, state::LEN)?[state::ITERS];
-        let want = injected_length(u64::from(k), a.tau_milli, a.block) as usize;
+        let st = mem.read_u32(a.state, state::LEN)?;
+        let k = st[state::ITERS];
+        let want = injected_length(u64::from(k), st[state::TAU_MILLI], a.block) as usize;
         let p = mem.read_u32(a.pos, 1)?[0] as usize;
         let end = b.min((a.ref_len as usize).saturating_sub(p));
         if end > 1 {
@@ -117,8 +117,8 @@ impl TaskKind for DflashInject {
             state,
             block,
             ref_len,
-            tau_milli,
-            vocab
+            vocab,
+            reserved
         })
     }
 }
