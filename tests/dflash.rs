@@ -97,12 +97,24 @@ fn lossless(
 
 #[test]
 fn dflash_is_lossless_on_tiny_cpu() {
-    lossless(&cpu(), &ModelConfig::preset("tiny").unwrap(), None, 520, Some(64));
+    lossless(
+        &cpu(),
+        &ModelConfig::preset("tiny").unwrap(),
+        None,
+        520,
+        Some(64),
+    );
 }
 
 #[test]
 fn dflash_is_lossless_on_tiny_moe_cpu() {
-    lossless(&cpu(), &ModelConfig::preset("tiny-moe").unwrap(), None, 64, None);
+    lossless(
+        &cpu(),
+        &ModelConfig::preset("tiny-moe").unwrap(),
+        None,
+        64,
+        None,
+    );
 }
 
 #[test]
@@ -111,7 +123,13 @@ fn dflash_is_lossless_on_the_gpu() {
         return;
     };
     lossless(&rt, &ModelConfig::preset("tiny").unwrap(), None, 520, None);
-    lossless(&rt, &ModelConfig::preset("qwen3-0.6b").unwrap(), None, 520, None);
+    lossless(
+        &rt,
+        &ModelConfig::preset("qwen3-0.6b").unwrap(),
+        None,
+        520,
+        None,
+    );
     let moe = ModelConfig::preset("qwen3-30b-a3b").unwrap();
     lossless(&rt, &moe, Some(Fp4Format::Mxfp4), 520, None);
 }

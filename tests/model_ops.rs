@@ -426,6 +426,91 @@ fn attention_matches_softmax_reference() {
     });
 }
 
+/// A row of a block attends exactly as it would alone at its position (bf16
+/// inputs take the GPU's tiled path): what makes a verify block reproduce
+/// decode steps bit for bit.
+#[test]
+fn attention_rows_do_not_depend_on_their_block() {
+    use megakernel::task::rope_kv::HeadShape;
+    let mut rng = Rng(seed());
+    on_every_executor("attention_rows_do_not_depend_on_their_block", |ex| {
+        for (shape, m) in [
+            (
+                HeadShape {
+                    heads: 16,
+                    kv_heads: 8,
+                    head_dim: 128,
+                },
+                16,
+            ),
+            (
+                HeadShape {
+                    heads: 32,
+                    kv_heads: 4,
+                    head_dim: 128,
+                },
+                7,
+            ),
+            (
+                HeadShape {
+                    heads: 4,
+                    kv_heads: 2,
+                    head_dim: 32,
+                },
+                16,
+            ),
+        ] {
+            let (hd, kvh, max_seq, chunks) = (shape.head_dim, shape.kv_heads, 1200, 16);
+            let width = shape.qkv_width();
+            let (qkv, qv) = store(ex, DType::Bf16, &rng.vec(m * width));
+            let (cache, _) = store(ex, DType::Bf16, &rng.vec(2 * kvh * max_seq * hd));
+            let p0 = 60 + rng.below(1000);
+            let run = |qkv: &Buffer, m: usize, p: usize| {
+                let pos = ex.alloc(DType::U32, 1).unwrap();
+                ex.write_u32(&pos, &[p as u32]).unwrap();
+                let partial = ex
+                    .alloc(DType::F32, m * shape.heads * chunks * (hd + 2))
+                    .unwrap();
+                let out = ex.alloc(DType::F32, m * shape.heads * hd).unwrap();
+                let mut b = ProgramBuilder::new();
+                ops::attention(
+                    &mut b,
+                    &qkv.all(),
+                    &cache.all(),
+                    &pos.all(),
+                    &partial.all(),
+                    &out.all(),
+                    shape,
+                    m,
+                    max_seq,
+                    chunks,
+                    shape.heads,
+                    false,
+                )
+                .unwrap();
+                ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[])
+                    .unwrap();
+                ex.read_f32(&out).unwrap()
+            };
+            let block = run(&qkv, m, p0);
+            let w = shape.heads * hd;
+            for i in 0..m {
+                let (one, _) = store(ex, DType::Bf16, &qv[i * width..(i + 1) * width]);
+                let alone = run(&one, 1, p0 + i);
+                let same = alone
+                    .iter()
+                    .zip(&block[i * w..(i + 1) * w])
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{}: {shape:?} row {i} of {m} at {p0} differs from the row alone",
+                    ex.describe()
+                );
+            }
+        }
+    });
+}
+
 #[test]
 fn moe_routing_experts_and_combine() {
     use megakernel::task::gemv_bf16::GemvShape;

@@ -49,8 +49,27 @@ MK_OFFSET(AttentionArgs, qkv_dtype, 68);
 MK_OFFSET(AttentionArgs, cache_dtype, 72);
 MK_OFFSET(AttentionArgs, bidirectional, 76);
 
+constexpr u32 ATTN_TILE = 64;
+
+// Keys a row attends: 0 .. len (causal: its own position and before;
+// bidirectional: the whole block).
+__device__ __forceinline__ u32 attention_row_len(const AttentionArgs& a, u32 pos0, u32 i) {
+    return pos0 + (a.bidirectional ? a.m : i + 1);
+}
+
+// Keys [lo, hi) of this task's slice for a row attending `len` keys: whole
+// tiles of ATTN_TILE keys at absolute positions, ceil(tiles / chunks) tiles per
+// slice. A row's slices, tiles and arithmetic depend on its own length alone,
+// so it computes bit for bit alike alone (decode) or inside a block (verify).
+__device__ __forceinline__ void attention_slice(const AttentionArgs& a, u32 len, u32& lo, u32& hi) {
+    const u32 tiles = (len + ATTN_TILE - 1) / ATTN_TILE;
+    const u32 per = (tiles + a.chunks - 1) / a.chunks * ATTN_TILE;
+    lo = min(a.chunk * per, len);
+    hi = min(lo + per, len);
+}
+
 template <int E>
-__device__ __forceinline__ void attention_rows(const AttentionArgs& a, u32 pos0, u32 lo, u32 hi) {
+__device__ __forceinline__ void attention_rows(const AttentionArgs& a, u32 pos0) {
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     const u32 hd = a.head_dim, group = a.heads / a.kv_heads, width = (a.heads + 2 * a.kv_heads) * hd;
     const float scale = __uint_as_float(a.scale);
@@ -58,8 +77,8 @@ __device__ __forceinline__ void attention_rows(const AttentionArgs& a, u32 pos0,
     const u64 vbase = (u64(a.kv_heads + a.kv_head) * a.max_seq) * hd;
     for (u32 pair = warp; pair < a.m * group; pair += nwarps) {
         const u32 i = pair / group, h = a.kv_head * group + pair % group;
-        // row i attends keys 0..=pos0 + i (every row all keys when bidirectional)
-        const u32 end = min(hi, pos0 + (a.bidirectional ? a.m - 1 : i) + 1);
+        u32 lo, end;
+        attention_slice(a, attention_row_len(a, pos0, i), lo, end);
         float q[E], o[E];
 #pragma unroll
         for (int e = 0; e < E; ++e) {
@@ -88,7 +107,6 @@ __device__ __forceinline__ void attention_rows(const AttentionArgs& a, u32 pos0,
     }
 }
 
-constexpr u32 ATTN_TILE = 64;
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     const unsigned dst = unsigned(__cvta_generic_to_shared(smem));
@@ -101,7 +119,7 @@ __device__ __forceinline__ void cp_async_wait_prev() { asm volatile("cp.async.wa
 // Shared memory the fast path needs for `pairs` pairs: q, two K/V tile
 // buffers, scores, and per-pair running max, sum and correction.
 __host__ __device__ constexpr u32 attention_smem_bytes(u32 pairs, u32 hd) {
-    return pairs * hd * 2 + 4 * ATTN_TILE * hd * 2 + pairs * ATTN_TILE * 4 + 3 * pairs * 4;
+    return pairs * hd * 2 + 4 * ATTN_TILE * hd * 2 + pairs * ATTN_TILE * 4 + 3 * pairs * 4 + 2 * pairs * 4;
 }
 
 // Issues the cp.async copies of keys t0 .. t0 + n into one tile buffer.
@@ -116,11 +134,14 @@ __device__ __forceinline__ void attention_load_tile(u32* k_s, u32* v_s, const ch
     }
 }
 
-// PP: pairs per thread in the P·V phase. Work is spread over all 1024 threads
-// whatever the number of pairs: a score is summed by S adjacent lanes (S
-// segments of the row), and in P·V each (pair, column pair) is owned by KS
-// threads taking every KS-th key, reduced once at the end. Tiles are double
-// buffered: tile t + 1 is in flight while tile t is computed.
+// PP: pairs per thread in the P·V phase. A score is summed by S adjacent lanes
+// (S segments of the row), and in P·V each (pair, column pair) is owned by KS
+// threads taking every KS-th key, reduced once at the end. S and KS are sized
+// for one row's pairs (a decode step's) and kept for any number of rows, so a
+// row's arithmetic never depends on the block around it; larger blocks loop.
+// Tiles (ATTN_TILE keys at absolute positions, over the union of the rows'
+// slices [lo, hi)) are double buffered: tile t + 1 is in flight while tile t
+// is computed.
 template <u32 HD, u32 PP>
 __device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArgs& a, u32 pos0, u32 lo, u32 hi) {
     constexpr u32 W = HD / 2;               // 32-bit words (bf16 pairs) per row
@@ -130,11 +151,11 @@ __device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArg
     const float scale = __uint_as_float(a.scale);
     // Score segments: S lanes per (pair, key), S in {1, 2, 4, 8}.
     u32 S = 1;
-    while (S < 8 && pairs * ATTN_TILE * S * 2 <= BLOCK_THREADS) S *= 2;
+    while (S < 8 && group * ATTN_TILE * S * 2 <= BLOCK_THREADS) S *= 2;
     const u32 SW = W / S;  // words per segment
     // P·V: KS key phases, PG pair groups (KS * PG = NPG).
     u32 KS = 1;
-    while (KS * 2 <= NPG && pairs * KS * 2 <= NPG) KS *= 2;
+    while (KS * 2 <= NPG && group * KS * 2 <= NPG) KS *= 2;
     const u32 PG = NPG / KS;
     u32* q_s = reinterpret_cast<u32*>(c.smem);  // [pairs][W]
     u32* kv_s = q_s + pairs * W;                // [2][K, V][TILE][W]
@@ -142,6 +163,9 @@ __device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArg
     float* m_s = p_s + pairs * ATTN_TILE;                             // running max
     float* l_s = m_s + pairs;                                         // running sum
     float* f_s = l_s + pairs;                                         // this tile's correction
+    u32* lo_s = reinterpret_cast<u32*>(f_s + pairs);                  // each row's slice
+    u32* hi_s = lo_s + pairs;
+    for (u32 i = tid; i < a.m; i += BLOCK_THREADS) attention_slice(a, attention_row_len(a, pos0, i), lo_s[i], hi_s[i]);
     const char* kbase = reinterpret_cast<const char*>(a.cache) + (u64(a.kv_head) * a.max_seq) * HD * 2;
     const char* vbase = reinterpret_cast<const char*>(a.cache) + (u64(a.kv_heads + a.kv_head) * a.max_seq) * HD * 2;
     // q of every pair: row i = p / group, head kv_head * group + p % group.
@@ -185,7 +209,8 @@ __device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArg
             }
             for (u32 off = 1; off < S; off *= 2) dot += __shfl_xor_sync(0xFFFFFFFFu, dot, off);
             if (seg == 0) {
-                const bool live = j < n && t0 + j <= pos0 + (a.bidirectional ? a.m - 1 : p / group);
+                const u32 i = p / group;
+                const bool live = j < n && t0 + j >= lo_s[i] && t0 + j < hi_s[i];
                 p_s[pj] = live ? dot * scale : -__int_as_float(0x7f800000);
             }
         }
@@ -278,16 +303,25 @@ __device__ __forceinline__ void task_attention(const Ctx& c) {
         if (threadIdx.x == 0) task_fault(c, FAULT_OUT_OF_RANGE, u64(pos0) + a.m, a.max_seq);
         return;
     }
-    const u32 len = pos0 + a.m, per = (len + a.chunks - 1) / a.chunks;
-    const u32 lo = min(a.chunk * per, len), hi = min(lo + per, len);
+    // The union of the rows' slices (rows' lengths grow with the row, and so
+    // do their slices' bounds; empty slices do not count).
+    u32 lo = 0, hi = 0;
+    for (u32 i = 0; i < a.m; ++i) {
+        u32 l, h;
+        attention_slice(a, attention_row_len(a, pos0, i), l, h);
+        if (l < h) {
+            if (lo == hi) lo = l;
+            hi = h;
+        }
+    }
     if (a.qkv_dtype == DTYPE_BF16 && a.cache_dtype == DTYPE_BF16) {
         if (a.head_dim == 128 && attention_fast<128>(c, a, pos0, lo, hi)) return;
         if (a.head_dim == 64 && attention_fast<64>(c, a, pos0, lo, hi)) return;
     }
     switch (a.head_dim) {
-        case 32: attention_rows<1>(a, pos0, lo, hi); break;
-        case 64: attention_rows<2>(a, pos0, lo, hi); break;
-        case 128: attention_rows<4>(a, pos0, lo, hi); break;
+        case 32: attention_rows<1>(a, pos0); break;
+        case 64: attention_rows<2>(a, pos0); break;
+        case 128: attention_rows<4>(a, pos0); break;
         default:
             if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, a.head_dim, 128);
     }

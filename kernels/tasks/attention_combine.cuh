@@ -124,7 +124,9 @@ __device__ __forceinline__ void task_attention_combine(const Ctx& c) {
     }
     const u32 pairs = a.m * a.nheads;
     float* scratch = reinterpret_cast<float*>(c.smem);
-    if (pairs * 4 <= nwarps) {
+    // Chosen by the heads of one row, whatever the rows: a row merges alike
+    // alone (decode) or in a block (verify).
+    if (a.nheads * 4 <= nwarps) {
         float* red = scratch + COMBINE_MAX_CHUNKS + 1;
         for (u32 pair = 0; pair < pairs; ++pair) {
             const u32 i = pair / a.nheads, h = a.head0 + pair % a.nheads;

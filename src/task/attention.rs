@@ -1,11 +1,14 @@
 //! `attention`: split-sequence ("flash-decoding") GQA attention for `m` query
 //! rows at positions `pos[0] + i` over the KV cache. Each task takes one KV
-//! head and one of `chunks` equal slices of the `pos[0] + m` cached keys
-//! (sliced at run time, so every task has work at any context length) and
-//! writes, per query row and head of its group, a partial `(o[head_dim], max,
-//! sum)`; [`attention_combine`](super::attention_combine) merges the slices. Row `i` attends keys
-//! `0..=pos[0] + i` (causal inside a block of rows), or all of them when
-//! the task is [`bidirectional`](Attention::bidirectional).
+//! head and one of `chunks` slices of each row's keys (whole tiles of
+//! [`TILE`] keys, sliced at run time from the row's own length; see
+//! [`slice_range`]) and writes, per query row and head of its group, a
+//! partial `(o[head_dim], max, sum)`; [`attention_combine`](super::attention_combine)
+//! merges the slices. Row `i` attends keys `0..=pos[0] + i` (causal inside a
+//! block of rows), or all of them when the task is
+//! [`bidirectional`](Attention::bidirectional). A row's result does not
+//! depend on the other rows of its block, bit for bit, so a verify block
+//! reproduces decode steps exactly.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -147,9 +150,15 @@ impl Attention {
     }
 }
 
-/// The key range `[lo, hi)` of slice `chunk` of `chunks` over `len` keys.
+/// Keys per tile: slices are made of whole tiles at absolute positions.
+pub const TILE: u32 = 64;
+
+/// The key range `[lo, hi)` of slice `chunk` of `chunks` for a row attending
+/// `len` keys: `ceil(tiles / chunks)` whole tiles of [`TILE`] keys per slice.
+/// It depends on the row's own length alone, so a row computes alike alone
+/// (a decode step) or inside a block of rows (a verify step).
 pub fn slice_range(len: u32, chunk: u32, chunks: u32) -> (u32, u32) {
-    let per = len.div_ceil(chunks);
+    let per = len.div_ceil(TILE).div_ceil(chunks) * TILE;
     let lo = (chunk * per).min(len);
     (lo, (lo + per).min(len))
 }
@@ -163,45 +172,37 @@ impl TaskKind for Attention {
         let (hd, heads, kvh) = (a.head_dim as usize, a.heads as usize, a.kv_heads as usize);
         let group = heads / kvh;
         let pos0 = mem.read_u32(a.pos, 1)?[0];
-        let len =
-            pos0.checked_add(a.m)
-                .filter(|&l| l <= a.max_seq)
-                .ok_or(TaskFault::OutOfRange {
-                    index: u64::from(pos0) + u64::from(a.m),
-                    bound: u64::from(a.max_seq),
-                })?;
-        let (lo, hi) = slice_range(len, a.chunk, a.chunks);
+        pos0.checked_add(a.m)
+            .filter(|&l| l <= a.max_seq)
+            .ok_or(TaskFault::OutOfRange {
+                index: u64::from(pos0) + u64::from(a.m),
+                bound: u64::from(a.max_seq),
+            })?;
+        let row_len = |i: u32| pos0 + if a.bidirectional != 0 { a.m } else { i + 1 };
         let row = |which: usize, j: u32| {
             a.cache
                 + (((which * kvh + a.kv_head as usize) * a.max_seq as usize + j as usize)
                     * hd
                     * cd.size()) as u64
         };
-        let keys: Vec<Vec<f32>> = (lo..hi)
-            .map(|j| mem.read_f32(row(0, j), cd, hd))
-            .collect::<Result<_, _>>()?;
-        let vals: Vec<Vec<f32>> = (lo..hi)
-            .map(|j| mem.read_f32(row(1, j), cd, hd))
-            .collect::<Result<_, _>>()?;
         let scale = f32::from_bits(a.scale);
         let width = (heads + 2 * kvh) * hd;
         for i in 0..a.m as usize {
-            // Attends keys 0..=last.
-            let last = pos0
-                + if a.bidirectional != 0 {
-                    a.m - 1
-                } else {
-                    i as u32
-                };
+            // This row's keys in this slice.
+            let (lo, hi) = slice_range(row_len(i as u32), a.chunk, a.chunks);
+            let keys: Vec<Vec<f32>> = (lo..hi)
+                .map(|j| mem.read_f32(row(0, j), cd, hd))
+                .collect::<Result<_, _>>()?;
+            let vals: Vec<Vec<f32>> = (lo..hi)
+                .map(|j| mem.read_f32(row(1, j), cd, hd))
+                .collect::<Result<_, _>>()?;
             for gh in 0..group {
                 let h = a.kv_head as usize * group + gh;
                 let q = mem.read_f32(a.qkv + ((i * width + h * hd) * qd.size()) as u64, qd, hd)?;
                 let (mut mx, mut sum, mut o) = (f32::NEG_INFINITY, 0f32, vec![0f32; hd]);
                 let scores: Vec<f32> = keys
                     .iter()
-                    .zip(lo..)
-                    .filter(|(_, j)| *j <= last)
-                    .map(|(k, _)| q.iter().zip(k).map(|(x, y)| x * y).sum::<f32>() * scale)
+                    .map(|k| q.iter().zip(k).map(|(x, y)| x * y).sum::<f32>() * scale)
                     .collect();
                 for &s in &scores {
                     mx = mx.max(s);
