@@ -122,6 +122,14 @@ __host__ __device__ constexpr u32 attention_smem_bytes(u32 pairs, u32 hd) {
     return pairs * hd * 2 + 4 * ATTN_TILE * hd * 2 + pairs * ATTN_TILE * 4 + 3 * pairs * 4 + 2 * pairs * 4;
 }
 
+// Key phases of the P·V step for `group` query heads per KV head: as many as
+// leave each of one row's pairs its own thread (sized for a decode step).
+__host__ __device__ constexpr u32 attention_key_phases(u32 group, u32 npg) {
+    u32 ks = 1;
+    while (ks * 2 <= npg && group * ks * 2 <= npg) ks *= 2;
+    return ks;
+}
+
 // Issues the cp.async copies of keys t0 .. t0 + n into one tile buffer.
 template <u32 HD>
 __device__ __forceinline__ void attention_load_tile(u32* k_s, u32* v_s, const char* kbase, const char* vbase, u32 t0, u32 n) {
@@ -154,9 +162,7 @@ __device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArg
     while (S < 8 && group * ATTN_TILE * S * 2 <= BLOCK_THREADS) S *= 2;
     const u32 SW = W / S;  // words per segment
     // P·V: KS key phases, PG pair groups (KS * PG = NPG).
-    u32 KS = 1;
-    while (KS * 2 <= NPG && group * KS * 2 <= NPG) KS *= 2;
-    const u32 PG = NPG / KS;
+    const u32 KS = attention_key_phases(group, NPG), PG = NPG / KS;
     u32* q_s = reinterpret_cast<u32*>(c.smem);  // [pairs][W]
     u32* kv_s = q_s + pairs * W;                // [2][K, V][TILE][W]
     float* p_s = reinterpret_cast<float*>(kv_s + 4 * ATTN_TILE * W);  // [pairs][TILE]
@@ -283,15 +289,16 @@ __device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArg
 template <u32 HD>
 __device__ __forceinline__ bool attention_fast(const Ctx& c, const AttentionArgs& a, u32 pos0, u32 lo, u32 hi) {
     constexpr u32 NPG = BLOCK_THREADS / (HD / 2);
-    const u32 pairs = a.m * (a.heads / a.kv_heads);
+    const u32 group = a.heads / a.kv_heads, pairs = a.m * group;
     if (attention_smem_bytes(pairs, HD) > c.smem_bytes) return false;
     // The final reduction reuses the tile buffers (4 * TILE * W words), which
     // hold KS * pairs * W float2s while KS * pairs <= 2 * TILE.
-    if (pairs > 2 * ATTN_TILE) return false;
-    if (pairs <= NPG) attention_tiled<HD, 1>(c, a, pos0, lo, hi);
-    else if (pairs <= 2 * NPG) attention_tiled<HD, 2>(c, a, pos0, lo, hi);
-    else if (pairs <= 4 * NPG) attention_tiled<HD, 4>(c, a, pos0, lo, hi);
-    else if (pairs <= 8 * NPG) attention_tiled<HD, 8>(c, a, pos0, lo, hi);
+    const u32 KS = attention_key_phases(group, NPG), PG = NPG / KS;
+    if (KS * pairs > 2 * ATTN_TILE) return false;
+    if (pairs <= PG) attention_tiled<HD, 1>(c, a, pos0, lo, hi);
+    else if (pairs <= 2 * PG) attention_tiled<HD, 2>(c, a, pos0, lo, hi);
+    else if (pairs <= 4 * PG) attention_tiled<HD, 4>(c, a, pos0, lo, hi);
+    else if (pairs <= 8 * PG) attention_tiled<HD, 8>(c, a, pos0, lo, hi);
     else return false;
     return true;
 }
