@@ -234,7 +234,9 @@ __device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArg
             row[lane] = e0, row[lane + 32] = e1;
             const float sum = warp_sum(e0 + e1);
             if (lane == 0) {
-                const float corr = none ? 1.0f : __expf(old - nm);
+                // Exactly 1 when the maximum holds (a tile wholly outside a
+                // row's slice then changes nothing, bit for bit).
+                const float corr = (none || old == nm) ? 1.0f : __expf(old - nm);
                 f_s[p] = corr;
                 l_s[p] = fmaf(l_s[p], corr, sum);
                 m_s[p] = nm;
