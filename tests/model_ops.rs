@@ -494,19 +494,26 @@ fn attention_rows_do_not_depend_on_their_block() {
             };
             let block = run(&qkv, m, p0);
             let w = shape.heads * hd;
+            let mut bad = Vec::new();
             for i in 0..m {
                 let (one, _) = store(ex, DType::Bf16, &qv[i * width..(i + 1) * width]);
                 let alone = run(&one, 1, p0 + i);
-                let same = alone
+                let diff: Vec<(usize, f32)> = alone
                     .iter()
                     .zip(&block[i * w..(i + 1) * w])
-                    .all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(
-                    same,
-                    "{}: {shape:?} row {i} of {m} at {p0} differs from the row alone",
-                    ex.describe()
-                );
+                    .enumerate()
+                    .filter(|(_, (a, b))| a.to_bits() != b.to_bits())
+                    .map(|(k, (a, b))| (k, (a - b).abs()))
+                    .collect();
+                if let Some(&(k, d)) = diff.first() {
+                    bad.push(format!("row {i}: {} values, first at {k} by {d:e}", diff.len()));
+                }
             }
+            assert!(
+                bad.is_empty(),
+                "{}: {shape:?} m {m} at {p0}: rows differ from the row alone: {bad:?}",
+                ex.describe()
+            );
         }
     });
 }

@@ -116,10 +116,17 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_prev() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
 
-// Shared memory the fast path needs for `pairs` pairs: q, two K/V tile
-// buffers, scores, and per-pair running max, sum and correction.
-__host__ __device__ constexpr u32 attention_smem_bytes(u32 pairs, u32 hd) {
-    return pairs * hd * 2 + 4 * ATTN_TILE * hd * 2 + pairs * ATTN_TILE * 4 + 3 * pairs * 4 + 2 * pairs * 4;
+// Words of the tile area: two K/V tile buffers, or the final reduction of
+// the KS key phases (KS * pairs * W float2s), whichever is larger.
+__host__ __device__ constexpr u32 attention_tile_words(u32 pairs, u32 hd, u32 ks) {
+    return 4 * ATTN_TILE * (hd / 2) > ks * pairs * hd ? 4 * ATTN_TILE * (hd / 2) : ks * pairs * hd;
+}
+
+// Shared memory the fast path needs for `pairs` pairs: q, the tile area,
+// scores, per-pair running max, sum and correction, and each row's slice.
+__host__ __device__ constexpr u32 attention_smem_bytes(u32 pairs, u32 hd, u32 ks) {
+    return pairs * hd * 2 + attention_tile_words(pairs, hd, ks) * 4 + pairs * ATTN_TILE * 4 + 3 * pairs * 4 +
+           2 * pairs * 4;
 }
 
 // Key phases of the P·V step for `group` query heads per KV head: as many as
@@ -165,7 +172,7 @@ __device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArg
     const u32 KS = attention_key_phases(group, NPG), PG = NPG / KS;
     u32* q_s = reinterpret_cast<u32*>(c.smem);  // [pairs][W]
     u32* kv_s = q_s + pairs * W;                // [2][K, V][TILE][W]
-    float* p_s = reinterpret_cast<float*>(kv_s + 4 * ATTN_TILE * W);  // [pairs][TILE]
+    float* p_s = reinterpret_cast<float*>(kv_s + attention_tile_words(pairs, HD, KS));  // [pairs][TILE]
     float* m_s = p_s + pairs * ATTN_TILE;                             // running max
     float* l_s = m_s + pairs;                                         // running sum
     float* f_s = l_s + pairs;                                         // this tile's correction
@@ -266,7 +273,7 @@ __device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArg
     }
     asm volatile("cp.async.wait_all;" ::: "memory");
     __syncthreads();
-    // Reduce the KS key phases (through the tile buffers, free now) and write.
+    // Reduce the KS key phases (through the tile area, free now) and write.
     float2* red = reinterpret_cast<float2*>(kv_s);  // [KS][pairs][W]
 #pragma unroll
     for (u32 k = 0; k < PP; ++k) {
@@ -292,11 +299,8 @@ template <u32 HD>
 __device__ __forceinline__ bool attention_fast(const Ctx& c, const AttentionArgs& a, u32 pos0, u32 lo, u32 hi) {
     constexpr u32 NPG = BLOCK_THREADS / (HD / 2);
     const u32 group = a.heads / a.kv_heads, pairs = a.m * group;
-    if (attention_smem_bytes(pairs, HD) > c.smem_bytes) return false;
-    // The final reduction reuses the tile buffers (4 * TILE * W words), which
-    // hold KS * pairs * W float2s while KS * pairs <= 2 * TILE.
     const u32 KS = attention_key_phases(group, NPG), PG = NPG / KS;
-    if (KS * pairs > 2 * ATTN_TILE) return false;
+    if (attention_smem_bytes(pairs, HD, KS) > c.smem_bytes) return false;
     if (pairs <= PG) attention_tiled<HD, 1>(c, a, pos0, lo, hi);
     else if (pairs <= 2 * PG) attention_tiled<HD, 2>(c, a, pos0, lo, hi);
     else if (pairs <= 4 * PG) attention_tiled<HD, 4>(c, a, pos0, lo, hi);
