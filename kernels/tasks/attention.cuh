@@ -130,10 +130,11 @@ __host__ __device__ constexpr u32 attention_smem_bytes(u32 pairs, u32 hd, u32 ks
 }
 
 // Key phases of the P·V step for `group` query heads per KV head: as many as
-// leave each of one row's pairs its own thread (sized for a decode step).
+// leave two threads per pair of one row (a decode step) and at most eight
+// pairs per thread for a block of 16 rows; the same for any block.
 __host__ __device__ constexpr u32 attention_key_phases(u32 group, u32 npg) {
     u32 ks = 1;
-    while (ks * 2 <= npg && group * ks * 2 <= npg) ks *= 2;
+    while (ks * 2 <= npg && group * ks * 4 <= npg) ks *= 2;
     return ks;
 }
 
