@@ -506,7 +506,10 @@ fn attention_rows_do_not_depend_on_their_block() {
                     .map(|(k, (a, b))| (k, (a - b).abs()))
                     .collect();
                 if let Some(&(k, d)) = diff.first() {
-                    bad.push(format!("row {i}: {} values, first at {k} by {d:e}", diff.len()));
+                    bad.push(format!(
+                        "row {i}: {} values, first at {k} by {d:e}",
+                        diff.len()
+                    ));
                 }
             }
             assert!(
