@@ -8,13 +8,14 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use megakernel::dflash::{DflashOptions, DflashSession, DraftConfig, DraftModel};
 use megakernel::model::checkpoint::{write_quantized, write_random, WriteOptions};
 use megakernel::model::{Checkpoint, Model, ModelConfig, Tokenizer};
 use megakernel::prelude::*;
 use megakernel::quant::Fp4Format;
 use megakernel::task::sample::Sampling;
 
-const HELP: &str = "usage: generate [--model DIR | --preset NAME] [--prompt TEXT | --prompt-ids 1,2,3] [--tokens N] [--context N] [--temperature T [--top-k K] [--top-p P] [--seed S]] [--experts F] [--cpu] [--dump FILE]
+const HELP: &str = "usage: generate [--model DIR | --preset NAME] [--prompt TEXT | --prompt-ids 1,2,3] [--tokens N] [--context N] [--temperature T [--top-k K] [--top-p P] [--seed S]] [--experts F] [--draft DIR|random [--block N]] [--cpu] [--dump FILE]
 
 Greedy generation with a Qwen3 or Qwen3-MoE model (Hugging Face layout:
 config.json and safetensors) decoding inside the resident GPU kernel; on the
@@ -37,6 +38,13 @@ CPU executor when there is no GPU (or with --cpu).
   --save-quantized D write the checkpoint with its experts quantized to the
                      --experts format into folder D (it then loads without
                      quantizing again), before generating
+  --draft DIR        decode with DFlash speculative decoding (greedy, identical
+                     output) drafted by the DFlash draft checkpoint in DIR
+                     (config.json with block_size and dflash_config, and its
+                     safetensors); `random` draws a random draft shaped for the
+                     model (it accepts about one token per block); prints the
+                     acceptance statistics
+  --block N          DFlash block size (default: the draft's block_size)
   --cpu              use the CPU executor even if a GPU is present
   --dump FILE        also write the model folder, prompt, tokens and the logits
                      after the prompt as JSON (scripts/compare_hf.py reads it)
@@ -56,6 +64,8 @@ struct Args {
     save_quantized: Option<PathBuf>,
     sampling: Option<Sampling>,
     experts: Option<Fp4Format>,
+    draft: Option<String>,
+    block: Option<usize>,
 }
 
 fn parse() -> std::result::Result<Args, String> {
@@ -71,6 +81,8 @@ fn parse() -> std::result::Result<Args, String> {
         save_quantized: None,
         sampling: None,
         experts: None,
+        draft: None,
+        block: None,
     };
     let mut sampling = Sampling {
         temperature: 0.0,
@@ -125,6 +137,8 @@ fn parse() -> std::result::Result<Args, String> {
             "--seed" => sampling.seed = number(value("--seed")?, "--seed")? as u64,
             "--context" => a.context = number(value("--context")?, "--context")?,
             "--cpu" => a.cpu = true,
+            "--draft" => a.draft = Some(value("--draft")?),
+            "--block" => a.block = Some(number(value("--block")?, "--block")?),
             "--dump" => a.dump = Some(PathBuf::from(value("--dump")?)),
             "--save-quantized" => {
                 a.save_quantized = Some(PathBuf::from(value("--save-quantized")?))
@@ -148,6 +162,12 @@ fn parse() -> std::result::Result<Args, String> {
         })
     {
         return Err("--top-k, --top-p and --seed need --temperature".into());
+    }
+    if a.draft.is_some() && a.sampling.is_some() {
+        return Err("--draft decodes greedily; drop --temperature".into());
+    }
+    if a.block.is_some() && a.draft.is_none() {
+        return Err("--block needs --draft".into());
     }
     Ok(a)
 }
@@ -233,17 +253,66 @@ fn main() -> Result<()> {
         println!("wrote {} ({} experts)", out.display(), format.name());
     }
     let t = Instant::now();
-    let mut d =
-        Model::load_with(exec.as_ref(), &ck, args.experts)?.session(exec.as_ref(), args.context)?;
-    println!("loaded in {:.2} s", t.elapsed().as_secs_f64());
-    let t = Instant::now();
-    let first = d.prefill(exec.as_ref(), &args.prompt)?;
-    let ttft = t.elapsed().as_secs_f64();
-    let logits = d.logits(exec.as_ref())?;
-    let t = Instant::now();
-    let n = args.tokens.saturating_sub(1);
-    let rest = d.generate_with(exec.as_ref(), n, args.sampling.as_ref(), |_| {})?;
-    let gen = t.elapsed().as_secs_f64();
+    let model = Model::load_with(exec.as_ref(), &ck, args.experts)?;
+    let ex = exec.as_ref();
+    let (first, logits, rest, gen) = match &args.draft {
+        None => {
+            let mut d = model.session(ex, args.context)?;
+            println!("loaded in {:.2} s", t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            let first = d.prefill(ex, &args.prompt)?;
+            let ttft = t.elapsed().as_secs_f64();
+            let logits = d.logits(ex)?;
+            let t = Instant::now();
+            let n = args.tokens.saturating_sub(1);
+            let rest = d.generate_with(ex, n, args.sampling.as_ref(), |_| {})?;
+            (first, logits, rest, (ttft, t.elapsed().as_secs_f64()))
+        }
+        Some(draft) => {
+            let draft = if draft == "random" {
+                let layers = DraftConfig::default_layers(c.num_layers);
+                let dc = DraftConfig::for_target(c, layers, args.block.unwrap_or(16));
+                DraftModel::random(ex, &dc, 1, &model)?
+            } else {
+                DraftModel::open(ex, std::path::Path::new(draft), &model)?
+            };
+            let opts = DflashOptions {
+                block_size: args.block,
+                injected: None,
+            };
+            let mut d = DflashSession::new(ex, &model, &draft, args.context, &opts)?;
+            println!(
+                "loaded in {:.2} s; DFlash draft: {} layers, block {}, target layers {:?}",
+                t.elapsed().as_secs_f64(),
+                draft.config().layers.num_layers,
+                d.block_size(),
+                draft.config().target_layer_ids
+            );
+            let t = Instant::now();
+            let first = d.prefill(ex, &args.prompt)?;
+            let ttft = t.elapsed().as_secs_f64();
+            let logits = d.session().logits(ex)?;
+            let t = Instant::now();
+            let rest = d.generate(ex, args.tokens.saturating_sub(1), None)?;
+            let gen = t.elapsed().as_secs_f64();
+            let st = d.stats(ex)?;
+            let hist: Vec<String> = st
+                .histogram
+                .iter()
+                .enumerate()
+                .filter(|(_, &n)| n > 0)
+                .map(|(k, n)| format!("{k}: {n}"))
+                .collect();
+            println!(
+                "DFlash: {} iterations, mean acceptance length tau {:.2}; accepted per iteration {{{}}}",
+                st.iterations,
+                st.mean_acceptance(),
+                hist.join(", ")
+            );
+            (first, logits, rest, (ttft, gen))
+        }
+    };
+    let (ttft, gen) = gen;
     let tokens: Vec<u32> = std::iter::once(first).chain(rest).collect();
     println!("prompt: {:?}", args.prompt);
     println!("tokens: {tokens:?}");
