@@ -26,6 +26,7 @@ fn run(
     m: usize,
     x_per_slot: bool,
     pro: &Prologue,
+    spread: bool,
 ) {
     // Count, ids, then each slot's row mask (every row here).
     let list = ex.alloc(DType::U32, 1 + 2 * chosen.len()).unwrap();
@@ -34,7 +35,29 @@ fn run(
     l.extend(chosen.iter().map(|_| (1u32 << m) - 1));
     ex.write_u32(&list, &l).unwrap();
     let mut b = ProgramBuilder::new();
-    for slot in 0..chosen.len() {
+    if spread {
+        // Five tasks share the chosen experts in units of 32 rows.
+        for t in 0..5 {
+            b.push(
+                GemvExpertFp4::spread(
+                    w,
+                    &x.all(),
+                    &y.all(),
+                    &list.all(),
+                    m,
+                    chosen.len(),
+                    x_per_slot,
+                    t,
+                    5,
+                    32,
+                    false,
+                    pro,
+                )
+                .unwrap(),
+            );
+        }
+    }
+    for slot in (0..chosen.len()).filter(|_| !spread) {
         for (r0, n) in [(0, w.rows / 3), (w.rows / 3, w.rows - w.rows / 3)] {
             b.push(
                 GemvExpertFp4::rows(
@@ -80,7 +103,17 @@ fn device_decoding_is_bit_exact() {
             ex.write_f32(&x, &xv).unwrap();
             let y = ex.alloc(DType::F32, m * rows).unwrap();
             ex.write_f32(&y, &vec![f32::NAN; m * rows]).unwrap();
-            run(ex, &w, &x, &y, &[e as u32], m, false, &Prologue::None);
+            run(
+                ex,
+                &w,
+                &x,
+                &y,
+                &[e as u32],
+                m,
+                false,
+                &Prologue::None,
+                e % 2 == 1,
+            );
             let got = ex.read_f32(&y).unwrap();
             for (i, &c) in cols_hit.iter().enumerate() {
                 for r in 0..rows {
@@ -122,8 +155,19 @@ fn fp4_expert_products_match_reference() {
                 _ => Prologue::Swiglu(aux.all()),
             };
             let y = ex.alloc(DType::F32, chosen.len() * m * rows).unwrap();
-            run(ex, &w, &x, &y, &chosen, m, per_slot, &pro);
+            run(ex, &w, &x, &y, &chosen, m, per_slot, &pro, false);
             let got = ex.read_f32(&y).unwrap();
+            // Spread over tasks in units of rows: the same values, bit for bit.
+            let y2 = ex.alloc(DType::F32, chosen.len() * m * rows).unwrap();
+            run(ex, &w, &x, &y2, &chosen, m, per_slot, &pro, true);
+            let spread = ex.read_f32(&y2).unwrap();
+            assert!(
+                got.iter()
+                    .zip(&spread)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{}: case {case} {format:?}: spread tasks differ",
+                ex.describe()
+            );
             let (mut want, mut exact) = (Vec::new(), Vec::new());
             for (s, &e) in chosen.iter().enumerate() {
                 let dq = quantize(format, &mats[e as usize]).unwrap().dequantize();

@@ -56,6 +56,7 @@ constexpr u32 FP4_MXFP4 = 0;
 constexpr u32 FP4_NVFP4 = 1;
 constexpr u16 FP4_ACCUMULATE = 1;
 constexpr u16 FP4_X_PER_SLOT = 2;
+constexpr u16 FP4_SPREAD = 4;  // slot: task index, reserved: tasks, rows: rows per work unit
 
 // Eight E2M1 codes (a 32-bit word, element 0 in the low nibble) to four bf16
 // pairs (element 2t in the low half of out[t]), exactly: every E2M1 value is a
@@ -108,15 +109,16 @@ __device__ __forceinline__ u32 fp4_row_lanes(u32 chunks) {
 
 template <int M, bool XBF16, bool NV>
 __device__ __forceinline__ void fp4_pass(const GemvExpertFp4Args& a, const unsigned char* codes, const unsigned char* sc,
-                                         float tscale, u64 x, u32 ldx, u64 y, const u32* rmap, u32 m0, u32 mcount) {
+                                         float tscale, u64 x, u32 ldx, u64 y, const u32* rmap, u32 m0, u32 mcount,
+                                         u32 row0, u32 rows) {
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     const u32 chunks = a.cols / 32, per_row_scales = NV ? a.cols / 16 : a.cols / 32;
     const u32 lanes = fp4_row_lanes(chunks), per_warp = 32 / lanes, sub = lane % lanes, group = lane / lanes;
     // Uniform trip count over the warp (the reduction shuffles need every lane).
-    for (u32 r0 = warp * per_warp; r0 < a.rows; r0 += nwarps * per_warp) {
+    for (u32 r0 = warp * per_warp; r0 < rows; r0 += nwarps * per_warp) {
         const u32 r = r0 + group;
-        const bool live = r < a.rows;
-        const u64 row = u64(a.row0) + (live ? r : 0);
+        const bool live = r < rows;
+        const u64 row = u64(row0) + (live ? r : 0);
         const unsigned char* wrow = codes + row * (a.cols / 2);
         const unsigned char* srow = sc + row * per_row_scales;
         float acc[M];
@@ -169,49 +171,77 @@ __device__ __forceinline__ void fp4_pass(const GemvExpertFp4Args& a, const unsig
     }
 }
 
-// The `n` input rows listed in `rmap`, two per pass.
+// The `n` input rows listed in `rmap`, two per pass, over matrix rows
+// row0 .. row0 + rows.
 template <bool XBF16, bool NV>
 __device__ __forceinline__ void fp4_rows(const GemvExpertFp4Args& a, const unsigned char* codes, const unsigned char* sc,
-                                         float tscale, u64 x, u32 ldx, u64 y, const u32* rmap, u32 n) {
+                                         float tscale, u64 x, u32 ldx, u64 y, const u32* rmap, u32 n, u32 row0,
+                                         u32 rows) {
     for (u32 m0 = 0; m0 < n; m0 += 2) {
         const u32 mc = min(n - m0, 2u);
-        if (mc == 1) fp4_pass<1, XBF16, NV>(a, codes, sc, tscale, x, ldx, y, rmap, m0, 1);
-        else fp4_pass<2, XBF16, NV>(a, codes, sc, tscale, x, ldx, y, rmap, m0, 2);
+        if (mc == 1) fp4_pass<1, XBF16, NV>(a, codes, sc, tscale, x, ldx, y, rmap, m0, 1, row0, rows);
+        else fp4_pass<2, XBF16, NV>(a, codes, sc, tscale, x, ldx, y, rmap, m0, 2, row0, rows);
     }
 }
 
-__device__ __forceinline__ void task_gemv_expert_fp4(const Ctx& c) {
-    const GemvExpertFp4Args& a = task_args<GemvExpertFp4Args>(c);
-    if ((a.cols & 31) || a.m == 0 || a.m > 16 || a.format > FP4_NVFP4) {
-        if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, a.cols, a.m);
-        return;
-    }
-    const u32* list = reinterpret_cast<const u32*>(a.list);
-    if (a.slot >= list[0]) return;
-    const u64 expert = list[1 + a.slot];
+// Matrix rows row0 .. row0 + rows of the expert in `slot`, for the input rows
+// routed to it. The input rows are prepared (shared memory) when `slot` needs
+// other rows than the last call's (`prepared`: that slot, or ~0 for none).
+__device__ __forceinline__ void fp4_expert_rows(const Ctx& c, const GemvExpertFp4Args& a, const u32* list, u32 slot,
+                                                u32 row0, u32 rows, u32& prepared, u64& x, u32& ldx, bool& bf16) {
+    const u32 mask = list[1 + a.slots + slot] & ((1u << a.m) - 1u);
+    if (mask == 0u) return;
+    const u64 expert = list[1 + slot];
     const bool nv = a.format == FP4_NVFP4;
     const unsigned char* codes = reinterpret_cast<const unsigned char*>(a.w) + expert * a.ldy * (a.cols / 2);
     const u64 stride = fp4_scale_stride(a.format, a.ldy, a.cols);
     const unsigned char* sc = reinterpret_cast<const unsigned char*>(a.scales) + expert * stride;
     const float tscale = nv ? *reinterpret_cast<const float*>(sc + u64(a.ldy) * (a.cols / 16)) : 1.0f;
     const u32 xsize = a.x_dtype == DTYPE_BF16 ? 2 : 4, ysize = a.y_dtype == DTYPE_BF16 ? 2 : 4;
-    const u64 y = a.y + u64(a.slot) * a.m * a.ldy * ysize;
-    const u64 step = (a.flags & FP4_X_PER_SLOT) ? u64(a.slot) * a.m * a.cols * xsize : 0;
-    const GemvInput in = {a.x + step, a.prologue == PROLOGUE_SWIGLU ? a.aux + step : a.aux, a.cols, a.m, a.cols,
-                          a.x_dtype, a.prologue, __uint_as_float(a.eps)};
+    const u64 y = a.y + u64(slot) * a.m * a.ldy * ysize;
+    const bool per_slot = a.flags & FP4_X_PER_SLOT;
+    if (prepared == ~0u || (per_slot && prepared != slot)) {
+        if (prepared != ~0u) __syncthreads();  // the last unit's reads of the prepared rows are done
+        const u64 step = per_slot ? u64(slot) * a.m * a.cols * xsize : 0;
+        const GemvInput in = {a.x + step, a.prologue == PROLOGUE_SWIGLU ? a.aux + step : a.aux, a.cols, a.m, a.cols,
+                              a.x_dtype, a.prologue, __uint_as_float(a.eps)};
+        if (!gemv_input(c, in, x, ldx, bf16)) return;
+        prepared = slot;
+    }
     // Only the rows routed to this expert (the mask after the list's ids).
     u32 rmap[16];
-    const u32 n = rows_of_mask(list[1 + a.slots + a.slot] & ((1u << a.m) - 1u), rmap);
-    if (n == 0) return;
-    u64 x;
-    u32 ldx;
-    bool bf16;
-    if (!gemv_input(c, in, x, ldx, bf16)) return;
+    const u32 n = rows_of_mask(mask, rmap);
     if (bf16) {
-        if (nv) fp4_rows<true, true>(a, codes, sc, tscale, x, ldx, y, rmap, n);
-        else fp4_rows<true, false>(a, codes, sc, tscale, x, ldx, y, rmap, n);
+        if (nv) fp4_rows<true, true>(a, codes, sc, tscale, x, ldx, y, rmap, n, row0, rows);
+        else fp4_rows<true, false>(a, codes, sc, tscale, x, ldx, y, rmap, n, row0, rows);
     } else {
-        if (nv) fp4_rows<false, true>(a, codes, sc, tscale, x, ldx, y, rmap, n);
-        else fp4_rows<false, false>(a, codes, sc, tscale, x, ldx, y, rmap, n);
+        if (nv) fp4_rows<false, true>(a, codes, sc, tscale, x, ldx, y, rmap, n, row0, rows);
+        else fp4_rows<false, false>(a, codes, sc, tscale, x, ldx, y, rmap, n, row0, rows);
+    }
+}
+
+__device__ __forceinline__ void task_gemv_expert_fp4(const Ctx& c) {
+    const GemvExpertFp4Args& a = task_args<GemvExpertFp4Args>(c);
+    if ((a.cols & 31) || a.m == 0 || a.m > 16 || a.format > FP4_NVFP4 || a.rows == 0) {
+        if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, a.cols, a.m);
+        return;
+    }
+    const u32* list = reinterpret_cast<const u32*>(a.list);
+    u32 prepared = ~0u, ldx = 0;
+    u64 x = 0;
+    bool bf16 = false;
+    if (!(a.flags & FP4_SPREAD)) {
+        if (a.slot < list[0]) fp4_expert_rows(c, a, list, a.slot, a.row0, a.rows, prepared, x, ldx, bf16);
+        return;
+    }
+    // Spread: the chosen experts' matrices cut into units of `rows` rows,
+    // dealt evenly over the tasks at run time (however many experts the
+    // block chose, every SM streams a share).
+    const u32 per = (a.ldy + a.rows - 1) / a.rows, units = min(list[0], a.slots) * per;
+    const u32 t = a.slot, tasks = a.reserved;
+    const u32 u0 = u32(u64(units) * t / tasks), u1 = u32(u64(units) * (t + 1) / tasks);
+    for (u32 u = u0; u < u1; ++u) {
+        const u32 slot = u / per, r0 = (u % per) * a.rows;
+        fp4_expert_rows(c, a, list, slot, r0, min(a.rows, a.ldy - r0), prepared, x, ldx, bf16);
     }
 }

@@ -28,7 +28,7 @@ use super::draft::DraftModel;
 use crate::buffer::{BufSlice, Buffer, DType};
 use crate::error::{Error, Result};
 use crate::exec::{Executor, ExecutorExt, LoadedProgram};
-use crate::model::session::{Extras, Hook};
+use crate::model::session::{Extras, Hook, MAX_FUSED_NORM_ROWS};
 use crate::model::{Model, Session};
 use crate::program::{ops, EventId, ProgramBuilder};
 use crate::task::dflash_accept::{state, AcceptIo, DflashAccept};
@@ -465,7 +465,7 @@ fn context_tasks(
         false,
     )?;
     s.stage(fc, "draft context fc");
-    let (src, pro) = if prologue_bytes(m, h) <= FUSED_PROLOGUE_BYTES {
+    let (src, pro) = if m <= MAX_FUSED_NORM_ROWS && prologue_bytes(m, h) <= FUSED_PROLOGUE_BYTES {
         (ctx, Prologue::RmsNorm(draft.hidden_norm.all(), eps))
     } else {
         let out = bufs.ctxn.slice(0..m * h)?;
@@ -607,7 +607,7 @@ fn draft_block(
     let fuse = |rows: usize, cols: usize| prologue_bytes(rows, cols) <= FUSED_PROLOGUE_BYTES;
     // `x` rows normalised by `w`: inside the product, or as a stage.
     let normed = |s: &mut Stages<'_>, x: &BufSlice, w: &Buffer, rows: usize, name: &str| {
-        if fuse(rows, h) {
+        if rows <= MAX_FUSED_NORM_ROWS && fuse(rows, h) {
             return Ok::<_, Error>((x.clone(), Prologue::RmsNorm(w.all(), eps)));
         }
         let out = a.xn.slice(0..rows * h)?;

@@ -197,6 +197,9 @@ fn head_shape(c: &ModelConfig) -> HeadShape {
 /// every sm_80+ GPU's block limit with room to spare).
 const FUSED_PROLOGUE_BYTES: usize = 96 * 1024;
 
+/// Most rows whose RMSNorm is fused into the following product.
+pub(crate) const MAX_FUSED_NORM_ROWS: usize = 2;
+
 /// Elements per `fill_random` task.
 const FILL_CHUNK: usize = 1 << 22;
 
@@ -972,8 +975,11 @@ fn build(
     ch.stage(e, "embed");
     // `src` normalised by `w`: fused into the product (`x` and a prologue) or a
     // stage writing `hn` (and no prologue).
+    // A norm repeated by every task of the product costs a block-wide sum per
+    // row, so blocks of rows normalise once, in a stage of their own (with
+    // the same arithmetic: a row's result does not depend on the choice).
     let normed = |ch: &mut Chain<'_>, w: &Buffer, what: &str| -> Result<(BufSlice, Prologue)> {
-        if fuse(h) {
+        if m <= MAX_FUSED_NORM_ROWS && fuse(h) {
             return Ok((x.all(), Prologue::RmsNorm(w.all(), eps)));
         }
         let n = norm(ch, w)?;
@@ -1091,6 +1097,28 @@ fn build(
                                    per_x: bool,
                                    pro: &Prologue| {
                     let mut specs = Vec::new();
+                    if let (ExpertMats::Fp4(w), true) = (w, m > 1) {
+                        // Blocks of rows choose many experts, each for few
+                        // rows: every task takes a share of all of them.
+                        let unit = GemvExpertFp4::unit_rows(cols).min(rows);
+                        for t in 0..workers {
+                            specs.push(GemvExpertFp4::spread(
+                                w,
+                                xin,
+                                &y.all(),
+                                &list.all(),
+                                m,
+                                slots,
+                                per_x,
+                                t,
+                                workers,
+                                unit,
+                                false,
+                                pro,
+                            )?);
+                        }
+                        return Ok(specs);
+                    }
                     for slot in 0..slots {
                         for (r0, n) in split_even(rows, per_slot) {
                             let shape = GemvShape { rows, cols, m };

@@ -55,15 +55,21 @@ pub struct GemvExpertFp4Args {
     pub format: u8,
     /// RMSNorm epsilon (f32 bits).
     pub eps: u32,
-    /// Slot of the list this task serves.
+    /// Slot of the list this task serves (spread: the task's index).
     pub slot: u16,
-    /// Bit 0: accumulate into `y`; bit 1: the input is per slot.
+    /// Bit 0: accumulate into `y`; bit 1: the input is per slot; bit 2
+    /// ([`SPREAD`]): the task takes a share of every chosen expert's rows.
     pub flags: u16,
     /// Capacity of the routing list (where the row masks start).
     pub slots: u32,
-    /// Zero.
+    /// Spread: the number of tasks sharing the work; otherwise zero.
     pub reserved: u32,
 }
+
+/// Flag of [`GemvExpertFp4Args::flags`]: the chosen experts' matrices are cut
+/// into units of `rows` rows, dealt evenly over `reserved` tasks at run time,
+/// so every SM streams a share however many experts a block of rows chose.
+pub const SPREAD: u16 = 4;
 
 /// FP4 expert matrix-vector product through the routing list.
 pub struct GemvExpertFp4;
@@ -181,6 +187,53 @@ impl Fp4Experts {
 }
 
 impl GemvExpertFp4 {
+    /// Task `task` of `tasks` that together compute every chosen expert's
+    /// product ([`SPREAD`]), in units of `unit_rows` matrix rows.
+    #[allow(clippy::too_many_arguments)]
+    pub fn spread(
+        w: &Fp4Experts,
+        x: &BufSlice,
+        y: &BufSlice,
+        list: &BufSlice,
+        m: usize,
+        slots: usize,
+        x_per_slot: bool,
+        task: usize,
+        tasks: usize,
+        unit_rows: usize,
+        accumulate: bool,
+        prologue: &Prologue,
+    ) -> Result<TaskSpec, ProgramError> {
+        if task >= tasks || unit_rows == 0 || unit_rows > w.rows {
+            return Err(bad::<GemvExpertFp4>(format!(
+                "task {task} of {tasks}, units of {unit_rows} rows"
+            )));
+        }
+        let t = u16::try_from(task).map_err(|_| bad::<GemvExpertFp4>("task over 2^16"))?;
+        let spec = Self::rows(
+            w, x, y, list, m, 0, slots, x_per_slot, 0, unit_rows, accumulate, prologue,
+        )?;
+        Ok(spec.map_args::<GemvExpertFp4>(|a| {
+            a.slot = t;
+            a.flags |= SPREAD;
+            a.reserved = tasks as u32;
+        }))
+    }
+
+    /// Matrix rows per spread unit: two rows per warp of a block (the rows of
+    /// a warp follow from the lanes each row takes).
+    pub fn unit_rows(cols: usize) -> usize {
+        let chunks = cols / 32;
+        let idle = |l: usize| (l * chunks.div_ceil(l) - chunks) * (32 / l);
+        let mut lanes = 32;
+        for l in [16, 8] {
+            if idle(l) < idle(lanes) {
+                lanes = l;
+            }
+        }
+        2 * 32 * (32 / lanes)
+    }
+
     /// Rows `row0..row0 + rows` of expert `list[1 + slot]`'s product, as
     /// [`GemvExpert::rows`](super::gemv_expert::GemvExpert::rows) with FP4 weights.
     #[allow(clippy::too_many_arguments)]
@@ -263,82 +316,107 @@ impl GemvExpertFp4 {
     }
 }
 
+/// The CPU reference for matrix rows `row0 .. row0 + rows` of the expert in `slot`.
+fn cpu_unit(
+    a: &GemvExpertFp4Args,
+    mem: &dyn Memory,
+    slot: u32,
+    row0: u32,
+    rows: u32,
+) -> std::result::Result<(), TaskFault> {
+    let expert = mem.read_u32(a.list + 4 * (1 + u64::from(slot)), 1)?[0] as usize;
+    let format = match a.format {
+        0 => Fp4Format::Mxfp4,
+        1 => Fp4Format::Nvfp4,
+        _ => return Err(TaskFault::BadArgs("fp4 format")),
+    };
+    let (nrows, cols) = (a.ldy as usize, a.cols as usize);
+    if cols % 32 != 0 {
+        return Err(TaskFault::BadArgs("fp4 cols"));
+    }
+    let stride = scale_stride(format, nrows, cols);
+    let region: Vec<u8> = mem
+        .read_u32(a.scales + (expert * stride) as u64, stride / 4)?
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
+    let nblk = cols / format.block();
+    let tscale = if format == Fp4Format::Nvfp4 {
+        let at = nrows * nblk;
+        f32::from_le_bytes([region[at], region[at + 1], region[at + 2], region[at + 3]])
+    } else {
+        1.0
+    };
+    let codes_at = a.w + (expert * nrows * cols / 2) as u64;
+    let weight_row = |row: usize| -> std::result::Result<Vec<f32>, TaskFault> {
+        let bytes: Vec<u8> = mem
+            .read_u32(codes_at + (row * cols / 2) as u64, cols / 8)?
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        let t = quant::Fp4Tensor {
+            format,
+            codes: bytes,
+            scales: region[row * nblk..(row + 1) * nblk].to_vec(),
+            tensor_scale: tscale,
+        };
+        Ok(t.dequantize())
+    };
+    let xdt = DType::from_code(u32::from(a.x_dtype)).ok_or(TaskFault::BadArgs("x dtype"))?;
+    let ydt = DType::from_code(u32::from(a.y_dtype)).ok_or(TaskFault::BadArgs("y dtype"))?;
+    let step = if a.flags & 2 != 0 {
+        u64::from(slot) * u64::from(a.m) * u64::from(a.cols) * xdt.size() as u64
+    } else {
+        0
+    };
+    let g = GemvBf16Args {
+        w: 0,
+        x: a.x + step,
+        y: a.y + u64::from(slot) * u64::from(a.m) * u64::from(a.ldy) * ydt.size() as u64,
+        row0,
+        rows,
+        cols: a.cols,
+        ldw: a.cols,
+        m: a.m,
+        ldx: a.cols,
+        ldy: a.ldy,
+        x_dtype: u16::from(a.x_dtype),
+        y_dtype: u16::from(a.y_dtype),
+        accumulate: a.flags & 1,
+        prologue: u16::from(a.prologue),
+        eps: a.eps,
+        aux: if u16::from(a.prologue) == PROLOGUE_SWIGLU {
+            a.aux + step
+        } else {
+            a.aux
+        },
+    };
+    cpu_product(&g, mem, &weight_row)
+}
+
 impl TaskKind for GemvExpertFp4 {
     type Args = GemvExpertFp4Args;
     const NAME: &'static str = "gemv_expert_fp4";
     fn cpu(a: &GemvExpertFp4Args, mem: &dyn Memory) -> std::result::Result<(), TaskFault> {
-        let list = mem.read_u32(a.list, a.slot as usize + 2)?;
-        if u32::from(a.slot) >= list[0] {
+        if a.rows == 0 {
+            return Err(TaskFault::BadArgs("fp4 rows"));
+        }
+        if a.flags & SPREAD == 0 {
+            let count = mem.read_u32(a.list, 1)?[0];
+            if u32::from(a.slot) < count {
+                cpu_unit(a, mem, u32::from(a.slot), a.row0, a.rows)?;
+            }
             return Ok(());
         }
-        let expert = list[1 + a.slot as usize] as usize;
-        let format = match a.format {
-            0 => Fp4Format::Mxfp4,
-            1 => Fp4Format::Nvfp4,
-            _ => return Err(TaskFault::BadArgs("fp4 format")),
-        };
-        let (rows, cols) = (a.ldy as usize, a.cols as usize);
-        if cols % 32 != 0 {
-            return Err(TaskFault::BadArgs("fp4 cols"));
+        let count = mem.read_u32(a.list, 1)?[0].min(a.slots);
+        let per = a.ldy.div_ceil(a.rows);
+        let units = u64::from(count * per);
+        let (t, tasks) = (u64::from(a.slot), u64::from(a.reserved.max(1)));
+        for u in (units * t / tasks) as u32..(units * (t + 1) / tasks) as u32 {
+            let (slot, r0) = (u / per, (u % per) * a.rows);
+            cpu_unit(a, mem, slot, r0, a.rows.min(a.ldy - r0))?;
         }
-        let stride = scale_stride(format, rows, cols);
-        let region: Vec<u8> = mem
-            .read_u32(a.scales + (expert * stride) as u64, stride / 4)?
-            .iter()
-            .flat_map(|w| w.to_le_bytes())
-            .collect();
-        let nblk = cols / format.block();
-        let tscale = if format == Fp4Format::Nvfp4 {
-            let at = rows * nblk;
-            f32::from_le_bytes([region[at], region[at + 1], region[at + 2], region[at + 3]])
-        } else {
-            1.0
-        };
-        let codes_at = a.w + (expert * rows * cols / 2) as u64;
-        let weight_row = |row: usize| -> std::result::Result<Vec<f32>, TaskFault> {
-            let bytes: Vec<u8> = mem
-                .read_u32(codes_at + (row * cols / 2) as u64, cols / 8)?
-                .iter()
-                .flat_map(|w| w.to_le_bytes())
-                .collect();
-            let t = quant::Fp4Tensor {
-                format,
-                codes: bytes,
-                scales: region[row * nblk..(row + 1) * nblk].to_vec(),
-                tensor_scale: tscale,
-            };
-            Ok(t.dequantize())
-        };
-        let xdt = DType::from_code(u32::from(a.x_dtype)).ok_or(TaskFault::BadArgs("x dtype"))?;
-        let ydt = DType::from_code(u32::from(a.y_dtype)).ok_or(TaskFault::BadArgs("y dtype"))?;
-        let step = if a.flags & 2 != 0 {
-            u64::from(a.slot) * u64::from(a.m) * u64::from(a.cols) * xdt.size() as u64
-        } else {
-            0
-        };
-        let g = GemvBf16Args {
-            w: 0,
-            x: a.x + step,
-            y: a.y + u64::from(a.slot) * u64::from(a.m) * u64::from(a.ldy) * ydt.size() as u64,
-            row0: a.row0,
-            rows: a.rows,
-            cols: a.cols,
-            ldw: a.cols,
-            m: a.m,
-            ldx: a.cols,
-            ldy: a.ldy,
-            x_dtype: u16::from(a.x_dtype),
-            y_dtype: u16::from(a.y_dtype),
-            accumulate: a.flags & 1,
-            prologue: u16::from(a.prologue),
-            eps: a.eps,
-            aux: if u16::from(a.prologue) == PROLOGUE_SWIGLU {
-                a.aux + step
-            } else {
-                a.aux
-            },
-        };
-        cpu_product(&g, mem, &weight_row)
+        Ok(())
     }
     fn layout() -> Layout {
         layout!(GemvExpertFp4Args {
