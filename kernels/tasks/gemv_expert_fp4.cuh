@@ -188,7 +188,8 @@ __device__ __forceinline__ void fp4_rows(const GemvExpertFp4Args& a, const unsig
 // routed to it. The input rows are prepared (shared memory) when `slot` needs
 // other rows than the last call's (`prepared`: that slot, or ~0 for none).
 __device__ __forceinline__ void fp4_expert_rows(const Ctx& c, const GemvExpertFp4Args& a, const u32* list, u32 slot,
-                                                u32 row0, u32 rows, u32& prepared, u64& x, u32& ldx, bool& bf16) {
+                                                u32 row0, u32 rows, u32& prepared, u64& x, u32& ldx, bool& bf16,
+                                                u32 pass = ~0u) {
     const u32 mask = list[1 + a.slots + slot] & ((1u << a.m) - 1u);
     if (mask == 0u) return;
     const u64 expert = list[1 + slot];
@@ -209,14 +210,21 @@ __device__ __forceinline__ void fp4_expert_rows(const Ctx& c, const GemvExpertFp
         prepared = slot;
     }
     // Only the rows routed to this expert (the mask after the list's ids).
+    // With `pass`, only input rows 2 pass .. 2 pass + 2 of them.
     u32 rmap[16];
-    const u32 n = rows_of_mask(mask, rmap);
+    u32 n = rows_of_mask(mask, rmap);
+    const u32* rm = rmap;
+    if (pass != ~0u) {
+        rm += 2 * pass;
+        n = min(n - min(n, 2 * pass), 2u);
+        if (n == 0) return;
+    }
     if (bf16) {
-        if (nv) fp4_rows<true, true>(a, codes, sc, tscale, x, ldx, y, rmap, n, row0, rows);
-        else fp4_rows<true, false>(a, codes, sc, tscale, x, ldx, y, rmap, n, row0, rows);
+        if (nv) fp4_rows<true, true>(a, codes, sc, tscale, x, ldx, y, rm, n, row0, rows);
+        else fp4_rows<true, false>(a, codes, sc, tscale, x, ldx, y, rm, n, row0, rows);
     } else {
-        if (nv) fp4_rows<false, true>(a, codes, sc, tscale, x, ldx, y, rmap, n, row0, rows);
-        else fp4_rows<false, false>(a, codes, sc, tscale, x, ldx, y, rmap, n, row0, rows);
+        if (nv) fp4_rows<false, true>(a, codes, sc, tscale, x, ldx, y, rm, n, row0, rows);
+        else fp4_rows<false, false>(a, codes, sc, tscale, x, ldx, y, rm, n, row0, rows);
     }
 }
 
@@ -234,14 +242,25 @@ __device__ __forceinline__ void task_gemv_expert_fp4(const Ctx& c) {
         if (a.slot < list[0]) fp4_expert_rows(c, a, list, a.slot, a.row0, a.rows, prepared, x, ldx, bf16);
         return;
     }
-    // Spread: the chosen experts' matrices cut into units of `rows` rows,
-    // dealt evenly over the tasks at run time (however many experts the
-    // block chose, every SM streams a share).
-    const u32 per = (a.ldy + a.rows - 1) / a.rows, units = min(list[0], a.slots) * per;
+    // Spread: the chosen experts' matrices cut into units of `rows` rows, one
+    // unit per pass over two of the input rows routed to the expert (an
+    // expert chosen by many rows is that much more work), dealt evenly over
+    // the tasks at run time: however many experts a block chose, and however
+    // unevenly, every SM streams an equal share.
+    const u32 per = (a.ldy + a.rows - 1) / a.rows, count = min(list[0], a.slots);
+    const u32 mbits = (1u << a.m) - 1u;
+    u32 units = 0;
+    for (u32 s = 0; s < count; ++s) units += (__popc(list[1 + a.slots + s] & mbits) + 1) / 2 * per;
     const u32 t = a.slot, tasks = a.reserved;
     const u32 u0 = u32(u64(units) * t / tasks), u1 = u32(u64(units) * (t + 1) / tasks);
+    u32 slot = 0, base = 0, size = (__popc(list[1 + a.slots] & mbits) + 1) / 2 * per;
     for (u32 u = u0; u < u1; ++u) {
-        const u32 slot = u / per, r0 = (u % per) * a.rows;
-        fp4_expert_rows(c, a, list, slot, r0, min(a.rows, a.ldy - r0), prepared, x, ldx, bf16);
+        while (u >= base + size) {
+            base += size;
+            ++slot;
+            size = (__popc(list[1 + a.slots + slot] & mbits) + 1) / 2 * per;
+        }
+        const u32 k = u - base, pass = k / per, r0 = (k % per) * a.rows;
+        fp4_expert_rows(c, a, list, slot, r0, min(a.rows, a.ldy - r0), prepared, x, ldx, bf16, pass);
     }
 }

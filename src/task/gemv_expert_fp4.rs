@@ -67,8 +67,10 @@ pub struct GemvExpertFp4Args {
 }
 
 /// Flag of [`GemvExpertFp4Args::flags`]: the chosen experts' matrices are cut
-/// into units of `rows` rows, dealt evenly over `reserved` tasks at run time,
-/// so every SM streams a share however many experts a block of rows chose.
+/// into units of `rows` rows, one unit per pass over two of the input rows
+/// routed to the expert, dealt evenly over `reserved` tasks at run time, so
+/// every SM streams an equal share however many experts a block of rows
+/// chose and however unevenly.
 pub const SPREAD: u16 = 4;
 
 /// FP4 expert matrix-vector product through the routing list.
@@ -408,13 +410,25 @@ impl TaskKind for GemvExpertFp4 {
             }
             return Ok(());
         }
-        let count = mem.read_u32(a.list, 1)?[0].min(a.slots);
+        // Units of `rows` matrix rows, one per pass over two routed input
+        // rows, slot by slot; this task's share of them (the reference
+        // computes every input row of a unit in its first pass).
+        let list = mem.read_u32(a.list, 1 + 2 * a.slots as usize)?;
+        let count = list[0].min(a.slots) as usize;
         let per = a.ldy.div_ceil(a.rows);
-        let units = u64::from(count * per);
-        let (t, tasks) = (u64::from(a.slot), u64::from(a.reserved.max(1)));
-        for u in (units * t / tasks) as u32..(units * (t + 1) / tasks) as u32 {
-            let (slot, r0) = (u / per, (u % per) * a.rows);
-            cpu_unit(a, mem, slot, r0, a.rows.min(a.ldy - r0))?;
+        let mbits = ((1u64 << a.m) - 1) as u32;
+        let mut items = Vec::new();
+        for s in 0..count {
+            let passes = ((list[1 + a.slots as usize + s] & mbits).count_ones() + 1) / 2;
+            for k in 0..passes * per {
+                items.push((s as u32, k / per, (k % per) * a.rows));
+            }
+        }
+        let (t, tasks, n) = (a.slot as usize, a.reserved.max(1) as usize, items.len());
+        for &(slot, pass, r0) in &items[n * t / tasks..n * (t + 1) / tasks] {
+            if pass == 0 {
+                cpu_unit(a, mem, slot, r0, a.rows.min(a.ldy - r0))?;
+            }
         }
         Ok(())
     }
