@@ -464,59 +464,62 @@ fn attention_rows_do_not_depend_on_their_block() {
             let width = shape.qkv_width();
             let (qkv, qv) = store(ex, DType::Bf16, &rng.vec(m * width));
             let (cache, _) = store(ex, DType::Bf16, &rng.vec(2 * kvh * max_seq * hd));
-            let p0 = 60 + rng.below(1000);
-            let run = |qkv: &Buffer, m: usize, p: usize| {
-                let pos = ex.alloc(DType::U32, 1).unwrap();
-                ex.write_u32(&pos, &[p as u32]).unwrap();
-                let partial = ex
-                    .alloc(DType::F32, m * shape.heads * chunks * (hd + 2))
+            // A random place, and one where the block straddles a change of
+            // the slice length (every 16 × chunks keys).
+            for p0 in [60 + rng.below(1000), 16 * chunks * (1 + rng.below(3)) - 8] {
+                let run = |qkv: &Buffer, m: usize, p: usize| {
+                    let pos = ex.alloc(DType::U32, 1).unwrap();
+                    ex.write_u32(&pos, &[p as u32]).unwrap();
+                    let partial = ex
+                        .alloc(DType::F32, m * shape.heads * chunks * (hd + 2))
+                        .unwrap();
+                    let out = ex.alloc(DType::F32, m * shape.heads * hd).unwrap();
+                    let mut b = ProgramBuilder::new();
+                    ops::attention(
+                        &mut b,
+                        &qkv.all(),
+                        &cache.all(),
+                        &pos.all(),
+                        &partial.all(),
+                        &out.all(),
+                        shape,
+                        m,
+                        max_seq,
+                        chunks,
+                        shape.heads,
+                        false,
+                    )
                     .unwrap();
-                let out = ex.alloc(DType::F32, m * shape.heads * hd).unwrap();
-                let mut b = ProgramBuilder::new();
-                ops::attention(
-                    &mut b,
-                    &qkv.all(),
-                    &cache.all(),
-                    &pos.all(),
-                    &partial.all(),
-                    &out.all(),
-                    shape,
-                    m,
-                    max_seq,
-                    chunks,
-                    shape.heads,
-                    false,
-                )
-                .unwrap();
-                ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[])
-                    .unwrap();
-                ex.read_f32(&out).unwrap()
-            };
-            let block = run(&qkv, m, p0);
-            let w = shape.heads * hd;
-            let mut bad = Vec::new();
-            for i in 0..m {
-                let (one, _) = store(ex, DType::Bf16, &qv[i * width..(i + 1) * width]);
-                let alone = run(&one, 1, p0 + i);
-                let diff: Vec<(usize, f32)> = alone
-                    .iter()
-                    .zip(&block[i * w..(i + 1) * w])
-                    .enumerate()
-                    .filter(|(_, (a, b))| a.to_bits() != b.to_bits())
-                    .map(|(k, (a, b))| (k, (a - b).abs()))
-                    .collect();
-                if let Some(&(k, d)) = diff.first() {
-                    bad.push(format!(
-                        "row {i}: {} values, first at {k} by {d:e}",
-                        diff.len()
-                    ));
+                    ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[])
+                        .unwrap();
+                    ex.read_f32(&out).unwrap()
+                };
+                let block = run(&qkv, m, p0);
+                let w = shape.heads * hd;
+                let mut bad = Vec::new();
+                for i in 0..m {
+                    let (one, _) = store(ex, DType::Bf16, &qv[i * width..(i + 1) * width]);
+                    let alone = run(&one, 1, p0 + i);
+                    let diff: Vec<(usize, f32)> = alone
+                        .iter()
+                        .zip(&block[i * w..(i + 1) * w])
+                        .enumerate()
+                        .filter(|(_, (a, b))| a.to_bits() != b.to_bits())
+                        .map(|(k, (a, b))| (k, (a - b).abs()))
+                        .collect();
+                    if let Some(&(k, d)) = diff.first() {
+                        bad.push(format!(
+                            "row {i}: {} values, first at {k} by {d:e}",
+                            diff.len()
+                        ));
+                    }
                 }
+                assert!(
+                    bad.is_empty(),
+                    "{}: {shape:?} m {m} at {p0}: rows differ from the row alone: {bad:?}",
+                    ex.describe()
+                );
             }
-            assert!(
-                bad.is_empty(),
-                "{}: {shape:?} m {m} at {p0}: rows differ from the row alone: {bad:?}",
-                ex.describe()
-            );
         }
     });
 }

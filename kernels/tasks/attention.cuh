@@ -57,15 +57,20 @@ __device__ __forceinline__ u32 attention_row_len(const AttentionArgs& a, u32 pos
     return pos0 + (a.bidirectional ? a.m : i + 1);
 }
 
-// Keys [lo, hi) of this task's slice for a row attending `len` keys: whole
-// tiles of ATTN_TILE keys at absolute positions, ceil(tiles / chunks) tiles per
-// slice. A row's slices, tiles and arithmetic depend on its own length alone,
-// so it computes bit for bit alike alone (decode) or inside a block (verify).
-__device__ __forceinline__ void attention_slice(const AttentionArgs& a, u32 len, u32& lo, u32& hi) {
-    const u32 tiles = (len + ATTN_TILE - 1) / ATTN_TILE;
-    const u32 per = (tiles + a.chunks - 1) / a.chunks * ATTN_TILE;
+// Keys per slice step: a row's slices are multiples of it.
+constexpr u32 ATTN_SLICE_KEYS = 16;
+
+// Keys [lo, hi) of this task's slice for a row attending `len` keys, and the
+// slice length `per`: ceil(len / 16 / chunks) steps of 16 keys per slice. A
+// row's slices depend on its own length alone; the fast path also anchors its
+// tiles at the slice start, so a row computes bit for bit alike alone (decode)
+// or inside a block (verify).
+__device__ __forceinline__ u32 attention_slice(const AttentionArgs& a, u32 len, u32& lo, u32& hi) {
+    const u32 steps = (len + ATTN_SLICE_KEYS - 1) / ATTN_SLICE_KEYS;
+    const u32 per = (steps + a.chunks - 1) / a.chunks * ATTN_SLICE_KEYS;
     lo = min(a.chunk * per, len);
     hi = min(lo + per, len);
+    return per;
 }
 
 template <int E>
@@ -123,10 +128,11 @@ __host__ __device__ constexpr u32 attention_tile_words(u32 pairs, u32 hd, u32 ks
 }
 
 // Shared memory the fast path needs for `pairs` pairs: q, the tile area,
-// scores, per-pair running max, sum and correction, and each row's slice.
+// scores, per-pair running max, sum and correction, and each row's slice and
+// tile grid.
 __host__ __device__ constexpr u32 attention_smem_bytes(u32 pairs, u32 hd, u32 ks) {
     return pairs * hd * 2 + attention_tile_words(pairs, hd, ks) * 4 + pairs * ATTN_TILE * 4 + 3 * pairs * 4 +
-           2 * pairs * 4;
+           3 * pairs * 4;
 }
 
 // Key phases of the P·V step for `group` query heads per KV head: as many as
@@ -155,11 +161,13 @@ __device__ __forceinline__ void attention_load_tile(u32* k_s, u32* v_s, const ch
 // threads taking every KS-th key, reduced once at the end. S and KS are sized
 // for one row's pairs (a decode step's) and kept for any number of rows, so a
 // row's arithmetic never depends on the block around it; larger blocks loop.
-// Tiles (ATTN_TILE keys at absolute positions, over the union of the rows'
-// slices [lo, hi)) are double buffered: tile t + 1 is in flight while tile t
-// is computed.
+// Tiles of ATTN_TILE keys start at the slice start. Rows of a block share
+// their slice length but where a block straddles a change of it (at most
+// once: 16 rows span fewer than 16 * chunks keys): each of the two grids
+// walks its own tiles, and a row attends only in its own grid's tiles. Tiles
+// are double buffered: tile t + 1 is in flight while tile t is computed.
 template <u32 HD, u32 PP>
-__device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArgs& a, u32 pos0, u32 lo, u32 hi) {
+__device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArgs& a, u32 pos0) {
     constexpr u32 W = HD / 2;               // 32-bit words (bf16 pairs) per row
     constexpr u32 NPG = BLOCK_THREADS / W;  // row groups in the P·V phase
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = BLOCK_THREADS / 32;
@@ -179,7 +187,27 @@ __device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArg
     float* f_s = l_s + pairs;                                         // this tile's correction
     u32* lo_s = reinterpret_cast<u32*>(f_s + pairs);                  // each row's slice
     u32* hi_s = lo_s + pairs;
-    for (u32 i = tid; i < a.m; i += BLOCK_THREADS) attention_slice(a, attention_row_len(a, pos0, i), lo_s[i], hi_s[i]);
+    u32* grid_s = hi_s + pairs;  // each row's tile grid: 0, or 1 past a change of slice length
+    // The grids' key ranges (every thread alike): union of their rows' slices.
+    u32 glo[2] = {0, 0}, ghi[2] = {0, 0}, per0 = 0;
+    for (u32 i = 0; i < a.m; ++i) {
+        u32 l, h;
+        const u32 per = attention_slice(a, attention_row_len(a, pos0, i), l, h);
+        if (i == 0) per0 = per;
+        const u32 g = per != per0;
+        if (tid == 0) lo_s[i] = l, hi_s[i] = h, grid_s[i] = g;
+        if (l < h) {
+            if (glo[g] == ghi[g]) glo[g] = l;
+            ghi[g] = h;
+        }
+    }
+    const u32 gt0 = (ghi[0] - glo[0] + ATTN_TILE - 1) / ATTN_TILE, ntiles = gt0 + (ghi[1] - glo[1] + ATTN_TILE - 1) / ATTN_TILE;
+    // Tile k: its grid, first key and key count.
+    auto tile = [&](u32 k, u32& g, u32& t0, u32& n) {
+        g = k >= gt0;
+        t0 = glo[g] + (k - (g ? gt0 : 0)) * ATTN_TILE;
+        n = min(ATTN_TILE, ghi[g] - t0);
+    };
     const char* kbase = reinterpret_cast<const char*>(a.cache) + (u64(a.kv_head) * a.max_seq) * HD * 2;
     const char* vbase = reinterpret_cast<const char*>(a.cache) + (u64(a.kv_heads + a.kv_head) * a.max_seq) * HD * 2;
     // q of every pair: row i = p / group, head kv_head * group + p % group.
@@ -188,7 +216,11 @@ __device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArg
         const u32 i = p / group, h = a.kv_head * group + p % group;
         cp_async16(q_s + p * W + part * 4, reinterpret_cast<const char*>(a.qkv) + (u64(i) * width + u64(h) * HD) * 2 + part * 16);
     }
-    if (lo < hi) attention_load_tile<HD>(kv_s, kv_s + ATTN_TILE * W, kbase, vbase, lo, min(ATTN_TILE, hi - lo));
+    if (ntiles > 0) {
+        u32 g, t0, n;
+        tile(0, g, t0, n);
+        attention_load_tile<HD>(kv_s, kv_s + ATTN_TILE * W, kbase, vbase, t0, n);
+    }
     cp_async_commit();
     for (u32 p = tid; p < pairs; p += BLOCK_THREADS) m_s[p] = -__int_as_float(0x7f800000), l_s[p] = 0.0f;
     float o[PP][2];
@@ -196,11 +228,14 @@ __device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArg
     for (u32 k = 0; k < PP; ++k) o[k][0] = o[k][1] = 0.0f;
     const u32 d2 = tid % W, r = tid / W, pg = r % PG, ks = r / PG;
     u32 buf = 0;
-    for (u32 t0 = lo; t0 < hi; t0 += ATTN_TILE, buf ^= 1) {
-        const u32 n = min(ATTN_TILE, hi - t0);
-        if (t0 + ATTN_TILE < hi) {
+    for (u32 k = 0; k < ntiles; ++k, buf ^= 1) {
+        u32 grid, t0, n;
+        tile(k, grid, t0, n);
+        if (k + 1 < ntiles) {
+            u32 g1, t1, n1;
+            tile(k + 1, g1, t1, n1);
             u32* nk = kv_s + (buf ^ 1) * 2 * ATTN_TILE * W;
-            attention_load_tile<HD>(nk, nk + ATTN_TILE * W, kbase, vbase, t0 + ATTN_TILE, min(ATTN_TILE, hi - t0 - ATTN_TILE));
+            attention_load_tile<HD>(nk, nk + ATTN_TILE * W, kbase, vbase, t1, n1);
         }
         cp_async_commit();
         cp_async_wait_prev();
@@ -224,7 +259,7 @@ __device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArg
             for (u32 off = 1; off < S; off *= 2) dot += __shfl_xor_sync(0xFFFFFFFFu, dot, off);
             if (seg == 0) {
                 const u32 i = p / group;
-                const bool live = j < n && t0 + j >= lo_s[i] && t0 + j < hi_s[i];
+                const bool live = j < n && grid_s[i] == grid && t0 + j >= lo_s[i] && t0 + j < hi_s[i];
                 p_s[pj] = live ? dot * scale : -__int_as_float(0x7f800000);
             }
         }
@@ -297,15 +332,15 @@ __device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArg
 }
 
 template <u32 HD>
-__device__ __forceinline__ bool attention_fast(const Ctx& c, const AttentionArgs& a, u32 pos0, u32 lo, u32 hi) {
+__device__ __forceinline__ bool attention_fast(const Ctx& c, const AttentionArgs& a, u32 pos0) {
     constexpr u32 NPG = BLOCK_THREADS / (HD / 2);
     const u32 group = a.heads / a.kv_heads, pairs = a.m * group;
     const u32 KS = attention_key_phases(group, NPG), PG = NPG / KS;
     if (attention_smem_bytes(pairs, HD, KS) > c.smem_bytes) return false;
-    if (pairs <= PG) attention_tiled<HD, 1>(c, a, pos0, lo, hi);
-    else if (pairs <= 2 * PG) attention_tiled<HD, 2>(c, a, pos0, lo, hi);
-    else if (pairs <= 4 * PG) attention_tiled<HD, 4>(c, a, pos0, lo, hi);
-    else if (pairs <= 8 * PG) attention_tiled<HD, 8>(c, a, pos0, lo, hi);
+    if (pairs <= PG) attention_tiled<HD, 1>(c, a, pos0);
+    else if (pairs <= 2 * PG) attention_tiled<HD, 2>(c, a, pos0);
+    else if (pairs <= 4 * PG) attention_tiled<HD, 4>(c, a, pos0);
+    else if (pairs <= 8 * PG) attention_tiled<HD, 8>(c, a, pos0);
     else return false;
     return true;
 }
@@ -317,20 +352,9 @@ __device__ __forceinline__ void task_attention(const Ctx& c) {
         if (threadIdx.x == 0) task_fault(c, FAULT_OUT_OF_RANGE, u64(pos0) + a.m, a.max_seq);
         return;
     }
-    // The union of the rows' slices (rows' lengths grow with the row, and so
-    // do their slices' bounds; empty slices do not count).
-    u32 lo = 0, hi = 0;
-    for (u32 i = 0; i < a.m; ++i) {
-        u32 l, h;
-        attention_slice(a, attention_row_len(a, pos0, i), l, h);
-        if (l < h) {
-            if (lo == hi) lo = l;
-            hi = h;
-        }
-    }
     if (a.qkv_dtype == DTYPE_BF16 && a.cache_dtype == DTYPE_BF16) {
-        if (a.head_dim == 128 && attention_fast<128>(c, a, pos0, lo, hi)) return;
-        if (a.head_dim == 64 && attention_fast<64>(c, a, pos0, lo, hi)) return;
+        if (a.head_dim == 128 && attention_fast<128>(c, a, pos0)) return;
+        if (a.head_dim == 64 && attention_fast<64>(c, a, pos0)) return;
     }
     switch (a.head_dim) {
         case 32: attention_rows<1>(a, pos0); break;

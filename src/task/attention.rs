@@ -1,7 +1,7 @@
 //! `attention`: split-sequence ("flash-decoding") GQA attention for `m` query
 //! rows at positions `pos[0] + i` over the KV cache. Each task takes one KV
-//! head and one of `chunks` slices of each row's keys (whole tiles of
-//! [`TILE`] keys, sliced at run time from the row's own length; see
+//! head and one of `chunks` slices of each row's keys (steps of
+//! [`SLICE_KEYS`] keys, sliced at run time from the row's own length; see
 //! [`slice_range`]) and writes, per query row and head of its group, a
 //! partial `(o[head_dim], max, sum)`; [`attention_combine`](super::attention_combine)
 //! merges the slices. Row `i` attends keys `0..=pos[0] + i` (causal inside a
@@ -150,15 +150,16 @@ impl Attention {
     }
 }
 
-/// Keys per tile: slices are made of whole tiles at absolute positions.
-pub const TILE: u32 = 64;
+/// Keys per slice step: a row's slices are multiples of it.
+pub const SLICE_KEYS: u32 = 16;
 
 /// The key range `[lo, hi)` of slice `chunk` of `chunks` for a row attending
-/// `len` keys: `ceil(tiles / chunks)` whole tiles of [`TILE`] keys per slice.
-/// It depends on the row's own length alone, so a row computes alike alone
-/// (a decode step) or inside a block of rows (a verify step).
+/// `len` keys: `ceil(len / 16 / chunks)` steps of [`SLICE_KEYS`] keys per
+/// slice. It depends on the row's own length alone (and the kernel anchors its
+/// tiles at the slice start), so a row computes alike alone (a decode step) or
+/// inside a block of rows (a verify step).
 pub fn slice_range(len: u32, chunk: u32, chunks: u32) -> (u32, u32) {
-    let per = len.div_ceil(TILE).div_ceil(chunks) * TILE;
+    let per = len.div_ceil(SLICE_KEYS).div_ceil(chunks) * SLICE_KEYS;
     let lo = (chunk * per).min(len);
     (lo, (lo + per).min(len))
 }

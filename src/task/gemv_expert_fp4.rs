@@ -419,7 +419,9 @@ impl TaskKind for GemvExpertFp4 {
         let mbits = ((1u64 << a.m) - 1) as u32;
         let mut items = Vec::new();
         for s in 0..count {
-            let passes = (list[1 + a.slots as usize + s] & mbits).count_ones().div_ceil(2);
+            let passes = (list[1 + a.slots as usize + s] & mbits)
+                .count_ones()
+                .div_ceil(2);
             for k in 0..passes * per {
                 items.push((s as u32, k / per, (k % per) * a.rows));
             }
