@@ -228,25 +228,16 @@ __device__ __forceinline__ void fp4_expert_rows(const Ctx& c, const GemvExpertFp
     }
 }
 
-__device__ __forceinline__ void task_gemv_expert_fp4(const Ctx& c) {
-    const GemvExpertFp4Args& a = task_args<GemvExpertFp4Args>(c);
-    if ((a.cols & 31) || a.m == 0 || a.m > 16 || a.format > FP4_NVFP4 || a.rows == 0) {
-        if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, a.cols, a.m);
-        return;
-    }
-    const u32* list = reinterpret_cast<const u32*>(a.list);
+// Spread: the chosen experts' matrices cut into units of `rows` rows, one
+// unit per pass over two of the input rows routed to the expert (an expert
+// chosen by many rows is that much more work), dealt evenly over the tasks at
+// run time: however many experts a block chose, and however unevenly, every
+// SM streams an equal share. Out of line: blocks of rows only, and its
+// registers stay out of the resident loop's.
+__device__ __noinline__ void fp4_spread(const Ctx& c, const GemvExpertFp4Args& a, const u32* list) {
     u32 prepared = ~0u, ldx = 0;
     u64 x = 0;
     bool bf16 = false;
-    if (!(a.flags & FP4_SPREAD)) {
-        if (a.slot < list[0]) fp4_expert_rows(c, a, list, a.slot, a.row0, a.rows, prepared, x, ldx, bf16);
-        return;
-    }
-    // Spread: the chosen experts' matrices cut into units of `rows` rows, one
-    // unit per pass over two of the input rows routed to the expert (an
-    // expert chosen by many rows is that much more work), dealt evenly over
-    // the tasks at run time: however many experts a block chose, and however
-    // unevenly, every SM streams an equal share.
     const u32 per = (a.ldy + a.rows - 1) / a.rows, count = min(list[0], a.slots);
     const u32 mbits = (1u << a.m) - 1u;
     u32 units = 0;
@@ -262,5 +253,24 @@ __device__ __forceinline__ void task_gemv_expert_fp4(const Ctx& c) {
         }
         const u32 k = u - base, pass = k / per, r0 = (k % per) * a.rows;
         fp4_expert_rows(c, a, list, slot, r0, min(a.rows, a.ldy - r0), prepared, x, ldx, bf16, pass);
+    }
+}
+
+__device__ __forceinline__ void task_gemv_expert_fp4(const Ctx& c) {
+    const GemvExpertFp4Args& a = task_args<GemvExpertFp4Args>(c);
+    if ((a.cols & 31) || a.m == 0 || a.m > 16 || a.format > FP4_NVFP4 || a.rows == 0) {
+        if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, a.cols, a.m);
+        return;
+    }
+    const u32* list = reinterpret_cast<const u32*>(a.list);
+    if (a.flags & FP4_SPREAD) {
+        fp4_spread(c, a, list);
+        return;
+    }
+    if (a.slot < list[0]) {
+        u32 prepared = ~0u, ldx = 0;
+        u64 x = 0;
+        bool bf16 = false;
+        fp4_expert_rows(c, a, list, a.slot, a.row0, a.rows, prepared, x, ldx, bf16);
     }
 }
