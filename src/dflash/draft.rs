@@ -9,18 +9,12 @@ use crate::error::{Error, LoadError, Result};
 use crate::exec::Executor;
 use crate::model::checkpoint::tensor_values;
 use crate::model::safetensors::{write, TensorDtype};
-use crate::model::session::{Loader, WeightSource};
+use crate::model::session::{AttnWeights, Loader, WeightSource};
 use crate::model::{Checkpoint, Model};
 
 /// One draft decoder layer (a dense Qwen3 layer).
 pub(crate) struct DraftLayer {
-    pub in_norm: Buffer,
-    /// `q_proj`, `k_proj`, `v_proj` stacked.
-    pub qkv: Buffer,
-    /// `q_norm`, `k_norm`.
-    pub qk_norms: Buffer,
-    pub o: Buffer,
-    pub post_norm: Buffer,
+    pub attn: AttnWeights,
     pub gate: Buffer,
     pub up: Buffer,
     pub down: Buffer,
@@ -87,16 +81,7 @@ impl DraftModel {
         for l in 0..config.layers.num_layers {
             let p = |s: &str| format!("layers.{l}.{s}");
             layers.push(DraftLayer {
-                in_norm: ld.tensor(&[p("input_layernorm.weight")])?,
-                qkv: ld.tensor(&[
-                    p("self_attn.q_proj.weight"),
-                    p("self_attn.k_proj.weight"),
-                    p("self_attn.v_proj.weight"),
-                ])?,
-                qk_norms: ld
-                    .tensor(&[p("self_attn.q_norm.weight"), p("self_attn.k_norm.weight")])?,
-                o: ld.tensor(&[p("self_attn.o_proj.weight")])?,
-                post_norm: ld.tensor(&[p("post_attention_layernorm.weight")])?,
+                attn: ld.attention(&format!("layers.{l}."))?,
                 gate: ld.tensor(&[p("mlp.gate_proj.weight")])?,
                 up: ld.tensor(&[p("mlp.up_proj.weight")])?,
                 down: ld.tensor(&[p("mlp.down_proj.weight")])?,

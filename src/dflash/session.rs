@@ -488,7 +488,7 @@ fn context_tasks(
     let per = (workers / d.num_layers).max(1);
     let mut g = ops::Group(Vec::new());
     for (ly, kv) in draft.layers.iter().zip(&bufs.kv) {
-        let w = ly.qkv.slice(q_rows * h..(q_rows + kv_rows) * h)?;
+        let w = ly.attn.qkv.slice(q_rows * h..(q_rows + kv_rows) * h)?;
         let shape = GemvShape {
             rows: kv_rows,
             cols: h,
@@ -519,7 +519,7 @@ fn context_tasks(
         let jobs = 2 * d.num_kv_heads * m;
         let r = RopeKv::split(
             &kv.all(),
-            &ly.qk_norms.all(),
+            &ly.attn.qk_norms.all(),
             &cache.all(),
             &pos.all(),
             kv_only,
@@ -635,13 +635,22 @@ fn draft_block(
         )
     };
     for (l, (ly, cache)) in draft.layers.iter().zip(&bufs.caches).enumerate() {
-        let (src, pro) = normed(&mut s, &a.x.all(), &ly.in_norm, m, "draft input norm")?;
-        let q = gemv(&mut s, &ly.qkv, &src, &a.qkv.all(), width, h, false, &pro)?;
+        let (src, pro) = normed(&mut s, &a.x.all(), &ly.attn.in_norm, m, "draft input norm")?;
+        let q = gemv(
+            &mut s,
+            &ly.attn.qkv,
+            &src,
+            &a.qkv.all(),
+            width,
+            h,
+            false,
+            &pro,
+        )?;
         s.stage(q, &format!("draft layer {l} qkv"));
         let jobs = (shape.heads + 2 * shape.kv_heads) * m;
         let r = RopeKv::split(
             &a.qkv.all(),
-            &ly.qk_norms.all(),
+            &ly.attn.qk_norms.all(),
             &cache.all(),
             &pos.all(),
             shape,
@@ -673,7 +682,7 @@ fn draft_block(
         s.prev = ev;
         let o = gemv(
             &mut s,
-            &ly.o,
+            &ly.attn.o,
             &a.attn.all(),
             &a.x.all(),
             h,
@@ -682,7 +691,7 @@ fn draft_block(
             &Prologue::None,
         )?;
         s.stage(o, &format!("draft layer {l} o_proj"));
-        let (src, pro) = normed(&mut s, &a.x.all(), &ly.post_norm, m, "draft post norm")?;
+        let (src, pro) = normed(&mut s, &a.x.all(), &ly.attn.post_norm, m, "draft post norm")?;
         let inter = d.intermediate_size;
         let mut gu = gemv(&mut s, &ly.gate, &src, &a.g.all(), inter, h, false, &pro)?;
         gu.0.extend(gemv(&mut s, &ly.up, &src, &a.u.all(), inter, h, false, &pro)?.0);

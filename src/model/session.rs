@@ -56,12 +56,20 @@ enum Mlp {
     },
 }
 
+/// The norms and attention weights of one decoder layer (a target's or a
+/// draft's).
+pub(crate) struct AttnWeights {
+    pub in_norm: Buffer,
+    /// `q_proj`, `k_proj`, `v_proj` stacked.
+    pub qkv: Buffer,
+    /// `q_norm`, `k_norm`.
+    pub qk_norms: Buffer,
+    pub o: Buffer,
+    pub post_norm: Buffer,
+}
+
 struct Layer {
-    in_norm: Buffer,
-    qkv: Buffer,
-    qk_norms: Buffer,
-    o: Buffer,
-    post_norm: Buffer,
+    attn: AttnWeights,
     mlp: Mlp,
 }
 
@@ -301,6 +309,23 @@ impl<'a> Loader<'a> {
         )?))
     }
 
+    /// The norms and attention weights of the decoder layer whose tensor
+    /// names start with `prefix`.
+    pub(crate) fn attention(&mut self, prefix: &str) -> Result<AttnWeights> {
+        let p = |s: &str| format!("{prefix}{s}");
+        Ok(AttnWeights {
+            in_norm: self.tensor(&[p("input_layernorm.weight")])?,
+            qkv: self.tensor(&[
+                p("self_attn.q_proj.weight"),
+                p("self_attn.k_proj.weight"),
+                p("self_attn.v_proj.weight"),
+            ])?,
+            qk_norms: self.tensor(&[p("self_attn.q_norm.weight"), p("self_attn.k_norm.weight")])?,
+            o: self.tensor(&[p("self_attn.o_proj.weight")])?,
+            post_norm: self.tensor(&[p("post_attention_layernorm.weight")])?,
+        })
+    }
+
     /// One bf16 buffer holding `names` back to back.
     pub(crate) fn tensor(&mut self, names: &[String]) -> Result<Buffer> {
         match self.src {
@@ -460,16 +485,7 @@ impl Model {
             bar.inc(1);
             let p = |s: &str| format!("model.layers.{l}.{s}");
             layers.push(Layer {
-                in_norm: ld.tensor(&[p("input_layernorm.weight")])?,
-                qkv: ld.tensor(&[
-                    p("self_attn.q_proj.weight"),
-                    p("self_attn.k_proj.weight"),
-                    p("self_attn.v_proj.weight"),
-                ])?,
-                qk_norms: ld
-                    .tensor(&[p("self_attn.q_norm.weight"), p("self_attn.k_norm.weight")])?,
-                o: ld.tensor(&[p("self_attn.o_proj.weight")])?,
-                post_norm: ld.tensor(&[p("post_attention_layernorm.weight")])?,
+                attn: ld.attention(&format!("model.layers.{l}."))?,
                 mlp: match &c.moe {
                     Some(m) if c.is_moe_layer(l) => {
                         let experts = |kind: &str| -> Vec<String> {
@@ -987,13 +1003,22 @@ fn build(
         Ok((hn.all(), Prologue::None))
     };
     for (l, ly) in layers.iter().enumerate() {
-        let (src, pro) = normed(&mut ch, &ly.in_norm, &format!("layer {l} input norm"))?;
-        let q = gemv(&mut ch, &ly.qkv, &src, &qkv.all(), width, h, false, &pro)?;
+        let (src, pro) = normed(&mut ch, &ly.attn.in_norm, &format!("layer {l} input norm"))?;
+        let q = gemv(
+            &mut ch,
+            &ly.attn.qkv,
+            &src,
+            &qkv.all(),
+            width,
+            h,
+            false,
+            &pro,
+        )?;
         ch.stage(q, &format!("layer {l} qkv"));
         let jobs = (c.num_heads + 2 * c.num_kv_heads) * m;
         let r = RopeKv::split(
             &qkv.all(),
-            &ly.qk_norms.all(),
+            &ly.attn.qk_norms.all(),
             &caches[l].all(),
             &pos_buf.all(),
             shape,
@@ -1027,7 +1052,7 @@ fn build(
         ch.stage(combine, &format!("layer {l} attention"));
         let o = gemv(
             &mut ch,
-            &ly.o,
+            &ly.attn.o,
             &attn.all(),
             &x.all(),
             h,
@@ -1038,7 +1063,8 @@ fn build(
         ch.stage(o, &format!("layer {l} o_proj"));
         match &ly.mlp {
             Mlp::Dense { gate, up, down } => {
-                let (src, pro) = normed(&mut ch, &ly.post_norm, &format!("layer {l} post norm"))?;
+                let (src, pro) =
+                    normed(&mut ch, &ly.attn.post_norm, &format!("layer {l} post norm"))?;
                 let mut gu = gemv(&mut ch, gate, &src, &g.all(), inter, h, false, &pro)?;
                 gu.0.extend(gemv(&mut ch, up, &src, &u.all(), inter, h, false, &pro)?.0);
                 ch.stage(gu, &format!("layer {l} gate+up"));
@@ -1060,7 +1086,8 @@ fn build(
             } => {
                 let moe = c.moe.as_ref().expect("MoE layer of a MoE config");
                 // The router and every expert normalise the rows themselves.
-                let (src, pro) = normed(&mut ch, &ly.post_norm, &format!("layer {l} post norm"))?;
+                let (src, pro) =
+                    normed(&mut ch, &ly.attn.post_norm, &format!("layer {l} post norm"))?;
                 let shape = GemvShape {
                     rows: experts,
                     cols: h,
