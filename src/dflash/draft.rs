@@ -1,5 +1,18 @@
 //! A DFlash draft model's weights on an executor, loaded from a checkpoint in
 //! the reference layout or drawn at random, and the random-draft writer.
+//!
+//! Tensors of a draft checkpoint (github.com/z-lab/dflash, `dflash/model.py`;
+//! no `model.` prefix, no embedding and no LM head: the target's are used):
+//! `fc.weight` `[hidden, ids · hidden]` (the context projection of the
+//! concatenated target hidden states), `hidden_norm.weight` `[hidden]` (its
+//! RMSNorm), `layers.{i}.{input_layernorm, post_attention_layernorm}.weight`,
+//! `layers.{i}.self_attn.{q,k,v,o}_proj.weight`,
+//! `layers.{i}.self_attn.{q,k}_norm.weight`,
+//! `layers.{i}.mlp.{gate,up,down}_proj.weight` (Qwen3 decoder layers), and
+//! `norm.weight` (the draft's final RMSNorm, applied before the target's LM
+//! head). Each layer projects the context features with its own `k_proj` and
+//! `v_proj` (with `k_norm` and RoPE at their positions) into keys and values
+//! that its block queries attend to.
 
 use std::path::Path;
 
