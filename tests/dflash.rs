@@ -294,3 +294,79 @@ fn draft_checkpoints_round_trip() {
     ));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// An early-ending command runs exactly the iterations until the accept task
+/// stamps the stop word, and the program's epochs stay right for the commands
+/// after it (a dependency inside the program would otherwise hang).
+#[test]
+fn commands_end_early_and_epochs_stay_exact() {
+    use megakernel::task::dflash_accept::{state, AcceptIo, DflashAccept};
+    use megakernel::task::nop::Nop;
+    common::on_every_executor("commands_end_early_and_epochs_stay_exact", |ex| {
+        let block = 4;
+        let u32s = |n| ex.alloc(DType::U32, n).unwrap();
+        let (ids, targets, pos, st, stop, dids, step) = (
+            u32s(block),
+            u32s(block),
+            u32s(1),
+            u32s(state::LEN),
+            u32s(2),
+            u32s(block),
+            u32s(1),
+        );
+        // Every iteration accepts the target's token alone (the first
+        // proposal disagrees): one token per iteration.
+        ex.write_u32(&ids, &[7, 1, 2, 3]).unwrap();
+        ex.write_u32(&targets, &[9, 8, 8, 8]).unwrap();
+        let io = AcceptIo {
+            ids: &ids.all(),
+            targets: &targets.all(),
+            pos: &pos.all(),
+            state: &st.all(),
+            stop: &stop.all(),
+            draft_ids: &dids.all(),
+            step_ids: &step.all(),
+        };
+        let mut b = ProgramBuilder::new();
+        let ev = b.event("before accept");
+        b.push(Nop::task()).signal(ev);
+        b.push(DflashAccept::task(&io, block, 1000).unwrap())
+            .wait(ev);
+        let program = ex.load(&b.build().unwrap()).unwrap();
+        let limit = |n: u32| {
+            let mut s = ex.read_u32(&st).unwrap();
+            s[state::LIMIT] = n;
+            s[state::PRODUCED] = 0;
+            s[state::STOP_TOKEN] = u32::MAX;
+            ex.write_u32(&st, &s).unwrap();
+        };
+        let mut out = Vec::new();
+        for (n, max_iters) in [(3, 10), (2, 2), (5, 40)] {
+            limit(n);
+            let t = ex.submit_until(&program, max_iters, &[], &stop).unwrap();
+            ex.wait(&t, ex.default_timeout()).unwrap();
+            let s = ex.read_u32(&st).unwrap();
+            assert_eq!(s[state::PRODUCED], n, "{}", ex.describe());
+            assert_eq!(s[state::REASON], 1);
+            let want = out.len() + n as usize;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while out.len() < want && std::time::Instant::now() < deadline {
+                ex.poll_outputs(&mut out).unwrap();
+            }
+            assert_eq!(out.len(), want, "{}", ex.describe());
+        }
+        let s = ex.read_u32(&st).unwrap();
+        assert_eq!(s[state::ITERS], 10, "{}", ex.describe());
+        assert_eq!(ex.read_u32(&pos).unwrap()[0], 10);
+        assert!(out.iter().all(|&t| t == 9));
+        // A plain command of the same program after the early ends.
+        limit(100);
+        ex.run(&program, 3, &[]).unwrap();
+        assert_eq!(
+            ex.read_u32(&st).unwrap()[state::ITERS],
+            13,
+            "{}",
+            ex.describe()
+        );
+    });
+}
