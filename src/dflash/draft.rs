@@ -20,7 +20,7 @@ use super::config::DraftConfig;
 use crate::buffer::Buffer;
 use crate::error::{Error, LoadError, Result};
 use crate::exec::Executor;
-use crate::model::checkpoint::tensor_values;
+use crate::model::checkpoint::{create_with_config, encode, tensor_values};
 use crate::model::safetensors::{write, TensorDtype};
 use crate::model::session::{AttnWeights, Loader, WeightSource};
 use crate::model::{Checkpoint, Model};
@@ -126,21 +126,13 @@ impl DraftModel {
 /// (created if needed), drawn as the target's checkpoint writer draws them.
 pub fn write_random_draft(dir: &Path, config: &DraftConfig, seed: u64) -> Result<()> {
     config.validate()?;
-    let io = |p: &Path, e: std::io::Error| LoadError::Io {
-        path: p.display().to_string(),
-        message: e.to_string(),
-    };
-    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-    let cfg = dir.join("config.json");
-    std::fs::write(&cfg, config.to_json()).map_err(|e| io(&cfg, e))?;
+    create_with_config(dir, &config.to_json())?;
     let tensors: Vec<_> = config
         .tensors()
         .into_iter()
         .map(|(name, shape)| {
-            let bytes = tensor_values(&config.layers, seed, &name, &shape)
-                .into_iter()
-                .flat_map(|v| half::bf16::from_f32(v).to_le_bytes())
-                .collect();
+            let values = tensor_values(&config.layers, seed, &name, &shape);
+            let bytes = encode(TensorDtype::Bf16, &values);
             (name, TensorDtype::Bf16, shape, bytes)
         })
         .collect();

@@ -199,7 +199,7 @@ impl DflashSession {
                 if inj.reference.is_empty() {
                     return Err(Error::InvalidArgument("empty injected reference".into()));
                 }
-                session.check_room(&inj.reference, 0)?;
+                session.check(&inj.reference, 0)?;
                 let r = u32s(inj.reference.len())?;
                 ex.write_u32(&r, &inj.reference)?;
                 Some(r)
@@ -366,7 +366,7 @@ impl DflashSession {
             ));
         }
         let stop_ids: Vec<u32> = stop_token.into_iter().collect();
-        self.session.check_room(&stop_ids, n)?;
+        self.session.check(&stop_ids, n)?;
         let n32 = u32::try_from(n).map_err(|_| Error::InvalidArgument("n too large".into()))?;
         self.sync_input(ex)?;
         let mut st = ex.read_u32(&self.state)?;

@@ -119,7 +119,8 @@ fn draw(config: &ModelConfig, seed: u64, name: &str, shape: &[usize], threads: u
     out
 }
 
-fn encode(dtype: TensorDtype, v: &[f32]) -> Vec<u8> {
+/// Floats as the bytes of `dtype` (bf16 for `U8`, which holds no floats).
+pub(crate) fn encode(dtype: TensorDtype, v: &[f32]) -> Vec<u8> {
     match dtype {
         TensorDtype::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         TensorDtype::F16 => v
@@ -219,6 +220,17 @@ pub fn write_random(
     })
 }
 
+/// Creates `dir` (and its parents) and writes `json` as its `config.json`.
+pub(crate) fn create_with_config(dir: &Path, json: &str) -> Result<(), LoadError> {
+    let io = |p: &Path, e: std::io::Error| LoadError::Io {
+        path: p.display().to_string(),
+        message: e.to_string(),
+    };
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let cfg = dir.join("config.json");
+    std::fs::write(&cfg, json).map_err(|e| io(&cfg, e))
+}
+
 type Values<'a> = dyn Fn(&str, &[usize]) -> Result<Vec<f32>, LoadError> + 'a;
 
 fn write_tensors(
@@ -228,13 +240,11 @@ fn write_tensors(
     values: &Values<'_>,
 ) -> Result<(), LoadError> {
     config.validate()?;
+    create_with_config(dir, &config.to_json())?;
     let io = |p: &Path, e: std::io::Error| LoadError::Io {
         path: p.display().to_string(),
         message: e.to_string(),
     };
-    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-    let cfg = dir.join("config.json");
-    std::fs::write(&cfg, config.to_json()).map_err(|e| io(&cfg, e))?;
     let all = config.tensors();
     let elem = match opts.dtype {
         TensorDtype::F32 => 4,

@@ -671,11 +671,6 @@ impl Session {
         self.pos += n;
     }
 
-    /// Checks token ids and that `steps` more positions fit the context.
-    pub(crate) fn check_room(&self, tokens: &[u32], steps: usize) -> Result<()> {
-        self.check(tokens, steps)
-    }
-
     /// Positions used so far.
     pub fn position(&self) -> usize {
         self.pos
@@ -697,7 +692,8 @@ impl Session {
         Ok(())
     }
 
-    fn check(&self, tokens: &[u32], steps: usize) -> Result<()> {
+    /// Checks token ids and that `steps` more positions fit the context.
+    pub(crate) fn check(&self, tokens: &[u32], steps: usize) -> Result<()> {
         if let Some(&t) = tokens
             .iter()
             .find(|&&t| t as usize >= self.config.vocab_size)
@@ -1280,21 +1276,20 @@ fn build(
             &Prologue::RmsNorm(final_norm.all(), eps),
         )?;
         ch.stage(lm, "lm head");
-    }
-    if extras.row_tokens.is_some() {
-        // The tokens are in place already.
-    } else if let Some(params) = sampling {
-        let pick = Sample::task(&logits.all(), &params.all(), &pos_buf.all(), &token.all())?;
-        let pick = single(&mut ch, pick);
-        ch.stage(pick, "sample");
-    } else {
-        let (partials, pick) =
-            ops::argmax(ch.b, &logits.all(), &token.all(), &pairs.all(), workers)?;
-        if let Some(p) = ch.prev {
-            partials.wait(ch.b, p);
+        // The token after it: drawn with the sampling settings, or greedy.
+        if let Some(params) = sampling {
+            let pick = Sample::task(&logits.all(), &params.all(), &pos_buf.all(), &token.all())?;
+            let pick = single(&mut ch, pick);
+            ch.stage(pick, "sample");
+        } else {
+            let (partials, pick) =
+                ops::argmax(ch.b, &logits.all(), &token.all(), &pairs.all(), workers)?;
+            if let Some(p) = ch.prev {
+                partials.wait(ch.b, p);
+            }
+            ch.prev = None;
+            ch.stage(ops::Group(vec![pick]), "token");
         }
-        ch.prev = None;
-        ch.stage(ops::Group(vec![pick]), "token");
     }
     let mut last = ch.prev.expect("stages exist");
     if let Some(tail) = extras.tail {
