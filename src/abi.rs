@@ -114,6 +114,8 @@ pub mod fault {
     pub const OUT_OF_RANGE: u32 = 3;
     /// A task's arguments were inconsistent.
     pub const BAD_ARGS: u32 = 4;
+    /// A collective task saw the cluster's abort word naming a failed rank.
+    pub const PEER_FAILED: u32 = 5;
 }
 
 /// Which counter a hang was waiting on ([`ErrorRecord::event`] for waits that
@@ -125,6 +127,8 @@ pub mod wait_site {
     pub const OUTPUT_SPACE: u32 = 0xFFFF_FF01;
     /// Ordering of output ring publication.
     pub const OUTPUT_ORDER: u32 = 0xFFFF_FF02;
+    /// `PEER + q`: rank `q`'s arrival at a collective (up to 256 ranks).
+    pub const PEER: u32 = 0xFFFF_FE00;
 }
 
 /// The device's error report, in mapped host memory.

@@ -104,6 +104,17 @@ pub enum Error {
     /// A model file or configuration could not be used.
     #[error(transparent)]
     Load(#[from] LoadError),
+    /// A rank of a [`Cluster`](crate::cluster::Cluster) failed; every rank's
+    /// wait ends with this error naming the rank that failed first.
+    #[error("rank {rank} of {ranks} failed: {source}")]
+    RankFailed {
+        /// The rank whose failure stopped the cluster.
+        rank: usize,
+        /// Ranks in the cluster.
+        ranks: usize,
+        /// Its error.
+        source: Box<Error>,
+    },
 }
 
 /// Why a checkpoint or its configuration was rejected.

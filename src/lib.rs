@@ -19,6 +19,7 @@
 //! | [`exec`] | the [`Executor`](exec::Executor) trait both backends implement |
 //! | [`cpu`] | the multi-threaded CPU executor |
 //! | [`cuda`] | the resident-kernel runtime on NVIDIA GPUs |
+//! | [`cluster`] | several devices (ranks) running one model split by tensor parallelism |
 //! | [`model`] | Hugging Face configs, safetensors, random-weight checkpoints, tokenizer, Qwen3 models and sessions |
 //!
 //! ```
@@ -41,6 +42,7 @@
 
 pub mod abi;
 pub mod buffer;
+pub mod cluster;
 pub mod cpu;
 pub mod cuda;
 pub mod dflash;

@@ -26,9 +26,11 @@ constexpr u32 FAULT_HANG = 1;
 constexpr u32 FAULT_BAD_OPCODE = 2;
 constexpr u32 FAULT_OUT_OF_RANGE = 3;
 constexpr u32 FAULT_BAD_ARGS = 4;
+constexpr u32 FAULT_PEER_FAILED = 5;
 constexpr u32 WAIT_ITERATION = 0xFFFFFF00u;
 constexpr u32 WAIT_OUTPUT_SPACE = 0xFFFFFF01u;
 constexpr u32 WAIT_OUTPUT_ORDER = 0xFFFFFF02u;
+constexpr u32 WAIT_PEER = 0xFFFFFE00u;
 
 struct __align__(16) TaskDesc {
     u16 opcode;

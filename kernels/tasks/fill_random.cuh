@@ -1,4 +1,6 @@
-// fill_random: dst[j] = random_value(key, first + j, std, mean); src/task/fill_random.rs
+// fill_random: dst[j] = random_value(key, index(j), std, mean) with index(j) =
+// first + j, or first + (j / width) * stride + j % width for a strided part of
+// a matrix (width > 0); src/task/fill_random.rs
 // defines the stream. Integer hashing and two correctly rounded f32 operations
 // (no contraction into an FMA), so values are bit-identical to the CPU's.
 #pragma once
@@ -12,8 +14,10 @@ struct FillRandomArgs {
     u32 dtype;
     u32 std;
     u32 mean;
+    u32 width;
+    u32 stride;
 };
-MK_SIZE(FillRandomArgs, 40);
+MK_SIZE(FillRandomArgs, 48);
 MK_OFFSET(FillRandomArgs, dst, 0);
 MK_OFFSET(FillRandomArgs, key, 8);
 MK_OFFSET(FillRandomArgs, first, 16);
@@ -21,6 +25,8 @@ MK_OFFSET(FillRandomArgs, n, 24);
 MK_OFFSET(FillRandomArgs, dtype, 28);
 MK_OFFSET(FillRandomArgs, std, 32);
 MK_OFFSET(FillRandomArgs, mean, 36);
+MK_OFFSET(FillRandomArgs, width, 40);
+MK_OFFSET(FillRandomArgs, stride, 44);
 
 __device__ __forceinline__ float random_value(u64 key, u64 i, float std, float mean) {
     u64 z = key + i * 0x9E3779B97F4A7C15ull;
@@ -36,6 +42,7 @@ __device__ __forceinline__ void task_fill_random(const Ctx& c) {
     const FillRandomArgs& a = task_args<FillRandomArgs>(c);
     const float std = __uint_as_float(a.std), mean = __uint_as_float(a.mean);
     for (u32 j = threadIdx.x; j < a.n; j += blockDim.x) {
-        store_float(a.dst, a.dtype, j, random_value(a.key, a.first + j, std, mean));
+        const u64 i = a.width ? a.first + u64(j / a.width) * a.stride + j % a.width : a.first + j;
+        store_float(a.dst, a.dtype, j, random_value(a.key, i, std, mean));
     }
 }

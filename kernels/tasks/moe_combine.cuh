@@ -1,5 +1,5 @@
-// moe_combine: x[i, h] += sum over listed experts of weight * y[slot, i, h];
-// src/task/moe_combine.rs.
+// moe_combine: S[i, h] = sum over listed experts of weight * y[slot, i, h],
+// then x += S (accumulate) or x = S; src/task/moe_combine.rs.
 #pragma once
 #include "../include/task.cuh"
 
@@ -14,8 +14,10 @@ struct MoeCombineArgs {
     u32 h0;
     u32 hn;
     u32 x_dtype;
+    u32 accumulate;
+    u32 reserved;
 };
-MK_SIZE(MoeCombineArgs, 56);
+MK_SIZE(MoeCombineArgs, 64);
 MK_OFFSET(MoeCombineArgs, x, 0);
 MK_OFFSET(MoeCombineArgs, y, 8);
 MK_OFFSET(MoeCombineArgs, weights, 16);
@@ -26,6 +28,8 @@ MK_OFFSET(MoeCombineArgs, experts, 40);
 MK_OFFSET(MoeCombineArgs, h0, 44);
 MK_OFFSET(MoeCombineArgs, hn, 48);
 MK_OFFSET(MoeCombineArgs, x_dtype, 52);
+MK_OFFSET(MoeCombineArgs, accumulate, 56);
+MK_OFFSET(MoeCombineArgs, reserved, 60);
 
 __device__ __forceinline__ void task_moe_combine(const Ctx& c) {
     const MoeCombineArgs& a = task_args<MoeCombineArgs>(c);
@@ -36,12 +40,12 @@ __device__ __forceinline__ void task_moe_combine(const Ctx& c) {
     for (u32 k = threadIdx.x; k < a.m * a.hn; k += blockDim.x) {
         const u32 i = k / a.hn, h = a.h0 + k % a.hn;
         const u64 at = u64(i) * a.hidden + h;
-        float acc = load_float(a.x, a.x_dtype, at);
+        float acc = 0.0f;
         for (u32 s = 0; s < count; ++s) {
             // Rows not routed to an expert weigh 0 and its output row was not computed.
             const float ws = w[u64(i) * a.experts + list[1 + s]];
             if (ws != 0.0f) acc = fmaf(ws, y[(u64(s) * a.m + i) * a.hidden + h], acc);
         }
-        store_float(a.x, a.x_dtype, at, acc);
+        store_float(a.x, a.x_dtype, at, a.accumulate ? load_float(a.x, a.x_dtype, at) + acc : acc);
     }
 }

@@ -117,6 +117,7 @@ pub(crate) struct CpuMemory<'a> {
     pub(crate) table: &'a MemTable,
     pub(crate) outputs: &'a Mutex<Vec<u64>>,
     pub(crate) epoch: u64,
+    pub(crate) wait_timeout: std::time::Duration,
 }
 
 impl Memory for CpuMemory<'_> {
@@ -179,5 +180,8 @@ impl Memory for CpuMemory<'_> {
     }
     fn epoch(&self) -> u64 {
         self.epoch
+    }
+    fn wait_timeout(&self) -> std::time::Duration {
+        self.wait_timeout
     }
 }

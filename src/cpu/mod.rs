@@ -50,6 +50,8 @@ impl Default for CpuOptions {
 pub struct CpuExecutor {
     id: u64,
     opts: CpuOptions,
+    /// Longest a collective task waits for another rank of a group.
+    wait_timeout: Duration,
     mem: Arc<MemTable>,
     outputs: Mutex<Vec<u64>>,
     state: Mutex<State>,
@@ -101,10 +103,26 @@ impl CpuExecutor {
         CpuExecutor {
             id: next_executor_id(),
             opts,
+            wait_timeout: Duration::from_secs(30),
             mem: Arc::default(),
             outputs: Mutex::default(),
             state: Mutex::default(),
         }
+    }
+
+    /// `n` executors sharing one address space: each may read and write the
+    /// others' buffers by address, as the GPUs of a node do over peer memory
+    /// (the ranks of a CPU [`Cluster`](crate::cluster::Cluster)). A task
+    /// waiting for another executor gives up after `wait_timeout`.
+    pub fn group(n: usize, opts: CpuOptions, wait_timeout: Duration) -> Vec<CpuExecutor> {
+        let mem: Arc<MemTable> = Arc::default();
+        (0..n)
+            .map(|_| CpuExecutor {
+                mem: mem.clone(),
+                wait_timeout,
+                ..CpuExecutor::new(opts.clone())
+            })
+            .collect()
     }
 
     /// The options in use.
@@ -201,6 +219,7 @@ impl CpuExecutor {
             table: &self.mem,
             outputs: &self.outputs,
             epoch,
+            wait_timeout: self.wait_timeout,
         };
         std::thread::scope(|s| {
             for worker in 0..self.opts.threads {
@@ -290,6 +309,24 @@ impl CpuExecutor {
     }
 }
 
+/// What a collective waiting for rank `rank` waited on.
+pub(crate) fn peer_counter(rank: u32) -> String {
+    format!("rank {rank}'s arrival at an all-reduce")
+}
+
+/// The rank named by [`peer_counter`], if `counter` is one.
+pub(crate) fn peer_of_counter(counter: &str) -> Option<usize> {
+    counter
+        .strip_prefix("rank ")?
+        .split('\'')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The fault a collective reports when the cluster's abort word names a failed rank.
+pub(crate) const PEER_FAILED: &str = "another rank failed (value: that rank)";
+
 fn hang_error(
     prog: &CpuProgram,
     program: &Program,
@@ -322,7 +359,20 @@ fn hang_error(
 }
 
 fn fault_error(f: TaskFault, d: &TaskDesc, worker: u32) -> Error {
+    let task_kind = kind_name(d.opcode).unwrap_or("unknown");
     let (what, value, bound) = match f {
+        TaskFault::PeerHang { rank, seen, needed } => {
+            return Error::DeviceHang {
+                sm: worker,
+                task: d.id,
+                task_kind,
+                counter: peer_counter(rank),
+                seen,
+                needed,
+                command: 0,
+            }
+        }
+        TaskFault::PeerFailed { rank } => (PEER_FAILED, u64::from(rank), 0),
         TaskFault::OutOfRange { index, bound } => ("index out of range", index, bound),
         TaskFault::BadAddress(a) => ("address outside every buffer", a, 0),
         TaskFault::BadArgs(_) => ("bad arguments", 0, 0),
@@ -332,7 +382,7 @@ fn fault_error(f: TaskFault, d: &TaskDesc, worker: u32) -> Error {
         what,
         sm: worker,
         task: d.id,
-        task_kind: kind_name(d.opcode).unwrap_or("unknown"),
+        task_kind,
         value,
         bound,
         command: 0,

@@ -200,3 +200,36 @@ pub(crate) fn driver_present() -> bool {
     // SAFETY: only tries to open the library.
     unsafe { sys::is_culib_present() }
 }
+
+/// Whether device `dev` can read and write device `peer`'s memory directly.
+pub(crate) fn can_access_peer(dev: usize, peer: usize) -> Result<bool, DriverError> {
+    let (mut a, mut b, mut ok): (sys::CUdevice, sys::CUdevice, std::ffi::c_int) = (0, 0, 0);
+    // SAFETY: out-pointers to locals; the driver is initialised by the caller.
+    unsafe {
+        sys::cuDeviceGet(&mut a, dev as std::ffi::c_int).result()?;
+        sys::cuDeviceGet(&mut b, peer as std::ffi::c_int).result()?;
+        sys::cuDeviceCanAccessPeer(&mut ok, a, b).result()?;
+    }
+    Ok(ok != 0)
+}
+
+/// Lets device `peer` read and write every allocation of device `owner`'s
+/// default memory pool (the stream-ordered allocator [`DevMem`] uses; peer
+/// access to pool memory is granted per pool, not per context).
+pub(crate) fn grant_pool_access(owner: usize, peer: usize) -> Result<(), DriverError> {
+    let mut dev: sys::CUdevice = 0;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let desc = sys::CUmemAccessDesc {
+        location: sys::CUmemLocation {
+            type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+            id: peer as std::ffi::c_int,
+        },
+        flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+    };
+    // SAFETY: out-pointers to locals; `desc` lives across the call.
+    unsafe {
+        sys::cuDeviceGet(&mut dev, owner as std::ffi::c_int).result()?;
+        sys::cuDeviceGetDefaultMemPool(&mut pool, dev).result()?;
+        sys::cuMemPoolSetAccess(pool, &desc, 1).result()
+    }
+}

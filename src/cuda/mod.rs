@@ -8,11 +8,11 @@
 //! uploads use a second stream and the stream-ordered allocator, so nothing
 //! ever waits for the resident kernel except [`Runtime::shutdown`].
 
-mod driver;
+pub(crate) mod driver;
 pub mod probe;
 pub mod ptx;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -47,6 +47,10 @@ pub struct RuntimeOptions {
     /// Launch the kernel variant that can time every task
     /// ([`Runtime::trace`]); the default variant carries no tracing code.
     pub trace: bool,
+    /// Run on this many SMs instead of all of them. Several runtimes may share
+    /// one GPU this way (each keeps its SMs for itself), for example the ranks
+    /// of a [`Cluster`](crate::cluster::Cluster) tested on one GPU.
+    pub sms: Option<u32>,
 }
 
 impl Default for RuntimeOptions {
@@ -55,12 +59,13 @@ impl Default for RuntimeOptions {
             wait_timeout: Duration::from_secs(5),
             host_timeout: Duration::from_secs(60),
             trace: false,
+            sms: None,
         }
     }
 }
 
-/// Devices with a live resident kernel in this process.
-static BUSY: Mutex<Option<HashSet<usize>>> = Mutex::new(None);
+/// SMs held by live resident kernels in this process, per device.
+static BUSY: Mutex<Option<HashMap<usize, u32>>> = Mutex::new(None);
 
 /// Primary contexts, retained for the life of the process so that creating and
 /// dropping runtimes does not tear the context down each time.
@@ -95,6 +100,12 @@ pub fn memory_info(ordinal: usize) -> Result<(usize, usize)> {
     let ctx = context(ordinal)?;
     ctx.bind_to_thread()?;
     Ok(ctx.mem_get_info()?)
+}
+
+/// Number of SMs of device `ordinal`.
+pub fn sm_count(ordinal: usize) -> Result<u32> {
+    let ctx = context(ordinal)?;
+    Ok(ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32)
 }
 
 /// Number of CUDA devices (0 when there is no driver).
@@ -172,15 +183,31 @@ impl Runtime {
         if major < 8 {
             return Err(Error::UnsupportedGpu { name, major, minor });
         }
+        let total =
+            ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
+        let sms = opts.sms.unwrap_or(total);
+        if sms == 0 || sms > total {
+            return Err(Error::InvalidArgument(format!(
+                "{sms} SMs requested; device {ordinal} has {total}"
+            )));
+        }
         {
             let mut busy = BUSY.lock().expect("device registry poisoned");
-            if !busy.get_or_insert_with(HashSet::new).insert(ordinal) {
+            let used = busy
+                .get_or_insert_with(HashMap::new)
+                .entry(ordinal)
+                .or_insert(0);
+            if *used + sms > total {
                 return Err(Error::Residency(format!(
-                    "device {ordinal} already runs a resident kernel in this process"
+                    "device {ordinal} has {} of its {total} SMs free for a resident kernel in this \
+                     process; {sms} requested",
+                    total - *used
                 )));
             }
+            *used += sms;
         }
-        Self::start(ordinal, opts, ctx, name, major, minor).inspect_err(|_| release_device(ordinal))
+        Self::start(ordinal, opts, ctx, name, major, minor, sms)
+            .inspect_err(|_| release_device(ordinal, sms))
     }
 
     fn start(
@@ -190,6 +217,7 @@ impl Runtime {
         name: String,
         major: i32,
         minor: i32,
+        num_sms: u32,
     ) -> Result<Runtime> {
         let (arch, ptx) = ptx::select(major, minor);
         let module = ctx.load_module(Ptx::from_src(ptx))?;
@@ -198,8 +226,6 @@ impl Runtime {
         } else {
             "mk_resident"
         })?;
-        let num_sms =
-            ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
         let optin = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
         let shared_bytes = (optin - func.shared_size_bytes()?).max(0) as u32;
@@ -274,6 +300,24 @@ impl Runtime {
     pub fn arch(&self) -> &'static str {
         self.arch
     }
+    /// A zeroed buffer in pinned host memory mapped into the device's address
+    /// space (and every other GPU's): slow to touch from kernels, but reachable
+    /// by every device without peer access.
+    pub fn alloc_host_mapped(&self, dtype: DType, len: usize) -> Result<Buffer> {
+        let bytes = len.checked_mul(dtype.size()).ok_or_else(|| {
+            Error::InvalidArgument(format!("buffer of {len} {dtype} is too large"))
+        })?;
+        self.kernel_stream.context().bind_to_thread()?;
+        let mem = MappedHost::new(bytes.max(16))?;
+        Ok(Buffer::from_parts(
+            mem.dev_ptr(0),
+            len,
+            dtype,
+            self.id,
+            Box::new(mem),
+        ))
+    }
+
     /// Dynamic shared memory each block has.
     pub fn shared_bytes(&self) -> u32 {
         self.shared_bytes
@@ -327,6 +371,9 @@ impl Runtime {
                     }
                     wait_site::OUTPUT_SPACE => "space in the output ring (host not reading)".into(),
                     wait_site::OUTPUT_ORDER => "output ring ordering".into(),
+                    ev if (wait_site::PEER..wait_site::PEER + 256).contains(&ev) => {
+                        crate::cpu::peer_counter(ev - wait_site::PEER)
+                    }
                     ev => match program.and_then(|p| p.event_name(ev)) {
                         Some(n) => format!("event '{n}'"),
                         None => format!("event {ev}"),
@@ -352,6 +399,7 @@ impl Runtime {
                     fault::BAD_OPCODE => "bad opcode",
                     fault::OUT_OF_RANGE => "index out of range",
                     fault::BAD_ARGS => "bad arguments",
+                    fault::PEER_FAILED => crate::cpu::PEER_FAILED,
                     _ => "unknown fault",
                 },
                 sm: rec.sm,
@@ -511,14 +559,19 @@ impl Runtime {
         } else {
             st.outstanding.clear();
         }
-        release_device(self.ordinal);
+        release_device(self.ordinal, self.num_sms);
         exited
     }
 }
 
-fn release_device(ordinal: usize) {
-    if let Some(set) = BUSY.lock().expect("device registry poisoned").as_mut() {
-        set.remove(&ordinal);
+fn release_device(ordinal: usize, sms: u32) {
+    if let Some(used) = BUSY
+        .lock()
+        .expect("device registry poisoned")
+        .as_mut()
+        .and_then(|m| m.get_mut(&ordinal))
+    {
+        *used = used.saturating_sub(sms);
     }
 }
 

@@ -16,7 +16,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn check_idle(ordinal: usize) -> Result<()> {
     let busy = BUSY.lock().expect("device registry poisoned");
-    if busy.as_ref().is_some_and(|s| s.contains(&ordinal)) {
+    if busy
+        .as_ref()
+        .and_then(|s| s.get(&ordinal))
+        .is_some_and(|&used| used > 0)
+    {
         return Err(Error::Residency(format!(
             "device {ordinal} runs a resident kernel; probes need it idle"
         )));

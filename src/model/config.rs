@@ -461,9 +461,10 @@ impl ModelConfig {
             ..c
         };
         Some(match name {
+            // Eight query heads so that 1, 2, 4 and 8 ranks can share them.
             "tiny" => ModelConfig {
                 head_dim: 32,
-                ..dense(128, 2, 4, 2, 256, 512, false)
+                ..dense(128, 2, 8, 2, 256, 512, false)
             },
             "tiny-moe" => moe(
                 ModelConfig {
@@ -477,14 +478,26 @@ impl ModelConfig {
             "qwen3-0.6b" => dense(1024, 28, 16, 8, 3072, 151_936, true),
             "qwen3-8b" => dense(4096, 36, 32, 8, 12288, 151_936, false),
             "qwen3-30b-a3b" => moe(dense(2048, 48, 32, 4, 6144, 151_936, false), 128, 8, 768),
+            // qwen3-30b-a3b's heads and routing (32 query / 4 KV heads, 128
+            // experts, top 8) at a size the CPU executor runs in tests.
+            "qwen3-30b-a3b-mini" => moe(
+                ModelConfig {
+                    head_dim: 32,
+                    ..dense(256, 2, 32, 4, 512, 1024, false)
+                },
+                128,
+                8,
+                256,
+            ),
             _ => return None,
         })
     }
 
     /// Names of the presets.
-    pub const PRESETS: [&'static str; 5] = [
+    pub const PRESETS: [&'static str; 6] = [
         "tiny",
         "tiny-moe",
+        "qwen3-30b-a3b-mini",
         "qwen3-0.6b",
         "qwen3-8b",
         "qwen3-30b-a3b",

@@ -12,12 +12,15 @@
 //! accumulate in f32.
 
 use crate::buffer::{BufSlice, Buffer, DType};
+use crate::cluster::shard::{HeadRange, Shard};
+use crate::cluster::RankComm;
 use crate::error::{Error, Result};
 use crate::exec::{Executor, ExecutorExt, LoadedProgram};
 use crate::program::trace::Trace;
 use crate::program::{ops, EventId, ProgramBuilder};
 use crate::quant::{self, Fp4Format};
 use crate::task::advance::Advance;
+use crate::task::argmax::Argmax;
 use crate::task::copy::Copy;
 use crate::task::embed::Embed;
 use crate::task::emit::Emit;
@@ -156,9 +159,14 @@ pub(crate) struct Hook<'a> {
 
 struct Weights {
     embed: Buffer,
+    /// The LM head's rows of this shard's vocabulary slice.
     lm_head: Buffer,
     final_norm: Buffer,
     layers: Vec<Layer>,
+    /// The part of the model these weights are.
+    shard: Shard,
+    /// The attention heads they hold.
+    heads: HeadRange,
 }
 
 /// Buffers both programs share.
@@ -184,20 +192,12 @@ pub enum WeightSource<'a> {
 }
 
 impl WeightSource<'_> {
-    fn config(&self) -> &ModelConfig {
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
         match self {
             WeightSource::Checkpoint(ck) => &ck.config,
             WeightSource::Random { config, .. } => config,
         }
-    }
-}
-
-/// The attention geometry of a model.
-fn head_shape(c: &ModelConfig) -> HeadShape {
-    HeadShape {
-        heads: c.num_heads,
-        kv_heads: c.num_kv_heads,
-        head_dim: c.head_dim,
     }
 }
 
@@ -236,6 +236,63 @@ pub(crate) struct Loader<'a> {
     shapes: std::collections::HashMap<String, Vec<usize>>,
     fills: ProgramBuilder,
     experts: Option<Fp4Format>,
+    /// The attention heads this loader keeps (all when `None`).
+    heads: Option<HeadRange>,
+}
+
+/// The part of a 2-D `[rows, cols]` tensor a rank holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Part {
+    All,
+    /// Rows `a..b`.
+    Rows(usize, usize),
+    /// Columns `a..b` of every row.
+    Cols(usize, usize),
+}
+
+impl Part {
+    /// The part's `[rows, cols]` within a tensor of `dims`.
+    fn dims(self, dims: &[usize]) -> (usize, usize) {
+        let rows = dims.first().copied().unwrap_or(1);
+        let cols: usize = dims.iter().skip(1).product();
+        match self {
+            Part::All => (rows, cols),
+            Part::Rows(a, b) => (b - a, cols),
+            Part::Cols(a, b) => (rows, b - a),
+        }
+    }
+
+    /// The part of row-major `data` shaped `dims`.
+    fn take(self, dims: &[usize], data: Vec<f32>) -> Vec<f32> {
+        let cols: usize = dims.iter().skip(1).product();
+        match self {
+            Part::All => data,
+            Part::Rows(a, b) => data[a * cols..b * cols].to_vec(),
+            Part::Cols(a, b) => data.chunks(cols).flat_map(|r| &r[a..b]).copied().collect(),
+        }
+    }
+
+    /// The part of an FP4 tensor shaped `[rows, cols]` (column cuts on block bounds).
+    fn take_fp4(self, rows: usize, cols: usize, t: quant::Fp4Tensor) -> quant::Fp4Tensor {
+        let block = t.format.block();
+        let (code_row, scale_row) = (cols / 2, cols / block);
+        let cut = |v: &[u8], per_row: usize, unit: usize| -> Vec<u8> {
+            match self {
+                Part::All => v.to_vec(),
+                Part::Rows(a, b) => v[a * per_row..b * per_row].to_vec(),
+                Part::Cols(a, b) => (0..rows)
+                    .flat_map(|r| &v[r * per_row + a / unit..r * per_row + b / unit])
+                    .copied()
+                    .collect(),
+            }
+        };
+        quant::Fp4Tensor {
+            format: t.format,
+            codes: cut(&t.codes, code_row, 2),
+            scales: cut(&t.scales, scale_row, block),
+            tensor_scale: t.tensor_scale,
+        }
+    }
 }
 
 impl<'a> Loader<'a> {
@@ -251,44 +308,65 @@ impl<'a> Loader<'a> {
             shapes: shapes.into_iter().collect(),
             fills: ProgramBuilder::new(),
             experts: None,
+            heads: None,
         }
     }
 
-    fn new(ex: &'a dyn Executor, src: &'a WeightSource<'a>, experts: Option<Fp4Format>) -> Self {
-        let shapes = match src {
-            WeightSource::Random { config, .. } => config.tensors().into_iter().collect(),
-            WeightSource::Checkpoint(_) => Default::default(),
-        };
+    fn new(
+        ex: &'a dyn Executor,
+        src: &'a WeightSource<'a>,
+        experts: Option<Fp4Format>,
+        heads: Option<HeadRange>,
+    ) -> Self {
         Loader {
             ex,
             src,
-            shapes,
+            shapes: src.config().tensors().into_iter().collect(),
             fills: ProgramBuilder::new(),
             experts,
+            heads,
         }
+    }
+
+    fn dims(&self, name: &str) -> Result<Vec<usize>> {
+        Ok(self
+            .shapes
+            .get(name)
+            .ok_or_else(|| crate::error::LoadError::MissingTensor(name.to_string()))?
+            .clone())
     }
 
     /// One kind of routed-expert matrix (`[rows, cols]` each): bf16, or
     /// quantized on the host to the chosen FP4 format (experts in parallel).
-    fn experts(&mut self, names: &[String], rows: usize, cols: usize) -> Result<ExpertMats> {
+    /// `part` of each expert's `[rows, cols]` matrix.
+    fn experts(
+        &mut self,
+        names: &[String],
+        rows: usize,
+        cols: usize,
+        part: Part,
+    ) -> Result<ExpertMats> {
         let Some(format) = self.experts else {
-            return Ok(ExpertMats::Bf16(self.tensor(names)?));
+            let parts: Vec<_> = names.iter().map(|n| (n.clone(), part)).collect();
+            return Ok(ExpertMats::Bf16(self.tensor_parts(&parts)?));
         };
+        let full = [rows, cols];
+        let (prows, pcols) = part.dims(&full);
         let src = self.src;
         let stored = src.config().moe.as_ref().and_then(|m| m.fp4);
         // One expert's matrix in FP4: read as stored, or drawn / read as
         // floats and quantized.
         let one = |name: &String| -> Result<quant::Fp4Tensor> {
             if let (Some(f), WeightSource::Checkpoint(ck)) = (stored, src) {
-                return read_fp4(ck, name, f);
+                return Ok(part.take_fp4(rows, cols, read_fp4(ck, name, f)?));
             }
             let values = match src {
                 WeightSource::Checkpoint(ck) => ck.read_f32(name)?,
                 WeightSource::Random { config, seed } => {
-                    checkpoint::tensor_values_serial(config, *seed, name, &[rows, cols])
+                    checkpoint::tensor_values_serial(config, *seed, name, &full)
                 }
             };
-            quant::quantize(format, &values)
+            quant::quantize(format, &part.take(&full, values))
                 .map_err(|e| Error::InvalidArgument(format!("{name}: {e}")))
         };
         // Experts are alike in size: contiguous runs of them per thread.
@@ -305,67 +383,99 @@ impl<'a> Loader<'a> {
         })?
         .concat();
         Ok(ExpertMats::Fp4(Fp4Experts::upload_quantized(
-            self.ex, format, rows, cols, &tensors,
+            self.ex, format, prows, pcols, &tensors,
         )?))
     }
 
     /// The norms and attention weights of the decoder layer whose tensor
     /// names start with `prefix`.
+    /// (Of the loader's heads only, when it keeps a part of them.)
     pub(crate) fn attention(&mut self, prefix: &str) -> Result<AttnWeights> {
         let p = |s: &str| format!("{prefix}{s}");
+        let (q, kv, o) = match self.heads {
+            None => (Part::All, Part::All, Part::All),
+            Some(h) => {
+                let hd = self.dims(&p("self_attn.q_norm.weight"))?[0];
+                let (q0, q1) = (h.q0 * hd, (h.q0 + h.heads) * hd);
+                let kv = Part::Rows(h.kv0 * hd, (h.kv0 + h.kv_heads) * hd);
+                (Part::Rows(q0, q1), kv, Part::Cols(q0, q1))
+            }
+        };
         Ok(AttnWeights {
             in_norm: self.tensor(&[p("input_layernorm.weight")])?,
-            qkv: self.tensor(&[
-                p("self_attn.q_proj.weight"),
-                p("self_attn.k_proj.weight"),
-                p("self_attn.v_proj.weight"),
+            qkv: self.tensor_parts(&[
+                (p("self_attn.q_proj.weight"), q),
+                (p("self_attn.k_proj.weight"), kv),
+                (p("self_attn.v_proj.weight"), kv),
             ])?,
             qk_norms: self.tensor(&[p("self_attn.q_norm.weight"), p("self_attn.k_norm.weight")])?,
-            o: self.tensor(&[p("self_attn.o_proj.weight")])?,
+            o: self.tensor_parts(&[(p("self_attn.o_proj.weight"), o)])?,
             post_norm: self.tensor(&[p("post_attention_layernorm.weight")])?,
         })
     }
 
     /// One bf16 buffer holding `names` back to back.
     pub(crate) fn tensor(&mut self, names: &[String]) -> Result<Buffer> {
+        let parts: Vec<_> = names.iter().map(|n| (n.clone(), Part::All)).collect();
+        self.tensor_parts(&parts)
+    }
+
+    /// One bf16 buffer holding the given parts of tensors back to back.
+    pub(crate) fn tensor_parts(&mut self, parts: &[(String, Part)]) -> Result<Buffer> {
+        let mut total = 0;
+        for (n, part) in parts {
+            let (r, c) = part.dims(&self.dims(n)?);
+            total += r * c;
+        }
+        let buf = self.ex.alloc(DType::Bf16, total)?;
         match self.src {
             WeightSource::Checkpoint(ck) => {
-                let mut data = Vec::new();
-                for n in names {
-                    data.extend(ck.read_f32(n)?);
+                let mut data = Vec::with_capacity(total);
+                for (n, part) in parts {
+                    data.extend(part.take(&self.dims(n)?, ck.read_f32(n)?));
                 }
-                let buf = self.ex.alloc(DType::Bf16, data.len())?;
                 self.ex.write_f32(&buf, &data)?;
-                Ok(buf)
             }
             WeightSource::Random { config, seed } => {
-                let shape = |n: &String| {
-                    self.shapes
-                        .get(n)
-                        .ok_or_else(|| crate::error::LoadError::MissingTensor(n.clone()))
-                };
-                let mut total = 0;
-                for n in names {
-                    total += shape(n)?.iter().product::<usize>();
-                }
-                let buf = self.ex.alloc(DType::Bf16, total)?;
                 let mut off = 0;
-                for n in names {
-                    let dims = shape(n)?;
-                    let len: usize = dims.iter().product();
-                    let (std, mean) = checkpoint::tensor_init(config, n, dims);
+                for (n, part) in parts {
+                    let dims = self.dims(n)?;
+                    let (std, mean) = checkpoint::tensor_init(config, n, &dims);
                     let key = checkpoint::tensor_key(*seed, n);
-                    for start in (0..len).step_by(FILL_CHUNK) {
-                        let end = (start + FILL_CHUNK).min(len);
-                        let dst = buf.slice(off + start..off + end)?;
-                        self.fills
-                            .push(FillRandom::task(&dst, key, start as u64, std, mean)?);
+                    let (rows, cols) = part.dims(&dims);
+                    let stride: usize = dims.iter().skip(1).product();
+                    let len = rows * cols;
+                    match *part {
+                        Part::Cols(a, _) => {
+                            let per = (FILL_CHUNK / cols).max(1);
+                            for r0 in (0..rows).step_by(per) {
+                                let r1 = (r0 + per).min(rows);
+                                let dst = buf.slice(off + r0 * cols..off + r1 * cols)?;
+                                let first = (r0 * stride + a) as u64;
+                                self.fills.push(FillRandom::strided(
+                                    &dst, key, first, cols, stride, std, mean,
+                                )?);
+                            }
+                        }
+                        Part::All | Part::Rows(..) => {
+                            let base = match *part {
+                                Part::Rows(a, _) => a * stride,
+                                _ => 0,
+                            };
+                            for start in (0..len).step_by(FILL_CHUNK) {
+                                let end = (start + FILL_CHUNK).min(len);
+                                let dst = buf.slice(off + start..off + end)?;
+                                let first = (base + start) as u64;
+                                self.fills
+                                    .push(FillRandom::task(&dst, key, first, std, mean)?);
+                            }
+                        }
                     }
                     off += len;
                 }
-                Ok(buf)
             }
         }
+        Ok(buf)
     }
 
     /// Runs the queued fills.
@@ -446,6 +556,16 @@ impl Model {
         src: &WeightSource<'_>,
         experts: Option<Fp4Format>,
     ) -> Result<Model> {
+        Self::from_source_sharded(ex, src, experts, Shard::WHOLE)
+    }
+
+    /// Loads `shard`'s part of the weights from `src` (see [`crate::cluster::shard`]).
+    pub(crate) fn from_source_sharded(
+        ex: &dyn Executor,
+        src: &WeightSource<'_>,
+        experts: Option<Fp4Format>,
+        shard: Shard,
+    ) -> Result<Model> {
         let c = src.config().clone();
         let stored = c.moe.as_ref().and_then(|m| m.fp4);
         let experts = match (stored, experts) {
@@ -458,13 +578,22 @@ impl Model {
             }
             (s, e) => s.or(e),
         };
-        let mut ld = Loader::new(ex, src, experts);
+        Shard::check(shard.ranks, &c, experts)?;
+        let heads = shard.heads(&c);
+        let whole = shard == Shard::WHOLE;
+        let mut ld = Loader::new(ex, src, experts, (!whole).then_some(heads));
         let one = |n: &str| vec![n.to_string()];
         let embed = ld.tensor(&one("model.embed_tokens.weight"))?;
-        let lm_head = if c.tie_word_embeddings {
+        let head_name = if c.tie_word_embeddings {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        };
+        let (v0, v1) = shard.range(c.vocab_size);
+        let lm_head = if whole && c.tie_word_embeddings {
             embed.clone()
         } else {
-            ld.tensor(&one("lm_head.weight"))?
+            ld.tensor_parts(&[(head_name.to_string(), Part::Rows(v0, v1))])?
         };
         let final_norm = ld.tensor(&one("model.norm.weight"))?;
         ld.flush()?;
@@ -494,18 +623,24 @@ impl Model {
                                 .collect()
                         };
                         let (h, i) = (c.hidden_size, m.moe_intermediate_size);
+                        let (i0, i1) = shard.range(i);
+                        let (rows, cols) = (Part::Rows(i0, i1), Part::Cols(i0, i1));
                         Mlp::Moe {
                             router: ld.tensor(&[p("mlp.gate.weight")])?,
-                            gate: ld.experts(&experts("gate_proj"), i, h)?,
-                            up: ld.experts(&experts("up_proj"), i, h)?,
-                            down: ld.experts(&experts("down_proj"), h, i)?,
+                            gate: ld.experts(&experts("gate_proj"), i, h, rows)?,
+                            up: ld.experts(&experts("up_proj"), i, h, rows)?,
+                            down: ld.experts(&experts("down_proj"), h, i, cols)?,
                         }
                     }
-                    _ => Mlp::Dense {
-                        gate: ld.tensor(&[p("mlp.gate_proj.weight")])?,
-                        up: ld.tensor(&[p("mlp.up_proj.weight")])?,
-                        down: ld.tensor(&[p("mlp.down_proj.weight")])?,
-                    },
+                    _ => {
+                        let (i0, i1) = shard.range(c.intermediate_size);
+                        let (rows, cols) = (Part::Rows(i0, i1), Part::Cols(i0, i1));
+                        Mlp::Dense {
+                            gate: ld.tensor_parts(&[(p("mlp.gate_proj.weight"), rows)])?,
+                            up: ld.tensor_parts(&[(p("mlp.up_proj.weight"), rows)])?,
+                            down: ld.tensor_parts(&[(p("mlp.down_proj.weight"), cols)])?,
+                        }
+                    }
                 },
             });
             ld.flush()?;
@@ -516,6 +651,8 @@ impl Model {
             lm_head,
             final_norm,
             layers,
+            shard,
+            heads,
         };
         Ok(Model {
             config: c,
@@ -537,6 +674,18 @@ impl Model {
         max_seq: usize,
         hook: Option<&Hook<'_>>,
     ) -> Result<Session> {
+        self.session_on(ex, max_seq, hook, None)
+    }
+
+    /// [`session_with`](Self::session_with) for one rank of a cluster
+    /// (`tp`), whose programs meet the other ranks' at all-reduce sites.
+    pub(crate) fn session_on(
+        &self,
+        ex: &dyn Executor,
+        max_seq: usize,
+        hook: Option<&Hook<'_>>,
+        tp: Option<&RankComm<'_>>,
+    ) -> Result<Session> {
         let c = &self.config;
         if ex.id() != self.owner {
             return Err(Error::Foreign("model"));
@@ -548,8 +697,9 @@ impl Model {
             )));
         }
         let cache_len = max_seq + hook.map_or(0, |h| h.slack);
+        let kv_heads = self.weights.heads.kv_heads;
         let caches = (0..c.num_layers)
-            .map(|_| ex.alloc(DType::Bf16, 2 * c.num_kv_heads * cache_len * c.head_dim))
+            .map(|_| ex.alloc(DType::Bf16, 2 * kv_heads * cache_len * c.head_dim))
             .collect::<Result<Vec<_>>>()?;
         let shared = Shared {
             pos: ex.alloc(DType::U32, 1)?,
@@ -576,6 +726,7 @@ impl Model {
             cache_len,
             sampling,
             extras: &extras,
+            tp,
         };
         let step = build(ex, c, w, &caches, &shared, &spec(ids, 1, None))?;
         let sampling = ex.alloc(DType::U32, 5)?;
@@ -628,6 +779,7 @@ impl Model {
             cache_len: session.cache_len,
             sampling: None,
             extras,
+            tp: None,
         };
         build(
             ex,
@@ -715,47 +867,64 @@ impl Session {
     /// Feeds a prompt (in chunks of [`PREFILL_CHUNK`] tokens, the rest one at a
     /// time) and returns the model's next token.
     pub fn prefill(&mut self, ex: &dyn Executor, prompt: &[u32]) -> Result<u32> {
-        if prompt.is_empty() {
-            return Err(Error::InvalidArgument("empty prompt".into()));
-        }
-        self.check(prompt, prompt.len())?;
+        self.check_prompt(prompt)?;
         let mut out = Vec::new();
         ex.poll_outputs(&mut out)?;
         // Whole chunks through the chunk program, the rest one token at a time.
         let mut rest = prompt;
         while !rest.is_empty() {
-            let n = if rest.len() >= PREFILL_CHUNK {
-                PREFILL_CHUNK
-            } else {
-                1
-            };
-            let (ids, program) = if n == PREFILL_CHUNK {
-                (&self.chunk_ids, &self.chunk)
-            } else {
-                (&self.step_ids, &self.step)
-            };
-            ex.write_u32(ids, &rest[..n])?;
-            ex.write_u32(&self.pos_buf, &[self.pos as u32])?;
+            let (program, n) = self.stage_prompt(ex, rest)?;
             ex.run(program, 1, &[])?;
             self.pos += n;
             rest = &rest[n..];
         }
         // One token per command; the last one is the answer.
-        let commands = prompt.len() / PREFILL_CHUNK + prompt.len() % PREFILL_CHUNK;
+        let commands = prompt_commands(prompt.len());
         out.clear();
-        let deadline = std::time::Instant::now() + ex.default_timeout();
-        while out.len() < commands {
-            ex.poll_outputs(&mut out)?;
-            if std::time::Instant::now() > deadline {
-                let what = format!("{commands} tokens from the prompt ({} arrived)", out.len());
-                return Err(Error::HostTimeout {
-                    waited: ex.default_timeout(),
-                    what,
-                });
-            }
-            std::thread::yield_now();
-        }
+        wait_outputs(ex, &mut out, commands, "tokens from the prompt")?;
         Ok(out[commands - 1] as u32)
+    }
+
+    /// Checks a prompt before [`stage_prompt`](Self::stage_prompt).
+    pub(crate) fn check_prompt(&self, prompt: &[u32]) -> Result<()> {
+        if prompt.is_empty() {
+            return Err(Error::InvalidArgument("empty prompt".into()));
+        }
+        self.check(prompt, prompt.len())
+    }
+
+    /// Writes the next piece of a prompt (a whole chunk, or one token) at the
+    /// current position; returns the program to run once and the tokens it takes.
+    pub(crate) fn stage_prompt(
+        &self,
+        ex: &dyn Executor,
+        rest: &[u32],
+    ) -> Result<(&LoadedProgram, usize)> {
+        let (ids, program, n) = if rest.len() >= PREFILL_CHUNK {
+            (&self.chunk_ids, &self.chunk, PREFILL_CHUNK)
+        } else {
+            (&self.step_ids, &self.step, 1)
+        };
+        ex.write_u32(ids, &rest[..n])?;
+        ex.write_u32(&self.pos_buf, &[self.pos as u32])?;
+        Ok((program, n))
+    }
+
+    /// The one-token program for greedy steps, or for steps drawn with
+    /// `sampling` (whose settings it writes).
+    pub(crate) fn stage_generate(
+        &self,
+        ex: &dyn Executor,
+        sampling: Option<&Sampling>,
+    ) -> Result<&LoadedProgram> {
+        match sampling {
+            Some(s) => {
+                s.validate()?;
+                ex.write_u32(&self.sampling, &s.words())?;
+                Ok(&self.step_sampled)
+            }
+            None => Ok(&self.step),
+        }
     }
 
     /// Generates `n` more tokens greedily in one command (the input is the
@@ -797,14 +966,7 @@ impl Session {
         mut on_token: impl FnMut(u32),
     ) -> Result<Vec<u32>> {
         self.check(&[], n)?;
-        let program = match sampling {
-            Some(s) => {
-                s.validate()?;
-                ex.write_u32(&self.sampling, &s.words())?;
-                &self.step_sampled
-            }
-            None => &self.step,
-        };
+        let program = self.stage_generate(ex, sampling)?;
         let mut out = Vec::new();
         ex.poll_outputs(&mut out)?;
         out.clear();
@@ -878,6 +1040,33 @@ impl Session {
     }
 }
 
+/// Commands a prompt of `len` tokens takes (each emits one token).
+pub(crate) fn prompt_commands(len: usize) -> usize {
+    len / PREFILL_CHUNK + len % PREFILL_CHUNK
+}
+
+/// Polls `ex`'s output ring until `out` holds `n` values, at most the
+/// executor's default timeout.
+pub(crate) fn wait_outputs(
+    ex: &dyn Executor,
+    out: &mut Vec<u64>,
+    n: usize,
+    what: &str,
+) -> Result<()> {
+    let deadline = std::time::Instant::now() + ex.default_timeout();
+    while out.len() < n {
+        ex.poll_outputs(out)?;
+        if out.len() < n && std::time::Instant::now() > deadline {
+            return Err(Error::HostTimeout {
+                waited: ex.default_timeout(),
+                what: format!("{n} {what} ({} arrived)", out.len()),
+            });
+        }
+        std::thread::yield_now();
+    }
+    Ok(())
+}
+
 /// What one program is: its rows and inputs, and its extra work.
 struct Spec<'a> {
     ids: &'a Buffer,
@@ -887,6 +1076,8 @@ struct Spec<'a> {
     /// Draw the token with the settings in this buffer instead of greedily.
     sampling: Option<&'a Buffer>,
     extras: &'a Extras<'a>,
+    /// This rank's collectives when the weights are one rank's shard.
+    tp: Option<&'a RankComm<'a>>,
 }
 
 /// The decode program for `m` token rows: it reads `m` ids from `ids`, writes
@@ -908,28 +1099,47 @@ fn build(
         cache_len: max_seq,
         sampling,
         extras,
+        tp,
     } = *spec;
     let workers = ex.num_workers();
-    let (h, hd, inter, vocab) = (c.hidden_size, c.head_dim, c.intermediate_size, c.vocab_size);
-    let shape = head_shape(c);
-    let width = shape.qkv_width();
     let Weights {
         embed,
         lm_head,
         final_norm,
         layers,
+        shard,
+        heads,
     } = wts;
+    if tp.map_or(Shard::WHOLE, |t| t.shard()) != *shard {
+        return Err(Error::InvalidArgument(format!(
+            "weights of rank {} of {} built without their cluster rank",
+            shard.rank, shard.ranks
+        )));
+    }
+    // This rank's slices (everything when the model is whole).
+    let part = |n: usize| {
+        let (a, b) = shard.range(n);
+        b - a
+    };
+    let (h, hd, vocab) = (c.hidden_size, c.head_dim, c.vocab_size);
+    let (inter, v0) = (part(c.intermediate_size), shard.range(vocab).0);
+    let shape = HeadShape {
+        heads: heads.heads,
+        kv_heads: heads.kv_heads,
+        head_dim: hd,
+    };
+    let width = shape.qkv_width();
     let (pos_buf, token, logits) = (&shared.pos, &shared.token, &shared.logits);
     let buf = |d: DType, n: usize| ex.alloc(d, n);
     let (x, hn) = (buf(DType::Bf16, m * h)?, buf(DType::Bf16, m * h)?);
     let (qkv, attn) = (
         buf(DType::Bf16, m * width)?,
-        buf(DType::Bf16, m * c.num_heads * hd)?,
+        buf(DType::Bf16, m * shape.heads * hd)?,
     );
     let (g, u) = (buf(DType::Bf16, m * inter)?, buf(DType::Bf16, m * inter)?);
     // Routed experts: one slot per expert chosen by any row (at most m * top_k).
     let (experts, top_k, moe_inter) = c.moe.as_ref().map_or((1, 1, 8), |mo| {
-        (mo.num_experts, mo.top_k, mo.moe_intermediate_size)
+        (mo.num_experts, mo.top_k, part(mo.moe_intermediate_size))
     });
     let slots = experts.min(m * top_k);
     let router_logits = buf(DType::F32, m * experts)?;
@@ -943,8 +1153,8 @@ fn build(
         buf(DType::Bf16, slots * m * moe_inter)?,
     );
     let ey = buf(DType::F32, slots * m * h)?;
-    let chunks = (workers / c.num_kv_heads).max(1);
-    let partial = buf(DType::F32, m * c.num_heads * chunks * (hd + 2))?;
+    let chunks = (workers / shape.kv_heads).max(1);
+    let partial = buf(DType::F32, m * shape.heads * chunks * (hd + 2))?;
     let pairs = buf(DType::U32, 2 * workers)?;
 
     let eps = c.rms_norm_eps as f32;
@@ -983,6 +1193,26 @@ fn build(
     let norm = |ch: &mut Chain<'_>, w: &Buffer| {
         ops::rmsnorm(ch.b, &x.all(), &w.all(), &hn.all(), m, h, eps, workers)
     };
+    // Where a product adding into the residual writes: `x` itself (one
+    // device), or this rank's f32 partial of a new all-reduce site.
+    type Site = Option<(Buffer, Buffer)>;
+    let into_residual = || -> Result<(BufSlice, bool, Site)> {
+        match tp {
+            None => Ok((x.all(), true, None)),
+            Some(tp) => {
+                let (table, data) = tp.site(DType::F32, m * h)?;
+                Ok((data.all(), false, Some((table, data))))
+            }
+        }
+    };
+    // After the producers of `site`: every rank's partials added into `x`.
+    let reduce = |ch: &mut Chain<'_>, site: Site, name: &str| -> Result<()> {
+        if let (Some(tp), Some((table, data))) = (tp, site) {
+            let r = tp.sum(ch.b, &table, &data, &x.all(), workers)?;
+            ch.stage(r, &format!("{name} all-reduce"));
+        }
+        Ok(())
+    };
     let e = single(&mut ch, Embed::task(&x.all(), &embed.all(), &ids.all(), h)?);
     ch.stage(e, "embed");
     // `src` normalised by `w`: fused into the product (`x` and a prologue) or a
@@ -1011,7 +1241,7 @@ fn build(
             &pro,
         )?;
         ch.stage(q, &format!("layer {l} qkv"));
-        let jobs = (c.num_heads + 2 * c.num_kv_heads) * m;
+        let jobs = (shape.heads + 2 * shape.kv_heads) * m;
         let r = RopeKv::split(
             &qkv.all(),
             &ly.attn.qk_norms.all(),
@@ -1026,7 +1256,7 @@ fn build(
         )?;
         let r = ops::Group(ch.b.push_all(r));
         ch.stage(r, &format!("layer {l} rope"));
-        let parts = workers.min(c.num_heads);
+        let parts = workers.min(shape.heads);
         let (slices, combine) = ops::attention(
             ch.b,
             &qkv.all(),
@@ -1046,17 +1276,19 @@ fn build(
         }
         ch.prev = None;
         ch.stage(combine, &format!("layer {l} attention"));
+        let (dst, acc, site) = into_residual()?;
         let o = gemv(
             &mut ch,
             &ly.attn.o,
             &attn.all(),
-            &x.all(),
+            &dst,
             h,
-            c.num_heads * hd,
-            true,
+            shape.heads * hd,
+            acc,
             &Prologue::None,
         )?;
         ch.stage(o, &format!("layer {l} o_proj"));
+        reduce(&mut ch, site, &format!("layer {l} o_proj"))?;
         match &ly.mlp {
             Mlp::Dense { gate, up, down } => {
                 let (src, pro) =
@@ -1071,8 +1303,10 @@ fn build(
                     ch.stage(s, &format!("layer {l} swiglu"));
                     Prologue::None
                 };
-                let d = gemv(&mut ch, down, &g.all(), &x.all(), h, inter, true, &pro)?;
+                let (dst, acc, site) = into_residual()?;
+                let d = gemv(&mut ch, down, &g.all(), &dst, h, inter, acc, &pro)?;
                 ch.stage(d, &format!("layer {l} down"));
+                reduce(&mut ch, site, &format!("layer {l} down"))?;
             }
             Mlp::Moe {
                 router,
@@ -1193,23 +1427,23 @@ fn build(
                 let d = expert_gemv(down, &eg.all(), &ey, h, moe_inter, true, &pro)?;
                 let d = ops::Group(ch.b.push_all(d));
                 ch.stage(d, &format!("layer {l} expert down"));
+                let (dst, acc, site) = into_residual()?;
                 let mut specs = Vec::new();
                 for (h0, n) in split_even(h, workers.min(h.div_ceil(64))) {
-                    specs.push(MoeCombine::task(
-                        &x.all(),
-                        &ey.all(),
-                        &route_weights.all(),
-                        &list.all(),
-                        m,
-                        h,
-                        experts,
-                        slots,
-                        h0,
-                        n,
-                    )?);
+                    let args = (&dst, &ey.all(), &route_weights.all(), &list.all());
+                    specs.push(if acc {
+                        MoeCombine::task(
+                            args.0, args.1, args.2, args.3, m, h, experts, slots, h0, n,
+                        )?
+                    } else {
+                        MoeCombine::write(
+                            args.0, args.1, args.2, args.3, m, h, experts, slots, h0, n,
+                        )?
+                    });
                 }
                 let comb = ops::Group(ch.b.push_all(specs));
                 ch.stage(comb, &format!("layer {l} expert combine"));
+                reduce(&mut ch, site, &format!("layer {l} experts"))?;
             }
         }
         // The layer's output rows, copied while the next stage runs.
@@ -1224,16 +1458,18 @@ fn build(
             }
         }
     }
+    // This rank's rows of the LM head (all of them on one device).
+    let vl = part(vocab);
     if let Some(tokens) = extras.row_tokens {
         // Every row's logits and greedy token (a verify block).
-        let all = buf(DType::F32, m * vocab)?;
+        let all = buf(DType::F32, m * vl)?;
         let lm = ops::gemv_with(
             ch.b,
             &lm_head.all(),
             &x.all(),
             &all.all(),
             GemvShape {
-                rows: vocab,
+                rows: vl,
                 cols: h,
                 m,
             },
@@ -1246,11 +1482,20 @@ fn build(
         let row_pairs = buf(DType::U32, 2 * parts * m)?;
         let lm_done = ch.prev.expect("stages exist");
         let picked = ch.b.event("row tokens");
+        // With ranks: each row's best (value, index) pair of this rank's
+        // vocabulary, gathered so that row r's pairs of all ranks are adjacent.
+        let site = tp.map(|tp| tp.site(DType::U32, 2 * m)).transpose()?;
         for r in 0..m {
-            let (partials, pick) = ops::argmax(
+            let (out, out_index) = match &site {
+                Some((_, data)) => (data.slice(2 * r..2 * r + 2)?, false),
+                None => (tokens.slice(r..r + 1)?, true),
+            };
+            let (partials, pick) = ops::argmax_with(
                 ch.b,
-                &all.slice(r * vocab..(r + 1) * vocab)?,
-                &tokens.slice(r..r + 1)?,
+                &all.slice(r * vl..(r + 1) * vl)?,
+                v0,
+                &out,
+                out_index,
                 &row_pairs.slice(2 * parts * r..2 * parts * (r + 1))?,
                 parts,
             )?;
@@ -1258,16 +1503,41 @@ fn build(
             ch.b.task(pick).signal(picked);
         }
         ch.prev = Some(picked);
+        if let (Some(tp), Some((table, data))) = (tp, site) {
+            let n = shard.ranks;
+            let gathered = buf(DType::U32, 2 * n * m)?;
+            let g = tp.gather(ch.b, &table, &data, &gathered.all(), 2)?;
+            ch.stage(g, "row token pairs gather");
+            let mut picks = Vec::new();
+            for r in 0..m {
+                let pairs = gathered.slice(2 * n * r..2 * n * (r + 1))?;
+                let t = Argmax::over_pairs(&pairs, &tokens.slice(r..r + 1)?, true)?;
+                picks.push(ch.b.push(t).id());
+            }
+            ch.stage(ops::Group(picks), "row tokens of all ranks");
+        }
     } else {
         // Logits of the last row only, its final norm fused into the LM head.
+        // With ranks, sampling gathers every rank's logits; greedy decoding
+        // gathers each rank's best (value, index) pair.
+        let site = match tp {
+            Some(tp) if sampling.is_some() => Some(tp.site(DType::F32, vl)?),
+            Some(tp) => Some(tp.site(DType::U32, 2)?),
+            None => None,
+        };
+        let local_logits = match (&site, sampling) {
+            (Some((_, data)), Some(_)) => data.clone(),
+            (Some(_), None) => buf(DType::F32, vl)?,
+            (None, _) => logits.clone(),
+        };
         let last_row = x.slice((m - 1) * h..m * h)?;
         let lm = ops::gemv_with(
             ch.b,
             &lm_head.all(),
             &last_row,
-            &logits.all(),
+            &local_logits.all(),
             GemvShape {
-                rows: vocab,
+                rows: vl,
                 cols: h,
                 m: 1,
             },
@@ -1278,17 +1548,40 @@ fn build(
         ch.stage(lm, "lm head");
         // The token after it: drawn with the sampling settings, or greedy.
         if let Some(params) = sampling {
+            if let (Some(tp), Some((table, data))) = (tp, &site) {
+                let g = tp.gather(ch.b, table, data, &logits.all(), vl)?;
+                ch.stage(g, "logits gather");
+            }
             let pick = Sample::task(&logits.all(), &params.all(), &pos_buf.all(), &token.all())?;
             let pick = single(&mut ch, pick);
             ch.stage(pick, "sample");
         } else {
-            let (partials, pick) =
-                ops::argmax(ch.b, &logits.all(), &token.all(), &pairs.all(), workers)?;
+            let (out, out_index) = match &site {
+                Some((_, data)) => (data.all(), false),
+                None => (token.all(), true),
+            };
+            let (partials, pick) = ops::argmax_with(
+                ch.b,
+                &local_logits.all(),
+                v0,
+                &out,
+                out_index,
+                &pairs.all(),
+                workers,
+            )?;
             if let Some(p) = ch.prev {
                 partials.wait(ch.b, p);
             }
             ch.prev = None;
             ch.stage(ops::Group(vec![pick]), "token");
+            if let (Some(tp), Some((table, data))) = (tp, site) {
+                let gathered = buf(DType::U32, 2 * shard.ranks)?;
+                let g = tp.gather(ch.b, &table, &data, &gathered.all(), 2)?;
+                ch.stage(g, "token pairs gather");
+                let t = Argmax::over_pairs(&gathered.all(), &token.all(), true)?;
+                let t = single(&mut ch, t);
+                ch.stage(t, "token of all ranks");
+            }
         }
     }
     let mut last = ch.prev.expect("stages exist");

@@ -210,9 +210,24 @@ pub fn argmax(
     scratch: &BufSlice,
     parts: usize,
 ) -> Result<(Group, TaskId)> {
-    let part =
-        |x: &BufSlice, base: usize, dst: &BufSlice| Ok(Argmax::over_values(x, base, dst, false)?);
-    let combine = |pairs: &BufSlice| Ok(Argmax::over_pairs(pairs, out, true)?);
+    argmax_with(b, x, 0, out, true, scratch, parts)
+}
+
+/// [`argmax`] of values whose indices start at `base`, writing the index
+/// (`out_index`) or the `(value, index)` pair (to combine with other ranks').
+pub fn argmax_with(
+    b: &mut ProgramBuilder,
+    x: &BufSlice,
+    base: usize,
+    out: &BufSlice,
+    out_index: bool,
+    scratch: &BufSlice,
+    parts: usize,
+) -> Result<(Group, TaskId)> {
+    let part = |x: &BufSlice, at: usize, dst: &BufSlice| {
+        Ok(Argmax::over_values(x, base + at, dst, false)?)
+    };
+    let combine = |pairs: &BufSlice| Ok(Argmax::over_pairs(pairs, out, out_index)?);
     split_then_combine(b, x, scratch, parts, 2, "argmax.partials", part, combine)
 }
 

@@ -26,6 +26,12 @@ pub struct FillRandomArgs {
     pub std: u32,
     /// Mean (f32 bits).
     pub mean: u32,
+    /// Zero: element `j` is index `first + j`. Otherwise the destination is a
+    /// `width`-wide part of a row-major matrix whose rows are `stride` long:
+    /// element `j` is index `first + (j / width) * stride + j % width`.
+    pub width: u32,
+    /// Row length of the whole matrix (with `width`).
+    pub stride: u32,
 }
 
 /// Element `i` of the random stream `key`: `mean + std * g`, where `g` has zero
@@ -59,6 +65,28 @@ impl FillRandom {
         std: f32,
         mean: f32,
     ) -> Result<TaskSpec, ProgramError> {
+        Self::strided(dst, key, first, 0, 0, std, mean)
+    }
+
+    /// The columns `c0..c0 + width` of a row-major matrix with rows of `stride`
+    /// elements, starting at row `first / stride`: `dst` holds those columns of
+    /// consecutive rows back to back (a shard of the matrix).
+    pub fn strided(
+        dst: &BufSlice,
+        key: u64,
+        first: u64,
+        width: usize,
+        stride: usize,
+        std: f32,
+        mean: f32,
+    ) -> Result<TaskSpec, ProgramError> {
+        if width > stride || (width > 0 && dst.len() % width != 0) {
+            return Err(bad::<FillRandom>(
+                "a strided fill covers whole rows of width <= stride",
+            ));
+        }
+        let width = u32::try_from(width).map_err(|_| bad::<FillRandom>("width"))?;
+        let stride = u32::try_from(stride).map_err(|_| bad::<FillRandom>("stride"))?;
         if !dst.dtype().is_float() {
             return Err(bad::<FillRandom>("the destination must be a float buffer"));
         }
@@ -72,6 +100,8 @@ impl FillRandom {
             dtype: dst.dtype().code(),
             std: std.to_bits(),
             mean: mean.to_bits(),
+            width,
+            stride,
         };
         Ok(TaskSpec::new::<FillRandom>(args, &[dst]))
     }
@@ -84,8 +114,12 @@ impl TaskKind for FillRandom {
         let dtype = crate::buffer::DType::from_code(a.dtype)
             .ok_or(TaskFault::BadArgs("fill_random dtype"))?;
         let (std, mean) = (f32::from_bits(a.std), f32::from_bits(a.mean));
+        let index = |j: u64| match u64::from(a.width) {
+            0 => a.first + j,
+            w => a.first + (j / w) * u64::from(a.stride) + j % w,
+        };
         let vals: Vec<f32> = (0..u64::from(a.n))
-            .map(|j| random_value(a.key, a.first + j, std, mean))
+            .map(|j| random_value(a.key, index(j), std, mean))
             .collect();
         mem.write_f32(a.dst, dtype, &vals)
     }
@@ -97,7 +131,9 @@ impl TaskKind for FillRandom {
             n,
             dtype,
             std,
-            mean
+            mean,
+            width,
+            stride
         })
     }
 }

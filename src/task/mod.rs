@@ -10,6 +10,7 @@ use crate::buffer::{BufSlice, Buffer, DType};
 use crate::error::ProgramError;
 
 pub mod advance;
+pub mod all_reduce;
 pub mod argmax;
 pub mod attention;
 pub mod attention_combine;
@@ -52,6 +53,20 @@ pub enum TaskFault {
     BadArgs(&'static str),
     /// The opcode is not in the registry.
     BadOpcode(u16),
+    /// A collective waited longer than the timeout for rank `rank`.
+    PeerHang {
+        /// The rank that did not arrive.
+        rank: u32,
+        /// Its flag as last seen.
+        seen: u64,
+        /// The epoch needed.
+        needed: u64,
+    },
+    /// A collective saw the cluster's abort word naming a failed rank.
+    PeerFailed {
+        /// The failed rank.
+        rank: u32,
+    },
 }
 
 /// Memory as the CPU reference ops see it: typed reads and writes by address,
@@ -69,6 +84,10 @@ pub trait Memory: Sync {
     fn emit(&self, vals: &[u64]);
     /// The running program's epoch: how many times it ran, this iteration included.
     fn epoch(&self) -> u64;
+    /// Longest a task may wait for another rank.
+    fn wait_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(30)
+    }
 }
 
 /// A task kind: its name, argument record and CPU reference.

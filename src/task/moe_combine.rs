@@ -1,6 +1,8 @@
-//! `moe_combine`: adds the routed experts' outputs into the residual:
-//! `x[i, h] += Σ_{s < count} weights[i, list[1 + s]] * y[s, i, h]` for hidden
-//! columns `h0..h0 + hn` (slots past the list's count are never read).
+//! `moe_combine`: the routed experts' weighted sum
+//! `S[i, h] = Σ_{s < count} weights[i, list[1 + s]] * y[s, i, h]` for hidden
+//! columns `h0..h0 + hn` (slots past the list's count are never read), added
+//! into the residual (`x += S`, one rounding) or written (`x = S`: a rank's
+//! partial sum before a tensor-parallel all-reduce adds it the same way).
 
 use bytemuck::{Pod, Zeroable};
 
@@ -33,13 +35,17 @@ pub struct MoeCombineArgs {
     pub hn: u32,
     /// [`DType`] code of `x`.
     pub x_dtype: u32,
+    /// 1: `x += S`; 0: `x = S`.
+    pub accumulate: u32,
+    /// Zero.
+    pub reserved: u32,
 }
 
 /// Weighted sum of expert outputs into the residual.
 pub struct MoeCombine;
 
 impl MoeCombine {
-    /// Columns `h0..h0 + hn` of every row.
+    /// Columns `h0..h0 + hn` of every row, added into `x`.
     #[allow(clippy::too_many_arguments)]
     pub fn task(
         x: &BufSlice,
@@ -79,8 +85,30 @@ impl MoeCombine {
             h0: h0 as u32,
             hn: hn as u32,
             x_dtype: x.dtype().code(),
+            accumulate: 1,
+            reserved: 0,
         };
         Ok(TaskSpec::new::<MoeCombine>(args, &[x, y, weights, list]))
+    }
+
+    /// Like [`task`](Self::task) but writes the sum (`x = S`) instead of adding it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn write(
+        x: &BufSlice,
+        y: &BufSlice,
+        weights: &BufSlice,
+        list: &BufSlice,
+        m: usize,
+        hidden: usize,
+        experts: usize,
+        slots: usize,
+        h0: usize,
+        hn: usize,
+    ) -> Result<TaskSpec, ProgramError> {
+        Ok(
+            Self::task(x, y, weights, list, m, hidden, experts, slots, h0, hn)?
+                .map_args::<MoeCombine>(|a| a.accumulate = 0),
+        )
     }
 }
 
@@ -95,7 +123,7 @@ impl TaskKind for MoeCombine {
         let w = mem.read_f32(a.weights, DType::F32, m * e)?;
         for i in 0..m {
             let at = a.x + ((i * h + a.h0 as usize) * xd.size()) as u64;
-            let mut x = mem.read_f32(at, xd, a.hn as usize)?;
+            let mut sum = vec![0f32; a.hn as usize];
             for (s, &id) in ids.iter().enumerate() {
                 let weight = w[i * e + id as usize];
                 if weight == 0.0 {
@@ -107,9 +135,13 @@ impl TaskKind for MoeCombine {
                     DType::F32,
                     a.hn as usize,
                 )?;
-                x.iter_mut().zip(&y).for_each(|(a, b)| *a += weight * b);
+                sum.iter_mut().zip(&y).for_each(|(a, b)| *a += weight * b);
             }
-            mem.write_f32(at, xd, &x)?;
+            if a.accumulate != 0 {
+                let x = mem.read_f32(at, xd, a.hn as usize)?;
+                sum.iter_mut().zip(&x).for_each(|(s, x)| *s += x);
+            }
+            mem.write_f32(at, xd, &sum)?;
         }
         Ok(())
     }
@@ -124,7 +156,9 @@ impl TaskKind for MoeCombine {
             experts,
             h0,
             hn,
-            x_dtype
+            x_dtype,
+            accumulate,
+            reserved
         })
     }
 }

@@ -74,4 +74,5 @@ registry! {
     21 => gemv_expert_fp4::GemvExpertFp4,
     22 => dflash_accept::DflashAccept,
     23 => dflash_inject::DflashInject,
+    24 => all_reduce::AllReduce,
 }

@@ -29,6 +29,21 @@ pub fn gpu(test: &str, opts: RuntimeOptions) -> Option<(MutexGuard<'static, ()>,
     }
 }
 
+/// The GPU lock when at least `devices` GPUs are usable, or `None` after a
+/// skip notice (a failure when `MK_REQUIRE_GPU=1` and `devices` is 1).
+pub fn gpus(test: &str, devices: usize) -> Option<MutexGuard<'static, ()>> {
+    let guard = GPU.lock().unwrap_or_else(|e| e.into_inner());
+    let count = megakernel::cuda::device_count();
+    if count >= devices {
+        return Some(guard);
+    }
+    if devices == 1 && gpu_required() {
+        panic!("{test}: MK_REQUIRE_GPU=1 but no GPU");
+    }
+    eprintln!("skipping GPU part of {test}: {count} GPUs, {devices} needed");
+    None
+}
+
 /// Runs `body` on CPU executors with a few thread counts and on the GPU.
 pub fn on_every_executor(test: &str, mut body: impl FnMut(&dyn Executor)) {
     for threads in [1, 3] {

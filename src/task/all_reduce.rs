@@ -1,0 +1,261 @@
+//! `all_reduce`: one collective step of a tensor-parallel program, run by every
+//! rank of a [`Cluster`](crate::cluster::Cluster) at the same point of the same
+//! program.
+//!
+//! A *site* is one collective in a program. Each rank has, for each site, a
+//! data buffer its own tasks write (an f32 partial sum, or `u32` words to
+//! gather) and a flag array of one `u64` per rank. The site table, a `u32`
+//! buffer on each rank read as `u64` entries, holds the address of the
+//! cluster's abort word, then for every rank `q` the addresses of `q`'s data
+//! and flags (peer memory, mapped host memory, or the shared table of CPU
+//! ranks).
+//!
+//! Every task of a site, once the local producers are done (its event wait):
+//! 1. makes their writes visible system-wide and stores the running epoch into
+//!    slot `rank` of every rank's flags (arrival; every task of the site does
+//!    it, the stores are idempotent);
+//! 2. waits until its own flags hold the epoch for every rank, giving up with
+//!    a hang naming the missing rank after the wait timeout, or with a
+//!    "peer failed" fault as soon as the abort word is set (to 1 + the failed
+//!    rank);
+//! 3. reads its part of every rank's data:
+//!    - *sum*: `out[k] += Σ_q data_q[k]` (f32 sum in rank order, so every rank
+//!      gets the same bits; with one rank `out[k] + data_0[k]`, the rounding a
+//!      single-device accumulating product does);
+//!    - *gather*: rank `q`'s element `e` goes to
+//!      `out[(e / chunk) * ranks * chunk + q * chunk + e % chunk]`.
+//!
+//! Reuse: a site's data is rewritten one iteration later, so a rank must not
+//! overwrite it while a slower rank still reads it. Programs guarantee this by
+//! having at least two sites per iteration, each producer depending on the
+//! previous site's output: a rank's arrival at a later site proves it finished
+//! reading the earlier ones (see `cluster::collective`).
+
+use std::sync::atomic::{fence, Ordering::SeqCst};
+use std::time::Instant;
+
+use bytemuck::{Pod, Zeroable};
+
+use super::{bad, want_len, Memory, TaskFault, TaskKind, TaskSpec};
+use crate::abi::layouts::{layout, Layout};
+use crate::buffer::{BufSlice, DType};
+use crate::error::ProgramError;
+
+/// Sum f32 partials into the output.
+pub const OP_SUM: u32 = 0;
+/// Gather `u32` words of every rank.
+pub const OP_GATHER: u32 = 1;
+
+/// Arguments of [`AllReduce`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct AllReduceArgs {
+    /// The site table (`u32` buffer of [`table_words`] words).
+    pub table: u64,
+    /// Output address (local).
+    pub out: u64,
+    /// This rank.
+    pub rank: u32,
+    /// Ranks in the cluster.
+    pub ranks: u32,
+    /// [`OP_SUM`] or [`OP_GATHER`].
+    pub op: u32,
+    /// [`DType`] code of `out` (sum: f32 or bf16; gather: u32).
+    pub out_dtype: u32,
+    /// Elements of each rank's data.
+    pub seg: u32,
+    /// Gather: words per interleaved chunk (divides `seg`).
+    pub chunk: u32,
+    /// First element of each rank's data this task handles.
+    pub first: u32,
+    /// Elements this task handles.
+    pub count: u32,
+}
+
+/// `u32` words of a site table for `ranks` ranks.
+pub fn table_words(ranks: usize) -> usize {
+    2 * (2 + 2 * ranks)
+}
+
+/// The collective step.
+pub struct AllReduce;
+
+impl AllReduce {
+    /// Elements `first..first + count` of a sum over ranks of `seg` f32
+    /// partials (this rank's is `local`) added into `out`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sum(
+        table: &BufSlice,
+        local: &BufSlice,
+        out: &BufSlice,
+        rank: usize,
+        ranks: usize,
+        first: usize,
+        count: usize,
+    ) -> Result<TaskSpec, ProgramError> {
+        if local.dtype() != DType::F32 || !out.dtype().is_float() {
+            return Err(bad::<AllReduce>("sums f32 partials into a float output"));
+        }
+        want_len::<AllReduce>("out", out, local.len())?;
+        Self::spec(table, local, out, rank, ranks, OP_SUM, 1, first, count)
+    }
+
+    /// Words `first..first + count` of every rank's `seg` 32-bit words (this
+    /// rank's are `local`; u32 or f32, moved as bits), interleaved in chunks of `chunk` words into `out`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gather(
+        table: &BufSlice,
+        local: &BufSlice,
+        out: &BufSlice,
+        rank: usize,
+        ranks: usize,
+        chunk: usize,
+        first: usize,
+        count: usize,
+    ) -> Result<TaskSpec, ProgramError> {
+        if local.dtype().size() != 4 || out.dtype() != local.dtype() {
+            return Err(bad::<AllReduce>(
+                "gathers 32-bit words (u32 or f32) into a buffer of the same type",
+            ));
+        }
+        if chunk == 0 || local.len() % chunk != 0 {
+            return Err(bad::<AllReduce>("the chunk must divide each rank's words"));
+        }
+        want_len::<AllReduce>("out", out, local.len() * ranks)?;
+        Self::spec(
+            table, local, out, rank, ranks, OP_GATHER, chunk, first, count,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn spec(
+        table: &BufSlice,
+        local: &BufSlice,
+        out: &BufSlice,
+        rank: usize,
+        ranks: usize,
+        op: u32,
+        chunk: usize,
+        first: usize,
+        count: usize,
+    ) -> Result<TaskSpec, ProgramError> {
+        if table.dtype() != DType::U32 {
+            return Err(bad::<AllReduce>("the site table is a u32 buffer"));
+        }
+        want_len::<AllReduce>("table", table, table_words(ranks))?;
+        if ranks == 0 || rank >= ranks || ranks > 256 {
+            return Err(bad::<AllReduce>(format!(
+                "rank {rank} of {ranks} (1..=256)"
+            )));
+        }
+        if count == 0 || first + count > local.len() {
+            return Err(bad::<AllReduce>("elements out of range"));
+        }
+        let u = |v: usize| u32::try_from(v).map_err(|_| bad::<AllReduce>("too many elements"));
+        let args = AllReduceArgs {
+            table: table.addr(),
+            out: out.addr(),
+            rank: rank as u32,
+            ranks: ranks as u32,
+            op,
+            out_dtype: out.dtype().code(),
+            seg: u(local.len())?,
+            chunk: u(chunk)?,
+            first: u(first)?,
+            count: u(count)?,
+        };
+        Ok(TaskSpec::new::<AllReduce>(args, &[table, local, out]))
+    }
+}
+
+/// Reads a `u64` stored as two little-endian `u32` words.
+fn read_u64(mem: &dyn Memory, addr: u64) -> Result<u64, TaskFault> {
+    let w = mem.read_u32(addr, 2)?;
+    Ok(u64::from(w[0]) | (u64::from(w[1]) << 32))
+}
+
+impl TaskKind for AllReduce {
+    type Args = AllReduceArgs;
+    const NAME: &'static str = "all_reduce";
+    fn cpu(a: &AllReduceArgs, mem: &dyn Memory) -> Result<(), TaskFault> {
+        let ranks = a.ranks as usize;
+        if ranks == 0 || a.rank >= a.ranks || a.chunk == 0 {
+            return Err(TaskFault::BadArgs("all_reduce ranks"));
+        }
+        let t = mem.read_u32(a.table, table_words(ranks))?;
+        let entry = |i: usize| u64::from(t[2 * i]) | (u64::from(t[2 * i + 1]) << 32);
+        let (data, flags) = (|q: usize| entry(2 + 2 * q), |q: usize| entry(3 + 2 * q));
+        let epoch = mem.epoch();
+        // Publish this rank's writes, then arrive (high word first: a reader
+        // never sees a value above the one stored).
+        fence(SeqCst);
+        for q in 0..ranks {
+            let slot = flags(q) + 8 * u64::from(a.rank);
+            mem.write_u32(slot + 4, &[(epoch >> 32) as u32])?;
+            mem.write_u32(slot, &[epoch as u32])?;
+        }
+        fence(SeqCst);
+        let start = Instant::now();
+        let mine = flags(a.rank as usize);
+        for q in 0..ranks {
+            loop {
+                fence(SeqCst);
+                let seen = read_u64(mem, mine + 8 * q as u64)?;
+                if seen >= epoch {
+                    break;
+                }
+                let failed = mem.read_u32(entry(0), 1)?[0];
+                if failed != 0 {
+                    return Err(TaskFault::PeerFailed { rank: failed - 1 });
+                }
+                if start.elapsed() > mem.wait_timeout() {
+                    return Err(TaskFault::PeerHang {
+                        rank: q as u32,
+                        seen,
+                        needed: epoch,
+                    });
+                }
+                std::thread::sleep(std::time::Duration::from_micros(20));
+            }
+        }
+        fence(SeqCst);
+        let (first, count) = (a.first as usize, a.count as usize);
+        if a.op == OP_SUM {
+            let od = DType::from_code(a.out_dtype).ok_or(TaskFault::BadArgs("all_reduce dtype"))?;
+            let mut sum = mem.read_f32(data(0) + 4 * first as u64, DType::F32, count)?;
+            for q in 1..ranks {
+                let p = mem.read_f32(data(q) + 4 * first as u64, DType::F32, count)?;
+                sum.iter_mut().zip(&p).for_each(|(s, v)| *s += v);
+            }
+            let at = a.out + (first * od.size()) as u64;
+            let out = mem.read_f32(at, od, count)?;
+            let v: Vec<f32> = out.iter().zip(&sum).map(|(o, s)| o + s).collect();
+            mem.write_f32(at, od, &v)
+        } else {
+            let chunk = a.chunk as usize;
+            for q in 0..ranks {
+                let words = mem.read_u32(data(q) + 4 * first as u64, count)?;
+                for (j, w) in words.iter().enumerate() {
+                    let e = first + j;
+                    let dst = (e / chunk) * ranks * chunk + q * chunk + e % chunk;
+                    mem.write_u32(a.out + 4 * dst as u64, &[*w])?;
+                }
+            }
+            Ok(())
+        }
+    }
+    fn layout() -> Layout {
+        layout!(AllReduceArgs {
+            table,
+            out,
+            rank,
+            ranks,
+            op,
+            out_dtype,
+            seg,
+            chunk,
+            first,
+            count
+        })
+    }
+}

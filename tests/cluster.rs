@@ -1,0 +1,311 @@
+//! Tensor-parallel decode over a cluster of ranks: greedy tokens equal the
+//! single-device run (up to near-ties the sharded sums may resolve the other
+//! way), collectives compute the right sums, and a rank that faults or never
+//! arrives ends every rank's wait with an error naming it.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use megakernel::cluster::{AllReduceChain, Cluster, ClusterModel, ClusterOptions, Transport};
+use megakernel::model::config::ModelConfig;
+use megakernel::model::session::Model;
+use megakernel::prelude::*;
+use megakernel::quant::Fp4Format;
+
+const PROMPT: [u32; 19] = [
+    3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79, 50, 28, 8,
+];
+const TOKENS: usize = 24;
+
+/// Greedy tokens of one device and the top-2 logit margin behind each.
+fn reference(
+    ex: &dyn Executor,
+    c: &ModelConfig,
+    experts: Option<Fp4Format>,
+    seed: u64,
+) -> (Vec<u32>, Vec<f32>) {
+    let model = Model::random_with(ex, c, seed, experts).unwrap();
+    let mut s = model.session(ex, 64).unwrap();
+    let margin = |s: &megakernel::model::session::Session| {
+        let mut l = s.logits(ex).unwrap();
+        l.sort_by(|a, b| b.total_cmp(a));
+        l[0] - l[1]
+    };
+    let mut tokens = vec![s.prefill(ex, &PROMPT).unwrap()];
+    let mut margins = vec![margin(&s)];
+    while tokens.len() < TOKENS {
+        tokens.push(s.generate(ex, 1).unwrap()[0]);
+        margins.push(margin(&s));
+    }
+    (tokens, margins)
+}
+
+/// Greedy tokens of the same model over `cluster`.
+fn on_cluster(
+    cluster: &Cluster,
+    c: &ModelConfig,
+    experts: Option<Fp4Format>,
+    seed: u64,
+) -> Vec<u32> {
+    let model = ClusterModel::random(cluster, c, seed, experts).unwrap();
+    let mut s = model.session(cluster, 64).unwrap();
+    let mut tokens = vec![s.prefill(cluster, &PROMPT).unwrap()];
+    tokens.extend(s.generate(cluster, TOKENS - 1).unwrap());
+    assert_eq!(s.position(), PROMPT.len() + TOKENS - 1);
+    tokens
+}
+
+/// `got` equals the reference, or first differs where the reference's top two
+/// logits were within `tol` (sums split over ranks round differently).
+fn check(what: &str, reference: &(Vec<u32>, Vec<f32>), got: &[u32], exact: bool) {
+    let (want, margins) = reference;
+    if let Some(i) = want.iter().zip(got).position(|(a, b)| a != b) {
+        assert!(
+            !exact && margins[i] < 0.05,
+            "{what}: token {i} is {} instead of {} (top-2 margin {})\n got {got:?}\nwant {want:?}",
+            got[i],
+            want[i],
+            margins[i]
+        );
+        eprintln!(
+            "{what}: first difference at token {i}, margin {}",
+            margins[i]
+        );
+    }
+}
+
+fn cpu_opts() -> CpuOptions {
+    CpuOptions {
+        threads: 2,
+        seed: common::seed(),
+    }
+}
+
+fn cpu_case(preset: &str, experts: Option<Fp4Format>, ranks: &[usize]) {
+    let c = ModelConfig::preset(preset).unwrap();
+    let single = CpuExecutor::new(cpu_opts());
+    let want = reference(&single, &c, experts, 11);
+    for &n in ranks {
+        let cluster = Cluster::cpu(n, cpu_opts()).unwrap();
+        assert_eq!(cluster.transport(), Transport::Shared);
+        let got = on_cluster(&cluster, &c, experts, 11);
+        check(
+            &format!("{preset} {experts:?} on {n} CPU ranks"),
+            &want,
+            &got,
+            n == 1,
+        );
+    }
+}
+
+#[test]
+fn cpu_tiny_matches_one_device_on_1_2_4_8_ranks() {
+    cpu_case("tiny", None, &[1, 2, 4, 8]);
+}
+
+#[test]
+fn cpu_30b_shaped_matches_one_device_on_1_2_4_8_ranks() {
+    cpu_case("qwen3-30b-a3b-mini", None, &[1, 2, 4, 8]);
+}
+
+#[test]
+fn cpu_30b_shaped_mxfp4_matches_one_device_on_1_2_4_8_ranks() {
+    cpu_case("qwen3-30b-a3b-mini", Some(Fp4Format::Mxfp4), &[1, 2, 4, 8]);
+}
+
+#[test]
+fn models_that_do_not_split_are_typed_errors() {
+    let cluster = Cluster::cpu(3, cpu_opts()).unwrap();
+    let c = ModelConfig::preset("tiny").unwrap();
+    let e = ClusterModel::random(&cluster, &c, 1, None).err().unwrap();
+    assert!(
+        matches!(e, Error::InvalidArgument(ref m) if m.contains("3 ranks")),
+        "{e}"
+    );
+    // Each rank's expert share must hold whole FP4 blocks.
+    let cluster = Cluster::cpu(4, cpu_opts()).unwrap();
+    let c = ModelConfig::preset("tiny-moe").unwrap();
+    let e = ClusterModel::random(&cluster, &c, 1, Some(Fp4Format::Mxfp4))
+        .err()
+        .unwrap();
+    assert!(
+        matches!(e, Error::InvalidArgument(ref m) if m.contains("multiple of 32")),
+        "{e}"
+    );
+}
+
+/// The chain's output on every rank: `ranks^(sites-1) * Σ_q input_q[row_q]`.
+fn check_chain(cluster: &Cluster, chain: &AllReduceChain, rows: &[u32], seed: u64) {
+    let n = cluster.ranks();
+    let len = chain.len();
+    let mut rng = common::Rng(seed);
+    let inputs: Vec<Vec<f32>> = (0..n).map(|_| rng.vec(chain.rows() * len)).collect();
+    for (r, v) in inputs.iter().enumerate() {
+        cluster.rank(r).write_f32(chain.input(r), v).unwrap();
+    }
+    chain.run(cluster, 1, rows, None).unwrap();
+    let scale = (n as f64).powi(chain.sites() as i32 - 1);
+    let want: Vec<f64> = (0..len)
+        .map(|i| {
+            let s: f64 = (0..n)
+                .map(|q| f64::from(inputs[q][rows[q] as usize * len + i]))
+                .sum();
+            s * scale
+        })
+        .collect();
+    let first = cluster.rank(0).read_f32(chain.output(0)).unwrap();
+    assert!(common::rel_l2(&first, &want) < 1e-5, "sum is wrong");
+    for r in 1..n {
+        let got = cluster.rank(r).read_f32(chain.output(r)).unwrap();
+        assert_eq!(got, first, "rank {r} differs from rank 0");
+    }
+}
+
+/// A rank whose task faults, then a rank that never arrives: both end every
+/// rank's wait with `RankFailed` naming that rank, well within the timeout.
+fn check_failures(make: &dyn Fn() -> Cluster, timeout: Duration) {
+    let cluster = make();
+    let n = cluster.ranks();
+    let chain = AllReduceChain::new(&cluster, 300, 2, 2).unwrap();
+    let mut rows = vec![0u32; n];
+    rows[n - 1] = 7; // past the input's 2 rows
+    let start = Instant::now();
+    let e = chain.run(&cluster, 3, &rows, None).expect_err("a fault");
+    assert!(
+        matches!(e, Error::RankFailed { rank, .. } if rank == n - 1),
+        "{e}"
+    );
+    assert!(start.elapsed() < timeout + Duration::from_secs(20), "{e}");
+    drop(chain);
+    drop(cluster);
+
+    let cluster = make();
+    let chain = AllReduceChain::new(&cluster, 300, 2, 2).unwrap();
+    let start = Instant::now();
+    let e = chain
+        .run(&cluster, 2, &vec![0; n], Some(0))
+        .expect_err("a hang");
+    match &e {
+        Error::RankFailed {
+            rank: 0, source, ..
+        } => {
+            assert!(matches!(**source, Error::DeviceHang { .. }), "{e}")
+        }
+        _ => panic!("expected rank 0 to be named: {e}"),
+    }
+    assert!(start.elapsed() < timeout + Duration::from_secs(20), "{e}");
+}
+
+#[test]
+fn cpu_all_reduce_chain_sums_on_every_rank() {
+    for n in [1, 3, 4] {
+        let cluster = Cluster::cpu(n, cpu_opts()).unwrap();
+        let chain = AllReduceChain::new(&cluster, 1000, 3, 3).unwrap();
+        let rows: Vec<u32> = (0..n as u32).map(|r| r % 3).collect();
+        check_chain(&cluster, &chain, &rows, 5 + n as u64);
+    }
+}
+
+#[test]
+fn cpu_rank_failures_name_the_rank() {
+    let timeout = Duration::from_secs(2);
+    check_failures(
+        &|| Cluster::cpu_with_timeout(3, cpu_opts(), timeout).unwrap(),
+        timeout,
+    );
+}
+
+fn gpu_opts(timeout: Duration) -> ClusterOptions {
+    ClusterOptions {
+        runtime: RuntimeOptions {
+            wait_timeout: timeout,
+            ..RuntimeOptions::default()
+        },
+        transport: None,
+    }
+}
+
+#[test]
+fn gpu_all_reduce_chain_and_failures_with_ranks_sharing_one_gpu() {
+    let Some(_lock) = common::gpus("gpu_all_reduce_chain", 1) else {
+        return;
+    };
+    for n in [1, 2, 4] {
+        let cluster = Cluster::gpus(&vec![0; n], &gpu_opts(Duration::from_secs(5))).unwrap();
+        assert_eq!(cluster.transport(), Transport::Peer);
+        let chain = AllReduceChain::new(&cluster, 4096, 2, 3).unwrap();
+        let rows: Vec<u32> = (0..n as u32).map(|r| r % 2).collect();
+        check_chain(&cluster, &chain, &rows, 40 + n as u64);
+    }
+    // Through mapped host memory instead of device memory.
+    let opts = ClusterOptions {
+        transport: Some(Transport::HostMapped),
+        ..gpu_opts(Duration::from_secs(5))
+    };
+    let cluster = Cluster::gpus(&[0, 0], &opts).unwrap();
+    let chain = AllReduceChain::new(&cluster, 2048, 2, 2).unwrap();
+    check_chain(&cluster, &chain, &[1, 0], 77);
+    drop(chain);
+    drop(cluster);
+    let timeout = Duration::from_secs(2);
+    check_failures(
+        &|| Cluster::gpus(&[0, 0, 0], &gpu_opts(timeout)).unwrap(),
+        timeout,
+    );
+}
+
+/// Tokens of the GPU single-device run, then of clusters with these devices.
+fn gpu_case(test: &str, preset: &str, experts: Option<Fp4Format>, layouts: &[Vec<usize>]) {
+    let c = ModelConfig::preset(preset).unwrap();
+    let want = {
+        let rt = Runtime::new(0).unwrap();
+        reference(&rt, &c, experts, 23)
+    };
+    for devices in layouts {
+        let cluster = Cluster::gpus(devices, &ClusterOptions::default()).unwrap();
+        let got = on_cluster(&cluster, &c, experts, 23);
+        let what = format!("{test}: {preset} on devices {devices:?}");
+        check(&what, &want, &got, devices.len() == 1);
+    }
+}
+
+#[test]
+fn gpu_cluster_of_one_equals_the_runtime_and_shared_gpu_ranks_match() {
+    let Some(_lock) = common::gpus("gpu_cluster_tokens", 1) else {
+        return;
+    };
+    let layouts = [vec![0], vec![0, 0], vec![0, 0, 0, 0]];
+    gpu_case("gpu", "tiny", None, &layouts);
+    gpu_case(
+        "gpu",
+        "qwen3-30b-a3b-mini",
+        Some(Fp4Format::Mxfp4),
+        &layouts,
+    );
+}
+
+#[test]
+fn several_gpus_match_one() {
+    let n = megakernel::cuda::device_count();
+    let Some(_lock) = common::gpus("several_gpus_match_one", 2) else {
+        return;
+    };
+    let layouts: Vec<Vec<usize>> = [2, 4, 8]
+        .into_iter()
+        .filter(|&k| k <= n)
+        .map(|k| (0..k).collect())
+        .collect();
+    gpu_case("gpus", "tiny", None, &layouts);
+    gpu_case(
+        "gpus",
+        "qwen3-30b-a3b-mini",
+        Some(Fp4Format::Mxfp4),
+        &layouts,
+    );
+    let timeout = Duration::from_secs(2);
+    check_failures(
+        &|| Cluster::gpus(&[0, 1], &gpu_opts(timeout)).unwrap(),
+        timeout,
+    );
+}
