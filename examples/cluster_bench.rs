@@ -1,0 +1,250 @@
+//! Several-GPU benchmark: all-reduce latency of hidden-size vectors inside the
+//! resident kernels against NCCL in the same run, and tensor-parallel decode
+//! tokens/s for each rank count. Needs GPUs; without them it says so and exits.
+
+use std::time::Instant;
+
+use megakernel::cluster::{AllReduceChain, Cluster, ClusterModel, ClusterOptions};
+use megakernel::model::ModelConfig;
+use megakernel::prelude::*;
+use megakernel::quant::Fp4Format;
+
+const HELP: &str = "usage: cluster_bench [--ranks N]... [--share] [--preset NAME] [--experts F]
+                     [--context N] [--tokens N] [--sizes LIST] [--no-decode]
+
+For each rank count N: the all-reduce latency of vectors of each size (f32
+partials summed into the output, what a decode step does twice per layer)
+inside the resident kernels, timed over chains of 16 dependent all-reduces per
+iteration, median and p99; NCCL's bf16 all-reduce of the same length on the
+same GPUs, timed before the resident kernels start (launch + completion, one
+at a time); then batch-1 decode of the preset split over the N ranks.
+
+  --ranks N     rank counts (repeatable; default 1 and each power of two up to
+                the number of GPUs)
+  --share       all ranks on GPU 0, each with its share of the SMs (tests the
+                machinery on one GPU; NCCL is skipped)
+  --preset NAME model to decode (default qwen3-30b-a3b)
+  --experts F   bf16, mxfp4 (default) or nvfp4 routed experts
+  --context N   positions before the timed steps (default 1024)
+  --tokens N    timed decode steps (default 64)
+  --sizes LIST  all-reduce lengths (default 2048,4096,7168)
+  --no-decode   all-reduce latency only";
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// NCCL all-reduce latency (µs, median and p99) of `len` bf16 on devices `0..n`.
+fn nccl_latency(n: usize, len: usize) -> std::result::Result<(f64, f64), String> {
+    use cudarc::driver::CudaContext;
+    use cudarc::nccl::{result, safe::Comm, safe::ReduceOp};
+    // SAFETY: only probes whether the library can be loaded.
+    if !unsafe { cudarc::nccl::sys::is_culib_present() } {
+        return Err("NCCL library not found".into());
+    }
+    let err = |e: &dyn std::fmt::Debug| format!("{e:?}");
+    let streams = (0..n)
+        .map(|d| CudaContext::new(d).map(|c| c.default_stream()))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| err(&e))?;
+    let comms = Comm::from_devices(streams.clone()).map_err(|e| err(&e))?;
+    let mut bufs = Vec::new();
+    for s in &streams {
+        let send = s.alloc_zeros::<half::bf16>(len).map_err(|e| err(&e))?;
+        let recv = s.alloc_zeros::<half::bf16>(len).map_err(|e| err(&e))?;
+        bufs.push((send, recv));
+    }
+    let mut once = || -> std::result::Result<f64, String> {
+        let t = Instant::now();
+        result::group_start().map_err(|e| err(&e))?;
+        for (c, (send, recv)) in comms.iter().zip(bufs.iter_mut()) {
+            c.all_reduce(send, recv, &ReduceOp::Sum)
+                .map_err(|e| err(&e))?;
+        }
+        result::group_end().map_err(|e| err(&e))?;
+        for s in &streams {
+            s.synchronize().map_err(|e| err(&e))?;
+        }
+        Ok(t.elapsed().as_secs_f64() * 1e6)
+    };
+    for _ in 0..20 {
+        once()?;
+    }
+    let mut v = (0..300)
+        .map(|_| once())
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok((percentile(&mut v, 0.5), percentile(&mut v, 0.99)))
+}
+
+/// In-kernel all-reduce latency (µs per all-reduce, median and p99 of samples).
+fn kernel_latency(cluster: &Cluster, len: usize) -> Result<(f64, f64)> {
+    const SITES: usize = 16;
+    const ITERS: u32 = 4;
+    let chain = AllReduceChain::new(cluster, len, 1, SITES)?;
+    let rows = vec![0; cluster.ranks()];
+    for _ in 0..5 {
+        chain.run(cluster, ITERS, &rows, None)?;
+    }
+    let mut v = Vec::new();
+    for _ in 0..100 {
+        let t = Instant::now();
+        chain.run(cluster, ITERS, &rows, None)?;
+        v.push(t.elapsed().as_secs_f64() * 1e6 / (f64::from(ITERS) * SITES as f64));
+    }
+    Ok((percentile(&mut v, 0.5), percentile(&mut v, 0.99)))
+}
+
+fn main() -> Result<()> {
+    let (mut ranks, mut share, mut decode) = (Vec::<usize>::new(), false, true);
+    let (mut preset, mut experts) = ("qwen3-30b-a3b".to_string(), Some(Fp4Format::Mxfp4));
+    let (mut context, mut tokens) = (1024usize, 64usize);
+    let mut sizes = vec![2048usize, 4096, 7168];
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut val = || {
+            it.next().unwrap_or_else(|| {
+                eprintln!("{a} needs a value\n\n{HELP}");
+                std::process::exit(2)
+            })
+        };
+        let num = |v: String| -> usize {
+            v.parse().unwrap_or_else(|_| {
+                eprintln!("'{v}' is not a number\n\n{HELP}");
+                std::process::exit(2)
+            })
+        };
+        match a.as_str() {
+            "--ranks" => ranks.push(num(val())),
+            "--share" => share = true,
+            "--no-decode" => decode = false,
+            "--preset" => preset = val(),
+            "--experts" => {
+                experts = match val().as_str() {
+                    "bf16" => None,
+                    f => Some(Fp4Format::parse(f).unwrap_or_else(|| {
+                        eprintln!("unknown expert format '{f}'\n\n{HELP}");
+                        std::process::exit(2)
+                    })),
+                }
+            }
+            "--context" => context = num(val()),
+            "--tokens" => tokens = num(val()),
+            "--sizes" => sizes = val().split(',').map(|s| num(s.to_string())).collect(),
+            "--help" | "-h" => {
+                println!("{HELP}");
+                return Ok(());
+            }
+            _ => {
+                eprintln!("unknown argument '{a}'\n\n{HELP}");
+                std::process::exit(2)
+            }
+        }
+    }
+    let gpus = megakernel::cuda::device_count();
+    if gpus == 0 {
+        println!("cluster_bench needs a GPU; none found");
+        if std::env::var("MK_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
+    if ranks.is_empty() {
+        ranks = std::iter::successors(Some(1), |n| Some(n * 2))
+            .take_while(|&n| n <= gpus.max(if share { 4 } else { 1 }))
+            .collect();
+    }
+    let config = ModelConfig::preset(&preset)
+        .ok_or_else(|| Error::InvalidArgument(format!("unknown preset '{preset}'")))?;
+    let copy = megakernel::cuda::probe::copy_bandwidth(0, 1 << 30, 20)?;
+    println!(
+        "device 0 copy bandwidth (read + write): {:.3} TB/s",
+        copy / 1e12
+    );
+    for &n in &ranks {
+        if !share && n > gpus {
+            println!("{n} ranks: only {gpus} GPUs, skipped");
+            continue;
+        }
+        let nccl: Vec<_> = sizes
+            .iter()
+            .map(|&len| {
+                if share {
+                    Err("ranks share one GPU".to_string())
+                } else {
+                    nccl_latency(n, len)
+                }
+            })
+            .collect();
+        let devices: Vec<usize> = (0..n).map(|r| if share { 0 } else { r }).collect();
+        let cluster = Cluster::gpus(&devices, &ClusterOptions::default())?;
+        println!("{}", cluster.describe());
+        let mut hidden_latency = None;
+        for (&len, nccl) in sizes.iter().zip(&nccl) {
+            let (med, p99) = kernel_latency(&cluster, len)?;
+            if len == config.hidden_size {
+                hidden_latency = Some(med);
+            }
+            let (peer, ratio) = match nccl {
+                Ok((m, p)) => (
+                    format!("NCCL bf16 median {m:.2} us, p99 {p:.2} us"),
+                    format!("{:.2}", m / med),
+                ),
+                Err(e) => (format!("NCCL: {e}"), "null".into()),
+            };
+            println!(
+                "all-reduce {len} values over {n} ranks ({:?}): in-kernel median {med:.2} us, p99 {p99:.2} us; {peer}; NCCL/in-kernel {ratio}",
+                cluster.transport()
+            );
+            println!(
+                "{{\"bench\": \"all_reduce\", \"ranks\": {n}, \"len\": {len}, \"transport\": \"{:?}\", \"median_us\": {med:.3}, \"p99_us\": {p99:.3}, \"nccl_median_us\": {}, \"nccl_p99_us\": {}}}",
+                cluster.transport(),
+                nccl.as_ref().map_or("null".into(), |x| format!("{:.3}", x.0)),
+                nccl.as_ref().map_or("null".into(), |x| format!("{:.3}", x.1)),
+            );
+        }
+        if !decode {
+            continue;
+        }
+        let dtype = experts.map_or("bf16", |f| f.name());
+        eprintln!("{preset} {dtype} over {n} ranks: drawing random weights");
+        let t = Instant::now();
+        let model = ClusterModel::random(&cluster, &config, 7, experts)?;
+        let mut s = model.session(&cluster, context + tokens + 8)?;
+        let load = t.elapsed().as_secs_f64();
+        let prompt: Vec<u32> = (0..context)
+            .map(|i| ((i * 7919) % config.vocab_size) as u32)
+            .collect();
+        let t = Instant::now();
+        s.prefill(&cluster, &prompt)?;
+        let prefill = t.elapsed().as_secs_f64();
+        s.generate(&cluster, 4)?;
+        let t = Instant::now();
+        s.generate(&cluster, tokens)?;
+        let per_token = t.elapsed().as_secs_f64() / tokens as f64;
+        // Each rank reads about 1/n of a step's bytes (replicated norms and router aside).
+        let bytes = config.decode_bytes_with(context + tokens / 2, experts) as f64 / n as f64;
+        let roofline = bytes / per_token / copy;
+        let reduces = 2 * config.num_layers + 1;
+        let share_ar = hidden_latency.map(|l| reduces as f64 * l * 1e-6 / per_token);
+        println!(
+            "{preset} {dtype} over {n} ranks: {:.3} ms/token, {:.1} tokens/s at context {context}; {:.2} GB/step per rank; \
+             {:.1} % of one GPU's copy bandwidth per rank; all-reduces (estimated from the median) {}; prefill {:.0} tokens/s; load {load:.1} s",
+            per_token * 1e3,
+            1.0 / per_token,
+            bytes / 1e9,
+            roofline * 100.0,
+            share_ar.map_or("n/a".into(), |s| format!("{:.1} % of a step", s * 100.0)),
+            context as f64 / prefill,
+        );
+        println!(
+            "{{\"bench\": \"decode\", \"preset\": \"{preset}\", \"dtype\": \"{dtype}\", \"ranks\": {n}, \"shared_gpu\": {share}, \"context\": {context}, \
+             \"ms_per_token\": {:.4}, \"tokens_per_s\": {:.2}, \"bytes_per_rank_step\": {bytes:.0}, \"roofline_per_rank\": {roofline:.4}, \
+             \"all_reduce_share\": {}}}",
+            per_token * 1e3,
+            1.0 / per_token,
+            share_ar.map_or("null".into(), |s| format!("{s:.4}")),
+        );
+    }
+    Ok(())
+}
