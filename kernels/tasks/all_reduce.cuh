@@ -63,7 +63,9 @@ __device__ __noinline__ bool all_reduce_meet(const Ctx& c, const AllReduceArgs& 
                                  a.ranks);
                     return false;
                 }
-                if (globaltimer() - start > c.env->timeout_ns) {
+                // Half the wait timeout: this rank's other waits, which a missing
+                // rank stalls too, must not fire first and hide who is missing.
+                if (globaltimer() - start > c.env->timeout_ns / 2) {
                     report_fault(c.env, c.desc->id, c.desc->opcode, c.command, FAULT_HANG, WAIT_PEER + q, v, epoch);
                     return false;
                 }

@@ -28,23 +28,10 @@ MK_OFFSET(RmsNormArgs, y_dtype, 44);
 __device__ __forceinline__ void task_rmsnorm(const Ctx& c) {
     const RmsNormArgs& a = task_args<RmsNormArgs>(c);
     const float eps = __uint_as_float(a.eps);
-    if (a.cols <= 256) {
-        const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-        for (u32 r = warp; r < a.rows; r += nwarps) {
-            const u64 base = u64(r) * a.cols;
-            float ss = 0.0f;
-            for (u32 i = lane; i < a.cols; i += 32) {
-                const float v = load_float(a.x, a.x_dtype, base + i);
-                ss = fmaf(v, v, ss);
-            }
-            const float inv = rsqrtf(warp_sum(ss) / float(a.cols) + eps);
-            for (u32 i = lane; i < a.cols; i += 32) {
-                const float v = load_float(a.x, a.x_dtype, base + i);
-                store_float(a.y, a.y_dtype, base + i, v * inv * load_float(a.w, a.w_dtype, i));
-            }
-        }
-        return;
-    }
+    // One row at a time with the whole block, summing in the order of the
+    // product prologue (gemv_prologue): a row normalises to the same bits
+    // whether its norm is fused into the product or runs here, so blocks of
+    // rows (verify, prefill) match single steps.
     float* scratch = reinterpret_cast<float*>(c.smem);
     for (u32 r = 0; r < a.rows; ++r) {
         const u64 base = u64(r) * a.cols;

@@ -320,29 +320,40 @@ impl Cluster {
 }
 
 /// The rank whose failure explains the others': one that failed on its own
-/// (not waiting for another rank), else the rank others waited for in vain.
+/// (not a wait), else the rank a collective waited for in vain, else one whose
+/// wait timed out.
 fn culprit(results: &[Result<()>]) -> Option<(usize, Error)> {
+    enum Cause {
+        Own,
+        Missing(usize),
+        Stalled,
+        PeerFailed,
+    }
+    let cause = |e: &Error| match e {
+        Error::DeviceFault { what, .. } if *what == crate::cpu::PEER_FAILED => Cause::PeerFailed,
+        Error::DeviceHang { counter, .. } => match crate::cpu::peer_of_counter(counter) {
+            Some(q) => Cause::Missing(q),
+            None => Cause::Stalled,
+        },
+        _ => Cause::Own,
+    };
     let errors: Vec<(usize, &Error)> = results
         .iter()
         .enumerate()
         .filter_map(|(r, res)| res.as_ref().err().map(|e| (r, e)))
         .collect();
-    let waited_for = |e: &Error| -> Option<Option<usize>> {
-        match e {
-            Error::DeviceFault { what, .. } if *what == crate::cpu::PEER_FAILED => Some(None),
-            Error::DeviceHang { counter, .. } => crate::cpu::peer_of_counter(counter).map(Some),
-            _ => None,
-        }
+    let pick = |want: &dyn Fn(&Cause) -> Option<Option<usize>>| {
+        errors
+            .iter()
+            .find_map(|(r, e)| want(&cause(e)).map(|named| (named.unwrap_or(*r), (*e).clone())))
     };
-    if let Some((r, e)) = errors.iter().find(|(_, e)| waited_for(e).is_none()) {
-        return Some((*r, (*e).clone()));
-    }
-    if let Some((_, e)) = errors
-        .iter()
-        .find(|(_, e)| matches!(waited_for(e), Some(Some(_))))
-    {
-        let q = waited_for(e).flatten().expect("found above");
-        return Some((q, (*e).clone()));
-    }
-    errors.first().map(|(r, e)| (*r, (*e).clone()))
+    pick(&|c| matches!(c, Cause::Own).then_some(None))
+        .or_else(|| {
+            pick(&|c| match c {
+                Cause::Missing(q) => Some(Some(*q)),
+                _ => None,
+            })
+        })
+        .or_else(|| pick(&|c| matches!(c, Cause::Stalled).then_some(None)))
+        .or_else(|| errors.first().map(|(r, e)| (*r, (*e).clone())))
 }

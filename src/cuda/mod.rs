@@ -102,6 +102,34 @@ pub fn memory_info(ordinal: usize) -> Result<(usize, usize)> {
     Ok(ctx.mem_get_info()?)
 }
 
+/// The resident kernel's module and function on device `ordinal`, loaded once
+/// per process: loading a module while a resident kernel runs in the context
+/// (a second runtime on a shared GPU) may wait for that kernel.
+fn resident_function(
+    ordinal: usize,
+    ctx: &Arc<CudaContext>,
+    ptx: &str,
+    trace: bool,
+) -> Result<(Arc<CudaModule>, CudaFunction)> {
+    type Loaded = HashMap<(usize, bool), (Arc<CudaModule>, CudaFunction)>;
+    static LOADED: OnceLock<Mutex<Loaded>> = OnceLock::new();
+    let mut loaded = LOADED
+        .get_or_init(Mutex::default)
+        .lock()
+        .expect("module cache poisoned");
+    if let Some(f) = loaded.get(&(ordinal, trace)) {
+        return Ok(f.clone());
+    }
+    let module = ctx.load_module(Ptx::from_src(ptx))?;
+    let func = module.load_function(if trace {
+        "mk_resident_trace"
+    } else {
+        "mk_resident"
+    })?;
+    loaded.insert((ordinal, trace), (module.clone(), func.clone()));
+    Ok((module, func))
+}
+
 /// Number of SMs of device `ordinal`.
 pub fn sm_count(ordinal: usize) -> Result<u32> {
     let ctx = context(ordinal)?;
@@ -220,12 +248,7 @@ impl Runtime {
         num_sms: u32,
     ) -> Result<Runtime> {
         let (arch, ptx) = ptx::select(major, minor);
-        let module = ctx.load_module(Ptx::from_src(ptx))?;
-        let func = module.load_function(if opts.trace {
-            "mk_resident_trace"
-        } else {
-            "mk_resident"
-        })?;
+        let (module, func) = resident_function(ordinal, &ctx, ptx, opts.trace)?;
         let optin = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
         let shared_bytes = (optin - func.shared_size_bytes()?).max(0) as u32;
@@ -266,6 +289,7 @@ impl Runtime {
             BLOCK_THREADS,
             shared_bytes,
             &params,
+            opts.sms.is_none(),
         )?;
         Ok(Runtime {
             id: next_executor_id(),
@@ -314,8 +338,19 @@ impl Runtime {
             len,
             dtype,
             self.id,
-            Box::new(mem),
+            Box::new(MappedAlloc {
+                ordinal: self.ordinal,
+                mem: Some(mem),
+            }),
         ))
+    }
+
+    /// The mapped host memory behind a buffer of [`alloc_host_mapped`](Self::alloc_host_mapped).
+    fn mapped_of<'b>(&self, buf: &'b Buffer) -> Option<&'b MappedHost> {
+        buf.alloc_ref()
+            .downcast_ref::<MappedAlloc>()
+            .filter(|_| buf.owner() == self.id)
+            .and_then(|a| a.mem.as_ref())
     }
 
     /// Dynamic shared memory each block has.
@@ -558,6 +593,9 @@ impl Runtime {
             std::mem::forget(std::mem::take(&mut st.outstanding));
         } else {
             st.outstanding.clear();
+            if let Some(m) = self.mapped.take() {
+                bury(self.ordinal, m);
+            }
         }
         release_device(self.ordinal, self.num_sms);
         exited
@@ -572,6 +610,52 @@ fn release_device(ordinal: usize, sms: u32) {
         .and_then(|m| m.get_mut(&ordinal))
     {
         *used = used.saturating_sub(sms);
+    }
+    free_buried(ordinal);
+}
+
+/// Mapped host memory no longer used, waiting for its device to have no
+/// resident kernel: freeing pinned memory (`cuMemFreeHost`) waits for every
+/// kernel of the context, so with several runtimes on one GPU it could never
+/// return while another runtime's kernel runs.
+static BURIED: Mutex<Vec<(usize, MappedHost)>> = Mutex::new(Vec::new());
+
+/// Frees `mem` now if no resident kernel runs on `ordinal`, else once none does.
+fn bury(ordinal: usize, mem: MappedHost) {
+    BURIED
+        .lock()
+        .expect("mapped memory list poisoned")
+        .push((ordinal, mem));
+    free_buried(ordinal);
+}
+
+fn free_buried(ordinal: usize) {
+    let idle = BUSY
+        .lock()
+        .expect("device registry poisoned")
+        .as_ref()
+        .and_then(|m| m.get(&ordinal))
+        .map_or(true, |&used| used == 0);
+    if idle {
+        let mut all = BURIED.lock().expect("mapped memory list poisoned");
+        let (free, keep): (Vec<_>, Vec<_>) = all.drain(..).partition(|(o, _)| *o == ordinal);
+        *all = keep;
+        drop(all);
+        drop(free);
+    }
+}
+
+/// Owns a buffer's mapped host memory; buries it when dropped.
+struct MappedAlloc {
+    ordinal: usize,
+    mem: Option<MappedHost>,
+}
+
+impl Drop for MappedAlloc {
+    fn drop(&mut self) {
+        if let Some(m) = self.mem.take() {
+            bury(self.ordinal, m);
+        }
     }
 }
 
@@ -611,6 +695,16 @@ impl Executor for Runtime {
         ))
     }
     fn write_bytes(&self, dst: &Buffer, offset: usize, src: &[u8]) -> Result<()> {
+        if let Some(m) = self.mapped_of(dst) {
+            check_bytes(dst, offset, src.len())?;
+            for (i, b) in src.iter().enumerate() {
+                // SAFETY: inside the mapping (checked above); shared with the
+                // device, so byte-wise volatile stores.
+                unsafe { std::ptr::write_volatile(m.host_ptr(offset + i), *b) };
+            }
+            std::sync::atomic::fence(Ordering::SeqCst);
+            return Ok(());
+        }
         let mem = dst
             .alloc_ref()
             .downcast_ref::<DevMem>()
@@ -619,6 +713,15 @@ impl Executor for Runtime {
         mem.ok_or(Error::Foreign("buffer"))?.write(offset, src)
     }
     fn read_bytes(&self, src: &Buffer, offset: usize, dst: &mut [u8]) -> Result<()> {
+        if let Some(m) = self.mapped_of(src) {
+            check_bytes(src, offset, dst.len())?;
+            std::sync::atomic::fence(Ordering::SeqCst);
+            for (i, b) in dst.iter_mut().enumerate() {
+                // SAFETY: inside the mapping (checked above).
+                *b = unsafe { std::ptr::read_volatile(m.host_ptr(offset + i)) };
+            }
+            return Ok(());
+        }
         let mem = src
             .alloc_ref()
             .downcast_ref::<DevMem>()

@@ -15,7 +15,9 @@
 //!    slot `rank` of every rank's flags (arrival; every task of the site does
 //!    it, the stores are idempotent);
 //! 2. waits until its own flags hold the epoch for every rank, giving up with
-//!    a hang naming the missing rank after the wait timeout, or with a
+//!    a hang naming the missing rank after half the wait timeout on a GPU (so
+//!    that the rank's other waits, which a missing rank stalls too, do not
+//!    fire first), after the CPU executor's peer timeout there, or with a
 //!    "peer failed" fault as soon as the abort word is set (to 1 + the failed
 //!    rank);
 //! 3. reads its part of every rank's data:

@@ -103,9 +103,15 @@ pub fn rel_l2(a: &[f32], b: &[f64]) -> f64 {
 
 /// A fresh seed from the clock, printed so that a failure can be replayed.
 pub fn seed() -> u64 {
-    let s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_nanos() as u64);
+    // MK_TEST_SEED repeats a run whose printed seed exposed a failure.
+    let s = std::env::var("MK_TEST_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
     eprintln!("seed {s}");
     s
 }
