@@ -312,3 +312,69 @@ fn several_gpus_match_one() {
         timeout,
     );
 }
+
+/// DFlash over a cluster equals greedy decoding on the same cluster token for
+/// token (and, on one rank, greedy decoding on one device).
+#[test]
+fn cpu_dflash_on_ranks_equals_greedy_on_ranks() {
+    let single = CpuExecutor::new(cpu_opts());
+    for ranks in [1, 2, 4] {
+        let one = (ranks == 1).then_some(&single as &dyn Executor);
+        dflash_case(&Cluster::cpu(ranks, cpu_opts()).unwrap(), one);
+    }
+}
+
+#[test]
+fn gpu_dflash_on_ranks_sharing_one_gpu_equals_greedy_on_them() {
+    let Some(_lock) = common::gpus("gpu_dflash_on_ranks", 1) else {
+        return;
+    };
+    for devices in [vec![0], vec![0, 0]] {
+        let cluster = Cluster::gpus(&devices, &ClusterOptions::default()).unwrap();
+        dflash_case(&cluster, None);
+    }
+}
+
+/// DFlash on `cluster` against greedy decoding on it, and against greedy
+/// decoding on `one_device` when given.
+fn dflash_case(cluster: &Cluster, one_device: Option<&dyn Executor>) {
+    use megakernel::cluster::ClusterDflashSession;
+    use megakernel::dflash::{DflashOptions, DraftConfig, DraftModel};
+    let ranks = cluster.ranks();
+    let n_tokens = 40;
+    for (preset, experts) in [
+        ("tiny", None),
+        ("qwen3-30b-a3b-mini", Some(Fp4Format::Mxfp4)),
+    ] {
+        let c = ModelConfig::preset(preset).unwrap();
+        let model = ClusterModel::random(cluster, &c, 9, experts).unwrap();
+        let mut plain = model.session(cluster, 96).unwrap();
+        let mut want = vec![plain.prefill(cluster, &PROMPT).unwrap()];
+        want.extend(plain.generate(cluster, n_tokens - 1).unwrap());
+        if let Some(ex) = one_device {
+            let m = Model::random_with(ex, &c, 9, experts).unwrap();
+            let mut s = m.session(ex, 96).unwrap();
+            let mut one = vec![s.prefill(ex, &PROMPT).unwrap()];
+            one.extend(s.generate(ex, n_tokens - 1).unwrap());
+            assert_eq!(one, want, "{preset}: one rank differs from one device");
+        }
+        for block in [4, 16] {
+            let layers = DraftConfig::default_layers(c.num_layers);
+            let dc = DraftConfig::for_target(&c, layers, block);
+            let drafts: Vec<DraftModel> = (0..ranks)
+                .map(|r| DraftModel::random(cluster.rank(r), &dc, 5, model.rank(r)).unwrap())
+                .collect();
+            let opts = DflashOptions::default();
+            let mut s = ClusterDflashSession::new(cluster, &model, &drafts, 96, &opts).unwrap();
+            let mut got = vec![s.prefill(cluster, &PROMPT).unwrap()];
+            got.extend(s.generate(cluster, n_tokens - 1, None).unwrap());
+            assert_eq!(got, want, "{preset} on {ranks} ranks, block {block}");
+            assert_eq!(s.position(), PROMPT.len() + n_tokens - 1);
+            let st = s.stats(cluster).unwrap();
+            assert!(
+                st.iterations > 0 && st.iterations < n_tokens as u64,
+                "{st:?}"
+            );
+        }
+    }
+}

@@ -8,12 +8,14 @@
 //!   [`Error::RankFailed`] naming it.
 //! - [`shard`] says which heads, rows and columns each rank holds.
 //! - [`ClusterModel`] and [`ClusterSession`] load a model across the ranks and
-//!   decode with one command per rank for `n` tokens, as on one device.
+//!   decode with one command per rank for `n` tokens, as on one device;
+//!   [`ClusterDflashSession`] does the same with DFlash speculative decoding.
 
 mod collective;
 mod model;
 mod probe;
 pub mod shard;
+mod speculative;
 
 use std::time::{Duration, Instant};
 
@@ -27,6 +29,7 @@ pub(crate) use collective::{RankComm, Sites};
 pub use model::{ClusterModel, ClusterSession};
 pub use probe::AllReduceChain;
 pub use shard::Shard;
+pub use speculative::ClusterDflashSession;
 
 /// How ranks reach each other's collective buffers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -112,55 +112,10 @@ impl ClusterSession {
         &self.sessions[r]
     }
 
-    /// Drops values the ranks emitted earlier.
-    fn drain(&self, cluster: &Cluster) -> Result<()> {
-        let mut sink = Vec::new();
-        for r in 0..cluster.ranks() {
-            cluster.rank(r).poll_outputs(&mut sink)?;
-        }
-        Ok(())
-    }
-
-    /// Collects `n` values from every rank and checks that they agree.
-    fn agree(&self, cluster: &Cluster, first: Vec<u64>, n: usize) -> Result<Vec<u64>> {
-        let mut base = first;
-        wait_outputs(cluster.rank(0), &mut base, n, "tokens from rank 0")?;
-        for r in 1..cluster.ranks() {
-            let mut out = Vec::new();
-            wait_outputs(cluster.rank(r), &mut out, n, "tokens")?;
-            if out != base {
-                let at = out.iter().zip(&base).position(|(a, b)| a != b).unwrap_or(0);
-                return Err(Error::RankFailed {
-                    rank: r,
-                    ranks: cluster.ranks(),
-                    source: Box::new(Error::InvalidArgument(format!(
-                        "its token {at} is {}, rank 0's is {}",
-                        out[at], base[at]
-                    ))),
-                });
-            }
-        }
-        Ok(base)
-    }
-
     /// Feeds a prompt on every rank and returns the model's next token.
     pub fn prefill(&mut self, cluster: &Cluster, prompt: &[u32]) -> Result<u32> {
-        self.sessions[0].check_prompt(prompt)?;
-        self.drain(cluster)?;
-        let mut rest = prompt;
-        while !rest.is_empty() {
-            let mut staged = Vec::with_capacity(self.sessions.len());
-            for (r, s) in self.sessions.iter().enumerate() {
-                staged.push(s.stage_prompt(cluster.rank(r), rest)?);
-            }
-            let n = staged[0].1;
-            cluster.run_all(&|r, ex| ex.submit(staged[r].0, 1, &[]), &mut || Ok(()))?;
-            self.sessions.iter_mut().for_each(|s| s.advanced(n));
-            rest = &rest[n..];
-        }
-        let n = prompt_commands(prompt.len());
-        let out = self.agree(cluster, Vec::new(), n)?;
-        Ok(out[n - 1] as u32)
+        let mut all: Vec<&mut Session> = self.sessions.iter_mut().collect();
+        prefill_ranks(cluster, &mut all, prompt)
     }
 
     /// Generates `n` tokens greedily in one command per rank.
@@ -183,7 +138,7 @@ impl ClusterSession {
         for (r, s) in self.sessions.iter().enumerate() {
             programs.push(s.stage_generate(cluster.rank(r), sampling)?);
         }
-        self.drain(cluster)?;
+        drain(cluster)?;
         let mut first = Vec::new();
         let mut seen = 0;
         let mut stream = |out: &mut Vec<u64>| -> Result<()> {
@@ -199,8 +154,64 @@ impl ClusterSession {
         })?;
         wait_outputs(cluster.rank(0), &mut first, n, "tokens from rank 0")?;
         stream(&mut first)?;
-        let out = self.agree(cluster, first, n)?;
+        let out = agree(cluster, first, n)?;
         self.sessions.iter_mut().for_each(|s| s.advanced(n));
         Ok(out.into_iter().map(|t| t as u32).collect())
     }
+}
+
+/// Drops values the ranks emitted earlier.
+pub(crate) fn drain(cluster: &Cluster) -> Result<()> {
+    let mut sink = Vec::new();
+    for r in 0..cluster.ranks() {
+        cluster.rank(r).poll_outputs(&mut sink)?;
+    }
+    Ok(())
+}
+
+/// Collects `n` values from every rank (rank 0's start with `first`) and
+/// checks that they agree.
+pub(crate) fn agree(cluster: &Cluster, first: Vec<u64>, n: usize) -> Result<Vec<u64>> {
+    let mut base = first;
+    wait_outputs(cluster.rank(0), &mut base, n, "tokens from rank 0")?;
+    for r in 1..cluster.ranks() {
+        let mut out = Vec::new();
+        wait_outputs(cluster.rank(r), &mut out, n, "tokens")?;
+        if out != base {
+            let at = out.iter().zip(&base).position(|(a, b)| a != b).unwrap_or(0);
+            return Err(Error::RankFailed {
+                rank: r,
+                ranks: cluster.ranks(),
+                source: Box::new(Error::InvalidArgument(format!(
+                    "its token {at} is {}, rank 0's is {}",
+                    out[at], base[at]
+                ))),
+            });
+        }
+    }
+    Ok(base)
+}
+
+/// Feeds a prompt through every rank's session and returns the next token.
+pub(crate) fn prefill_ranks(
+    cluster: &Cluster,
+    sessions: &mut [&mut Session],
+    prompt: &[u32],
+) -> Result<u32> {
+    sessions[0].check_prompt(prompt)?;
+    drain(cluster)?;
+    let mut rest = prompt;
+    while !rest.is_empty() {
+        let mut staged = Vec::with_capacity(sessions.len());
+        for (r, s) in sessions.iter().enumerate() {
+            staged.push(s.stage_prompt(cluster.rank(r), rest)?);
+        }
+        let n = staged[0].1;
+        cluster.run_all(&|r, ex| ex.submit(staged[r].0, 1, &[]), &mut || Ok(()))?;
+        sessions.iter_mut().for_each(|s| s.advanced(n));
+        rest = &rest[n..];
+    }
+    let n = prompt_commands(prompt.len());
+    let out = agree(cluster, Vec::new(), n)?;
+    Ok(out[n - 1] as u32)
 }

@@ -26,11 +26,13 @@
 
 use super::draft::DraftModel;
 use crate::buffer::{BufSlice, Buffer, DType};
+use crate::cluster::RankComm;
 use crate::error::{Error, Result};
 use crate::exec::{Executor, ExecutorExt, LoadedProgram};
 use crate::model::session::{Extras, Hook, MAX_FUSED_NORM_ROWS};
 use crate::model::{Model, Session};
 use crate::program::{ops, EventId, ProgramBuilder};
+use crate::task::argmax::Argmax;
 use crate::task::dflash_accept::{state, AcceptIo, DflashAccept};
 use crate::task::dflash_inject::DflashInject;
 use crate::task::embed::Embed;
@@ -144,6 +146,19 @@ impl DflashSession {
         max_seq: usize,
         opts: &DflashOptions,
     ) -> Result<DflashSession> {
+        Self::new_on(ex, model, draft, max_seq, opts, None)
+    }
+
+    /// [`new`](Self::new) for one rank of a cluster (`tp`): the target is the
+    /// rank's shard, the draft whole on every rank.
+    pub(crate) fn new_on(
+        ex: &dyn Executor,
+        model: &Model,
+        draft: &DraftModel,
+        max_seq: usize,
+        opts: &DflashOptions,
+        tp: Option<&RankComm<'_>>,
+    ) -> Result<DflashSession> {
         let dc = draft.config();
         dc.check_target(model.config())?;
         if ex.id() != model.owner() || ex.id() != draft.owner() {
@@ -183,7 +198,7 @@ impl DflashSession {
             capture: (&taps, &bufs.cap),
             tail: &context,
         };
-        let session = model.session_with(ex, max_seq, Some(&hook))?;
+        let session = model.session_on(ex, max_seq, Some(&hook), tp)?;
         let u32s = |n| ex.alloc(DType::U32, n);
         let (vids, dids, targets) = (u32s(block)?, u32s(block)?, u32s(block)?);
         let (state_buf, stop) = (u32s(state::LEN)?, u32s(2)?);
@@ -210,7 +225,7 @@ impl DflashSession {
         let scratch = BlockBufs::new(ex, model, draft, block)?;
         let head = |b: &mut ProgramBuilder| {
             let ev = draft_block(
-                b, model, draft, &bufs, &scratch, &dids, &vids, pos, block, workers,
+                b, model, draft, &bufs, &scratch, &dids, &vids, pos, block, workers, tp,
             )?;
             match &reference {
                 Some(r) => {
@@ -252,7 +267,7 @@ impl DflashSession {
             tail: Some(&tail),
             advance: false,
         };
-        let iteration = model.program(ex, &session, &vids, block, &extras)?;
+        let iteration = model.program(ex, &session, &vids, block, &extras, tp)?;
         Ok(DflashSession {
             session,
             block,
@@ -360,32 +375,17 @@ impl DflashSession {
         if n == 0 {
             return Ok(Vec::new());
         }
-        if self.session.position() == 0 {
-            return Err(Error::InvalidArgument(
-                "prefill a prompt before generating".into(),
-            ));
-        }
-        let stop_ids: Vec<u32> = stop_token.into_iter().collect();
-        self.session.check(&stop_ids, n)?;
-        let n32 = u32::try_from(n).map_err(|_| Error::InvalidArgument("n too large".into()))?;
-        self.sync_input(ex)?;
-        let mut st = ex.read_u32(&self.state)?;
-        st[state::LIMIT] = n32;
-        st[state::PRODUCED] = 0;
-        st[state::STOP_TOKEN] = stop_token.unwrap_or(u32::MAX);
-        st[state::REASON] = 0;
-        ex.write_u32(&self.state, &st)?;
+        self.prepare(ex, n, stop_token)?;
         let mut out = Vec::new();
         ex.poll_outputs(&mut out)?;
         out.clear();
-        // At most n iterations: each emits at least one token.
-        let t = ex.submit_until(&self.iteration, n32, &[], &self.stop)?;
+        let t = self.submit(ex, n)?;
         let deadline = std::time::Instant::now() + ex.default_timeout();
         let mut seen = 0;
         let mut expected = None;
         loop {
             if expected.is_none() && ex.is_done(&t)? {
-                expected = Some(ex.read_u32(&self.state)?[state::PRODUCED] as usize);
+                expected = Some(self.produced(ex)?);
             }
             ex.poll_outputs(&mut out)?;
             for &tok in &out[seen..] {
@@ -405,6 +405,36 @@ impl DflashSession {
         }
         self.session.advanced(seen);
         Ok(out.into_iter().map(|t| t as u32).collect())
+    }
+
+    /// Checks a request for `n` tokens and sets the device state up for it.
+    pub(crate) fn prepare(&self, ex: &dyn Executor, n: usize, stop: Option<u32>) -> Result<()> {
+        if self.session.position() == 0 {
+            return Err(Error::InvalidArgument(
+                "prefill a prompt before generating".into(),
+            ));
+        }
+        let stop_ids: Vec<u32> = stop.into_iter().collect();
+        self.session.check(&stop_ids, n)?;
+        let n32 = u32::try_from(n).map_err(|_| Error::InvalidArgument("n too large".into()))?;
+        self.sync_input(ex)?;
+        let mut st = ex.read_u32(&self.state)?;
+        st[state::LIMIT] = n32;
+        st[state::PRODUCED] = 0;
+        st[state::STOP_TOKEN] = stop.unwrap_or(u32::MAX);
+        st[state::REASON] = 0;
+        ex.write_u32(&self.state, &st)
+    }
+
+    /// The one command producing up to `n` tokens (at most `n` iterations:
+    /// each emits at least one token), after [`prepare`](Self::prepare).
+    pub(crate) fn submit(&self, ex: &dyn Executor, n: usize) -> Result<crate::exec::Ticket> {
+        ex.submit_until(&self.iteration, n as u32, &[], &self.stop)
+    }
+
+    /// Tokens the last command produced (once it is done).
+    pub(crate) fn produced(&self, ex: &dyn Executor) -> Result<usize> {
+        Ok(ex.read_u32(&self.state)?[state::PRODUCED] as usize)
     }
 
     /// Makes the one-token step's input (the last token, also what
@@ -546,6 +576,8 @@ struct BlockBufs {
     partial: Buffer,
     logits: Buffer,
     pairs: Buffer,
+    /// Every rank's proposal pairs (used on cluster ranks).
+    gathered: Buffer,
     chunks: usize,
 }
 
@@ -555,6 +587,9 @@ impl BlockBufs {
         let shape = head_shape(d);
         let workers = ex.num_workers();
         let chunks = (workers / d.num_kv_heads).max(1);
+        let shard = model.shard();
+        let (v0, v1) = shard.range(model.config().vocab_size);
+        let vl = v1 - v0;
         let bf = |n| ex.alloc(DType::Bf16, n);
         Ok(BlockBufs {
             x: bf(block * d.hidden_size)?,
@@ -564,8 +599,9 @@ impl BlockBufs {
             g: bf(block * d.intermediate_size)?,
             u: bf(block * d.intermediate_size)?,
             partial: ex.alloc(DType::F32, block * d.num_heads * chunks * (d.head_dim + 2))?,
-            logits: ex.alloc(DType::F32, (block - 1) * model.config().vocab_size)?,
+            logits: ex.alloc(DType::F32, (block - 1) * vl)?,
             pairs: ex.alloc(DType::U32, 2 * workers.max(block))?,
+            gathered: ex.alloc(DType::U32, 2 * shard.ranks * (block - 1))?,
             chunks,
         })
     }
@@ -593,6 +629,7 @@ fn draft_block(
     pos: &Buffer,
     block: usize,
     workers: usize,
+    tp: Option<&RankComm<'_>>,
 ) -> Result<EventId> {
     let d = &draft.config().layers;
     let (h, m) = (d.hidden_size, block);
@@ -719,14 +756,18 @@ fn draft_block(
     let rows = m - 1;
     let tail = a.x.slice(h..m * h)?;
     let (src, pro) = normed(&mut s, &tail, &draft.norm, rows, "draft final norm")?;
-    let vocab = model.config().vocab_size;
+    // The target's LM head: all of it, or this rank's vocabulary slice
+    // whose best (value, index) pair per row is gathered from every rank.
+    let shard = model.shard();
+    let (v0, v1) = shard.range(model.config().vocab_size);
+    let vl = v1 - v0;
     let lm = ops::gemv_with(
         s.b,
         &lm_head.all(),
         &src,
         &a.logits.all(),
         GemvShape {
-            rows: vocab,
+            rows: vl,
             cols: h,
             m: rows,
         },
@@ -738,16 +779,37 @@ fn draft_block(
     let parts = (workers / rows).max(1);
     let lm_done = s.prev;
     let picked = s.b.event("draft proposals");
+    let site = tp.map(|tp| tp.site(DType::U32, 2 * rows)).transpose()?;
     for r in 0..rows {
-        let (partials, pick) = ops::argmax(
+        let (out, out_index) = match &site {
+            Some((_, data)) => (data.slice(2 * r..2 * r + 2)?, false),
+            None => (vids.slice(r + 1..r + 2)?, true),
+        };
+        let (partials, pick) = ops::argmax_with(
             s.b,
-            &a.logits.slice(r * vocab..(r + 1) * vocab)?,
-            &vids.slice(r + 1..r + 2)?,
+            &a.logits.slice(r * vl..(r + 1) * vl)?,
+            v0,
+            &out,
+            out_index,
             &a.pairs.slice(2 * parts * r..2 * parts * (r + 1))?,
             parts,
         )?;
         partials.wait(s.b, lm_done);
         s.b.task(pick).signal(picked);
     }
-    Ok(picked)
+    let (Some(tp), Some((table, data))) = (tp, site) else {
+        return Ok(picked);
+    };
+    let n = shard.ranks;
+    let gathered = &a.gathered;
+    let g = tp.gather(s.b, &table, &data, &gathered.all(), 2)?;
+    let got = s.b.event("draft proposal pairs gather");
+    g.wait(s.b, picked).signal(s.b, got);
+    let done = s.b.event("draft proposals of all ranks");
+    for r in 0..rows {
+        let pairs = gathered.slice(2 * n * r..2 * n * (r + 1))?;
+        let t = Argmax::over_pairs(&pairs, &vids.slice(r + 1..r + 2)?, true)?;
+        s.b.push(t).wait(got).signal(done);
+    }
+    Ok(done)
 }

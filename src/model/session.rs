@@ -759,6 +759,7 @@ impl Model {
 
     /// A program of `m` rows over `session`'s KV cache reading its inputs
     /// from `ids`, doing `extras`' work.
+    /// (`tp`: this rank's collectives when the model is a cluster rank's shard.)
     pub(crate) fn program(
         &self,
         ex: &dyn Executor,
@@ -766,6 +767,7 @@ impl Model {
         ids: &Buffer,
         m: usize,
         extras: &Extras<'_>,
+        tp: Option<&RankComm<'_>>,
     ) -> Result<LoadedProgram> {
         let shared = Shared {
             pos: session.pos_buf.clone(),
@@ -779,7 +781,7 @@ impl Model {
             cache_len: session.cache_len,
             sampling: None,
             extras,
-            tp: None,
+            tp,
         };
         build(
             ex,
@@ -791,7 +793,12 @@ impl Model {
         )
     }
 
-    /// The embedding matrix and the LM head.
+    /// The part of the model these weights are.
+    pub(crate) fn shard(&self) -> Shard {
+        self.weights.shard
+    }
+
+    /// The embedding matrix and the LM head (this shard's vocabulary rows).
     pub(crate) fn embed_and_head(&self) -> (&Buffer, &Buffer) {
         (&self.weights.embed, &self.weights.lm_head)
     }

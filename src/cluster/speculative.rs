@@ -1,0 +1,100 @@
+//! DFlash speculative decoding over a cluster: the target split across the
+//! ranks, the draft whole on every rank, and the draft's proposals chosen from
+//! every rank's slice of the shared LM head.
+
+use super::model::{agree, drain, prefill_ranks};
+use super::{Cluster, ClusterModel, RankComm, Sites};
+use crate::dflash::{DflashOptions, DflashSession, DflashStats, DraftModel};
+use crate::error::{Error, Result};
+use crate::model::session::{wait_outputs, Session};
+
+/// One sequence decoded with DFlash on every rank: one command per rank for
+/// `n` tokens, identical to greedy decoding on the same cluster.
+pub struct ClusterDflashSession {
+    // Dropped before the sites their programs point into.
+    sessions: Vec<DflashSession>,
+    _sites: Sites,
+}
+
+impl ClusterDflashSession {
+    /// A session over `model` with `drafts[r]` (the whole draft, loaded on
+    /// rank `r` against `model.rank(r)`) on each rank.
+    pub fn new(
+        cluster: &Cluster,
+        model: &ClusterModel,
+        drafts: &[DraftModel],
+        max_seq: usize,
+        opts: &DflashOptions,
+    ) -> Result<Self> {
+        if drafts.len() != cluster.ranks() {
+            return Err(Error::InvalidArgument(format!(
+                "{} drafts for {} ranks",
+                drafts.len(),
+                cluster.ranks()
+            )));
+        }
+        let sites = Sites::default();
+        let sessions = drafts
+            .iter()
+            .enumerate()
+            .map(|(r, d)| {
+                let comm = RankComm::new(cluster, &sites, r);
+                DflashSession::new_on(
+                    cluster.rank(r),
+                    model.rank(r),
+                    d,
+                    max_seq,
+                    opts,
+                    Some(&comm),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ClusterDflashSession {
+            sessions,
+            _sites: sites,
+        })
+    }
+
+    /// Positions used so far.
+    pub fn position(&self) -> usize {
+        self.sessions[0].position()
+    }
+
+    /// Feeds a prompt on every rank and returns the model's next token.
+    pub fn prefill(&mut self, cluster: &Cluster, prompt: &[u32]) -> Result<u32> {
+        let mut all: Vec<&mut Session> = self.sessions.iter_mut().map(|s| s.session()).collect();
+        prefill_ranks(cluster, &mut all, prompt)
+    }
+
+    /// Generates up to `n` greedy tokens in one command per rank, stopping
+    /// early after `stop_token` (emitted).
+    pub fn generate(
+        &mut self,
+        cluster: &Cluster,
+        n: usize,
+        stop_token: Option<u32>,
+    ) -> Result<Vec<u32>> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        for (r, s) in self.sessions.iter().enumerate() {
+            s.prepare(cluster.rank(r), n, stop_token)?;
+        }
+        drain(cluster)?;
+        let sessions = &self.sessions;
+        cluster.run_all(&|r, ex| sessions[r].submit(ex, n), &mut || Ok(()))?;
+        let produced = self.sessions[0].produced(cluster.rank(0))?;
+        let mut first = Vec::new();
+        wait_outputs(cluster.rank(0), &mut first, produced, "tokens from rank 0")?;
+        let out = agree(cluster, first, produced)?;
+        for s in &mut self.sessions {
+            s.session().advanced(produced);
+        }
+        Ok(out.into_iter().map(|t| t as u32).collect())
+    }
+
+    /// Acceptance statistics since the session began (the same on every rank).
+    pub fn stats(&self, cluster: &Cluster) -> Result<DflashStats> {
+        self.sessions[0].stats(cluster.rank(0))
+    }
+}
