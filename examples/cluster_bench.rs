@@ -4,13 +4,17 @@
 
 use std::time::Instant;
 
-use megakernel::cluster::{AllReduceChain, Cluster, ClusterModel, ClusterOptions};
+use megakernel::cluster::{
+    AllReduceChain, Cluster, ClusterDflashSession, ClusterModel, ClusterOptions,
+};
+use megakernel::dflash::{DflashOptions, DraftConfig, DraftModel, Injected};
 use megakernel::model::ModelConfig;
 use megakernel::prelude::*;
 use megakernel::quant::Fp4Format;
 
 const HELP: &str = "usage: cluster_bench [--ranks N]... [--share] [--preset NAME] [--experts F]
                      [--context N] [--tokens N] [--sizes LIST] [--no-decode]
+                     [--dflash TAUS] [--block B]
 
 For each rank count N: the all-reduce latency of vectors of each size (f32
 partials summed into the output, what a decode step does twice per layer)
@@ -28,7 +32,13 @@ at a time); then batch-1 decode of the preset split over the N ranks.
   --context N   positions before the timed steps (default 1024)
   --tokens N    timed decode steps (default 64)
   --sizes LIST  all-reduce lengths (default 2048,4096,7168)
-  --no-decode   all-reduce latency only";
+  --no-decode   all-reduce latency only
+  --dflash TAUS also decode with DFlash in INJECTED-ACCEPTANCE mode at each
+                mean acceptance length in the list (e.g. 1,5,6.5): a random
+                draft (whole on every rank) runs its full computation, then
+                its proposals are replaced by the greedy continuation from the
+                plain run with the first mismatch placed to give that tau
+  --block B     DFlash block size (default 16)";
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -100,6 +110,7 @@ fn main() -> Result<()> {
     let (mut preset, mut experts) = ("qwen3-30b-a3b".to_string(), Some(Fp4Format::Mxfp4));
     let (mut context, mut tokens) = (1024usize, 64usize);
     let mut sizes = vec![2048usize, 4096, 7168];
+    let (mut taus, mut block) = (Vec::<f64>::new(), 16usize);
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut val = || {
@@ -131,6 +142,18 @@ fn main() -> Result<()> {
             "--context" => context = num(val()),
             "--tokens" => tokens = num(val()),
             "--sizes" => sizes = val().split(',').map(|s| num(s.to_string())).collect(),
+            "--block" => block = num(val()),
+            "--dflash" => {
+                taus = val()
+                    .split(',')
+                    .map(|t| {
+                        t.parse().unwrap_or_else(|_| {
+                            eprintln!("--dflash needs numbers, not '{t}'\n\n{HELP}");
+                            std::process::exit(2)
+                        })
+                    })
+                    .collect()
+            }
             "--help" | "-h" => {
                 println!("{HELP}");
                 return Ok(());
@@ -216,12 +239,14 @@ fn main() -> Result<()> {
             .map(|i| ((i * 7919) % config.vocab_size) as u32)
             .collect();
         let t = Instant::now();
-        s.prefill(&cluster, &prompt)?;
+        let next = s.prefill(&cluster, &prompt)?;
         let prefill = t.elapsed().as_secs_f64();
-        s.generate(&cluster, 4)?;
+        let mut first = vec![next];
+        first.extend(s.generate(&cluster, 4)?);
         let t = Instant::now();
-        s.generate(&cluster, tokens)?;
+        let generated = s.generate(&cluster, tokens)?;
         let per_token = t.elapsed().as_secs_f64() / tokens as f64;
+        drop(s);
         // Each rank reads about 1/n of a step's bytes (replicated norms and router aside).
         let bytes = config.decode_bytes_with(context + tokens / 2, experts) as f64 / n as f64;
         let roofline = bytes / per_token / copy;
@@ -245,6 +270,79 @@ fn main() -> Result<()> {
             1.0 / per_token,
             share_ar.map_or("null".into(), |s| format!("{s:.4}")),
         );
+        if !taus.is_empty() {
+            let mut reference = prompt.clone();
+            reference.extend(first.iter().chain(&generated));
+            let run = DflashRun {
+                model: &model,
+                prompt: &prompt,
+                reference,
+                tokens,
+                block,
+                plain: per_token,
+            };
+            run.go(&cluster, &taus, &format!("{preset} {dtype} over {n} ranks"))?;
+        }
     }
     Ok(())
+}
+
+/// DFlash runs at injected acceptance lengths next to the plain run.
+struct DflashRun<'a> {
+    model: &'a ClusterModel,
+    prompt: &'a [u32],
+    /// The prompt, then the plain run's greedy continuation.
+    reference: Vec<u32>,
+    tokens: usize,
+    block: usize,
+    plain: f64,
+}
+
+impl DflashRun<'_> {
+    fn go(&self, cluster: &Cluster, taus: &[f64], what: &str) -> Result<()> {
+        let c = self.model.config();
+        let dc = DraftConfig::for_target(c, DraftConfig::default_layers(c.num_layers), self.block);
+        let drafts = (0..cluster.ranks())
+            .map(|r| DraftModel::random(cluster.rank(r), &dc, 11, self.model.rank(r)))
+            .collect::<Result<Vec<_>>>()?;
+        for &tau in taus {
+            let opts = DflashOptions {
+                block_size: Some(self.block),
+                injected: Some(Injected {
+                    reference: self.reference.clone(),
+                    tau,
+                }),
+            };
+            let max_seq = self.reference.len() + self.block + 8;
+            let mut s = ClusterDflashSession::new(cluster, self.model, &drafts, max_seq, &opts)?;
+            s.prefill(cluster, self.prompt)?;
+            let want = &self.reference[self.prompt.len() + 1..];
+            // The first token came from the prefill; 4 warm-up tokens, then the timed ones.
+            let warm = s.generate(cluster, 4, None)?;
+            let t = Instant::now();
+            let got = s.generate(cluster, self.tokens, None)?;
+            let per_token = t.elapsed().as_secs_f64() / self.tokens as f64;
+            let same = warm
+                .iter()
+                .chain(&got)
+                .eq(want.iter().take(4 + self.tokens));
+            let st = s.stats(cluster)?;
+            println!(
+                "{what} dflash tau {tau} (INJECTED acceptance, block {}): {:.1} tokens/s, {:.2}x plain; measured tau {:.2}; output equals greedy: {same}",
+                self.block,
+                1.0 / per_token,
+                self.plain / per_token,
+                st.mean_acceptance()
+            );
+            println!(
+                "{{\"bench\": \"dflash\", \"injected\": true, \"ranks\": {}, \"tau\": {tau}, \"block\": {}, \"tokens_per_s\": {:.2}, \"ratio_to_plain\": {:.3}, \"measured_tau\": {:.3}, \"equals_greedy\": {same}}}",
+                cluster.ranks(),
+                self.block,
+                1.0 / per_token,
+                self.plain / per_token,
+                st.mean_acceptance()
+            );
+        }
+        Ok(())
+    }
 }

@@ -153,26 +153,18 @@ pub(crate) fn launch_resident(
     stream.context().bind_to_thread()?;
     let mut p = *params;
     let mut args = [&mut p as *mut KernelParams as *mut c_void];
-    if !cooperative {
-        // A kernel on part of the SMs (beside another runtime's): a plain
-        // launch, whose blocks take the free SMs one each.
-        // SAFETY: as below.
-        return unsafe {
-            result::launch_kernel(
-                func.cu_function(),
-                (grid, 1, 1),
-                (block, 1, 1),
-                shared_bytes,
-                stream.cu_stream(),
-                &mut args,
-            )
-        };
-    }
+    // A kernel on part of the SMs (beside another runtime's) is launched
+    // plainly: its blocks take the free SMs one each.
+    let launch = if cooperative {
+        result::launch_cooperative_kernel
+    } else {
+        result::launch_kernel
+    };
     // SAFETY: the kernel takes exactly one `KernelParams` by value (same layout
     // on both sides, checked by the ABI test); `p` lives across the call, which
     // copies it.
     unsafe {
-        result::launch_cooperative_kernel(
+        launch(
             func.cu_function(),
             (grid, 1, 1),
             (block, 1, 1),
