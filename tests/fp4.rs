@@ -365,3 +365,80 @@ fn quantized_checkpoints_save_and_load() {
         .to_string();
     assert!(err.contains("quantization_config"), "{err}");
 }
+
+/// MXFP4 weights drawn and quantized by `fill_random_fp4` on the executor are
+/// the bits the host quantizer makes of the same random values, for a whole
+/// matrix and for row and column parts of one (a rank's shard).
+#[test]
+fn device_drawn_mxfp4_equals_host_quantized() {
+    use megakernel::quant::{quantize_mxfp4, Fp4Format};
+    use megakernel::task::fill_random::random_value;
+    use megakernel::task::fill_random_fp4::{FillRandomFp4, RandomPart};
+    use megakernel::task::gemv_expert_fp4::scale_stride;
+    common::on_every_executor("device_drawn_mxfp4", |ex| {
+        let cols = 256usize; // of the whole [96, 256] matrix
+        let key = common::seed();
+        for (origin, prows, pcols) in [((0, 0), 96, 256), ((32, 0), 48, 256), ((0, 64), 96, 128)] {
+            let (std, mean) = (0.02f32, 0.0f32);
+            let values: Vec<f32> = (0..prows * pcols)
+                .map(|p| {
+                    let (r, c) = (p / pcols + origin.0, p % pcols + origin.1);
+                    random_value(key, (r * cols + c) as u64, std, mean)
+                })
+                .collect();
+            let want = quantize_mxfp4(&values).unwrap();
+            let blocks = prows * pcols / 32;
+            let codes = ex.alloc(DType::U32, blocks * 4).unwrap();
+            let stride = scale_stride(Fp4Format::Mxfp4, prows, pcols);
+            let scales = ex.alloc(DType::U32, stride / 4).unwrap();
+            let part = RandomPart {
+                key,
+                std,
+                mean,
+                full_cols: cols,
+                origin,
+                part_cols: pcols,
+            };
+            let mut b = ProgramBuilder::new();
+            // Two tasks: the second starts mid-matrix.
+            let half = (blocks / 2) & !3;
+            for (first, n) in [(0, half), (half, blocks - half)] {
+                let t = FillRandomFp4::task(
+                    &codes.slice(first * 4..(first + n) * 4).unwrap(),
+                    &scales.slice(first / 4..(first + n) / 4).unwrap(),
+                    &part,
+                    first,
+                    n,
+                )
+                .unwrap();
+                b.push(t);
+            }
+            ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[])
+                .unwrap();
+            let got_codes: Vec<u8> = ex
+                .read_u32(&codes)
+                .unwrap()
+                .iter()
+                .flat_map(|w| w.to_le_bytes())
+                .collect();
+            let got_scales: Vec<u8> = ex
+                .read_u32(&scales)
+                .unwrap()
+                .iter()
+                .flat_map(|w| w.to_le_bytes())
+                .collect();
+            assert_eq!(
+                got_codes,
+                want.codes,
+                "{}: codes of part at {origin:?}",
+                ex.describe()
+            );
+            assert_eq!(
+                &got_scales[..blocks],
+                &want.scales[..],
+                "{}: scales",
+                ex.describe()
+            );
+        }
+    });
+}

@@ -211,6 +211,11 @@ pub(crate) const MAX_FUSED_NORM_ROWS: usize = 2;
 /// Elements per `fill_random` task.
 const FILL_CHUNK: usize = 1 << 22;
 
+/// The FP4 format a checkpoint's experts are stored in, if any.
+fn src_stored(src: &WeightSource<'_>) -> Option<Fp4Format> {
+    src.config().moe.as_ref().and_then(|m| m.fp4)
+}
+
 /// An FP4 expert matrix stored in a checkpoint (`NAME_blocks`, `NAME_scales`,
 /// for NVFP4 `NAME_scale_2`).
 fn read_fp4(ck: &Checkpoint, name: &str, format: Fp4Format) -> Result<quant::Fp4Tensor> {
@@ -352,6 +357,13 @@ impl<'a> Loader<'a> {
         };
         let full = [rows, cols];
         let (prows, pcols) = part.dims(&full);
+        if let (Fp4Format::Mxfp4, None, WeightSource::Random { config, seed }) =
+            (format, src_stored(self.src), self.src)
+        {
+            if (prows * pcols) % 128 == 0 && pcols % 32 == 0 {
+                return self.random_mxfp4(names, &full, part, config, *seed);
+            }
+        }
         let src = self.src;
         let stored = src.config().moe.as_ref().and_then(|m| m.fp4);
         // One expert's matrix in FP4: read as stored, or drawn / read as
@@ -385,6 +397,62 @@ impl<'a> Loader<'a> {
         Ok(ExpertMats::Fp4(Fp4Experts::upload_quantized(
             self.ex, format, prows, pcols, &tensors,
         )?))
+    }
+
+    /// Random MXFP4 experts drawn and quantized on the executor (queued
+    /// fills; the same bits as quantizing the host's values).
+    fn random_mxfp4(
+        &mut self,
+        names: &[String],
+        full: &[usize; 2],
+        part: Part,
+        config: &ModelConfig,
+        seed: u64,
+    ) -> Result<ExpertMats> {
+        use crate::task::fill_random_fp4::{FillRandomFp4, RandomPart};
+        const CHUNK_BLOCKS: usize = 1 << 15;
+        let (prows, pcols) = part.dims(full);
+        let origin = match part {
+            Part::All => (0, 0),
+            Part::Rows(a, _) => (a, 0),
+            Part::Cols(a, _) => (0, a),
+        };
+        let format = Fp4Format::Mxfp4;
+        let stride = crate::task::gemv_expert_fp4::scale_stride(format, prows, pcols);
+        let blocks = prows * pcols / 32;
+        let codes = self.ex.alloc(DType::U32, names.len() * blocks * 4)?;
+        let scales = self.ex.alloc(DType::U32, names.len() * stride / 4)?;
+        for (e, name) in names.iter().enumerate() {
+            let (std, mean) = checkpoint::tensor_init(config, name, full);
+            let rp = RandomPart {
+                key: checkpoint::tensor_key(seed, name),
+                std,
+                mean,
+                full_cols: full[1],
+                origin,
+                part_cols: pcols,
+            };
+            for first in (0..blocks).step_by(CHUNK_BLOCKS) {
+                let nb = CHUNK_BLOCKS.min(blocks - first);
+                let c0 = e * blocks * 4 + first * 4;
+                let s0 = e * stride / 4 + first / 4;
+                self.fills.push(FillRandomFp4::task(
+                    &codes.slice(c0..c0 + nb * 4)?,
+                    &scales.slice(s0..s0 + nb / 4)?,
+                    &rp,
+                    first,
+                    nb,
+                )?);
+            }
+        }
+        Ok(ExpertMats::Fp4(Fp4Experts {
+            format,
+            codes,
+            scales,
+            experts: names.len(),
+            rows: prows,
+            cols: pcols,
+        }))
     }
 
     /// The norms and attention weights of the decoder layer whose tensor

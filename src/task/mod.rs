@@ -22,6 +22,7 @@ pub mod embed;
 pub mod emit;
 pub mod fill;
 pub mod fill_random;
+pub mod fill_random_fp4;
 pub mod gemv_bf16;
 pub mod gemv_expert;
 pub mod gemv_expert_fp4;

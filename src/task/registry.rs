@@ -75,4 +75,5 @@ registry! {
     22 => dflash_accept::DflashAccept,
     23 => dflash_inject::DflashInject,
     24 => all_reduce::AllReduce,
+    25 => fill_random_fp4::FillRandomFp4,
 }
