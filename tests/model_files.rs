@@ -24,6 +24,20 @@ fn presets_round_trip_through_config_json() {
     // Published sizes: Qwen3-30B-A3B has about 30.5 B parameters, Qwen3-0.6B about 0.6 B (tied).
     let p30 = ModelConfig::preset("qwen3-30b-a3b").unwrap().num_params() as f64;
     assert!((30.0e9..31.0e9).contains(&p30), "{p30}");
+    // Qwen3-235B-A22B: about 235 B; the trillion-parameter shape: about 1.03 T.
+    let p235 = ModelConfig::preset("qwen3-235b-a22b").unwrap().num_params() as f64;
+    assert!((230.0e9..240.0e9).contains(&p235), "{p235}");
+    let p1t = ModelConfig::preset("moe-1t").unwrap().num_params() as f64;
+    assert!((1.0e12..1.06e12).contains(&p1t), "{p1t}");
+    // Bytes of a batch-1 decode step at 1024 positions with MXFP4 experts:
+    // about 22.5 GB and 30.5 GB (the sizes the several-GPU targets assume).
+    let step = |n: &str| {
+        ModelConfig::preset(n)
+            .unwrap()
+            .decode_bytes_with(1024, Some(megakernel::quant::Fp4Format::Mxfp4)) as f64
+    };
+    assert!((22.0e9..23.0e9).contains(&step("qwen3-235b-a22b")));
+    assert!((30.0e9..31.0e9).contains(&step("moe-1t")));
     let p06 = ModelConfig::preset("qwen3-0.6b").unwrap().num_params() as f64;
     assert!((0.55e9..0.65e9).contains(&p06), "{p06}");
 }

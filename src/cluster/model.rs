@@ -49,11 +49,21 @@ impl ClusterModel {
     ) -> Result<Self> {
         let ranks = cluster.ranks();
         Shard::check(ranks, src.config(), experts)?;
-        let models = (0..ranks)
-            .map(|rank| {
-                Model::from_source_sharded(cluster.rank(rank), src, experts, Shard { rank, ranks })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        // Ranks load at the same time (random weights are drawn on each rank).
+        let models = std::thread::scope(|s| {
+            let loads: Vec<_> = (0..ranks)
+                .map(|rank| {
+                    s.spawn(move || {
+                        let shard = Shard { rank, ranks };
+                        Model::from_source_sharded(cluster.rank(rank), src, experts, shard)
+                    })
+                })
+                .collect();
+            loads
+                .into_iter()
+                .map(|l| l.join().expect("loader thread panicked"))
+                .collect::<Result<Vec<_>>>()
+        })?;
         Ok(ClusterModel {
             config: src.config().clone(),
             models,

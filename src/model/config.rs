@@ -478,6 +478,11 @@ impl ModelConfig {
             "qwen3-0.6b" => dense(1024, 28, 16, 8, 3072, 151_936, true),
             "qwen3-8b" => dense(4096, 36, 32, 8, 12288, 151_936, false),
             "qwen3-30b-a3b" => moe(dense(2048, 48, 32, 4, 6144, 151_936, false), 128, 8, 768),
+            // Sizes a decode step at batch 1 cannot serve from one GPU's
+            // memory: run them over a cluster (MXFP4 experts).
+            "qwen3-235b-a22b" => moe(dense(4096, 94, 64, 4, 12288, 151_936, false), 128, 8, 1536),
+            // The trillion-parameter MoE shape: every layer routed, 384 experts.
+            "moe-1t" => moe(dense(7168, 61, 64, 8, 18432, 163_840, false), 384, 8, 2048),
             // qwen3-30b-a3b's heads and routing (32 query / 4 KV heads, 128
             // experts, top 8) at a size the CPU executor runs in tests.
             "qwen3-30b-a3b-mini" => moe(
@@ -494,12 +499,14 @@ impl ModelConfig {
     }
 
     /// Names of the presets.
-    pub const PRESETS: [&'static str; 6] = [
+    pub const PRESETS: [&'static str; 8] = [
         "tiny",
         "tiny-moe",
         "qwen3-30b-a3b-mini",
         "qwen3-0.6b",
         "qwen3-8b",
         "qwen3-30b-a3b",
+        "qwen3-235b-a22b",
+        "moe-1t",
     ];
 }
