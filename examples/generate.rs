@@ -15,7 +15,7 @@ use megakernel::prelude::*;
 use megakernel::quant::Fp4Format;
 use megakernel::task::sample::Sampling;
 
-const HELP: &str = "usage: generate [--model DIR | --preset NAME] [--prompt TEXT | --prompt-ids 1,2,3] [--tokens N] [--context N] [--temperature T [--top-k K] [--top-p P] [--seed S]] [--experts F] [--draft DIR|random [--block N]] [--cpu] [--dump FILE]
+const HELP: &str = "usage: generate [--model DIR | --preset NAME] [--prompt TEXT | --prompt-ids 1,2,3] [--tokens N] [--context N] [--temperature T [--top-k K] [--top-p P] [--seed S]] [--experts F] [--draft DIR|random [--block N]] [--ranks N] [--cpu] [--dump FILE]
 
 Greedy generation with a Qwen3 or Qwen3-MoE model (Hugging Face layout:
 config.json and safetensors) decoding inside the resident GPU kernel; on the
@@ -45,6 +45,9 @@ CPU executor when there is no GPU (or with --cpu).
                      model (it accepts about one token per block); prints the
                      acceptance statistics
   --block N          DFlash block size (default: the draft's block_size)
+  --ranks N          split the model over N ranks (tensor parallel, all-reduces
+                     inside the kernels): GPUs 0..N-1, or N ranks sharing GPU 0
+                     when there are fewer GPUs, or N CPU ranks
   --cpu              use the CPU executor even if a GPU is present
   --dump FILE        also write the model folder, prompt, tokens and the logits
                      after the prompt as JSON (scripts/compare_hf.py reads it)
@@ -66,6 +69,7 @@ struct Args {
     experts: Option<Fp4Format>,
     draft: Option<String>,
     block: Option<usize>,
+    ranks: usize,
 }
 
 fn parse() -> std::result::Result<Args, String> {
@@ -83,6 +87,7 @@ fn parse() -> std::result::Result<Args, String> {
         experts: None,
         draft: None,
         block: None,
+        ranks: 1,
     };
     let mut sampling = Sampling {
         temperature: 0.0,
@@ -137,6 +142,7 @@ fn parse() -> std::result::Result<Args, String> {
             "--seed" => sampling.seed = number(value("--seed")?, "--seed")? as u64,
             "--context" => a.context = number(value("--context")?, "--context")?,
             "--cpu" => a.cpu = true,
+            "--ranks" => a.ranks = number(value("--ranks")?, "--ranks")?.max(1),
             "--draft" => a.draft = Some(value("--draft")?),
             "--block" => a.block = Some(number(value("--block")?, "--block")?),
             "--dump" => a.dump = Some(PathBuf::from(value("--dump")?)),
@@ -172,6 +178,97 @@ fn parse() -> std::result::Result<Args, String> {
     Ok(a)
 }
 
+/// Generation with the model split over `args.ranks` ranks.
+fn on_ranks(args: Args) -> Result<()> {
+    use megakernel::cluster::{Cluster, ClusterDflashSession, ClusterModel, ClusterOptions};
+    let n = args.ranks;
+    let gpus = if args.cpu {
+        0
+    } else {
+        megakernel::cuda::device_count()
+    };
+    let cluster = match gpus {
+        0 => {
+            println!("no GPU; {n} ranks on the CPU executor");
+            Cluster::cpu(n, CpuOptions::default())?
+        }
+        g if g >= n => Cluster::gpus(&(0..n).collect::<Vec<_>>(), &ClusterOptions::default())?,
+        g => {
+            println!("{g} GPUs for {n} ranks: the ranks share GPU 0");
+            Cluster::gpus(&vec![0; n], &ClusterOptions::default())?
+        }
+    };
+    println!("cluster: {}", cluster.describe());
+    let dir = match &args.model {
+        Some(d) => d.clone(),
+        None => preset_dir(&args.preset)?,
+    };
+    let ck = Checkpoint::open(&dir)?;
+    let t = Instant::now();
+    let model = ClusterModel::load(&cluster, &ck, args.experts)?;
+    println!("loaded in {:.2} s", t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    let (first, rest) = match &args.draft {
+        None => {
+            let mut s = model.session(&cluster, args.context)?;
+            let first = s.prefill(&cluster, &args.prompt)?;
+            let ttft = t.elapsed();
+            let t = Instant::now();
+            let rest = s.generate_with(
+                &cluster,
+                args.tokens.saturating_sub(1),
+                args.sampling.as_ref(),
+                |_| {},
+            )?;
+            ((first, ttft), (rest, t.elapsed()))
+        }
+        Some(draft) => {
+            let c = model.config();
+            let drafts = (0..n)
+                .map(|r| {
+                    let (ex, target) = (cluster.rank(r), model.rank(r));
+                    if draft == "random" {
+                        let layers = DraftConfig::default_layers(c.num_layers);
+                        let dc = DraftConfig::for_target(c, layers, args.block.unwrap_or(16));
+                        DraftModel::random(ex, &dc, 1, target)
+                    } else {
+                        DraftModel::open(ex, std::path::Path::new(draft), target)
+                    }
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let opts = DflashOptions {
+                block_size: args.block,
+                injected: None,
+            };
+            let mut s = ClusterDflashSession::new(&cluster, &model, &drafts, args.context, &opts)?;
+            let first = s.prefill(&cluster, &args.prompt)?;
+            let ttft = t.elapsed();
+            let t = Instant::now();
+            let rest = s.generate(&cluster, args.tokens.saturating_sub(1), None)?;
+            let took = t.elapsed();
+            let st = s.stats(&cluster)?;
+            println!(
+                "DFlash: {} iterations, mean acceptance length tau {:.2}",
+                st.iterations,
+                st.mean_acceptance()
+            );
+            ((first, ttft), (rest, took))
+        }
+    };
+    let ((first, ttft), (rest, gen)) = (first, rest);
+    let tokens: Vec<u32> = std::iter::once(first).chain(rest).collect();
+    println!("prompt: {:?}", args.prompt);
+    println!("tokens: {tokens:?}");
+    let gen = gen.as_secs_f64();
+    println!(
+        "time to first token {:.2} ms; {} tokens in one command per rank: {:.1} tokens/s",
+        ttft.as_secs_f64() * 1e3,
+        tokens.len() - 1,
+        (tokens.len() - 1) as f64 / gen
+    );
+    Ok(())
+}
+
 /// The preset's checkpoint folder, written on first use.
 fn preset_dir(name: &str) -> Result<PathBuf> {
     let config = ModelConfig::preset(name).ok_or_else(|| {
@@ -204,6 +301,13 @@ fn main() -> Result<()> {
             std::process::exit(2);
         }
     };
+    if args.ranks > 1 {
+        if args.dump.is_some() || args.save_quantized.is_some() {
+            eprintln!("--dump and --save-quantized run on one device; drop --ranks");
+            std::process::exit(2);
+        }
+        return on_ranks(args);
+    }
     let (exec, why): (Box<dyn Executor>, Option<Error>) = if args.cpu {
         (Box::new(CpuExecutor::new(CpuOptions::default())), None)
     } else {
