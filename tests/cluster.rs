@@ -378,3 +378,36 @@ fn dflash_case(cluster: &Cluster, one_device: Option<&dyn Executor>) {
         }
     }
 }
+
+/// Injected acceptance (the benchmark mode) over ranks: the mean acceptance
+/// length asked for, and the greedy output.
+#[test]
+fn cpu_injected_acceptance_on_ranks_hits_tau() {
+    use megakernel::cluster::ClusterDflashSession;
+    use megakernel::dflash::{DflashOptions, DraftConfig, DraftModel, Injected};
+    let c = ModelConfig::preset("tiny").unwrap();
+    let cluster = Cluster::cpu(2, cpu_opts()).unwrap();
+    let model = ClusterModel::random(&cluster, &c, 4, None).unwrap();
+    let n = 100;
+    let mut plain = model.session(&cluster, 256).unwrap();
+    let mut want = vec![plain.prefill(&cluster, &PROMPT).unwrap()];
+    want.extend(plain.generate(&cluster, n - 1).unwrap());
+    let dc = DraftConfig::for_target(&c, 1, 16);
+    let drafts: Vec<DraftModel> = (0..2)
+        .map(|r| DraftModel::random(cluster.rank(r), &dc, 1, model.rank(r)).unwrap())
+        .collect();
+    for tau in [3.0, 6.5] {
+        let mut reference = PROMPT.to_vec();
+        reference.extend(&want);
+        let opts = DflashOptions {
+            block_size: None,
+            injected: Some(Injected { reference, tau }),
+        };
+        let mut s = ClusterDflashSession::new(&cluster, &model, &drafts, 256, &opts).unwrap();
+        let mut got = vec![s.prefill(&cluster, &PROMPT).unwrap()];
+        got.extend(s.generate(&cluster, n - 1, None).unwrap());
+        assert_eq!(got, want, "tau {tau}");
+        let m = s.stats(&cluster).unwrap().mean_acceptance();
+        assert!((m - tau).abs() < 0.15 * tau, "tau {tau}: mean {m}");
+    }
+}
