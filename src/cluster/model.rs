@@ -144,6 +144,9 @@ impl ClusterSession {
         mut on_token: impl FnMut(u32),
     ) -> Result<Vec<u32>> {
         self.sessions[0].check(&[], n)?;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
         let mut programs = Vec::with_capacity(self.sessions.len());
         for (r, s) in self.sessions.iter().enumerate() {
             programs.push(s.stage_generate(cluster.rank(r), sampling)?);
