@@ -589,6 +589,7 @@ fn moe_routing_experts_and_combine() {
                 slots,
                 h0,
                 n,
+                true,
             );
             b.push(spec.unwrap()).wait(produced);
         }

@@ -244,32 +244,29 @@ impl Cluster {
         on_poll: &mut dyn FnMut() -> Result<()>,
     ) -> Result<()> {
         let n = self.ranks();
-        let mut results: Vec<Result<()>> = Vec::with_capacity(n);
-        if self.is_gpu() {
+        let results: Vec<Result<()>> = if self.is_gpu() {
+            // Per rank: its ticket, and its outcome once known.
             let mut tickets = Vec::with_capacity(n);
+            let mut done: Vec<Option<Result<()>>> = Vec::with_capacity(n);
             for r in 0..n {
                 match submit(r, self.rank(r)) {
-                    Ok(t) => tickets.push(Some(t)),
+                    Ok(t) => {
+                        tickets.push(Some(t));
+                        done.push(None);
+                    }
                     Err(e) => {
                         self.fail(r);
                         tickets.push(None);
-                        results.push(Err(e));
+                        done.push(Some(Err(e)));
                     }
-                }
-            }
-            let mut done: Vec<Option<Result<()>>> = (0..n).map(|_| None).collect();
-            for (r, t) in tickets.iter().enumerate() {
-                if t.is_none() {
-                    done[r] = Some(Ok(()));
                 }
             }
             let deadline = Instant::now() + self.timeout;
             while done.iter().any(Option::is_none) {
                 for r in 0..n {
-                    if done[r].is_some() {
+                    let (Some(t), None) = (&tickets[r], &done[r]) else {
                         continue;
-                    }
-                    let t = tickets[r].as_ref().expect("submitted");
+                    };
                     match self.rank(r).is_done(t) {
                         Ok(true) => done[r] = Some(Ok(())),
                         Ok(false) => {}
@@ -289,9 +286,9 @@ impl Cluster {
                 }
                 std::thread::yield_now();
             }
-            results.extend(done.into_iter().map(|d| d.expect("all done")));
+            done.into_iter().flatten().collect()
         } else {
-            results = std::thread::scope(|s| {
+            let results = std::thread::scope(|s| {
                 let handles: Vec<_> = (0..n)
                     .map(|r| {
                         s.spawn(move || {
@@ -310,7 +307,8 @@ impl Cluster {
                     .collect()
             });
             on_poll()?;
-        }
+            results
+        };
         match culprit(&results) {
             None => Ok(()),
             Some((rank, e)) => Err(Error::RankFailed {
@@ -324,39 +322,21 @@ impl Cluster {
 
 /// The rank whose failure explains the others': one that failed on its own
 /// (not a wait), else the rank a collective waited for in vain, else one whose
-/// wait timed out.
+/// wait timed out, else any.
 fn culprit(results: &[Result<()>]) -> Option<(usize, Error)> {
-    enum Cause {
-        Own,
-        Missing(usize),
-        Stalled,
-        PeerFailed,
-    }
-    let cause = |e: &Error| match e {
-        Error::DeviceFault { what, .. } if *what == crate::cpu::PEER_FAILED => Cause::PeerFailed,
+    // (priority, rank to name) of rank `r`'s error; lower priorities explain more.
+    let cause = |r: usize, e: &Error| match e {
+        Error::DeviceFault { what, .. } if *what == crate::cpu::PEER_FAILED => (3, r),
         Error::DeviceHang { counter, .. } => match crate::cpu::peer_of_counter(counter) {
-            Some(q) => Cause::Missing(q),
-            None => Cause::Stalled,
+            Some(q) => (1, q),
+            None => (2, r),
         },
-        _ => Cause::Own,
+        _ => (0, r),
     };
-    let errors: Vec<(usize, &Error)> = results
+    results
         .iter()
         .enumerate()
-        .filter_map(|(r, res)| res.as_ref().err().map(|e| (r, e)))
-        .collect();
-    let pick = |want: &dyn Fn(&Cause) -> Option<Option<usize>>| {
-        errors
-            .iter()
-            .find_map(|(r, e)| want(&cause(e)).map(|named| (named.unwrap_or(*r), (*e).clone())))
-    };
-    pick(&|c| matches!(c, Cause::Own).then_some(None))
-        .or_else(|| {
-            pick(&|c| match c {
-                Cause::Missing(q) => Some(Some(*q)),
-                _ => None,
-            })
-        })
-        .or_else(|| pick(&|c| matches!(c, Cause::Stalled).then_some(None)))
-        .or_else(|| errors.first().map(|(r, e)| (*r, (*e).clone())))
+        .filter_map(|(r, res)| res.as_ref().err().map(|e| (cause(r, e), e)))
+        .min_by_key(|((priority, _), _)| *priority)
+        .map(|((_, rank), e)| (rank, e.clone()))
 }

@@ -5,7 +5,7 @@
 use super::{Cluster, RankComm, Sites};
 use crate::buffer::{Buffer, DType};
 use crate::error::Result;
-use crate::exec::{Executor, ExecutorExt, LoadedProgram, Ticket};
+use crate::exec::{Executor, LoadedProgram, Ticket};
 use crate::program::ProgramBuilder;
 use crate::task::copy::Copy;
 use crate::task::nop::Nop;
@@ -123,14 +123,5 @@ impl AllReduceChain {
     /// Rows of each input.
     pub fn rows(&self) -> usize {
         self.rows
-    }
-
-    /// Zeroes every rank's site data and output (between runs whose results are compared).
-    pub fn reset(&self, cluster: &Cluster) -> Result<()> {
-        for r in 0..cluster.ranks() {
-            let ex = cluster.rank(r);
-            ex.write_f32(&self.outputs[r], &vec![0.0; self.len])?;
-        }
-        Ok(())
     }
 }

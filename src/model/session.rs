@@ -1505,16 +1505,19 @@ fn build(
                 let (dst, acc, site) = into_residual()?;
                 let mut specs = Vec::new();
                 for (h0, n) in split_even(h, workers.min(h.div_ceil(64))) {
-                    let args = (&dst, &ey.all(), &route_weights.all(), &list.all());
-                    specs.push(if acc {
-                        MoeCombine::task(
-                            args.0, args.1, args.2, args.3, m, h, experts, slots, h0, n,
-                        )?
-                    } else {
-                        MoeCombine::write(
-                            args.0, args.1, args.2, args.3, m, h, experts, slots, h0, n,
-                        )?
-                    });
+                    specs.push(MoeCombine::task(
+                        &dst,
+                        &ey.all(),
+                        &route_weights.all(),
+                        &list.all(),
+                        m,
+                        h,
+                        experts,
+                        slots,
+                        h0,
+                        n,
+                        acc,
+                    )?);
                 }
                 let comb = ops::Group(ch.b.push_all(specs));
                 ch.stage(comb, &format!("layer {l} expert combine"));

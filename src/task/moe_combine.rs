@@ -45,7 +45,8 @@ pub struct MoeCombineArgs {
 pub struct MoeCombine;
 
 impl MoeCombine {
-    /// Columns `h0..h0 + hn` of every row, added into `x`.
+    /// Columns `h0..h0 + hn` of every row, added into `x` (`accumulate`) or
+    /// written over it.
     #[allow(clippy::too_many_arguments)]
     pub fn task(
         x: &BufSlice,
@@ -58,6 +59,7 @@ impl MoeCombine {
         slots: usize,
         h0: usize,
         hn: usize,
+        accumulate: bool,
     ) -> Result<TaskSpec, ProgramError> {
         want_float::<MoeCombine>("x", x)?;
         if y.dtype() != DType::F32 || weights.dtype() != DType::F32 || list.dtype() != DType::U32 {
@@ -85,30 +87,10 @@ impl MoeCombine {
             h0: h0 as u32,
             hn: hn as u32,
             x_dtype: x.dtype().code(),
-            accumulate: 1,
+            accumulate: u32::from(accumulate),
             reserved: 0,
         };
         Ok(TaskSpec::new::<MoeCombine>(args, &[x, y, weights, list]))
-    }
-
-    /// Like [`task`](Self::task) but writes the sum (`x = S`) instead of adding it.
-    #[allow(clippy::too_many_arguments)]
-    pub fn write(
-        x: &BufSlice,
-        y: &BufSlice,
-        weights: &BufSlice,
-        list: &BufSlice,
-        m: usize,
-        hidden: usize,
-        experts: usize,
-        slots: usize,
-        h0: usize,
-        hn: usize,
-    ) -> Result<TaskSpec, ProgramError> {
-        Ok(
-            Self::task(x, y, weights, list, m, hidden, experts, slots, h0, hn)?
-                .map_args::<MoeCombine>(|a| a.accumulate = 0),
-        )
     }
 }
 
