@@ -65,6 +65,40 @@ __device__ __noinline__ bool fetch_command(const Env* env, u64 seq, Command* out
     return true;
 }
 
+// Block-wide state of the command being run, written by thread 0 between barriers.
+struct Loop {
+    u32 first;
+    u32 last;
+    u64 epoch;
+    u64 iteration;
+    ulonglong2* trace;  // per task slot {start, end} ns, or null
+    bool stop;          // the command ends before this iteration
+    u32 staged_bytes;   // the current task's staged bytes (0: none)
+    u32 staged_off;     // where in dynamic shared memory they land
+};
+
+// Thread 0: a task whose declared range is constant (TASK_FLAG_STAGE) gets as
+// much of it as fits above the shared memory it keeps for itself (high half
+// of the byte-count slot) copied to the top of dynamic shared memory, before
+// its waits: the copy runs while earlier stages finish.
+__device__ __forceinline__ void stage_task(Stage* st, const TaskDesc* d, unsigned char* dyn, u32 dyn_bytes,
+                                           Loop* loop) {
+    loop->staged_bytes = 0;
+    if (!STAGING || (d->flags & (TASK_FLAG_STAGE | TASK_FLAG_PREFETCH)) != (TASK_FLAG_STAGE | TASK_FLAG_PREFETCH)) {
+        return;
+    }
+    const u64 addr = d->args[TASK_ARG_SLOTS - 1], word = d->args[TASK_ARG_SLOTS - 2];
+    const u32 bytes = u32(word), keep = (u32(word >> 32) + 127u) & ~127u;
+    if (keep >= dyn_bytes || (addr & 15) != 0) return;
+    const u32 n = min(bytes, dyn_bytes - keep) & ~15u;
+    if (n == 0) return;
+    const u32 off = (dyn_bytes - n) & ~127u;
+    stage_expect(&st->bar, n);
+    stage_copy(&st->bar, dyn + off, addr, n);
+    loop->staged_bytes = n;
+    loop->staged_off = off;
+}
+
 // Thread 0: prepares the task in `d` (parameters, event checks, waits). Returns
 // false to stop the block. The header is read into registers once; most tasks
 // take no parameter, so that loop is skipped entirely.
@@ -112,16 +146,6 @@ __device__ __forceinline__ bool prepare_task(const Env* env, TaskDesc* d, const 
     return true;
 }
 
-// Block-wide state of the command being run, written by thread 0 between barriers.
-struct Loop {
-    u32 first;
-    u32 last;
-    u64 epoch;
-    u64 iteration;
-    ulonglong2* trace;  // per task slot {start, end} ns, or null
-    bool stop;          // the command ends before this iteration
-};
-
 // A command ending early (CMD_FLAG_UNTIL) accounts for the iterations it skips
 // as if they ran: every task of this block signals its event `skipped` times
 // and the block counts them as done, so the program's epochs and the global
@@ -149,6 +173,7 @@ __device__ __forceinline__ void resident(const KernelParams& kp) {
     __shared__ TaskDesc s_descs[4];  // ring: current task and the next two
     __shared__ Command s_cmd;
     __shared__ Loop s_loop;
+    __shared__ Stage s_stage;
     extern __shared__ __align__(16) unsigned char s_dyn[];
 
     const u32 tid = threadIdx.x;
@@ -161,6 +186,9 @@ __device__ __forceinline__ void resident(const KernelParams& kp) {
         s_env.timeout_ns = kp.wait_timeout_ns;
         s_env.sm = blockIdx.x;
         s_env.num_sms = gridDim.x;
+        s_stage.stagings = 0;
+        stage_init(&s_stage.bar);
+        s_loop.staged_bytes = 0;
     }
     u32 dyn_bytes;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_bytes));
@@ -244,12 +272,18 @@ __device__ __forceinline__ void resident(const KernelParams& kp) {
                 }
                 u64 t_start = 0;
                 if (tid == 0) {
+                    stage_task(&s_stage, d, s_dyn, dyn_bytes, &s_loop);
                     ok = prepare_task(env, d, &s_cmd, s_loop.epoch);
                     if (trace) t_start = globaltimer();
                 }
                 go = __syncthreads_and(ok);
+                const u32 staged = s_loop.staged_bytes;
+                // Waited on even when the block stops: no copy may outlive it.
+                if (staged) stage_wait(&s_stage.bar, s_stage.stagings & 1u);
                 if (go) {
-                    const Ctx c = {env, d, seq, s_dyn, dyn_bytes};
+                    const u32 keep = staged ? s_loop.staged_off : dyn_bytes;
+                    const Ctx c = {env, d, seq, s_dyn, keep, &s_stage, staged ? s_dyn + s_loop.staged_off : nullptr,
+                                   staged};
                     if (!dispatch_task(d->opcode, c) && tid == 0) {
                         report_fault(env, d->id, d->opcode, seq, FAULT_BAD_OPCODE, NO_EVENT, d->opcode, 0);
                     }
@@ -257,6 +291,7 @@ __device__ __forceinline__ void resident(const KernelParams& kp) {
                 // Task t + 1's descriptor (the group before the newest) has landed.
                 if (tid - 32 < 8) asm volatile("cp.async.wait_group 1;" ::: "memory");
                 __syncthreads();  // the task's writes are done
+                if (staged && tid == 0) ++s_stage.stagings;
                 if (go && tid == 0 && trace) trace[t] = make_ulonglong2(t_start, globaltimer());
                 if (go && tid == 0 && signal != NO_EVENT) {
                     red_release_gpu(reinterpret_cast<u64*>(s_cmd.events) + signal, 1);

@@ -17,7 +17,7 @@ pub const TASK_WAITS: usize = 2;
 /// Number of `u64` parameters a command carries to its program.
 pub const COMMAND_PARAMS: usize = 8;
 /// Threads per block of the resident kernel.
-pub const BLOCK_THREADS: u32 = 1024;
+pub const BLOCK_THREADS: u32 = 512;
 
 /// One unit of work for one block, 128 bytes.
 #[repr(C)]
@@ -45,10 +45,18 @@ pub struct TaskDesc {
 }
 
 /// Task flag: `args[TASK_ARG_SLOTS - 1]` is a 16-byte-aligned device address
-/// and `args[TASK_ARG_SLOTS - 2]` a byte count (a multiple of 16) that the task
+/// and the low 32 bits of `args[TASK_ARG_SLOTS - 2]` a byte count (a multiple
+/// of 16) that the task
 /// will stream; the device may prefetch that range into L2 one task ahead,
 /// before the task's waits are satisfied.
 pub const TASK_FLAG_PREFETCH: u16 = 1;
+
+/// Task flag, with [`TASK_FLAG_PREFETCH`]: the declared range does not change
+/// while the program runs (weights), so the device may copy it into the top of
+/// the block's shared memory before the task's waits (Hopper bulk copies) and
+/// the task reads it from there. The high 32 bits of the byte-count slot are
+/// the shared memory the task keeps for itself below the copy.
+pub const TASK_FLAG_STAGE: u16 = 2;
 
 /// Command kind: run a program for some iterations.
 pub const CMD_RUN: u32 = 1;

@@ -292,14 +292,21 @@ impl Fp4Tensor {
             Fp4Format::Nvfp4 => e4m3_to_f32(self.scales[b]) * self.tensor_scale,
         }
     }
-    /// The values: `code * block scale`, each product rounded once to f32.
+    /// The values: `code * block scale` (MXFP4) or `(code * E4M3 scale) *
+    /// tensor scale` (NVFP4; the first product is exact), rounded once to f32.
     pub fn dequantize(&self) -> Vec<f32> {
         let block = self.format.block();
         (0..self.len())
             .map(|i| {
                 let byte = self.codes[i / 2];
                 let code = if i % 2 == 0 { byte & 0xF } else { byte >> 4 };
-                e2m1_to_f32(code) * self.block_scale(i / block)
+                let b = i / block;
+                match self.format {
+                    Fp4Format::Mxfp4 => e2m1_to_f32(code) * e8m0_to_f32(self.scales[b]),
+                    Fp4Format::Nvfp4 => {
+                        e2m1_to_f32(code) * e4m3_to_f32(self.scales[b]) * self.tensor_scale
+                    }
+                }
             })
             .collect()
     }

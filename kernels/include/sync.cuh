@@ -70,6 +70,14 @@ struct Env {
     u32 num_sms;
 };
 
+// The block's staging barrier (stage.cuh) and how many stagings it completed:
+// the next staging completes phase `stagings & 1`. Thread 0 counts a staging
+// only after a barrier that every waiting thread passed.
+struct Stage {
+    u64 bar;
+    u32 stagings;
+};
+
 // Claims the error record (first reporter wins), fills it, and stops every block.
 __device__ __noinline__ void report_fault(const Env* env, u32 task, u32 opcode, u64 command, u32 kind, u32 event,
                                           u64 seen, u64 needed) {
@@ -100,7 +108,7 @@ __device__ __forceinline__ bool aborted(const Env* env) {
 __device__ __forceinline__ void prefetch_task(const TaskDesc* d) {
 #if __CUDA_ARCH__ >= 900
     if (d->flags & TASK_FLAG_PREFETCH) {
-        const u64 addr = d->args[TASK_ARG_SLOTS - 1], bytes = d->args[TASK_ARG_SLOTS - 2];
+        const u64 addr = d->args[TASK_ARG_SLOTS - 1], bytes = d->args[TASK_ARG_SLOTS - 2] & 0xFFFFFFFFu;
         for (u64 off = 0; off < bytes; off += 32768) {
             const u32 n = u32(min(bytes - off, u64(32768)));
             asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(addr + off), "r"(n) : "memory");

@@ -1,13 +1,16 @@
 // What every task body receives, and helpers shared by task files.
 #pragma once
-#include "sync.cuh"
+#include "stage.cuh"
 
 struct Ctx {
     const Env* env;         // shared memory
     const TaskDesc* desc;   // shared-memory copy, parameters substituted
     u64 command;            // sequence number of the running command
     unsigned char* smem;    // dynamic shared memory scratch
-    u32 smem_bytes;
+    u32 smem_bytes;         // scratch bytes (below the staged copy, if any)
+    Stage* stage;           // the block's staging barrier (shared memory)
+    const unsigned char* staged;  // the task's declared range, copied (TASK_FLAG_STAGE), or null
+    u32 staged_bytes;       // how much of the range was copied (its start)
 };
 
 template <typename A>

@@ -341,6 +341,7 @@ __device__ __forceinline__ bool attention_fast(const Ctx& c, const AttentionArgs
     else if (pairs <= 2 * PG) attention_tiled<HD, 2>(c, a, pos0);
     else if (pairs <= 4 * PG) attention_tiled<HD, 4>(c, a, pos0);
     else if (pairs <= 8 * PG) attention_tiled<HD, 8>(c, a, pos0);
+    else if (pairs <= 16 * PG) attention_tiled<HD, 16>(c, a, pos0);
     else return false;
     return true;
 }

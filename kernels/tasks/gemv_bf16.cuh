@@ -78,14 +78,24 @@ __device__ __forceinline__ void load_x8(u64 x, u64 idx, float f[8]) {
 // Input row `i` of a pass: through the row map when there is one.
 __device__ __forceinline__ u32 gemv_row(const u32* rmap, u32 i) { return rmap ? rmap[i] : i; }
 
+// Matrix rows of a task that were staged (TASK_FLAG_STAGE): the first
+// `rows` rows of its slice, at `base` in shared memory.
+struct StagedRows {
+    const unsigned char* base;
+    u32 rows;
+};
+
 template <int M, bool XBF16>
-__device__ __forceinline__ void gemv_pass(const GemvBf16Args& a, u64 x, u32 ldx, const u32* rmap, u32 m0, u32 mcount) {
-    constexpr int UNROLL = 4;
+__device__ __forceinline__ void gemv_pass(const GemvBf16Args& a, u64 x, u32 ldx, const u32* rmap, u32 m0, u32 mcount,
+                                          StagedRows st) {
+    constexpr int UNROLL = 8;
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     const u32 chunks = a.cols >> 3;
     for (u32 r = warp; r < a.rows; r += nwarps) {
         const u64 row = u64(a.row0) + r;
-        const char* wrow = reinterpret_cast<const char*>(a.w) + row * a.ldw * 2;
+        const bool in_smem = r < st.rows;
+        const char* wrow = in_smem ? reinterpret_cast<const char*>(st.base) + u64(r) * a.ldw * 2
+                                   : reinterpret_cast<const char*>(a.w) + row * a.ldw * 2;
         float acc[M];
 #pragma unroll
         for (int i = 0; i < M; ++i) acc[i] = 0.0f;
@@ -94,7 +104,9 @@ __device__ __forceinline__ void gemv_pass(const GemvBf16Args& a, u64 x, u32 ldx,
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) {
                 const u32 ch = base + u * 32;
-                wv[u] = ch < chunks ? ld_stream16(wrow + u64(ch) * 16) : make_uint4(0, 0, 0, 0);
+                wv[u] = ch >= chunks ? make_uint4(0, 0, 0, 0)
+                        : in_smem    ? ld_shared16(wrow + u64(ch) * 16)
+                                     : ld_stream16(wrow + u64(ch) * 16);
             }
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) {
@@ -127,14 +139,16 @@ __device__ __forceinline__ void gemv_pass(const GemvBf16Args& a, u64 x, u32 ldx,
 
 // The `n` input rows listed in `rmap` (all `a.m` rows in order when null).
 template <bool XBF16>
-__device__ __forceinline__ void gemv_rows(const GemvBf16Args& a, u64 x, u32 ldx, const u32* rmap, u32 n) {
-    // Input rows in passes of at most 4 (each pass streams the matrix once;
-    // more accumulators would spill under the 64-register cap).
-    for (u32 m0 = 0; m0 < n; m0 += 4) {
-        const u32 mc = min(n - m0, 4u);
-        if (mc == 1) gemv_pass<1, XBF16>(a, x, ldx, rmap, m0, 1);
-        else if (mc == 2) gemv_pass<2, XBF16>(a, x, ldx, rmap, m0, 2);
-        else gemv_pass<4, XBF16>(a, x, ldx, rmap, m0, mc);
+__device__ __forceinline__ void gemv_rows(const GemvBf16Args& a, u64 x, u32 ldx, const u32* rmap, u32 n,
+                                          StagedRows st) {
+    // Input rows in passes of at most 8 (each pass streams the matrix once;
+    // more accumulators would spill under the 128-register cap).
+    for (u32 m0 = 0; m0 < n; m0 += 8) {
+        const u32 mc = min(n - m0, 8u);
+        if (mc == 1) gemv_pass<1, XBF16>(a, x, ldx, rmap, m0, 1, st);
+        else if (mc == 2) gemv_pass<2, XBF16>(a, x, ldx, rmap, m0, 2, st);
+        else if (mc <= 4) gemv_pass<4, XBF16>(a, x, ldx, rmap, m0, mc, st);
+        else gemv_pass<8, XBF16>(a, x, ldx, rmap, m0, mc, st);
     }
 }
 
@@ -227,8 +241,10 @@ __device__ __forceinline__ void gemv_dispatch(const Ctx& c, const GemvBf16Args& 
     bool bf16;
     if (!gemv_input(c, in, x, ldx, bf16)) return;
     if (!rmap) n = a.m;
-    if (bf16) gemv_rows<true>(a, x, ldx, rmap, n);
-    else gemv_rows<false>(a, x, ldx, rmap, n);
+    // A staged slice holds whole rows from row0 on (the declared range).
+    const StagedRows st = {c.staged, c.staged && a.ldw == a.cols ? c.staged_bytes / (a.ldw * 2) : 0u};
+    if (bf16) gemv_rows<true>(a, x, ldx, rmap, n, st);
+    else gemv_rows<false>(a, x, ldx, rmap, n, st);
 }
 
 // The rows set in `mask` (bit i: row i), ascending, into `rmap`; returns how

@@ -110,7 +110,7 @@ __device__ __forceinline__ u32 fp4_row_lanes(u32 chunks) {
 template <int M, bool XBF16, bool NV>
 __device__ __forceinline__ void fp4_pass(const GemvExpertFp4Args& a, const unsigned char* codes, const unsigned char* sc,
                                          float tscale, u64 x, u32 ldx, u64 y, const u32* rmap, u32 m0, u32 mcount,
-                                         u32 row0, u32 rows) {
+                                         u32 row0, u32 rows, bool smem) {
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     const u32 chunks = a.cols / 32, per_row_scales = NV ? a.cols / 16 : a.cols / 32;
     const u32 lanes = fp4_row_lanes(chunks), per_warp = 32 / lanes, sub = lane % lanes, group = lane / lanes;
@@ -125,7 +125,7 @@ __device__ __forceinline__ void fp4_pass(const GemvExpertFp4Args& a, const unsig
 #pragma unroll
         for (int i = 0; i < M; ++i) acc[i] = 0.0f;
         for (u32 ch = sub; live && ch < chunks; ch += lanes) {
-            const uint4 q = ld_stream16(wrow + u64(ch) * 16);
+            const uint4 q = smem ? ld_shared16(wrow + u64(ch) * 16) : ld_stream16(wrow + u64(ch) * 16);
             float s0, s1;
             if (NV) {
                 s0 = e4m3_value(srow[2 * ch]) * tscale;
@@ -176,20 +176,240 @@ __device__ __forceinline__ void fp4_pass(const GemvExpertFp4Args& a, const unsig
 template <bool XBF16, bool NV>
 __device__ __forceinline__ void fp4_rows(const GemvExpertFp4Args& a, const unsigned char* codes, const unsigned char* sc,
                                          float tscale, u64 x, u32 ldx, u64 y, const u32* rmap, u32 n, u32 row0,
-                                         u32 rows) {
+                                         u32 rows, bool smem) {
     for (u32 m0 = 0; m0 < n; m0 += 2) {
         const u32 mc = min(n - m0, 2u);
-        if (mc == 1) fp4_pass<1, XBF16, NV>(a, codes, sc, tscale, x, ldx, y, rmap, m0, 1, row0, rows);
-        else fp4_pass<2, XBF16, NV>(a, codes, sc, tscale, x, ldx, y, rmap, m0, 2, row0, rows);
+        if (mc == 1) fp4_pass<1, XBF16, NV>(a, codes, sc, tscale, x, ldx, y, rmap, m0, 1, row0, rows, smem);
+        else fp4_pass<2, XBF16, NV>(a, codes, sc, tscale, x, ldx, y, rmap, m0, 2, row0, rows, smem);
     }
+}
+
+// Tensor-core products (columns a multiple of 128, every input-row count):
+// a warp multiplies 16 matrix rows by up to 16 input rows with
+// mma.m16n8k16 (bf16 in, f32 accumulation). Lane (g, c) of the fragment
+// layout streams 32 codes (one MXFP4 block, two NVFP4 blocks) of rows g and
+// g + 8 per 128 columns, decodes them to bf16 pairs in registers and scales
+// them exactly (an E2M1 value times an E8M0 or E4M3 scale fits bf16's
+// significand); k is permuted consistently in both operands, so the decoded
+// pairs are the A fragment as they come. Each row's columns are cut into the
+// same slices whatever the input rows, each slice accumulated in order by one
+// warp and the slices summed in order: a row's result does not depend on how
+// many rows are computed with it or where.
+__device__ __forceinline__ bool fp4_mma_ok(u32 cols) { return (cols & 127u) == 0; }
+
+// Column slices per row (at most four, of `per` 128-column steps each) and
+// the rows a block computes at once: slices x 16-row tiles fill its warps.
+__device__ __forceinline__ void fp4_mma_shape(u32 cols, u32& slices, u32& per, u32& group) {
+    const u32 steps = cols / 128;
+    per = (steps + 3) / 4;
+    slices = (steps + per - 1) / per;
+    group = 16 * max(1u, (BLOCK_THREADS / 32) / slices);
+}
+
+// Shared memory (bytes) of the slice partials of one group.
+__device__ __forceinline__ u32 fp4_mma_partial_bytes(u32 cols) {
+    u32 slices, per, group;
+    fp4_mma_shape(cols, slices, per, group);
+    return slices * group * 16 * 4;
+}
+
+__device__ __forceinline__ u32 bf16x2_scale(u32 a, u32 s2) {
+    u32 d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(s2), "r"(0x80008000u));
+    return d;
+}
+
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// A block scale as a bf16 pair (exact: E8M0 is a power of two, E4M3 has four
+// significant bits).
+template <bool NV>
+__device__ __forceinline__ u32 fp4_scale_pair(u32 code) {
+    u32 h;
+    if (NV) {
+        h = __float_as_uint(e4m3_value(code)) >> 16;
+    } else {
+        h = code == 255u ? 0x7FC0u : code == 0u ? 0x0040u : code << 7;
+    }
+    return h | (h << 16);
+}
+
+// Four consecutive x values of input row `i` at column `col` as two bf16 pairs.
+template <bool XBF16>
+__device__ __forceinline__ void fp4_x4(u64 x, u64 idx, u32& b0, u32& b1) {
+    if (XBF16) {
+        const uint2 v = *reinterpret_cast<const uint2*>(x + idx * 2);
+        b0 = v.x, b1 = v.y;
+    } else {
+        const float4 v = *reinterpret_cast<const float4*>(x + idx * 4);
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(b0) : "f"(v.y), "f"(v.x));
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(b1) : "f"(v.w), "f"(v.z));
+    }
+}
+
+// One warp: rows tile0 .. tile0 + 16 (relative to row0; rows past `rows`
+// read as zero) over column steps step0 .. step1, for input rows 0 .. n of
+// rmap, NT n-tiles of 8; the tile's partials go to part[row][input row].
+template <int NT, bool XBF16, bool NV>
+__device__ __noinline__ void fp4_mma_job(const GemvExpertFp4Args& a, const unsigned char* codes,
+                                            const unsigned char* sc, u64 x, u32 ldx, const u32* rmap, u32 n,
+                                            u32 row0, u32 rows, u32 tile0, u32 step0, u32 step1, bool smem,
+                                            float* part) {
+    const u32 lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const u32 row_codes = a.cols / 2, row_scales = NV ? a.cols / 16 : a.cols / 32;
+    const bool live0 = tile0 + g < rows, live1 = tile0 + g + 8 < rows;
+    const u64 r_0 = u64(row0) + tile0 + g, r_1 = r_0 + 8;
+    u64 xrow[NT];
+    bool xlive[NT];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        const u32 i = j * 8 + g;
+        xlive[j] = i < n;
+        xrow[j] = xlive[j] ? u64(rmap[i]) * ldx : 0;
+    }
+    float acc[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    for (u32 st = step0; st < step1; ++st) {
+        const u32 chunk = st * 4 + c;  // 32-code chunk of the row
+        uint4 q0 = make_uint4(0, 0, 0, 0), q1 = q0;
+        u32 s0a = 0, s0b = 0, s1a = 0, s1b = 0;
+        if (live0) {
+            const unsigned char* p = codes + r_0 * row_codes + u64(chunk) * 16;
+            q0 = smem ? ld_shared16(p) : ld_stream16(p);
+            const unsigned char* sp = sc + r_0 * row_scales;
+            if (NV) s0a = fp4_scale_pair<true>(sp[2 * chunk]), s0b = fp4_scale_pair<true>(sp[2 * chunk + 1]);
+            else s0a = s0b = fp4_scale_pair<false>(sp[chunk]);
+        }
+        if (live1) {
+            const unsigned char* p = codes + r_1 * row_codes + u64(chunk) * 16;
+            q1 = smem ? ld_shared16(p) : ld_stream16(p);
+            const unsigned char* sp = sc + r_1 * row_scales;
+            if (NV) s1a = fp4_scale_pair<true>(sp[2 * chunk]), s1b = fp4_scale_pair<true>(sp[2 * chunk + 1]);
+            else s1a = s1b = fp4_scale_pair<false>(sp[chunk]);
+        }
+        const u32 w0[4] = {q0.x, q0.y, q0.z, q0.w}, w1[4] = {q1.x, q1.y, q1.z, q1.w};
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+            u32 d0[4], d1[4];
+            fp4_to_bf16x8(w0[w], d0);
+            fp4_to_bf16x8(w1[w], d1);
+            const u32 sa = w < 2 ? s0a : s0b, sb = w < 2 ? s1a : s1b;
+#pragma unroll
+            for (int t = 0; t < 4; ++t) d0[t] = bf16x2_scale(d0[t], sa), d1[t] = bf16x2_scale(d1[t], sb);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const u32 af[4] = {d0[2 * h], d1[2 * h], d0[2 * h + 1], d1[2 * h + 1]};
+                const u64 col = u64(chunk) * 32 + w * 8 + h * 4;
+#pragma unroll
+                for (int j = 0; j < NT; ++j) {
+                    u32 b0 = 0, b1 = 0;
+                    if (xlive[j]) fp4_x4<XBF16>(x, xrow[j] + col, b0, b1);
+                    mma_bf16_16816(acc[j], af, b0, b1);
+                }
+            }
+        }
+    }
+    // c0, c1: row g, inputs 2c, 2c + 1 of the n-tile; c2, c3: row g + 8.
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        float* p0 = part + (tile0 + g) * 16 + j * 8 + 2 * c;
+        float* p1 = part + (tile0 + g + 8) * 16 + j * 8 + 2 * c;
+        p0[0] = acc[j][0], p0[1] = acc[j][1], p1[0] = acc[j][2], p1[1] = acc[j][3];
+    }
+}
+
+// Matrix rows row0 .. row0 + rows for the n input rows of rmap (n <= 16),
+// in groups of rows: every warp takes (tile, slice) jobs, then the block sums
+// each row's slices in order and stores (or adds) the results. `part` is
+// fp4_mma_partial_bytes of shared memory.
+template <bool XBF16, bool NV>
+__device__ __noinline__ void fp4_mma_rows(const GemvExpertFp4Args& a, const unsigned char* codes,
+                                          const unsigned char* sc, float tscale, u64 x, u32 ldx, u64 y,
+                                          const u32* rmap, u32 n, u32 row0, u32 rows, bool smem, float* part) {
+    u32 slices, per, group;
+    fp4_mma_shape(a.cols, slices, per, group);
+    const u32 warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5, steps = a.cols / 128;
+    for (u32 g0 = 0; g0 < rows; g0 += group) {
+        const u32 grows = min(group, rows - g0), tiles = (grows + 15) / 16;
+        for (u32 job = warp; job < tiles * slices; job += nwarps) {
+            const u32 tile = job / slices, slice = job % slices;
+            const u32 s0 = slice * per, s1 = min(s0 + per, steps);
+            float* p = part + slice * group * 16;
+            if (n <= 8) {
+                fp4_mma_job<1, XBF16, NV>(a, codes, sc, x, ldx, rmap, n, row0 + g0, grows, tile * 16, s0, s1, smem, p);
+            } else {
+                fp4_mma_job<2, XBF16, NV>(a, codes, sc, x, ldx, rmap, n, row0 + g0, grows, tile * 16, s0, s1, smem, p);
+            }
+        }
+        __syncthreads();
+        for (u32 k = threadIdx.x; k < grows * n; k += blockDim.x) {
+            const u32 r = k / n, i = k % n;
+            float sum = 0.0f;
+            for (u32 s = 0; s < slices; ++s) sum += part[(s * group + r) * 16 + i];
+            sum *= tscale;
+            const u64 idx = u64(rmap[i]) * a.ldy + row0 + g0 + r;
+            const float prev = (a.flags & FP4_ACCUMULATE) ? load_float(y, a.y_dtype, idx) : 0.0f;
+            store_float(y, a.y_dtype, idx, prev + sum);
+        }
+        __syncthreads();
+    }
+}
+
+// Bytes per matrix row of the codes and of the block scales.
+__device__ __forceinline__ u32 fp4_row_codes(const GemvExpertFp4Args& a) { return a.cols / 2; }
+__device__ __forceinline__ u32 fp4_row_scales(const GemvExpertFp4Args& a) {
+    return a.format == FP4_NVFP4 ? a.cols / 16 : a.cols / 32;
+}
+
+// A unit of rows r0 .. r0 + rows of one expert, staged into shared memory:
+// its codes, then the 16-byte-aligned cover of its scales. `staged` is null
+// for a unit read from global memory.
+struct Fp4Unit {
+    const unsigned char* codes;   // row r of the expert at codes + r * row_codes
+    const unsigned char* scales;  // row r's scales at scales + r * row_scales
+    bool staged;
+};
+
+// Where the unit's rows live in global memory: codes at `codes`, its scales'
+// aligned cover [s0, s1).
+__device__ __forceinline__ void fp4_unit_global(const GemvExpertFp4Args& a, const u32* list, u32 slot, u32 r0,
+                                                u32 rows, u64& codes, u64& s0, u64& s1) {
+    const u64 expert = list[1 + slot];
+    const u64 start = a.scales + expert * fp4_scale_stride(a.format, a.ldy, a.cols) + u64(r0) * fp4_row_scales(a);
+    codes = a.w + expert * a.ldy * fp4_row_codes(a) + u64(r0) * fp4_row_codes(a);
+    s0 = start & ~u64(15);
+    s1 = (start + u64(rows) * fp4_row_scales(a) + 15) & ~u64(15);
 }
 
 // Matrix rows row0 .. row0 + rows of the expert in `slot`, for the input rows
 // routed to it. The input rows are prepared (shared memory) when `slot` needs
 // other rows than the last call's (`prepared`: that slot, or ~0 for none).
+// Passes over a unit for the input rows in `mask`: one with tensor cores,
+// else one per two input rows.
+__device__ __forceinline__ u32 fp4_passes(const GemvExpertFp4Args& a, u32 mask) {
+    const u32 k = __popc(mask & ((1u << a.m) - 1u));
+    return fp4_mma_ok(a.cols) ? min(k, 1u) : (k + 1) / 2;
+}
+
+// Scratch of a task below its staged units: the prepared input rows, then
+// the partials of the tensor-core products.
+__device__ __forceinline__ u32 fp4_keep(const GemvExpertFp4Args& a) {
+    return (max(gemv_prologue_bytes(a.m, a.cols), a.m * a.cols * 4) + 128 + 127) & ~127u;
+}
+
+// With `unit` staged, its rows are read from shared memory, once `*wait`
+// (cleared here) had every thread wait for the staging, after the input rows
+// were prepared.
 __device__ __forceinline__ void fp4_expert_rows(const Ctx& c, const GemvExpertFp4Args& a, const u32* list, u32 slot,
                                                 u32 row0, u32 rows, u32& prepared, u64& x, u32& ldx, bool& bf16,
-                                                u32 pass = ~0u) {
+                                                u32 pass = ~0u, const Fp4Unit* unit = nullptr, bool* wait = nullptr) {
     const u32 mask = list[1 + a.slots + slot] & ((1u << a.m) - 1u);
     if (mask == 0u) return;
     const u64 expert = list[1 + slot];
@@ -198,6 +418,8 @@ __device__ __forceinline__ void fp4_expert_rows(const Ctx& c, const GemvExpertFp
     const u64 stride = fp4_scale_stride(a.format, a.ldy, a.cols);
     const unsigned char* sc = reinterpret_cast<const unsigned char*>(a.scales) + expert * stride;
     const float tscale = nv ? *reinterpret_cast<const float*>(sc + u64(a.ldy) * (a.cols / 16)) : 1.0f;
+    const bool smem = unit && unit->staged;
+    if (smem) codes = unit->codes, sc = unit->scales;
     const u32 xsize = a.x_dtype == DTYPE_BF16 ? 2 : 4, ysize = a.y_dtype == DTYPE_BF16 ? 2 : 4;
     const u64 y = a.y + u64(slot) * a.m * a.ldy * ysize;
     const bool per_slot = a.flags & FP4_X_PER_SLOT;
@@ -209,6 +431,10 @@ __device__ __forceinline__ void fp4_expert_rows(const Ctx& c, const GemvExpertFp
         if (!gemv_input(c, in, x, ldx, bf16)) return;
         prepared = slot;
     }
+    if (wait && *wait) {
+        stage_wait(&c.stage->bar, c.stage->stagings & 1u);
+        *wait = false;
+    }
     // Only the rows routed to this expert (the mask after the list's ids).
     // With `pass`, only input rows 2 pass .. 2 pass + 2 of them.
     u32 rmap[16];
@@ -219,12 +445,47 @@ __device__ __forceinline__ void fp4_expert_rows(const Ctx& c, const GemvExpertFp
         n = min(n - min(n, 2 * pass), 2u);
         if (n == 0) return;
     }
+    if (fp4_mma_ok(a.cols)) {
+        // Every input row at once (pass 0 only).
+        if (pass != ~0u && pass > 0) return;
+        n = rows_of_mask(mask, rmap);
+        float* part = reinterpret_cast<float*>(c.smem + fp4_keep(a));
+        if (fp4_keep(a) + fp4_mma_partial_bytes(a.cols) > c.smem_bytes) {
+            if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, a.cols, c.smem_bytes);
+            return;
+        }
+        if (bf16) {
+            if (nv) fp4_mma_rows<true, true>(a, codes, sc, tscale, x, ldx, y, rmap, n, row0, rows, smem, part);
+            else fp4_mma_rows<true, false>(a, codes, sc, tscale, x, ldx, y, rmap, n, row0, rows, smem, part);
+        } else {
+            if (nv) fp4_mma_rows<false, true>(a, codes, sc, tscale, x, ldx, y, rmap, n, row0, rows, smem, part);
+            else fp4_mma_rows<false, false>(a, codes, sc, tscale, x, ldx, y, rmap, n, row0, rows, smem, part);
+        }
+        return;
+    }
     if (bf16) {
-        if (nv) fp4_rows<true, true>(a, codes, sc, tscale, x, ldx, y, rm, n, row0, rows);
-        else fp4_rows<true, false>(a, codes, sc, tscale, x, ldx, y, rm, n, row0, rows);
+        if (nv) fp4_rows<true, true>(a, codes, sc, tscale, x, ldx, y, rm, n, row0, rows, smem);
+        else fp4_rows<true, false>(a, codes, sc, tscale, x, ldx, y, rm, n, row0, rows, smem);
     } else {
-        if (nv) fp4_rows<false, true>(a, codes, sc, tscale, x, ldx, y, rm, n, row0, rows);
-        else fp4_rows<false, false>(a, codes, sc, tscale, x, ldx, y, rm, n, row0, rows);
+        if (nv) fp4_rows<false, true>(a, codes, sc, tscale, x, ldx, y, rm, n, row0, rows, smem);
+        else fp4_rows<false, false>(a, codes, sc, tscale, x, ldx, y, rm, n, row0, rows, smem);
+    }
+}
+
+// Walks units u0 .. u1 of a spread task (see fp4_spread) in order, calling
+// f(slot, pass, r0, rows) for each.
+template <typename F>
+__device__ __forceinline__ void fp4_units(const GemvExpertFp4Args& a, const u32* list, u32 u0, u32 u1, F f) {
+    const u32 per = (a.ldy + a.rows - 1) / a.rows;
+    u32 slot = 0, base = 0, size = fp4_passes(a, list[1 + a.slots]) * per;
+    for (u32 u = u0; u < u1; ++u) {
+        while (u >= base + size) {
+            base += size;
+            ++slot;
+            size = fp4_passes(a, list[1 + a.slots + slot]) * per;
+        }
+        const u32 k = u - base, r0 = (k % per) * a.rows;
+        f(slot, k / per, r0, min(a.rows, a.ldy - r0));
     }
 }
 
@@ -232,27 +493,63 @@ __device__ __forceinline__ void fp4_expert_rows(const Ctx& c, const GemvExpertFp
 // unit per pass over two of the input rows routed to the expert (an expert
 // chosen by many rows is that much more work), dealt evenly over the tasks at
 // run time: however many experts a block chose, and however unevenly, every
-// SM streams an equal share. Out of line: blocks of rows only, and its
-// registers stay out of the resident loop's.
+// SM streams an equal share. On Hopper every unit that fits is staged into
+// shared memory first (above the scratch of the input rows), so the task's
+// whole share is in flight at once while the input rows are prepared. Out of
+// line: blocks of rows only, and its registers stay out of the resident loop's.
 __device__ __noinline__ void fp4_spread(const Ctx& c, const GemvExpertFp4Args& a, const u32* list) {
     u32 prepared = ~0u, ldx = 0;
     u64 x = 0;
     bool bf16 = false;
     const u32 per = (a.ldy + a.rows - 1) / a.rows, count = min(list[0], a.slots);
-    const u32 mbits = (1u << a.m) - 1u;
     u32 units = 0;
-    for (u32 s = 0; s < count; ++s) units += (__popc(list[1 + a.slots + s] & mbits) + 1) / 2 * per;
+    for (u32 s = 0; s < count; ++s) units += fp4_passes(a, list[1 + a.slots + s]) * per;
     const u32 t = a.slot, tasks = a.reserved;
     const u32 u0 = u32(u64(units) * t / tasks), u1 = u32(u64(units) * (t + 1) / tasks);
-    u32 slot = 0, base = 0, size = (__popc(list[1 + a.slots] & mbits) + 1) / 2 * per;
-    for (u32 u = u0; u < u1; ++u) {
-        while (u >= base + size) {
-            base += size;
-            ++slot;
-            size = (__popc(list[1 + a.slots + slot] & mbits) + 1) / 2 * per;
+    // Staging: units in order while they fit; every thread makes the same
+    // choices, thread 0 issues the copies.
+    const u32 keep = fp4_keep(a) + (fp4_mma_ok(a.cols) ? fp4_mma_partial_bytes(a.cols) : 0u);
+    const u32 cap = STAGING && c.smem_bytes > keep ? c.smem_bytes - keep : 0u;
+    const u32 row_codes = fp4_row_codes(a);
+    u32 total = 0;
+    if (cap) {
+        fp4_units(a, list, u0, u1, [&](u32 slot, u32, u32 r0, u32 rows) {
+            u64 codes, s0, s1;
+            fp4_unit_global(a, list, slot, r0, rows, codes, s0, s1);
+            const u32 cb = rows * row_codes, bytes = cb + u32(s1 - s0);
+            if (total + bytes > cap) return;
+            if (threadIdx.x == 0) {
+                unsigned char* dst = c.smem + keep + total;
+                stage_expect_more(&c.stage->bar, bytes);
+                stage_copy(&c.stage->bar, dst, codes, cb);
+                stage_copy(&c.stage->bar, dst + cb, s0, u32(s1 - s0));
+            }
+            total += bytes;
+        });
+        if (total && threadIdx.x == 0) stage_expect(&c.stage->bar, 0);  // the arrival
+    }
+    bool wait = total != 0;
+    u32 off = 0;
+    fp4_units(a, list, u0, u1, [&](u32 slot, u32 pass, u32 r0, u32 rows) {
+        u64 codes, s0, s1;
+        fp4_unit_global(a, list, slot, r0, rows, codes, s0, s1);
+        const u32 cb = rows * row_codes, bytes = cb + u32(s1 - s0);
+        Fp4Unit unit = {nullptr, nullptr, false};
+        if (total && off + bytes <= cap) {
+            const unsigned char* dst = c.smem + keep + off;
+            const u64 start = a.scales + u64(list[1 + slot]) * fp4_scale_stride(a.format, a.ldy, a.cols) +
+                              u64(r0) * fp4_row_scales(a);
+            unit.codes = dst - u64(r0) * row_codes;
+            unit.scales = dst + cb + (start - s0) - u64(r0) * fp4_row_scales(a);
+            unit.staged = true;
+            off += bytes;
         }
-        const u32 k = u - base, pass = k / per, r0 = (k % per) * a.rows;
-        fp4_expert_rows(c, a, list, slot, r0, min(a.rows, a.ldy - r0), prepared, x, ldx, bf16, pass);
+        fp4_expert_rows(c, a, list, slot, r0, rows, prepared, x, ldx, bf16, pass, &unit, &wait);
+    });
+    if (total) {
+        if (wait) stage_wait(&c.stage->bar, c.stage->stagings & 1u);  // a fault skipped the rows
+        __syncthreads();  // every thread waited: the next staging is the next phase
+        if (threadIdx.x == 0) ++c.stage->stagings;
     }
 }
 

@@ -1261,6 +1261,7 @@ fn build(
             acc,
             pro,
         )
+        .map(|g| g.staged(ch.b))
     };
     // Norms and SwiGLU run inside the following product's tasks when the
     // prepared rows fit in shared memory; otherwise as stages of their own.
@@ -1407,7 +1408,8 @@ fn build(
                     workers.min(experts),
                     false,
                     &pro,
-                )?;
+                )?
+                .staged(ch.b);
                 ch.stage(r, &format!("layer {l} router"));
                 let route = MoeRoute::task(
                     &router_logits.all(),
@@ -1554,7 +1556,8 @@ fn build(
             workers,
             false,
             &Prologue::RmsNorm(final_norm.all(), eps),
-        )?;
+        )?
+        .staged(ch.b);
         ch.stage(lm, "lm head");
         let parts = (workers / m).max(1);
         let row_pairs = buf(DType::U32, 2 * parts * m)?;
@@ -1622,7 +1625,8 @@ fn build(
             workers,
             false,
             &Prologue::RmsNorm(final_norm.all(), eps),
-        )?;
+        )?
+        .staged(ch.b);
         ch.stage(lm, "lm head");
         // The token after it: drawn with the sampling settings, or greedy.
         if let Some(params) = sampling {

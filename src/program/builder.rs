@@ -75,6 +75,13 @@ impl TaskHandle<'_> {
         }
         self
     }
+    /// Marks the task's declared range constant while the program runs, so
+    /// the device may stage it before the task's waits ([`TaskSpec::stage`]).
+    pub fn stage(mut self) -> Self {
+        let spec = std::mem::replace(&mut self.node().spec, TaskSpec::raw_opcode(0));
+        self.node().spec = spec.stage();
+        self
+    }
     /// Pins the task to worker `w % workers` instead of the round-robin choice.
     pub fn on_worker(mut self, w: u32) -> Self {
         self.node().worker = Some(w);

@@ -37,6 +37,15 @@ impl Group {
         }
         self
     }
+    /// Marks every task's declared range (its slice of a weight matrix)
+    /// constant while the program runs, so the device may stage it into shared
+    /// memory before the task's waits ([`TaskSpec::stage`]).
+    pub fn staged(self, b: &mut ProgramBuilder) -> Self {
+        for &t in &self.0 {
+            b.task(t).stage();
+        }
+        self
+    }
     /// Number of tasks.
     pub fn len(&self) -> usize {
         self.0.len()

@@ -199,7 +199,17 @@ impl GemvBf16 {
         if let Prologue::RmsNorm(b, _) | Prologue::Swiglu(b) = prologue {
             bufs.push(b);
         }
-        Ok(TaskSpec::new::<GemvBf16>(args, &bufs).with_prefetch(first, (rows * cols * 2) as u64))
+        // Shared memory the task uses below a staged slice: the prepared or
+        // copied input rows (gemv_input on the device).
+        let copied = if m > 1 {
+            m * cols * x.dtype().size()
+        } else {
+            0
+        };
+        let scratch = (prologue_bytes(m, cols) + 128).max(copied);
+        Ok(TaskSpec::new::<GemvBf16>(args, &bufs)
+            .with_prefetch(first, (rows * cols * 2) as u64)
+            .with_scratch(u32::try_from(scratch).unwrap_or(u32::MAX)))
     }
 }
 

@@ -222,9 +222,14 @@ impl GemvExpertFp4 {
         }))
     }
 
-    /// Matrix rows per spread unit: two rows per warp of a block (the rows of
-    /// a warp follow from the lanes each row takes).
+    /// Matrix rows per spread unit. With tensor-core products (`cols` a
+    /// multiple of 128) the rows a block computes at once: 16-row tiles times
+    /// the column slices of a row fill its warps; otherwise two rows per
+    /// warp (the rows of a warp follow from the lanes each row takes).
     pub fn unit_rows(cols: usize) -> usize {
+        if let Some((slices, _)) = mma_slices(cols) {
+            return 16 * (WARPS / slices).max(1);
+        }
         let chunks = cols / 32;
         let idle = |l: usize| (l * chunks.div_ceil(l) - chunks) * (32 / l);
         let mut lanes = 32;
@@ -233,7 +238,7 @@ impl GemvExpertFp4 {
                 lanes = l;
             }
         }
-        2 * 32 * (32 / lanes)
+        2 * WARPS * (32 / lanes)
     }
 
     /// Rows `row0..row0 + rows` of expert `list[1 + slot]`'s product, as
@@ -316,6 +321,20 @@ impl GemvExpertFp4 {
         }
         Ok(TaskSpec::new::<GemvExpertFp4>(args, &bufs))
     }
+}
+
+/// Warps of a resident block.
+const WARPS: usize = crate::abi::BLOCK_THREADS as usize / 32;
+
+/// With tensor-core products on the device (`cols` a multiple of 128): the
+/// column slices of a row and the 128-column steps in each.
+fn mma_slices(cols: usize) -> Option<(usize, usize)> {
+    if cols % 128 != 0 || cols == 0 {
+        return None;
+    }
+    let steps = cols / 128;
+    let per = steps.div_ceil(4);
+    Some((steps.div_ceil(per), per))
 }
 
 /// The CPU reference for matrix rows `row0 .. row0 + rows` of the expert in `slot`.
@@ -410,18 +429,22 @@ impl TaskKind for GemvExpertFp4 {
             }
             return Ok(());
         }
-        // Units of `rows` matrix rows, one per pass over two routed input
-        // rows, slot by slot; this task's share of them (the reference
-        // computes every input row of a unit in its first pass).
+        // Units of `rows` matrix rows, one per pass (every routed input row
+        // at once with tensor cores, else two per pass), slot by slot; this
+        // task's share of them (the reference computes every input row of a
+        // unit in its first pass).
         let list = mem.read_u32(a.list, 1 + 2 * a.slots as usize)?;
         let count = list[0].min(a.slots) as usize;
         let per = a.ldy.div_ceil(a.rows);
         let mbits = ((1u64 << a.m) - 1) as u32;
         let mut items = Vec::new();
         for s in 0..count {
-            let passes = (list[1 + a.slots as usize + s] & mbits)
-                .count_ones()
-                .div_ceil(2);
+            let routed = (list[1 + a.slots as usize + s] & mbits).count_ones();
+            let passes = if mma_slices(a.cols as usize).is_some() {
+                routed.min(1)
+            } else {
+                routed.div_ceil(2)
+            };
             for k in 0..passes * per {
                 items.push((s as u32, k / per, (k % per) * a.rows));
             }

@@ -144,10 +144,32 @@ impl TaskSpec {
     /// leave no room for it.
     pub fn with_prefetch(mut self, addr: u64, bytes: u64) -> TaskSpec {
         let free = self.arg_bytes <= (TASK_ARG_SLOTS - 2) * 8;
-        if free && addr % 16 == 0 && bytes % 16 == 0 && bytes > 0 {
+        if free && addr % 16 == 0 && bytes % 16 == 0 && bytes > 0 && bytes <= u64::from(u32::MAX) {
             self.args[TASK_ARG_SLOTS - 1] = addr;
             self.args[TASK_ARG_SLOTS - 2] = bytes;
             self.flags |= crate::abi::TASK_FLAG_PREFETCH;
+        }
+        self
+    }
+
+    /// Records the shared memory (bytes) the task needs for itself, below a
+    /// staged copy of its declared range ([`stage`](Self::stage)).
+    pub fn with_scratch(mut self, bytes: u32) -> TaskSpec {
+        if self.flags & crate::abi::TASK_FLAG_PREFETCH != 0 {
+            let count = self.args[TASK_ARG_SLOTS - 2] & u64::from(u32::MAX);
+            self.args[TASK_ARG_SLOTS - 2] = count | (u64::from(bytes) << 32);
+        }
+        self
+    }
+
+    /// Declares the range given to [`with_prefetch`](Self::with_prefetch)
+    /// constant while the program runs (weights): the device may copy it into
+    /// shared memory before the task's waits
+    /// ([`TASK_FLAG_STAGE`](crate::abi::TASK_FLAG_STAGE)). Only for ranges no
+    /// task of the program writes. Without a declared range, nothing changes.
+    pub fn stage(mut self) -> TaskSpec {
+        if self.flags & crate::abi::TASK_FLAG_PREFETCH != 0 {
+            self.flags |= crate::abi::TASK_FLAG_STAGE;
         }
         self
     }
