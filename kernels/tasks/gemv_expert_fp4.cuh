@@ -568,6 +568,32 @@ __device__ __forceinline__ void task_gemv_expert_fp4(const Ctx& c) {
         u32 prepared = ~0u, ldx = 0;
         u64 x = 0;
         bool bf16 = false;
-        fp4_expert_rows(c, a, list, a.slot, a.row0, a.rows, prepared, x, ldx, bf16);
+        // The slice is staged (as one unit) when it fits, while the input
+        // rows are prepared.
+        Fp4Unit unit = {nullptr, nullptr, false};
+        const u32 keep = fp4_keep(a) + (fp4_mma_ok(a.cols) ? fp4_mma_partial_bytes(a.cols) : 0u);
+        u64 codes, s0, s1;
+        fp4_unit_global(a, list, a.slot, a.row0, a.rows, codes, s0, s1);
+        const u64 cb = u64(a.rows) * fp4_row_codes(a), bytes = cb + (s1 - s0);
+        const bool routed = (list[1 + a.slots + a.slot] & ((1u << a.m) - 1u)) != 0u;
+        bool wait = STAGING && routed && c.smem_bytes > keep && bytes <= c.smem_bytes - keep;
+        if (wait) {
+            unsigned char* dst = c.smem + keep;
+            if (threadIdx.x == 0) {
+                stage_expect(&c.stage->bar, u32(bytes));
+                stage_copy(&c.stage->bar, dst, codes, u32(cb));
+                stage_copy(&c.stage->bar, dst + cb, s0, u32(s1 - s0));
+            }
+            const u64 start = a.scales + u64(list[1 + a.slot]) * fp4_scale_stride(a.format, a.ldy, a.cols) +
+                              u64(a.row0) * fp4_row_scales(a);
+            unit = {dst - u64(a.row0) * fp4_row_codes(a), dst + cb + (start - s0) - u64(a.row0) * fp4_row_scales(a),
+                    true};
+        }
+        fp4_expert_rows(c, a, list, a.slot, a.row0, a.rows, prepared, x, ldx, bf16, ~0u, &unit, &wait);
+        if (unit.staged) {
+            if (wait) stage_wait(&c.stage->bar, c.stage->stagings & 1u);  // a fault skipped the rows
+            __syncthreads();  // every thread waited: the next staging is the next phase
+            if (threadIdx.x == 0) ++c.stage->stagings;
+        }
     }
 }

@@ -1422,14 +1422,20 @@ fn build(
                 )?;
                 let route = single(&mut ch, route);
                 ch.stage(route, &format!("layer {l} route"));
+                // Tasks per chosen expert when each takes a slice of one
+                // expert: gate and up share the workers (one task per worker,
+                // since a task's fixed cost exceeds the time of its bytes),
+                // down has them all.
                 let per_slot = (workers / slots).max(1);
+                let per_slot_pair = (workers / (2 * slots)).max(1);
                 let expert_gemv = |w: &ExpertMats,
                                    xin: &BufSlice,
                                    y: &Buffer,
                                    rows: usize,
                                    cols: usize,
                                    per_x: bool,
-                                   pro: &Prologue| {
+                                   pro: &Prologue,
+                                   per_slot: usize| {
                     let mut specs = Vec::new();
                     if let (ExpertMats::Fp4(w), true) = (w, m > 1) {
                         // Blocks of rows choose many experts, each for few
@@ -1490,8 +1496,18 @@ fn build(
                     }
                     Ok::<_, Error>(specs)
                 };
-                let mut specs = expert_gemv(gate, &src, &eg, moe_inter, h, false, &pro)?;
-                specs.extend(expert_gemv(up, &src, &eu, moe_inter, h, false, &pro)?);
+                let mut specs =
+                    expert_gemv(gate, &src, &eg, moe_inter, h, false, &pro, per_slot_pair)?;
+                specs.extend(expert_gemv(
+                    up,
+                    &src,
+                    &eu,
+                    moe_inter,
+                    h,
+                    false,
+                    &pro,
+                    per_slot_pair,
+                )?);
                 let gu = ops::Group(ch.b.push_all(specs));
                 ch.stage(gu, &format!("layer {l} expert gate+up"));
                 let pro = if fuse(moe_inter) {
@@ -1501,7 +1517,7 @@ fn build(
                     ch.stage(s, &format!("layer {l} expert swiglu"));
                     Prologue::None
                 };
-                let d = expert_gemv(down, &eg.all(), &ey, h, moe_inter, true, &pro)?;
+                let d = expert_gemv(down, &eg.all(), &ey, h, moe_inter, true, &pro, per_slot)?;
                 let d = ops::Group(ch.b.push_all(d));
                 ch.stage(d, &format!("layer {l} expert down"));
                 let (dst, acc, site) = into_residual()?;
