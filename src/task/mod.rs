@@ -270,3 +270,46 @@ pub fn split_even(n: usize, parts: usize) -> Vec<(usize, usize)> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::gemv_bf16::{GemvBf16, GemvShape, Prologue};
+    use super::{fill::Fill, TASK_ARG_SLOTS};
+    use crate::abi::{TASK_FLAG_PREFETCH, TASK_FLAG_STAGE};
+    use crate::buffer::DType;
+    use crate::cpu::{CpuExecutor, CpuOptions};
+    use crate::exec::Executor;
+
+    #[test]
+    fn staging_needs_a_declared_range_and_keeps_the_scratch_size() {
+        let ex = CpuExecutor::new(CpuOptions::default());
+        let (rows, cols, m) = (48, 64, 3);
+        let w = ex.alloc(DType::Bf16, rows * cols).unwrap();
+        let x = ex.alloc(DType::F32, m * cols).unwrap();
+        let y = ex.alloc(DType::F32, m * rows).unwrap();
+        let shape = GemvShape { rows, cols, m };
+        let spec = GemvBf16::rows_with(
+            &w.all(),
+            &x.all(),
+            &y.all(),
+            shape,
+            16,
+            8,
+            false,
+            &Prologue::None,
+        )
+        .unwrap();
+        assert_eq!(spec.flags, TASK_FLAG_PREFETCH);
+        let word = spec.args[TASK_ARG_SLOTS - 2];
+        assert_eq!(spec.args[TASK_ARG_SLOTS - 1], w.addr() + 16 * 64 * 2);
+        assert_eq!(word & u64::from(u32::MAX), 8 * 64 * 2);
+        // Three f32 input rows copied into shared memory exceed the prologue's need.
+        assert_eq!(word >> 32, (m * cols * 4) as u64);
+        let staged = spec.stage();
+        assert_eq!(staged.flags, TASK_FLAG_PREFETCH | TASK_FLAG_STAGE);
+        assert_eq!(staged.args[TASK_ARG_SLOTS - 2], word);
+        // Without a declared range there is nothing to stage.
+        let fill = Fill::task(&y.all(), 1.0).unwrap().stage();
+        assert_eq!(fill.flags & TASK_FLAG_STAGE, 0);
+    }
+}
