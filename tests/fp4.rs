@@ -415,18 +415,11 @@ fn device_drawn_mxfp4_equals_host_quantized() {
             }
             ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[])
                 .unwrap();
-            let got_codes: Vec<u8> = ex
-                .read_u32(&codes)
-                .unwrap()
-                .iter()
-                .flat_map(|w| w.to_le_bytes())
-                .collect();
-            let got_scales: Vec<u8> = ex
-                .read_u32(&scales)
-                .unwrap()
-                .iter()
-                .flat_map(|w| w.to_le_bytes())
-                .collect();
+            let bytes = |b: &Buffer| -> Vec<u8> {
+                let words = ex.read_u32(b).unwrap();
+                words.iter().flat_map(|w| w.to_le_bytes()).collect()
+            };
+            let (got_codes, got_scales) = (bytes(&codes), bytes(&scales));
             assert_eq!(
                 got_codes,
                 want.codes,

@@ -1435,7 +1435,7 @@ fn build(
                                    cols: usize,
                                    per_x: bool,
                                    pro: &Prologue,
-                                   per_slot: usize| {
+                                   tasks_per_slot: usize| {
                     let mut specs = Vec::new();
                     if let (ExpertMats::Fp4(w), true) = (w, m > 1) {
                         // Blocks of rows choose many experts, each for few
@@ -1460,7 +1460,7 @@ fn build(
                         return Ok(specs);
                     }
                     for slot in 0..slots {
-                        for (r0, n) in split_even(rows, per_slot) {
+                        for (r0, n) in split_even(rows, tasks_per_slot) {
                             let shape = GemvShape { rows, cols, m };
                             specs.push(match w {
                                 ExpertMats::Bf16(w) => GemvExpert::rows(

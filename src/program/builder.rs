@@ -78,8 +78,7 @@ impl TaskHandle<'_> {
     /// Marks the task's declared range constant while the program runs, so
     /// the device may stage it before the task's waits ([`TaskSpec::stage`]).
     pub fn stage(mut self) -> Self {
-        let spec = std::mem::replace(&mut self.node().spec, TaskSpec::raw_opcode(0));
-        self.node().spec = spec.stage();
+        self.node().spec.mark_staged();
         self
     }
     /// Pins the task to worker `w % workers` instead of the round-robin choice.

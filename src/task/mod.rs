@@ -168,10 +168,15 @@ impl TaskSpec {
     /// ([`TASK_FLAG_STAGE`](crate::abi::TASK_FLAG_STAGE)). Only for ranges no
     /// task of the program writes. Without a declared range, nothing changes.
     pub fn stage(mut self) -> TaskSpec {
+        self.mark_staged();
+        self
+    }
+
+    /// [`stage`](Self::stage) in place.
+    pub(crate) fn mark_staged(&mut self) {
         if self.flags & crate::abi::TASK_FLAG_PREFETCH != 0 {
             self.flags |= crate::abi::TASK_FLAG_STAGE;
         }
-        self
     }
 
     /// A task with an arbitrary opcode, for fault-injection tests of the
