@@ -307,8 +307,9 @@ fn several_gpus_match_one() {
         &layouts,
     );
     let timeout = Duration::from_secs(2);
+    let all: Vec<usize> = (0..n).collect();
     check_failures(
-        &|| Cluster::gpus(&[0, 1], &gpu_opts(timeout)).unwrap(),
+        &|| Cluster::gpus(&all, &gpu_opts(timeout)).unwrap(),
         timeout,
     );
 }
@@ -333,6 +334,19 @@ fn gpu_dflash_on_ranks_sharing_one_gpu_equals_greedy_on_them() {
         let cluster = Cluster::gpus(&devices, &ClusterOptions::default()).unwrap();
         dflash_case(&cluster, None);
     }
+}
+
+/// DFlash with one rank per GPU on every GPU present equals greedy decoding
+/// on those GPUs.
+#[test]
+fn dflash_on_several_gpus_equals_greedy_on_them() {
+    let n = megakernel::cuda::device_count();
+    let Some(_lock) = common::gpus("dflash_on_several_gpus", 2) else {
+        return;
+    };
+    let all: Vec<usize> = (0..n).collect();
+    let cluster = Cluster::gpus(&all, &ClusterOptions::default()).unwrap();
+    dflash_case(&cluster, None);
 }
 
 /// DFlash on `cluster` against greedy decoding on it, and against greedy

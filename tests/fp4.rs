@@ -133,11 +133,21 @@ fn device_decoding_is_bit_exact() {
 fn fp4_expert_products_match_reference() {
     let mut rng = Rng(seed());
     on_every_executor("fp4_expert_products_match_reference", |ex| {
-        for (case, format) in [Fp4Format::Mxfp4, Fp4Format::Nvfp4, Fp4Format::Mxfp4]
-            .into_iter()
-            .enumerate()
-        {
-            let (n, rows, cols, m) = (6, 96, 384, 1 + rng.below(16));
+        use Fp4Format::{Mxfp4, Nvfp4};
+        let mut draw = || 1 + rng.below(16);
+        // Case 0: no prologue, 1: RMSNorm, 2: SwiGLU with rows per slot. The
+        // wide ones take 16 rows at once: bf16 rows copied beside the
+        // tensor-core partials, f32 rows and 7168-wide rows read in place.
+        let cases = [
+            (0, Mxfp4, 384, draw(), DType::Bf16),
+            (1, Nvfp4, 384, draw(), DType::Bf16),
+            (2, Mxfp4, 384, draw(), DType::Bf16),
+            (0, Mxfp4, 4096, 16, DType::Bf16),
+            (0, Nvfp4, 4096, 16, DType::F32),
+            (0, Mxfp4, 7168, 16, DType::Bf16),
+        ];
+        for (case, format, cols, m, x_dtype) in cases {
+            let (n, rows) = (6, 96);
             let mats = experts(&mut rng, n, rows, cols);
             let w = Fp4Experts::upload(ex, format, rows, cols, &mats).unwrap();
             let chosen = [4u32, 1, 5];
@@ -145,7 +155,7 @@ fn fp4_expert_products_match_reference() {
             let nx = if per_slot { chosen.len() } else { 1 } * m * cols;
             let xv = bf16_round(&rng.vec(nx));
             let av = bf16_round(&rng.vec(nx));
-            let x = ex.alloc(DType::Bf16, nx).unwrap();
+            let x = ex.alloc(x_dtype, nx).unwrap();
             let aux = ex.alloc(DType::Bf16, nx).unwrap();
             ex.write_f32(&x, &xv).unwrap();
             ex.write_f32(&aux, &av).unwrap();
@@ -165,7 +175,7 @@ fn fp4_expert_products_match_reference() {
                 got.iter()
                     .zip(&spread)
                     .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{}: case {case} {format:?}: spread tasks differ",
+                "{}: case {case} {format:?} {cols} cols: spread tasks differ",
                 ex.describe()
             );
             let (mut want, mut exact) = (Vec::new(), Vec::new());
@@ -217,7 +227,7 @@ fn fp4_expert_products_match_reference() {
                 }
             }
             let err = rel_l2(&got, &want);
-            assert!(err < 1e-3, "case {case} {format:?}: rel L2 {err}");
+            assert!(err < 1e-3, "case {case} {format:?} {cols} cols: rel L2 {err}");
             let q = rel_l2(&got, &exact);
             eprintln!(
                 "{}: {format:?} expert outputs vs bf16 weights: rel L2 {q:.4}",

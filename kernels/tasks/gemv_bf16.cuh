@@ -198,19 +198,30 @@ __device__ __forceinline__ u64 gemv_prologue(const Ctx& c, const GemvInput& in) 
 // Bytes of shared memory the prologue needs.
 __device__ __forceinline__ u32 gemv_prologue_bytes(u32 m, u32 cols) { return m * cols * 2 + 32 * 4; }
 
-// The rows the product reads: prepared in shared memory (as bf16, ld = cols)
-// or `x` itself. False (after reporting a fault) when the prologue is unknown
-// or does not fit.
-__device__ __forceinline__ bool gemv_input(const Ctx& c, const GemvInput& in, u64& x, u32& ldx, bool& bf16) {
+// Bytes of shared memory gemv_input takes for `in` when it may use `room`
+// bytes: the prologue's rows, the rows copied unchanged, or 0 when the
+// product reads x in place.
+__device__ __forceinline__ u32 gemv_input_bytes(const GemvInput& in, u32 room) {
+    if (in.prologue != PROLOGUE_NONE) return gemv_prologue_bytes(in.m, in.cols);
+    const u32 size = in.x_dtype == DTYPE_BF16 ? 2 : 4, row_bytes = in.cols * size;
+    // Several rows are copied, since every warp rereads them for each matrix
+    // row and the L1 left beside the kernel's shared memory does not hold them.
+    const bool copy = in.m > 1 && in.m * row_bytes <= room && (row_bytes & 15) == 0 &&
+                      ((in.x | (u64(in.ldx) * size)) & 15) == 0;
+    return copy ? in.m * row_bytes : 0u;
+}
+
+// The rows the product reads: prepared in the first `room` bytes of shared
+// memory (as bf16, ld = cols), copied there unchanged, or `x` itself. False
+// (after reporting a fault) when the prologue is unknown or does not fit.
+__device__ __forceinline__ bool gemv_input(const Ctx& c, const GemvInput& in, u64& x, u32& ldx, bool& bf16,
+                                           u32 room) {
     if (in.prologue == PROLOGUE_NONE) {
         bf16 = in.x_dtype == DTYPE_BF16;
-        const u32 row_bytes = in.cols * (bf16 ? 2 : 4);
-        // Several rows: copy them (unchanged) into shared memory, since every
-        // warp rereads them for each matrix row and the L1 left beside the
-        // kernel's shared memory does not hold them.
-        if (in.m > 1 && in.m * row_bytes <= c.smem_bytes && (row_bytes & 15) == 0 && ((in.x | (in.ldx * (bf16 ? 2 : 4))) & 15) == 0) {
-            const u32 per_row = row_bytes / 16;
-            for (u32 k = threadIdx.x; k < in.m * per_row; k += blockDim.x) {
+        const u32 bytes = gemv_input_bytes(in, room);
+        if (bytes) {
+            const u32 per_row = in.cols * (bf16 ? 2 : 4) / 16;
+            for (u32 k = threadIdx.x; k < bytes / 16; k += blockDim.x) {
                 const u32 i = k / per_row, j = k % per_row;
                 const uint4 v = *reinterpret_cast<const uint4*>(in.x + u64(i) * in.ldx * (bf16 ? 2 : 4) + u64(j) * 16);
                 reinterpret_cast<uint4*>(c.smem)[k] = v;
@@ -223,7 +234,7 @@ __device__ __forceinline__ bool gemv_input(const Ctx& c, const GemvInput& in, u6
         return true;
     }
     if ((in.prologue != PROLOGUE_RMSNORM && in.prologue != PROLOGUE_SWIGLU) ||
-        gemv_prologue_bytes(in.m, in.cols) > c.smem_bytes) {
+        gemv_prologue_bytes(in.m, in.cols) > room) {
         if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, in.prologue, gemv_prologue_bytes(in.m, in.cols));
         return false;
     }
@@ -239,7 +250,7 @@ __device__ __forceinline__ void gemv_dispatch(const Ctx& c, const GemvBf16Args& 
     u64 x;
     u32 ldx;
     bool bf16;
-    if (!gemv_input(c, in, x, ldx, bf16)) return;
+    if (!gemv_input(c, in, x, ldx, bf16, c.smem_bytes)) return;
     if (!rmap) n = a.m;
     // A staged slice holds whole rows from row0 on (the declared range).
     const StagedRows st = {c.staged, c.staged && a.ldw == a.cols ? c.staged_bytes / (a.ldw * 2) : 0u};

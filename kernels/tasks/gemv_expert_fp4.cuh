@@ -398,10 +398,35 @@ __device__ __forceinline__ u32 fp4_passes(const GemvExpertFp4Args& a, u32 mask) 
     return fp4_mma_ok(a.cols) ? min(k, 1u) : (k + 1) / 2;
 }
 
-// Scratch of a task below its staged units: the prepared input rows, then
-// the partials of the tensor-core products.
-__device__ __forceinline__ u32 fp4_keep(const GemvExpertFp4Args& a) {
-    return (max(gemv_prologue_bytes(a.m, a.cols), a.m * a.cols * 4) + 128 + 127) & ~127u;
+// The input rows of `slot`'s expert (the rows of every slot when they are
+// shared).
+__device__ __forceinline__ GemvInput fp4_input(const GemvExpertFp4Args& a, u32 slot) {
+    const u32 xsize = a.x_dtype == DTYPE_BF16 ? 2 : 4;
+    const u64 step = (a.flags & FP4_X_PER_SLOT) ? u64(slot) * a.m * a.cols * xsize : 0;
+    return {a.x + step, a.prologue == PROLOGUE_SWIGLU ? a.aux + step : a.aux, a.cols, a.m, a.cols,
+            a.x_dtype, a.prologue, __uint_as_float(a.eps)};
+}
+
+// Shared memory of the tensor-core products' partials.
+__device__ __forceinline__ u32 fp4_partials(const GemvExpertFp4Args& a) {
+    return fp4_mma_ok(a.cols) ? fp4_mma_partial_bytes(a.cols) : 0u;
+}
+
+// Room for the prepared input rows: what the partials (and some slack) leave.
+__device__ __forceinline__ u32 fp4_input_room(const Ctx& c, const GemvExpertFp4Args& a) {
+    const u32 other = fp4_partials(a) + 256;
+    return c.smem_bytes > other ? c.smem_bytes - other : 0u;
+}
+
+// Where the partials start: past the prepared input rows (none when the rows
+// are read in place because they do not fit beside the partials).
+__device__ __forceinline__ u32 fp4_keep(const Ctx& c, const GemvExpertFp4Args& a) {
+    return (gemv_input_bytes(fp4_input(a, 0), fp4_input_room(c, a)) + 128 + 127) & ~127u;
+}
+
+// Scratch of a task below its staged units: the input rows, then the partials.
+__device__ __forceinline__ u32 fp4_scratch(const Ctx& c, const GemvExpertFp4Args& a) {
+    return fp4_keep(c, a) + fp4_partials(a);
 }
 
 // With `unit` staged, its rows are read from shared memory, once `*wait`
@@ -420,15 +445,12 @@ __device__ __forceinline__ void fp4_expert_rows(const Ctx& c, const GemvExpertFp
     const float tscale = nv ? *reinterpret_cast<const float*>(sc + u64(a.ldy) * (a.cols / 16)) : 1.0f;
     const bool smem = unit && unit->staged;
     if (smem) codes = unit->codes, sc = unit->scales;
-    const u32 xsize = a.x_dtype == DTYPE_BF16 ? 2 : 4, ysize = a.y_dtype == DTYPE_BF16 ? 2 : 4;
+    const u32 ysize = a.y_dtype == DTYPE_BF16 ? 2 : 4;
     const u64 y = a.y + u64(slot) * a.m * a.ldy * ysize;
     const bool per_slot = a.flags & FP4_X_PER_SLOT;
     if (prepared == ~0u || (per_slot && prepared != slot)) {
         if (prepared != ~0u) __syncthreads();  // the last unit's reads of the prepared rows are done
-        const u64 step = per_slot ? u64(slot) * a.m * a.cols * xsize : 0;
-        const GemvInput in = {a.x + step, a.prologue == PROLOGUE_SWIGLU ? a.aux + step : a.aux, a.cols, a.m, a.cols,
-                              a.x_dtype, a.prologue, __uint_as_float(a.eps)};
-        if (!gemv_input(c, in, x, ldx, bf16)) return;
+        if (!gemv_input(c, fp4_input(a, slot), x, ldx, bf16, fp4_input_room(c, a))) return;
         prepared = slot;
     }
     if (wait && *wait) {
@@ -449,8 +471,8 @@ __device__ __forceinline__ void fp4_expert_rows(const Ctx& c, const GemvExpertFp
         // Every input row at once (pass 0 only).
         if (pass != ~0u && pass > 0) return;
         n = rows_of_mask(mask, rmap);
-        float* part = reinterpret_cast<float*>(c.smem + fp4_keep(a));
-        if (fp4_keep(a) + fp4_mma_partial_bytes(a.cols) > c.smem_bytes) {
+        float* part = reinterpret_cast<float*>(c.smem + fp4_keep(c, a));
+        if (fp4_scratch(c, a) > c.smem_bytes) {
             if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, a.cols, c.smem_bytes);
             return;
         }
@@ -508,7 +530,7 @@ __device__ __noinline__ void fp4_spread(const Ctx& c, const GemvExpertFp4Args& a
     const u32 u0 = u32(u64(units) * t / tasks), u1 = u32(u64(units) * (t + 1) / tasks);
     // Staging: units in order while they fit; every thread makes the same
     // choices, thread 0 issues the copies.
-    const u32 keep = fp4_keep(a) + (fp4_mma_ok(a.cols) ? fp4_mma_partial_bytes(a.cols) : 0u);
+    const u32 keep = fp4_scratch(c, a);
     const u32 cap = STAGING && c.smem_bytes > keep ? c.smem_bytes - keep : 0u;
     const u32 row_codes = fp4_row_codes(a);
     u32 total = 0;
@@ -571,7 +593,7 @@ __device__ __forceinline__ void task_gemv_expert_fp4(const Ctx& c) {
         // The slice is staged (as one unit) when it fits, while the input
         // rows are prepared.
         Fp4Unit unit = {nullptr, nullptr, false};
-        const u32 keep = fp4_keep(a) + (fp4_mma_ok(a.cols) ? fp4_mma_partial_bytes(a.cols) : 0u);
+        const u32 keep = fp4_scratch(c, a);
         u64 codes, s0, s1;
         fp4_unit_global(a, list, a.slot, a.row0, a.rows, codes, s0, s1);
         const u64 cb = u64(a.rows) * fp4_row_codes(a), bytes = cb + (s1 - s0);
