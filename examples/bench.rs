@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use megakernel::dflash::{DflashOptions, DflashSession, DraftConfig, DraftModel, Injected};
-use megakernel::model::{Model, ModelConfig};
+use megakernel::model::{ExpertUse, Model, ModelConfig};
 use megakernel::prelude::*;
 use megakernel::quant::Fp4Format;
 
@@ -165,33 +165,39 @@ fn main() -> Result<()> {
             .map(|i| ((i * 31 + 7) % config.vocab_size) as u32)
             .collect();
         let mut verify = f64::INFINITY;
+        d.reset_expert_use(&rt)?;
         for _ in 0..4 {
             let t = Instant::now();
             d.prefill(&rt, &chunk)?;
             verify = verify.min(t.elapsed().as_secs_f64());
             d.truncate(&rt, base, last)?;
         }
+        let verify_experts = mean_experts(&d.expert_use(&rt)?, 16);
         let bytes = config.decode_bytes_with(context + tokens / 2, experts) as f64;
         let roofline = bytes / per_token / copy;
         println!(
             "{name} {dtype}: {:.3} ms/token, {:.1} tokens/s at context {context}; {:.2} GB/step; {:.1} % of copy bandwidth; \
-             prefill {:.0} tokens/s; load {load:.1} s; a 16-row verify step {:.3} ms ({:.1} decode steps)",
+             prefill {:.0} tokens/s; load {load:.1} s; a 16-row verify step {:.3} ms ({:.1} decode steps{})",
             per_token * 1e3,
             1.0 / per_token,
             bytes / 1e9,
             roofline * 100.0,
             context as f64 / prefill,
             verify * 1e3,
-            verify / per_token
+            verify / per_token,
+            verify_experts.map_or(String::new(), |e| format!(
+                ", {e:.1} unique experts per MoE layer"
+            )),
         );
         println!(
             "{{\"preset\": \"{name}\", \"dtype\": \"{dtype}\", \"context\": {context}, \"ms_per_token\": {:.4}, \"tokens_per_s\": {:.2}, \
              \"bytes_per_step\": {bytes:.0}, \"copy_bandwidth\": {copy:.4e}, \"roofline\": {roofline:.4}, \"prefill_tokens_per_s\": {:.1}, \
-             \"verify16_ms\": {:.4}, \"device\": \"{}\"}}",
+             \"verify16_ms\": {:.4}, \"verify16_unique_experts\": {}, \"device\": \"{}\"}}",
             per_token * 1e3,
             1.0 / per_token,
             context as f64 / prefill,
             verify * 1e3,
+            verify_experts.map_or("null".into(), |e| format!("{e:.2}")),
             rt.describe()
         );
         if !taus.is_empty() {
@@ -307,6 +313,11 @@ fn stream_experts(format: Fp4Format, copy: f64) -> Result<()> {
     Ok(())
 }
 
+/// Mean unique experts per MoE layer in the blocks of `rows` rows counted.
+fn mean_experts(used: &[ExpertUse], rows: usize) -> Option<f64> {
+    used.iter().find(|u| u.rows == rows).map(ExpertUse::mean)
+}
+
 /// DFlash decode of one preset with injected acceptance, next to plain decode.
 struct DflashRun<'a> {
     name: &'a str,
@@ -343,16 +354,18 @@ impl DflashRun<'_> {
         for &tau in taus {
             s.set_injected_tau(rt, tau)?;
             let before = s.stats(rt)?;
+            s.session().reset_expert_use(rt)?;
             let t = Instant::now();
             let out = s.generate(rt, self.tokens, None)?;
             let secs = t.elapsed().as_secs_f64();
             let after = s.stats(rt)?;
+            let experts = mean_experts(&s.expert_use(rt)?, self.block);
             let iters = after.iterations - before.iterations;
             let lossless = out[..] == want[..self.tokens];
             let per_token = secs / self.tokens as f64;
             println!(
                 "{} {} dflash INJECTED tau {tau}: {:.1} tokens/s ({:.3} ms/token), {:.2}x plain decode; \
-                 block {}, {iters} iterations, measured tau {:.2}, {:.3} ms/iteration; output equals greedy: {lossless}",
+                 block {}, {iters} iterations, measured tau {:.2}, {:.3} ms/iteration{}; output equals greedy: {lossless}",
                 self.name,
                 self.dtype,
                 1.0 / per_token,
@@ -361,6 +374,9 @@ impl DflashRun<'_> {
                 self.block,
                 self.tokens as f64 / iters as f64,
                 secs * 1e3 / iters as f64,
+                experts.map_or(String::new(), |e| format!(
+                    ", {e:.1} unique experts per MoE layer per verify block"
+                )),
             );
             println!(
                 "{{\"preset\": \"{}\", \"dtype\": \"{}\", \"mode\": \"dflash injected\", \"tau\": {tau}, \"block\": {}, \

@@ -14,7 +14,8 @@ use megakernel::quant::Fp4Format;
 
 const HELP: &str = "usage: cluster_bench [--ranks N]... [--share] [--preset NAME] [--experts F]
                      [--context N] [--tokens N] [--sizes LIST] [--no-decode]
-                     [--dflash TAUS] [--block B]
+                     [--dflash TAUS] [--block B] [--layers LIST]
+                     [--project-ranks R]
 
 For each rank count N: the all-reduce latency of vectors of each size (f32
 partials summed into the output, what a decode step does twice per layer)
@@ -38,7 +39,18 @@ at a time); then batch-1 decode of the preset split over the N ranks.
                 draft (whole on every rank) runs its full computation, then
                 its proposals are replaced by the greedy continuation from the
                 plain run with the first mismatch placed to give that tau
-  --block B     DFlash block size (default 16)";
+  --block B     DFlash block size (default 16)
+  --layers LIST decode the preset cut to each of these layer counts (e.g.
+                8,24: as many of a large shape's layers as fit); with two or
+                more, a straight line through the step times gives the time
+                per layer and the rest (embedding, LM head)
+  --project-ranks R
+                with --layers: print a PROJECTION (not a measurement) of the
+                whole preset on R GPUs from that fit: each layer's bytes and
+                the LM head's spread over R instead of N ranks at GPU 0's copy
+                bandwidth, and all-reduces of 6 us x log2(2R) scaled to the
+                latency measured on N ranks (2 ranks 12 us, 4 ranks 18 us
+                measured on H100 NVLink follow that line)";
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -111,6 +123,7 @@ fn main() -> Result<()> {
     let (mut context, mut tokens) = (1024usize, 64usize);
     let mut sizes = vec![2048usize, 4096, 7168];
     let (mut taus, mut block) = (Vec::<f64>::new(), 16usize);
+    let (mut layer_counts, mut project) = (Vec::<usize>::new(), None::<usize>);
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut val = || {
@@ -143,6 +156,8 @@ fn main() -> Result<()> {
             "--tokens" => tokens = num(val()),
             "--sizes" => sizes = val().split(',').map(|s| num(s.to_string())).collect(),
             "--block" => block = num(val()),
+            "--layers" => layer_counts = val().split(',').map(|s| num(s.to_string())).collect(),
+            "--project-ranks" => project = Some(num(val())),
             "--dflash" => {
                 taus = val()
                     .split(',')
@@ -229,31 +244,229 @@ fn main() -> Result<()> {
         if !decode {
             continue;
         }
-        let dtype = experts.map_or("bf16", |f| f.name());
-        eprintln!("{preset} {dtype} over {n} ranks: drawing random weights");
+        let full = config.num_layers;
+        let counts = if layer_counts.is_empty() {
+            vec![full]
+        } else {
+            layer_counts.clone()
+        };
+        let mut points = Vec::new();
+        for &layers in &counts {
+            if layers == 0 || layers > full {
+                return Err(Error::InvalidArgument(format!(
+                    "--layers {layers}: {preset} has {full}"
+                )));
+            }
+            let c = ModelConfig {
+                num_layers: layers,
+                ..config.clone()
+            };
+            let label = if layers == full {
+                preset.clone()
+            } else {
+                format!("{preset} ({layers} of {full} layers)")
+            };
+            let run = Decode {
+                preset: &preset,
+                cluster: &cluster,
+                config: &c,
+                label: &label,
+                experts,
+                context,
+                tokens,
+                copy,
+                share,
+                hidden_latency,
+            };
+            points.push(run.go(&taus, block)?);
+        }
+        if points.len() >= 2 {
+            let at = Fit {
+                preset: &preset,
+                config: &config,
+                experts,
+                context: context + tokens / 2,
+                copy,
+                latency_us: hidden_latency,
+            };
+            at.go(&points, project, n);
+        }
+    }
+    Ok(())
+}
+
+/// What one decode run measured.
+struct Point {
+    layers: usize,
+    /// Seconds per plain decode step.
+    per_token: f64,
+    /// (tau asked, tau measured, seconds per DFlash iteration).
+    iterations: Vec<(f64, f64, f64)>,
+}
+
+/// Least-squares line through (x, y): (slope, intercept).
+fn line(xy: &[(f64, f64)]) -> (f64, f64) {
+    let n = xy.len() as f64;
+    let (sx, sy) = xy.iter().fold((0.0, 0.0), |a, p| (a.0 + p.0, a.1 + p.1));
+    let (mx, my) = (sx / n, sy / n);
+    let sxy: f64 = xy.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    let sxx: f64 = xy.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    let slope = sxy / sxx;
+    (slope, my - slope * mx)
+}
+
+/// A preset's runs with several layer counts, to be fitted.
+struct Fit<'a> {
+    preset: &'a str,
+    config: &'a ModelConfig,
+    experts: Option<Fp4Format>,
+    /// Mean context of the timed steps.
+    context: usize,
+    /// GPU 0's copy bandwidth, bytes/s.
+    copy: f64,
+    /// Measured all-reduce latency of a hidden-size vector on these ranks.
+    latency_us: Option<f64>,
+}
+
+impl Fit<'_> {
+    /// Time per layer and the rest from runs with several layer counts on `n`
+    /// ranks, and, with `project`, the whole preset on that many GPUs.
+    fn go(&self, points: &[Point], project: Option<usize>, n: usize) {
+        let (config, copy) = (self.config, self.copy);
+        let bytes = |layers: usize| {
+            let c = ModelConfig {
+                num_layers: layers,
+                ..config.clone()
+            };
+            c.decode_bytes_with(self.context, self.experts) as f64
+        };
+        let full = config.num_layers;
+        // Whole-model bytes of one layer, and of the rest (embedding row, LM head).
+        let layer_bytes = bytes(2) - bytes(1);
+        let rest_bytes = bytes(1) - layer_bytes;
+        let xy: Vec<(f64, f64)> = points
+            .iter()
+            .map(|p| (p.layers as f64, p.per_token))
+            .collect();
+        let (per_layer, rest) = line(&xy);
+        // All-reduce latency on k ranks: 6 us x log2(2k), scaled to the measured one.
+        let ar_line = |k: usize| 6e-6 * (2.0 * k as f64).log2();
+        let ar_n = self.latency_us.map_or(ar_line(n), |l| l * 1e-6);
+        let stream = |k: usize| layer_bytes / k as f64 / copy;
+        let fixed = per_layer - stream(n) - 2.0 * ar_n;
+        let layers: Vec<usize> = points.iter().map(|p| p.layers).collect();
+        println!(
+            "{} over {n} ranks, fit over {layers:?} layers: {:.1} us per layer ({:.1} MB per rank: {:.1} us at copy \
+             bandwidth; 2 all-reduces {:.1} us; the rest of a layer {:.1} us), {:.3} ms per step besides the layers",
+            self.preset,
+            per_layer * 1e6,
+            layer_bytes / n as f64 / 1e6,
+            stream(n) * 1e6,
+            2e6 * ar_n,
+            fixed * 1e6,
+            rest * 1e3,
+        );
+        let Some(r) = project else { return };
+        let ar_r = ar_n * ar_line(r) / ar_line(n);
+        let layer_r = fixed + stream(r) + 2.0 * ar_r;
+        let rest_r = rest - rest_bytes / n as f64 / copy + rest_bytes / r as f64 / copy;
+        let step = rest_r + full as f64 * layer_r;
+        let floor = bytes(full) / r as f64 / copy;
+        println!(
+            "PROJECTION (not a measurement): {} with all {full} layers on {r} GPUs: {:.3} ms/token, {:.0} tokens/s \
+             ({:.1} us per layer with all-reduces of {:.1} us; floor {:.3} ms at GPU 0's copy bandwidth: {:.1} % of it)",
+            self.preset,
+            step * 1e3,
+            1.0 / step,
+            layer_r * 1e6,
+            ar_r * 1e6,
+            floor * 1e3,
+            100.0 * floor / step,
+        );
+        println!(
+            "{{\"bench\": \"projection\", \"ranks_measured\": {n}, \"ranks\": {r}, \"layers\": {full}, \
+             \"ms_per_token\": {:.4}, \"tokens_per_s\": {:.2}, \"us_per_layer\": {:.2}, \"all_reduce_us\": {:.2}, \
+             \"floor_ms\": {:.4}}}",
+            step * 1e3,
+            1.0 / step,
+            layer_r * 1e6,
+            ar_r * 1e6,
+            floor * 1e3,
+        );
+        // DFlash: each iteration's line, its per-layer part scaled as a plain
+        // step's per-layer part is (an assumption: the verify block's extra
+        // experts scale with the ranks like the plain step's bytes).
+        for (k, &(tau, measured, _)) in points[0].iterations.iter().enumerate() {
+            let xy: Vec<(f64, f64)> = points
+                .iter()
+                .map(|p| (p.layers as f64, p.iterations[k].2))
+                .collect();
+            let (a, b) = line(&xy);
+            let iteration = b * rest_r / rest + full as f64 * a * layer_r / per_layer;
+            println!(
+                "PROJECTION (not a measurement): {} dflash INJECTED tau {tau} (measured {measured:.2}) with all \
+                 {full} layers on {r} GPUs: {:.3} ms per iteration ({:.1} us per layer measured on {n} ranks), \
+                 {:.0} tokens/s",
+                self.preset,
+                iteration * 1e3,
+                a * 1e6,
+                measured / iteration,
+            );
+        }
+    }
+}
+
+/// One plain decode run (and its DFlash runs) of a model on a cluster.
+struct Decode<'a> {
+    preset: &'a str,
+    cluster: &'a Cluster,
+    config: &'a ModelConfig,
+    label: &'a str,
+    experts: Option<Fp4Format>,
+    context: usize,
+    tokens: usize,
+    copy: f64,
+    share: bool,
+    hidden_latency: Option<f64>,
+}
+
+impl Decode<'_> {
+    fn go(&self, taus: &[f64], block: usize) -> Result<Point> {
+        let (cluster, config, label, context, tokens) = (
+            self.cluster,
+            self.config,
+            self.label,
+            self.context,
+            self.tokens,
+        );
+        let n = cluster.ranks();
+        let dtype = self.experts.map_or("bf16", |f| f.name());
+        eprintln!("{label} {dtype} over {n} ranks: drawing random weights");
         let t = Instant::now();
-        let model = ClusterModel::random(&cluster, &config, 7, experts)?;
-        let mut s = model.session(&cluster, context + tokens + 8)?;
+        let model = ClusterModel::random(cluster, config, 7, self.experts)?;
+        let mut s = model.session(cluster, context + tokens + 8)?;
         let load = t.elapsed().as_secs_f64();
         let prompt: Vec<u32> = (0..context)
             .map(|i| ((i * 7919) % config.vocab_size) as u32)
             .collect();
         let t = Instant::now();
-        let next = s.prefill(&cluster, &prompt)?;
+        let next = s.prefill(cluster, &prompt)?;
         let prefill = t.elapsed().as_secs_f64();
         let mut first = vec![next];
-        first.extend(s.generate(&cluster, 4)?);
+        first.extend(s.generate(cluster, 4)?);
         let t = Instant::now();
-        let generated = s.generate(&cluster, tokens)?;
+        let generated = s.generate(cluster, tokens)?;
         let per_token = t.elapsed().as_secs_f64() / tokens as f64;
         drop(s);
         // Each rank reads about 1/n of a step's bytes (replicated norms and router aside).
-        let bytes = config.decode_bytes_with(context + tokens / 2, experts) as f64 / n as f64;
-        let roofline = bytes / per_token / copy;
+        let bytes = config.decode_bytes_with(context + tokens / 2, self.experts) as f64 / n as f64;
+        let roofline = bytes / per_token / self.copy;
         let reduces = 2 * config.num_layers + 1;
-        let share_ar = hidden_latency.map(|l| reduces as f64 * l * 1e-6 / per_token);
+        let share_ar = self
+            .hidden_latency
+            .map(|l| reduces as f64 * l * 1e-6 / per_token);
         println!(
-            "{preset} {dtype} over {n} ranks: {:.3} ms/token, {:.1} tokens/s at context {context}; {:.2} GB/step per rank; \
+            "{label} {dtype} over {n} ranks: {:.3} ms/token, {:.1} tokens/s at context {context}; {:.2} GB/step per rank; \
              {:.1} % of one GPU's copy bandwidth per rank; all-reduces (estimated from the median) {}; prefill {:.0} tokens/s; load {load:.1} s",
             per_token * 1e3,
             1.0 / per_token,
@@ -263,13 +476,17 @@ fn main() -> Result<()> {
             context as f64 / prefill,
         );
         println!(
-            "{{\"bench\": \"decode\", \"preset\": \"{preset}\", \"dtype\": \"{dtype}\", \"ranks\": {n}, \"shared_gpu\": {share}, \"context\": {context}, \
-             \"ms_per_token\": {:.4}, \"tokens_per_s\": {:.2}, \"bytes_per_rank_step\": {bytes:.0}, \"roofline_per_rank\": {roofline:.4}, \
-             \"all_reduce_share\": {}}}",
+            "{{\"bench\": \"decode\", \"preset\": \"{}\", \"layers\": {}, \"dtype\": \"{dtype}\", \"ranks\": {n}, \"shared_gpu\": {}, \
+             \"context\": {context}, \"ms_per_token\": {:.4}, \"tokens_per_s\": {:.2}, \"bytes_per_rank_step\": {bytes:.0}, \
+             \"roofline_per_rank\": {roofline:.4}, \"all_reduce_share\": {}}}",
+            self.preset,
+            config.num_layers,
+            self.share,
             per_token * 1e3,
             1.0 / per_token,
             share_ar.map_or("null".into(), |s| format!("{s:.4}")),
         );
+        let mut iterations = Vec::new();
         if !taus.is_empty() {
             let mut reference = prompt.clone();
             reference.extend(first.iter().chain(&generated));
@@ -281,10 +498,14 @@ fn main() -> Result<()> {
                 block,
                 plain: per_token,
             };
-            run.go(&cluster, &taus, &format!("{preset} {dtype} over {n} ranks"))?;
+            iterations = run.go(cluster, taus, &format!("{label} {dtype} over {n} ranks"))?;
         }
+        Ok(Point {
+            layers: config.num_layers,
+            per_token,
+            iterations,
+        })
     }
-    Ok(())
 }
 
 /// DFlash runs at injected acceptance lengths next to the plain run.
@@ -299,7 +520,9 @@ struct DflashRun<'a> {
 }
 
 impl DflashRun<'_> {
-    fn go(&self, cluster: &Cluster, taus: &[f64], what: &str) -> Result<()> {
+    /// Runs at each tau; returns (tau, measured tau, seconds per iteration).
+    fn go(&self, cluster: &Cluster, taus: &[f64], what: &str) -> Result<Vec<(f64, f64, f64)>> {
+        let mut out = Vec::new();
         let c = self.model.config();
         let dc = DraftConfig::for_target(c, DraftConfig::default_layers(c.num_layers), self.block);
         let drafts = (0..cluster.ranks())
@@ -319,30 +542,47 @@ impl DflashRun<'_> {
             let want = &self.reference[self.prompt.len() + 1..];
             // The first token came from the prefill; 4 warm-up tokens, then the timed ones.
             let warm = s.generate(cluster, 4, None)?;
+            let before = s.stats(cluster)?.iterations;
+            s.reset_expert_use(cluster)?;
             let t = Instant::now();
             let got = s.generate(cluster, self.tokens, None)?;
-            let per_token = t.elapsed().as_secs_f64() / self.tokens as f64;
+            let secs = t.elapsed().as_secs_f64();
+            let per_token = secs / self.tokens as f64;
+            let experts = s
+                .expert_use(cluster)?
+                .iter()
+                .find(|u| u.rows == self.block)
+                .map(|u| u.mean());
             let same = warm
                 .iter()
                 .chain(&got)
                 .eq(want.iter().take(4 + self.tokens));
             let st = s.stats(cluster)?;
+            let iters = (st.iterations - before).max(1);
+            let per_iteration = secs / iters as f64;
             println!(
-                "{what} dflash tau {tau} (INJECTED acceptance, block {}): {:.1} tokens/s, {:.2}x plain; measured tau {:.2}; output equals greedy: {same}",
+                "{what} dflash tau {tau} (INJECTED acceptance, block {}): {:.1} tokens/s, {:.2}x plain; measured tau {:.2}; \
+                 {:.3} ms per iteration; {} unique experts per MoE layer per verify block; output equals greedy: {same}",
                 self.block,
                 1.0 / per_token,
                 self.plain / per_token,
-                st.mean_acceptance()
+                st.mean_acceptance(),
+                per_iteration * 1e3,
+                experts.map_or("no".into(), |e| format!("{e:.1}")),
             );
             println!(
-                "{{\"bench\": \"dflash\", \"injected\": true, \"ranks\": {}, \"tau\": {tau}, \"block\": {}, \"tokens_per_s\": {:.2}, \"ratio_to_plain\": {:.3}, \"measured_tau\": {:.3}, \"equals_greedy\": {same}}}",
+                "{{\"bench\": \"dflash\", \"injected\": true, \"ranks\": {}, \"tau\": {tau}, \"block\": {}, \"tokens_per_s\": {:.2}, \
+                 \"ratio_to_plain\": {:.3}, \"measured_tau\": {:.3}, \"ms_per_iteration\": {:.4}, \"verify_unique_experts\": {}, \"equals_greedy\": {same}}}",
                 cluster.ranks(),
                 self.block,
                 1.0 / per_token,
                 self.plain / per_token,
-                st.mean_acceptance()
+                st.mean_acceptance(),
+                per_iteration * 1e3,
+                experts.map_or("null".into(), |e| format!("{e:.2}")),
             );
+            out.push((tau, self.tokens as f64 / iters as f64, per_iteration));
         }
-        Ok(())
+        Ok(out)
     }
 }

@@ -415,3 +415,46 @@ fn chunks_and_single_steps_give_identical_logits() {
         }
     });
 }
+
+/// The routing tallies: one row chooses exactly top-k experts per layer, a
+/// 16-row chunk between top-k and 16 × top-k; a reset starts afresh; a dense
+/// model has none.
+#[test]
+fn expert_use_counts_the_routed_blocks() {
+    let config = ModelConfig::preset("qwen3-30b-a3b-mini").unwrap();
+    let top_k = config.moe.as_ref().unwrap().top_k as f64;
+    common::on_every_executor("expert_use_counts_the_routed_blocks", |ex| {
+        let model = Model::random(ex, &config, 12).unwrap();
+        let mut s = model.session(ex, 64).unwrap();
+        let prompt: Vec<u32> = (0..19).map(|i| (i * 37 + 5) % 1000).collect();
+        s.prefill(ex, &prompt).unwrap();
+        s.generate(ex, 5).unwrap();
+        let used = s.expert_use(ex).unwrap();
+        let rows: Vec<(usize, u64)> = used.iter().map(|u| (u.rows, u.blocks)).collect();
+        // 3 prompt tokens and 5 generated one at a time, one chunk of 16.
+        assert_eq!(rows, [(1, 8), (16, 1)], "{}", ex.describe());
+        assert_eq!(used[0].per_layer.len(), config.num_layers);
+        assert!(used[0].per_layer.iter().all(|&(_, v)| v == top_k));
+        for &(l, v) in &used[1].per_layer {
+            assert!(
+                v > top_k && v <= 16.0 * top_k && v.fract() == 0.0,
+                "layer {l}: {v}"
+            );
+        }
+        eprintln!(
+            "{}: a 16-row chunk chose {:.1} experts per layer",
+            ex.describe(),
+            used[1].mean()
+        );
+        s.reset_expert_use(ex).unwrap();
+        s.generate(ex, 2).unwrap();
+        let used = s.expert_use(ex).unwrap();
+        assert_eq!(used.len(), 1);
+        assert_eq!((used[0].rows, used[0].blocks), (1, 2));
+    });
+    let cpu = CpuExecutor::new(CpuOptions::default());
+    let dense = Model::random(&cpu, &ModelConfig::preset("tiny").unwrap(), 1).unwrap();
+    let mut s = dense.session(&cpu, 32).unwrap();
+    s.prefill(&cpu, &[1, 2, 3]).unwrap();
+    assert!(s.expert_use(&cpu).unwrap().is_empty());
+}

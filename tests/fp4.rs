@@ -227,7 +227,10 @@ fn fp4_expert_products_match_reference() {
                 }
             }
             let err = rel_l2(&got, &want);
-            assert!(err < 1e-3, "case {case} {format:?} {cols} cols: rel L2 {err}");
+            assert!(
+                err < 1e-3,
+                "case {case} {format:?} {cols} cols: rel L2 {err}"
+            );
             let q = rel_l2(&got, &exact);
             eprintln!(
                 "{}: {format:?} expert outputs vs bf16 weights: rel L2 {q:.4}",

@@ -459,6 +459,15 @@ fn attention_rows_do_not_depend_on_their_block() {
                 },
                 16,
             ),
+            // 256 pairs: the GPU's tiled path in sub-blocks of rows.
+            (
+                HeadShape {
+                    heads: 16,
+                    kv_heads: 1,
+                    head_dim: 128,
+                },
+                16,
+            ),
         ] {
             let (hd, kvh, max_seq, chunks) = (shape.head_dim, shape.kv_heads, 1200, 16);
             let width = shape.qkv_width();

@@ -166,12 +166,14 @@ __device__ __forceinline__ void attention_load_tile(u32* k_s, u32* v_s, const ch
 // once: 16 rows span fewer than 16 * chunks keys): each of the two grids
 // walks its own tiles, and a row attends only in its own grid's tiles. Tiles
 // are double buffered: tile t + 1 is in flight while tile t is computed.
+// The block's rows i0 .. i0 + rows are computed (a row's result is the same
+// in any such sub-block).
 template <u32 HD, u32 PP>
-__device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArgs& a, u32 pos0) {
+__device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArgs& a, u32 pos0, u32 i0, u32 rows) {
     constexpr u32 W = HD / 2;               // 32-bit words (bf16 pairs) per row
     constexpr u32 NPG = BLOCK_THREADS / W;  // row groups in the P·V phase
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = BLOCK_THREADS / 32;
-    const u32 group = a.heads / a.kv_heads, pairs = a.m * group, width = (a.heads + 2 * a.kv_heads) * HD;
+    const u32 group = a.heads / a.kv_heads, pairs = rows * group, width = (a.heads + 2 * a.kv_heads) * HD;
     const float scale = __uint_as_float(a.scale);
     // Score segments: S lanes per (pair, key), S in {1, 2, 4, 8}.
     u32 S = 1;
@@ -190,9 +192,9 @@ __device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArg
     u32* grid_s = hi_s + pairs;  // each row's tile grid: 0, or 1 past a change of slice length
     // The grids' key ranges (every thread alike): union of their rows' slices.
     u32 glo[2] = {0, 0}, ghi[2] = {0, 0}, per0 = 0;
-    for (u32 i = 0; i < a.m; ++i) {
+    for (u32 i = 0; i < rows; ++i) {
         u32 l, h;
-        const u32 per = attention_slice(a, attention_row_len(a, pos0, i), l, h);
+        const u32 per = attention_slice(a, attention_row_len(a, pos0, i0 + i), l, h);
         if (i == 0) per0 = per;
         const u32 g = per != per0;
         if (tid == 0) lo_s[i] = l, hi_s[i] = h, grid_s[i] = g;
@@ -210,10 +212,10 @@ __device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArg
     };
     const char* kbase = reinterpret_cast<const char*>(a.cache) + (u64(a.kv_head) * a.max_seq) * HD * 2;
     const char* vbase = reinterpret_cast<const char*>(a.cache) + (u64(a.kv_heads + a.kv_head) * a.max_seq) * HD * 2;
-    // q of every pair: row i = p / group, head kv_head * group + p % group.
+    // q of every pair: row i0 + p / group, head kv_head * group + p % group.
     for (u32 ch = tid; ch < pairs * (HD / 8); ch += BLOCK_THREADS) {
         const u32 p = ch / (HD / 8), part = ch % (HD / 8);
-        const u32 i = p / group, h = a.kv_head * group + p % group;
+        const u32 i = i0 + p / group, h = a.kv_head * group + p % group;
         cp_async16(q_s + p * W + part * 4, reinterpret_cast<const char*>(a.qkv) + (u64(i) * width + u64(h) * HD) * 2 + part * 16);
     }
     if (ntiles > 0) {
@@ -324,25 +326,32 @@ __device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArg
             const float2 v = red[(k * pairs + p) * W + col];
             sum.x += v.x, sum.y += v.y;
         }
-        const u32 i = p / group, h = a.kv_head * group + p % group;
+        const u32 i = i0 + p / group, h = a.kv_head * group + p % group;
         float* out = reinterpret_cast<float*>(a.partial) + ((u64(i) * a.heads + h) * a.chunks + a.chunk) * (HD + 2);
         reinterpret_cast<float2*>(out)[col] = sum;
         if (col == 0) out[HD] = m_s[p], out[HD + 1] = l_s[p];
     }
 }
 
+// The fast path over sub-blocks of the rows as large as its pair limit and
+// shared memory allow (a 16-row block of a 16-head group takes two).
 template <u32 HD>
 __device__ __forceinline__ bool attention_fast(const Ctx& c, const AttentionArgs& a, u32 pos0) {
     constexpr u32 NPG = BLOCK_THREADS / (HD / 2);
-    const u32 group = a.heads / a.kv_heads, pairs = a.m * group;
+    const u32 group = a.heads / a.kv_heads;
     const u32 KS = attention_key_phases(group, NPG), PG = NPG / KS;
-    if (attention_smem_bytes(pairs, HD, KS) > c.smem_bytes) return false;
-    if (pairs <= PG) attention_tiled<HD, 1>(c, a, pos0);
-    else if (pairs <= 2 * PG) attention_tiled<HD, 2>(c, a, pos0);
-    else if (pairs <= 4 * PG) attention_tiled<HD, 4>(c, a, pos0);
-    else if (pairs <= 8 * PG) attention_tiled<HD, 8>(c, a, pos0);
-    else if (pairs <= 16 * PG) attention_tiled<HD, 16>(c, a, pos0);
-    else return false;
+    u32 sub = a.m;
+    while (sub > 0 && (sub * group > 16 * PG || attention_smem_bytes(sub * group, HD, KS) > c.smem_bytes)) --sub;
+    if (sub == 0) return false;
+    for (u32 i0 = 0; i0 < a.m; i0 += sub) {
+        const u32 rows = min(sub, a.m - i0), pairs = rows * group;
+        if (i0 > 0) __syncthreads();  // the last sub-block's shared memory is read
+        if (pairs <= PG) attention_tiled<HD, 1>(c, a, pos0, i0, rows);
+        else if (pairs <= 2 * PG) attention_tiled<HD, 2>(c, a, pos0, i0, rows);
+        else if (pairs <= 4 * PG) attention_tiled<HD, 4>(c, a, pos0, i0, rows);
+        else if (pairs <= 8 * PG) attention_tiled<HD, 8>(c, a, pos0, i0, rows);
+        else attention_tiled<HD, 16>(c, a, pos0, i0, rows);
+    }
     return true;
 }
 

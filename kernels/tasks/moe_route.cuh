@@ -1,5 +1,6 @@
 // moe_route: softmax, top-k (lowest index on ties), optional renormalisation,
-// dense weight table and the ascending list of chosen experts; src/task/moe_route.rs.
+// dense weight table and the ascending list of chosen experts (and, with a
+// tally, the count added to it); src/task/moe_route.rs.
 // One warp per row; thread 0 builds the list.
 #pragma once
 #include "../include/task.cuh"
@@ -15,8 +16,9 @@ struct MoeRouteArgs {
     u32 norm_topk;
     u32 slots;
     u32 reserved;
+    u64 tally;
 };
-MK_SIZE(MoeRouteArgs, 48);
+MK_SIZE(MoeRouteArgs, 56);
 MK_OFFSET(MoeRouteArgs, logits, 0);
 MK_OFFSET(MoeRouteArgs, weights, 8);
 MK_OFFSET(MoeRouteArgs, list, 16);
@@ -26,6 +28,7 @@ MK_OFFSET(MoeRouteArgs, top_k, 32);
 MK_OFFSET(MoeRouteArgs, norm_topk, 36);
 MK_OFFSET(MoeRouteArgs, slots, 40);
 MK_OFFSET(MoeRouteArgs, reserved, 44);
+MK_OFFSET(MoeRouteArgs, tally, 48);
 
 // One warp per token row. The row's probabilities are computed once into
 // shared memory; each of the top_k rounds is then a warp argmax over shared
@@ -108,7 +111,13 @@ __device__ __forceinline__ void task_moe_route(const Ctx& c) {
             if (on) list[1 + n + __popc(mask & ((1u << lane) - 1u))] = j;
             n += __popc(mask);
         }
-        if (lane == 0) list[0] = n;
+        if (lane == 0) {
+            list[0] = n;
+            if (a.tally) {
+                u32* t = reinterpret_cast<u32*>(a.tally);
+                t[0] += n, t[1] += 1;
+            }
+        }
         // Row masks of the listed experts (after the ids, at the list's capacity).
         __syncwarp();
         const float* w = reinterpret_cast<const float*>(a.weights);

@@ -6,7 +6,7 @@ use super::model::{agree, drain, prefill_ranks};
 use super::{Cluster, ClusterModel, RankComm, Sites};
 use crate::dflash::{DflashOptions, DflashSession, DflashStats, DraftModel};
 use crate::error::{Error, Result};
-use crate::model::session::{wait_outputs, Session};
+use crate::model::session::{wait_outputs, ExpertUse, Session};
 
 /// One sequence decoded with DFlash on every rank: one command per rank for
 /// `n` tokens, identical to greedy decoding on the same cluster.
@@ -96,5 +96,16 @@ impl ClusterDflashSession {
     /// Acceptance statistics since the session began (the same on every rank).
     pub fn stats(&self, cluster: &Cluster) -> Result<DflashStats> {
         self.sessions[0].stats(cluster.rank(0))
+    }
+
+    /// Unique experts per MoE layer in the target's blocks (rank 0's routing,
+    /// the same on every rank), as [`Session::expert_use`].
+    pub fn expert_use(&self, cluster: &Cluster) -> Result<Vec<ExpertUse>> {
+        self.sessions[0].expert_use(cluster.rank(0))
+    }
+
+    /// Starts the counts of [`expert_use`](Self::expert_use) afresh.
+    pub fn reset_expert_use(&mut self, cluster: &Cluster) -> Result<()> {
+        self.sessions[0].session().reset_expert_use(cluster.rank(0))
     }
 }

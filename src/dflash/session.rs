@@ -29,7 +29,7 @@ use crate::buffer::{BufSlice, Buffer, DType};
 use crate::cluster::RankComm;
 use crate::error::{Error, Result};
 use crate::exec::{Executor, ExecutorExt, LoadedProgram};
-use crate::model::session::{Extras, Hook, MAX_FUSED_NORM_ROWS};
+use crate::model::session::{ExpertUse, Extras, Hook, MAX_FUSED_NORM_ROWS};
 use crate::model::{Model, Session};
 use crate::program::{ops, EventId, ProgramBuilder};
 use crate::task::argmax::Argmax;
@@ -330,6 +330,12 @@ impl DflashSession {
     /// The target session (position, configuration, plain decoding).
     pub fn session(&mut self) -> &mut Session {
         &mut self.session
+    }
+
+    /// Unique experts per MoE layer in the target's blocks (verify blocks of
+    /// the block size, prefill chunks), as [`Session::expert_use`].
+    pub fn expert_use(&self, ex: &dyn Executor) -> Result<Vec<ExpertUse>> {
+        self.session.expert_use(ex)
     }
 
     /// Positions used so far.

@@ -10,5 +10,5 @@ pub mod tokenizer;
 
 pub use config::{Arch, ModelConfig, MoeConfig};
 pub use safetensors::{Checkpoint, SafeTensors, TensorDtype, TensorInfo};
-pub use session::{Model, Session, WeightSource, PREFILL_CHUNK};
+pub use session::{ExpertUse, Model, Session, WeightSource, PREFILL_CHUNK};
 pub use tokenizer::Tokenizer;

@@ -106,6 +106,8 @@ pub struct Session {
     caches: Vec<Buffer>,
     cache_len: usize,
     token: Buffer,
+    /// Routing tallies of every program (see [`ExpertUse`]).
+    tally: Buffer,
 }
 
 /// Extra work a target program does for speculative decoding.
@@ -175,6 +177,34 @@ struct Shared {
     token: Buffer,
     step_ids: Buffer,
     logits: Buffer,
+    /// Routing tallies, `u32 [layers][MAX_ROWS][2]` (see [`ExpertUse`]).
+    tally: Buffer,
+}
+
+/// Most rows a program of a session takes at once (its tallies' rows).
+const MAX_ROWS: usize = 16;
+
+/// Unique experts the routing of each MoE layer chose in blocks of `rows`
+/// rows, over every such block a session ran since the last
+/// [`Session::reset_expert_use`]: each chosen expert's weights are read once
+/// per block, so this is what a block streams.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExpertUse {
+    /// Rows of the blocks (1: decode steps; 16: prefill chunks and 16-row
+    /// verify blocks).
+    pub rows: usize,
+    /// Blocks counted (per layer).
+    pub blocks: u64,
+    /// (layer, mean unique experts per block) of each MoE layer, in order.
+    pub per_layer: Vec<(usize, f64)>,
+}
+
+impl ExpertUse {
+    /// Mean over the MoE layers of the unique experts per block.
+    pub fn mean(&self) -> f64 {
+        let n = self.per_layer.len().max(1) as f64;
+        self.per_layer.iter().map(|&(_, v)| v).sum::<f64>() / n
+    }
 }
 
 /// Where a decoder's tensors come from.
@@ -774,7 +804,9 @@ impl Model {
             token: ex.alloc(DType::U32, 1)?,
             step_ids: ex.alloc(DType::U32, 1)?,
             logits: ex.alloc(DType::F32, c.vocab_size)?,
+            tally: ex.alloc(DType::U32, c.num_layers * MAX_ROWS * 2)?,
         };
+        ex.write_u32(&shared.tally, &vec![0; c.num_layers * MAX_ROWS * 2])?;
         let chunk_ids = ex.alloc(DType::U32, PREFILL_CHUNK)?;
         let extras = match hook {
             Some(h) => Extras {
@@ -822,6 +854,7 @@ impl Model {
             caches,
             cache_len,
             token: shared.token,
+            tally: shared.tally,
         })
     }
 
@@ -842,6 +875,7 @@ impl Model {
             token: session.token.clone(),
             step_ids: session.step_ids.clone(),
             logits: session.logits.clone(),
+            tally: session.tally.clone(),
         };
         let spec = Spec {
             ids,
@@ -901,6 +935,41 @@ impl Session {
     /// Positions used so far.
     pub fn position(&self) -> usize {
         self.pos
+    }
+
+    /// Unique experts chosen per MoE layer, for each block size that ran
+    /// (ascending rows); empty for a dense model.
+    pub fn expert_use(&self, ex: &dyn Executor) -> Result<Vec<ExpertUse>> {
+        let t = ex.read_u32(&self.tally)?;
+        let moe_layers: Vec<usize> = (0..self.config.num_layers)
+            .filter(|&l| self.config.is_moe_layer(l))
+            .collect();
+        let mut out = Vec::new();
+        for rows in 1..=MAX_ROWS {
+            let at = |l: usize| (l * MAX_ROWS + rows - 1) * 2;
+            let Some(&first) = moe_layers.first() else {
+                break;
+            };
+            let blocks = t[at(first) + 1];
+            if blocks == 0 {
+                continue;
+            }
+            let per_layer = moe_layers
+                .iter()
+                .map(|&l| (l, f64::from(t[at(l)]) / f64::from(t[at(l) + 1].max(1))))
+                .collect();
+            out.push(ExpertUse {
+                rows,
+                blocks: u64::from(blocks),
+                per_layer,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Starts the counts of [`expert_use`](Self::expert_use) afresh.
+    pub fn reset_expert_use(&self, ex: &dyn Executor) -> Result<()> {
+        ex.write_u32(&self.tally, &vec![0; self.tally.len()])
     }
 
     /// Forgets every position from `len` on (the KV cache keeps its first
@@ -1411,7 +1480,9 @@ fn build(
                 )?
                 .staged(ch.b);
                 ch.stage(r, &format!("layer {l} router"));
-                let route = MoeRoute::task(
+                let at = (l * MAX_ROWS + m.min(MAX_ROWS) - 1) * 2;
+                let tally = shared.tally.slice(at..at + 2)?;
+                let route = MoeRoute::tallied(
                     &router_logits.all(),
                     &route_weights.all(),
                     &list.all(),
@@ -1419,6 +1490,7 @@ fn build(
                     experts,
                     top_k,
                     moe.norm_topk_prob,
+                    (m <= MAX_ROWS).then_some(&tally),
                 )?;
                 let route = single(&mut ch, route);
                 ch.stage(route, &format!("layer {l} route"));

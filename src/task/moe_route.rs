@@ -6,7 +6,8 @@
 //! `list[1 + slots + s]` a bit mask of the rows routed to it (`slots =
 //! min(experts, m * top_k)`, the list's capacity). Expert tasks stride over the
 //! list, so each chosen expert's weights are read once per step, and compute
-//! only the rows in its mask.
+//! only the rows in its mask. With a tally, the count is also added to
+//! `tally[0]` and the routing counted in `tally[1]` (unique experts per block).
 
 use bytemuck::{Pod, Zeroable};
 
@@ -40,6 +41,8 @@ pub struct MoeRouteArgs {
     pub slots: u32,
     /// Zero.
     pub reserved: u32,
+    /// `u32 [2]`: sum of the list counts and routings so far; 0 for none.
+    pub tally: u64,
 }
 
 /// Slots of a routing list for `m` rows (its capacity).
@@ -66,6 +69,25 @@ impl MoeRoute {
         top_k: usize,
         norm_topk: bool,
     ) -> Result<TaskSpec, ProgramError> {
+        Self::tallied(logits, weights, list, m, experts, top_k, norm_topk, None)
+    }
+
+    /// [`task`](Self::task) that also adds its list count and one routing to
+    /// `tally` (`u32 [2]`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn tallied(
+        logits: &BufSlice,
+        weights: &BufSlice,
+        list: &BufSlice,
+        m: usize,
+        experts: usize,
+        top_k: usize,
+        norm_topk: bool,
+        tally: Option<&BufSlice>,
+    ) -> Result<TaskSpec, ProgramError> {
+        if tally.is_some_and(|t| t.dtype() != DType::U32 || t.len() < 2) {
+            return Err(bad::<MoeRoute>("tally must be u32 [2]"));
+        }
         if logits.dtype() != DType::F32
             || weights.dtype() != DType::F32
             || list.dtype() != DType::U32
@@ -94,8 +116,11 @@ impl MoeRoute {
             norm_topk: u32::from(norm_topk),
             slots: list_slots(m, experts, top_k) as u32,
             reserved: 0,
+            tally: tally.map_or(0, BufSlice::addr),
         };
-        Ok(TaskSpec::new::<MoeRoute>(args, &[logits, weights, list]))
+        let mut bufs = vec![logits, weights, list];
+        bufs.extend(tally);
+        Ok(TaskSpec::new::<MoeRoute>(args, &bufs))
     }
 }
 
@@ -140,7 +165,15 @@ impl TaskKind for MoeRoute {
                 .filter(|&i| weights[i * e + j as usize] != 0.0)
                 .fold(0, |mask, i| mask | (1 << i));
         }
-        mem.write_u32(a.list, &list)
+        mem.write_u32(a.list, &list)?;
+        if a.tally != 0 {
+            let t = mem.read_u32(a.tally, 2)?;
+            mem.write_u32(
+                a.tally,
+                &[t[0].wrapping_add(ids.len() as u32), t[1].wrapping_add(1)],
+            )?;
+        }
+        Ok(())
     }
     fn layout() -> Layout {
         layout!(MoeRouteArgs {
@@ -152,7 +185,8 @@ impl TaskKind for MoeRoute {
             top_k,
             norm_topk,
             slots,
-            reserved
+            reserved,
+            tally
         })
     }
 }
