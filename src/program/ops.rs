@@ -241,7 +241,8 @@ pub fn argmax_with(
 }
 
 /// Split-sequence attention for `m` rows: `chunks` slices per KV head (tasks
-/// signal an internal event), then `combine_parts` tasks merge heads into `out`.
+/// signal an internal event), then `combine_parts` tasks per row merge heads
+/// into `out`.
 /// Returns the slice group (wire its inputs) and the combine group (wire its output).
 /// `bidirectional`: every row attends the whole block (see [`Attention::bidirectional`]).
 #[allow(clippy::too_many_arguments)]
@@ -273,11 +274,19 @@ pub fn attention(
     let slices = Group(b.push_all(specs));
     let ev = b.event("attention.slices");
     slices.signal(b, ev);
+    // Each row of a block merges in tasks of its own (the same tasks a row
+    // alone gets), so a block's rows merge side by side on more SMs.
     let mut specs = Vec::new();
-    for (h0, n) in split_even(shape.heads, combine_parts) {
-        specs.push(AttentionCombine::task(
-            partial, out, shape, m, chunks, h0, n,
-        )?);
+    let (per_partial, per_out) = (
+        shape.heads * chunks * (shape.head_dim + 2),
+        shape.heads * shape.head_dim,
+    );
+    for i in 0..m {
+        let p = partial.sub(i * per_partial, per_partial)?;
+        let o = out.sub(i * per_out, per_out)?;
+        for (h0, n) in split_even(shape.heads, combine_parts) {
+            specs.push(AttentionCombine::task(&p, &o, shape, 1, chunks, h0, n)?);
+        }
     }
     let combine = Group(b.push_all(specs));
     combine.wait(b, ev);
