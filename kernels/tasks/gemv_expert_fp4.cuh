@@ -197,9 +197,6 @@ __device__ __forceinline__ void fp4_rows(const GemvExpertFp4Args& a, const unsig
 // many rows are computed with it or where.
 __device__ __forceinline__ bool fp4_mma_ok(u32 cols) { return (cols & 127u) == 0; }
 
-// Column steps of a tensor-core job whose loads are issued together.
-constexpr u32 FP4_MMA_AHEAD = 4;
-
 // Column slices per row (at most four, of `per` 128-column steps each) and
 // the rows a block computes at once: slices x 16-row tiles fill its warps.
 __device__ __forceinline__ void fp4_mma_shape(u32 cols, u32& slices, u32& per, u32& group) {
@@ -279,60 +276,42 @@ __device__ __noinline__ void fp4_mma_job(const GemvExpertFp4Args& a, const unsig
     float acc[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-    // Steps in groups of FP4_MMA_AHEAD: every load of a group is issued before
-    // any of its products, so a warp keeps that many 16-byte loads per row
-    // half in flight (the stream's bytes in flight, not the arithmetic, bound
-    // this loop).
-    for (u32 sg = step0; sg < step1; sg += FP4_MMA_AHEAD) {
-        uint4 q0[FP4_MMA_AHEAD], q1[FP4_MMA_AHEAD];
-        u32 s0a[FP4_MMA_AHEAD], s0b[FP4_MMA_AHEAD], s1a[FP4_MMA_AHEAD], s1b[FP4_MMA_AHEAD];
-#pragma unroll
-        for (u32 k = 0; k < FP4_MMA_AHEAD; ++k) {
-            const u32 chunk = (sg + k) * 4 + c;  // 32-code chunk of the row
-            const bool on = sg + k < step1;
-            q0[k] = q1[k] = make_uint4(0, 0, 0, 0);
-            s0a[k] = s0b[k] = s1a[k] = s1b[k] = 0;
-            if (on && live0) {
-                const unsigned char* p = codes + r_0 * row_codes + u64(chunk) * 16;
-                q0[k] = smem ? ld_shared16(p) : ld_stream16(p);
-                const unsigned char* sp = sc + r_0 * row_scales;
-                if (NV) s0a[k] = sp[2 * chunk], s0b[k] = sp[2 * chunk + 1];
-                else s0a[k] = sp[chunk];
-            }
-            if (on && live1) {
-                const unsigned char* p = codes + r_1 * row_codes + u64(chunk) * 16;
-                q1[k] = smem ? ld_shared16(p) : ld_stream16(p);
-                const unsigned char* sp = sc + r_1 * row_scales;
-                if (NV) s1a[k] = sp[2 * chunk], s1b[k] = sp[2 * chunk + 1];
-                else s1a[k] = sp[chunk];
-            }
+    for (u32 st = step0; st < step1; ++st) {
+        const u32 chunk = st * 4 + c;  // 32-code chunk of the row
+        uint4 q0 = make_uint4(0, 0, 0, 0), q1 = q0;
+        u32 s0a = 0, s0b = 0, s1a = 0, s1b = 0;
+        if (live0) {
+            const unsigned char* p = codes + r_0 * row_codes + u64(chunk) * 16;
+            q0 = smem ? ld_shared16(p) : ld_stream16(p);
+            const unsigned char* sp = sc + r_0 * row_scales;
+            if (NV) s0a = fp4_scale_pair<true>(sp[2 * chunk]), s0b = fp4_scale_pair<true>(sp[2 * chunk + 1]);
+            else s0a = s0b = fp4_scale_pair<false>(sp[chunk]);
         }
+        if (live1) {
+            const unsigned char* p = codes + r_1 * row_codes + u64(chunk) * 16;
+            q1 = smem ? ld_shared16(p) : ld_stream16(p);
+            const unsigned char* sp = sc + r_1 * row_scales;
+            if (NV) s1a = fp4_scale_pair<true>(sp[2 * chunk]), s1b = fp4_scale_pair<true>(sp[2 * chunk + 1]);
+            else s1a = s1b = fp4_scale_pair<false>(sp[chunk]);
+        }
+        const u32 w0[4] = {q0.x, q0.y, q0.z, q0.w}, w1[4] = {q1.x, q1.y, q1.z, q1.w};
 #pragma unroll
-        for (u32 k = 0; k < FP4_MMA_AHEAD; ++k) {
-            if (sg + k >= step1) break;
-            const u32 chunk = (sg + k) * 4 + c;
-            // Scale codes as bf16 pairs (rows that are not live keep 0 codes).
-            const u32 a0 = live0 ? fp4_scale_pair<NV>(s0a[k]) : 0u, b0 = live0 ? fp4_scale_pair<NV>(NV ? s0b[k] : s0a[k]) : 0u;
-            const u32 a1 = live1 ? fp4_scale_pair<NV>(s1a[k]) : 0u, b1 = live1 ? fp4_scale_pair<NV>(NV ? s1b[k] : s1a[k]) : 0u;
-            const u32 w0[4] = {q0[k].x, q0[k].y, q0[k].z, q0[k].w}, w1[4] = {q1[k].x, q1[k].y, q1[k].z, q1[k].w};
+        for (int w = 0; w < 4; ++w) {
+            u32 d0[4], d1[4];
+            fp4_to_bf16x8(w0[w], d0);
+            fp4_to_bf16x8(w1[w], d1);
+            const u32 sa = w < 2 ? s0a : s0b, sb = w < 2 ? s1a : s1b;
 #pragma unroll
-            for (int w = 0; w < 4; ++w) {
-                u32 d0[4], d1[4];
-                fp4_to_bf16x8(w0[w], d0);
-                fp4_to_bf16x8(w1[w], d1);
-                const u32 sa = w < 2 ? a0 : b0, sb = w < 2 ? a1 : b1;
+            for (int t = 0; t < 4; ++t) d0[t] = bf16x2_scale(d0[t], sa), d1[t] = bf16x2_scale(d1[t], sb);
 #pragma unroll
-                for (int t = 0; t < 4; ++t) d0[t] = bf16x2_scale(d0[t], sa), d1[t] = bf16x2_scale(d1[t], sb);
+            for (int h = 0; h < 2; ++h) {
+                const u32 af[4] = {d0[2 * h], d1[2 * h], d0[2 * h + 1], d1[2 * h + 1]};
+                const u64 col = u64(chunk) * 32 + w * 8 + h * 4;
 #pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const u32 af[4] = {d0[2 * h], d1[2 * h], d0[2 * h + 1], d1[2 * h + 1]};
-                    const u64 col = u64(chunk) * 32 + w * 8 + h * 4;
-#pragma unroll
-                    for (int j = 0; j < NT; ++j) {
-                        u32 xb0 = 0, xb1 = 0;
-                        if (xlive[j]) fp4_x4<XBF16>(x, xrow[j] + col, xb0, xb1);
-                        mma_bf16_16816(acc[j], af, xb0, xb1);
-                    }
+                for (int j = 0; j < NT; ++j) {
+                    u32 b0 = 0, b1 = 0;
+                    if (xlive[j]) fp4_x4<XBF16>(x, xrow[j] + col, b0, b1);
+                    mma_bf16_16816(acc[j], af, b0, b1);
                 }
             }
         }
