@@ -333,24 +333,26 @@ __device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArg
     }
 }
 
+// Most pairs per thread in the P·V phase: larger blocks run in sub-blocks
+// (their accumulators would spill under the resident kernel's registers).
+constexpr u32 ATTN_MAX_PP = 4;
+
 // The fast path over sub-blocks of the rows as large as its pair limit and
-// shared memory allow (a 16-row block of a 16-head group takes two).
+// shared memory allow.
 template <u32 HD>
 __device__ __forceinline__ bool attention_fast(const Ctx& c, const AttentionArgs& a, u32 pos0) {
     constexpr u32 NPG = BLOCK_THREADS / (HD / 2);
     const u32 group = a.heads / a.kv_heads;
     const u32 KS = attention_key_phases(group, NPG), PG = NPG / KS;
     u32 sub = a.m;
-    while (sub > 0 && (sub * group > 16 * PG || attention_smem_bytes(sub * group, HD, KS) > c.smem_bytes)) --sub;
+    while (sub > 0 && (sub * group > ATTN_MAX_PP * PG || attention_smem_bytes(sub * group, HD, KS) > c.smem_bytes)) --sub;
     if (sub == 0) return false;
     for (u32 i0 = 0; i0 < a.m; i0 += sub) {
         const u32 rows = min(sub, a.m - i0), pairs = rows * group;
         if (i0 > 0) __syncthreads();  // the last sub-block's shared memory is read
         if (pairs <= PG) attention_tiled<HD, 1>(c, a, pos0, i0, rows);
         else if (pairs <= 2 * PG) attention_tiled<HD, 2>(c, a, pos0, i0, rows);
-        else if (pairs <= 4 * PG) attention_tiled<HD, 4>(c, a, pos0, i0, rows);
-        else if (pairs <= 8 * PG) attention_tiled<HD, 8>(c, a, pos0, i0, rows);
-        else attention_tiled<HD, 16>(c, a, pos0, i0, rows);
+        else attention_tiled<HD, ATTN_MAX_PP>(c, a, pos0, i0, rows);
     }
     return true;
 }
