@@ -265,7 +265,8 @@ fn gemv_random_shapes() {
 /// Weight slices declared constant (`Group::staged`): on Hopper each task's
 /// slice is copied into shared memory before its waits, in full when it fits
 /// and otherwise its first rows, the rest read from global memory. Products
-/// of every size and input-row count against an f64 reference.
+/// of every size and input-row count against an f64 reference, and blocks of
+/// rows too wide for shared memory (run in groups of rows).
 #[test]
 fn staged_gemv_matches_reference() {
     let mut rng = Rng(seed());
@@ -283,6 +284,11 @@ fn staged_gemv_matches_reference() {
             };
             let acc = rng.below(2) == 0;
             gemv_case(ex, &mut rng, shape, xd, DType::F32, acc, true);
+        }
+        // Blocks whose input rows exceed shared memory: groups of rows.
+        for (cols, m, xd) in [(12288, 16, DType::Bf16), (8192, 11, DType::F32)] {
+            let shape = GemvShape { rows: 200, cols, m };
+            gemv_case(ex, &mut rng, shape, xd, DType::F32, true, true);
         }
     });
 }

@@ -56,6 +56,10 @@ impl Group {
     }
 }
 
+/// Most bytes of input rows a GEMV block copies into shared memory (the rest
+/// of it stages the matrix slice).
+const COPIED_ROWS_BYTES: usize = 200 * 1024;
+
 /// `y (+)= x · Wᵀ`, rows split evenly over `parts` tasks.
 pub fn gemv(
     b: &mut ProgramBuilder,
@@ -81,6 +85,27 @@ pub fn gemv_with(
     accumulate: bool,
     prologue: &Prologue,
 ) -> Result<Group> {
+    // Input rows read as they are are copied into each task's shared memory
+    // when they fit; a block whose rows do not fit runs in groups of rows that
+    // do (each group streams the matrix once, as the device's passes of at
+    // most 8 rows would anyway), instead of every warp rereading them from L2.
+    let row_bytes = shape.cols * x.dtype().size();
+    if shape.m > 1
+        && matches!(prologue, Prologue::None)
+        && shape.m * row_bytes > COPIED_ROWS_BYTES
+        && row_bytes <= COPIED_ROWS_BYTES
+    {
+        let per = (COPIED_ROWS_BYTES / row_bytes).min(8);
+        let mut ids = Vec::new();
+        for i0 in (0..shape.m).step_by(per) {
+            let g = per.min(shape.m - i0);
+            let xs = x.sub(i0 * shape.cols, g * shape.cols)?;
+            let ys = y.sub(i0 * shape.rows, g * shape.rows)?;
+            let part = GemvShape { m: g, ..shape };
+            ids.extend(gemv_with(b, w, &xs, &ys, part, parts, accumulate, prologue)?.0);
+        }
+        return Ok(Group(ids));
+    }
     let specs = split_even(shape.rows, parts)
         .into_iter()
         .map(|(r0, n)| GemvBf16::rows_with(w, x, y, shape, r0, n, accumulate, prologue))
