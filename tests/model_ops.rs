@@ -561,8 +561,20 @@ fn moe_routing_experts_and_combine() {
         let (res, rv) = store(ex, DType::F32, &rng.vec(m * hdim));
         let mut b = ProgramBuilder::new();
         let (routed, produced) = (b.event("routed"), b.event("experts"));
-        b.push(MoeRoute::task(&logits.all(), &weights.all(), &list.all(), m, e, k, true).unwrap())
-            .signal(routed);
+        b.push(
+            MoeRoute::task(
+                &logits.all(),
+                &weights.all(),
+                &list.all(),
+                m,
+                e,
+                k,
+                true,
+                None,
+            )
+            .unwrap(),
+        )
+        .signal(routed);
         let shape = GemvShape {
             rows: hdim,
             cols: inter,

@@ -1482,7 +1482,7 @@ fn build(
                 ch.stage(r, &format!("layer {l} router"));
                 let at = (l * MAX_ROWS + m.min(MAX_ROWS) - 1) * 2;
                 let tally = shared.tally.slice(at..at + 2)?;
-                let route = MoeRoute::tallied(
+                let route = MoeRoute::task(
                     &router_logits.all(),
                     &route_weights.all(),
                     &list.all(),

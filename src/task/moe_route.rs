@@ -59,23 +59,10 @@ pub fn list_len(m: usize, experts: usize, top_k: usize) -> usize {
 pub struct MoeRoute;
 
 impl MoeRoute {
-    /// Routes `m` rows over `experts` experts.
-    pub fn task(
-        logits: &BufSlice,
-        weights: &BufSlice,
-        list: &BufSlice,
-        m: usize,
-        experts: usize,
-        top_k: usize,
-        norm_topk: bool,
-    ) -> Result<TaskSpec, ProgramError> {
-        Self::tallied(logits, weights, list, m, experts, top_k, norm_topk, None)
-    }
-
-    /// [`task`](Self::task) that also adds its list count and one routing to
-    /// `tally` (`u32 [2]`).
+    /// Routes `m` rows over `experts` experts; with `tally` (`u32 [2]`) it
+    /// also adds its list count and one routing there.
     #[allow(clippy::too_many_arguments)]
-    pub fn tallied(
+    pub fn task(
         logits: &BufSlice,
         weights: &BufSlice,
         list: &BufSlice,
