@@ -232,6 +232,15 @@ fn gemv_case(
     );
 }
 
+/// f32 or bf16, at random.
+fn float_dtype(rng: &mut Rng) -> DType {
+    if rng.below(2) == 0 {
+        DType::F32
+    } else {
+        DType::Bf16
+    }
+}
+
 #[test]
 fn gemv_random_shapes() {
     let mut rng = Rng(seed());
@@ -246,16 +255,7 @@ fn gemv_random_shapes() {
                     1 + rng.below(16)
                 },
             };
-            let xd = if rng.below(2) == 0 {
-                DType::F32
-            } else {
-                DType::Bf16
-            };
-            let yd = if rng.below(2) == 0 {
-                DType::F32
-            } else {
-                DType::Bf16
-            };
+            let (xd, yd) = (float_dtype(&mut rng), float_dtype(&mut rng));
             let acc = rng.below(2) == 0;
             gemv_case(ex, &mut rng, shape, xd, yd, acc, false);
         }
@@ -277,11 +277,7 @@ fn staged_gemv_matches_reference() {
                 cols: 8 * (1 + rng.below(320)),
                 m: if case < 2 { 1 } else { 1 + rng.below(16) },
             };
-            let xd = if rng.below(2) == 0 {
-                DType::F32
-            } else {
-                DType::Bf16
-            };
+            let xd = float_dtype(&mut rng);
             let acc = rng.below(2) == 0;
             gemv_case(ex, &mut rng, shape, xd, DType::F32, acc, true);
         }

@@ -253,6 +253,21 @@ __device__ __forceinline__ void fp4_x4(u64 x, u64 idx, u32& b0, u32& b1) {
     }
 }
 
+// Chunk `chunk` (32 codes) of matrix row `r` and its scales as bf16 pairs
+// (the first and second 16 codes'); zeros for a row that is not `live`.
+template <bool NV>
+__device__ __forceinline__ void fp4_mma_load(const unsigned char* codes, const unsigned char* sc, u64 r,
+                                             u32 row_codes, u32 row_scales, u32 chunk, bool live, bool smem,
+                                             uint4& q, u32& sa, u32& sb) {
+    q = make_uint4(0, 0, 0, 0), sa = sb = 0;
+    if (!live) return;
+    const unsigned char* p = codes + r * row_codes + u64(chunk) * 16;
+    q = smem ? ld_shared16(p) : ld_stream16(p);
+    const unsigned char* sp = sc + r * row_scales;
+    if (NV) sa = fp4_scale_pair<true>(sp[2 * chunk]), sb = fp4_scale_pair<true>(sp[2 * chunk + 1]);
+    else sa = sb = fp4_scale_pair<false>(sp[chunk]);
+}
+
 // One warp: rows tile0 .. tile0 + 16 (relative to row0; rows past `rows`
 // read as zero) over column steps step0 .. step1, for input rows 0 .. n of
 // rmap, NT n-tiles of 8; the tile's partials go to part[row][input row].
@@ -278,22 +293,10 @@ __device__ __noinline__ void fp4_mma_job(const GemvExpertFp4Args& a, const unsig
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
     for (u32 st = step0; st < step1; ++st) {
         const u32 chunk = st * 4 + c;  // 32-code chunk of the row
-        uint4 q0 = make_uint4(0, 0, 0, 0), q1 = q0;
-        u32 s0a = 0, s0b = 0, s1a = 0, s1b = 0;
-        if (live0) {
-            const unsigned char* p = codes + r_0 * row_codes + u64(chunk) * 16;
-            q0 = smem ? ld_shared16(p) : ld_stream16(p);
-            const unsigned char* sp = sc + r_0 * row_scales;
-            if (NV) s0a = fp4_scale_pair<true>(sp[2 * chunk]), s0b = fp4_scale_pair<true>(sp[2 * chunk + 1]);
-            else s0a = s0b = fp4_scale_pair<false>(sp[chunk]);
-        }
-        if (live1) {
-            const unsigned char* p = codes + r_1 * row_codes + u64(chunk) * 16;
-            q1 = smem ? ld_shared16(p) : ld_stream16(p);
-            const unsigned char* sp = sc + r_1 * row_scales;
-            if (NV) s1a = fp4_scale_pair<true>(sp[2 * chunk]), s1b = fp4_scale_pair<true>(sp[2 * chunk + 1]);
-            else s1a = s1b = fp4_scale_pair<false>(sp[chunk]);
-        }
+        uint4 q0, q1;
+        u32 s0a, s0b, s1a, s1b;
+        fp4_mma_load<NV>(codes, sc, r_0, row_codes, row_scales, chunk, live0, smem, q0, s0a, s0b);
+        fp4_mma_load<NV>(codes, sc, r_1, row_codes, row_scales, chunk, live1, smem, q1, s1a, s1b);
         const u32 w0[4] = {q0.x, q0.y, q0.z, q0.w}, w1[4] = {q1.x, q1.y, q1.z, q1.w};
 #pragma unroll
         for (int w = 0; w < 4; ++w) {
@@ -377,15 +380,42 @@ struct Fp4Unit {
     bool staged;
 };
 
-// Where the unit's rows live in global memory: codes at `codes`, its scales'
-// aligned cover [s0, s1).
-__device__ __forceinline__ void fp4_unit_global(const GemvExpertFp4Args& a, const u32* list, u32 slot, u32 r0,
-                                                u32 rows, u64& codes, u64& s0, u64& s1) {
+// Where a unit's rows live in global memory: `cb` bytes of codes at `codes`,
+// and the 16-byte-aligned cover [s0, s1) of its scales, which start `lead`
+// bytes into it. Staged, a unit is its codes, then that cover.
+struct Fp4Span {
+    u64 codes, s0, s1;
+    u32 cb, lead;
+    __device__ u32 bytes() const { return cb + u32(s1 - s0); }
+};
+
+__device__ __forceinline__ Fp4Span fp4_unit_global(const GemvExpertFp4Args& a, const u32* list, u32 slot, u32 r0,
+                                                   u32 rows) {
     const u64 expert = list[1 + slot];
     const u64 start = a.scales + expert * fp4_scale_stride(a.format, a.ldy, a.cols) + u64(r0) * fp4_row_scales(a);
-    codes = a.w + expert * a.ldy * fp4_row_codes(a) + u64(r0) * fp4_row_codes(a);
-    s0 = start & ~u64(15);
-    s1 = (start + u64(rows) * fp4_row_scales(a) + 15) & ~u64(15);
+    const u64 codes = a.w + expert * a.ldy * fp4_row_codes(a) + u64(r0) * fp4_row_codes(a);
+    const u64 s0 = start & ~u64(15), s1 = (start + u64(rows) * fp4_row_scales(a) + 15) & ~u64(15);
+    return {codes, s0, s1, rows * fp4_row_codes(a), u32(start - s0)};
+}
+
+// Thread 0: the copies of a unit to `dst` (its bytes announced by the caller).
+__device__ __forceinline__ void fp4_copy_unit(const Ctx& c, const Fp4Span& g, unsigned char* dst) {
+    stage_copy(&c.stage->bar, dst, g.codes, g.cb);
+    stage_copy(&c.stage->bar, dst + g.cb, g.s0, u32(g.s1 - g.s0));
+}
+
+// The unit of rows from r0 on staged at `dst`, indexed like the expert's rows.
+__device__ __forceinline__ Fp4Unit fp4_unit_at(const GemvExpertFp4Args& a, const Fp4Span& g, u32 r0,
+                                               const unsigned char* dst) {
+    return {dst - u64(r0) * fp4_row_codes(a), dst + g.cb + g.lead - u64(r0) * fp4_row_scales(a), true};
+}
+
+// After a task's staged units: every thread has waited for the staging (also
+// when a fault skipped the rows), and the next staging is the next phase.
+__device__ __forceinline__ void fp4_staging_done(const Ctx& c, bool wait) {
+    if (wait) stage_wait(&c.stage->bar, c.stage->stagings & 1u);
+    __syncthreads();
+    if (threadIdx.x == 0) ++c.stage->stagings;
 }
 
 // Matrix rows row0 .. row0 + rows of the expert in `slot`, for the input rows
@@ -461,16 +491,8 @@ __device__ __forceinline__ void fp4_expert_rows(const Ctx& c, const GemvExpertFp
     // With `pass`, only input rows 2 pass .. 2 pass + 2 of them.
     u32 rmap[16];
     u32 n = rows_of_mask(mask, rmap);
-    const u32* rm = rmap;
-    if (pass != ~0u) {
-        rm += 2 * pass;
-        n = min(n - min(n, 2 * pass), 2u);
-        if (n == 0) return;
-    }
     if (fp4_mma_ok(a.cols)) {
-        // Every input row at once (pass 0 only).
-        if (pass != ~0u && pass > 0) return;
-        n = rows_of_mask(mask, rmap);
+        // Every input row at once (its one pass, fp4_passes).
         float* part = reinterpret_cast<float*>(c.smem + fp4_keep(c, a));
         if (fp4_scratch(c, a) > c.smem_bytes) {
             if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, a.cols, c.smem_bytes);
@@ -484,6 +506,12 @@ __device__ __forceinline__ void fp4_expert_rows(const Ctx& c, const GemvExpertFp
             else fp4_mma_rows<false, false>(a, codes, sc, tscale, x, ldx, y, rmap, n, row0, rows, smem, part);
         }
         return;
+    }
+    const u32* rm = rmap;
+    if (pass != ~0u) {
+        rm += 2 * pass;
+        n = min(n - min(n, 2 * pass), 2u);
+        if (n == 0) return;
     }
     if (bf16) {
         if (nv) fp4_rows<true, true>(a, codes, sc, tscale, x, ldx, y, rm, n, row0, rows, smem);
@@ -532,47 +560,31 @@ __device__ __noinline__ void fp4_spread(const Ctx& c, const GemvExpertFp4Args& a
     // choices, thread 0 issues the copies.
     const u32 keep = fp4_scratch(c, a);
     const u32 cap = STAGING && c.smem_bytes > keep ? c.smem_bytes - keep : 0u;
-    const u32 row_codes = fp4_row_codes(a);
     u32 total = 0;
     if (cap) {
         fp4_units(a, list, u0, u1, [&](u32 slot, u32, u32 r0, u32 rows) {
-            u64 codes, s0, s1;
-            fp4_unit_global(a, list, slot, r0, rows, codes, s0, s1);
-            const u32 cb = rows * row_codes, bytes = cb + u32(s1 - s0);
-            if (total + bytes > cap) return;
+            const Fp4Span g = fp4_unit_global(a, list, slot, r0, rows);
+            if (total + g.bytes() > cap) return;
             if (threadIdx.x == 0) {
-                unsigned char* dst = c.smem + keep + total;
-                stage_expect_more(&c.stage->bar, bytes);
-                stage_copy(&c.stage->bar, dst, codes, cb);
-                stage_copy(&c.stage->bar, dst + cb, s0, u32(s1 - s0));
+                stage_expect_more(&c.stage->bar, g.bytes());
+                fp4_copy_unit(c, g, c.smem + keep + total);
             }
-            total += bytes;
+            total += g.bytes();
         });
         if (total && threadIdx.x == 0) stage_expect(&c.stage->bar, 0);  // the arrival
     }
     bool wait = total != 0;
     u32 off = 0;
     fp4_units(a, list, u0, u1, [&](u32 slot, u32 pass, u32 r0, u32 rows) {
-        u64 codes, s0, s1;
-        fp4_unit_global(a, list, slot, r0, rows, codes, s0, s1);
-        const u32 cb = rows * row_codes, bytes = cb + u32(s1 - s0);
+        const Fp4Span g = fp4_unit_global(a, list, slot, r0, rows);
         Fp4Unit unit = {nullptr, nullptr, false};
-        if (total && off + bytes <= cap) {
-            const unsigned char* dst = c.smem + keep + off;
-            const u64 start = a.scales + u64(list[1 + slot]) * fp4_scale_stride(a.format, a.ldy, a.cols) +
-                              u64(r0) * fp4_row_scales(a);
-            unit.codes = dst - u64(r0) * row_codes;
-            unit.scales = dst + cb + (start - s0) - u64(r0) * fp4_row_scales(a);
-            unit.staged = true;
-            off += bytes;
+        if (total && off + g.bytes() <= cap) {
+            unit = fp4_unit_at(a, g, r0, c.smem + keep + off);
+            off += g.bytes();
         }
         fp4_expert_rows(c, a, list, slot, r0, rows, prepared, x, ldx, bf16, pass, &unit, &wait);
     });
-    if (total) {
-        if (wait) stage_wait(&c.stage->bar, c.stage->stagings & 1u);  // a fault skipped the rows
-        __syncthreads();  // every thread waited: the next staging is the next phase
-        if (threadIdx.x == 0) ++c.stage->stagings;
-    }
+    if (total) fp4_staging_done(c, wait);
 }
 
 __device__ __forceinline__ void task_gemv_expert_fp4(const Ctx& c) {
@@ -594,28 +606,17 @@ __device__ __forceinline__ void task_gemv_expert_fp4(const Ctx& c) {
         // rows are prepared.
         Fp4Unit unit = {nullptr, nullptr, false};
         const u32 keep = fp4_scratch(c, a);
-        u64 codes, s0, s1;
-        fp4_unit_global(a, list, a.slot, a.row0, a.rows, codes, s0, s1);
-        const u64 cb = u64(a.rows) * fp4_row_codes(a), bytes = cb + (s1 - s0);
+        const Fp4Span g = fp4_unit_global(a, list, a.slot, a.row0, a.rows);
         const bool routed = (list[1 + a.slots + a.slot] & ((1u << a.m) - 1u)) != 0u;
-        bool wait = STAGING && routed && c.smem_bytes > keep && bytes <= c.smem_bytes - keep;
+        bool wait = STAGING && routed && c.smem_bytes > keep && g.bytes() <= c.smem_bytes - keep;
         if (wait) {
-            unsigned char* dst = c.smem + keep;
             if (threadIdx.x == 0) {
-                stage_expect(&c.stage->bar, u32(bytes));
-                stage_copy(&c.stage->bar, dst, codes, u32(cb));
-                stage_copy(&c.stage->bar, dst + cb, s0, u32(s1 - s0));
+                stage_expect(&c.stage->bar, g.bytes());
+                fp4_copy_unit(c, g, c.smem + keep);
             }
-            const u64 start = a.scales + u64(list[1 + a.slot]) * fp4_scale_stride(a.format, a.ldy, a.cols) +
-                              u64(a.row0) * fp4_row_scales(a);
-            unit = {dst - u64(a.row0) * fp4_row_codes(a), dst + cb + (start - s0) - u64(a.row0) * fp4_row_scales(a),
-                    true};
+            unit = fp4_unit_at(a, g, a.row0, c.smem + keep);
         }
         fp4_expert_rows(c, a, list, a.slot, a.row0, a.rows, prepared, x, ldx, bf16, ~0u, &unit, &wait);
-        if (unit.staged) {
-            if (wait) stage_wait(&c.stage->bar, c.stage->stagings & 1u);  // a fault skipped the rows
-            __syncthreads();  // every thread waited: the next staging is the next phase
-            if (threadIdx.x == 0) ++c.stage->stagings;
-        }
+        if (unit.staged) fp4_staging_done(c, wait);
     }
 }

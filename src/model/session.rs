@@ -1480,8 +1480,11 @@ fn build(
                 )?
                 .staged(ch.b);
                 ch.stage(r, &format!("layer {l} router"));
-                let at = (l * MAX_ROWS + m.min(MAX_ROWS) - 1) * 2;
-                let tally = shared.tally.slice(at..at + 2)?;
+                // This layer's tally for blocks of m rows.
+                let at = (l * MAX_ROWS + m - 1) * 2;
+                let tally = (m <= MAX_ROWS)
+                    .then(|| shared.tally.slice(at..at + 2))
+                    .transpose()?;
                 let route = MoeRoute::task(
                     &router_logits.all(),
                     &route_weights.all(),
@@ -1490,7 +1493,7 @@ fn build(
                     experts,
                     top_k,
                     moe.norm_topk_prob,
-                    (m <= MAX_ROWS).then_some(&tally),
+                    tally.as_ref(),
                 )?;
                 let route = single(&mut ch, route);
                 ch.stage(route, &format!("layer {l} route"));
