@@ -190,8 +190,9 @@ __device__ __forceinline__ void fp4_rows(const GemvExpertFp4Args& a, const unsig
 // layout streams 32 codes (one MXFP4 block, two NVFP4 blocks) of rows g and
 // g + 8 per 128 columns, decodes them to bf16 pairs in registers and scales
 // them exactly (an E2M1 value times an E8M0 or E4M3 scale fits bf16's
-// significand); k is permuted consistently in both operands, so the decoded
-// pairs are the A fragment as they come. Each row's columns are cut into the
+// significand); k is permuted consistently in both operands (pairs of
+// elements k and k + 4 of each eight, fp4_to_bf16x8_scaled_down and fp4_x8),
+// so the decoded pairs are the A fragment as they come. Each row's columns are cut into the
 // same slices whatever the input rows, each slice accumulated in order by one
 // warp and the slices summed in order: a row's result does not depend on how
 // many rows are computed with it or where.
@@ -227,50 +228,126 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const u32 (&a)[4],
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// A block scale as a bf16 pair (exact: E8M0 is a power of two, E4M3 has four
-// significant bits).
+// Eight E2M1 codes (a 32-bit word, element 0 in the low nibble) as four bf16
+// pairs out[k] = (element k, element k + 4), each the code's value times
+// 2^-126 exactly: the sign moves to bit 15, the exponent and mantissa bits to
+// bits 8..6 (E2M1's exponent bias is 1, bf16's 127, and E2M1's subnormal 0.5
+// lands on bf16's subnormal 2^-127). Two shifts and two logic operations per
+// pair.
+__device__ __forceinline__ void fp4_to_bf16x8_scaled_down(u32 w, u32 out[4]) {
+    out[0] = ((w << 6) & 0x01C001C0u) | ((w << 12) & 0x80008000u);
+    out[1] = ((w << 2) & 0x01C001C0u) | ((w << 8) & 0x80008000u);
+    out[2] = ((w >> 2) & 0x01C001C0u) | ((w << 4) & 0x80008000u);
+    out[3] = ((w >> 6) & 0x01C001C0u) | (w & 0x80008000u);
+}
+
+// The bf16 pair that scales decoded codes (values times 2^-126) to code times
+// block scale. MXFP4: 2^(e - 1) for the E8M0 code e, exact for e <= 128
+// (larger codes take fp4_mx_pair after a first factor 2^126). NVFP4: the E4M3
+// value times 2^62 (four significant bits, at most 448 * 2^62: exact), so the
+// products come out 2^64 too small and the sums are scaled back in f32.
+constexpr u32 FP4_MX_BIG = 128;
+constexpr u32 FP4_TWO_POW_126 = 0x7E807E80u;
+constexpr float FP4_NV_UNDO = 18446744073709551616.0f;  // 2^64
+
 template <bool NV>
 __device__ __forceinline__ u32 fp4_scale_pair(u32 code) {
     u32 h;
-    if (NV) {
-        h = __float_as_uint(e4m3_value(code)) >> 16;
-    } else {
-        h = code == 255u ? 0x7FC0u : code == 0u ? 0x0040u : code << 7;
-    }
+    if (NV) h = __float_as_uint(e4m3_value(code) * 4611686018427387904.0f) >> 16;  // times 2^62
+    else h = (code + 126u) << 7;
     return h | (h << 16);
 }
 
-// Four consecutive x values of input row `i` at column `col` as two bf16 pairs.
+// A block scale as a bf16 pair (exact: E8M0 is a power of two), for codes
+// decoded to their values.
+__device__ __forceinline__ u32 fp4_mx_pair(u32 code) {
+    const u32 h = code == 255u ? 0x7FC0u : code == 0u ? 0x0040u : code << 7;
+    return h | (h << 16);
+}
+
+// Eight consecutive x values at `p` as the bf16 pairs (x[k], x[k + 4]) that
+// match fp4_to_bf16x8_scaled_down.
 template <bool XBF16>
-__device__ __forceinline__ void fp4_x4(u64 x, u64 idx, u32& b0, u32& b1) {
+__device__ __forceinline__ void fp4_x8(const unsigned char* p, u32 b[4]) {
     if (XBF16) {
-        const uint2 v = *reinterpret_cast<const uint2*>(x + idx * 2);
-        b0 = v.x, b1 = v.y;
+        const uint4 v = *reinterpret_cast<const uint4*>(p);
+        b[0] = __byte_perm(v.x, v.z, 0x5410), b[1] = __byte_perm(v.x, v.z, 0x7632);
+        b[2] = __byte_perm(v.y, v.w, 0x5410), b[3] = __byte_perm(v.y, v.w, 0x7632);
     } else {
-        const float4 v = *reinterpret_cast<const float4*>(x + idx * 4);
-        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(b0) : "f"(v.y), "f"(v.x));
-        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(b1) : "f"(v.w), "f"(v.z));
+        const float4 lo = *reinterpret_cast<const float4*>(p);
+        const float4 hi = *reinterpret_cast<const float4*>(p + 16);
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(b[0]) : "f"(hi.x), "f"(lo.x));
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(b[1]) : "f"(hi.y), "f"(lo.y));
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(b[2]) : "f"(hi.z), "f"(lo.z));
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(b[3]) : "f"(hi.w), "f"(lo.w));
     }
 }
 
-// Chunk `chunk` (32 codes) of matrix row `r` and its scales as bf16 pairs
-// (the first and second 16 codes'); zeros for a row that is not `live`.
+// A lane's chunk of 32 codes of one matrix row at `p` and its scale codes at
+// `sp` (NVFP4: the first 16 codes' in the low byte, the second 16's above);
+// zeros for a row that is not `live`.
+struct Fp4Chunk {
+    uint4 q;
+    u32 s;
+};
+
 template <bool NV>
-__device__ __forceinline__ void fp4_mma_load(const unsigned char* codes, const unsigned char* sc, u64 r,
-                                             u32 row_codes, u32 row_scales, u32 chunk, bool live, bool smem,
-                                             uint4& q, u32& sa, u32& sb) {
-    q = make_uint4(0, 0, 0, 0), sa = sb = 0;
-    if (!live) return;
-    const unsigned char* p = codes + r * row_codes + u64(chunk) * 16;
-    q = smem ? ld_shared16(p) : ld_stream16(p);
-    const unsigned char* sp = sc + r * row_scales;
-    if (NV) sa = fp4_scale_pair<true>(sp[2 * chunk]), sb = fp4_scale_pair<true>(sp[2 * chunk + 1]);
-    else sa = sb = fp4_scale_pair<false>(sp[chunk]);
+__device__ __forceinline__ Fp4Chunk fp4_mma_load(const unsigned char* p, const unsigned char* sp, bool live,
+                                                 bool smem) {
+    Fp4Chunk k = {make_uint4(0, 0, 0, 0), 0u};
+    if (live) {
+        k.q = smem ? ld_shared16(p) : ld_stream16(p);
+        k.s = NV ? *reinterpret_cast<const u16*>(sp) : *sp;
+    }
+    return k;
+}
+
+// One 128-column step of a warp's tile: the chunks q0 (row g) and q1 (row
+// g + 8) with their scale codes s0, s1, times the NT n-tiles of x at xp (this
+// step's columns of each input row; none where the row is not live). BIG: an
+// E8M0 scale above FP4_MX_BIG in the warp, scaled in two factors.
+template <int NT, bool XBF16, bool NV, bool BIG>
+__device__ __forceinline__ void fp4_mma_step(float (&acc)[NT][4], const uint4& q0, const uint4& q1, u32 s0, u32 s1,
+                                             const unsigned char* const (&xp)[NT], const bool (&xlive)[NT]) {
+    // Scale pairs of the row's first and second 16 codes.
+    u32 p0[2], p1[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const u32 c0 = NV ? (h ? s0 >> 8 : s0 & 0xFFu) : s0, c1 = NV ? (h ? s1 >> 8 : s1 & 0xFFu) : s1;
+        p0[h] = BIG ? fp4_mx_pair(c0) : fp4_scale_pair<NV>(c0);
+        p1[h] = BIG ? fp4_mx_pair(c1) : fp4_scale_pair<NV>(c1);
+    }
+    const u32 w0[4] = {q0.x, q0.y, q0.z, q0.w}, w1[4] = {q1.x, q1.y, q1.z, q1.w};
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+        u32 d0[4], d1[4];
+        fp4_to_bf16x8_scaled_down(w0[w], d0);
+        fp4_to_bf16x8_scaled_down(w1[w], d1);
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+            if (BIG) d0[t] = bf16x2_scale(d0[t], FP4_TWO_POW_126), d1[t] = bf16x2_scale(d1[t], FP4_TWO_POW_126);
+            d0[t] = bf16x2_scale(d0[t], p0[w >> 1]), d1[t] = bf16x2_scale(d1[t], p1[w >> 1]);
+        }
+        u32 b[NT][4];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            b[j][0] = b[j][1] = b[j][2] = b[j][3] = 0;
+            if (xlive[j]) fp4_x8<XBF16>(xp[j] + w * 8 * (XBF16 ? 2 : 4), b[j]);
+        }
+        // Pairs (k, k + 4): k = 0, 1 make one k-step of 16, k = 2, 3 the next.
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const u32 af[4] = {d0[2 * h], d1[2 * h], d0[2 * h + 1], d1[2 * h + 1]};
+#pragma unroll
+            for (int j = 0; j < NT; ++j) mma_bf16_16816(acc[j], af, b[j][2 * h], b[j][2 * h + 1]);
+        }
+    }
 }
 
 // One warp: rows tile0 .. tile0 + 16 (relative to row0; rows past `rows`
 // read as zero) over column steps step0 .. step1, for input rows 0 .. n of
-// rmap, NT n-tiles of 8; the tile's partials go to part[row][input row].
+// rmap, NT n-tiles of 8; the tile's partials go to part[row][input row]. The
+// next step's codes are loaded before this step's products.
 template <int NT, bool XBF16, bool NV>
 __device__ __noinline__ void fp4_mma_job(const GemvExpertFp4Args& a, const unsigned char* codes,
                                             const unsigned char* sc, u64 x, u32 ldx, const u32* rmap, u32 n,
@@ -279,45 +356,46 @@ __device__ __noinline__ void fp4_mma_job(const GemvExpertFp4Args& a, const unsig
     const u32 lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const u32 row_codes = a.cols / 2, row_scales = NV ? a.cols / 16 : a.cols / 32;
     const bool live0 = tile0 + g < rows, live1 = tile0 + g + 8 < rows;
-    const u64 r_0 = u64(row0) + tile0 + g, r_1 = r_0 + 8;
-    u64 xrow[NT];
+    const u64 r_0 = u64(row0) + tile0 + g;
+    // The lane's chunk (st * 4 + c) of rows g and g + 8, and its scale codes.
+    constexpr u32 SCALES = NV ? 2 : 1;
+    const unsigned char* cp = codes + r_0 * row_codes + (step0 * 4 + c) * 16;
+    const unsigned char* sp = sc + r_0 * row_scales + (step0 * 4 + c) * SCALES;
+    const u64 cp8 = u64(row_codes) * 8, sp8 = u64(row_scales) * 8;
+    constexpr u32 XSIZE = XBF16 ? 2 : 4;
+    const unsigned char* xp[NT];
     bool xlive[NT];
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
         const u32 i = j * 8 + g;
         xlive[j] = i < n;
-        xrow[j] = xlive[j] ? u64(rmap[i]) * ldx : 0;
+        xp[j] = reinterpret_cast<const unsigned char*>(x) + (xlive[j] ? u64(rmap[i]) * ldx * XSIZE : 0) +
+                (u64(step0) * 128 + c * 32) * XSIZE;
     }
     float acc[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    Fp4Chunk n0 = {make_uint4(0, 0, 0, 0), 0u}, n1 = n0;
+    if (step0 < step1) {
+        n0 = fp4_mma_load<NV>(cp, sp, live0, smem);
+        n1 = fp4_mma_load<NV>(cp + cp8, sp + sp8, live1, smem);
+    }
     for (u32 st = step0; st < step1; ++st) {
-        const u32 chunk = st * 4 + c;  // 32-code chunk of the row
-        uint4 q0, q1;
-        u32 s0a, s0b, s1a, s1b;
-        fp4_mma_load<NV>(codes, sc, r_0, row_codes, row_scales, chunk, live0, smem, q0, s0a, s0b);
-        fp4_mma_load<NV>(codes, sc, r_1, row_codes, row_scales, chunk, live1, smem, q1, s1a, s1b);
-        const u32 w0[4] = {q0.x, q0.y, q0.z, q0.w}, w1[4] = {q1.x, q1.y, q1.z, q1.w};
-#pragma unroll
-        for (int w = 0; w < 4; ++w) {
-            u32 d0[4], d1[4];
-            fp4_to_bf16x8(w0[w], d0);
-            fp4_to_bf16x8(w1[w], d1);
-            const u32 sa = w < 2 ? s0a : s0b, sb = w < 2 ? s1a : s1b;
-#pragma unroll
-            for (int t = 0; t < 4; ++t) d0[t] = bf16x2_scale(d0[t], sa), d1[t] = bf16x2_scale(d1[t], sb);
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const u32 af[4] = {d0[2 * h], d1[2 * h], d0[2 * h + 1], d1[2 * h + 1]};
-                const u64 col = u64(chunk) * 32 + w * 8 + h * 4;
-#pragma unroll
-                for (int j = 0; j < NT; ++j) {
-                    u32 b0 = 0, b1 = 0;
-                    if (xlive[j]) fp4_x4<XBF16>(x, xrow[j] + col, b0, b1);
-                    mma_bf16_16816(acc[j], af, b0, b1);
-                }
-            }
+        const uint4 q0 = n0.q, q1 = n1.q;
+        const u32 s0 = n0.s, s1 = n1.s;
+        cp += 64, sp += 4 * SCALES;
+        if (st + 1 < step1) {
+            n0 = fp4_mma_load<NV>(cp, sp, live0, smem);
+            n1 = fp4_mma_load<NV>(cp + cp8, sp + sp8, live1, smem);
         }
+        // Warp-uniform: an E8M0 scale above 2 takes the two-factor scaling.
+        if (!NV && __any_sync(0xFFFFFFFFu, s0 > FP4_MX_BIG || s1 > FP4_MX_BIG)) {
+            fp4_mma_step<NT, XBF16, NV, true>(acc, q0, q1, s0, s1, xp, xlive);
+        } else {
+            fp4_mma_step<NT, XBF16, NV, false>(acc, q0, q1, s0, s1, xp, xlive);
+        }
+#pragma unroll
+        for (int j = 0; j < NT; ++j) xp[j] += 128 * XSIZE;
     }
     // c0, c1: row g, inputs 2c, 2c + 1 of the n-tile; c2, c3: row g + 8.
 #pragma unroll
@@ -356,7 +434,7 @@ __device__ __noinline__ void fp4_mma_rows(const GemvExpertFp4Args& a, const unsi
             const u32 r = k / n, i = k % n;
             float sum = 0.0f;
             for (u32 s = 0; s < slices; ++s) sum += part[(s * group + r) * 16 + i];
-            sum *= tscale;
+            if (NV) sum = sum * FP4_NV_UNDO * tscale;  // the 2^-64 of fp4_scale_pair, then the tensor scale
             const u64 idx = u64(rmap[i]) * a.ldy + row0 + g0 + r;
             const float prev = (a.flags & FP4_ACCUMULATE) ? load_float(y, a.y_dtype, idx) : 0.0f;
             store_float(y, a.y_dtype, idx, prev + sum);
