@@ -2,9 +2,8 @@
 // in bytes on one mbarrier per block) of a range of global memory into the top
 // of the block's dynamic shared memory. A task whose weights are staged before
 // its waits streams them while earlier stages finish; a task that learns its
-// ranges only from its inputs (the chosen experts) still gets every byte of its
-// share in flight at once instead of a few loads per warp. Before sm_90 nothing
-// is staged and tasks read global memory as before.
+// ranges only from its inputs reads them from global memory itself. Before
+// sm_90 nothing is staged and tasks read global memory as before.
 #pragma once
 #include "sync.cuh"
 
@@ -32,15 +31,6 @@ __device__ __forceinline__ void stage_init(u64* bar) {
 __device__ __forceinline__ void stage_expect(u64* bar, u32 bytes) {
 #if __CUDA_ARCH__ >= 900
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
-                 : "memory");
-#endif
-}
-
-// Thread 0: adds `bytes` bytes to the phase without arriving (several copies
-// announced one by one, then one stage_expect(bar, 0) as the arrival).
-__device__ __forceinline__ void stage_expect_more(u64* bar, u32 bytes) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
                  : "memory");
 #endif
 }

@@ -1,9 +1,10 @@
 // gemv_expert_fp4: the expert product of gemv_expert with the expert's matrix
 // in MXFP4 or NVFP4 (src/quant.rs has the formats, src/task/gemv_expert_fp4.rs
-// the layout). The 4-bit codes are decoded in registers: each lane streams 16
-// bytes (32 elements) at a time, decodes them to bf16 with byte permutes, sums
-// code * x per scale block and applies the block scale once per block; nothing
-// is written back in 16-bit form.
+// the layout). The 4-bit codes are decoded in registers, never written back in
+// 16-bit form: each lane streams 16 bytes (32 elements) at a time from global
+// memory; with tensor cores (columns a multiple of 128) shifts and logic
+// operations turn them into scaled bf16 pairs for mma, otherwise byte permutes
+// decode them and each scale block's sum of code * x takes its scale once.
 #pragma once
 #include "../include/task.cuh"
 #include "gemv_bf16.cuh"
@@ -110,7 +111,7 @@ __device__ __forceinline__ u32 fp4_row_lanes(u32 chunks) {
 template <int M, bool XBF16, bool NV>
 __device__ __forceinline__ void fp4_pass(const GemvExpertFp4Args& a, const unsigned char* codes, const unsigned char* sc,
                                          float tscale, u64 x, u32 ldx, u64 y, const u32* rmap, u32 m0, u32 mcount,
-                                         u32 row0, u32 rows, bool smem) {
+                                         u32 row0, u32 rows) {
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     const u32 chunks = a.cols / 32, per_row_scales = NV ? a.cols / 16 : a.cols / 32;
     const u32 lanes = fp4_row_lanes(chunks), per_warp = 32 / lanes, sub = lane % lanes, group = lane / lanes;
@@ -125,7 +126,7 @@ __device__ __forceinline__ void fp4_pass(const GemvExpertFp4Args& a, const unsig
 #pragma unroll
         for (int i = 0; i < M; ++i) acc[i] = 0.0f;
         for (u32 ch = sub; live && ch < chunks; ch += lanes) {
-            const uint4 q = smem ? ld_shared16(wrow + u64(ch) * 16) : ld_stream16(wrow + u64(ch) * 16);
+            const uint4 q = ld_stream16(wrow + u64(ch) * 16);
             float s0, s1;
             if (NV) {
                 s0 = e4m3_value(srow[2 * ch]) * tscale;
@@ -176,11 +177,11 @@ __device__ __forceinline__ void fp4_pass(const GemvExpertFp4Args& a, const unsig
 template <bool XBF16, bool NV>
 __device__ __forceinline__ void fp4_rows(const GemvExpertFp4Args& a, const unsigned char* codes, const unsigned char* sc,
                                          float tscale, u64 x, u32 ldx, u64 y, const u32* rmap, u32 n, u32 row0,
-                                         u32 rows, bool smem) {
+                                         u32 rows) {
     for (u32 m0 = 0; m0 < n; m0 += 2) {
         const u32 mc = min(n - m0, 2u);
-        if (mc == 1) fp4_pass<1, XBF16, NV>(a, codes, sc, tscale, x, ldx, y, rmap, m0, 1, row0, rows, smem);
-        else fp4_pass<2, XBF16, NV>(a, codes, sc, tscale, x, ldx, y, rmap, m0, 2, row0, rows, smem);
+        if (mc == 1) fp4_pass<1, XBF16, NV>(a, codes, sc, tscale, x, ldx, y, rmap, m0, 1, row0, rows);
+        else fp4_pass<2, XBF16, NV>(a, codes, sc, tscale, x, ldx, y, rmap, m0, 2, row0, rows);
     }
 }
 
@@ -292,11 +293,10 @@ struct Fp4Chunk {
 };
 
 template <bool NV>
-__device__ __forceinline__ Fp4Chunk fp4_mma_load(const unsigned char* p, const unsigned char* sp, bool live,
-                                                 bool smem) {
+__device__ __forceinline__ Fp4Chunk fp4_mma_load(const unsigned char* p, const unsigned char* sp, bool live) {
     Fp4Chunk k = {make_uint4(0, 0, 0, 0), 0u};
     if (live) {
-        k.q = smem ? ld_shared16(p) : ld_stream16(p);
+        k.q = ld_stream16(p);
         k.s = NV ? *reinterpret_cast<const u16*>(sp) : *sp;
     }
     return k;
@@ -351,7 +351,7 @@ __device__ __forceinline__ void fp4_mma_step(float (&acc)[NT][4], const uint4& q
 template <int NT, bool XBF16, bool NV>
 __device__ __noinline__ void fp4_mma_job(const GemvExpertFp4Args& a, const unsigned char* codes,
                                             const unsigned char* sc, u64 x, u32 ldx, const u32* rmap, u32 n,
-                                            u32 row0, u32 rows, u32 tile0, u32 step0, u32 step1, bool smem,
+                                            u32 row0, u32 rows, u32 tile0, u32 step0, u32 step1,
                                             float* part) {
     const u32 lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const u32 row_codes = a.cols / 2, row_scales = NV ? a.cols / 16 : a.cols / 32;
@@ -377,16 +377,16 @@ __device__ __noinline__ void fp4_mma_job(const GemvExpertFp4Args& a, const unsig
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
     Fp4Chunk n0 = {make_uint4(0, 0, 0, 0), 0u}, n1 = n0;
     if (step0 < step1) {
-        n0 = fp4_mma_load<NV>(cp, sp, live0, smem);
-        n1 = fp4_mma_load<NV>(cp + cp8, sp + sp8, live1, smem);
+        n0 = fp4_mma_load<NV>(cp, sp, live0);
+        n1 = fp4_mma_load<NV>(cp + cp8, sp + sp8, live1);
     }
     for (u32 st = step0; st < step1; ++st) {
         const uint4 q0 = n0.q, q1 = n1.q;
         const u32 s0 = n0.s, s1 = n1.s;
         cp += 64, sp += 4 * SCALES;
         if (st + 1 < step1) {
-            n0 = fp4_mma_load<NV>(cp, sp, live0, smem);
-            n1 = fp4_mma_load<NV>(cp + cp8, sp + sp8, live1, smem);
+            n0 = fp4_mma_load<NV>(cp, sp, live0);
+            n1 = fp4_mma_load<NV>(cp + cp8, sp + sp8, live1);
         }
         // Warp-uniform: an E8M0 scale above 2 takes the two-factor scaling.
         if (!NV && __any_sync(0xFFFFFFFFu, s0 > FP4_MX_BIG || s1 > FP4_MX_BIG)) {
@@ -413,7 +413,7 @@ __device__ __noinline__ void fp4_mma_job(const GemvExpertFp4Args& a, const unsig
 template <bool XBF16, bool NV>
 __device__ __noinline__ void fp4_mma_rows(const GemvExpertFp4Args& a, const unsigned char* codes,
                                           const unsigned char* sc, float tscale, u64 x, u32 ldx, u64 y,
-                                          const u32* rmap, u32 n, u32 row0, u32 rows, bool smem, float* part) {
+                                          const u32* rmap, u32 n, u32 row0, u32 rows, float* part) {
     u32 slices, per, group;
     fp4_mma_shape(a.cols, slices, per, group);
     const u32 warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5, steps = a.cols / 128;
@@ -424,9 +424,9 @@ __device__ __noinline__ void fp4_mma_rows(const GemvExpertFp4Args& a, const unsi
             const u32 s0 = slice * per, s1 = min(s0 + per, steps);
             float* p = part + slice * group * 16;
             if (n <= 8) {
-                fp4_mma_job<1, XBF16, NV>(a, codes, sc, x, ldx, rmap, n, row0 + g0, grows, tile * 16, s0, s1, smem, p);
+                fp4_mma_job<1, XBF16, NV>(a, codes, sc, x, ldx, rmap, n, row0 + g0, grows, tile * 16, s0, s1, p);
             } else {
-                fp4_mma_job<2, XBF16, NV>(a, codes, sc, x, ldx, rmap, n, row0 + g0, grows, tile * 16, s0, s1, smem, p);
+                fp4_mma_job<2, XBF16, NV>(a, codes, sc, x, ldx, rmap, n, row0 + g0, grows, tile * 16, s0, s1, p);
             }
         }
         __syncthreads();
@@ -443,62 +443,6 @@ __device__ __noinline__ void fp4_mma_rows(const GemvExpertFp4Args& a, const unsi
     }
 }
 
-// Bytes per matrix row of the codes and of the block scales.
-__device__ __forceinline__ u32 fp4_row_codes(const GemvExpertFp4Args& a) { return a.cols / 2; }
-__device__ __forceinline__ u32 fp4_row_scales(const GemvExpertFp4Args& a) {
-    return a.format == FP4_NVFP4 ? a.cols / 16 : a.cols / 32;
-}
-
-// A unit of rows r0 .. r0 + rows of one expert, staged into shared memory:
-// its codes, then the 16-byte-aligned cover of its scales. `staged` is null
-// for a unit read from global memory.
-struct Fp4Unit {
-    const unsigned char* codes;   // row r of the expert at codes + r * row_codes
-    const unsigned char* scales;  // row r's scales at scales + r * row_scales
-    bool staged;
-};
-
-// Where a unit's rows live in global memory: `cb` bytes of codes at `codes`,
-// and the 16-byte-aligned cover [s0, s1) of its scales, which start `lead`
-// bytes into it. Staged, a unit is its codes, then that cover.
-struct Fp4Span {
-    u64 codes, s0, s1;
-    u32 cb, lead;
-    __device__ u32 bytes() const { return cb + u32(s1 - s0); }
-};
-
-__device__ __forceinline__ Fp4Span fp4_unit_global(const GemvExpertFp4Args& a, const u32* list, u32 slot, u32 r0,
-                                                   u32 rows) {
-    const u64 expert = list[1 + slot];
-    const u64 start = a.scales + expert * fp4_scale_stride(a.format, a.ldy, a.cols) + u64(r0) * fp4_row_scales(a);
-    const u64 codes = a.w + expert * a.ldy * fp4_row_codes(a) + u64(r0) * fp4_row_codes(a);
-    const u64 s0 = start & ~u64(15), s1 = (start + u64(rows) * fp4_row_scales(a) + 15) & ~u64(15);
-    return {codes, s0, s1, rows * fp4_row_codes(a), u32(start - s0)};
-}
-
-// Thread 0: the copies of a unit to `dst` (its bytes announced by the caller).
-__device__ __forceinline__ void fp4_copy_unit(const Ctx& c, const Fp4Span& g, unsigned char* dst) {
-    stage_copy(&c.stage->bar, dst, g.codes, g.cb);
-    stage_copy(&c.stage->bar, dst + g.cb, g.s0, u32(g.s1 - g.s0));
-}
-
-// The unit of rows from r0 on staged at `dst`, indexed like the expert's rows.
-__device__ __forceinline__ Fp4Unit fp4_unit_at(const GemvExpertFp4Args& a, const Fp4Span& g, u32 r0,
-                                               const unsigned char* dst) {
-    return {dst - u64(r0) * fp4_row_codes(a), dst + g.cb + g.lead - u64(r0) * fp4_row_scales(a), true};
-}
-
-// After a task's staged units: every thread has waited for the staging (also
-// when a fault skipped the rows), and the next staging is the next phase.
-__device__ __forceinline__ void fp4_staging_done(const Ctx& c, bool wait) {
-    if (wait) stage_wait(&c.stage->bar, c.stage->stagings & 1u);
-    __syncthreads();
-    if (threadIdx.x == 0) ++c.stage->stagings;
-}
-
-// Matrix rows row0 .. row0 + rows of the expert in `slot`, for the input rows
-// routed to it. The input rows are prepared (shared memory) when `slot` needs
-// other rows than the last call's (`prepared`: that slot, or ~0 for none).
 // Passes over a unit for the input rows in `mask`: one with tensor cores,
 // else one per two input rows.
 __device__ __forceinline__ u32 fp4_passes(const GemvExpertFp4Args& a, u32 mask) {
@@ -532,17 +476,17 @@ __device__ __forceinline__ u32 fp4_keep(const Ctx& c, const GemvExpertFp4Args& a
     return (gemv_input_bytes(fp4_input(a, 0), fp4_input_room(c, a)) + 128 + 127) & ~127u;
 }
 
-// Scratch of a task below its staged units: the input rows, then the partials.
+// Shared memory of a task: the input rows, then the partials.
 __device__ __forceinline__ u32 fp4_scratch(const Ctx& c, const GemvExpertFp4Args& a) {
     return fp4_keep(c, a) + fp4_partials(a);
 }
 
-// With `unit` staged, its rows are read from shared memory, once `*wait`
-// (cleared here) had every thread wait for the staging, after the input rows
-// were prepared.
+// Matrix rows row0 .. row0 + rows of the expert in `slot`, for the input rows
+// routed to it. The input rows are prepared (shared memory) when `slot` needs
+// other rows than the last call's (`prepared`: that slot, or ~0 for none).
 __device__ __forceinline__ void fp4_expert_rows(const Ctx& c, const GemvExpertFp4Args& a, const u32* list, u32 slot,
                                                 u32 row0, u32 rows, u32& prepared, u64& x, u32& ldx, bool& bf16,
-                                                u32 pass = ~0u, const Fp4Unit* unit = nullptr, bool* wait = nullptr) {
+                                                u32 pass = ~0u) {
     const u32 mask = list[1 + a.slots + slot] & ((1u << a.m) - 1u);
     if (mask == 0u) return;
     const u64 expert = list[1 + slot];
@@ -551,8 +495,6 @@ __device__ __forceinline__ void fp4_expert_rows(const Ctx& c, const GemvExpertFp
     const u64 stride = fp4_scale_stride(a.format, a.ldy, a.cols);
     const unsigned char* sc = reinterpret_cast<const unsigned char*>(a.scales) + expert * stride;
     const float tscale = nv ? *reinterpret_cast<const float*>(sc + u64(a.ldy) * (a.cols / 16)) : 1.0f;
-    const bool smem = unit && unit->staged;
-    if (smem) codes = unit->codes, sc = unit->scales;
     const u32 ysize = a.y_dtype == DTYPE_BF16 ? 2 : 4;
     const u64 y = a.y + u64(slot) * a.m * a.ldy * ysize;
     const bool per_slot = a.flags & FP4_X_PER_SLOT;
@@ -560,10 +502,6 @@ __device__ __forceinline__ void fp4_expert_rows(const Ctx& c, const GemvExpertFp
         if (prepared != ~0u) __syncthreads();  // the last unit's reads of the prepared rows are done
         if (!gemv_input(c, fp4_input(a, slot), x, ldx, bf16, fp4_input_room(c, a))) return;
         prepared = slot;
-    }
-    if (wait && *wait) {
-        stage_wait(&c.stage->bar, c.stage->stagings & 1u);
-        *wait = false;
     }
     // Only the rows routed to this expert (the mask after the list's ids).
     // With `pass`, only input rows 2 pass .. 2 pass + 2 of them.
@@ -577,11 +515,11 @@ __device__ __forceinline__ void fp4_expert_rows(const Ctx& c, const GemvExpertFp
             return;
         }
         if (bf16) {
-            if (nv) fp4_mma_rows<true, true>(a, codes, sc, tscale, x, ldx, y, rmap, n, row0, rows, smem, part);
-            else fp4_mma_rows<true, false>(a, codes, sc, tscale, x, ldx, y, rmap, n, row0, rows, smem, part);
+            if (nv) fp4_mma_rows<true, true>(a, codes, sc, tscale, x, ldx, y, rmap, n, row0, rows, part);
+            else fp4_mma_rows<true, false>(a, codes, sc, tscale, x, ldx, y, rmap, n, row0, rows, part);
         } else {
-            if (nv) fp4_mma_rows<false, true>(a, codes, sc, tscale, x, ldx, y, rmap, n, row0, rows, smem, part);
-            else fp4_mma_rows<false, false>(a, codes, sc, tscale, x, ldx, y, rmap, n, row0, rows, smem, part);
+            if (nv) fp4_mma_rows<false, true>(a, codes, sc, tscale, x, ldx, y, rmap, n, row0, rows, part);
+            else fp4_mma_rows<false, false>(a, codes, sc, tscale, x, ldx, y, rmap, n, row0, rows, part);
         }
         return;
     }
@@ -592,11 +530,11 @@ __device__ __forceinline__ void fp4_expert_rows(const Ctx& c, const GemvExpertFp
         if (n == 0) return;
     }
     if (bf16) {
-        if (nv) fp4_rows<true, true>(a, codes, sc, tscale, x, ldx, y, rm, n, row0, rows, smem);
-        else fp4_rows<true, false>(a, codes, sc, tscale, x, ldx, y, rm, n, row0, rows, smem);
+        if (nv) fp4_rows<true, true>(a, codes, sc, tscale, x, ldx, y, rm, n, row0, rows);
+        else fp4_rows<true, false>(a, codes, sc, tscale, x, ldx, y, rm, n, row0, rows);
     } else {
-        if (nv) fp4_rows<false, true>(a, codes, sc, tscale, x, ldx, y, rm, n, row0, rows, smem);
-        else fp4_rows<false, false>(a, codes, sc, tscale, x, ldx, y, rm, n, row0, rows, smem);
+        if (nv) fp4_rows<false, true>(a, codes, sc, tscale, x, ldx, y, rm, n, row0, rows);
+        else fp4_rows<false, false>(a, codes, sc, tscale, x, ldx, y, rm, n, row0, rows);
     }
 }
 
@@ -621,10 +559,8 @@ __device__ __forceinline__ void fp4_units(const GemvExpertFp4Args& a, const u32*
 // unit per pass over two of the input rows routed to the expert (an expert
 // chosen by many rows is that much more work), dealt evenly over the tasks at
 // run time: however many experts a block chose, and however unevenly, every
-// SM streams an equal share. On Hopper every unit that fits is staged into
-// shared memory first (above the scratch of the input rows), so the task's
-// whole share is in flight at once while the input rows are prepared. Out of
-// line: blocks of rows only, and its registers stay out of the resident loop's.
+// SM streams an equal share. Out of line: blocks of rows only, and its
+// registers stay out of the resident loop's.
 __device__ __noinline__ void fp4_spread(const Ctx& c, const GemvExpertFp4Args& a, const u32* list) {
     u32 prepared = ~0u, ldx = 0;
     u64 x = 0;
@@ -634,37 +570,15 @@ __device__ __noinline__ void fp4_spread(const Ctx& c, const GemvExpertFp4Args& a
     for (u32 s = 0; s < count; ++s) units += fp4_passes(a, list[1 + a.slots + s]) * per;
     const u32 t = a.slot, tasks = a.reserved;
     const u32 u0 = u32(u64(units) * t / tasks), u1 = u32(u64(units) * (t + 1) / tasks);
-    // Staging: units in order while they fit; every thread makes the same
-    // choices, thread 0 issues the copies.
-    const u32 keep = fp4_scratch(c, a);
-    const u32 cap = STAGING && c.smem_bytes > keep ? c.smem_bytes - keep : 0u;
-    u32 total = 0;
-    if (cap) {
-        fp4_units(a, list, u0, u1, [&](u32 slot, u32, u32 r0, u32 rows) {
-            const Fp4Span g = fp4_unit_global(a, list, slot, r0, rows);
-            if (total + g.bytes() > cap) return;
-            if (threadIdx.x == 0) {
-                stage_expect_more(&c.stage->bar, g.bytes());
-                fp4_copy_unit(c, g, c.smem + keep + total);
-            }
-            total += g.bytes();
-        });
-        if (total && threadIdx.x == 0) stage_expect(&c.stage->bar, 0);  // the arrival
-    }
-    bool wait = total != 0;
-    u32 off = 0;
     fp4_units(a, list, u0, u1, [&](u32 slot, u32 pass, u32 r0, u32 rows) {
-        const Fp4Span g = fp4_unit_global(a, list, slot, r0, rows);
-        Fp4Unit unit = {nullptr, nullptr, false};
-        if (total && off + g.bytes() <= cap) {
-            unit = fp4_unit_at(a, g, r0, c.smem + keep + off);
-            off += g.bytes();
-        }
-        fp4_expert_rows(c, a, list, slot, r0, rows, prepared, x, ldx, bf16, pass, &unit, &wait);
+        fp4_expert_rows(c, a, list, slot, r0, rows, prepared, x, ldx, bf16, pass);
     });
-    if (total) fp4_staging_done(c, wait);
 }
 
+// The codes are read straight from global memory (no staging into shared
+// memory: with the next column step loaded ahead, a warp keeps enough bytes
+// in flight, and bulk copies of a task's share made its products wait behind
+// them; BENCHMARKS.md has the figures).
 __device__ __forceinline__ void task_gemv_expert_fp4(const Ctx& c) {
     const GemvExpertFp4Args& a = task_args<GemvExpertFp4Args>(c);
     if ((a.cols & 31) || a.m == 0 || a.m > 16 || a.format > FP4_NVFP4 || a.rows == 0) {
@@ -680,21 +594,6 @@ __device__ __forceinline__ void task_gemv_expert_fp4(const Ctx& c) {
         u32 prepared = ~0u, ldx = 0;
         u64 x = 0;
         bool bf16 = false;
-        // The slice is staged (as one unit) when it fits, while the input
-        // rows are prepared.
-        Fp4Unit unit = {nullptr, nullptr, false};
-        const u32 keep = fp4_scratch(c, a);
-        const Fp4Span g = fp4_unit_global(a, list, a.slot, a.row0, a.rows);
-        const bool routed = (list[1 + a.slots + a.slot] & ((1u << a.m) - 1u)) != 0u;
-        bool wait = STAGING && routed && c.smem_bytes > keep && g.bytes() <= c.smem_bytes - keep;
-        if (wait) {
-            if (threadIdx.x == 0) {
-                stage_expect(&c.stage->bar, g.bytes());
-                fp4_copy_unit(c, g, c.smem + keep);
-            }
-            unit = fp4_unit_at(a, g, a.row0, c.smem + keep);
-        }
-        fp4_expert_rows(c, a, list, a.slot, a.row0, a.rows, prepared, x, ldx, bf16, ~0u, &unit, &wait);
-        if (unit.staged) fp4_staging_done(c, wait);
+        fp4_expert_rows(c, a, list, a.slot, a.row0, a.rows, prepared, x, ldx, bf16);
     }
 }
