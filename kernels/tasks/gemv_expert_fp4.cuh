@@ -193,10 +193,10 @@ __device__ __forceinline__ void fp4_rows(const GemvExpertFp4Args& a, const unsig
 // them exactly (an E2M1 value times an E8M0 or E4M3 scale fits bf16's
 // significand); k is permuted consistently in both operands (pairs of
 // elements k and k + 4 of each eight, fp4_to_bf16x8_scaled_down and fp4_x8),
-// so the decoded pairs are the A fragment as they come. Each row's columns are cut into the
-// same slices whatever the input rows, each slice accumulated in order by one
-// warp and the slices summed in order: a row's result does not depend on how
-// many rows are computed with it or where.
+// so the decoded pairs are the A fragment as they come. Each row's columns
+// are cut into the same slices whatever the input rows, each slice
+// accumulated in order by one warp and the slices summed in order: a row's
+// result does not depend on how many rows are computed with it or where.
 __device__ __forceinline__ bool fp4_mma_ok(u32 cols) { return (cols & 127u) == 0; }
 
 // Column slices per row (at most four, of `per` 128-column steps each) and
@@ -249,12 +249,13 @@ __device__ __forceinline__ void fp4_to_bf16x8_scaled_down(u32 w, u32 out[4]) {
 // products come out 2^64 too small and the sums are scaled back in f32.
 constexpr u32 FP4_MX_BIG = 128;
 constexpr u32 FP4_TWO_POW_126 = 0x7E807E80u;
-constexpr float FP4_NV_UNDO = 18446744073709551616.0f;  // 2^64
+constexpr float FP4_NV_SCALE = 4611686018427387904.0f;  // 2^62
+constexpr float FP4_NV_UNDO = 18446744073709551616.0f;   // 2^64
 
 template <bool NV>
 __device__ __forceinline__ u32 fp4_scale_pair(u32 code) {
     u32 h;
-    if (NV) h = __float_as_uint(e4m3_value(code) * 4611686018427387904.0f) >> 16;  // times 2^62
+    if (NV) h = __float_as_uint(e4m3_value(code) * FP4_NV_SCALE) >> 16;
     else h = (code + 126u) << 7;
     return h | (h << 16);
 }
