@@ -945,11 +945,11 @@ impl Session {
             .filter(|&l| self.config.is_moe_layer(l))
             .collect();
         let mut out = Vec::new();
+        let Some(&first) = moe_layers.first() else {
+            return Ok(out);
+        };
         for rows in 1..=MAX_ROWS {
             let at = |l: usize| (l * MAX_ROWS + rows - 1) * 2;
-            let Some(&first) = moe_layers.first() else {
-                break;
-            };
             let blocks = t[at(first) + 1];
             if blocks == 0 {
                 continue;
