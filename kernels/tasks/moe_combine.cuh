@@ -37,12 +37,39 @@ __device__ __forceinline__ void task_moe_combine(const Ctx& c) {
     const u32 count = list[0];
     const float* y = reinterpret_cast<const float*>(a.y);
     const float* w = reinterpret_cast<const float*>(a.weights);
+    if (u64(count) * (a.m + 1) * 4 <= c.smem_bytes) {
+        // The listed experts and each row's weight for them, gathered into
+        // shared memory once: two round trips for the task instead of two
+        // per expert in every element's loop.
+        u32* ids = reinterpret_cast<u32*>(c.smem);
+        float* ws = reinterpret_cast<float*>(ids + count);
+        for (u32 s = threadIdx.x; s < count; s += blockDim.x) ids[s] = list[1 + s];
+        __syncthreads();
+        for (u32 p = threadIdx.x; p < a.m * count; p += blockDim.x) {
+            const u32 i = p / count, s = p - i * count;
+            ws[p] = w[u64(i) * a.experts + ids[s]];
+        }
+        __syncthreads();
+        for (u32 k = threadIdx.x; k < a.m * a.hn; k += blockDim.x) {
+            const u32 i = k / a.hn, h = a.h0 + k % a.hn;
+            const u64 at = u64(i) * a.hidden + h;
+            const float prev = a.accumulate ? load_float(a.x, a.x_dtype, at) : 0.0f;
+            float acc = 0.0f;
+#pragma unroll 4
+            for (u32 s = 0; s < count; ++s) {
+                // Rows not routed to an expert weigh 0 and its output row was not computed.
+                const float wt = ws[i * count + s];
+                if (wt != 0.0f) acc = fmaf(wt, y[(u64(s) * a.m + i) * a.hidden + h], acc);
+            }
+            store_float(a.x, a.x_dtype, at, a.accumulate ? prev + acc : acc);
+        }
+        return;
+    }
     for (u32 k = threadIdx.x; k < a.m * a.hn; k += blockDim.x) {
         const u32 i = k / a.hn, h = a.h0 + k % a.hn;
         const u64 at = u64(i) * a.hidden + h;
         float acc = 0.0f;
         for (u32 s = 0; s < count; ++s) {
-            // Rows not routed to an expert weigh 0 and its output row was not computed.
             const float ws = w[u64(i) * a.experts + list[1 + s]];
             if (ws != 0.0f) acc = fmaf(ws, y[(u64(s) * a.m + i) * a.hidden + h], acc);
         }

@@ -37,13 +37,17 @@ __device__ __forceinline__ void task_moe_route(const Ctx& c) {
     const MoeRouteArgs& a = task_args<MoeRouteArgs>(c);
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     const float NEG_INF = -__int_as_float(0x7f800000);
-    if (u64(nwarps) * a.experts * 4 + a.experts > c.smem_bytes || a.top_k > 32 || a.m > 32) {
+    if (u64(nwarps) * a.experts * 4 + a.experts * 5 > c.smem_bytes || a.top_k > 32 || a.m > 32) {
         if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, a.experts, a.top_k);
         return;
     }
     float* probs = reinterpret_cast<float*>(c.smem) + warp * a.experts;
-    unsigned char* chosen = c.smem + u64(nwarps) * a.experts * 4;  // experts bytes: chosen by any row
-    for (u32 j = threadIdx.x; j < a.experts; j += blockDim.x) chosen[j] = 0;
+    // Per expert: the rows whose weight for it is not zero (the list's row
+    // masks, kept here so that nothing is read back from global memory),
+    // and whether any row chose it.
+    u32* rowmask = reinterpret_cast<u32*>(c.smem + u64(nwarps) * a.experts * 4);
+    unsigned char* chosen = reinterpret_cast<unsigned char*>(rowmask + a.experts);
+    for (u32 j = threadIdx.x; j < a.experts; j += blockDim.x) chosen[j] = 0, rowmask[j] = 0;
     __syncthreads();
     const float* logits = reinterpret_cast<const float*>(a.logits);
     float* weights = reinterpret_cast<float*>(a.weights);
@@ -94,8 +98,10 @@ __device__ __forceinline__ void task_moe_route(const Ctx& c) {
             __syncwarp();
         }
         if (lane < a.top_k && my_pick < a.experts) {  // NaN logits pick nothing
-            out[my_pick] = a.norm_topk ? my_p / picked_sum : my_p;
+            const float wv = a.norm_topk ? my_p / picked_sum : my_p;
+            out[my_pick] = wv;
             chosen[my_pick] = 1;
+            if (wv != 0.0f) atomicOr(&rowmask[my_pick], 1u << i);
         }
         __syncwarp();
     }
@@ -108,24 +114,19 @@ __device__ __forceinline__ void task_moe_route(const Ctx& c) {
             const u32 j = base + lane;
             const bool on = j < a.experts && chosen[j];
             const u32 mask = __ballot_sync(0xFFFFFFFFu, on);
-            if (on) list[1 + n + __popc(mask & ((1u << lane) - 1u))] = j;
+            if (on) {
+                const u32 at = n + __popc(mask & ((1u << lane) - 1u));
+                list[1 + at] = j, list[1 + a.slots + at] = rowmask[j];
+            }
             n += __popc(mask);
         }
         if (lane == 0) {
             list[0] = n;
             if (a.tally) {
+                // Reductions: nothing waits for a value to come back.
                 u32* t = reinterpret_cast<u32*>(a.tally);
-                t[0] += n, t[1] += 1;
+                atomicAdd(t, n), atomicAdd(t + 1, 1u);
             }
-        }
-        // Row masks of the listed experts (after the ids, at the list's capacity).
-        __syncwarp();
-        const float* w = reinterpret_cast<const float*>(a.weights);
-        for (u32 s = lane; s < n; s += 32) {
-            const u32 e = list[1 + s];
-            u32 mask = 0;
-            for (u32 i = 0; i < a.m; ++i) mask |= (w[u64(i) * a.experts + e] != 0.0f ? 1u : 0u) << i;
-            list[1 + a.slots + s] = mask;
         }
     }
 }
