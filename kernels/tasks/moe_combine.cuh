@@ -65,6 +65,9 @@ __device__ __forceinline__ void task_moe_combine(const Ctx& c) {
         }
         return;
     }
+    // Too many rows and experts for shared memory. Kept apart from the loop
+    // above: one loop choosing its weights' source per expert measured
+    // slower (decode combine 4.74 against 4.01 us per task).
     for (u32 k = threadIdx.x; k < a.m * a.hn; k += blockDim.x) {
         const u32 i = k / a.hn, h = a.h0 + k % a.hn;
         const u64 at = u64(i) * a.hidden + h;
