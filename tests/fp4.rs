@@ -249,6 +249,190 @@ fn fp4_expert_products_match_reference() {
     });
 }
 
+/// A combining down task (the products of every listed expert for a block of
+/// matrix rows, weighted and added into the residual) equals the product
+/// tasks followed by `moe_combine` bit for bit, on every executor, and an
+/// f64 reference within FP4 products' tolerance. Row 1 of slot 1 is not
+/// routed (weight zero, mask bit clear); both prologues a down product takes.
+#[test]
+fn combining_down_equals_product_then_combine() {
+    use megakernel::task::moe_combine::MoeCombine;
+    use megakernel::task::moe_route::list_weights_at;
+    let mut rng = Rng(seed());
+    on_every_executor("combining_down_equals_product_then_combine", |ex| {
+        let cases = [
+            (Fp4Format::Mxfp4, 768, 1, true, DType::Bf16),
+            (Fp4Format::Nvfp4, 768, 3, true, DType::F32),
+            (Fp4Format::Mxfp4, 384, 3, false, DType::Bf16),
+        ];
+        for (format, cols, m, swiglu, res_dtype) in cases {
+            let (n, rows, ne) = (6, 96, 8);
+            let mats = experts(&mut rng, n, rows, cols);
+            let w = Fp4Experts::upload(ex, format, rows, cols, &mats).unwrap();
+            let chosen = [1u32, 4, 5];
+            let slots = chosen.len();
+            // Dense weights [m, experts] and the list with masks and weights.
+            let mut dense = vec![0f32; m * ne];
+            let mut list = vec![slots as u32];
+            list.extend_from_slice(&chosen);
+            let routed = |s: usize, i: usize| !(s == 1 && i == 1);
+            for s in 0..slots {
+                list.push(
+                    (0..m)
+                        .filter(|&i| routed(s, i))
+                        .fold(0, |k, i| k | (1 << i)),
+                );
+            }
+            for (s, &e) in chosen.iter().enumerate() {
+                for i in 0..m {
+                    let v = if routed(s, i) {
+                        0.1 + rng.f32().abs()
+                    } else {
+                        0.0
+                    };
+                    dense[i * ne + e as usize] = v;
+                }
+            }
+            for &e in &chosen {
+                for i in 0..m {
+                    list.push(dense[i * ne + e as usize].to_bits());
+                }
+            }
+            assert_eq!(list.len(), list_weights_at(slots) + slots * m);
+            let lbuf = ex.alloc(DType::U32, list.len()).unwrap();
+            ex.write_u32(&lbuf, &list).unwrap();
+            let wbuf = ex.alloc(DType::F32, dense.len()).unwrap();
+            ex.write_f32(&wbuf, &dense).unwrap();
+            // Per-slot inputs: gate and up rows (SwiGLU) or the rows themselves.
+            let nx = slots * m * cols;
+            let (xv, uv) = (bf16_round(&rng.vec(nx)), bf16_round(&rng.vec(nx)));
+            let x = ex.alloc(DType::Bf16, nx).unwrap();
+            let up = ex.alloc(DType::Bf16, nx).unwrap();
+            ex.write_f32(&x, &xv).unwrap();
+            ex.write_f32(&up, &uv).unwrap();
+            let pro = if swiglu {
+                Prologue::Swiglu(up.all())
+            } else {
+                Prologue::None
+            };
+            let rv = bf16_round(&rng.vec(m * rows));
+            let (res_a, res_b) = (
+                ex.alloc(res_dtype, m * rows).unwrap(),
+                ex.alloc(res_dtype, m * rows).unwrap(),
+            );
+            ex.write_f32(&res_a, &rv).unwrap();
+            ex.write_f32(&res_b, &rv).unwrap();
+            // A: combining tasks of 48 and 48 rows (three tiles each).
+            let mut b = ProgramBuilder::new();
+            for (r0, nr) in [(0, 48), (48, 48)] {
+                b.push(
+                    GemvExpertFp4::combine(
+                        &w,
+                        &x.all(),
+                        &res_a.all(),
+                        &lbuf.all(),
+                        m,
+                        slots,
+                        true,
+                        r0,
+                        nr,
+                        true,
+                        &pro,
+                    )
+                    .unwrap(),
+                );
+            }
+            ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[])
+                .unwrap();
+            // B: product tasks into per-slot outputs, then moe_combine.
+            let ey = ex.alloc(DType::F32, slots * m * rows).unwrap();
+            let mut b = ProgramBuilder::new();
+            let done = b.event("products");
+            for slot in 0..slots {
+                let spec = GemvExpertFp4::rows(
+                    &w,
+                    &x.all(),
+                    &ey.all(),
+                    &lbuf.all(),
+                    m,
+                    slot,
+                    slots,
+                    true,
+                    0,
+                    rows,
+                    false,
+                    &pro,
+                );
+                b.push(spec.unwrap()).signal(done);
+            }
+            let spec = MoeCombine::task(
+                &res_b.all(),
+                &ey.all(),
+                &wbuf.all(),
+                &lbuf.all(),
+                m,
+                rows,
+                ne,
+                slots,
+                0,
+                rows,
+                true,
+            );
+            b.push(spec.unwrap()).wait(done);
+            ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[])
+                .unwrap();
+            let (got, sep) = (ex.read_f32(&res_a).unwrap(), ex.read_f32(&res_b).unwrap());
+            assert!(
+                got.iter()
+                    .zip(&sep)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{}: {format:?} {cols} cols m {m}: combining task differs from product + combine",
+                ex.describe()
+            );
+            // f64 reference with the dequantized weights.
+            let mut want: Vec<f64> = rv.iter().map(|&v| f64::from(v)).collect();
+            for (s, &e) in chosen.iter().enumerate() {
+                let dq = quantize(format, &mats[e as usize]).unwrap().dequantize();
+                for i in 0..m {
+                    let wt = f64::from(dense[i * ne + e as usize]);
+                    if wt == 0.0 {
+                        continue;
+                    }
+                    let at = (s * m + i) * cols;
+                    let act: Vec<f64> = if swiglu {
+                        let v: Vec<f32> = xv[at..at + cols]
+                            .iter()
+                            .zip(&uv[at..at + cols])
+                            .map(|(g, u)| {
+                                let g = f64::from(*g);
+                                (g / (1.0 + (-g).exp()) * f64::from(*u)) as f32
+                            })
+                            .collect();
+                        bf16_round(&v).iter().map(|&v| f64::from(v)).collect()
+                    } else {
+                        xv[at..at + cols].iter().map(|&v| f64::from(v)).collect()
+                    };
+                    for r in 0..rows {
+                        let dot: f64 = dq[r * cols..(r + 1) * cols]
+                            .iter()
+                            .zip(&act)
+                            .map(|(a, b)| f64::from(*a) * b)
+                            .sum();
+                        want[i * rows + r] += wt * dot;
+                    }
+                }
+            }
+            let tol = if res_dtype == DType::Bf16 { 1e-2 } else { 1e-4 };
+            let err = rel_l2(&got, &want);
+            assert!(
+                err < tol,
+                "{}: {format:?} m {m}: rel L2 {err}",
+                ex.describe()
+            );
+        }
+    });
+}
+
 /// Each step's greedy token and logits.
 type Steps = Vec<(u32, Vec<f32>)>;
 
