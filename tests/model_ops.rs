@@ -547,9 +547,7 @@ fn moe_routing_experts_and_combine() {
         lv[5] = lv[9]; // a tie inside row 0
         let (logits, _) = store(ex, DType::F32, &lv);
         let (weights, _) = store(ex, DType::F32, &vec![f32::NAN; m * e]);
-        let list = ex
-            .alloc(DType::U32, megakernel::task::moe_route::list_len(m, e, k))
-            .unwrap();
+        let list = ex.alloc(DType::U32, 1 + 2 * slots).unwrap();
         let (w, wv) = store(
             ex,
             DType::Bf16,
@@ -647,19 +645,6 @@ fn moe_routing_experts_and_combine() {
                 .filter(|&i| want_w[i * e + id as usize] != 0.0)
                 .fold(0, |mask, i| mask | (1 << i));
             assert_eq!(got_list[1 + slots + s], want, "mask of slot {s}");
-        }
-        // Each slot's weight for each row, as in the dense table.
-        let dense = ex.read_f32(&weights).unwrap();
-        for (s, &id) in ids.iter().enumerate() {
-            for i in 0..m {
-                let at = megakernel::task::moe_route::list_weights_at(slots) + s * m + i;
-                assert_eq!(
-                    got_list[at],
-                    dense[i * e + id as usize].to_bits(),
-                    "{}: weight of row {i} in slot {s}",
-                    ex.describe()
-                );
-            }
         }
         assert!(rel_l2(&ex.read_f32(&weights).unwrap(), &want_w) < 1e-5);
         let mut want = rv.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();

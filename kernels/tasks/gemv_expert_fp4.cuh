@@ -58,7 +58,6 @@ constexpr u32 FP4_NVFP4 = 1;
 constexpr u16 FP4_ACCUMULATE = 1;
 constexpr u16 FP4_X_PER_SLOT = 2;
 constexpr u16 FP4_SPREAD = 4;  // slot: task index, reserved: tasks, rows: rows per work unit
-constexpr u16 FP4_COMBINE = 8;  // rows row0.. of every listed expert, weighted and summed into y
 
 // Eight E2M1 codes (a 32-bit word, element 0 in the low nibble) to four bf16
 // pairs (element 2t in the low half of out[t]), exactly: every E2M1 value is a
@@ -200,13 +199,11 @@ __device__ __forceinline__ void fp4_rows(const GemvExpertFp4Args& a, const unsig
 // result does not depend on how many rows are computed with it or where.
 __device__ __forceinline__ bool fp4_mma_ok(u32 cols) { return (cols & 127u) == 0; }
 
-// Column slices per row (two up to eight 128-column steps, else at most
-// four; `per` steps each) and the rows a block computes at once: slices x
-// 16-row tiles fill its warps. Two slices of a 768-column row give a
-// combining down task (FP4_COMBINE) one job per warp for eight experts.
+// Column slices per row (at most four, of `per` 128-column steps each) and
+// the rows a block computes at once: slices x 16-row tiles fill its warps.
 __device__ __forceinline__ void fp4_mma_shape(u32 cols, u32& slices, u32& per, u32& group) {
     const u32 steps = cols / 128;
-    per = steps <= 8 ? (steps + 1) / 2 : (steps + 3) / 4;
+    per = (steps + 3) / 4;
     slices = (steps + per - 1) / per;
     group = 16 * max(1u, (BLOCK_THREADS / 32) / slices);
 }
@@ -579,111 +576,6 @@ __device__ __noinline__ void fp4_spread(const Ctx& c, const GemvExpertFp4Args& a
     });
 }
 
-// One tile job of fp4_combine, with the template arguments its operands need.
-__device__ __forceinline__ void fp4_combine_job(const GemvExpertFp4Args& a, const unsigned char* codes,
-                                                const unsigned char* sc, u64 x, bool xbf16, bool nv,
-                                                const u32* rmap, u32 n, u32 tile0, u32 step0, u32 step1,
-                                                float* part) {
-    const u32 ldx = a.cols;
-#define MK_FP4_JOB(NT, XB, NVF) \
-    fp4_mma_job<NT, XB, NVF>(a, codes, sc, x, ldx, rmap, n, a.row0, a.rows, tile0, step0, step1, part)
-    if (n <= 8) {
-        if (xbf16) nv ? MK_FP4_JOB(1, true, true) : MK_FP4_JOB(1, true, false);
-        else nv ? MK_FP4_JOB(1, false, true) : MK_FP4_JOB(1, false, false);
-    } else {
-        if (xbf16) nv ? MK_FP4_JOB(2, true, true) : MK_FP4_JOB(2, true, false);
-        else nv ? MK_FP4_JOB(2, false, true) : MK_FP4_JOB(2, false, false);
-    }
-#undef MK_FP4_JOB
-}
-
-// Shared memory of fp4_combine: the prepared inputs (SwiGLU), the partials,
-// then per slot its weights, row mask and tensor scale.
-__device__ __forceinline__ u64 fp4_combine_bytes(const GemvExpertFp4Args& a, u32 count, u32 slices, u32 tiles,
-                                                 bool swiglu) {
-    const u64 xbytes = swiglu ? (u64(count) * a.m * a.cols * 2 + 127) & ~u64(127) : 0;
-    return xbytes + u64(count) * slices * tiles * 256 * 4 + u64(count) * (a.m + 2) * 4;
-}
-
-// FP4_COMBINE: matrix rows row0 .. row0 + rows of every listed expert, for
-// the input rows routed to it, then y[i, row] (+)= sum over the slots in
-// list order of weight * product, with the arithmetic of a product task
-// followed by moe_combine (the same bits), without the round trip through
-// memory and the stage between them. All (expert, tile, slice) jobs are
-// dealt over the warps at once; one barrier before the sums.
-__device__ __noinline__ void fp4_combine(const Ctx& c, const GemvExpertFp4Args& a, const u32* list) {
-    const u32 count = min(list[0], a.slots), m = a.m;
-    u32 slices, per, group;
-    fp4_mma_shape(a.cols, slices, per, group);
-    const u32 tiles = (a.rows + 15) / 16, steps = a.cols / 128;
-    const bool nv = a.format == FP4_NVFP4, swiglu = a.prologue == PROLOGUE_SWIGLU;
-    const u64 bytes = fp4_combine_bytes(a, count, slices, tiles, swiglu);
-    if (!fp4_mma_ok(a.cols) || (a.prologue != PROLOGUE_NONE && !swiglu) || bytes > c.smem_bytes) {
-        if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, a.cols, bytes);
-        return;
-    }
-    const u64 xbytes = swiglu ? (u64(count) * m * a.cols * 2 + 127) & ~u64(127) : 0;
-    u16* xs = reinterpret_cast<u16*>(c.smem);
-    float* part = reinterpret_cast<float*>(c.smem + xbytes);
-    float* ws = part + u64(count) * slices * tiles * 256;
-    u32* ms = reinterpret_cast<u32*>(ws + count * m);
-    float* tsc = reinterpret_cast<float*>(ms + count);
-    const u64 stride = fp4_scale_stride(a.format, a.ldy, a.cols);
-    const u32 xsize = a.x_dtype == DTYPE_BF16 ? 2 : 4;
-    const u64 slot_x = (a.flags & FP4_X_PER_SLOT) ? u64(m) * a.cols : 0;  // elements between slots' inputs
-    // Each slot's weights, row mask and tensor scale; the SwiGLU inputs (as
-    // gemv_prologue computes them).
-    const float* lw = reinterpret_cast<const float*>(list) + 1 + 2 * a.slots;
-    for (u32 k = threadIdx.x; k < count * m; k += blockDim.x) ws[k] = lw[k];
-    for (u32 s = threadIdx.x; s < count; s += blockDim.x) {
-        ms[s] = list[1 + a.slots + s] & ((1u << m) - 1u);
-        const unsigned char* sc = reinterpret_cast<const unsigned char*>(a.scales) + u64(list[1 + s]) * stride;
-        tsc[s] = nv ? *reinterpret_cast<const float*>(sc + u64(a.ldy) * (a.cols / 16)) : 1.0f;
-    }
-    if (swiglu) {
-        const u32 per_slot = m * a.cols;
-        for (u32 k = threadIdx.x; k < count * per_slot; k += blockDim.x) {
-            const u32 s = k / per_slot;
-            const u64 at = s * slot_x + (k - s * per_slot);
-            const float g = load_float(a.x, a.x_dtype, at), u = load_float(a.aux, a.x_dtype, at);
-            xs[k] = f32_to_bf16(g / (1.0f + __expf(-g)) * u);
-        }
-    }
-    __syncthreads();
-    const u32 warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    for (u32 job = warp; job < count * tiles * slices; job += nwarps) {
-        const u32 slice = job % slices, tile = (job / slices) % tiles, s = job / (slices * tiles);
-        if (ms[s] == 0u) continue;
-        u32 rmap[16];
-        const u32 n = rows_of_mask(ms[s], rmap);
-        const u64 expert = list[1 + s];
-        const unsigned char* codes = reinterpret_cast<const unsigned char*>(a.w) + expert * a.ldy * (a.cols / 2);
-        const unsigned char* sc = reinterpret_cast<const unsigned char*>(a.scales) + expert * stride;
-        const u64 x = swiglu ? reinterpret_cast<u64>(xs + u64(s) * m * a.cols) : a.x + s * slot_x * xsize;
-        const u32 s0 = slice * per, s1 = min(s0 + per, steps);
-        fp4_combine_job(a, codes, sc, x, swiglu || a.x_dtype == DTYPE_BF16, nv, rmap, n, tile * 16, s0, s1,
-                        part + u64(s * slices + slice) * tiles * 256);
-    }
-    __syncthreads();
-    // Consecutive threads take consecutive matrix rows (coalesced stores).
-    for (u32 k = threadIdx.x; k < a.rows * m; k += blockDim.x) {
-        const u32 i = k / a.rows, r = k - i * a.rows;
-        float acc = 0.0f;
-        for (u32 s = 0; s < count; ++s) {
-            const float wt = ws[s * m + i];
-            if (wt == 0.0f) continue;  // not routed: the product of this row was not computed
-            const u32 at = __popc(ms[s] & ((1u << i) - 1u));
-            float sum = 0.0f;
-            for (u32 sl = 0; sl < slices; ++sl) sum += part[(u64(s * slices + sl) * tiles * 16 + r) * 16 + at];
-            if (nv) sum = sum * FP4_NV_UNDO * tsc[s];
-            acc = fmaf(wt, 0.0f + sum, acc);  // 0 + sum: the product task's store of a fresh output
-        }
-        const u64 idx = u64(i) * a.ldy + a.row0 + r;
-        const float prev = (a.flags & FP4_ACCUMULATE) ? load_float(a.y, a.y_dtype, idx) : 0.0f;
-        store_float(a.y, a.y_dtype, idx, prev + acc);
-    }
-}
-
 // The codes are read straight from global memory (no staging into shared
 // memory: with the next column step loaded ahead, a warp keeps enough bytes
 // in flight, and bulk copies of a task's share made its products wait behind
@@ -697,10 +589,6 @@ __device__ __forceinline__ void task_gemv_expert_fp4(const Ctx& c) {
     const u32* list = reinterpret_cast<const u32*>(a.list);
     if (a.flags & FP4_SPREAD) {
         fp4_spread(c, a, list);
-        return;
-    }
-    if (a.flags & FP4_COMBINE) {
-        fp4_combine(c, a, list);
         return;
     }
     if (a.slot < list[0]) {

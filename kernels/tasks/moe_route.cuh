@@ -1,7 +1,7 @@
 // moe_route: softmax, top-k (lowest index on ties), optional renormalisation,
-// dense weight table and the ascending list of chosen experts with their row
-// masks and each row's weight for them (and, with a tally, the count added to
-// it); src/task/moe_route.rs. One warp per row; warp 0 builds the list.
+// dense weight table and the ascending list of chosen experts (and, with a
+// tally, the count added to it); src/task/moe_route.rs.
+// One warp per row; thread 0 builds the list.
 #pragma once
 #include "../include/task.cuh"
 #include "argmax.cuh"
@@ -37,10 +37,7 @@ __device__ __forceinline__ void task_moe_route(const Ctx& c) {
     const MoeRouteArgs& a = task_args<MoeRouteArgs>(c);
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     const float NEG_INF = -__int_as_float(0x7f800000);
-    // Shared memory: each warp's probabilities, then per expert its row mask,
-    // its slot and whether it was chosen, then each row's picks.
-    const u64 picks_at = (u64(nwarps) * a.experts * 4 + a.experts * 9 + 15) & ~u64(15);
-    if (picks_at + u64(a.m) * a.top_k * 8 > c.smem_bytes || a.top_k > 32 || a.m > 32) {
+    if (u64(nwarps) * a.experts * 4 + a.experts * 5 > c.smem_bytes || a.top_k > 32 || a.m > 32) {
         if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, a.experts, a.top_k);
         return;
     }
@@ -49,11 +46,7 @@ __device__ __forceinline__ void task_moe_route(const Ctx& c) {
     // masks, kept here so that nothing is read back from global memory),
     // and whether any row chose it.
     u32* rowmask = reinterpret_cast<u32*>(c.smem + u64(nwarps) * a.experts * 4);
-    u32* slot_of = rowmask + a.experts;
-    unsigned char* chosen = reinterpret_cast<unsigned char*>(slot_of + a.experts);
-    // Row i's r-th pick: its expert (or ~0: none) and weight.
-    u32* pick_id = reinterpret_cast<u32*>(c.smem + picks_at);
-    float* pick_w = reinterpret_cast<float*>(pick_id + a.m * a.top_k);
+    unsigned char* chosen = reinterpret_cast<unsigned char*>(rowmask + a.experts);
     for (u32 j = threadIdx.x; j < a.experts; j += blockDim.x) chosen[j] = 0, rowmask[j] = 0;
     __syncthreads();
     const float* logits = reinterpret_cast<const float*>(a.logits);
@@ -104,16 +97,11 @@ __device__ __forceinline__ void task_moe_route(const Ctx& c) {
             if (lane == 0 && bi < a.experts) probs[bi] = NEG_INF;
             __syncwarp();
         }
-        if (lane < a.top_k) {
-            const bool on = my_pick < a.experts;  // NaN logits pick nothing
-            const float wv = on ? (a.norm_topk ? my_p / picked_sum : my_p) : 0.0f;
-            pick_id[i * a.top_k + lane] = on ? my_pick : 0xFFFFFFFFu;
-            pick_w[i * a.top_k + lane] = wv;
-            if (on) {
-                out[my_pick] = wv;
-                chosen[my_pick] = 1;
-                if (wv != 0.0f) atomicOr(&rowmask[my_pick], 1u << i);
-            }
+        if (lane < a.top_k && my_pick < a.experts) {  // NaN logits pick nothing
+            const float wv = a.norm_topk ? my_p / picked_sum : my_p;
+            out[my_pick] = wv;
+            chosen[my_pick] = 1;
+            if (wv != 0.0f) atomicOr(&rowmask[my_pick], 1u << i);
         }
         __syncwarp();
     }
@@ -129,7 +117,6 @@ __device__ __forceinline__ void task_moe_route(const Ctx& c) {
             if (on) {
                 const u32 at = n + __popc(mask & ((1u << lane) - 1u));
                 list[1 + at] = j, list[1 + a.slots + at] = rowmask[j];
-                slot_of[j] = at;
             }
             n += __popc(mask);
         }
@@ -141,16 +128,5 @@ __device__ __forceinline__ void task_moe_route(const Ctx& c) {
                 atomicAdd(t, n), atomicAdd(t + 1, 1u);
             }
         }
-    }
-    __syncthreads();
-    // Each slot's weight for each row (zero where the row did not choose it),
-    // so that the expert tasks find everything in the list: the slots are
-    // cleared, then each pick writes its own.
-    float* lw = reinterpret_cast<float*>(a.list) + 1 + 2 * a.slots;
-    for (u32 k = threadIdx.x; k < a.slots * a.m; k += blockDim.x) lw[k] = 0.0f;
-    __syncthreads();
-    for (u32 k = threadIdx.x; k < a.m * a.top_k; k += blockDim.x) {
-        const u32 id = pick_id[k];
-        if (id < a.experts) lw[slot_of[id] * a.m + k / a.top_k] = pick_w[k];
     }
 }

@@ -1592,70 +1592,29 @@ fn build(
                     ch.stage(s, &format!("layer {l} expert swiglu"));
                     Prologue::None
                 };
-                // FP4 down products that fit a block's shared memory for
-                // every slot at once combine their rows themselves: each
-                // task takes 16-row tiles of every chosen expert, so the
-                // weighted sum needs no stage of its own.
-                let tiles = h.div_ceil(16);
-                let tile_split = split_even(tiles, workers.min(tiles));
-                let task_rows = 16 * tiles.div_ceil(tile_split.len());
-                let swiglu = matches!(pro, Prologue::Swiglu(_));
-                let fused = match down {
-                    ExpertMats::Fp4(w)
-                        if GemvExpertFp4::combine_bytes(moe_inter, m, slots, task_rows, swiglu)
-                            <= FUSED_PROLOGUE_BYTES =>
-                    {
-                        Some(w)
-                    }
-                    _ => None,
-                };
-                if let Some(w) = fused {
-                    let (dst, acc, site) = into_residual()?;
-                    let mut specs = Vec::new();
-                    for &(t0, nt) in &tile_split {
-                        let r0 = 16 * t0;
-                        specs.push(GemvExpertFp4::combine(
-                            w,
-                            &eg.all(),
-                            &dst,
-                            &list.all(),
-                            m,
-                            slots,
-                            true,
-                            r0,
-                            (16 * nt).min(h - r0),
-                            acc,
-                            &pro,
-                        )?);
-                    }
-                    let d = ops::Group(ch.b.push_all(specs));
-                    ch.stage(d, &format!("layer {l} expert down+combine"));
-                    reduce(&mut ch, site, &format!("layer {l} experts"))?;
-                } else {
-                    let d = expert_gemv(down, &eg.all(), &ey, h, moe_inter, true, &pro, per_slot)?;
-                    let d = ops::Group(ch.b.push_all(d));
-                    ch.stage(d, &format!("layer {l} expert down"));
-                    let (dst, acc, site) = into_residual()?;
-                    let mut specs = Vec::new();
-                    for (h0, n) in split_even(h, workers.min(h.div_ceil(64))) {
-                        specs.push(MoeCombine::task(
-                            &dst,
-                            &ey.all(),
-                            &route_weights.all(),
-                            &list.all(),
-                            m,
-                            h,
-                            experts,
-                            slots,
-                            h0,
-                            n,
-                            acc,
-                        )?);
-                    }
-                    let comb = ops::Group(ch.b.push_all(specs));
-                    ch.stage(comb, &format!("layer {l} expert combine"));
-                    reduce(&mut ch, site, &format!("layer {l} experts"))?;
+                let d = expert_gemv(down, &eg.all(), &ey, h, moe_inter, true, &pro, per_slot)?;
+                let d = ops::Group(ch.b.push_all(d));
+                ch.stage(d, &format!("layer {l} expert down"));
+                let (dst, acc, site) = into_residual()?;
+                let mut specs = Vec::new();
+                for (h0, n) in split_even(h, workers.min(h.div_ceil(64))) {
+                    specs.push(MoeCombine::task(
+                        &dst,
+                        &ey.all(),
+                        &route_weights.all(),
+                        &list.all(),
+                        m,
+                        h,
+                        experts,
+                        slots,
+                        h0,
+                        n,
+                        acc,
+                    )?);
                 }
+                let comb = ops::Group(ch.b.push_all(specs));
+                ch.stage(comb, &format!("layer {l} expert combine"));
+                reduce(&mut ch, site, &format!("layer {l} experts"))?;
             }
         }
         // The layer's output rows, copied while the next stage runs.

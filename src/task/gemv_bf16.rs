@@ -213,15 +213,15 @@ impl GemvBf16 {
     }
 }
 
-/// The CPU reference of a product described by `a` (input rows, prologue),
-/// with matrix row `r` given by `weight_row(r)` in f32: per input row, the
-/// values of rows `row0 .. row0 + rows`.
-pub(crate) fn cpu_rows(
+/// The CPU reference of a product described by `a` (input rows, prologue,
+/// output), with matrix row `r` given by `weight_row(r)` in f32.
+pub(crate) fn cpu_product(
     a: &GemvBf16Args,
     mem: &dyn Memory,
     weight_row: &dyn Fn(usize) -> Result<Vec<f32>, TaskFault>,
-) -> Result<Vec<Vec<f32>>, TaskFault> {
+) -> Result<(), TaskFault> {
     let xd = DType::from_code(u32::from(a.x_dtype)).ok_or(TaskFault::BadArgs("gemv dtype"))?;
+    let yd = DType::from_code(u32::from(a.y_dtype)).ok_or(TaskFault::BadArgs("gemv dtype"))?;
     let (cols, m) = (a.cols as usize, a.m as usize);
     let row_at = |base: u64, i: usize| base + (i * a.ldx as usize * xd.size()) as u64;
     let mut xs: Vec<Vec<f32>> = (0..m)
@@ -255,19 +255,6 @@ pub(crate) fn cpu_rows(
             o[r] = w.iter().zip(x).map(|(p, q)| p * q).sum();
         }
     }
-    Ok(out)
-}
-
-/// The CPU reference of a product: rows `row0 .. row0 + rows` of the
-/// matrix whose rows `weight_row` gives, for every input row of `a`, written
-/// (or added) into `a.y`.
-pub(crate) fn cpu_product(
-    a: &GemvBf16Args,
-    mem: &dyn Memory,
-    weight_row: &dyn Fn(usize) -> Result<Vec<f32>, TaskFault>,
-) -> Result<(), TaskFault> {
-    let yd = DType::from_code(u32::from(a.y_dtype)).ok_or(TaskFault::BadArgs("gemv dtype"))?;
-    let mut out = cpu_rows(a, mem, weight_row)?;
     for (i, o) in out.iter_mut().enumerate() {
         let addr = a.y + ((i * a.ldy as usize + a.row0 as usize) * yd.size()) as u64;
         if a.accumulate != 0 {

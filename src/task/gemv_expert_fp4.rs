@@ -73,13 +73,6 @@ pub struct GemvExpertFp4Args {
 /// chose and however unevenly.
 pub const SPREAD: u16 = 4;
 
-/// Flag of [`GemvExpertFp4Args::flags`]: the task computes matrix rows
-/// `row0..row0 + rows` of every listed expert and writes (or adds) their sum,
-/// each weighted by the row's weight in the list, into `y` (`[m, rows of a
-/// matrix]`): the product and [`MoeCombine`](super::moe_combine::MoeCombine)
-/// in one task, with the same arithmetic.
-pub const COMBINE: u16 = 8;
-
 /// FP4 expert matrix-vector product through the routing list.
 pub struct GemvExpertFp4;
 
@@ -229,61 +222,6 @@ impl GemvExpertFp4 {
         }))
     }
 
-    /// Task of a combining product ([`COMBINE`]): matrix rows `row0..row0 +
-    /// rows` of every expert in `list` (capacity `slots`, with its weights:
-    /// [`list_len`](super::moe_route::list_len)) for the `m` input rows of
-    /// `x` (one block of `m` rows per slot when `x_per_slot`), weighted and
-    /// written, or added with `accumulate`, into `y` (`[m, w.rows]`). Needs
-    /// tensor-core products (`w.cols` a multiple of 128) and a prologue that
-    /// is none or SwiGLU.
-    #[allow(clippy::too_many_arguments)]
-    pub fn combine(
-        w: &Fp4Experts,
-        x: &BufSlice,
-        y: &BufSlice,
-        list: &BufSlice,
-        m: usize,
-        slots: usize,
-        x_per_slot: bool,
-        row0: usize,
-        rows: usize,
-        accumulate: bool,
-        prologue: &Prologue,
-    ) -> Result<TaskSpec, ProgramError> {
-        if mma_slices(w.cols).is_none() || matches!(prologue, Prologue::RmsNorm(..)) {
-            return Err(bad::<GemvExpertFp4>(format!(
-                "a combining product needs columns a multiple of 128 (not {}) and no RMSNorm prologue",
-                w.cols
-            )));
-        }
-        if list.len() < super::moe_route::list_weights_at(slots) + slots * m || y.len() < m * w.rows
-        {
-            return Err(bad::<GemvExpertFp4>(
-                "the list needs room for its weights and y for [m, rows]",
-            ));
-        }
-        // `y` stands in for the per-slot outputs the checks of `rows` expect.
-        let spec = Self::rows_unchecked_y(
-            w, x, y, list, m, 0, slots, x_per_slot, row0, rows, accumulate, prologue,
-        )?;
-        Ok(spec.map_args::<GemvExpertFp4>(|a| a.flags |= COMBINE))
-    }
-
-    /// Shared memory (bytes) a combining task of `rows` matrix rows takes
-    /// on the device for `count` listed experts and `m` input rows, when
-    /// `cols` allow tensor-core products.
-    pub fn combine_bytes(cols: usize, m: usize, count: usize, rows: usize, swiglu: bool) -> usize {
-        let Some((slices, _)) = mma_slices(cols) else {
-            return usize::MAX;
-        };
-        let x = if swiglu {
-            (count * m * cols * 2).next_multiple_of(128)
-        } else {
-            0
-        };
-        x + count * slices * rows.div_ceil(16) * 256 * 4 + count * (m + 2) * 4
-    }
-
     /// Matrix rows per spread unit. With tensor-core products (`cols` a
     /// multiple of 128) the rows a block computes at once: 16-row tiles times
     /// the column slices of a row fill its warps; otherwise two rows per
@@ -320,30 +258,6 @@ impl GemvExpertFp4 {
         accumulate: bool,
         prologue: &Prologue,
     ) -> Result<TaskSpec, ProgramError> {
-        if y.len() < slots * m * w.rows {
-            return Err(bad::<GemvExpertFp4>("y too small for every slot"));
-        }
-        Self::rows_unchecked_y(
-            w, x, y, list, m, slot, slots, x_per_slot, row0, rows, accumulate, prologue,
-        )
-    }
-
-    /// [`rows`](Self::rows) without the size check of `y`.
-    #[allow(clippy::too_many_arguments)]
-    fn rows_unchecked_y(
-        w: &Fp4Experts,
-        x: &BufSlice,
-        y: &BufSlice,
-        list: &BufSlice,
-        m: usize,
-        slot: usize,
-        slots: usize,
-        x_per_slot: bool,
-        row0: usize,
-        rows: usize,
-        accumulate: bool,
-        prologue: &Prologue,
-    ) -> Result<TaskSpec, ProgramError> {
         want_float::<GemvExpertFp4>("x", x)?;
         want_float::<GemvExpertFp4>("y", y)?;
         if list.dtype() != DType::U32 || list.len() < 1 + 2 * slots || slot >= slots {
@@ -358,9 +272,9 @@ impl GemvExpertFp4 {
             )));
         }
         let per_x = if x_per_slot { slots } else { 1 };
-        if x.len() < per_x * m * w.cols || x.addr() % 16 != 0 {
+        if x.len() < per_x * m * w.cols || y.len() < slots * m * w.rows || x.addr() % 16 != 0 {
             return Err(bad::<GemvExpertFp4>(
-                "x too small (or misaligned) for every slot",
+                "x or y too small (or x misaligned) for every slot",
             ));
         }
         let (code, eps, aux, extra) = match prologue {
@@ -419,16 +333,11 @@ fn mma_slices(cols: usize) -> Option<(usize, usize)> {
         return None;
     }
     let steps = cols / 128;
-    let per = if steps <= 8 {
-        steps.div_ceil(2)
-    } else {
-        steps.div_ceil(4)
-    };
+    let per = steps.div_ceil(4);
     Some((steps.div_ceil(per), per))
 }
 
-/// The CPU reference for matrix rows `row0 .. row0 + rows` of the expert in
-/// `slot`, written (or added) into the slot's output.
+/// The CPU reference for matrix rows `row0 .. row0 + rows` of the expert in `slot`.
 fn cpu_unit(
     a: &GemvExpertFp4Args,
     mem: &dyn Memory,
@@ -436,26 +345,6 @@ fn cpu_unit(
     row0: u32,
     rows: u32,
 ) -> std::result::Result<(), TaskFault> {
-    let (g, weight_row) = cpu_expert(a, mem, slot, row0, rows)?;
-    cpu_product(&g, mem, &weight_row)
-}
-
-/// The product of matrix rows `row0 .. row0 + rows` of the expert in `slot`
-/// as a `gemv_bf16` description (output: the slot's) and its dequantized rows.
-#[allow(clippy::type_complexity)]
-fn cpu_expert<'a>(
-    a: &GemvExpertFp4Args,
-    mem: &'a dyn Memory,
-    slot: u32,
-    row0: u32,
-    rows: u32,
-) -> std::result::Result<
-    (
-        GemvBf16Args,
-        impl Fn(usize) -> std::result::Result<Vec<f32>, TaskFault> + 'a,
-    ),
-    TaskFault,
-> {
     let expert = mem.read_u32(a.list + 4 * (1 + u64::from(slot)), 1)?[0] as usize;
     let format = match a.format {
         0 => Fp4Format::Mxfp4,
@@ -480,7 +369,7 @@ fn cpu_expert<'a>(
         1.0
     };
     let codes_at = a.w + (expert * nrows * cols / 2) as u64;
-    let weight_row = move |row: usize| -> std::result::Result<Vec<f32>, TaskFault> {
+    let weight_row = |row: usize| -> std::result::Result<Vec<f32>, TaskFault> {
         let bytes: Vec<u8> = mem
             .read_u32(codes_at + (row * cols / 2) as u64, cols / 8)?
             .iter()
@@ -523,39 +412,7 @@ fn cpu_expert<'a>(
             a.aux
         },
     };
-    Ok((g, weight_row))
-}
-
-/// The CPU reference of [`COMBINE`]: each listed expert's rows for the input
-/// rows routed to it, then per input row the weighted sum over the slots in
-/// list order, written (or added) into `y`.
-fn cpu_combine(a: &GemvExpertFp4Args, mem: &dyn Memory) -> std::result::Result<(), TaskFault> {
-    let slots = a.slots as usize;
-    let m = a.m as usize;
-    let at = super::moe_route::list_weights_at(slots);
-    let list = mem.read_u32(a.list, at + slots * m)?;
-    let count = (list[0] as usize).min(slots);
-    let ydt = DType::from_code(u32::from(a.y_dtype)).ok_or(TaskFault::BadArgs("y dtype"))?;
-    let mut sum = vec![vec![0f32; a.rows as usize]; m];
-    for s in 0..count {
-        let (g, weight_row) = cpu_expert(a, mem, s as u32, a.row0, a.rows)?;
-        let out = super::gemv_bf16::cpu_rows(&g, mem, &weight_row)?;
-        for (i, (acc, o)) in sum.iter_mut().zip(&out).enumerate() {
-            let weight = f32::from_bits(list[at + s * m + i]);
-            if weight != 0.0 {
-                acc.iter_mut().zip(o).for_each(|(a, b)| *a += weight * b);
-            }
-        }
-    }
-    for (i, o) in sum.iter_mut().enumerate() {
-        let addr = a.y + ((i * a.ldy as usize + a.row0 as usize) * ydt.size()) as u64;
-        if a.flags & 1 != 0 {
-            let old = mem.read_f32(addr, ydt, o.len())?;
-            o.iter_mut().zip(old).for_each(|(v, p)| *v += p);
-        }
-        mem.write_f32(addr, ydt, o)?;
-    }
-    Ok(())
+    cpu_product(&g, mem, &weight_row)
 }
 
 impl TaskKind for GemvExpertFp4 {
@@ -564,9 +421,6 @@ impl TaskKind for GemvExpertFp4 {
     fn cpu(a: &GemvExpertFp4Args, mem: &dyn Memory) -> std::result::Result<(), TaskFault> {
         if a.rows == 0 {
             return Err(TaskFault::BadArgs("fp4 rows"));
-        }
-        if a.flags & COMBINE != 0 {
-            return cpu_combine(a, mem);
         }
         if a.flags & SPREAD == 0 {
             let count = mem.read_u32(a.list, 1)?[0];

@@ -4,10 +4,9 @@
 //! choose) and the list of experts chosen by any row, in ascending order:
 //! `list[0]` is the count, `list[1 + s]` the expert in slot `s`, and
 //! `list[1 + slots + s]` a bit mask of the rows routed to it (`slots =
-//! min(experts, m * top_k)`, the list's capacity), and `list[1 + 2 * slots +
-//! s * m + i]` row `i`'s weight for it (f32 bits, zero where the row did not
-//! choose it). Expert tasks stride over the list, so each chosen expert's
-//! weights are read once per step, and compute only the rows in its mask. With a tally, the count is also added to
+//! min(experts, m * top_k)`, the list's capacity). Expert tasks stride over the
+//! list, so each chosen expert's weights are read once per step, and compute
+//! only the rows in its mask. With a tally, the count is also added to
 //! `tally[0]` and the routing counted in `tally[1]` (unique experts per block).
 
 use bytemuck::{Pod, Zeroable};
@@ -51,15 +50,9 @@ pub fn list_slots(m: usize, experts: usize, top_k: usize) -> usize {
     experts.min(m * top_k)
 }
 
-/// Elements of a routing list for `m` rows: count, ids, row masks, weights.
+/// Elements of a routing list for `m` rows: count, ids, row masks.
 pub fn list_len(m: usize, experts: usize, top_k: usize) -> usize {
-    let slots = list_slots(m, experts, top_k);
-    1 + 2 * slots + slots * m
-}
-
-/// Where the weights of a list of capacity `slots` start.
-pub fn list_weights_at(slots: usize) -> usize {
-    1 + 2 * slots
+    1 + 2 * list_slots(m, experts, top_k)
 }
 
 /// Routing.
@@ -151,16 +144,13 @@ impl TaskKind for MoeRoute {
         if ids.len() > slots || m > 32 {
             return Err(TaskFault::BadArgs("routing list capacity"));
         }
-        let mut list = vec![0u32; 1 + 2 * slots + slots * m];
+        let mut list = vec![0u32; 1 + 2 * slots];
         list[0] = ids.len() as u32;
         for (s, &j) in ids.iter().enumerate() {
             list[1 + s] = j;
             list[1 + slots + s] = (0..m)
                 .filter(|&i| weights[i * e + j as usize] != 0.0)
                 .fold(0, |mask, i| mask | (1 << i));
-            for i in 0..m {
-                list[list_weights_at(slots) + s * m + i] = weights[i * e + j as usize].to_bits();
-            }
         }
         mem.write_u32(a.list, &list)?;
         if a.tally != 0 {
