@@ -38,7 +38,10 @@ measured first in the same run, and the ratio (roofline %); then the time of a
                   the first mismatch placed to give that tau; tokens/s next to
                   plain decode from the same run (with --profile: draft,
                   verify, context and accept time of one traced iteration)
-  --block B       DFlash block size (default 16)";
+  --block B       DFlash block size (default 16)
+  --shared-kb N   give each resident block at most N KB of dynamic shared
+                  memory (default 130, the crate default); the rest of the
+                  SM's memory serves as L1 cache, which holds register spills";
 
 fn main() -> Result<()> {
     let mut presets = Vec::new();
@@ -47,6 +50,7 @@ fn main() -> Result<()> {
     let mut expert_stream = false;
     let mut formats: Vec<Option<Fp4Format>> = Vec::new();
     let (mut taus, mut block) = (Vec::<f64>::new(), 16usize);
+    let mut shared_kb: Option<u32> = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut num = |f: &str| -> usize {
@@ -63,6 +67,7 @@ fn main() -> Result<()> {
             "--expert-stream" => expert_stream = true,
             "--config-out" => config_out = it.next(),
             "--block" => block = num("--block"),
+            "--shared-kb" => shared_kb = Some(num("--shared-kb") as u32),
             "--dflash" => {
                 let v = it.next().unwrap_or_default();
                 taus = v
@@ -140,9 +145,14 @@ fn main() -> Result<()> {
             0,
             RuntimeOptions {
                 trace: profile,
+                shared_limit: shared_kb.map(|k| k * 1024),
                 ..RuntimeOptions::default()
             },
         )?;
+        println!(
+            "{name}: {} KB of shared memory per block",
+            rt.shared_bytes() / 1024
+        );
         let t = Instant::now();
         eprintln!("{name}: drawing random weights on the device");
         let model = Model::random_with(&rt, &config, 7, experts)?;

@@ -199,11 +199,13 @@ __device__ __forceinline__ void fp4_rows(const GemvExpertFp4Args& a, const unsig
 // result does not depend on how many rows are computed with it or where.
 __device__ __forceinline__ bool fp4_mma_ok(u32 cols) { return (cols & 127u) == 0; }
 
-// Column slices per row (at most four, of `per` 128-column steps each) and
-// the rows a block computes at once: slices x 16-row tiles fill its warps.
+// Column slices per row (two up to 16 128-column steps, else four; `per`
+// steps each) and the rows a block computes at once: slices x 16-row tiles
+// fill its warps. Two longer slices leave a warp fewer job starts, each of
+// which waits for its first loads.
 __device__ __forceinline__ void fp4_mma_shape(u32 cols, u32& slices, u32& per, u32& group) {
     const u32 steps = cols / 128;
-    per = (steps + 3) / 4;
+    per = steps <= 16 ? (steps + 1) / 2 : (steps + 3) / 4;
     slices = (steps + per - 1) / per;
     group = 16 * max(1u, (BLOCK_THREADS / 32) / slices);
 }

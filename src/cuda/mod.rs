@@ -51,6 +51,11 @@ pub struct RuntimeOptions {
     /// one GPU this way (each keeps its SMs for itself), for example the ranks
     /// of a [`Cluster`](crate::cluster::Cluster) tested on one GPU.
     pub sms: Option<u32>,
+    /// Most dynamic shared memory a block takes, in bytes; `None` takes
+    /// [`DEFAULT_SHARED_LIMIT`]. What a block leaves of its SM's unified
+    /// memory serves as L1 cache, which also holds the threads' register
+    /// spills: BENCHMARKS.md has decode times for several limits.
+    pub shared_limit: Option<u32>,
 }
 
 impl Default for RuntimeOptions {
@@ -60,9 +65,21 @@ impl Default for RuntimeOptions {
             host_timeout: Duration::from_secs(60),
             trace: false,
             sms: None,
+            shared_limit: None,
         }
     }
 }
+
+/// Dynamic shared memory a resident block takes unless
+/// [`RuntimeOptions::shared_limit`] says otherwise (or the device allows
+/// less). Room for every task's scratch (fused prologues take up to 96 KiB)
+/// and for staged weight slices, yet with the kernel's static shared memory
+/// and the 1 KiB the hardware reserves per block it fits the 132 KiB
+/// shared-memory configuration of sm_80/sm_90 SMs, so the other 124 KiB
+/// of an H100 SM's 256 KiB serve as L1 cache (register spills, reused
+/// inputs). Taking all 227 KiB left 28 KiB of L1 and made the 30B decode
+/// step 8 % slower (BENCHMARKS.md).
+pub const DEFAULT_SHARED_LIMIT: u32 = 130 * 1024;
 
 /// SMs held by live resident kernels in this process, per device.
 static BUSY: Mutex<Option<HashMap<usize, u32>>> = Mutex::new(None);
@@ -251,7 +268,8 @@ impl Runtime {
         let (module, func) = resident_function(ordinal, &ctx, ptx, opts.trace)?;
         let optin = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
-        let shared_bytes = (optin - func.shared_size_bytes()?).max(0) as u32;
+        let shared_bytes = ((optin - func.shared_size_bytes()?).max(0) as u32)
+            .min(opts.shared_limit.unwrap_or(DEFAULT_SHARED_LIMIT));
         func.set_attribute(
             CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             shared_bytes as i32,

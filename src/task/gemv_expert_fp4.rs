@@ -333,7 +333,11 @@ fn mma_slices(cols: usize) -> Option<(usize, usize)> {
         return None;
     }
     let steps = cols / 128;
-    let per = steps.div_ceil(4);
+    let per = if steps <= 16 {
+        steps.div_ceil(2)
+    } else {
+        steps.div_ceil(4)
+    };
     Some((steps.div_ceil(per), per))
 }
 
