@@ -39,7 +39,7 @@ measured first in the same run, and the ratio (roofline %); then the time of a
                   plain decode from the same run (with --profile: draft,
                   verify, context and accept time of one traced iteration)
   --block B       DFlash block size (default 16)
-  --shared-kb N   give each resident block at most N KB of dynamic shared
+  --shared-kb N   give each resident block at most N KiB of dynamic shared
                   memory (default 130, the crate default); the rest of the
                   SM's memory serves as L1 cache, which holds register spills";
 
@@ -150,7 +150,7 @@ fn main() -> Result<()> {
             },
         )?;
         println!(
-            "{name}: {} KB of shared memory per block",
+            "{name}: {} KiB of shared memory per block",
             rt.shared_bytes() / 1024
         );
         let t = Instant::now();

@@ -54,7 +54,9 @@ pub struct RuntimeOptions {
     /// Most dynamic shared memory a block takes, in bytes; `None` takes
     /// [`DEFAULT_SHARED_LIMIT`]. What a block leaves of its SM's unified
     /// memory serves as L1 cache, which also holds the threads' register
-    /// spills: BENCHMARKS.md has decode times for several limits.
+    /// spills: BENCHMARKS.md has decode times for several limits. A task
+    /// that needs more scratch than it leaves takes a slower path or, where
+    /// it has none, reports a fault that names it.
     pub shared_limit: Option<u32>,
 }
 
