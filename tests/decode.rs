@@ -458,3 +458,44 @@ fn expert_use_counts_the_routed_blocks() {
     s.prefill(&cpu, &[1, 2, 3]).unwrap();
     assert!(s.expert_use(&cpu).unwrap().is_empty());
 }
+
+/// The shared memory a runtime gives its blocks changes where tasks keep
+/// their inputs (staged slices, copied rows), not what they compute: a
+/// 48 KiB limit decodes the same bits as the default, FP4 experts included;
+/// a limit too small for a task's scratch is a device fault that names it.
+#[test]
+fn shared_memory_limit_changes_speed_not_results() {
+    use megakernel::quant::Fp4Format;
+    let config = ModelConfig::preset("qwen3-30b-a3b-mini").unwrap();
+    let prompt: Vec<u32> = (0..21).map(|i| (i * 53 + 11) % 1000).collect();
+    let run = |limit: Option<u32>| -> Option<megakernel::Result<(Vec<u32>, Vec<f32>)>> {
+        let opts = RuntimeOptions {
+            shared_limit: limit,
+            ..RuntimeOptions::default()
+        };
+        let (_guard, rt) = gpu("shared_memory_limit_changes_speed_not_results", opts)?;
+        if let Some(l) = limit {
+            assert!(rt.shared_bytes() <= l, "{} > {l}", rt.shared_bytes());
+        }
+        let go = || {
+            let model = Model::random_with(&rt, &config, 5, Some(Fp4Format::Mxfp4))?;
+            let mut s = model.session(&rt, 64)?;
+            let mut tokens = vec![s.prefill(&rt, &prompt)?];
+            tokens.extend(s.generate(&rt, 8)?);
+            Ok((tokens, s.logits(&rt)?))
+        };
+        Some(go())
+    };
+    let Some(base) = run(None) else { return };
+    let (tokens, logits) = base.unwrap();
+    let (t48, l48) = run(Some(48 * 1024)).unwrap().unwrap();
+    assert_eq!(t48, tokens, "tokens with 48 KiB of shared memory");
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert!(bits(&l48) == bits(&logits), "logits with 48 KiB differ");
+    match run(Some(2 * 1024)).unwrap() {
+        Err(megakernel::Error::DeviceFault { task_kind, .. }) => {
+            eprintln!("2 KiB of shared memory: {task_kind} reports its fault");
+        }
+        other => panic!("2 KiB of shared memory: expected a device fault, got {other:?}"),
+    }
+}
