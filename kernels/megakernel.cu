@@ -282,8 +282,7 @@ __device__ __forceinline__ void resident(const KernelParams& kp) {
                 if (staged) stage_wait(&s_stage.bar, s_stage.stagings & 1u);
                 if (go) {
                     const u32 keep = staged ? s_loop.staged_off : dyn_bytes;
-                    const Ctx c = {env, d, seq, s_dyn, keep, &s_stage, staged ? s_dyn + s_loop.staged_off : nullptr,
-                                   staged};
+                    const Ctx c = {env, d, seq, s_dyn, keep, staged ? s_dyn + s_loop.staged_off : nullptr, staged};
                     if (!dispatch_task(d->opcode, c) && tid == 0) {
                         report_fault(env, d->id, d->opcode, seq, FAULT_BAD_OPCODE, NO_EVENT, d->opcode, 0);
                     }

@@ -8,7 +8,6 @@ struct Ctx {
     u64 command;            // sequence number of the running command
     unsigned char* smem;    // dynamic shared memory scratch
     u32 smem_bytes;         // scratch bytes (below the staged copy, if any)
-    Stage* stage;           // the block's staging barrier (shared memory)
     const unsigned char* staged;  // the task's declared range, copied (TASK_FLAG_STAGE), or null
     u32 staged_bytes;       // how much of the range was copied (its start)
 };
