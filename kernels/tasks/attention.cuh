@@ -148,11 +148,23 @@ __host__ __device__ constexpr u32 attention_key_phases(u32 group, u32 npg) {
 template <u32 HD>
 __device__ __forceinline__ void attention_load_tile(u32* k_s, u32* v_s, const char* kbase, const char* vbase, u32 t0, u32 n) {
     constexpr u32 W = HD / 2;
-    for (u32 ch = threadIdx.x; ch < 2 * n * (HD / 8); ch += BLOCK_THREADS) {
-        const u32 which = ch / (n * (HD / 8)), r = ch % (n * (HD / 8));
-        const u32 j = r / (HD / 8), part = r % (HD / 8);
+    const u32 per = n * (HD / 8);  // 16-byte pieces of K (then as many of V)
+    for (u32 ch = threadIdx.x; ch < 2 * per; ch += BLOCK_THREADS) {
+        const bool which = ch >= per;
+        const u32 r = which ? ch - per : ch, j = r / (HD / 8), part = r % (HD / 8);
         const char* src = (which ? vbase : kbase) + u64(t0 + j) * HD * 2 + part * 16;
         cp_async16((which ? v_s : k_s) + j * W + part * 4, src);
+    }
+}
+
+// Adds the products of the four bf16 pairs of q and k to d0 (low halves) and
+// d1 (high halves).
+__device__ __forceinline__ void attention_dot8(const uint4& q, const uint4& k, float& d0, float& d1) {
+    const u32 qw[4] = {q.x, q.y, q.z, q.w}, kw[4] = {k.x, k.y, k.z, k.w};
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+        d0 = fmaf(__uint_as_float(qw[t] << 16), __uint_as_float(kw[t] << 16), d0);
+        d1 = fmaf(__uint_as_float(qw[t] & 0xFFFF0000u), __uint_as_float(kw[t] & 0xFFFF0000u), d1);
     }
 }
 
@@ -249,14 +261,19 @@ __device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArg
             const u32 seg = w0 % S, pj = w0 / S, p = pj / ATTN_TILE, j = pj % ATTN_TILE;
             float dot = 0.0f;
             if (j < n) {
-                const u32* qr = q_s + p * W + seg * SW;
-                const u32* kr = k_s + j * W + seg * SW;
-                for (u32 e = 0; e < SW; ++e) {
-                    const u32 idx = (e + j) & (SW - 1);  // rotation: neighbouring keys hit other banks
-                    const u32 qw = qr[idx], kw = kr[idx];
-                    dot = fmaf(__uint_as_float(qw << 16), __uint_as_float(kw << 16), dot);
-                    dot = fmaf(__uint_as_float(qw & 0xFFFF0000u), __uint_as_float(kw & 0xFFFF0000u), dot);
+                // 16-byte pieces of the segment, rotated by the key so that
+                // neighbouring keys read other banks; even and odd elements
+                // in two chains.
+                const uint4* qr = reinterpret_cast<const uint4*>(q_s + p * W + seg * SW);
+                const uint4* kr = reinterpret_cast<const uint4*>(k_s + j * W + seg * SW);
+                const u32 pieces = SW / 4;
+                float d0 = 0.0f, d1 = 0.0f;
+#pragma unroll 4
+                for (u32 e = 0; e < pieces; ++e) {
+                    const u32 idx = (e + j) & (pieces - 1);
+                    attention_dot8(qr[idx], kr[idx], d0, d1);
                 }
+                dot = d0 + d1;
             }
             for (u32 off = 1; off < S; off *= 2) dot += __shfl_xor_sync(0xFFFFFFFFu, dot, off);
             if (seg == 0) {
@@ -294,16 +311,27 @@ __device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArg
             const u32 p = pg + k * PG;
             if (p < pairs) o[k][0] *= f_s[p], o[k][1] *= f_s[p];
         }
-        for (u32 j = ks; j < n; j += KS) {
-            const u32 vw = v_s[j * W + d2];
-            const float v0 = __uint_as_float(vw << 16), v1 = __uint_as_float(vw & 0xFFFF0000u);
+        // Four keys' loads at a time, ahead of their products (keys past
+        // n read as zero: their weights are zero, their rows unwritten).
+        for (u32 j0 = ks; j0 < n; j0 += 4 * KS) {
+            u32 vw[4];
+            float w[4][PP];
 #pragma unroll
-            for (u32 k = 0; k < PP; ++k) {
-                const u32 p = pg + k * PG;
-                if (p < pairs) {
-                    const float w = p_s[p * ATTN_TILE + j];
-                    o[k][0] = fmaf(w, v0, o[k][0]);
-                    o[k][1] = fmaf(w, v1, o[k][1]);
+            for (u32 u = 0; u < 4; ++u) {
+                const u32 j = j0 + u * KS;
+                vw[u] = j < n ? v_s[j * W + d2] : 0u;
+#pragma unroll
+                for (u32 k = 0; k < PP; ++k) w[u][k] = p_s[min(pg + k * PG, pairs - 1) * ATTN_TILE + (j & (ATTN_TILE - 1))];
+            }
+#pragma unroll
+            for (u32 u = 0; u < 4; ++u) {
+                const float v0 = __uint_as_float(vw[u] << 16), v1 = __uint_as_float(vw[u] & 0xFFFF0000u);
+#pragma unroll
+                for (u32 k = 0; k < PP; ++k) {
+                    if (j0 + u * KS < n && pg + k * PG < pairs) {
+                        o[k][0] = fmaf(w[u][k], v0, o[k][0]);
+                        o[k][1] = fmaf(w[u][k], v1, o[k][1]);
+                    }
                 }
             }
         }
