@@ -170,6 +170,32 @@ struct GemvInput {
 __device__ __forceinline__ u64 gemv_prologue(const Ctx& c, const GemvInput& in) {
     u16* xs = reinterpret_cast<u16*>(c.smem);
     float* scratch = reinterpret_cast<float*>(c.smem + in.m * in.cols * 2);
+    if (in.prologue == PROLOGUE_SWIGLU && in.m > 1 && in.x_dtype == DTYPE_BF16 && (in.cols & 7) == 0 &&
+        ((in.x | in.aux | (u64(in.ldx) * 2)) & 15) == 0) {
+        // Blocks of rows: eight columns of a row per thread and step, both
+        // loads issued before either is used; each element's arithmetic as
+        // below, so a row's result is the same either way. (A single row
+        // keeps the element loop: vectorised it measured slower there.)
+        const u32 per = in.cols / 8;
+        for (u32 k = threadIdx.x; k < in.m * per; k += blockDim.x) {
+            const u32 i = k / per, j = k % per;
+            const u64 off = (u64(i) * in.ldx + j * 8) * 2;
+            const uint4 g = *reinterpret_cast<const uint4*>(in.x + off);
+            const uint4 u = *reinterpret_cast<const uint4*>(in.aux + off);
+            const u32 gw[4] = {g.x, g.y, g.z, g.w}, uw[4] = {u.x, u.y, u.z, u.w};
+            u32 out[4];
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+                const float g0 = __uint_as_float(gw[t] << 16), g1 = __uint_as_float(gw[t] & 0xFFFF0000u);
+                const float u0 = __uint_as_float(uw[t] << 16), u1 = __uint_as_float(uw[t] & 0xFFFF0000u);
+                out[t] = u32(f32_to_bf16(g0 / (1.0f + __expf(-g0)) * u0)) |
+                         (u32(f32_to_bf16(g1 / (1.0f + __expf(-g1)) * u1)) << 16);
+            }
+            *reinterpret_cast<uint4*>(xs + u64(i) * in.cols + j * 8) = make_uint4(out[0], out[1], out[2], out[3]);
+        }
+        __syncthreads();
+        return reinterpret_cast<u64>(xs);
+    }
     for (u32 i = 0; i < in.m; ++i) {
         const u64 row = u64(i) * in.ldx;
         if (in.prologue == PROLOGUE_RMSNORM) {
