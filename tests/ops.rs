@@ -461,3 +461,66 @@ fn gemv_prologues_match_reference() {
         }
     });
 }
+
+/// A row's SwiGLU-prologue product has the same bits whether the row is
+/// computed alone (the single-row element loop on the device) or inside a
+/// block of rows (eight columns per thread): speculative verify blocks rely
+/// on it to reproduce single decode steps.
+#[test]
+fn swiglu_prologue_rows_do_not_depend_on_their_block() {
+    use megakernel::task::gemv_bf16::Prologue;
+    let mut rng = Rng(seed());
+    on_every_executor("swiglu_prologue_rows_do_not_depend_on_their_block", |ex| {
+        let (rows, cols, m) = (
+            1 + rng.below(300),
+            8 * (1 + rng.below(128)),
+            2 + rng.below(15),
+        );
+        let (gv, uv, wv) = (
+            bf16_round(&rng.vec(m * cols)),
+            bf16_round(&rng.vec(m * cols)),
+            bf16_round(&rng.vec(rows * cols)),
+        );
+        let (g, u, w) = (
+            ex.alloc(DType::Bf16, m * cols).unwrap(),
+            ex.alloc(DType::Bf16, m * cols).unwrap(),
+            ex.alloc(DType::Bf16, rows * cols).unwrap(),
+        );
+        ex.write_f32(&g, &gv).unwrap();
+        ex.write_f32(&u, &uv).unwrap();
+        ex.write_f32(&w, &wv).unwrap();
+        let product = |x: &BufSlice, up: &BufSlice, n: usize| {
+            let y = ex.alloc(DType::F32, n * rows).unwrap();
+            ex.write_f32(&y, &vec![f32::NAN; n * rows]).unwrap();
+            let mut b = ProgramBuilder::new();
+            ops::gemv_with(
+                &mut b,
+                &w.all(),
+                x,
+                &y.all(),
+                GemvShape { rows, cols, m: n },
+                ex.num_workers(),
+                false,
+                &Prologue::Swiglu(up.clone()),
+            )
+            .unwrap();
+            ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[])
+                .unwrap();
+            ex.read_f32(&y).unwrap()
+        };
+        let block = product(&g.all(), &u.all(), m);
+        assert!(block.iter().all(|v| v.is_finite()));
+        for i in [0, m / 2, m - 1] {
+            let span = i * cols..(i + 1) * cols;
+            let alone = product(&g.slice(span.clone()).unwrap(), &u.slice(span).unwrap(), 1);
+            assert!(
+                alone
+                    .iter()
+                    .zip(&block[i * rows..(i + 1) * rows])
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{}: row {i} of {m} ({cols} columns) differs alone",
+                ex.describe()
+            );
+        }
+    });
+}
