@@ -311,8 +311,9 @@ __device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArg
             const u32 p = pg + k * PG;
             if (p < pairs) o[k][0] *= f_s[p], o[k][1] *= f_s[p];
         }
-        // Four keys' loads at a time, ahead of their products (keys past
-        // n read as zero: their weights are zero, their rows unwritten).
+        // Four keys' loads at a time, ahead of their products, in the same
+        // order of keys as one at a time (keys past n are skipped: their
+        // value rows were never written).
         for (u32 j0 = ks; j0 < n; j0 += 4 * KS) {
             u32 vw[4];
             float w[4][PP];
