@@ -45,6 +45,11 @@ __device__ __forceinline__ void store_float(u64 base, u32 dtype, u64 i, float v)
     else reinterpret_cast<float*>(base)[i] = v;
 }
 
+// SwiGLU of one element, silu(g) * u: the one expression the swiglu task and
+// the products' SwiGLU prologues share, so that a fused prologue and a
+// separate stage give the same bits.
+__device__ __forceinline__ float swiglu_value(float g, float u) { return g / (1.0f + __expf(-g)) * u; }
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);

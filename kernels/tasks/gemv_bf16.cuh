@@ -173,8 +173,8 @@ __device__ __forceinline__ u64 gemv_prologue(const Ctx& c, const GemvInput& in) 
     if (in.prologue == PROLOGUE_SWIGLU && in.m > 1 && in.x_dtype == DTYPE_BF16 && (in.cols & 7) == 0 &&
         ((in.x | in.aux | (u64(in.ldx) * 2)) & 15) == 0) {
         // Blocks of rows: eight columns of a row per thread and step, both
-        // loads issued before either is used; each element's arithmetic as
-        // below, so a row's result is the same either way. (A single row
+        // loads issued before either is used; each element is swiglu_value,
+        // as below, so a row's result is the same either way. (A single row
         // keeps the element loop: vectorised it measured slower there.)
         const u32 per = in.cols / 8;
         for (u32 k = threadIdx.x; k < in.m * per; k += blockDim.x) {
@@ -188,8 +188,8 @@ __device__ __forceinline__ u64 gemv_prologue(const Ctx& c, const GemvInput& in) 
             for (int t = 0; t < 4; ++t) {
                 const float g0 = __uint_as_float(gw[t] << 16), g1 = __uint_as_float(gw[t] & 0xFFFF0000u);
                 const float u0 = __uint_as_float(uw[t] << 16), u1 = __uint_as_float(uw[t] & 0xFFFF0000u);
-                out[t] = u32(f32_to_bf16(g0 / (1.0f + __expf(-g0)) * u0)) |
-                         (u32(f32_to_bf16(g1 / (1.0f + __expf(-g1)) * u1)) << 16);
+                out[t] = u32(f32_to_bf16(swiglu_value(g0, u0))) |
+                         (u32(f32_to_bf16(swiglu_value(g1, u1))) << 16);
             }
             *reinterpret_cast<uint4*>(xs + u64(i) * in.cols + j * 8) = make_uint4(out[0], out[1], out[2], out[3]);
         }
@@ -213,7 +213,7 @@ __device__ __forceinline__ u64 gemv_prologue(const Ctx& c, const GemvInput& in) 
             for (u32 k = threadIdx.x; k < in.cols; k += blockDim.x) {
                 const float g = load_float(in.x, in.x_dtype, row + k);
                 const float u = load_float(in.aux, in.x_dtype, row + k);
-                xs[i * in.cols + k] = f32_to_bf16(g / (1.0f + __expf(-g)) * u);
+                xs[i * in.cols + k] = f32_to_bf16(swiglu_value(g, u));
             }
         }
     }

@@ -25,6 +25,6 @@ __device__ __forceinline__ void task_swiglu(const Ctx& c) {
     for (u32 i = threadIdx.x; i < a.n; i += blockDim.x) {
         const float g = load_float(a.gate, a.gate_dtype, i);
         const float u = load_float(a.up, a.up_dtype, i);
-        store_float(a.out, a.out_dtype, i, g / (1.0f + __expf(-g)) * u);
+        store_float(a.out, a.out_dtype, i, swiglu_value(g, u));
     }
 }
