@@ -3,9 +3,11 @@
 //! Generates the CUDA dispatch table from `src/task/registry.rs`, then, when
 //! `nvcc` is found (`NVCC`, `CUDA_HOME`/`CUDA_PATH`, `PATH`), compiles
 //! `kernels/megakernel.cu` for `compute_80` (portable) and `compute_90a`
-//! (Hopper). Without nvcc the committed `ptx/` is used;
-//! `MEGAKERNEL_REQUIRE_NVCC=1` makes that an error. `MEGAKERNEL_UPDATE_PTX=1`
-//! writes fresh PTX back into `ptx/`.
+//! (Hopper), and assembles the Hopper PTX into an `sm_90a` cubin with the
+//! `ptxas` beside nvcc, so that an H100 need not JIT-compile the kernel.
+//! Without nvcc the committed `ptx/` is used; `MEGAKERNEL_REQUIRE_NVCC=1`
+//! makes that an error. `MEGAKERNEL_UPDATE_PTX=1` writes the fresh PTX and
+//! cubin back into `ptx/`.
 
 use std::env;
 use std::fs;
@@ -14,6 +16,8 @@ use std::process::Command;
 
 /// (file stem suffix, nvcc architecture)
 const TARGETS: [(&str, &str); 2] = [("compute_80", "compute_80"), ("sm_90a", "compute_90a")];
+/// The cubin assembled from the `sm_90a` PTX.
+const CUBIN: &str = "megakernel.sm_90a.cubin";
 
 fn main() {
     let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
@@ -35,21 +39,21 @@ fn main() {
     let update = env::var("MEGAKERNEL_UPDATE_PTX").is_ok_and(|v| v == "1");
     match find_nvcc() {
         Some(nvcc) => {
-            for (name, arch) in TARGETS {
-                let dst = out.join(format!("megakernel.{name}.ptx"));
-                compile(&nvcc, arch, &out, &dst);
-                let committed = Path::new("ptx").join(format!("megakernel.{name}.ptx"));
-                let fresh = fs::read(&dst).expect("read fresh PTX");
-                if update {
-                    fs::create_dir_all("ptx").expect("create ptx/");
-                    fs::write(&committed, &fresh).expect("write ptx/");
-                } else if fs::read(&committed).ok().as_deref() != Some(&fresh[..]) {
-                    println!(
-                        "cargo:warning={} differs from the kernels; rebuild with MEGAKERNEL_UPDATE_PTX=1 and commit it",
-                        committed.display()
-                    );
+            // The two compilations run side by side; each takes tens of seconds.
+            std::thread::scope(|s| {
+                for (name, arch) in TARGETS {
+                    let (nvcc, out) = (&nvcc, &out);
+                    s.spawn(move || {
+                        compile(nvcc, arch, out, &out.join(format!("megakernel.{name}.ptx")))
+                    });
                 }
+            });
+            for (name, _) in TARGETS {
+                keep(&out.join(format!("megakernel.{name}.ptx")), update);
             }
+            let cubin = out.join(CUBIN);
+            assemble(&nvcc, &out.join("megakernel.sm_90a.ptx"), &cubin);
+            keep(&cubin, update);
         }
         None if update => panic!(
             "MEGAKERNEL_UPDATE_PTX=1 but no nvcc was found (NVCC, CUDA_HOME, CUDA_PATH, PATH)"
@@ -64,7 +68,27 @@ fn main() {
                     panic!("no nvcc found and {} is missing: {e}", src.display())
                 });
             }
+            // Without a committed cubin the runtime loads the PTX.
+            let cubin = fs::read(Path::new("ptx").join(CUBIN)).unwrap_or_default();
+            fs::write(out.join(CUBIN), cubin).expect("write cubin");
         }
+    }
+}
+
+/// Compares a freshly built file in OUT_DIR with its committed copy in
+/// `ptx/`, or with `update` writes it there.
+fn keep(fresh_path: &Path, update: bool) {
+    let file = fresh_path.file_name().expect("file name");
+    let committed = Path::new("ptx").join(file);
+    let fresh = fs::read(fresh_path).expect("read a fresh kernel image");
+    if update {
+        fs::create_dir_all("ptx").expect("create ptx/");
+        fs::write(&committed, &fresh).expect("write ptx/");
+    } else if fs::read(&committed).ok().as_deref() != Some(&fresh[..]) {
+        println!(
+            "cargo:warning={} differs from the kernels; rebuild with MEGAKERNEL_UPDATE_PTX=1 and commit it",
+            committed.display()
+        );
     }
 }
 
@@ -133,4 +157,17 @@ fn compile(nvcc: &Path, arch: &str, out: &Path, dst: &Path) {
         .status()
         .unwrap_or_else(|e| panic!("running {}: {e}", nvcc.display()));
     assert!(status.success(), "nvcc failed for {arch}");
+}
+
+/// Assembles `ptx` for sm_90a with the `ptxas` installed beside `nvcc`.
+fn assemble(nvcc: &Path, ptx: &Path, dst: &Path) {
+    let ptxas = nvcc.with_file_name(if cfg!(windows) { "ptxas.exe" } else { "ptxas" });
+    let status = Command::new(&ptxas)
+        .args(["-arch=sm_90a", "-O3"])
+        .arg(ptx)
+        .arg("-o")
+        .arg(dst)
+        .status()
+        .unwrap_or_else(|e| panic!("running {}: {e}", ptxas.display()));
+    assert!(status.success(), "ptxas failed for sm_90a");
 }

@@ -182,3 +182,24 @@ fn committed_ptx_is_loadable_by_driver_580() {
         fs::read_to_string("ptx/megakernel.sm_90a.ptx").unwrap()
     );
 }
+
+#[test]
+fn committed_cubin_is_the_embedded_hopper_machine_code() {
+    let cubin = fs::read("ptx/megakernel.sm_90a.cubin").unwrap();
+    assert_eq!(&cubin[..4], b"\x7fELF", "not an ELF file");
+    // e_machine (offset 18, little-endian) is EM_CUDA = 190.
+    assert_eq!(
+        u16::from_le_bytes([cubin[18], cubin[19]]),
+        190,
+        "not CUDA machine code"
+    );
+    for name in ["mk_resident", "mk_resident_trace", "mk_probe_copy"] {
+        assert!(
+            cubin.windows(name.len()).any(|w| w == name.as_bytes()),
+            "the cubin lacks {name}"
+        );
+    }
+    assert_eq!(megakernel::cuda::ptx::CUBIN_SM_90A, &cubin[..]);
+    assert_eq!(megakernel::cuda::ptx::select(9, 0).cubin, Some(&cubin[..]));
+    assert_eq!(megakernel::cuda::ptx::select(8, 0).cubin, None);
+}

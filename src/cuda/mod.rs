@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
-use cudarc::nvrtc::Ptx;
 
 use crate::abi::{
     fault, wait_site, Command, DeviceState, KernelParams, StatusBlock, TaskDesc, BLOCK_THREADS,
@@ -127,7 +126,7 @@ pub fn memory_info(ordinal: usize) -> Result<(usize, usize)> {
 fn resident_function(
     ordinal: usize,
     ctx: &Arc<CudaContext>,
-    ptx: &str,
+    image: ptx::Image,
     trace: bool,
 ) -> Result<(Arc<CudaModule>, CudaFunction)> {
     type Loaded = HashMap<(usize, bool), (Arc<CudaModule>, CudaFunction)>;
@@ -139,7 +138,7 @@ fn resident_function(
     if let Some(f) = loaded.get(&(ordinal, trace)) {
         return Ok(f.clone());
     }
-    let module = ctx.load_module(Ptx::from_src(ptx))?;
+    let module = ptx::load(ctx, image)?;
     let func = module.load_function(if trace {
         "mk_resident_trace"
     } else {
@@ -266,8 +265,9 @@ impl Runtime {
         minor: i32,
         num_sms: u32,
     ) -> Result<Runtime> {
-        let (arch, ptx) = ptx::select(major, minor);
-        let (module, func) = resident_function(ordinal, &ctx, ptx, opts.trace)?;
+        let image = ptx::select(major, minor);
+        let arch = image.arch;
+        let (module, func) = resident_function(ordinal, &ctx, image, opts.trace)?;
         let optin = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
         let shared_bytes = ((optin - func.shared_size_bytes()?).max(0) as u32)
