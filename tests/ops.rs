@@ -224,7 +224,15 @@ fn gemv_case(
         }
     }
     let err = rel_l2(&ex.read_f32(&y).unwrap(), &want);
-    let tol = if y_dtype == DType::F32 { 1e-5 } else { 8e-3 };
+    // Tensor cores (bf16 rows, columns a multiple of 32, on a GPU) round
+    // their f32 sums once per 16 products, toward zero: a few units in the
+    // last place per 16 columns, still far below bf16's resolution.
+    let tc = x_dtype == DType::Bf16 && cols % 32 == 0 && ex.is_gpu();
+    let tol = match (y_dtype, tc) {
+        (DType::F32, false) => 1e-5,
+        (DType::F32, true) => 1e-4,
+        _ => 8e-3,
+    };
     assert!(
         err < tol,
         "{} {shape:?} x {x_dtype} y {y_dtype} acc {accumulate} staged {staged}: rel err {err}",

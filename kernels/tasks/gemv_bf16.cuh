@@ -1,7 +1,9 @@
 // gemv_bf16: y[m, row0 + r] (+)= sum_c W[row0 + r, c] * x[m, c], f32 accumulation;
-// src/task/gemv_bf16.rs. One warp per matrix row; each lane streams 16-byte
-// chunks of the row with UNROLL loads in flight; the matrix bypasses L1
-// (read once), x stays in L1 (read by every warp).
+// src/task/gemv_bf16.rs. Products with bf16 input rows and columns a multiple
+// of 32 run on tensor cores for every input-row count (gemv_mma_rows below).
+// Otherwise one warp per matrix row; each lane streams 16-byte chunks of the
+// row with UNROLL loads in flight; the matrix bypasses L1 (read once), x
+// stays in L1 (read by every warp).
 #pragma once
 #include "../include/task.cuh"
 
@@ -268,6 +270,141 @@ __device__ __forceinline__ bool gemv_input(const Ctx& c, const GemvInput& in, u6
     return true;
 }
 
+// D += A B on tensor cores: A 16x16 (row-major fragment), B 16x8, bf16 in, f32 out.
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Tensor-core products: bf16 input rows (as given or prepared by a
+// prologue), columns a multiple of 32, every input-row count. A warp
+// multiplies a 16-row tile of the matrix by up to 16 input rows with
+// mma.m16n8k16 over one column slice of gemv_mma_per 32-column chunks. Lane
+// (g, c) loads 16 bytes (eight columns) of matrix rows g and g + 8 and of
+// input row g per chunk; k is permuted alike in both operands (the chunk's
+// first mma takes columns 4h .. 4h + 3 of each lane's eight, h = 0, then
+// h = 1), so the loaded words are the fragments as they come. The slices of
+// a row depend on its column count alone, each is accumulated in order by
+// one warp and the slices are summed in order: a row's result does not
+// depend on how many input rows are computed with it, or where.
+// Chunks per slice: 8 (all of a job's loads in flight at once) up to 4096
+// columns, else 16 (fewer partials to keep).
+__device__ __forceinline__ u32 gemv_mma_per(u32 cols) { return cols <= 4096 ? 8 : 16; }
+
+__device__ __forceinline__ u32 gemv_mma_slices(u32 cols) {
+    return (cols / 32 + gemv_mma_per(cols) - 1) / gemv_mma_per(cols);
+}
+
+// Shared memory the slice partials of one 16-row tile need for 16 input rows;
+// reserved before the input rows are prepared (so the choice of path never
+// depends on the input-row count).
+__device__ __forceinline__ u32 gemv_mma_tile_bytes(u32 cols) { return gemv_mma_slices(cols) * 16 * 16 * 4; }
+
+// Whether a product takes the tensor-core path: decided by its shape, input
+// type and alignment, never by its input-row count.
+__device__ __forceinline__ bool gemv_mma_ok(const GemvBf16Args& a) {
+    return (a.cols & 31) == 0 && (a.w & 15) == 0 &&
+           (a.prologue != PROLOGUE_NONE ||
+            (a.x_dtype == DTYPE_BF16 && ((a.x | (u64(a.ldx) * 2)) & 15) == 0));
+}
+
+// One warp: task rows r0 .. r0 + 16 (those below a.rows) over chunks
+// ch0 .. ch1, for input rows 0 .. n (through rmap), NT n-tiles of 8; the
+// partials go to part[row - rbase][input row] (NT * 8 floats a row).
+template <int NT>
+__device__ __noinline__ void gemv_mma_job(const GemvBf16Args& a, u64 x, u32 ldx, const u32* rmap, u32 n,
+                                          StagedRows st, u32 r0, u32 ch0, u32 ch1, float* part, u32 rbase) {
+    constexpr u32 U = 8;  // chunks whose loads are in flight at once
+    const u32 lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const u32 ra = r0 + g, rb = ra + 8;
+    const bool la = ra < a.rows, lb = rb < a.rows, sa = ra < st.rows, sb = rb < st.rows;
+    const u64 rowb = u64(a.ldw) * 2, off = u64(ch0) * 64 + c * 16;
+    const unsigned char* w = reinterpret_cast<const unsigned char*>(a.w) + u64(a.row0) * rowb;
+    const unsigned char* pa = (sa ? st.base : w) + u64(ra) * rowb + off;
+    const unsigned char* pb = (sb ? st.base : w) + u64(rb) * rowb + off;
+    const unsigned char* xp[NT];
+    bool xl[NT];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        const u32 i = j * 8 + g;
+        xl[j] = i < n;
+        xp[j] = reinterpret_cast<const unsigned char*>(x) + (xl[j] ? u64(gemv_row(rmap, i)) * ldx * 2 : 0) + off;
+    }
+    float acc[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    for (u32 ch = ch0; ch < ch1; ch += U) {
+        uint4 qa[U], qb[U], x1[NT == 1 ? U : 1];
+#pragma unroll
+        for (u32 u = 0; u < U; ++u) {
+            const bool in = ch + u < ch1;
+            qa[u] = in && la ? (sa ? ld_shared16(pa + u * 64) : ld_stream16(pa + u * 64)) : zero;
+            qb[u] = in && lb ? (sb ? ld_shared16(pb + u * 64) : ld_stream16(pb + u * 64)) : zero;
+            // One n-tile (at most 8 input rows): its x chunks load with the matrix.
+            if (NT == 1) x1[u] = in && xl[0] ? *reinterpret_cast<const uint4*>(xp[0] + u * 64) : zero;
+        }
+#pragma unroll
+        for (u32 u = 0; u < U; ++u) {
+            if (ch + u >= ch1) break;
+            u32 xw[NT][4];
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                const uint4 v = NT == 1 ? x1[u] : xl[j] ? *reinterpret_cast<const uint4*>(xp[j] + u * 64) : zero;
+                xw[j][0] = v.x, xw[j][1] = v.y, xw[j][2] = v.z, xw[j][3] = v.w;
+            }
+            const u32 wa[4] = {qa[u].x, qa[u].y, qa[u].z, qa[u].w}, wb[4] = {qb[u].x, qb[u].y, qb[u].z, qb[u].w};
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const u32 af[4] = {wa[2 * h], wb[2 * h], wa[2 * h + 1], wb[2 * h + 1]};
+#pragma unroll
+                for (int j = 0; j < NT; ++j) mma_bf16_16816(acc[j], af, xw[j][2 * h], xw[j][2 * h + 1]);
+            }
+        }
+        pa += U * 64, pb += U * 64;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) xp[j] += U * 64;
+    }
+    // acc[j][0..1]: row g, inputs j * 8 + 2c, + 1; acc[j][2..3]: row g + 8.
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        float* p0 = part + (ra - rbase) * (NT * 8) + j * 8 + 2 * c;
+        float* p1 = p0 + 8 * (NT * 8);
+        p0[0] = acc[j][0], p0[1] = acc[j][1], p1[0] = acc[j][2], p1[1] = acc[j][3];
+    }
+}
+
+// The task's rows in groups of `group` (a multiple of 16): every warp takes
+// (tile, slice) jobs, then the block sums each row's slices in order and
+// stores (or adds) the results. `part` holds slices * group * NT * 8 floats.
+template <int NT>
+__device__ __noinline__ void gemv_mma_rows(const GemvBf16Args& a, u64 x, u32 ldx, const u32* rmap, u32 n,
+                                           StagedRows st, float* part, u32 group) {
+    const u32 warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    const u32 chunks = a.cols / 32, slices = gemv_mma_slices(a.cols);
+    for (u32 g0 = 0; g0 < a.rows; g0 += group) {
+        const u32 grows = min(group, a.rows - g0), tiles = (grows + 15) / 16;
+        for (u32 job = warp; job < tiles * slices; job += nwarps) {
+            const u32 tile = job / slices, s = job % slices;
+            const u32 c0 = s * gemv_mma_per(a.cols), c1 = min(c0 + gemv_mma_per(a.cols), chunks);
+            gemv_mma_job<NT>(a, x, ldx, rmap, n, st, g0 + tile * 16, c0, c1, part + s * group * (NT * 8), g0);
+        }
+        __syncthreads();
+        for (u32 k = threadIdx.x; k < grows * n; k += blockDim.x) {
+            const u32 r = k / n, i = k % n;
+            float sum = 0.0f;
+            for (u32 s = 0; s < slices; ++s) sum += part[(s * group + r) * (NT * 8) + i];
+            const u64 idx = u64(gemv_row(rmap, i)) * a.ldy + a.row0 + g0 + r;
+            const float prev = a.accumulate ? load_float(a.y, a.y_dtype, idx) : 0.0f;
+            store_float(a.y, a.y_dtype, idx, prev + sum);
+        }
+        __syncthreads();
+    }
+}
+
 // With `rmap`, only the `n` rows it lists are computed (the others keep
 // whatever they held).
 __device__ __forceinline__ void gemv_dispatch(const Ctx& c, const GemvBf16Args& a, const u32* rmap = nullptr,
@@ -276,10 +413,27 @@ __device__ __forceinline__ void gemv_dispatch(const Ctx& c, const GemvBf16Args& 
     u64 x;
     u32 ldx;
     bool bf16;
-    if (!gemv_input(c, in, x, ldx, bf16, c.smem_bytes)) return;
+    const bool mma = gemv_mma_ok(a);
+    // The tensor-core path keeps room for one tile's partials beside the input rows.
+    const u32 reserve = mma ? gemv_mma_tile_bytes(a.cols) + 128 : 0u;
+    if (reserve >= c.smem_bytes) {
+        if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, reserve, c.smem_bytes);
+        return;
+    }
+    const u32 room = c.smem_bytes - reserve;
+    if (!gemv_input(c, in, x, ldx, bf16, room)) return;
     if (!rmap) n = a.m;
     // A staged slice holds whole rows from row0 on (the declared range).
     const StagedRows st = {c.staged, c.staged && a.ldw == a.cols ? c.staged_bytes / (a.ldw * 2) : 0u};
+    if (mma) {
+        const u32 at = (gemv_input_bytes(in, room) + 127) & ~127u;
+        const u32 nt = n > 8 ? 2 : 1, tile = gemv_mma_slices(a.cols) * 16 * nt * 8 * 4;
+        const u32 tiles = max(1u, min((c.smem_bytes - at) / tile, (a.rows + 15) / 16));
+        float* part = reinterpret_cast<float*>(c.smem + at);
+        if (nt == 1) gemv_mma_rows<1>(a, x, ldx, rmap, n, st, part, tiles * 16);
+        else gemv_mma_rows<2>(a, x, ldx, rmap, n, st, part, tiles * 16);
+        return;
+    }
     if (bf16) gemv_rows<true>(a, x, ldx, rmap, n, st);
     else gemv_rows<false>(a, x, ldx, rmap, n, st);
 }

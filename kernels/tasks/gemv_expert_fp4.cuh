@@ -223,14 +223,6 @@ __device__ __forceinline__ u32 bf16x2_scale(u32 a, u32 s2) {
     return d;
 }
 
-__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // Eight E2M1 codes (a 32-bit word, element 0 in the low nibble) as four bf16
 // pairs out[k] = (element k, element k + 4), each the code's value times
 // 2^-126 exactly: the sign moves to bit 15, the exponent and mantissa bits to

@@ -1632,12 +1632,21 @@ fn build(
     // This rank's rows of the LM head (all of them on one device).
     let vl = part(vocab);
     if let Some(tokens) = extras.row_tokens {
-        // Every row's logits and greedy token (a verify block).
+        // Every row's logits and greedy token (a verify block). The final
+        // norm is a stage of its own where the block's rows would crowd the
+        // product's shared memory (same arithmetic either way).
         let all = buf(DType::F32, m * vl)?;
+        let (src, pro) = if fuse(h) {
+            (x.all(), Prologue::RmsNorm(final_norm.all(), eps))
+        } else {
+            let n = norm(&mut ch, final_norm)?;
+            ch.stage(n, "final norm");
+            (hn.all(), Prologue::None)
+        };
         let lm = ops::gemv_with(
             ch.b,
             &lm_head.all(),
-            &x.all(),
+            &src,
             &all.all(),
             GemvShape {
                 rows: vl,
@@ -1646,7 +1655,7 @@ fn build(
             },
             workers,
             false,
-            &Prologue::RmsNorm(final_norm.all(), eps),
+            &pro,
         )?
         .staged(ch.b);
         ch.stage(lm, "lm head");

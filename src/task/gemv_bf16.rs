@@ -77,6 +77,25 @@ pub fn prologue_bytes(m: usize, cols: usize) -> usize {
     m * cols * 2
 }
 
+/// Whether a product runs on tensor cores on the GPU (the device's
+/// `gemv_mma_ok`): columns a multiple of 32 and bf16 input rows, as given
+/// (16-byte aligned rows) or prepared by a prologue. The choice never depends
+/// on the input-row count, so a row's result is the same alone or in a block.
+pub fn takes_tensor_cores(cols: usize, x: &BufSlice, prologue: &Prologue) -> bool {
+    cols % 32 == 0
+        && (!matches!(prologue, Prologue::None)
+            || (x.dtype() == DType::Bf16 && x.addr() % 16 == 0 && (cols * 2) % 16 == 0))
+}
+
+/// Shared memory (bytes) the tensor-core path keeps beside the input rows:
+/// the column-slice partials of one 16-row tile for 16 input rows (one slice
+/// per 256 columns up to 4096 columns, else per 512; the device's
+/// `gemv_mma_tile_bytes`) and alignment slack.
+pub fn tensor_core_scratch(cols: usize) -> usize {
+    let slice = if cols <= 4096 { 256 } else { 512 };
+    cols.div_ceil(slice) * 16 * 16 * 4 + 256
+}
+
 /// Row-block matrix-vector product with a bf16 matrix.
 pub struct GemvBf16;
 
@@ -206,7 +225,10 @@ impl GemvBf16 {
         } else {
             0
         };
-        let scratch = (prologue_bytes(m, cols) + 128).max(copied);
+        let mut scratch = (prologue_bytes(m, cols) + 128).max(copied);
+        if takes_tensor_cores(cols, x, prologue) {
+            scratch = scratch.next_multiple_of(128) + tensor_core_scratch(cols);
+        }
         Ok(TaskSpec::new::<GemvBf16>(args, &bufs)
             .with_prefetch(first, (rows * cols * 2) as u64)
             .with_scratch(u32::try_from(scratch).unwrap_or(u32::MAX)))
