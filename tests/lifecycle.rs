@@ -30,6 +30,28 @@ fn hundred_runtimes_do_not_leak() {
     );
 }
 
+/// A Hopper GPU runs the committed machine code, not JIT-compiled PTX; other
+/// GPUs load the portable PTX. Either way the kernel runs.
+#[test]
+fn hopper_loads_machine_code() {
+    let Some((_g, rt)) = gpu("hopper_loads_machine_code", RuntimeOptions::default()) else {
+        return;
+    };
+    let want = if rt.arch() == "sm_90a" {
+        "cubin"
+    } else {
+        "PTX"
+    };
+    assert_eq!(rt.image_form(), want, "{}", rt.describe());
+    assert!(rt.describe().ends_with(&format!("{} {want})", rt.arch())));
+    let buf = rt.alloc(DType::F32, 4096).unwrap();
+    let mut b = ProgramBuilder::new();
+    b.push(Fill::task(&buf.all(), 2.5).unwrap());
+    rt.run(&rt.load(&b.build().unwrap()).unwrap(), 1, &[])
+        .unwrap();
+    assert!(rt.read_f32(&buf).unwrap().iter().all(|&v| v == 2.5));
+}
+
 #[test]
 fn second_runtime_on_a_busy_device_is_an_error() {
     let Some((_g, rt)) = gpu(

@@ -128,8 +128,8 @@ fn resident_function(
     ctx: &Arc<CudaContext>,
     image: ptx::Image,
     trace: bool,
-) -> Result<(Arc<CudaModule>, CudaFunction)> {
-    type Loaded = HashMap<(usize, bool), (Arc<CudaModule>, CudaFunction)>;
+) -> Result<(Arc<CudaModule>, CudaFunction, &'static str)> {
+    type Loaded = HashMap<(usize, bool), (Arc<CudaModule>, CudaFunction, &'static str)>;
     static LOADED: OnceLock<Mutex<Loaded>> = OnceLock::new();
     let mut loaded = LOADED
         .get_or_init(Mutex::default)
@@ -138,14 +138,14 @@ fn resident_function(
     if let Some(f) = loaded.get(&(ordinal, trace)) {
         return Ok(f.clone());
     }
-    let module = ptx::load(ctx, image)?;
+    let (module, form) = ptx::load(ctx, image)?;
     let func = module.load_function(if trace {
         "mk_resident_trace"
     } else {
         "mk_resident"
     })?;
-    loaded.insert((ordinal, trace), (module.clone(), func.clone()));
-    Ok((module, func))
+    loaded.insert((ordinal, trace), (module.clone(), func.clone(), form));
+    Ok((module, func, form))
 }
 
 /// Number of SMs of device `ordinal`.
@@ -201,6 +201,7 @@ pub struct Runtime {
     ordinal: usize,
     name: String,
     arch: &'static str,
+    form: &'static str,
     num_sms: u32,
     shared_bytes: u32,
     opts: RuntimeOptions,
@@ -267,7 +268,7 @@ impl Runtime {
     ) -> Result<Runtime> {
         let image = ptx::select(major, minor);
         let arch = image.arch;
-        let (module, func) = resident_function(ordinal, &ctx, image, opts.trace)?;
+        let (module, func, form) = resident_function(ordinal, &ctx, image, opts.trace)?;
         let optin = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
         let shared_bytes = ((optin - func.shared_size_bytes()?).max(0) as u32)
@@ -316,6 +317,7 @@ impl Runtime {
             ordinal,
             name,
             arch,
+            form,
             num_sms,
             shared_bytes,
             opts,
@@ -340,9 +342,14 @@ impl Runtime {
     pub fn ordinal(&self) -> usize {
         self.ordinal
     }
-    /// Which PTX was loaded (`sm_90a` or `compute_80`).
+    /// Which kernel image was loaded (`sm_90a` or `compute_80`).
     pub fn arch(&self) -> &'static str {
         self.arch
+    }
+    /// In which form it was loaded: `"cubin"` (machine code, no JIT
+    /// compilation) or `"PTX"`.
+    pub fn image_form(&self) -> &'static str {
+        self.form
     }
     /// A zeroed buffer in pinned host memory mapped into the device's address
     /// space (and every other GPU's): slow to touch from kernels, but reachable
@@ -691,8 +698,8 @@ impl Executor for Runtime {
     }
     fn describe(&self) -> String {
         format!(
-            "{} (device {}, {} SMs, {} PTX)",
-            self.name, self.ordinal, self.num_sms, self.arch
+            "{} (device {}, {} SMs, {} {})",
+            self.name, self.ordinal, self.num_sms, self.arch, self.form
         )
     }
     fn num_workers(&self) -> usize {

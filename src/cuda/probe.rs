@@ -33,7 +33,7 @@ pub fn copy_bandwidth(ordinal: usize, bytes: usize, reps: usize) -> Result<f64> 
     check_idle(ordinal)?;
     let ctx = context(ordinal)?;
     let (major, minor) = ctx.compute_capability()?;
-    let module = ptx::load(&ctx, ptx::select(major, minor))?;
+    let module = ptx::load(&ctx, ptx::select(major, minor))?.0;
     let copy = module.load_function("mk_probe_copy")?;
     let stream = ctx.new_stream()?;
     let bytes = bytes.next_multiple_of(16);
@@ -74,7 +74,7 @@ pub fn launch_latency(ordinal: usize, reps: usize) -> Result<f64> {
     check_idle(ordinal)?;
     let ctx = context(ordinal)?;
     let (major, minor) = ctx.compute_capability()?;
-    let module = ptx::load(&ctx, ptx::select(major, minor))?;
+    let module = ptx::load(&ctx, ptx::select(major, minor))?.0;
     let empty = module.load_function("mk_probe_empty")?;
     let stream = ctx.new_stream()?;
     let one = LaunchConfig {

@@ -48,12 +48,16 @@ pub fn select(major: i32, minor: i32) -> Image {
 }
 
 /// Loads `image` into `ctx`: its machine code if the driver takes it (a
-/// driver older than the assembler's rejects it), else its PTX.
-pub fn load(ctx: &Arc<CudaContext>, image: Image) -> Result<Arc<CudaModule>, DriverError> {
+/// driver older than the assembler's rejects it), else its PTX. Also says
+/// which of the two was loaded (`"cubin"` or `"PTX"`).
+pub fn load(
+    ctx: &Arc<CudaContext>,
+    image: Image,
+) -> Result<(Arc<CudaModule>, &'static str), DriverError> {
     if let Some(cubin) = image.cubin {
         if let Ok(module) = ctx.load_module(Ptx::from_binary(cubin.to_vec())) {
-            return Ok(module);
+            return Ok((module, "cubin"));
         }
     }
-    ctx.load_module(Ptx::from_src(image.ptx))
+    Ok((ctx.load_module(Ptx::from_src(image.ptx))?, "PTX"))
 }
