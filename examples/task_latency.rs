@@ -3,8 +3,11 @@
 //! per task. The shapes are a `qwen3-30b-a3b` decode step's at 1024 tokens of
 //! context (routing over 128 experts, top 8; one head's merge of 33 attention
 //! slices; one slice of 32 keys for 8 query heads; 64 hidden columns of the
-//! expert combine). A nop program gives the resident loop's own cost per task.
-//! Needs a GPU; prints a notice and exits without one.
+//! expert combine; one task's rows of the qkv, o_proj, router and LM head
+//! products, each copy on other rows of a matrix larger than L2, so that
+//! copies do not hit each other's rows in L2). A nop program gives the
+//! resident loop's own cost per task. Needs a GPU; prints a notice and exits
+//! without one.
 //!
 //! `cargo run --release --example task_latency`
 
@@ -13,6 +16,7 @@ use std::time::Instant;
 use megakernel::prelude::*;
 use megakernel::task::attention::Attention;
 use megakernel::task::attention_combine::AttentionCombine;
+use megakernel::task::gemv_bf16::{GemvBf16, GemvShape, Prologue};
 use megakernel::task::moe_combine::MoeCombine;
 use megakernel::task::moe_route::{list_len, MoeRoute};
 use megakernel::task::nop::Nop;
@@ -158,5 +162,51 @@ fn main() -> Result<()> {
             true,
         )?)
     })?;
+
+    // Products: `rows` rows of a [total, cols] bf16 matrix per task, copy i
+    // on rows i * rows onwards (wrapping), one input row.
+    let product = |label: &str, total: usize, cols: usize, rows: usize, norm: bool| -> Result<()> {
+        let w = rt.alloc(DType::Bf16, total * cols)?;
+        let x = rt.alloc(DType::Bf16, cols)?;
+        let mut s = 7u64;
+        rt.write_f32(&x, &values(&mut s, cols, 1.0))?;
+        let g = rt.alloc(DType::Bf16, cols)?;
+        rt.write_f32(&g, &vec![1.0; cols])?;
+        let y = rt.alloc(DType::F32, total)?;
+        let shape = GemvShape {
+            rows: total,
+            cols,
+            m: 1,
+        };
+        let pro = if norm {
+            Prologue::RmsNorm(g.all(), 1e-6)
+        } else {
+            Prologue::None
+        };
+        let tasks = total / rows;
+        per_task(label, &|i| {
+            Ok(GemvBf16::rows_with(
+                &w.all(),
+                &x.all(),
+                &y.all(),
+                shape,
+                (i % tasks) * rows,
+                rows,
+                false,
+                &pro,
+            )?)
+        })
+    };
+    // Matrices of at least 64 MiB (beyond the H100's 50 MB of L2).
+    product("qkv: 39 rows x 2048, RMSNorm input", 16384, 2048, 39, true)?;
+    product("o_proj: 16 rows x 4096", 8192, 4096, 16, false)?;
+    product("router: 1 row x 2048, RMSNorm input", 16384, 2048, 1, true)?;
+    product(
+        "lm head: 1151 rows x 2048, RMSNorm input",
+        151936,
+        2048,
+        1151,
+        true,
+    )?;
     Ok(())
 }
