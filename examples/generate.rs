@@ -339,14 +339,14 @@ fn main() -> Result<()> {
     }
     let c = &ck.config;
     println!(
-        "model: {} ({} layers, hidden {}, {} heads / {} kv, vocab {}, {:.2} B parameters)",
+        "model: {} ({} layers, hidden {}, {} heads / {} kv, vocab {}, {} parameters)",
         dir.display(),
         c.num_layers,
         c.hidden_size,
         c.num_heads,
         c.num_kv_heads,
         c.vocab_size,
-        c.num_params() as f64 / 1e9
+        count(c.num_params())
     );
     println!("executor: {}", exec.describe());
     if let Some(out) = &args.save_quantized {
@@ -446,4 +446,14 @@ fn main() -> Result<()> {
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// A parameter count with the largest unit that leaves at least 1 (B, M, K).
+fn count(n: usize) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2} B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.2} M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1} K", n as f64 / 1e3),
+        n => n.to_string(),
+    }
 }
