@@ -1365,13 +1365,17 @@ fn build(
     // A norm repeated by every task of the product costs a block-wide sum per
     // row, so blocks of rows normalise once, in a stage of their own (with
     // the same arithmetic: a row's result does not depend on the choice).
-    let normed = |ch: &mut Chain<'_>, w: &Buffer, what: &str| -> Result<(BufSlice, Prologue)> {
-        if m <= MAX_FUSED_NORM_ROWS && fuse(h) {
-            return Ok((x.all(), Prologue::RmsNorm(w.all(), eps)));
-        }
-        let n = norm(ch, w)?;
-        ch.stage(n, what);
-        Ok((hn.all(), Prologue::None))
+    let norm_as =
+        |ch: &mut Chain<'_>, w: &Buffer, what: &str, fused: bool| -> Result<(BufSlice, Prologue)> {
+            if fused {
+                return Ok((x.all(), Prologue::RmsNorm(w.all(), eps)));
+            }
+            let n = norm(ch, w)?;
+            ch.stage(n, what);
+            Ok((hn.all(), Prologue::None))
+        };
+    let normed = |ch: &mut Chain<'_>, w: &Buffer, what: &str| {
+        norm_as(ch, w, what, m <= MAX_FUSED_NORM_ROWS && fuse(h))
     };
     for (l, ly) in layers.iter().enumerate() {
         let (src, pro) = normed(&mut ch, &ly.attn.in_norm, &format!("layer {l} input norm"))?;
@@ -1636,13 +1640,7 @@ fn build(
         // norm is a stage of its own where the block's rows would crowd the
         // product's shared memory (same arithmetic either way).
         let all = buf(DType::F32, m * vl)?;
-        let (src, pro) = if fuse(h) {
-            (x.all(), Prologue::RmsNorm(final_norm.all(), eps))
-        } else {
-            let n = norm(&mut ch, final_norm)?;
-            ch.stage(n, "final norm");
-            (hn.all(), Prologue::None)
-        };
+        let (src, pro) = norm_as(&mut ch, final_norm, "final norm", fuse(h))?;
         let lm = ops::gemv_with(
             ch.b,
             &lm_head.all(),

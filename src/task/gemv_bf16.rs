@@ -79,12 +79,12 @@ pub fn prologue_bytes(m: usize, cols: usize) -> usize {
 
 /// Whether a product runs on tensor cores on the GPU (the device's
 /// `gemv_mma_ok`): columns a multiple of 32 and bf16 input rows, as given
-/// (16-byte aligned rows) or prepared by a prologue. The choice never depends
+/// (16-byte aligned; rows of 32k columns stay aligned) or prepared by a
+/// prologue. The choice never depends
 /// on the input-row count, so a row's result is the same alone or in a block.
 pub fn takes_tensor_cores(cols: usize, x: &BufSlice, prologue: &Prologue) -> bool {
     cols % 32 == 0
-        && (!matches!(prologue, Prologue::None)
-            || (x.dtype() == DType::Bf16 && x.addr() % 16 == 0 && (cols * 2) % 16 == 0))
+        && (!matches!(prologue, Prologue::None) || (x.dtype() == DType::Bf16 && x.addr() % 16 == 0))
 }
 
 /// Shared memory (bytes) the tensor-core path keeps beside the input rows:
