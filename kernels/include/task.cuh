@@ -23,6 +23,15 @@ __device__ __forceinline__ void task_fault(const Ctx& c, u32 kind, u64 seen, u64
     report_fault(c.env, c.desc->id, c.desc->opcode, c.command, kind, 0, seen, needed);
 }
 
+// D += A B on tensor cores: A 16x16 (row-major fragment), B 16x8, bf16 in, f32 out.
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(u32(h) << 16); }
 
 // Round to nearest even; NaN stays NaN (quiet).

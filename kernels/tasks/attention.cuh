@@ -4,9 +4,9 @@
 //
 // Fast path (bf16 q and cache, head_dim 64 or 128): the slice is processed in
 // tiles of 64 keys. The block copies the pairs' q and a tile's K and V into
-// shared memory (cp.async, 16 bytes per thread), computes every (pair, key)
-// score with one thread each (rows read at a per-thread rotation, so a warp's
-// 32 threads hit 32 different banks), updates each pair's running max and sum
+// shared memory (cp.async, 16 bytes per thread), computes the (pair, key)
+// scores on tensor cores (16 pairs x 8 keys per warp job), updates each
+// pair's running max and sum
 // (one warp per pair), then accumulates P·V with threads laid out as
 // (column pair, pair group) so V is read once per key per pair group.
 // Other geometries use the generic path: one warp per pair, one key at a time.
@@ -157,20 +157,9 @@ __device__ __forceinline__ void attention_load_tile(u32* k_s, u32* v_s, const ch
     }
 }
 
-// Adds the products of the four bf16 pairs of q and k to d0 (low halves) and
-// d1 (high halves).
-__device__ __forceinline__ void attention_dot8(const uint4& q, const uint4& k, float& d0, float& d1) {
-    const u32 qw[4] = {q.x, q.y, q.z, q.w}, kw[4] = {k.x, k.y, k.z, k.w};
-#pragma unroll
-    for (int t = 0; t < 4; ++t) {
-        d0 = fmaf(__uint_as_float(qw[t] << 16), __uint_as_float(kw[t] << 16), d0);
-        d1 = fmaf(__uint_as_float(qw[t] & 0xFFFF0000u), __uint_as_float(kw[t] & 0xFFFF0000u), d1);
-    }
-}
-
-// PP: pairs per thread in the P·V phase. A score is summed by S adjacent lanes
-// (S segments of the row), and in P·V each (pair, column pair) is owned by KS
-// threads taking every KS-th key, reduced once at the end. S and KS are sized
+// PP: pairs per thread in the P·V phase. Scores run on tensor cores, and in
+// P·V each (pair, column pair) is owned by KS threads taking every KS-th key,
+// reduced once at the end. KS is sized
 // for one row's pairs (a decode step's) and kept for any number of rows, so a
 // row's arithmetic never depends on the block around it; larger blocks loop.
 // Tiles of ATTN_TILE keys start at the slice start. Rows of a block share
@@ -187,10 +176,6 @@ __device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArg
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = BLOCK_THREADS / 32;
     const u32 group = a.heads / a.kv_heads, pairs = rows * group, width = (a.heads + 2 * a.kv_heads) * HD;
     const float scale = __uint_as_float(a.scale);
-    // Score segments: S lanes per (pair, key), S in {1, 2, 4, 8}.
-    u32 S = 1;
-    while (S < 8 && group * ATTN_TILE * S * 2 <= BLOCK_THREADS) S *= 2;
-    const u32 SW = W / S;  // words per segment
     // P·V: KS key phases, PG pair groups (KS * PG = NPG).
     const u32 KS = attention_key_phases(group, NPG), PG = NPG / KS;
     u32* q_s = reinterpret_cast<u32*>(c.smem);  // [pairs][W]
@@ -256,30 +241,33 @@ __device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArg
         __syncthreads();
         const u32* k_s = kv_s + buf * 2 * ATTN_TILE * W;
         const u32* v_s = k_s + ATTN_TILE * W;
-        // Scores: S adjacent threads per (pair, key), key fastest after the segment.
-        for (u32 w0 = tid; w0 < pairs * ATTN_TILE * S; w0 += BLOCK_THREADS) {
-            const u32 seg = w0 % S, pj = w0 / S, p = pj / ATTN_TILE, j = pj % ATTN_TILE;
-            float dot = 0.0f;
-            if (j < n) {
-                // 16-byte pieces of the segment, rotated by the key so that
-                // neighbouring keys read other banks; even and odd elements
-                // in two chains.
-                const uint4* qr = reinterpret_cast<const uint4*>(q_s + p * W + seg * SW);
-                const uint4* kr = reinterpret_cast<const uint4*>(k_s + j * W + seg * SW);
-                const u32 pieces = SW / 4;
-                float d0 = 0.0f, d1 = 0.0f;
-#pragma unroll 4
-                for (u32 e = 0; e < pieces; ++e) {
-                    const u32 idx = (e + j) & (pieces - 1);
-                    attention_dot8(qr[idx], kr[idx], d0, d1);
-                }
-                dot = d0 + d1;
+        // Scores on tensor cores: a warp job is 16 pairs x 8 keys over the
+        // head's dimensions (mma.m16n8k16, A = q, B = k, f32 sums in the
+        // order of the dimensions); a pair's scores never depend on the
+        // other pairs of its tile. Keys past n read stale words and are
+        // masked, like the pairs past `pairs`, which are zeros.
+        for (u32 job = warp; job < ((pairs + 15) / 16) * (ATTN_TILE / 8); job += nwarps) {
+            const u32 g = lane >> 2, cc = lane & 3;
+            const u32 pa = (job / (ATTN_TILE / 8)) * 16 + g, pb = pa + 8, key = (job % (ATTN_TILE / 8)) * 8 + g;
+            const u32* qa = q_s + min(pa, pairs - 1) * W + cc;
+            const u32* qb = q_s + min(pb, pairs - 1) * W + cc;
+            const u32* kr = k_s + key * W + cc;
+            float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (u32 k16 = 0; k16 < HD / 16; ++k16) {
+                const u32 af[4] = {pa < pairs ? qa[k16 * 8] : 0u, pb < pairs ? qb[k16 * 8] : 0u,
+                                   pa < pairs ? qa[k16 * 8 + 4] : 0u, pb < pairs ? qb[k16 * 8 + 4] : 0u};
+                mma_bf16_16816(d, af, kr[k16 * 8], kr[k16 * 8 + 4]);
             }
-            for (u32 off = 1; off < S; off *= 2) dot += __shfl_xor_sync(0xFFFFFFFFu, dot, off);
-            if (seg == 0) {
-                const u32 i = p / group;
-                const bool live = j < n && grid_s[i] == grid && t0 + j >= lo_s[i] && t0 + j < hi_s[i];
-                p_s[pj] = live ? dot * scale : -__int_as_float(0x7f800000);
+            // d[0], d[1]: pair pa, keys 2cc, 2cc + 1 of the block; d[2], d[3]: pair pb.
+#pragma unroll
+            for (u32 e = 0; e < 4; ++e) {
+                const u32 p = e < 2 ? pa : pb, j = (job % (ATTN_TILE / 8)) * 8 + 2 * cc + (e & 1);
+                if (p < pairs) {
+                    const u32 i = p / group;
+                    const bool live = j < n && grid_s[i] == grid && t0 + j >= lo_s[i] && t0 + j < hi_s[i];
+                    p_s[p * ATTN_TILE + j] = live ? d[e] * scale : -__int_as_float(0x7f800000);
+                }
             }
         }
         __syncthreads();

@@ -270,15 +270,6 @@ __device__ __forceinline__ bool gemv_input(const Ctx& c, const GemvInput& in, u6
     return true;
 }
 
-// D += A B on tensor cores: A 16x16 (row-major fragment), B 16x8, bf16 in, f32 out.
-__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // Tensor-core products: bf16 input rows (as given or prepared by a
 // prologue), columns a multiple of 32, every input-row count. A warp
 // multiplies a 16-row tile of the matrix by up to 16 input rows with
