@@ -87,13 +87,16 @@ pub fn takes_tensor_cores(cols: usize, x: &BufSlice, prologue: &Prologue) -> boo
         && (!matches!(prologue, Prologue::None) || (x.dtype() == DType::Bf16 && x.addr() % 16 == 0))
 }
 
-/// Shared memory (bytes) the tensor-core path keeps beside the input rows:
-/// the column-slice partials of one 16-row tile for 16 input rows (one slice
-/// per 256 columns up to 4096 columns, else per 512; the device's
-/// `gemv_mma_tile_bytes`) and alignment slack.
-pub fn tensor_core_scratch(cols: usize) -> usize {
+/// Shared memory (bytes) the tensor-core path keeps beside the input rows
+/// of a task of `rows` matrix rows: the column-slice partials of up to eight
+/// 16-row tiles for 16 input rows (one slice per 256 columns up to 4096
+/// columns, else per 512; the device's `gemv_mma_tile_bytes` per tile) and
+/// alignment slack. The device runs a task's rows in groups of as many tiles
+/// as its partials fit, each group closed by two block barriers; with one
+/// tile's room, a staged product's rows ran one or two tiles at a time.
+pub fn tensor_core_scratch(cols: usize, rows: usize) -> usize {
     let slice = if cols <= 4096 { 256 } else { 512 };
-    cols.div_ceil(slice) * 16 * 16 * 4 + 256
+    cols.div_ceil(slice) * 16 * 16 * 4 * rows.div_ceil(16).clamp(1, 8) + 256
 }
 
 /// Row-block matrix-vector product with a bf16 matrix.
@@ -227,7 +230,7 @@ impl GemvBf16 {
         };
         let mut scratch = (prologue_bytes(m, cols) + 128).max(copied);
         if takes_tensor_cores(cols, x, prologue) {
-            scratch = scratch.next_multiple_of(128) + tensor_core_scratch(cols);
+            scratch = scratch.next_multiple_of(128) + tensor_core_scratch(cols, rows);
         }
         Ok(TaskSpec::new::<GemvBf16>(args, &bufs)
             .with_prefetch(first, (rows * cols * 2) as u64)
