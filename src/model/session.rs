@@ -1478,7 +1478,8 @@ fn build(
                     &src,
                     &router_logits.all(),
                     shape,
-                    workers.min(experts),
+                    // Tensor-core products take 16-row tiles: whole tiles per task.
+                    workers.min(experts.div_ceil(16)),
                     false,
                     &pro,
                 )?
