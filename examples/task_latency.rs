@@ -5,7 +5,9 @@
 //! slices; one slice of 32 keys for 8 query heads; 64 hidden columns of the
 //! expert combine; one task's rows of the qkv, o_proj, router and LM head
 //! products, each copy on other rows of a matrix larger than L2, so that
-//! copies do not hit each other's rows in L2). A nop program gives the
+//! copies do not hit each other's rows in L2; the qkv and o_proj rows once
+//! more with every copy on the same rows, which then come from L2). A nop
+//! program gives the
 //! resident loop's own cost per task. Needs a GPU; prints a notice and exits
 //! without one.
 //!
@@ -164,8 +166,15 @@ fn main() -> Result<()> {
     })?;
 
     // Products: `rows` rows of a [total, cols] bf16 matrix per task, copy i
-    // on rows i * rows onwards (wrapping), one input row.
-    let product = |label: &str, total: usize, cols: usize, rows: usize, norm: bool| -> Result<()> {
+    // on rows i * rows onwards (wrapping; `hot`: every copy on the first
+    // rows), one input row.
+    let product = |label: &str,
+                   total: usize,
+                   cols: usize,
+                   rows: usize,
+                   norm: bool,
+                   hot: bool|
+     -> Result<()> {
         let w = rt.alloc(DType::Bf16, total * cols)?;
         let x = rt.alloc(DType::Bf16, cols)?;
         let mut s = 7u64;
@@ -183,7 +192,7 @@ fn main() -> Result<()> {
         } else {
             Prologue::None
         };
-        let tasks = total / rows;
+        let tasks = if hot { 1 } else { total / rows };
         per_task(label, &|i| {
             Ok(GemvBf16::rows_with(
                 &w.all(),
@@ -198,15 +207,32 @@ fn main() -> Result<()> {
         })
     };
     // Matrices of at least 64 MiB (beyond the H100's 50 MB of L2).
-    product("qkv: 39 rows x 2048, RMSNorm input", 16384, 2048, 39, true)?;
-    product("o_proj: 16 rows x 4096", 8192, 4096, 16, false)?;
-    product("router: 1 row x 2048, RMSNorm input", 16384, 2048, 1, true)?;
+    product(
+        "qkv: 39 rows x 2048, RMSNorm input",
+        16384,
+        2048,
+        39,
+        true,
+        false,
+    )?;
+    product("qkv, rows in L2", 16384, 2048, 39, true, true)?;
+    product("o_proj: 16 rows x 4096", 8192, 4096, 16, false, false)?;
+    product("o_proj, rows in L2", 8192, 4096, 16, false, true)?;
+    product(
+        "router: 1 row x 2048, RMSNorm input",
+        16384,
+        2048,
+        1,
+        true,
+        false,
+    )?;
     product(
         "lm head: 1151 rows x 2048, RMSNorm input",
         151936,
         2048,
         1151,
         true,
+        false,
     )?;
     Ok(())
 }
