@@ -6,9 +6,8 @@
 // tiles of 64 keys. The block copies the pairs' q and a tile's K and V into
 // shared memory (cp.async, 16 bytes per thread), computes the (pair, key)
 // scores on tensor cores (16 pairs x 8 keys per warp job), updates each
-// pair's running max and sum
-// (one warp per pair), then accumulates P·V with threads laid out as
-// (column pair, pair group) so V is read once per key per pair group.
+// pair's running max and sum (one warp per pair), then accumulates P·V on
+// tensor cores too (16 pairs x 16 columns per warp job).
 // Other geometries use the generic path: one warp per pair, one key at a time.
 #pragma once
 #include "../include/task.cuh"
@@ -121,30 +120,17 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_prev() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
 
-// Words of the tile area: two K/V tile buffers, or the final reduction of
-// the KS key phases (KS * pairs * W float2s), whichever is larger.
-__host__ __device__ constexpr u32 attention_tile_words(u32 pairs, u32 hd, u32 ks) {
-    return 4 * ATTN_TILE * (hd / 2) > ks * pairs * hd ? 4 * ATTN_TILE * (hd / 2) : ks * pairs * hd;
+// Shared memory the fast path needs for `pairs` pairs: q, two K/V tile
+// buffers, scores, and per pair the running max, sum and correction and its
+// row's slice and tile grid.
+__host__ __device__ constexpr u32 attention_smem_bytes(u32 pairs, u32 hd) {
+    return pairs * hd * 2 + 4 * ATTN_TILE * (hd / 2) * 4 + pairs * ATTN_TILE * 4 + 6 * pairs * 4;
 }
 
-// Shared memory the fast path needs for `pairs` pairs: q, the tile area,
-// scores, per-pair running max, sum and correction, and each row's slice and
-// tile grid.
-__host__ __device__ constexpr u32 attention_smem_bytes(u32 pairs, u32 hd, u32 ks) {
-    return pairs * hd * 2 + attention_tile_words(pairs, hd, ks) * 4 + pairs * ATTN_TILE * 4 + 3 * pairs * 4 +
-           3 * pairs * 4;
-}
-
-// Key phases of the P·V step for `group` query heads per KV head: as many as
-// leave two threads per pair of one row (a decode step) and at most eight
-// pairs per thread for a block of 16 rows; the same for any block.
-__host__ __device__ constexpr u32 attention_key_phases(u32 group, u32 npg) {
-    u32 ks = 1;
-    while (ks * 2 <= npg && group * ks * 4 <= npg) ks *= 2;
-    return ks;
-}
-
-// Issues the cp.async copies of keys t0 .. t0 + n into one tile buffer.
+// Issues the cp.async copies of keys t0 .. t0 + n into one tile buffer and
+// zeros the value rows n .. up to the next multiple of 16 (P·V multiplies
+// whole 16-key steps; their weights are zero, and zero times a stale word
+// could be NaN).
 template <u32 HD>
 __device__ __forceinline__ void attention_load_tile(u32* k_s, u32* v_s, const char* kbase, const char* vbase, u32 t0, u32 n) {
     constexpr u32 W = HD / 2;
@@ -155,32 +141,55 @@ __device__ __forceinline__ void attention_load_tile(u32* k_s, u32* v_s, const ch
         const char* src = (which ? vbase : kbase) + u64(t0 + j) * HD * 2 + part * 16;
         cp_async16((which ? v_s : k_s) + j * W + part * 4, src);
     }
+    const u32 pad = ((n + 15) & ~15u) - n;
+    for (u32 w = threadIdx.x; w < pad * W; w += BLOCK_THREADS) v_s[n * W + w] = 0u;
 }
 
-// PP: pairs per thread in the P·V phase. Scores run on tensor cores, and in
-// P·V each (pair, column pair) is owned by KS threads taking every KS-th key,
-// reduced once at the end. KS is sized
-// for one row's pairs (a decode step's) and kept for any number of rows, so a
-// row's arithmetic never depends on the block around it; larger blocks loop.
-// Tiles of ATTN_TILE keys start at the slice start. Rows of a block share
-// their slice length but where a block straddles a change of it (at most
-// once: 16 rows span fewer than 16 * chunks keys): each of the two grids
-// walks its own tiles, and a row attends only in its own grid's tiles. Tiles
-// are double buffered: tile t + 1 is in flight while tile t is computed.
-// The block's rows i0 .. i0 + rows are computed (a row's result is the same
-// in any such sub-block).
-template <u32 HD, u32 PP>
-__device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArgs& a, u32 pos0, u32 i0, u32 rows) {
-    constexpr u32 W = HD / 2;               // 32-bit words (bf16 pairs) per row
-    constexpr u32 NPG = BLOCK_THREADS / W;  // row groups in the P·V phase
+// P·V jobs a warp keeps across the tiles (accumulators in registers): a job
+// is 16 pairs x 16 columns, so a sub-block holds at most
+// 16 * ATTN_JOBS_PER_WARP * warps / (HD / 16) pairs.
+constexpr u32 ATTN_JOBS_PER_WARP = 4;
+
+__host__ __device__ constexpr u32 attention_max_pairs(u32 hd) {
+    return 16 * ATTN_JOBS_PER_WARP * (BLOCK_THREADS / 32) / (hd / 16);
+}
+
+// f32 weights (x0 of key k, x1 of key k + 1) as the bf16 pair nearest them
+// and the bf16 pair nearest what that leaves: hi + lo carries 16 significant
+// bits, so P·V on tensor cores keeps f32-like accuracy (bf16 weights alone
+// would move results by about 1e-3).
+__device__ __forceinline__ void attention_split_pair(float x0, float x1, u32& hi, u32& lo) {
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(hi) : "f"(x1), "f"(x0));
+    const float r0 = x0 - __uint_as_float(hi << 16), r1 = x1 - __uint_as_float(hi & 0xFFFF0000u);
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(lo) : "f"(r1), "f"(r0));
+}
+
+// Tensor cores for both products. Scores: a warp job is 16 pairs x 8 keys
+// over the head's dimensions (mma.m16n8k16, A = q, B = k). P·V: a warp job is
+// 16 pairs x 16 columns over a tile's keys (A = the weights split into two
+// bf16 parts, B = v), its accumulators kept in registers across the tiles and
+// scaled by each pair's correction per tile. Every output of a pair depends
+// on its own q, weights and the tile's keys and values alone, never on the
+// other pairs of its 16-pair tile, so a row computes bit for bit alike alone
+// (decode) or in a block (verify). Tiles of ATTN_TILE keys start at the slice
+// start. Rows of a block share their slice length but where a block straddles
+// a change of it (at most once: 16 rows span fewer than 16 * chunks keys):
+// each of the two grids walks its own tiles, and a row attends only in its
+// own grid's tiles. Tiles are double buffered: tile t + 1 is in flight while
+// tile t is computed. The block's rows i0 .. i0 + rows are computed (a row's
+// result is the same in any such sub-block). Out of line, with registers of
+// its own.
+template <u32 HD>
+__device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& a, u32 pos0, u32 i0, u32 rows) {
+    constexpr u32 W = HD / 2;        // 32-bit words (bf16 pairs) per row
+    constexpr u32 JPT = HD / 16;     // P·V jobs per 16-pair tile
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = BLOCK_THREADS / 32;
+    const u32 g = lane >> 2, cc = lane & 3;
     const u32 group = a.heads / a.kv_heads, pairs = rows * group, width = (a.heads + 2 * a.kv_heads) * HD;
     const float scale = __uint_as_float(a.scale);
-    // P·V: KS key phases, PG pair groups (KS * PG = NPG).
-    const u32 KS = attention_key_phases(group, NPG), PG = NPG / KS;
     u32* q_s = reinterpret_cast<u32*>(c.smem);  // [pairs][W]
     u32* kv_s = q_s + pairs * W;                // [2][K, V][TILE][W]
-    float* p_s = reinterpret_cast<float*>(kv_s + attention_tile_words(pairs, HD, KS));  // [pairs][TILE]
+    float* p_s = reinterpret_cast<float*>(kv_s + 4 * ATTN_TILE * W);  // [pairs][TILE]
     float* m_s = p_s + pairs * ATTN_TILE;                             // running max
     float* l_s = m_s + pairs;                                         // running sum
     float* f_s = l_s + pairs;                                         // this tile's correction
@@ -193,19 +202,19 @@ __device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArg
         u32 l, h;
         const u32 per = attention_slice(a, attention_row_len(a, pos0, i0 + i), l, h);
         if (i == 0) per0 = per;
-        const u32 g = per != per0;
-        if (tid == 0) lo_s[i] = l, hi_s[i] = h, grid_s[i] = g;
+        const u32 gr = per != per0;
+        if (tid == 0) lo_s[i] = l, hi_s[i] = h, grid_s[i] = gr;
         if (l < h) {
-            if (glo[g] == ghi[g]) glo[g] = l;
-            ghi[g] = h;
+            if (glo[gr] == ghi[gr]) glo[gr] = l;
+            ghi[gr] = h;
         }
     }
     const u32 gt0 = (ghi[0] - glo[0] + ATTN_TILE - 1) / ATTN_TILE, ntiles = gt0 + (ghi[1] - glo[1] + ATTN_TILE - 1) / ATTN_TILE;
     // Tile k: its grid, first key and key count.
-    auto tile = [&](u32 k, u32& g, u32& t0, u32& n) {
-        g = k >= gt0;
-        t0 = glo[g] + (k - (g ? gt0 : 0)) * ATTN_TILE;
-        n = min(ATTN_TILE, ghi[g] - t0);
+    auto tile = [&](u32 k, u32& gr, u32& t0, u32& n) {
+        gr = k >= gt0;
+        t0 = glo[gr] + (k - (gr ? gt0 : 0)) * ATTN_TILE;
+        n = min(ATTN_TILE, ghi[gr] - t0);
     };
     const char* kbase = reinterpret_cast<const char*>(a.cache) + (u64(a.kv_head) * a.max_seq) * HD * 2;
     const char* vbase = reinterpret_cast<const char*>(a.cache) + (u64(a.kv_heads + a.kv_head) * a.max_seq) * HD * 2;
@@ -216,16 +225,19 @@ __device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArg
         cp_async16(q_s + p * W + part * 4, reinterpret_cast<const char*>(a.qkv) + (u64(i) * width + u64(h) * HD) * 2 + part * 16);
     }
     if (ntiles > 0) {
-        u32 g, t0, n;
-        tile(0, g, t0, n);
+        u32 gr, t0, n;
+        tile(0, gr, t0, n);
         attention_load_tile<HD>(kv_s, kv_s + ATTN_TILE * W, kbase, vbase, t0, n);
     }
     cp_async_commit();
     for (u32 p = tid; p < pairs; p += BLOCK_THREADS) m_s[p] = -__int_as_float(0x7f800000), l_s[p] = 0.0f;
-    float o[PP][2];
+    const u32 pv_jobs = (pairs + 15) / 16 * JPT;
+    float acc[ATTN_JOBS_PER_WARP][2][4];
 #pragma unroll
-    for (u32 k = 0; k < PP; ++k) o[k][0] = o[k][1] = 0.0f;
-    const u32 d2 = tid % W, r = tid / W, pg = r % PG, ks = r / PG;
+    for (u32 j = 0; j < ATTN_JOBS_PER_WARP; ++j) {
+#pragma unroll
+        for (u32 t = 0; t < 2; ++t) acc[j][t][0] = acc[j][t][1] = acc[j][t][2] = acc[j][t][3] = 0.0f;
+    }
     u32 buf = 0;
     for (u32 k = 0; k < ntiles; ++k, buf ^= 1) {
         u32 grid, t0, n;
@@ -241,13 +253,9 @@ __device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArg
         __syncthreads();
         const u32* k_s = kv_s + buf * 2 * ATTN_TILE * W;
         const u32* v_s = k_s + ATTN_TILE * W;
-        // Scores on tensor cores: a warp job is 16 pairs x 8 keys over the
-        // head's dimensions (mma.m16n8k16, A = q, B = k, f32 sums in the
-        // order of the dimensions); a pair's scores never depend on the
-        // other pairs of its tile. Keys past n read stale words and are
-        // masked, like the pairs past `pairs`, which are zeros.
+        // Scores: keys past n read stale words and are masked, like the
+        // pairs past `pairs`, which are zeros.
         for (u32 job = warp; job < ((pairs + 15) / 16) * (ATTN_TILE / 8); job += nwarps) {
-            const u32 g = lane >> 2, cc = lane & 3;
             const u32 pa = (job / (ATTN_TILE / 8)) * 16 + g, pb = pa + 8, key = (job % (ATTN_TILE / 8)) * 8 + g;
             const u32* qa = q_s + min(pa, pairs - 1) * W + cc;
             const u32* qb = q_s + min(pb, pairs - 1) * W + cc;
@@ -293,83 +301,83 @@ __device__ __forceinline__ void attention_tiled(const Ctx& c, const AttentionArg
             }
         }
         __syncthreads();
-        // P·V: thread (column pair d2, pair group pg, key phase ks).
+        // P·V: job = (16-pair tile, 16 columns), warp w takes jobs w, w + 16, ...
+        const u32 steps = (n + 15) / 16;
 #pragma unroll
-        for (u32 k = 0; k < PP; ++k) {
-            const u32 p = pg + k * PG;
-            if (p < pairs) o[k][0] *= f_s[p], o[k][1] *= f_s[p];
-        }
-        // Four keys' loads at a time, ahead of their products, in the same
-        // order of keys as one at a time (keys past n are skipped: their
-        // value rows were never written).
-        for (u32 j0 = ks; j0 < n; j0 += 4 * KS) {
-            u32 vw[4];
-            float w[4][PP];
+        for (u32 jw = 0; jw < ATTN_JOBS_PER_WARP; ++jw) {
+            const u32 job = warp + jw * nwarps;
+            if (job >= pv_jobs) break;
+            const u32 pa = (job / JPT) * 16 + g, pb = pa + 8, col = (job % JPT) * 16 + g;
+            const bool la = pa < pairs, lb = pb < pairs;
+            const float fa = la ? f_s[pa] : 1.0f, fb = lb ? f_s[pb] : 1.0f;
 #pragma unroll
-            for (u32 u = 0; u < 4; ++u) {
-                const u32 j = j0 + u * KS;
-                vw[u] = j < n ? v_s[j * W + d2] : 0u;
-#pragma unroll
-                for (u32 k = 0; k < PP; ++k) w[u][k] = p_s[min(pg + k * PG, pairs - 1) * ATTN_TILE + (j & (ATTN_TILE - 1))];
+            for (u32 t = 0; t < 2; ++t) {
+                acc[jw][t][0] *= fa, acc[jw][t][1] *= fa, acc[jw][t][2] *= fb, acc[jw][t][3] *= fb;
             }
+            const float* ra = p_s + min(pa, pairs - 1) * ATTN_TILE + 2 * cc;
+            const float* rb = p_s + min(pb, pairs - 1) * ATTN_TILE + 2 * cc;
+            for (u32 st = 0; st < steps; ++st) {
+                const u32 kb = st * 16;
+                const float2 xa0 = la ? *reinterpret_cast<const float2*>(ra + kb) : make_float2(0.0f, 0.0f);
+                const float2 xb0 = lb ? *reinterpret_cast<const float2*>(rb + kb) : make_float2(0.0f, 0.0f);
+                const float2 xa1 = la ? *reinterpret_cast<const float2*>(ra + kb + 8) : make_float2(0.0f, 0.0f);
+                const float2 xb1 = lb ? *reinterpret_cast<const float2*>(rb + kb + 8) : make_float2(0.0f, 0.0f);
+                u32 ah[4], al[4];
+                attention_split_pair(xa0.x, xa0.y, ah[0], al[0]);
+                attention_split_pair(xb0.x, xb0.y, ah[1], al[1]);
+                attention_split_pair(xa1.x, xa1.y, ah[2], al[2]);
+                attention_split_pair(xb1.x, xb1.y, ah[3], al[3]);
+                const u32* v0 = v_s + (kb + 2 * cc) * W;
 #pragma unroll
-            for (u32 u = 0; u < 4; ++u) {
-                const float v0 = __uint_as_float(vw[u] << 16), v1 = __uint_as_float(vw[u] & 0xFFFF0000u);
-#pragma unroll
-                for (u32 k = 0; k < PP; ++k) {
-                    if (j0 + u * KS < n && pg + k * PG < pairs) {
-                        o[k][0] = fmaf(w[u][k], v0, o[k][0]);
-                        o[k][1] = fmaf(w[u][k], v1, o[k][1]);
-                    }
+                for (u32 t = 0; t < 2; ++t) {
+                    // Column col + 8t of keys kb + 2cc, + 1 and kb + 2cc + 8, + 9.
+                    const u32 wd = (col + 8 * t) / 2, sel = (g & 1) ? 0x7632u : 0x5410u;
+                    const u32 b0 = __byte_perm(v0[wd], v0[W + wd], sel);
+                    const u32 b1 = __byte_perm(v0[8 * W + wd], v0[9 * W + wd], sel);
+                    mma_bf16_16816(acc[jw][t], ah, b0, b1);
+                    mma_bf16_16816(acc[jw][t], al, b0, b1);
                 }
             }
         }
         __syncthreads();  // this buffer and p_s are refilled
     }
     asm volatile("cp.async.wait_all;" ::: "memory");
-    __syncthreads();
-    // Reduce the KS key phases (through the tile area, free now) and write.
-    float2* red = reinterpret_cast<float2*>(kv_s);  // [KS][pairs][W]
+    // Partials: acc[.][t][0..1] pair pa, columns base + 8t + 2cc, + 1; [2..3] pair pb.
 #pragma unroll
-    for (u32 k = 0; k < PP; ++k) {
-        const u32 p = pg + k * PG;
-        if (p < pairs) red[(ks * pairs + p) * W + d2] = make_float2(o[k][0], o[k][1]);
-    }
-    __syncthreads();
-    for (u32 idx = tid; idx < pairs * W; idx += BLOCK_THREADS) {
-        const u32 p = idx / W, col = idx % W;
-        float2 sum = make_float2(0.0f, 0.0f);
-        for (u32 k = 0; k < KS; ++k) {
-            const float2 v = red[(k * pairs + p) * W + col];
-            sum.x += v.x, sum.y += v.y;
+    for (u32 jw = 0; jw < ATTN_JOBS_PER_WARP; ++jw) {
+        const u32 job = warp + jw * nwarps;
+        if (job >= pv_jobs) break;
+        const u32 pa = (job / JPT) * 16 + g, base = (job % JPT) * 16 + 2 * cc;
+#pragma unroll
+        for (u32 half = 0; half < 2; ++half) {
+            const u32 p = pa + 8 * half;
+            if (p >= pairs) continue;
+            const u32 i = i0 + p / group, h = a.kv_head * group + p % group;
+            float* out = reinterpret_cast<float*>(a.partial) + ((u64(i) * a.heads + h) * a.chunks + a.chunk) * (HD + 2);
+#pragma unroll
+            for (u32 t = 0; t < 2; ++t) {
+                *reinterpret_cast<float2*>(out + base + 8 * t) = make_float2(acc[jw][t][2 * half], acc[jw][t][2 * half + 1]);
+            }
         }
+    }
+    for (u32 p = tid; p < pairs; p += BLOCK_THREADS) {
         const u32 i = i0 + p / group, h = a.kv_head * group + p % group;
         float* out = reinterpret_cast<float*>(a.partial) + ((u64(i) * a.heads + h) * a.chunks + a.chunk) * (HD + 2);
-        reinterpret_cast<float2*>(out)[col] = sum;
-        if (col == 0) out[HD] = m_s[p], out[HD + 1] = l_s[p];
+        out[HD] = m_s[p], out[HD + 1] = l_s[p];
     }
 }
-
-// Most pairs per thread in the P·V phase: larger blocks run in sub-blocks
-// (their accumulators would spill under the resident kernel's registers).
-constexpr u32 ATTN_MAX_PP = 4;
 
 // The fast path over sub-blocks of the rows as large as its pair limit and
 // shared memory allow.
 template <u32 HD>
 __device__ __forceinline__ bool attention_fast(const Ctx& c, const AttentionArgs& a, u32 pos0) {
-    constexpr u32 NPG = BLOCK_THREADS / (HD / 2);
     const u32 group = a.heads / a.kv_heads;
-    const u32 KS = attention_key_phases(group, NPG), PG = NPG / KS;
     u32 sub = a.m;
-    while (sub > 0 && (sub * group > ATTN_MAX_PP * PG || attention_smem_bytes(sub * group, HD, KS) > c.smem_bytes)) --sub;
+    while (sub > 0 && (sub * group > attention_max_pairs(HD) || attention_smem_bytes(sub * group, HD) > c.smem_bytes)) --sub;
     if (sub == 0) return false;
     for (u32 i0 = 0; i0 < a.m; i0 += sub) {
-        const u32 rows = min(sub, a.m - i0), pairs = rows * group;
         if (i0 > 0) __syncthreads();  // the last sub-block's shared memory is read
-        if (pairs <= PG) attention_tiled<HD, 1>(c, a, pos0, i0, rows);
-        else if (pairs <= 2 * PG) attention_tiled<HD, 2>(c, a, pos0, i0, rows);
-        else attention_tiled<HD, ATTN_MAX_PP>(c, a, pos0, i0, rows);
+        attention_tiled<HD>(c, a, pos0, i0, min(sub, a.m - i0));
     }
     return true;
 }
