@@ -38,7 +38,8 @@ measured first in the same run, and the ratio (roofline %); then the time of a
                   the first mismatch placed to give that tau; tokens/s next to
                   plain decode from the same run (with --profile: draft,
                   verify, context and accept time of one traced iteration)
-  --block B       DFlash block size (default 16)
+  --block B       DFlash block size (default 8: on one H100 8-row blocks gave
+                  more tokens/s than 16-row ones at every tau measured)
   --shared-kb N   give each resident block at most N KiB of dynamic shared
                   memory (default 130, the crate default); the rest of the
                   SM's memory serves as L1 cache, which holds register spills";
@@ -49,7 +50,7 @@ fn main() -> Result<()> {
     let mut config_out: Option<String> = None;
     let mut expert_stream = false;
     let mut formats: Vec<Option<Fp4Format>> = Vec::new();
-    let (mut taus, mut block) = (Vec::<f64>::new(), 16usize);
+    let (mut taus, mut block) = (Vec::<f64>::new(), 8usize);
     let mut shared_kb: Option<u32> = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
