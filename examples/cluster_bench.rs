@@ -39,7 +39,7 @@ at a time); then batch-1 decode of the preset split over the N ranks.
                 draft (whole on every rank) runs its full computation, then
                 its proposals are replaced by the greedy continuation from the
                 plain run with the first mismatch placed to give that tau
-  --block B     DFlash block size (default 16)
+  --block B     DFlash block size (default 8, as in bench)
   --layers LIST decode the preset cut to each of these layer counts (e.g.
                 8,24: as many of a large shape's layers as fit); with two or
                 more, a straight line through the step times gives the time
@@ -122,7 +122,7 @@ fn main() -> Result<()> {
     let (mut preset, mut experts) = ("qwen3-30b-a3b".to_string(), Some(Fp4Format::Mxfp4));
     let (mut context, mut tokens) = (1024usize, 64usize);
     let mut sizes = vec![2048usize, 4096, 7168];
-    let (mut taus, mut block) = (Vec::<f64>::new(), 16usize);
+    let (mut taus, mut block) = (Vec::<f64>::new(), 8usize);
     let (mut layer_counts, mut project) = (Vec::<usize>::new(), None::<usize>);
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
