@@ -47,6 +47,12 @@ pub trait Executor: Send + Sync {
     fn num_workers(&self) -> usize;
     /// Whether this is a GPU.
     fn is_gpu(&self) -> bool;
+    /// Dynamic shared memory of one worker's block in bytes, which decides
+    /// what a program builder fuses into one task. Executors without such a
+    /// limit report the GPU default, so they build the same programs.
+    fn shared_bytes(&self) -> usize {
+        crate::cuda::DEFAULT_SHARED_LIMIT as usize
+    }
     /// Allocates a zeroed buffer.
     fn alloc(&self, dtype: DType, len: usize) -> Result<Buffer>;
     /// Copies bytes into a buffer at a byte offset.

@@ -708,6 +708,9 @@ impl Executor for Runtime {
     fn is_gpu(&self) -> bool {
         true
     }
+    fn shared_bytes(&self) -> usize {
+        self.shared_bytes as usize
+    }
     fn alloc(&self, dtype: DType, len: usize) -> Result<Buffer> {
         let bytes = len.checked_mul(dtype.size()).ok_or_else(|| {
             Error::InvalidArgument(format!("buffer of {len} {dtype} is too large"))

@@ -36,11 +36,8 @@ use crate::task::argmax::Argmax;
 use crate::task::dflash_accept::{state, AcceptIo, DflashAccept};
 use crate::task::dflash_inject::DflashInject;
 use crate::task::embed::Embed;
-use crate::task::gemv_bf16::{prologue_bytes, GemvShape, Prologue};
+use crate::task::gemv_bf16::{prologue_fits, GemvShape, Prologue};
 use crate::task::rope_kv::{HeadShape, RopeKv};
-
-/// Shared memory a fused norm or SwiGLU may use (as the target's programs).
-const FUSED_PROLOGUE_BYTES: usize = 96 * 1024;
 
 /// How a [`DflashSession`] runs.
 #[derive(Clone, Debug, Default)]
@@ -189,9 +186,9 @@ impl DflashSession {
                 .collect::<Result<_>>()?,
             cache_len,
         };
-        let workers = ex.num_workers();
+        let (workers, shared) = (ex.num_workers(), ex.shared_bytes());
         let context = |b: &mut ProgramBuilder, after: EventId, m: usize, pos: &Buffer| {
-            context_tasks(b, after, m, pos, draft, &bufs, workers)
+            context_tasks(b, after, m, pos, draft, &bufs, workers, shared)
         };
         let hook = Hook {
             slack: block,
@@ -225,7 +222,7 @@ impl DflashSession {
         let scratch = BlockBufs::new(ex, model, draft, block)?;
         let head = |b: &mut ProgramBuilder| {
             let ev = draft_block(
-                b, model, draft, &bufs, &scratch, &dids, &vids, pos, block, workers, tp,
+                b, model, draft, &bufs, &scratch, &dids, &vids, pos, block, workers, shared, tp,
             )?;
             match &reference {
                 Some(r) => {
@@ -471,6 +468,7 @@ impl DflashSession {
 /// Context projection for `m` rows at `pos`: the captured hidden states →
 /// `fc` → `hidden_norm` → each draft layer's keys and values (normed,
 /// rotated) into its context cache. Returns the event of the last stage.
+#[allow(clippy::too_many_arguments)]
 fn context_tasks(
     b: &mut ProgramBuilder,
     after: EventId,
@@ -479,6 +477,7 @@ fn context_tasks(
     draft: &DraftModel,
     bufs: &DraftBufs,
     workers: usize,
+    shared: usize,
 ) -> Result<EventId> {
     let dc = draft.config();
     let d = &dc.layers;
@@ -501,7 +500,7 @@ fn context_tasks(
         false,
     )?;
     s.stage(fc, "draft context fc");
-    let (src, pro) = if m <= MAX_FUSED_NORM_ROWS && prologue_bytes(m, h) <= FUSED_PROLOGUE_BYTES {
+    let (src, pro) = if m <= MAX_FUSED_NORM_ROWS && prologue_fits(m, h, shared) {
         (ctx, Prologue::RmsNorm(draft.hidden_norm.all(), eps))
     } else {
         let out = bufs.ctxn.slice(0..m * h)?;
@@ -635,6 +634,7 @@ fn draft_block(
     pos: &Buffer,
     block: usize,
     workers: usize,
+    shared: usize,
     tp: Option<&RankComm<'_>>,
 ) -> Result<EventId> {
     let d = &draft.config().layers;
@@ -647,7 +647,7 @@ fn draft_block(
     b.push(Embed::task(&a.x.all(), &embed.all(), &dids.all(), h)?)
         .signal(ev);
     let mut s = Stages { b, prev: ev };
-    let fuse = |rows: usize, cols: usize| prologue_bytes(rows, cols) <= FUSED_PROLOGUE_BYTES;
+    let fuse = |rows: usize, cols: usize| prologue_fits(rows, cols, shared);
     // `x` rows normalised by `w`: inside the product, or as a stage.
     let normed = |s: &mut Stages<'_>, x: &BufSlice, w: &Buffer, rows: usize, name: &str| {
         if rows <= MAX_FUSED_NORM_ROWS && fuse(rows, h) {

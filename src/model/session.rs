@@ -25,7 +25,7 @@ use crate::task::copy::Copy;
 use crate::task::embed::Embed;
 use crate::task::emit::Emit;
 use crate::task::fill_random::FillRandom;
-use crate::task::gemv_bf16::{prologue_bytes, GemvShape, Prologue};
+use crate::task::gemv_bf16::{prologue_fits, GemvShape, Prologue};
 use crate::task::gemv_expert::GemvExpert;
 use crate::task::gemv_expert_fp4::{Fp4Experts, GemvExpertFp4};
 use crate::task::moe_combine::MoeCombine;
@@ -230,10 +230,6 @@ impl WeightSource<'_> {
         }
     }
 }
-
-/// Shared memory a fused norm or SwiGLU may use for its prepared rows (fits
-/// every sm_80+ GPU's block limit with room to spare).
-const FUSED_PROLOGUE_BYTES: usize = 96 * 1024;
 
 /// Most rows whose RMSNorm is fused into the following product.
 pub(crate) const MAX_FUSED_NORM_ROWS: usize = 2;
@@ -1334,7 +1330,8 @@ fn build(
     };
     // Norms and SwiGLU run inside the following product's tasks when the
     // prepared rows fit in shared memory; otherwise as stages of their own.
-    let fuse = |cols: usize| prologue_bytes(m, cols) <= FUSED_PROLOGUE_BYTES;
+    let smem = ex.shared_bytes();
+    let fuse = |cols: usize| prologue_fits(m, cols, smem);
     let norm = |ch: &mut Chain<'_>, w: &Buffer| {
         ops::rmsnorm(ch.b, &x.all(), &w.all(), &hn.all(), m, h, eps, workers)
     };

@@ -77,6 +77,22 @@ pub fn prologue_bytes(m: usize, cols: usize) -> usize {
     m * cols * 2
 }
 
+/// Most bytes the prepared rows of a fused prologue take (a norm or SwiGLU
+/// inside the product), whatever the block's shared memory.
+pub const FUSED_PROLOGUE_BYTES: usize = 96 * 1024;
+
+/// Whether a product (bf16 or FP4 experts) can prepare `m` input rows of
+/// `cols` itself in a block with `shared` bytes of dynamic shared memory:
+/// the rows, their reduction scratch, and the partials the device keeps
+/// beside them (one tensor-core tile of a bf16 product, a group of an FP4
+/// expert product: 16 KiB), with slack. Otherwise the norm or SwiGLU runs as
+/// a stage of its own, with the same arithmetic.
+pub fn prologue_fits(m: usize, cols: usize, shared: usize) -> bool {
+    let rows = prologue_bytes(m, cols);
+    let partials = tensor_core_scratch(cols, 16).max(16 * 1024);
+    rows <= FUSED_PROLOGUE_BYTES && rows + 128 + partials + 512 <= shared
+}
+
 /// Whether a product runs on tensor cores on the GPU (the device's
 /// `gemv_mma_ok`): columns a multiple of 32 and bf16 input rows, as given
 /// (16-byte aligned; rows of 32k columns stay aligned) or prepared by a
@@ -319,5 +335,21 @@ impl TaskKind for GemvBf16 {
             eps,
             aux
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prologue_fits;
+
+    #[test]
+    fn prologues_fuse_only_where_they_fit() {
+        // A draft block's SwiGLU input, 8 rows of 6144: the default 130 KiB
+        // holds it beside the partials, 98 KiB does not.
+        assert!(prologue_fits(8, 6144, 130 * 1024));
+        assert!(!prologue_fits(8, 6144, 98 * 1024));
+        assert!(prologue_fits(1, 2048, 48 * 1024));
+        // Over the cap whatever the shared memory.
+        assert!(!prologue_fits(16, 4096, 227 * 1024));
     }
 }
