@@ -1505,6 +1505,18 @@ fn build(
                 // down has them all.
                 let per_slot = (workers / slots).max(1);
                 let per_slot_pair = (workers / (2 * slots)).max(1);
+                // Blocks of rows spread every chosen expert over the tasks of
+                // a product; gate and up (the products whose input rows every
+                // slot shares) take half the workers each, so that an SM
+                // prepares input rows and pays a task's fixed cost once per
+                // stage.
+                let spread_tasks = |shared_x: bool| {
+                    if shared_x {
+                        (workers / 2).max(1)
+                    } else {
+                        workers
+                    }
+                };
                 let expert_gemv = |w: &ExpertMats,
                                    xin: &BufSlice,
                                    y: &Buffer,
@@ -1518,7 +1530,8 @@ fn build(
                         // Blocks of rows choose many experts, each for few
                         // rows: every task takes a share of all of them.
                         let unit = GemvExpertFp4::unit_rows(cols).min(rows);
-                        for t in 0..workers {
+                        let tasks = spread_tasks(!per_x);
+                        for t in 0..tasks {
                             specs.push(GemvExpertFp4::spread(
                                 w,
                                 xin,
@@ -1528,7 +1541,7 @@ fn build(
                                 slots,
                                 per_x,
                                 t,
-                                workers,
+                                tasks,
                                 unit,
                                 false,
                                 pro,
