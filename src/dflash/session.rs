@@ -716,7 +716,7 @@ fn draft_block(
             m,
             bufs.cache_len,
             a.chunks,
-            workers.min(shape.heads),
+            ops::combine_parts(shape.heads, m, workers),
             true,
         )?;
         slices.wait(s.b, s.prev);

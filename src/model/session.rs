@@ -1402,7 +1402,7 @@ fn build(
         )?;
         let r = ops::Group(ch.b.push_all(r));
         ch.stage(r, &format!("layer {l} rope"));
-        let parts = workers.min(shape.heads);
+        let parts = ops::combine_parts(shape.heads, m, workers);
         let (slices, combine) = ops::attention(
             ch.b,
             &qkv.all(),

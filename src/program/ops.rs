@@ -265,6 +265,14 @@ pub fn argmax_with(
     split_then_combine(b, x, scratch, parts, 2, "argmax.partials", part, combine)
 }
 
+/// Merge tasks per row for `m` rows of `heads` query heads on `workers`: as
+/// many as let all rows' tasks run side by side, with at most four heads each
+/// (up to four, a task merges each head with the whole block, as a lone row's
+/// task does, so a row's result does not depend on its block).
+pub fn combine_parts(heads: usize, m: usize, workers: usize) -> usize {
+    (workers / m.max(1)).clamp(heads.div_ceil(4), heads.max(1))
+}
+
 /// Split-sequence attention for `m` rows: `chunks` slices per KV head (tasks
 /// signal an internal event), then `combine_parts` tasks per row merge heads
 /// into `out`.
@@ -316,4 +324,24 @@ pub fn attention(
     let combine = Group(b.push_all(specs));
     combine.wait(b, ev);
     Ok((slices, combine))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::combine_parts;
+
+    #[test]
+    fn merge_tasks_fill_the_workers_with_at_most_four_heads_each() {
+        assert_eq!(combine_parts(32, 1, 132), 32);
+        assert_eq!(combine_parts(32, 8, 132), 16);
+        assert_eq!(combine_parts(32, 16, 132), 8);
+        for heads in [1, 2, 8, 16, 32, 64] {
+            for m in 1..=16 {
+                for workers in [1, 8, 132] {
+                    let p = combine_parts(heads, m, workers);
+                    assert!((1..=heads).contains(&p) && heads.div_ceil(p) <= 4);
+                }
+            }
+        }
+    }
 }
