@@ -80,6 +80,20 @@ __device__ __forceinline__ void load_x8(u64 x, u64 idx, float f[8]) {
 // Input row `i` of a pass: through the row map when there is one.
 __device__ __forceinline__ u32 gemv_row(const u32* rmap, u32 i) { return rmap ? rmap[i] : i; }
 
+// Tensor-core products, lane (g, c): pointers to input rows j * 8 + g of the
+// NT n-tiles (through the row map when there is one) at byte `off` of each
+// row, and whether each row exists (rows from n on read as zeros).
+template <int NT>
+__device__ __forceinline__ void mma_input_rows(u64 x, u64 row_bytes, const u32* rmap, u32 n, u32 g, u64 off,
+                                               const unsigned char* (&xp)[NT], bool (&live)[NT]) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        const u32 i = j * 8 + g;
+        live[j] = i < n;
+        xp[j] = reinterpret_cast<const unsigned char*>(x) + (live[j] ? u64(gemv_row(rmap, i)) * row_bytes : 0) + off;
+    }
+}
+
 // Matrix rows of a task that were staged (TASK_FLAG_STAGE): the first
 // `rows` rows of its slice, at `base` in shared memory.
 struct StagedRows {
@@ -318,12 +332,7 @@ __device__ __noinline__ void gemv_mma_job(const GemvBf16Args& a, u64 x, u32 ldx,
     const unsigned char* pb = (sb ? st.base : w) + u64(rb) * rowb + off;
     const unsigned char* xp[NT];
     bool xl[NT];
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-        const u32 i = j * 8 + g;
-        xl[j] = i < n;
-        xp[j] = reinterpret_cast<const unsigned char*>(x) + (xl[j] ? u64(gemv_row(rmap, i)) * ldx * 2 : 0) + off;
-    }
+    mma_input_rows<NT>(x, u64(ldx) * 2, rmap, n, g, off, xp, xl);
     float acc[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;

@@ -360,13 +360,7 @@ __device__ __noinline__ void fp4_mma_job(const GemvExpertFp4Args& a, const unsig
     constexpr u32 XSIZE = XBF16 ? 2 : 4;
     const unsigned char* xp[NT];
     bool xlive[NT];
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-        const u32 i = j * 8 + g;
-        xlive[j] = i < n;
-        xp[j] = reinterpret_cast<const unsigned char*>(x) + (xlive[j] ? u64(rmap[i]) * ldx * XSIZE : 0) +
-                (u64(step0) * 128 + c * 32) * XSIZE;
-    }
+    mma_input_rows<NT>(x, u64(ldx) * XSIZE, rmap, n, g, (u64(step0) * 128 + c * 32) * XSIZE, xp, xlive);
     float acc[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
