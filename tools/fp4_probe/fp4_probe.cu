@@ -1,0 +1,171 @@
+// A plain kernel around the FP4 expert task body (kernels/tasks/
+// gemv_expert_fp4.cuh), so that a profiler that serialises launches can look
+// inside it: each block runs one task of a qwen3-30b-a3b decode step's expert
+// stage, as the resident kernel would, without its waits or signals.
+//
+//   tools/fp4_probe/run.sh [--ncu]     (or by hand:)
+//   nvcc -std=c++17 -O3 -arch=sm_90a -Ikernels tools/fp4_probe/fp4_probe.cu -o fp4_probe
+//   ./fp4_probe gate|gate0|down [shared bytes per block] [launches]
+//
+// `gate`: gate and up, 8 experts x 2 matrices x 8 tasks of 96 rows x 2048
+// columns, one RMSNorm input row (`gate0`: the same without the RMSNorm);
+// `down`: 8 experts x 16 tasks of 128 rows x 768 columns, SwiGLU inputs.
+// MXFP4 codes and scales are random (scales 2^-9 .. 2^-2). Prints the mean
+// time of a launch (CUDA events, back to back) and the bytes each launch
+// streams; exits non-zero if a task reported a fault.
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "include/task.cuh"
+#include "tasks/gemv_expert_fp4.cuh"
+
+#define CHECK(x)                                                                              \
+    do {                                                                                      \
+        cudaError_t e_ = (x);                                                                 \
+        if (e_ != cudaSuccess) {                                                              \
+            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+            exit(1);                                                                          \
+        }                                                                                     \
+    } while (0)
+
+struct Mat {
+    u64 codes, scales, y;
+};
+
+__global__ void __launch_bounds__(BLOCK_THREADS, 1)
+    fp4_probe(GemvExpertFp4Args base, Mat m0, Mat m1, u32 per_slot, u32 limit, DeviceState* st, StatusBlock* sb) {
+    __shared__ Env env;
+    __shared__ TaskDesc desc;
+    extern __shared__ __align__(16) unsigned char dyn[];
+    if (threadIdx.x == 0) {
+        memset(&env, 0, sizeof env);
+        env.state = st;
+        env.status = sb;
+        env.sm = blockIdx.x;
+        env.num_sms = gridDim.x;
+        memset(&desc, 0, sizeof desc);
+        desc.id = blockIdx.x;
+        const u32 b = blockIdx.x, mat = b / (base.slots * per_slot), slot = (b / per_slot) % base.slots,
+                  part = b % per_slot;
+        GemvExpertFp4Args a = base;
+        const Mat& mm = mat ? m1 : m0;
+        a.w = mm.codes, a.scales = mm.scales, a.y = mm.y;
+        a.slot = u16(slot);
+        a.row0 = a.ldy * part / per_slot;
+        a.rows = a.ldy * (part + 1) / per_slot - a.row0;
+        memcpy(desc.args, &a, sizeof a);
+    }
+    __syncthreads();
+    u32 dyn_bytes;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_bytes));
+    const Ctx c = {&env, &desc, 1, dyn, min(dyn_bytes, limit), nullptr, 0};
+    task_gemv_expert_fp4(c);
+}
+
+static u64 lcg(u64& s) {
+    s = s * 6364136223846793005ull + 1442695040888963407ull;
+    return s >> 33;
+}
+
+int main(int argc, char** argv) {
+    const bool down = argc > 1 && !strcmp(argv[1], "down");
+    const bool plain = argc > 1 && !strcmp(argv[1], "gate0");
+    const u32 smem = argc > 2 ? u32(atoi(argv[2])) : 130 * 1024;
+    const int launches = argc > 3 ? atoi(argv[3]) : 200;
+    const u32 experts = 128, slots = 8, hidden = 2048, inter = 768;
+    const u32 rows = down ? hidden : inter, cols = down ? inter : hidden;
+    const u32 mats = down ? 1 : 2, per_slot = down ? 16 : 8;
+    const u64 code_bytes = u64(experts) * rows * cols / 2;
+    const u64 stride = (u64(rows) * (cols / 32) + 15) & ~u64(15);
+    u64 seed = 7;
+    std::vector<unsigned char> codes(code_bytes), scales(experts * stride);
+    for (auto& b : codes) b = (unsigned char)lcg(seed);
+    for (auto& b : scales) b = (unsigned char)(118 + lcg(seed) % 8);  // 2^-9 .. 2^-2
+    Mat m[2];
+    for (u32 k = 0; k < mats; ++k) {
+        void *c, *s, *y;
+        CHECK(cudaMalloc(&c, code_bytes));
+        CHECK(cudaMalloc(&s, scales.size()));
+        CHECK(cudaMalloc(&y, u64(slots) * rows * 4));
+        CHECK(cudaMemcpy(c, codes.data(), code_bytes, cudaMemcpyHostToDevice));
+        CHECK(cudaMemcpy(s, scales.data(), scales.size(), cudaMemcpyHostToDevice));
+        m[k] = {u64(c), u64(s), u64(y)};
+    }
+    if (mats == 1) m[1] = m[0];
+    // Inputs: one f32 row (gate/up: RMSNorm with bf16 weights) or one f32 row
+    // per slot (down: SwiGLU of gate and up outputs).
+    const u32 xlen = down ? slots * cols : cols;
+    std::vector<float> x(xlen), u(xlen);
+    for (auto& v : x) v = float(lcg(seed) % 2001) / 1000.0f - 1.0f;
+    for (auto& v : u) v = float(lcg(seed) % 2001) / 1000.0f - 1.0f;
+    std::vector<unsigned short> g(cols, 0x3F80);  // bf16 1.0
+    void *dx, *du, *dg, *dl, *dst, *dsb;
+    CHECK(cudaMalloc(&dx, xlen * 4));
+    CHECK(cudaMalloc(&du, xlen * 4));
+    CHECK(cudaMalloc(&dg, cols * 2));
+    CHECK(cudaMemcpy(dx, x.data(), xlen * 4, cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpy(du, u.data(), xlen * 4, cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpy(dg, g.data(), cols * 2, cudaMemcpyHostToDevice));
+    // Routing lists: count, eight distinct experts, row masks (row 0). Launch
+    // i takes list i % LISTS, which together name every expert once, so that
+    // the weights of one launch were last read 15 launches (200 MB) earlier
+    // and come from memory, as in a decode step, not from L2.
+    constexpr u32 LISTS = 16;
+    const u32 len = 1 + 2 * slots;
+    std::vector<u32> list(LISTS * len);
+    for (u32 l = 0; l < LISTS; ++l) {
+        list[l * len] = slots;
+        for (u32 s = 0; s < slots; ++s) list[l * len + 1 + s] = (l * slots + s) * 37 % experts, list[l * len + 1 + slots + s] = 1;
+    }
+    CHECK(cudaMalloc(&dl, list.size() * 4));
+    CHECK(cudaMemcpy(dl, list.data(), list.size() * 4, cudaMemcpyHostToDevice));
+    CHECK(cudaMalloc(&dst, sizeof(DeviceState)));
+    CHECK(cudaMalloc(&dsb, sizeof(StatusBlock)));
+    CHECK(cudaMemset(dst, 0, sizeof(DeviceState)));
+    CHECK(cudaMemset(dsb, 0, sizeof(StatusBlock)));
+
+    GemvExpertFp4Args a;
+    memset(&a, 0, sizeof a);
+    a.x = u64(dx);
+    a.aux = down ? u64(du) : u64(dg);
+    a.cols = cols;
+    a.m = 1;
+    a.ldy = rows;
+    a.x_dtype = DTYPE_F32;
+    a.y_dtype = DTYPE_F32;
+    a.prologue = down ? PROLOGUE_SWIGLU : plain ? PROLOGUE_NONE : PROLOGUE_RMSNORM;
+    a.format = FP4_MXFP4;
+    const float eps = 1e-6f;
+    memcpy(&a.eps, &eps, 4);
+    a.flags = down ? FP4_X_PER_SLOT : 0;
+    a.slots = slots;
+
+    const u32 blocks = mats * slots * per_slot;
+    CHECK(cudaFuncSetAttribute(fp4_probe, cudaFuncAttributeMaxDynamicSharedMemorySize, 130 * 1024));
+    auto launch = [&](int i) {
+        GemvExpertFp4Args li = a;
+        li.list = u64(dl) + u64(i % LISTS) * len * 4;
+        fp4_probe<<<blocks, BLOCK_THREADS, 130 * 1024>>>(li, m[0], m[1], per_slot, smem, (DeviceState*)dst,
+                                                            (StatusBlock*)dsb);
+    };
+    for (int i = 0; i < int(LISTS); ++i) launch(i);
+    CHECK(cudaDeviceSynchronize());
+    cudaEvent_t t0, t1;
+    CHECK(cudaEventCreate(&t0));
+    CHECK(cudaEventCreate(&t1));
+    CHECK(cudaEventRecord(t0));
+    for (int i = 0; i < launches; ++i) launch(i);
+    CHECK(cudaEventRecord(t1));
+    CHECK(cudaEventSynchronize(t1));
+    float ms = 0;
+    CHECK(cudaEventElapsedTime(&ms, t0, t1));
+    StatusBlock s;
+    CHECK(cudaMemcpy(&s, dsb, sizeof s, cudaMemcpyDeviceToHost));
+    const double bytes = double(mats) * slots * (double(rows) * cols / 2 + double(rows) * cols / 32);
+    const double us = ms * 1e3 / launches;
+    printf("%s: %u blocks, shared limit %u, %.2f us per launch, %.1f MB, %.3f TB/s, fault kind %u\n",
+           down ? "down" : plain ? "gate+up, no RMSNorm" : "gate+up", blocks, smem, us, bytes / 1e6, bytes / us / 1e6, s.error.kind);
+    return s.error.kind != 0;
+}
