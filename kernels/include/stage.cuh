@@ -65,6 +65,16 @@ __device__ __forceinline__ void stage_wait(u64* bar, u32 parity) {
 #endif
 }
 
+// `p`, a pointer into the block's dynamic shared memory, rebuilt from the
+// dynamic shared memory symbol, so that the compiler knows its address space:
+// accesses through it (and pointers derived from it) become shared-memory
+// loads and stores instead of the generic ones a task's context pointer
+// gives, which wait in the global-memory queue and on its scoreboard.
+__device__ __forceinline__ unsigned char* as_shared(const void* p) {
+    extern __shared__ __align__(16) unsigned char mk_dynamic_smem[];
+    return mk_dynamic_smem + (smem_addr(p) - smem_addr(mk_dynamic_smem));
+}
+
 // 16 bytes of shared memory.
 __device__ __forceinline__ uint4 ld_shared16(const void* p) {
     uint4 v;

@@ -3,8 +3,8 @@
 // inside it: each block runs one task of a qwen3-30b-a3b decode step's expert
 // stage, as the resident kernel would, without its waits or signals.
 //
-//   tools/fp4_probe/run.sh [--ncu]     (or by hand:)
-//   nvcc -std=c++17 -O3 -arch=sm_90a -Ikernels tools/fp4_probe/fp4_probe.cu -o fp4_probe
+//   tools/probes/run.sh [--ncu]     (or by hand:)
+//   nvcc -std=c++17 -O3 -arch=sm_90a -Ikernels tools/probes/fp4_probe.cu -o fp4_probe
 //   ./fp4_probe gate|gate0|down [shared bytes per block] [launches]
 //
 // `gate`: gate and up, 8 experts x 2 matrices x 8 tasks of 96 rows x 2048
@@ -13,22 +13,10 @@
 // MXFP4 codes and scales are random (scales 2^-9 .. 2^-2). Prints the mean
 // time of a launch (CUDA events, back to back) and the bytes each launch
 // streams; exits non-zero if a task reported a fault.
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
-#include "include/task.cuh"
+#include "probe.cuh"
 #include "tasks/gemv_expert_fp4.cuh"
-
-#define CHECK(x)                                                                              \
-    do {                                                                                      \
-        cudaError_t e_ = (x);                                                                 \
-        if (e_ != cudaSuccess) {                                                              \
-            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-            exit(1);                                                                          \
-        }                                                                                     \
-    } while (0)
 
 struct Mat {
     u64 codes, scales, y;
@@ -40,13 +28,6 @@ __global__ void __launch_bounds__(BLOCK_THREADS, 1)
     __shared__ TaskDesc desc;
     extern __shared__ __align__(16) unsigned char dyn[];
     if (threadIdx.x == 0) {
-        memset(&env, 0, sizeof env);
-        env.state = st;
-        env.status = sb;
-        env.sm = blockIdx.x;
-        env.num_sms = gridDim.x;
-        memset(&desc, 0, sizeof desc);
-        desc.id = blockIdx.x;
         const u32 b = blockIdx.x, mat = b / (base.slots * per_slot), slot = (b / per_slot) % base.slots,
                   part = b % per_slot;
         GemvExpertFp4Args a = base;
@@ -55,18 +36,13 @@ __global__ void __launch_bounds__(BLOCK_THREADS, 1)
         a.slot = u16(slot);
         a.row0 = a.ldy * part / per_slot;
         a.rows = a.ldy * (part + 1) / per_slot - a.row0;
-        memcpy(desc.args, &a, sizeof a);
+        probe_task(env, desc, a, st, sb);
     }
     __syncthreads();
     u32 dyn_bytes;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_bytes));
     const Ctx c = {&env, &desc, 1, dyn, min(dyn_bytes, limit), nullptr, 0};
     task_gemv_expert_fp4(c);
-}
-
-static u64 lcg(u64& s) {
-    s = s * 6364136223846793005ull + 1442695040888963407ull;
-    return s >> 33;
 }
 
 int main(int argc, char** argv) {
@@ -101,7 +77,9 @@ int main(int argc, char** argv) {
     for (auto& v : x) v = float(lcg(seed) % 2001) / 1000.0f - 1.0f;
     for (auto& v : u) v = float(lcg(seed) % 2001) / 1000.0f - 1.0f;
     std::vector<unsigned short> g(cols, 0x3F80);  // bf16 1.0
-    void *dx, *du, *dg, *dl, *dst, *dsb;
+    void *dx, *du, *dg, *dl;
+    DeviceState* dst;
+    StatusBlock* dsb;
     CHECK(cudaMalloc(&dx, xlen * 4));
     CHECK(cudaMalloc(&du, xlen * 4));
     CHECK(cudaMalloc(&dg, cols * 2));
@@ -121,10 +99,7 @@ int main(int argc, char** argv) {
     }
     CHECK(cudaMalloc(&dl, list.size() * 4));
     CHECK(cudaMemcpy(dl, list.data(), list.size() * 4, cudaMemcpyHostToDevice));
-    CHECK(cudaMalloc(&dst, sizeof(DeviceState)));
-    CHECK(cudaMalloc(&dsb, sizeof(StatusBlock)));
-    CHECK(cudaMemset(dst, 0, sizeof(DeviceState)));
-    CHECK(cudaMemset(dsb, 0, sizeof(StatusBlock)));
+    probe_state(&dst, &dsb);
 
     GemvExpertFp4Args a;
     memset(&a, 0, sizeof a);
@@ -147,25 +122,15 @@ int main(int argc, char** argv) {
     auto launch = [&](int i) {
         GemvExpertFp4Args li = a;
         li.list = u64(dl) + u64(i % LISTS) * len * 4;
-        fp4_probe<<<blocks, BLOCK_THREADS, 130 * 1024>>>(li, m[0], m[1], per_slot, smem, (DeviceState*)dst,
-                                                            (StatusBlock*)dsb);
+        fp4_probe<<<blocks, BLOCK_THREADS, 130 * 1024>>>(li, m[0], m[1], per_slot, smem, dst, dsb);
     };
     for (int i = 0; i < int(LISTS); ++i) launch(i);
     CHECK(cudaDeviceSynchronize());
-    cudaEvent_t t0, t1;
-    CHECK(cudaEventCreate(&t0));
-    CHECK(cudaEventCreate(&t1));
-    CHECK(cudaEventRecord(t0));
-    for (int i = 0; i < launches; ++i) launch(i);
-    CHECK(cudaEventRecord(t1));
-    CHECK(cudaEventSynchronize(t1));
-    float ms = 0;
-    CHECK(cudaEventElapsedTime(&ms, t0, t1));
-    StatusBlock s;
-    CHECK(cudaMemcpy(&s, dsb, sizeof s, cudaMemcpyDeviceToHost));
+    const double us = probe_time(launches, launch);
+    const u32 fault = probe_fault(dsb);
     const double bytes = double(mats) * slots * (double(rows) * cols / 2 + double(rows) * cols / 32);
-    const double us = ms * 1e3 / launches;
     printf("%s: %u blocks, shared limit %u, %.2f us per launch, %.1f MB, %.3f TB/s, fault kind %u\n",
-           down ? "down" : plain ? "gate+up, no RMSNorm" : "gate+up", blocks, smem, us, bytes / 1e6, bytes / us / 1e6, s.error.kind);
-    return s.error.kind != 0;
+           down ? "down" : plain ? "gate+up, no RMSNorm" : "gate+up", blocks, smem, us, bytes / 1e6, bytes / us / 1e6,
+           fault);
+    return fault != 0;
 }

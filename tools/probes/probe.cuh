@@ -1,0 +1,67 @@
+// What the task probes share: error checks, a seeded generator, and the
+// block's task context (environment and descriptor in shared memory, as
+// the resident kernel keeps them, without its waits or signals).
+#pragma once
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+#include "include/task.cuh"
+
+#define CHECK(x)                                                                              \
+    do {                                                                                      \
+        cudaError_t e_ = (x);                                                                 \
+        if (e_ != cudaSuccess) {                                                              \
+            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+            exit(1);                                                                          \
+        }                                                                                     \
+    } while (0)
+
+static inline u64 lcg(u64& s) {
+    s = s * 6364136223846793005ull + 1442695040888963407ull;
+    return s >> 33;
+}
+
+// Thread 0: this block's environment and a descriptor holding `args`.
+template <typename A>
+__device__ void probe_task(Env& env, TaskDesc& desc, const A& args, DeviceState* st, StatusBlock* sb) {
+    memset(&env, 0, sizeof env);
+    env.state = st;
+    env.status = sb;
+    env.sm = blockIdx.x;
+    env.num_sms = gridDim.x;
+    memset(&desc, 0, sizeof desc);
+    desc.id = blockIdx.x;
+    static_assert(sizeof(A) <= sizeof desc.args, "arguments fit the descriptor");
+    memcpy(desc.args, &args, sizeof args);
+}
+
+// Zeroed device state and status block for the probe's tasks to report into.
+static inline void probe_state(DeviceState** st, StatusBlock** sb) {
+    CHECK(cudaMalloc(st, sizeof(DeviceState)));
+    CHECK(cudaMalloc(sb, sizeof(StatusBlock)));
+    CHECK(cudaMemset(*st, 0, sizeof(DeviceState)));
+    CHECK(cudaMemset(*sb, 0, sizeof(StatusBlock)));
+}
+
+// The fault kind a task reported (0: none).
+static inline u32 probe_fault(const StatusBlock* sb) {
+    StatusBlock s;
+    CHECK(cudaMemcpy(&s, sb, sizeof s, cudaMemcpyDeviceToHost));
+    return s.error.kind;
+}
+
+// Mean microseconds of `launches` calls of `launch` (CUDA events, back to back).
+template <typename F>
+static float probe_time(int launches, F launch) {
+    cudaEvent_t t0, t1;
+    CHECK(cudaEventCreate(&t0));
+    CHECK(cudaEventCreate(&t1));
+    CHECK(cudaEventRecord(t0));
+    for (int i = 0; i < launches; ++i) launch(i);
+    CHECK(cudaEventRecord(t1));
+    CHECK(cudaEventSynchronize(t1));
+    float ms = 0;
+    CHECK(cudaEventElapsedTime(&ms, t0, t1));
+    return ms * 1e3f / float(launches);
+}

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Builds the task probes (plain kernels around one task kind's device code:
+# fp4_probe.cu, attention_probe.cu) and times their shapes; with --ncu, also
+# profiles one launch of each with Nsight Compute (the resident kernel itself
+# cannot be profiled: the profiler serialises launches). Needs nvcc ($NVCC or
+# PATH) and, to run, an sm_90 GPU. Results go to target/probes.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+nvcc="${NVCC:-nvcc}"
+root="$(dirname "$(dirname "$(command -v "$nvcc")")")"
+out=target/probes
+mkdir -p "$out"
+for probe in fp4_probe attention_probe; do
+  "$nvcc" -std=c++17 -O3 -arch=sm_90a -Ikernels -L"$root/lib" -L"$root/lib64" \
+    "tools/probes/$probe.cu" -o "$out/$probe"
+done
+[ "${1:-}" = --build-only ] && exit 0
+for shape in gate gate0 down; do "$out/fp4_probe" "$shape"; done
+for rows in 1 8 16; do "$out/attention_probe" "$rows"; done
+if [ "${1:-}" = --ncu ]; then
+  profile() {  # name, then the probe's command line
+    local name=$1
+    shift
+    ncu --clock-control none --cache-control none --set full -k regex:probe -s 3 -c 1 -f -o "$out/$name" "$@"
+    ncu -i "$out/$name.ncu-rep" --page source --csv --print-source sass > "$out/$name.sass.csv"
+  }
+  profile fp4_gate "$out/fp4_probe" gate 133120 5
+  profile fp4_down "$out/fp4_probe" down 133120 5
+  profile attention_1 "$out/attention_probe" 1 5
+  profile attention_8 "$out/attention_probe" 8 5
+fi
