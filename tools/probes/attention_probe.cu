@@ -20,7 +20,6 @@ __global__ void __launch_bounds__(BLOCK_THREADS, 1)
     attention_probe(AttentionArgs base, DeviceState* st, StatusBlock* sb) {
     __shared__ Env env;
     __shared__ TaskDesc desc;
-    extern __shared__ __align__(16) unsigned char dyn[];
     if (threadIdx.x == 0) {
         AttentionArgs a = base;
         a.kv_head = blockIdx.x / a.chunks;
@@ -28,10 +27,7 @@ __global__ void __launch_bounds__(BLOCK_THREADS, 1)
         probe_task(env, desc, a, st, sb);
     }
     __syncthreads();
-    u32 dyn_bytes;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_bytes));
-    const Ctx c = {&env, &desc, 1, dyn, dyn_bytes, nullptr, 0};
-    task_attention(c);
+    task_attention(probe_ctx(env, desc, PROBE_SMEM));
 }
 
 static unsigned short bf16_of(float v) {
@@ -71,9 +67,9 @@ int main(int argc, char** argv) {
     const float scale = 1.0f / sqrtf(float(hd));
     memcpy(&a.scale, &scale, 4);
     a.qkv_dtype = DTYPE_BF16, a.cache_dtype = DTYPE_BF16;
-    const u32 blocks = kv_heads * chunks, smem = 130 * 1024;
-    CHECK(cudaFuncSetAttribute(attention_probe, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    auto launch = [&](int) { attention_probe<<<blocks, BLOCK_THREADS, smem>>>(a, dst, dsb); };
+    const u32 blocks = kv_heads * chunks;
+    CHECK(cudaFuncSetAttribute(attention_probe, cudaFuncAttributeMaxDynamicSharedMemorySize, PROBE_SMEM));
+    auto launch = [&](int) { attention_probe<<<blocks, BLOCK_THREADS, PROBE_SMEM>>>(a, dst, dsb); };
     for (int i = 0; i < 3; ++i) launch(i);
     CHECK(cudaDeviceSynchronize());
     const float us = probe_time(launches, launch);

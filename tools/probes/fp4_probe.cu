@@ -26,7 +26,6 @@ __global__ void __launch_bounds__(BLOCK_THREADS, 1)
     fp4_probe(GemvExpertFp4Args base, Mat m0, Mat m1, u32 per_slot, u32 limit, DeviceState* st, StatusBlock* sb) {
     __shared__ Env env;
     __shared__ TaskDesc desc;
-    extern __shared__ __align__(16) unsigned char dyn[];
     if (threadIdx.x == 0) {
         const u32 b = blockIdx.x, mat = b / (base.slots * per_slot), slot = (b / per_slot) % base.slots,
                   part = b % per_slot;
@@ -39,16 +38,13 @@ __global__ void __launch_bounds__(BLOCK_THREADS, 1)
         probe_task(env, desc, a, st, sb);
     }
     __syncthreads();
-    u32 dyn_bytes;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_bytes));
-    const Ctx c = {&env, &desc, 1, dyn, min(dyn_bytes, limit), nullptr, 0};
-    task_gemv_expert_fp4(c);
+    task_gemv_expert_fp4(probe_ctx(env, desc, limit));
 }
 
 int main(int argc, char** argv) {
     const bool down = argc > 1 && !strcmp(argv[1], "down");
     const bool plain = argc > 1 && !strcmp(argv[1], "gate0");
-    const u32 smem = argc > 2 ? u32(atoi(argv[2])) : 130 * 1024;
+    const u32 smem = argc > 2 ? u32(atoi(argv[2])) : PROBE_SMEM;
     const int launches = argc > 3 ? atoi(argv[3]) : 200;
     const u32 experts = 128, slots = 8, hidden = 2048, inter = 768;
     const u32 rows = down ? hidden : inter, cols = down ? inter : hidden;
@@ -118,11 +114,11 @@ int main(int argc, char** argv) {
     a.slots = slots;
 
     const u32 blocks = mats * slots * per_slot;
-    CHECK(cudaFuncSetAttribute(fp4_probe, cudaFuncAttributeMaxDynamicSharedMemorySize, 130 * 1024));
+    CHECK(cudaFuncSetAttribute(fp4_probe, cudaFuncAttributeMaxDynamicSharedMemorySize, PROBE_SMEM));
     auto launch = [&](int i) {
         GemvExpertFp4Args li = a;
         li.list = u64(dl) + u64(i % LISTS) * len * 4;
-        fp4_probe<<<blocks, BLOCK_THREADS, 130 * 1024>>>(li, m[0], m[1], per_slot, smem, dst, dsb);
+        fp4_probe<<<blocks, BLOCK_THREADS, PROBE_SMEM>>>(li, m[0], m[1], per_slot, smem, dst, dsb);
     };
     for (int i = 0; i < int(LISTS); ++i) launch(i);
     CHECK(cudaDeviceSynchronize());

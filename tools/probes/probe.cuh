@@ -36,6 +36,19 @@ __device__ void probe_task(Env& env, TaskDesc& desc, const A& args, DeviceState*
     memcpy(desc.args, &args, sizeof args);
 }
 
+// Dynamic shared memory per block: the runtime's default.
+constexpr u32 PROBE_SMEM = 130 * 1024;
+
+// Every thread: the context of the task in `desc`, with at most `limit`
+// bytes of the block's dynamic shared memory (after a barrier that follows
+// probe_task).
+__device__ __forceinline__ Ctx probe_ctx(const Env& env, const TaskDesc& desc, u32 limit) {
+    extern __shared__ __align__(16) unsigned char probe_dyn[];
+    u32 dyn_bytes;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_bytes));
+    return {&env, &desc, 1, probe_dyn, min(dyn_bytes, limit), nullptr, 0};
+}
+
 // Zeroed device state and status block for the probe's tasks to report into.
 static inline void probe_state(DeviceState** st, StatusBlock** sb) {
     CHECK(cudaMalloc(st, sizeof(DeviceState)));
