@@ -533,6 +533,81 @@ fn attention_rows_do_not_depend_on_their_block() {
     });
 }
 
+/// Routing alone for expert counts of every register width the device keeps
+/// a row's probabilities in (up to 128, 256, 512 and 1024 experts), with a
+/// tie among each row's leaders: the list, the masks and the weights against
+/// an independent f64 reference.
+#[test]
+fn moe_routing_over_expert_counts() {
+    use megakernel::task::moe_route::MoeRoute;
+    let mut rng = Rng(seed());
+    on_every_executor("moe_routing_over_expert_counts", |ex| {
+        for (m, e, k) in [(1, 128, 8), (5, 200, 8), (3, 384, 8), (2, 1000, 16)] {
+            let slots = (m * k).min(e);
+            let mut lv: Vec<f32> = rng.vec(m * e).iter().map(|v| v * 4.0).collect();
+            for i in 0..m {
+                // Two equal leaders in different lanes and register slots.
+                let row = &mut lv[i * e..(i + 1) * e];
+                let top = row.iter().cloned().fold(f32::MIN, f32::max) + 1.0;
+                row[e - 3] = top;
+                row[7] = top;
+            }
+            let (logits, _) = store(ex, DType::F32, &lv);
+            let (weights, _) = store(ex, DType::F32, &vec![f32::NAN; m * e]);
+            let list = ex.alloc(DType::U32, 1 + 2 * slots).unwrap();
+            let mut b = ProgramBuilder::new();
+            b.push(
+                MoeRoute::task(
+                    &logits.all(),
+                    &weights.all(),
+                    &list.all(),
+                    m,
+                    e,
+                    k,
+                    true,
+                    None,
+                )
+                .unwrap(),
+            );
+            ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[])
+                .unwrap();
+            let mut want_w = vec![0f64; m * e];
+            let mut chosen = std::collections::BTreeSet::new();
+            for i in 0..m {
+                let row: Vec<f64> = lv[i * e..(i + 1) * e]
+                    .iter()
+                    .map(|&v| f64::from(v))
+                    .collect();
+                let mx = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let p: Vec<f64> = row.iter().map(|v| (v - mx).exp()).collect();
+                let mut idx: Vec<usize> = (0..e).collect();
+                idx.sort_by(|&a, &b| p[b].partial_cmp(&p[a]).unwrap().then(a.cmp(&b)));
+                assert_eq!(idx[..2], [7, e - 3]);
+                let s: f64 = idx[..k].iter().map(|&j| p[j]).sum();
+                for &j in &idx[..k] {
+                    want_w[i * e + j] = p[j] / s;
+                    chosen.insert(j as u32);
+                }
+            }
+            let got = ex.read_u32(&list).unwrap();
+            let ids: Vec<u32> = chosen.into_iter().collect();
+            let what = format!("{} experts, {m} rows: {}", e, ex.describe());
+            assert_eq!(got[0] as usize, ids.len(), "{what}");
+            assert_eq!(&got[1..=ids.len()], &ids[..], "{what}");
+            for (s, &id) in ids.iter().enumerate() {
+                let want: u32 = (0..m)
+                    .filter(|&i| want_w[i * e + id as usize] != 0.0)
+                    .fold(0, |mask, i| mask | (1 << i));
+                assert_eq!(got[1 + slots + s], want, "mask of slot {s}, {what}");
+            }
+            assert!(
+                rel_l2(&ex.read_f32(&weights).unwrap(), &want_w) < 1e-5,
+                "{what}"
+            );
+        }
+    });
+}
+
 #[test]
 fn moe_routing_experts_and_combine() {
     use megakernel::task::gemv_bf16::GemvShape;

@@ -78,7 +78,7 @@ __device__ __noinline__ bool all_reduce_meet(const Ctx& c, const AllReduceArgs& 
 
 __device__ __noinline__ void task_all_reduce(const Ctx& c) {
     const AllReduceArgs& a = task_args<AllReduceArgs>(c);
-    int* ok = reinterpret_cast<int*>(c.smem);
+    int* ok = reinterpret_cast<int*>(c.scratch());
     if (threadIdx.x == 0) *ok = all_reduce_meet(c, a);
     __syncthreads();
     if (!*ok) return;

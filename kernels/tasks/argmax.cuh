@@ -52,8 +52,8 @@ __device__ __forceinline__ void task_argmax(const Ctx& c) {
         if (argmax_better(v, i, bv, bi)) bv = v, bi = i;
     }
     argmax_warp(bv, bi);
-    float* sv = reinterpret_cast<float*>(c.smem);
-    u32* si = reinterpret_cast<u32*>(c.smem) + 32;
+    float* sv = reinterpret_cast<float*>(c.scratch());
+    u32* si = reinterpret_cast<u32*>(c.scratch()) + 32;
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (lane == 0) sv[warp] = bv, si[warp] = bi;
     __syncthreads();

@@ -187,7 +187,7 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
     const u32 g = lane >> 2, cc = lane & 3;
     const u32 group = a.heads / a.kv_heads, pairs = rows * group, width = (a.heads + 2 * a.kv_heads) * HD;
     const float scale = __uint_as_float(a.scale);
-    u32* q_s = reinterpret_cast<u32*>(as_shared(c.smem));  // [pairs][W]
+    u32* q_s = reinterpret_cast<u32*>(c.scratch());  // [pairs][W]
     u32* kv_s = q_s + pairs * W;                // [2][K, V][TILE][W]
     float* p_s = reinterpret_cast<float*>(kv_s + 4 * ATTN_TILE * W);  // [pairs][TILE]
     float* m_s = p_s + pairs * ATTN_TILE;                             // running max

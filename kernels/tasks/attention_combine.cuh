@@ -123,7 +123,7 @@ __device__ __forceinline__ void task_attention_combine(const Ctx& c) {
         return;
     }
     const u32 pairs = a.m * a.nheads;
-    float* scratch = reinterpret_cast<float*>(c.smem);
+    float* scratch = reinterpret_cast<float*>(c.scratch());
     // Chosen by the heads of one row, whatever the rows: a row merges alike
     // alone (decode) or in a block (verify).
     if (a.nheads * 4 <= nwarps) {

@@ -184,8 +184,8 @@ struct GemvInput {
 // the same arithmetic as the rmsnorm and swiglu tasks) and returns their
 // address; the rows are then read from shared memory by every warp.
 __device__ __forceinline__ u64 gemv_prologue(const Ctx& c, const GemvInput& in) {
-    u16* xs = reinterpret_cast<u16*>(c.smem);
-    float* scratch = reinterpret_cast<float*>(c.smem + in.m * in.cols * 2);
+    u16* xs = reinterpret_cast<u16*>(c.scratch());
+    float* scratch = reinterpret_cast<float*>(c.scratch() + in.m * in.cols * 2);
     if (in.prologue == PROLOGUE_SWIGLU && in.m > 1 && in.x_dtype == DTYPE_BF16 && (in.cols & 7) == 0 &&
         ((in.x | in.aux | (u64(in.ldx) * 2)) & 15) == 0) {
         // Blocks of rows: eight columns of a row per thread and step, both
@@ -266,10 +266,10 @@ __device__ __forceinline__ bool gemv_input(const Ctx& c, const GemvInput& in, u6
             for (u32 k = threadIdx.x; k < bytes / 16; k += blockDim.x) {
                 const u32 i = k / per_row, j = k % per_row;
                 const uint4 v = *reinterpret_cast<const uint4*>(in.x + u64(i) * in.ldx * (bf16 ? 2 : 4) + u64(j) * 16);
-                reinterpret_cast<uint4*>(c.smem)[k] = v;
+                reinterpret_cast<uint4*>(c.scratch())[k] = v;
             }
             __syncthreads();
-            x = reinterpret_cast<u64>(c.smem), ldx = in.cols;
+            x = reinterpret_cast<u64>(c.scratch()), ldx = in.cols;
             return true;
         }
         x = in.x, ldx = in.ldx;
@@ -321,7 +321,9 @@ __device__ __forceinline__ bool gemv_mma_ok(const GemvBf16Args& a) {
 // partials go to part[row - rbase][input row] (NT * 8 floats a row).
 template <int NT>
 __device__ __noinline__ void gemv_mma_job(const GemvBf16Args& a, u64 x, u32 ldx, const u32* rmap, u32 n,
-                                          StagedRows st, u32 r0, u32 ch0, u32 ch1, float* part, u32 rbase) {
+                                          StagedRows st, u32 r0, u32 ch0, u32 ch1, float* part_in, u32 rbase) {
+    // Shared memory (passed in generic): see as_shared.
+    float* const part = reinterpret_cast<float*>(as_shared(part_in));
     constexpr u32 U = 8;  // chunks whose loads are in flight at once
     const u32 lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const u32 ra = r0 + g, rb = ra + 8;
@@ -382,7 +384,9 @@ __device__ __noinline__ void gemv_mma_job(const GemvBf16Args& a, u64 x, u32 ldx,
 // stores (or adds) the results. `part` holds slices * group * NT * 8 floats.
 template <int NT>
 __device__ __noinline__ void gemv_mma_rows(const GemvBf16Args& a, u64 x, u32 ldx, const u32* rmap, u32 n,
-                                           StagedRows st, float* part, u32 group) {
+                                           StagedRows st, float* part_in, u32 group) {
+    // Shared memory (passed in generic): see as_shared.
+    float* const part = reinterpret_cast<float*>(as_shared(part_in));
     const u32 warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     const u32 chunks = a.cols / 32, slices = gemv_mma_slices(a.cols);
     for (u32 g0 = 0; g0 < a.rows; g0 += group) {
@@ -429,7 +433,7 @@ __device__ __forceinline__ void gemv_dispatch(const Ctx& c, const GemvBf16Args& 
         const u32 at = (gemv_input_bytes(in, room) + 127) & ~127u;
         const u32 nt = n > 8 ? 2 : 1, tile = gemv_mma_slices(a.cols) * 16 * nt * 8 * 4;
         const u32 tiles = max(1u, min((c.smem_bytes - at) / tile, (a.rows + 15) / 16));
-        float* part = reinterpret_cast<float*>(c.smem + at);
+        float* part = reinterpret_cast<float*>(c.scratch() + at);
         if (nt == 1) gemv_mma_rows<1>(a, x, ldx, rmap, n, st, part, tiles * 16);
         else gemv_mma_rows<2>(a, x, ldx, rmap, n, st, part, tiles * 16);
         return;

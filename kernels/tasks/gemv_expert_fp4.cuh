@@ -347,7 +347,9 @@ template <int NT, bool XBF16, bool NV>
 __device__ __noinline__ void fp4_mma_job(const GemvExpertFp4Args& a, const unsigned char* codes,
                                             const unsigned char* sc, u64 x, u32 ldx, const u32* rmap, u32 n,
                                             u32 row0, u32 rows, u32 tile0, u32 step0, u32 step1,
-                                            float* part) {
+                                            float* part_in) {
+    // Shared memory (passed in generic): see as_shared.
+    float* const part = reinterpret_cast<float*>(as_shared(part_in));
     const u32 lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const u32 row_codes = a.cols / 2, row_scales = NV ? a.cols / 16 : a.cols / 32;
     const bool live0 = tile0 + g < rows, live1 = tile0 + g + 8 < rows;
@@ -402,7 +404,9 @@ __device__ __noinline__ void fp4_mma_job(const GemvExpertFp4Args& a, const unsig
 template <bool XBF16, bool NV>
 __device__ __noinline__ void fp4_mma_rows(const GemvExpertFp4Args& a, const unsigned char* codes,
                                           const unsigned char* sc, float tscale, u64 x, u32 ldx, u64 y,
-                                          const u32* rmap, u32 n, u32 row0, u32 rows, float* part) {
+                                          const u32* rmap, u32 n, u32 row0, u32 rows, float* part_in) {
+    // Shared memory (passed in generic): see as_shared.
+    float* const part = reinterpret_cast<float*>(as_shared(part_in));
     u32 slices, per, group;
     fp4_mma_shape(a.cols, slices, per, group);
     const u32 warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5, steps = a.cols / 128;
@@ -498,7 +502,7 @@ __device__ __forceinline__ void fp4_expert_rows(const Ctx& c, const GemvExpertFp
     u32 n = rows_of_mask(mask, rmap);
     if (fp4_mma_ok(a.cols)) {
         // Every input row at once (its one pass, fp4_passes).
-        float* part = reinterpret_cast<float*>(c.smem + fp4_keep(c, a));
+        float* part = reinterpret_cast<float*>(c.scratch() + fp4_keep(c, a));
         if (fp4_scratch(c, a) > c.smem_bytes) {
             if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, a.cols, c.smem_bytes);
             return;

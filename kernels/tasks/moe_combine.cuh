@@ -41,7 +41,7 @@ __device__ __forceinline__ void task_moe_combine(const Ctx& c) {
         // The listed experts and each row's weight for them, gathered into
         // shared memory once: two round trips for the task instead of two
         // per expert in every element's loop.
-        u32* ids = reinterpret_cast<u32*>(c.smem);
+        u32* ids = reinterpret_cast<u32*>(c.scratch());
         float* ws = reinterpret_cast<float*>(ids + count);
         for (u32 s = threadIdx.x; s < count; s += blockDim.x) ids[s] = list[1 + s];
         __syncthreads();

@@ -4,7 +4,6 @@
 // One warp per row; thread 0 builds the list.
 #pragma once
 #include "../include/task.cuh"
-#include "argmax.cuh"
 
 struct MoeRouteArgs {
     u64 logits;
@@ -30,80 +29,91 @@ MK_OFFSET(MoeRouteArgs, slots, 40);
 MK_OFFSET(MoeRouteArgs, reserved, 44);
 MK_OFFSET(MoeRouteArgs, tally, 48);
 
-// One warp per token row. The row's probabilities are computed once into
-// shared memory; each of the top_k rounds is then a warp argmax over shared
-// memory, and the pick is struck out (set to -inf) for the next round.
+// One row, one warp, the row's probabilities in registers: lane l holds
+// experts l, l + 32, ... as keys, the probability's bits plus one (0 for NaN
+// and for experts already picked), so that the non-negative probabilities
+// order as integers. Each of the top_k rounds is two warp reductions: the
+// largest key, then the lowest expert holding it (lowest index on ties).
+template <int NPL>
+__device__ __forceinline__ void route_row(const MoeRouteArgs& a, u32 i, u32* rowmask, unsigned char* chosen) {
+    const u32 lane = threadIdx.x & 31;
+    const float NEG_INF = -__int_as_float(0x7f800000);
+    const float* row = reinterpret_cast<const float*>(a.logits) + u64(i) * a.experts;
+    float* out = reinterpret_cast<float*>(a.weights) + u64(i) * a.experts;
+    float v[NPL];
+    float mx = NEG_INF;
+#pragma unroll
+    for (int u = 0; u < NPL; ++u) {
+        const u32 j = u * 32 + lane;
+        v[u] = j < a.experts ? __ldcg(row + j) : NEG_INF;
+        mx = fmaxf(mx, v[u]);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, o));
+    float total = 0.0f;
+#pragma unroll
+    for (int u = 0; u < NPL; ++u) {
+        if (u * 32 + lane < a.experts) {
+            total += __expf(v[u] - mx);
+            out[u * 32 + lane] = 0.0f;
+        }
+    }
+    total = warp_sum(total);
+    u32 key[NPL];
+#pragma unroll
+    for (int u = 0; u < NPL; ++u) {
+        const float p = __expf(v[u] - mx) / total;
+        key[u] = u * 32 + lane < a.experts && p == p ? __float_as_uint(p) + 1u : 0u;
+    }
+    u32 my_pick = 0xFFFFFFFFu;
+    float my_p = 0.0f, picked_sum = 0.0f;
+    for (u32 r = 0; r < a.top_k; ++r) {
+        u32 bk = 0, bj = 0xFFFFFFFFu;
+#pragma unroll
+        for (int u = 0; u < NPL; ++u) {
+            if (key[u] > bk) bk = key[u], bj = u * 32 + lane;
+        }
+        const u32 top = __reduce_max_sync(0xFFFFFFFFu, bk);
+        if (top == 0u) break;  // NaN rows: nothing left to pick
+        const u32 pick = __reduce_min_sync(0xFFFFFFFFu, bk == top ? bj : 0xFFFFFFFFu);
+        const float p = __uint_as_float(top - 1u);
+        if (lane == r) my_pick = pick, my_p = p;
+        picked_sum += p;
+#pragma unroll
+        for (int u = 0; u < NPL; ++u) {
+            if (u * 32 + lane == pick) key[u] = 0u;
+        }
+    }
+    __syncwarp();  // the zeros above are stored before the picks
+    if (lane < a.top_k && my_pick < a.experts) {
+        const float wv = a.norm_topk ? my_p / picked_sum : my_p;
+        out[my_pick] = wv;
+        chosen[my_pick] = 1;
+        if (wv != 0.0f) atomicOr(&rowmask[my_pick], 1u << i);
+    }
+}
+
+// One warp per token row (route_row); thread 0's warp then lists the chosen
+// experts in order.
 __device__ __forceinline__ void task_moe_route(const Ctx& c) {
     const MoeRouteArgs& a = task_args<MoeRouteArgs>(c);
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    const float NEG_INF = -__int_as_float(0x7f800000);
-    if (u64(nwarps) * a.experts * 4 + a.experts * 5 > c.smem_bytes || a.top_k > 32 || a.m > 32) {
+    if (a.experts > 1024 || u64(a.experts) * 5 > c.smem_bytes || a.top_k > 32 || a.m > 32) {
         if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, a.experts, a.top_k);
         return;
     }
-    float* probs = reinterpret_cast<float*>(c.smem) + warp * a.experts;
     // Per expert: the rows whose weight for it is not zero (the list's row
     // masks, kept here so that nothing is read back from global memory),
     // and whether any row chose it.
-    u32* rowmask = reinterpret_cast<u32*>(c.smem + u64(nwarps) * a.experts * 4);
+    u32* rowmask = reinterpret_cast<u32*>(c.scratch());
     unsigned char* chosen = reinterpret_cast<unsigned char*>(rowmask + a.experts);
     for (u32 j = threadIdx.x; j < a.experts; j += blockDim.x) chosen[j] = 0, rowmask[j] = 0;
     __syncthreads();
-    const float* logits = reinterpret_cast<const float*>(a.logits);
-    float* weights = reinterpret_cast<float*>(a.weights);
     for (u32 i = warp; i < a.m; i += nwarps) {
-        const float* row = logits + u64(i) * a.experts;
-        float* out = weights + u64(i) * a.experts;
-        float mx = NEG_INF;
-        // All of a lane's logits are loaded before any is stored, so the loads
-        // overlap instead of paying one L2 round trip each.
-        for (u32 base = 0; base < a.experts; base += 32 * 8) {
-            float v[8];
-#pragma unroll
-            for (u32 u = 0; u < 8; ++u) {
-                const u32 j = base + u * 32 + lane;
-                v[u] = j < a.experts ? __ldcg(row + j) : NEG_INF;
-            }
-#pragma unroll
-            for (u32 u = 0; u < 8; ++u) {
-                const u32 j = base + u * 32 + lane;
-                if (j < a.experts) probs[j] = v[u];
-                mx = fmaxf(mx, v[u]);
-            }
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, o));
-        float total = 0.0f;
-        for (u32 j = lane; j < a.experts; j += 32) {
-            total += __expf(probs[j] - mx);
-            out[j] = 0.0f;
-        }
-        total = warp_sum(total);
-        for (u32 j = lane; j < a.experts; j += 32) probs[j] = __expf(probs[j] - mx) / total;
-        __syncwarp();
-        u32 my_pick = 0xFFFFFFFFu;
-        float my_p = 0.0f, picked_sum = 0.0f;
-        for (u32 r = 0; r < a.top_k; ++r) {
-            float bv = NEG_INF;
-            u32 bi = 0xFFFFFFFFu;
-            for (u32 j = lane; j < a.experts; j += 32) {
-                const float p = probs[j];
-                if (argmax_better(p, j, bv, bi)) bv = p, bi = j;
-            }
-            argmax_warp(bv, bi);
-            if (lane == r) my_pick = bi, my_p = bv;
-            if (bi < a.experts) picked_sum += bv;
-            __syncwarp();
-            if (lane == 0 && bi < a.experts) probs[bi] = NEG_INF;
-            __syncwarp();
-        }
-        if (lane < a.top_k && my_pick < a.experts) {  // NaN logits pick nothing
-            const float wv = a.norm_topk ? my_p / picked_sum : my_p;
-            out[my_pick] = wv;
-            chosen[my_pick] = 1;
-            if (wv != 0.0f) atomicOr(&rowmask[my_pick], 1u << i);
-        }
-        __syncwarp();
+        if (a.experts <= 128) route_row<4>(a, i, rowmask, chosen);
+        else if (a.experts <= 256) route_row<8>(a, i, rowmask, chosen);
+        else if (a.experts <= 512) route_row<16>(a, i, rowmask, chosen);
+        else route_row<32>(a, i, rowmask, chosen);
     }
     __syncthreads();
     if (warp == 0) {

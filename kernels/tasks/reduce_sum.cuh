@@ -22,6 +22,6 @@ __device__ __forceinline__ void task_reduce_sum(const Ctx& c) {
     const ReduceSumArgs& a = task_args<ReduceSumArgs>(c);
     float s = 0.0f;
     for (u32 i = threadIdx.x; i < a.n; i += blockDim.x) s += load_float(a.x, a.x_dtype, i);
-    s = block_sum(s, reinterpret_cast<float*>(c.smem));
+    s = block_sum(s, reinterpret_cast<float*>(c.scratch()));
     if (threadIdx.x == 0) store_float(a.out, a.out_dtype, 0, s);
 }

@@ -32,7 +32,7 @@ __device__ __forceinline__ void task_rmsnorm(const Ctx& c) {
     // product prologue (gemv_prologue): a row normalises to the same bits
     // whether its norm is fused into the product or runs here, so blocks of
     // rows (verify, prefill) match single steps.
-    float* scratch = reinterpret_cast<float*>(c.smem);
+    float* scratch = reinterpret_cast<float*>(c.scratch());
     for (u32 r = 0; r < a.rows; ++r) {
         const u64 base = u64(r) * a.cols;
         float ss = 0.0f;

@@ -51,7 +51,7 @@ __device__ __forceinline__ void task_rope_kv(const Ctx& c) {
     const u32 hd = a.head_dim, half = hd / 2, per_row = a.heads + 2 * a.kv_heads;
     const float eps = __uint_as_float(a.eps), theta = __uint_as_float(a.theta);
     // Inverse frequencies theta^(-2j/d), once per task (the f64 power is slow).
-    float* inv_freq = reinterpret_cast<float*>(c.smem);
+    float* inv_freq = reinterpret_cast<float*>(c.scratch());
     for (u32 j = threadIdx.x; j < half; j += blockDim.x) {
         inv_freq[j] = float(1.0 / pow(double(theta), 2.0 * double(j) / double(hd)));
     }

@@ -50,7 +50,7 @@ __device__ __forceinline__ void task_sample(const Ctx& c) {
     const u32 k = min(min(prm[1] == 0 ? SAMPLE_MAX_K : prm[1], SAMPLE_MAX_K), a.vocab);
     const u64 seed = u64(prm[3]) | (u64(prm[4]) << 32);
     const float* logits = reinterpret_cast<const float*>(a.logits);
-    u32* hist = reinterpret_cast<u32*>(c.smem);                      // 256 bins
+    u32* hist = reinterpret_cast<u32*>(c.scratch());                      // 256 bins
     u32* shared = hist + 256;                                        // [0] digit, [1] take, [2] count
     unsigned long long* cand = reinterpret_cast<unsigned long long*>(shared + 8);  // 2 * SAMPLE_MAX_K
     if (c.smem_bytes < (256 + 8) * 4 + 2 * SAMPLE_MAX_K * 8 + SAMPLE_MAX_K * 4) {
