@@ -380,6 +380,7 @@ fn attention_matches_softmax_reference() {
                 chunks,
                 parts,
                 bidirectional,
+                None,
             )
             .unwrap();
             ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[])
@@ -419,6 +420,147 @@ fn attention_matches_softmax_reference() {
             let err = rel_l2(&ex.read_f32(&out).unwrap(), &want);
             assert!(
                 err < 1e-5,
+                "{} {shape:?} m {m} pos {p0} bidirectional {bidirectional}: {err}",
+                ex.describe()
+            );
+        }
+    });
+}
+
+/// Attention that normalises and rotates q and k itself (a rope table) against
+/// an f64 reference built from the raw projections: the block's keys land in
+/// the cache rotated, their values as they are, and every row's output
+/// matches attention over the rotated q and keys.
+#[test]
+fn attention_with_rope_table() {
+    use megakernel::task::rope_kv::{norm_rope, rope_table, HeadShape};
+    let mut rng = Rng(seed());
+    on_every_executor("attention_with_rope_table", |ex| {
+        for (heads, kvh, hd, m, chunks, bidirectional) in [
+            (32, 4, 128, 1, 33, false),
+            (32, 4, 128, 8, 33, false),
+            (16, 8, 64, 16, 5, false),
+            (8, 2, 128, 5, 7, true),
+        ] {
+            let shape = HeadShape {
+                heads,
+                kv_heads: kvh,
+                head_dim: hd,
+            };
+            let (max_seq, width) = (400, shape.qkv_width());
+            let (eps, theta) = (1e-6f32, 1e6f32);
+            let (qkv, qv) = store(
+                ex,
+                DType::Bf16,
+                &rng.vec(m * width)
+                    .iter()
+                    .map(|v| v * 2.0)
+                    .collect::<Vec<_>>(),
+            );
+            let (cache, cv) = store(ex, DType::Bf16, &rng.vec(2 * kvh * max_seq * hd));
+            let norms: Vec<f32> = bf16_round(
+                &rng.vec(2 * hd)
+                    .iter()
+                    .map(|v| 1.0 + 0.3 * v)
+                    .collect::<Vec<_>>(),
+            );
+            let (qn, kn) = norms.split_at(hd);
+            let (table, _) = store(ex, DType::F32, &rope_table(qn, kn, eps, theta));
+            let pos = ex.alloc(DType::U32, 1).unwrap();
+            let p0 = rng.below(300);
+            ex.write_u32(&pos, &[p0 as u32]).unwrap();
+            let partial = ex.alloc(DType::F32, m * heads * chunks * (hd + 2)).unwrap();
+            let (out, _) = store(ex, DType::F32, &vec![f32::NAN; m * heads * hd]);
+            let mut b = ProgramBuilder::new();
+            ops::attention(
+                &mut b,
+                &qkv.all(),
+                &cache.all(),
+                &pos.all(),
+                &partial.all(),
+                &out.all(),
+                shape,
+                m,
+                max_seq,
+                chunks,
+                1 + rng.below(4),
+                bidirectional,
+                Some(&table.all()),
+            )
+            .unwrap();
+            ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[])
+                .unwrap();
+            let raw = |i: usize, h: usize| &qv[i * width + h * hd..i * width + (h + 1) * hd];
+            let rot =
+                |x: &[f32], w: &[f32], p: usize| bf16_round(&norm_rope(x, w, p as u32, eps, theta));
+            // The cache after the task: old keys untouched, the block's rotated.
+            let got_cache = ex.read_f32(&cache).unwrap();
+            let (mut want_k, mut got_k) = (Vec::new(), Vec::new());
+            for kv in 0..kvh {
+                for k in 0..m {
+                    let at = |which: usize| ((which * kvh + kv) * max_seq + p0 + k) * hd;
+                    want_k.extend(
+                        rot(raw(k, heads + kv), kn, p0 + k)
+                            .iter()
+                            .map(|&v| f64::from(v)),
+                    );
+                    got_k.extend_from_slice(&got_cache[at(0)..at(0) + hd]);
+                    assert_eq!(
+                        &got_cache[at(1)..at(1) + hd],
+                        raw(k, heads + kvh + kv),
+                        "value {k}"
+                    );
+                }
+                let old = (kv * max_seq) * hd..(kv * max_seq + p0) * hd;
+                assert_eq!(&got_cache[old.clone()], &cv[old], "{}", ex.describe());
+            }
+            assert!(rel_l2(&got_k, &want_k) < 1e-3, "{}", ex.describe());
+            let group = heads / kvh;
+            let mut want = Vec::new();
+            for i in 0..m {
+                for h in 0..heads {
+                    let kv = h / group;
+                    let q = rot(raw(i, h), qn, p0 + i);
+                    let key = |j: usize| -> Vec<f32> {
+                        if j < p0 {
+                            cv[(kv * max_seq + j) * hd..(kv * max_seq + j + 1) * hd].to_vec()
+                        } else {
+                            rot(raw(j - p0, heads + kv), kn, j)
+                        }
+                    };
+                    let val = |j: usize| -> Vec<f32> {
+                        if j < p0 {
+                            let at = ((kvh + kv) * max_seq + j) * hd;
+                            cv[at..at + hd].to_vec()
+                        } else {
+                            raw(j - p0, heads + kvh + kv).to_vec()
+                        }
+                    };
+                    let last = if bidirectional { p0 + m - 1 } else { p0 + i };
+                    let scores: Vec<f64> = (0..=last)
+                        .map(|j| {
+                            q.iter()
+                                .zip(key(j))
+                                .map(|(a, b)| f64::from(*a) * f64::from(b))
+                                .sum::<f64>()
+                                / (hd as f64).sqrt()
+                        })
+                        .collect();
+                    let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let w: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
+                    let total: f64 = w.iter().sum();
+                    let vals: Vec<Vec<f32>> = (0..=last).map(val).collect();
+                    want.extend((0..hd).map(|d| {
+                        (0..=last)
+                            .map(|j| w[j] * f64::from(vals[j][d]))
+                            .sum::<f64>()
+                            / total
+                    }));
+                }
+            }
+            let err = rel_l2(&ex.read_f32(&out).unwrap(), &want);
+            assert!(
+                err < 1e-3,
                 "{} {shape:?} m {m} pos {p0} bidirectional {bidirectional}: {err}",
                 ex.describe()
             );
@@ -497,6 +639,7 @@ fn attention_rows_do_not_depend_on_their_block() {
                         chunks,
                         shape.heads,
                         false,
+                        None,
                     )
                     .unwrap();
                     ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[])

@@ -9,6 +9,12 @@
 // pair's running max and sum (one warp per pair), then accumulates P·V on
 // tensor cores too (16 pairs x 16 columns per warp job).
 // Other geometries use the generic path: one warp per pair, one key at a time.
+//
+// With a rope table (AttentionArgs::rope, fast path only) the task also does
+// the rope_kv task's work for what it reads: each pair's q is normalised and
+// rotated into shared memory, and each key of the block that its tiles cover
+// is normalised, rotated and appended to the cache with its value before any
+// tile loads it (a key covered by several tasks is written alike by each).
 #pragma once
 #include "../include/task.cuh"
 
@@ -29,8 +35,9 @@ struct AttentionArgs {
     u32 qkv_dtype;
     u32 cache_dtype;
     u32 bidirectional;
+    u64 rope;
 };
-MK_SIZE(AttentionArgs, 80);
+MK_SIZE(AttentionArgs, 88);
 MK_OFFSET(AttentionArgs, qkv, 0);
 MK_OFFSET(AttentionArgs, cache, 8);
 MK_OFFSET(AttentionArgs, pos, 16);
@@ -47,6 +54,7 @@ MK_OFFSET(AttentionArgs, scale, 64);
 MK_OFFSET(AttentionArgs, qkv_dtype, 68);
 MK_OFFSET(AttentionArgs, cache_dtype, 72);
 MK_OFFSET(AttentionArgs, bidirectional, 76);
+MK_OFFSET(AttentionArgs, rope, 80);
 
 constexpr u32 ATTN_TILE = 64;
 
@@ -164,6 +172,89 @@ __device__ __forceinline__ void attention_split_pair(float x0, float x1, u32& hi
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(lo) : "f"(r1), "f"(r0));
 }
 
+// The rope table (AttentionArgs::rope), f32: q_norm [hd], k_norm [hd],
+// theta^(-2j / hd) [hd / 2], eps. A lane works on elements lane + 32 t of a
+// head; these are its weights (q or k) and frequencies.
+template <u32 HD>
+struct RopeLane {
+    float w[HD / 32];
+    float freq[HD / 64];
+    float eps;
+    __device__ __forceinline__ RopeLane(const float* table, bool is_k) {
+        const u32 lane = threadIdx.x & 31;
+#pragma unroll
+        for (u32 t = 0; t < HD / 32; ++t) w[t] = table[(is_k ? HD : 0) + lane + 32 * t];
+#pragma unroll
+        for (u32 t = 0; t < HD / 64; ++t) freq[t] = table[2 * HD + lane + 32 * t];
+        eps = table[2 * HD + HD / 2];
+    }
+
+    // One warp: the lane's values `x` of a head, normalised and rotated to
+    // position p (Hugging Face's rotate_half, the rope_kv task's
+    // arithmetic), into `dst` (bf16).
+    __device__ __forceinline__ void apply(const float (&x)[HD / 32], u32 p, u16* dst) const {
+        constexpr u32 T = HD / 32, HALF = HD / 2;
+        const u32 lane = threadIdx.x & 31;
+        float ss = 0.0f;
+#pragma unroll
+        for (u32 t = 0; t < T; ++t) ss = fmaf(x[t], x[t], ss);
+        const float inv = rsqrtf(warp_sum(ss) / float(HD) + eps);
+#pragma unroll
+        for (u32 t = 0; t < T / 2; ++t) {
+            const u32 j = lane + 32 * t;
+            const float x1 = x[t] * inv * w[t], x2 = x[t + T / 2] * inv * w[t + T / 2];
+            float s, co;
+            sincosf(float(p) * freq[t], &s, &co);
+            dst[j] = f32_to_bf16(x1 * co - x2 * s);
+            dst[j + HALF] = f32_to_bf16(x2 * co + x1 * s);
+        }
+    }
+};
+
+// The lane's elements of a bf16 head.
+template <u32 HD>
+__device__ __forceinline__ void rope_load(const u16* src, float (&x)[HD / 32]) {
+#pragma unroll
+    for (u32 t = 0; t < HD / 32; ++t) x[t] = bf16_to_f32(src[(threadIdx.x & 31) + 32 * t]);
+}
+
+// The keys of the block (positions pos0 .. pos0 + m) inside the grids' key
+// ranges: normalised and rotated into the cache, their values copied beside
+// them. Every thread returns whether any was written (the caller then holds
+// the block at a barrier before loading tiles).
+template <u32 HD>
+__device__ __forceinline__ bool attention_append_keys(const AttentionArgs& a, u32 pos0, const u32 (&glo)[2],
+                                                      const u32 (&ghi)[2]) {
+    u32 cover = 0;
+    for (u32 k = 0; k < a.m; ++k) {
+        const u32 p = pos0 + k;
+        if ((p >= glo[0] && p < ghi[0]) || (p >= glo[1] && p < ghi[1])) cover |= 1u << k;
+    }
+    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = BLOCK_THREADS / 32;
+    const u32 width = (a.heads + 2 * a.kv_heads) * HD;
+    const u16* qkv = reinterpret_cast<const u16*>(a.qkv);
+    u16* cache = reinterpret_cast<u16*>(a.cache);
+    // Two jobs per covered key: its k (rotated), then its v (copied).
+    for (u32 job = warp; job < 2 * __popc(cover); job += nwarps) {
+        u32 k = 0;
+        for (u32 left = job / 2, m = cover;; m &= m - 1) {
+            k = __ffs(m) - 1;
+            if (left-- == 0) break;
+        }
+        const u32 p = pos0 + k;
+        if (job % 2 == 0) {
+            float x[HD / 32];
+            rope_load<HD>(qkv + u64(k) * width + u64(a.heads + a.kv_head) * HD, x);
+            RopeLane<HD>(reinterpret_cast<const float*>(a.rope), true).apply(x, p, cache + (u64(a.kv_head) * a.max_seq + p) * HD);
+        } else {
+            const u16* v = qkv + u64(k) * width + u64(a.heads + a.kv_heads + a.kv_head) * HD;
+            u16* dst = cache + (u64(a.kv_heads + a.kv_head) * a.max_seq + p) * HD;
+            for (u32 j = lane; j < HD; j += 32) dst[j] = v[j];
+        }
+    }
+    return cover != 0;
+}
+
 // Tensor cores for both products. Scores: a warp job is 16 pairs x 8 keys
 // over the head's dimensions (mma.m16n8k16, A = q, B = k). P·V: a warp job is
 // 16 pairs x 16 columns over a tile's keys (A = the weights split into two
@@ -224,12 +315,30 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
         const u32 i = i0 + p / group, h = a.kv_head * group + p % group;
         cp_async16(q_s + p * W + part * 4, reinterpret_cast<const char*>(a.qkv) + (u64(i) * width + u64(h) * HD) * 2 + part * 16);
     }
+    const float* rope = reinterpret_cast<const float*>(a.rope);
+    if (rope) {
+        cp_async_commit();  // q on its own: it is rotated before the first tile lands
+        if (attention_append_keys<HD>(a, pos0, glo, ghi)) __syncthreads();
+    }
     if (ntiles > 0) {
         u32 gr, t0, n;
         tile(0, gr, t0, n);
         attention_load_tile<HD>(kv_s, kv_s + ATTN_TILE * W, kbase, vbase, t0, n);
     }
     cp_async_commit();
+    if (rope) {
+        // Each pair's q normalised and rotated in place while the first tile
+        // is in flight (the tile loop's first barrier publishes them).
+        const RopeLane<HD> rl(rope, false);
+        cp_async_wait_prev();
+        __syncthreads();
+        u16* qh = reinterpret_cast<u16*>(q_s);
+        for (u32 p = warp; p < pairs; p += nwarps) {
+            float x[HD / 32];
+            rope_load<HD>(qh + p * HD, x);
+            rl.apply(x, pos0 + i0 + p / group, qh + p * HD);
+        }
+    }
     for (u32 p = tid; p < pairs; p += BLOCK_THREADS) m_s[p] = -__int_as_float(0x7f800000), l_s[p] = 0.0f;
     const u32 pv_jobs = (pairs + 15) / 16 * JPT;
     float acc[ATTN_JOBS_PER_WARP][2][4];
@@ -392,6 +501,10 @@ __device__ __forceinline__ void task_attention(const Ctx& c) {
     if (a.qkv_dtype == DTYPE_BF16 && a.cache_dtype == DTYPE_BF16) {
         if (a.head_dim == 128 && attention_fast<128>(c, a, pos0)) return;
         if (a.head_dim == 64 && attention_fast<64>(c, a, pos0)) return;
+    }
+    if (a.rope) {  // the host fuses the rope only where the fast path runs
+        if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, a.head_dim, a.m);
+        return;
     }
     switch (a.head_dim) {
         case 32: attention_rows<1>(a, pos0); break;

@@ -718,6 +718,7 @@ fn draft_block(
             a.chunks,
             ops::combine_parts(shape.heads, m, workers),
             true,
+            None,
         )?;
         slices.wait(s.b, s.prev);
         let ev = s.b.event("draft attention");

@@ -21,6 +21,7 @@ use crate::program::{ops, EventId, ProgramBuilder};
 use crate::quant::{self, Fp4Format};
 use crate::task::advance::Advance;
 use crate::task::argmax::Argmax;
+use crate::task::attention::{fuses_rope, tiled_fits};
 use crate::task::copy::Copy;
 use crate::task::embed::Embed;
 use crate::task::emit::Emit;
@@ -30,7 +31,7 @@ use crate::task::gemv_expert::GemvExpert;
 use crate::task::gemv_expert_fp4::{Fp4Experts, GemvExpertFp4};
 use crate::task::moe_combine::MoeCombine;
 use crate::task::moe_route::MoeRoute;
-use crate::task::rope_kv::{HeadShape, RopeKv};
+use crate::task::rope_kv::{rope_table, HeadShape, RopeKv};
 use crate::task::sample::{Sample, Sampling};
 use crate::task::split_even;
 
@@ -1294,6 +1295,11 @@ fn build(
     );
     let ey = buf(DType::F32, slots * m * h)?;
     let chunks = (workers / shape.kv_heads).max(1);
+    let fuse_rope = layers.first().is_some_and(|ly| {
+        fuses_rope(shape, DType::Bf16, caches[0].dtype())
+            && ly.attn.qk_norms.len() >= 2 * hd
+            && tiled_fits(shape, ex.shared_bytes())
+    });
     let partial = buf(DType::F32, m * shape.heads * chunks * (hd + 2))?;
     let pairs = buf(DType::U32, 2 * workers)?;
 
@@ -1387,21 +1393,32 @@ fn build(
             &pro,
         )?;
         ch.stage(q, &format!("layer {l} qkv"));
-        let jobs = (shape.heads + 2 * shape.kv_heads) * m;
-        let r = RopeKv::split(
-            &qkv.all(),
-            &ly.attn.qk_norms.all(),
-            &caches[l].all(),
-            &pos_buf.all(),
-            shape,
-            m,
-            max_seq,
-            eps,
-            c.rope_theta as f32,
-            jobs.div_ceil(4).min(workers),
-        )?;
-        let r = ops::Group(ch.b.push_all(r));
-        ch.stage(r, &format!("layer {l} rope"));
+        // The attention slices normalise and rotate q and k themselves where
+        // the GPU's tiled path takes them; elsewhere a rope stage runs first.
+        let table = if fuse_rope {
+            let n = ex.read_f32(&ly.attn.qk_norms)?;
+            let t = rope_table(&n[..hd], &n[hd..2 * hd], eps, c.rope_theta as f32);
+            let b = buf(DType::F32, t.len())?;
+            ex.write_f32(&b, &t)?;
+            Some(b)
+        } else {
+            let jobs = (shape.heads + 2 * shape.kv_heads) * m;
+            let r = RopeKv::split(
+                &qkv.all(),
+                &ly.attn.qk_norms.all(),
+                &caches[l].all(),
+                &pos_buf.all(),
+                shape,
+                m,
+                max_seq,
+                eps,
+                c.rope_theta as f32,
+                jobs.div_ceil(4).min(workers),
+            )?;
+            let r = ops::Group(ch.b.push_all(r));
+            ch.stage(r, &format!("layer {l} rope"));
+            None
+        };
         let parts = ops::combine_parts(shape.heads, m, workers);
         let (slices, combine) = ops::attention(
             ch.b,
@@ -1416,6 +1433,7 @@ fn build(
             chunks,
             parts,
             false,
+            table.as_ref().map(|t| t.all()).as_ref(),
         )?;
         if let Some(p) = ch.prev {
             slices.wait(ch.b, p);

@@ -278,6 +278,8 @@ pub fn combine_parts(heads: usize, m: usize, workers: usize) -> usize {
 /// into `out`.
 /// Returns the slice group (wire its inputs) and the combine group (wire its output).
 /// `bidirectional`: every row attends the whole block (see [`Attention::bidirectional`]).
+/// `rope`: the slices normalise and rotate q and k themselves with this table
+/// (see [`Attention::with_rope`]); no `rope_kv` stage need run before them.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     b: &mut ProgramBuilder,
@@ -292,16 +294,20 @@ pub fn attention(
     chunks: usize,
     combine_parts: usize,
     bidirectional: bool,
+    rope: Option<&BufSlice>,
 ) -> Result<(Group, Group)> {
     let mut specs = Vec::new();
     for kv in 0..shape.kv_heads {
         for c in 0..chunks {
-            let t = Attention::task(qkv, cache, pos, partial, shape, m, max_seq, kv, c, chunks)?;
-            specs.push(if bidirectional {
-                Attention::bidirectional(t)
-            } else {
-                t
-            });
+            let mut t =
+                Attention::task(qkv, cache, pos, partial, shape, m, max_seq, kv, c, chunks)?;
+            if bidirectional {
+                t = Attention::bidirectional(t);
+            }
+            if let Some(table) = rope {
+                t = Attention::with_rope(t, table)?;
+            }
+            specs.push(t);
         }
     }
     let slices = Group(b.push_all(specs));

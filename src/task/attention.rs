@@ -12,8 +12,8 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::rope_kv::HeadShape;
-use super::{bad, want_float, Memory, TaskFault, TaskKind, TaskSpec};
+use super::rope_kv::{norm_rope_with, rope_table_len, HeadShape};
+use super::{bad, decode_args, want_float, Memory, TaskFault, TaskKind, TaskSpec};
 use crate::abi::layouts::{layout, Layout};
 use crate::buffer::{BufSlice, DType};
 use crate::error::ProgramError;
@@ -58,6 +58,11 @@ pub struct AttentionArgs {
     /// 1: every row attends all `pos[0] + m` keys (a block that sees itself
     /// whole, as a DFlash draft block does); 0: causal.
     pub bidirectional: u32,
+    /// 0, or the address of a rope table ([`rope_table`](super::rope_kv::rope_table)): the task then
+    /// normalises and rotates the raw q and k of `qkv` itself and appends the
+    /// block's keys it covers (and their values) to the cache, so that no
+    /// `rope_kv` stage runs before it ([`Attention::with_rope`]).
+    pub rope: u64,
 }
 
 /// One slice of split-sequence attention.
@@ -135,6 +140,7 @@ impl Attention {
             qkv_dtype: qkv.dtype().code(),
             cache_dtype: cache.dtype().code(),
             bidirectional: 0,
+            rope: 0,
         };
         Ok(TaskSpec::new::<Attention>(
             args,
@@ -148,6 +154,54 @@ impl Attention {
     pub fn bidirectional(spec: TaskSpec) -> TaskSpec {
         spec.map_args::<Attention>(|a| a.bidirectional = 1)
     }
+
+    /// Makes an attention task do the `rope_kv` task's work for what it
+    /// reads, with the f32 rope `table` ([`rope_table`](super::rope_kv::rope_table)). On the GPU only the
+    /// tiled path takes it: bf16 `qkv` and cache, head size 64 or 128
+    /// ([`fuses_rope`]).
+    pub fn with_rope(spec: TaskSpec, table: &BufSlice) -> Result<TaskSpec, ProgramError> {
+        let a: AttentionArgs = decode_args(&spec.args);
+        let shape = HeadShape {
+            heads: a.heads as usize,
+            kv_heads: a.kv_heads as usize,
+            head_dim: a.head_dim as usize,
+        };
+        let dt = |c| DType::from_code(c).unwrap_or(DType::U32);
+        if !fuses_rope(shape, dt(a.qkv_dtype), dt(a.cache_dtype)) {
+            return Err(bad::<Attention>(format!(
+                "a rope table needs bf16 qkv and cache and heads of 64 or 128, not {shape:?}"
+            )));
+        }
+        if table.dtype() != DType::F32 || table.len() < rope_table_len(a.head_dim as usize) {
+            return Err(bad::<Attention>(
+                "the rope table must be f32, 2.5 head_dim + 1 long",
+            ));
+        }
+        let mut spec = spec.map_args::<Attention>(|a| a.rope = table.addr());
+        spec.buffers.push(table.buffer().clone());
+        Ok(spec)
+    }
+}
+
+/// Keys per tile of the GPU's tiled path.
+const TILE_KEYS: usize = 64;
+
+/// Whether the GPU's tiled path takes one query row of `shape` within
+/// `shared_bytes` of shared memory per block (q, two K/V tile buffers,
+/// scores and per-pair state, as the kernel lays them out).
+pub fn tiled_fits(shape: HeadShape, shared_bytes: usize) -> bool {
+    let (pairs, hd) = (shape.heads / shape.kv_heads.max(1), shape.head_dim);
+    let max_pairs = 16 * 4 * (crate::abi::BLOCK_THREADS as usize / 32) / (hd / 16).max(1);
+    let bytes =
+        pairs * hd * 2 + 4 * TILE_KEYS * (hd / 2) * 4 + pairs * TILE_KEYS * 4 + 6 * pairs * 4;
+    pairs <= max_pairs && bytes <= shared_bytes
+}
+
+/// Whether attention over `qkv` and `cache` of these types and head size
+/// normalises and rotates q and k itself on every executor (the GPU's tiled
+/// path; see [`Attention::with_rope`]).
+pub fn fuses_rope(shape: HeadShape, qkv: DType, cache: DType) -> bool {
+    qkv == DType::Bf16 && cache == DType::Bf16 && matches!(shape.head_dim, 64 | 128)
 }
 
 /// Keys per slice step: a row's slices are multiples of it.
@@ -188,6 +242,37 @@ impl TaskKind for Attention {
         };
         let scale = f32::from_bits(a.scale);
         let width = (heads + 2 * kvh) * hd;
+        let table = match a.rope {
+            0 => None,
+            t => Some(mem.read_f32(t, DType::F32, rope_table_len(hd))?),
+        };
+        let raw = |i: usize, head: usize| {
+            mem.read_f32(a.qkv + ((i * width + head * hd) * qd.size()) as u64, qd, hd)
+        };
+        if let Some(t) = &table {
+            // The block's keys inside this task's slices, rotated into the cache.
+            let (kn, freqs, eps) = (
+                &t[hd..2 * hd],
+                &t[2 * hd..2 * hd + hd / 2],
+                t[2 * hd + hd / 2],
+            );
+            for k in 0..a.m {
+                let p = pos0 + k;
+                let covered = (0..a.m).any(|i| {
+                    let (lo, hi) = slice_range(row_len(i), a.chunk, a.chunks);
+                    (lo..hi).contains(&p)
+                });
+                if covered {
+                    let key = raw(k as usize, heads + a.kv_head as usize)?;
+                    mem.write_f32(row(0, p), cd, &norm_rope_with(&key, kn, p, eps, freqs))?;
+                    mem.write_f32(
+                        row(1, p),
+                        cd,
+                        &raw(k as usize, heads + kvh + a.kv_head as usize)?,
+                    )?;
+                }
+            }
+        }
         for i in 0..a.m as usize {
             // This row's keys in this slice.
             let (lo, hi) = slice_range(row_len(i as u32), a.chunk, a.chunks);
@@ -199,7 +284,18 @@ impl TaskKind for Attention {
                 .collect::<Result<_, _>>()?;
             for gh in 0..group {
                 let h = a.kv_head as usize * group + gh;
-                let q = mem.read_f32(a.qkv + ((i * width + h * hd) * qd.size()) as u64, qd, hd)?;
+                let mut q = raw(i, h)?;
+                if let Some(t) = &table {
+                    // Normalised, rotated and rounded to the type of qkv, as
+                    // a rope_kv task would have stored it there.
+                    let (qn, freqs, eps) =
+                        (&t[..hd], &t[2 * hd..2 * hd + hd / 2], t[2 * hd + hd / 2]);
+                    q = norm_rope_with(&q, qn, pos0 + i as u32, eps, freqs);
+                    if qd == DType::Bf16 {
+                        q.iter_mut()
+                            .for_each(|v| *v = half::bf16::from_f32(*v).to_f32());
+                    }
+                }
                 let (mut mx, mut sum, mut o) = (f32::NEG_INFINITY, 0f32, vec![0f32; hd]);
                 let scores: Vec<f32> = keys
                     .iter()
@@ -238,7 +334,8 @@ impl TaskKind for Attention {
             scale,
             qkv_dtype,
             cache_dtype,
-            bidirectional
+            bidirectional,
+            rope
         })
     }
 }

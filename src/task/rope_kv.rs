@@ -167,23 +167,52 @@ impl RopeKv {
     }
 }
 
+/// The rotation frequencies `theta^(-2j/d)` of a head of size `d` (computed
+/// in f64, rounded to f32, as the kernel does).
+pub fn rope_freqs(d: usize, theta: f32) -> Vec<f32> {
+    (0..d / 2)
+        .map(|j| (1.0 / f64::from(theta).powf(2.0 * j as f64 / d as f64)) as f32)
+        .collect()
+}
+
 /// Normalises one head with `w` and rotates it to position `p` (f32, as the kernel).
 pub fn norm_rope(x: &[f32], w: &[f32], p: u32, eps: f32, theta: f32) -> Vec<f32> {
+    norm_rope_with(x, w, p, eps, &rope_freqs(x.len(), theta))
+}
+
+/// [`norm_rope`] with the frequencies given ([`rope_freqs`]).
+pub fn norm_rope_with(x: &[f32], w: &[f32], p: u32, eps: f32, freqs: &[f32]) -> Vec<f32> {
     let d = x.len();
     let ms = x.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / d as f64;
     let inv = (1.0 / (ms + f64::from(eps)).sqrt()) as f32;
     let n: Vec<f32> = x.iter().zip(w).map(|(v, g)| v * inv * g).collect();
     let half = d / 2;
     let mut out = n.clone();
-    for j in 0..half {
-        let freq = 1.0 / f64::from(theta).powf(2.0 * j as f64 / d as f64);
-        let angle = (p as f32) * (freq as f32);
+    for (j, &freq) in freqs.iter().enumerate().take(half) {
+        let angle = (p as f32) * freq;
         let (s, c) = f64::from(angle).sin_cos();
         let (x1, x2) = (f64::from(n[j]), f64::from(n[j + half]));
         out[j] = (x1 * c - x2 * s) as f32;
         out[j + half] = (x2 * c + x1 * s) as f32;
     }
     out
+}
+
+/// Length of a rope table for heads of `head_dim` ([`rope_table`]).
+pub fn rope_table_len(head_dim: usize) -> usize {
+    2 * head_dim + head_dim / 2 + 1
+}
+
+/// The table with which attention tasks normalise and rotate q and k
+/// themselves ([`Attention::with_rope`](super::attention::Attention::with_rope)),
+/// f32: `q_norm`, `k_norm` (`head_dim` each), the [`rope_freqs`], then `eps`.
+pub fn rope_table(q_norm: &[f32], k_norm: &[f32], eps: f32, theta: f32) -> Vec<f32> {
+    let mut t = Vec::with_capacity(rope_table_len(q_norm.len()));
+    t.extend_from_slice(q_norm);
+    t.extend_from_slice(k_norm);
+    t.extend(rope_freqs(q_norm.len(), theta));
+    t.push(eps);
+    t
 }
 
 impl TaskKind for RopeKv {
