@@ -676,6 +676,60 @@ fn attention_rows_do_not_depend_on_their_block() {
     });
 }
 
+/// Independent routing of `m` rows of `e` logits: softmax, top-k with the
+/// lower index first on ties, renormalised. The dense weights and the
+/// chosen experts in ascending order.
+fn reference_routing(lv: &[f32], m: usize, e: usize, k: usize) -> (Vec<f64>, Vec<u32>) {
+    let mut want_w = vec![0f64; m * e];
+    let mut chosen = std::collections::BTreeSet::new();
+    for i in 0..m {
+        let row: Vec<f64> = lv[i * e..(i + 1) * e]
+            .iter()
+            .map(|&v| f64::from(v))
+            .collect();
+        let mx = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let p: Vec<f64> = row.iter().map(|v| (v - mx).exp()).collect();
+        let mut idx: Vec<usize> = (0..e).collect();
+        idx.sort_by(|&a, &b| p[b].partial_cmp(&p[a]).unwrap().then(a.cmp(&b)));
+        let s: f64 = idx[..k].iter().map(|&j| p[j]).sum();
+        for &j in &idx[..k] {
+            want_w[i * e + j] = p[j] / s;
+            chosen.insert(j as u32);
+        }
+    }
+    (want_w, chosen.into_iter().collect())
+}
+
+/// A routing task's list (count, ids, each id's row mask) and weights
+/// against [`reference_routing`].
+#[allow(clippy::too_many_arguments)]
+fn check_routing(
+    ex: &dyn Executor,
+    list: &Buffer,
+    weights: &Buffer,
+    want_w: &[f64],
+    ids: &[u32],
+    m: usize,
+    e: usize,
+    slots: usize,
+    what: &str,
+) {
+    let got = ex.read_u32(list).unwrap();
+    assert_eq!(got[0] as usize, ids.len(), "{what}");
+    assert_eq!(&got[1..=ids.len()], ids, "{what}");
+    // Each listed expert's mask holds exactly the rows that chose it.
+    for (s, &id) in ids.iter().enumerate() {
+        let want: u32 = (0..m)
+            .filter(|&i| want_w[i * e + id as usize] != 0.0)
+            .fold(0, |mask, i| mask | (1 << i));
+        assert_eq!(got[1 + slots + s], want, "mask of slot {s}, {what}");
+    }
+    assert!(
+        rel_l2(&ex.read_f32(weights).unwrap(), want_w) < 1e-5,
+        "{what}"
+    );
+}
+
 /// Routing alone for expert counts of every register width the device keeps
 /// a row's probabilities in (up to 128, 256, 512 and 1024 experts), with a
 /// tie among each row's leaders: the list, the masks and the weights against
@@ -714,39 +768,13 @@ fn moe_routing_over_expert_counts() {
             );
             ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[])
                 .unwrap();
-            let mut want_w = vec![0f64; m * e];
-            let mut chosen = std::collections::BTreeSet::new();
+            let (want_w, ids) = reference_routing(&lv, m, e, k);
             for i in 0..m {
-                let row: Vec<f64> = lv[i * e..(i + 1) * e]
-                    .iter()
-                    .map(|&v| f64::from(v))
-                    .collect();
-                let mx = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let p: Vec<f64> = row.iter().map(|v| (v - mx).exp()).collect();
-                let mut idx: Vec<usize> = (0..e).collect();
-                idx.sort_by(|&a, &b| p[b].partial_cmp(&p[a]).unwrap().then(a.cmp(&b)));
-                assert_eq!(idx[..2], [7, e - 3]);
-                let s: f64 = idx[..k].iter().map(|&j| p[j]).sum();
-                for &j in &idx[..k] {
-                    want_w[i * e + j] = p[j] / s;
-                    chosen.insert(j as u32);
-                }
+                // The tied leaders both chosen, with equal weights.
+                assert!(want_w[i * e + 7] > 0.0 && want_w[i * e + 7] == want_w[i * e + e - 3]);
             }
-            let got = ex.read_u32(&list).unwrap();
-            let ids: Vec<u32> = chosen.into_iter().collect();
-            let what = format!("{} experts, {m} rows: {}", e, ex.describe());
-            assert_eq!(got[0] as usize, ids.len(), "{what}");
-            assert_eq!(&got[1..=ids.len()], &ids[..], "{what}");
-            for (s, &id) in ids.iter().enumerate() {
-                let want: u32 = (0..m)
-                    .filter(|&i| want_w[i * e + id as usize] != 0.0)
-                    .fold(0, |mask, i| mask | (1 << i));
-                assert_eq!(got[1 + slots + s], want, "mask of slot {s}, {what}");
-            }
-            assert!(
-                rel_l2(&ex.read_f32(&weights).unwrap(), &want_w) < 1e-5,
-                "{what}"
-            );
+            let what = format!("{e} experts, {m} rows: {}", ex.describe());
+            check_routing(ex, &list, &weights, &want_w, &ids, m, e, slots, &what);
         }
     });
 }
@@ -835,36 +863,18 @@ fn moe_routing_experts_and_combine() {
         ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[])
             .unwrap();
 
-        // Independent routing: softmax, top-k with the lower index first on ties, renormalised.
-        let mut want_w = vec![0f64; m * e];
-        let mut chosen = std::collections::BTreeSet::new();
-        for i in 0..m {
-            let row: Vec<f64> = lv[i * e..(i + 1) * e]
-                .iter()
-                .map(|&v| f64::from(v))
-                .collect();
-            let mx = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let p: Vec<f64> = row.iter().map(|v| (v - mx).exp()).collect();
-            let mut idx: Vec<usize> = (0..e).collect();
-            idx.sort_by(|&a, &b| p[b].partial_cmp(&p[a]).unwrap().then(a.cmp(&b)));
-            let s: f64 = idx[..k].iter().map(|&j| p[j]).sum();
-            for &j in &idx[..k] {
-                want_w[i * e + j] = p[j] / s;
-                chosen.insert(j as u32);
-            }
-        }
-        let got_list = ex.read_u32(&list).unwrap();
-        let ids: Vec<u32> = chosen.into_iter().collect();
-        assert_eq!(got_list[0] as usize, ids.len(), "{}", ex.describe());
-        assert_eq!(&got_list[1..=ids.len()], &ids[..]);
-        // Each listed expert's mask holds exactly the rows that chose it.
-        for (s, &id) in ids.iter().enumerate() {
-            let want: u32 = (0..m)
-                .filter(|&i| want_w[i * e + id as usize] != 0.0)
-                .fold(0, |mask, i| mask | (1 << i));
-            assert_eq!(got_list[1 + slots + s], want, "mask of slot {s}");
-        }
-        assert!(rel_l2(&ex.read_f32(&weights).unwrap(), &want_w) < 1e-5);
+        let (want_w, ids) = reference_routing(&lv, m, e, k);
+        check_routing(
+            ex,
+            &list,
+            &weights,
+            &want_w,
+            &ids,
+            m,
+            e,
+            slots,
+            &ex.describe(),
+        );
         let mut want = rv.iter().map(|&v| f64::from(v)).collect::<Vec<_>>();
         for i in 0..m {
             for &id in &ids {
