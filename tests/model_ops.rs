@@ -311,6 +311,36 @@ fn rope_kv_rotates_and_appends() {
     });
 }
 
+/// Softmax attention of one query over keys `0..n` (f64): `key(j)` and
+/// `val(j)` give key and value `j`, the scores are scaled by `1/sqrt(len q)`.
+fn attend<K: AsRef<[f32]>, V: AsRef<[f32]>>(
+    q: &[f32],
+    n: usize,
+    key: impl Fn(usize) -> K,
+    val: impl Fn(usize) -> V,
+) -> Vec<f64> {
+    let hd = q.len();
+    let scores: Vec<f64> = (0..n)
+        .map(|j| {
+            q.iter()
+                .zip(key(j).as_ref())
+                .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                .sum::<f64>()
+                / (hd as f64).sqrt()
+        })
+        .collect();
+    let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let w: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
+    let total: f64 = w.iter().sum();
+    let mut out = vec![0f64; hd];
+    for (j, wj) in w.iter().enumerate() {
+        for (o, v) in out.iter_mut().zip(val(j).as_ref()) {
+            *o += wj * f64::from(*v);
+        }
+    }
+    out.iter().map(|o| o / total).collect()
+}
+
 #[test]
 fn attention_matches_softmax_reference() {
     use megakernel::task::rope_kv::HeadShape;
@@ -398,23 +428,7 @@ fn attention_matches_softmax_reference() {
                             ..(((kvh + kv) * max_seq) + j + 1) * hd]
                     };
                     let last = if bidirectional { p0 + m - 1 } else { p0 + i };
-                    let scores: Vec<f64> = (0..=last)
-                        .map(|j| {
-                            q.iter()
-                                .zip(key(j))
-                                .map(|(a, b)| f64::from(*a) * f64::from(*b))
-                                .sum::<f64>()
-                                / (hd as f64).sqrt()
-                        })
-                        .collect();
-                    let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let w: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
-                    let total: f64 = w.iter().sum();
-                    for d in 0..hd {
-                        want.push(
-                            (0..=last).map(|j| w[j] * f64::from(val(j)[d])).sum::<f64>() / total,
-                        );
-                    }
+                    want.extend(attend(q, last + 1, key, val));
                 }
             }
             let err = rel_l2(&ex.read_f32(&out).unwrap(), &want);
@@ -537,25 +551,7 @@ fn attention_with_rope_table() {
                         }
                     };
                     let last = if bidirectional { p0 + m - 1 } else { p0 + i };
-                    let scores: Vec<f64> = (0..=last)
-                        .map(|j| {
-                            q.iter()
-                                .zip(key(j))
-                                .map(|(a, b)| f64::from(*a) * f64::from(b))
-                                .sum::<f64>()
-                                / (hd as f64).sqrt()
-                        })
-                        .collect();
-                    let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let w: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
-                    let total: f64 = w.iter().sum();
-                    let vals: Vec<Vec<f32>> = (0..=last).map(val).collect();
-                    want.extend((0..hd).map(|d| {
-                        (0..=last)
-                            .map(|j| w[j] * f64::from(vals[j][d]))
-                            .sum::<f64>()
-                            / total
-                    }));
+                    want.extend(attend(&q, last + 1, key, val));
                 }
             }
             let err = rel_l2(&ex.read_f32(&out).unwrap(), &want);
