@@ -311,6 +311,51 @@ fn rope_kv_rotates_and_appends() {
     });
 }
 
+/// Where an attention run puts its query rows and how it splits them.
+struct AttnRun<'a> {
+    shape: megakernel::task::rope_kv::HeadShape,
+    cache: &'a Buffer,
+    max_seq: usize,
+    chunks: usize,
+    parts: usize,
+    bidirectional: bool,
+    rope: Option<&'a Buffer>,
+}
+
+impl AttnRun<'_> {
+    /// Split-sequence attention of the `m` rows of `qkv` at positions
+    /// `p0 ..`: the f32 outputs, `m` rows of `heads * head_dim`.
+    fn run(&self, ex: &dyn Executor, qkv: &Buffer, m: usize, p0: usize) -> Vec<f32> {
+        let (heads, hd) = (self.shape.heads, self.shape.head_dim);
+        let pos = ex.alloc(DType::U32, 1).unwrap();
+        ex.write_u32(&pos, &[p0 as u32]).unwrap();
+        let partial = ex
+            .alloc(DType::F32, m * heads * self.chunks * (hd + 2))
+            .unwrap();
+        let (out, _) = store(ex, DType::F32, &vec![f32::NAN; m * heads * hd]);
+        let mut b = ProgramBuilder::new();
+        ops::attention(
+            &mut b,
+            &qkv.all(),
+            &self.cache.all(),
+            &pos.all(),
+            &partial.all(),
+            &out.all(),
+            self.shape,
+            m,
+            self.max_seq,
+            self.chunks,
+            self.parts,
+            self.bidirectional,
+            self.rope.map(|t| t.all()).as_ref(),
+        )
+        .unwrap();
+        ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[])
+            .unwrap();
+        ex.read_f32(&out).unwrap()
+    }
+}
+
 /// Softmax attention of one query over keys `0..n` (f64): `key(j)` and
 /// `val(j)` give key and value `j`, the scores are scaled by `1/sqrt(len q)`.
 fn attend<K: AsRef<[f32]>, V: AsRef<[f32]>>(
@@ -386,35 +431,19 @@ fn attention_matches_softmax_reference() {
                     .collect::<Vec<_>>(),
             );
             let (cache, cv) = store(ex, DType::Bf16, &rng.vec(2 * kvh * max_seq * hd));
-            let pos = ex.alloc(DType::U32, 1).unwrap();
             let p0 = rng.below(300);
-            ex.write_u32(&pos, &[p0 as u32]).unwrap();
-            let partial = ex
-                .alloc(DType::F32, m * shape.heads * chunks * (hd + 2))
-                .unwrap();
-            let (out, _) = store(ex, DType::F32, &vec![f32::NAN; m * shape.heads * hd]);
-            let mut b = ProgramBuilder::new();
-            let parts = 1 + rng.below(4);
             // A DFlash draft block sees itself whole.
-            let bidirectional = rng.below(2) == 1;
-            ops::attention(
-                &mut b,
-                &qkv.all(),
-                &cache.all(),
-                &pos.all(),
-                &partial.all(),
-                &out.all(),
+            let run = AttnRun {
                 shape,
-                m,
+                cache: &cache,
                 max_seq,
                 chunks,
-                parts,
-                bidirectional,
-                None,
-            )
-            .unwrap();
-            ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[])
-                .unwrap();
+                parts: 1 + rng.below(4),
+                bidirectional: rng.below(2) == 1,
+                rope: None,
+            };
+            let bidirectional = run.bidirectional;
+            let got = run.run(ex, &qkv, m, p0);
             let group = shape.heads / kvh;
             let mut want = Vec::new();
             for i in 0..m {
@@ -431,7 +460,7 @@ fn attention_matches_softmax_reference() {
                     want.extend(attend(q, last + 1, key, val));
                 }
             }
-            let err = rel_l2(&ex.read_f32(&out).unwrap(), &want);
+            let err = rel_l2(&got, &want);
             assert!(
                 err < 1e-5,
                 "{} {shape:?} m {m} pos {p0} bidirectional {bidirectional}: {err}",
@@ -480,30 +509,17 @@ fn attention_with_rope_table() {
             );
             let (qn, kn) = norms.split_at(hd);
             let (table, _) = store(ex, DType::F32, &rope_table(qn, kn, eps, theta));
-            let pos = ex.alloc(DType::U32, 1).unwrap();
             let p0 = rng.below(300);
-            ex.write_u32(&pos, &[p0 as u32]).unwrap();
-            let partial = ex.alloc(DType::F32, m * heads * chunks * (hd + 2)).unwrap();
-            let (out, _) = store(ex, DType::F32, &vec![f32::NAN; m * heads * hd]);
-            let mut b = ProgramBuilder::new();
-            ops::attention(
-                &mut b,
-                &qkv.all(),
-                &cache.all(),
-                &pos.all(),
-                &partial.all(),
-                &out.all(),
+            let got = AttnRun {
                 shape,
-                m,
+                cache: &cache,
                 max_seq,
                 chunks,
-                1 + rng.below(4),
+                parts: 1 + rng.below(4),
                 bidirectional,
-                Some(&table.all()),
-            )
-            .unwrap();
-            ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[])
-                .unwrap();
+                rope: Some(&table),
+            }
+            .run(ex, &qkv, m, p0);
             let raw = |i: usize, h: usize| &qv[i * width + h * hd..i * width + (h + 1) * hd];
             let rot =
                 |x: &[f32], w: &[f32], p: usize| bf16_round(&norm_rope(x, w, p as u32, eps, theta));
@@ -554,7 +570,7 @@ fn attention_with_rope_table() {
                     want.extend(attend(&q, last + 1, key, val));
                 }
             }
-            let err = rel_l2(&ex.read_f32(&out).unwrap(), &want);
+            let err = rel_l2(&got, &want);
             assert!(
                 err < 1e-3,
                 "{} {shape:?} m {m} pos {p0} bidirectional {bidirectional}: {err}",
@@ -614,34 +630,16 @@ fn attention_rows_do_not_depend_on_their_block() {
             // A random place, and one where the block straddles a change of
             // the slice length (every 16 × chunks keys).
             for p0 in [60 + rng.below(1000), 16 * chunks * (1 + rng.below(3)) - 8] {
-                let run = |qkv: &Buffer, m: usize, p: usize| {
-                    let pos = ex.alloc(DType::U32, 1).unwrap();
-                    ex.write_u32(&pos, &[p as u32]).unwrap();
-                    let partial = ex
-                        .alloc(DType::F32, m * shape.heads * chunks * (hd + 2))
-                        .unwrap();
-                    let out = ex.alloc(DType::F32, m * shape.heads * hd).unwrap();
-                    let mut b = ProgramBuilder::new();
-                    ops::attention(
-                        &mut b,
-                        &qkv.all(),
-                        &cache.all(),
-                        &pos.all(),
-                        &partial.all(),
-                        &out.all(),
-                        shape,
-                        m,
-                        max_seq,
-                        chunks,
-                        shape.heads,
-                        false,
-                        None,
-                    )
-                    .unwrap();
-                    ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[])
-                        .unwrap();
-                    ex.read_f32(&out).unwrap()
+                let attn = AttnRun {
+                    shape,
+                    cache: &cache,
+                    max_seq,
+                    chunks,
+                    parts: shape.heads,
+                    bidirectional: false,
+                    rope: None,
                 };
+                let run = |qkv: &Buffer, m: usize, p: usize| attn.run(ex, qkv, m, p);
                 let block = run(&qkv, m, p0);
                 let w = shape.heads * hd;
                 let mut bad = Vec::new();
@@ -748,22 +746,12 @@ fn moe_routing_over_expert_counts() {
             let (logits, _) = store(ex, DType::F32, &lv);
             let (weights, _) = store(ex, DType::F32, &vec![f32::NAN; m * e]);
             let list = ex.alloc(DType::U32, 1 + 2 * slots).unwrap();
-            let mut b = ProgramBuilder::new();
-            b.push(
-                MoeRoute::task(
-                    &logits.all(),
-                    &weights.all(),
-                    &list.all(),
-                    m,
-                    e,
-                    k,
-                    true,
-                    None,
-                )
-                .unwrap(),
-            );
-            ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[])
-                .unwrap();
+            let (l, w) = (logits.all(), weights.all());
+            run1(
+                ex,
+                MoeRoute::task(&l, &w, &list.all(), m, e, k, true, None).unwrap(),
+            )
+            .unwrap();
             let (want_w, ids) = reference_routing(&lv, m, e, k);
             for i in 0..m {
                 // The tied leaders both chosen, with equal weights.
