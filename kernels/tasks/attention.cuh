@@ -369,6 +369,11 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
             const u32* qa = q_s + min(pa, pairs - 1) * W + cc;
             const u32* qb = q_s + min(pb, pairs - 1) * W + cc;
             const u32* kr = k_s + key * W + cc;
+            // The two rows' slices and grids, loaded before the products so
+            // that the masking below does not wait on them.
+            const u32 ia = min(pa, pairs - 1) / group, ib = min(pb, pairs - 1) / group;
+            const u32 row_lo[2] = {lo_s[ia], lo_s[ib]}, row_hi[2] = {hi_s[ia], hi_s[ib]};
+            const bool row_in[2] = {grid_s[ia] == grid, grid_s[ib] == grid};
             float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
             for (u32 k16 = 0; k16 < HD / 16; ++k16) {
@@ -381,8 +386,8 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
             for (u32 e = 0; e < 4; ++e) {
                 const u32 p = e < 2 ? pa : pb, j = (job % (ATTN_TILE / 8)) * 8 + 2 * cc + (e & 1);
                 if (p < pairs) {
-                    const u32 i = p / group;
-                    const bool live = j < n && grid_s[i] == grid && t0 + j >= lo_s[i] && t0 + j < hi_s[i];
+                    const u32 r = e / 2;
+                    const bool live = j < n && row_in[r] && t0 + j >= row_lo[r] && t0 + j < row_hi[r];
                     p_s[p * ATTN_TILE + j] = live ? d[e] * scale : -__int_as_float(0x7f800000);
                 }
             }

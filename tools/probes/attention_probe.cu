@@ -7,10 +7,14 @@
 //
 //   tools/probes/run.sh [--ncu]     (or by hand:)
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Ikernels tools/probes/attention_probe.cu -o attention_probe
-//   ./attention_probe [m] [launches]
+//   ./attention_probe [m] [launches] [rope]
 //
+// With `rope`, the tasks also normalise and rotate q and the block's keys
+// themselves (a rope table, AttentionArgs::rope), as a model layer's do.
 // Prints the mean time of a launch (CUDA events, back to back); exits
 // non-zero if a task reported a fault.
+#include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "probe.cuh"
@@ -39,6 +43,7 @@ static unsigned short bf16_of(float v) {
 int main(int argc, char** argv) {
     const u32 m = argc > 1 ? u32(atoi(argv[1])) : 8;
     const int launches = argc > 2 ? atoi(argv[2]) : 400;
+    const bool rope = argc > 3 && strcmp(argv[3], "rope") == 0;
     const u32 heads = 32, kv_heads = 4, hd = 128, chunks = 33, max_seq = 2048, pos0 = 1024;
     const u32 width = (heads + 2 * kv_heads) * hd;
     u64 seed = 11;
@@ -67,6 +72,16 @@ int main(int argc, char** argv) {
     const float scale = 1.0f / sqrtf(float(hd));
     memcpy(&a.scale, &scale, 4);
     a.qkv_dtype = DTYPE_BF16, a.cache_dtype = DTYPE_BF16;
+    if (rope) {  // norms near 1, Qwen3's theta, eps
+        std::vector<float> t(2 * hd + hd / 2 + 1);
+        for (u32 j = 0; j < 2 * hd; ++j) t[j] = 1.0f + float(lcg(seed) % 601) / 1000.0f - 0.3f;
+        for (u32 j = 0; j < hd / 2; ++j) t[2 * hd + j] = float(1.0 / pow(1e6, 2.0 * j / hd));
+        t[2 * hd + hd / 2] = 1e-6f;
+        void* dt;
+        CHECK(cudaMalloc(&dt, t.size() * 4));
+        CHECK(cudaMemcpy(dt, t.data(), t.size() * 4, cudaMemcpyHostToDevice));
+        a.rope = u64(dt);
+    }
     const u32 blocks = kv_heads * chunks;
     CHECK(cudaFuncSetAttribute(attention_probe, cudaFuncAttributeMaxDynamicSharedMemorySize, PROBE_SMEM));
     auto launch = [&](int) { attention_probe<<<blocks, BLOCK_THREADS, PROBE_SMEM>>>(a, dst, dsb); };
@@ -74,6 +89,7 @@ int main(int argc, char** argv) {
     CHECK(cudaDeviceSynchronize());
     const float us = probe_time(launches, launch);
     const u32 fault = probe_fault(dsb);
-    printf("attention, %u rows: %u blocks, %.2f us per launch, fault kind %u\n", m, blocks, us, fault);
+    printf("attention, %u rows%s: %u blocks, %.2f us per launch, fault kind %u\n", m, rope ? ", rope" : "", blocks, us,
+           fault);
     return fault != 0;
 }

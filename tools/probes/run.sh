@@ -16,7 +16,10 @@ for probe in fp4_probe attention_probe; do
 done
 [ "${1:-}" = --build-only ] && exit 0
 for shape in gate gate0 down; do "$out/fp4_probe" "$shape"; done
-for rows in 1 8 16; do "$out/attention_probe" "$rows"; done
+for rows in 1 8 16; do
+  "$out/attention_probe" "$rows"
+  "$out/attention_probe" "$rows" 400 rope
+done
 if [ "${1:-}" = --ncu ]; then
   profile() {  # name, then the probe's command line
     local name=$1
@@ -28,4 +31,5 @@ if [ "${1:-}" = --ncu ]; then
   profile fp4_down "$out/fp4_probe" down 133120 5
   profile attention_1 "$out/attention_probe" 1 5
   profile attention_8 "$out/attention_probe" 8 5
+  profile attention_8_rope "$out/attention_probe" 8 5 rope
 fi
