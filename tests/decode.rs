@@ -194,6 +194,39 @@ fn rel(a: &[f32], b: &[f64]) -> f64 {
     (num / b.iter().map(|y| y * y).sum::<f64>()).sqrt()
 }
 
+/// The `tiny` preset with heads of 64: its attention takes the GPU's tiled
+/// path with the rope done inside the attention slices (no rope stage).
+fn tiny_wide_heads() -> ModelConfig {
+    ModelConfig {
+        head_dim: 64,
+        ..ModelConfig::preset("tiny").unwrap()
+    }
+}
+
+/// Attention does the rope work itself where the GPU's tiled path takes the
+/// heads (64 or 128): those layers have no rope stage; heads of 32 keep it.
+#[test]
+fn rope_stage_only_where_attention_cannot_take_it() {
+    let cpu = CpuExecutor::new(CpuOptions {
+        threads: 1,
+        seed: 1,
+    });
+    for (c, stages) in [
+        (ModelConfig::preset("tiny").unwrap(), 2),
+        (tiny_wide_heads(), 0),
+    ] {
+        let s = Model::random(&cpu, &c, 1)
+            .unwrap()
+            .session(&cpu, 16)
+            .unwrap();
+        let p = s.step_program();
+        let ropes = (0..p.num_events() as u32)
+            .filter(|&i| p.event_name(i).is_some_and(|n| n.ends_with(" rope")))
+            .count();
+        assert_eq!(ropes, stages, "head_dim {}", c.head_dim);
+    }
+}
+
 #[test]
 fn tiny_model_decodes_like_the_reference_on_every_executor() {
     for tied in [false, true] {
@@ -203,6 +236,7 @@ fn tiny_model_decodes_like_the_reference_on_every_executor() {
         };
         decode_against_reference(config);
     }
+    decode_against_reference(tiny_wide_heads());
 }
 
 fn decode_against_reference(config: ModelConfig) {
@@ -389,8 +423,8 @@ fn truncate_and_regenerate_repeats() {
 #[test]
 fn chunks_and_single_steps_give_identical_logits() {
     common::on_every_executor("chunks_and_single_steps", |ex| {
-        for name in ["tiny", "qwen3-30b-a3b-mini"] {
-            let c = ModelConfig::preset(name).unwrap();
+        for name in ["tiny", "qwen3-30b-a3b-mini", "tiny, heads of 64"] {
+            let c = ModelConfig::preset(name).unwrap_or_else(tiny_wide_heads);
             let model = Model::random(ex, &c, 3).unwrap();
             let mut rng = Rng(common::seed());
             let trials = if ex.is_gpu() { 30 } else { 3 };

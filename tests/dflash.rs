@@ -108,6 +108,17 @@ fn dflash_is_lossless_on_tiny_cpu() {
     );
 }
 
+/// Heads of 64: the target's attention does the rope work itself (no rope
+/// stage), in verify blocks as in single steps.
+#[test]
+fn dflash_is_lossless_with_wide_heads_cpu() {
+    let config = ModelConfig {
+        head_dim: 64,
+        ..ModelConfig::preset("tiny").unwrap()
+    };
+    lossless(&cpu(), &config, None, 128, None);
+}
+
 #[test]
 fn dflash_is_lossless_on_tiny_moe_cpu() {
     lossless(
