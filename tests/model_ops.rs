@@ -479,11 +479,18 @@ fn attention_with_rope_table() {
     use megakernel::task::rope_kv::{norm_rope, rope_table, HeadShape};
     let mut rng = Rng(seed());
     on_every_executor("attention_with_rope_table", |ex| {
-        for (heads, kvh, hd, m, chunks, bidirectional) in [
-            (32, 4, 128, 1, 33, false),
-            (32, 4, 128, 8, 33, false),
-            (16, 8, 64, 16, 5, false),
-            (8, 2, 128, 5, 7, true),
+        // p0: a random place, or (Some) one where the block straddles a
+        // change of the slice length (every 16 x chunks keys), so that a
+        // block key lies in two grids.
+        for (heads, kvh, hd, m, chunks, bidirectional, at) in [
+            (32, 4, 128, 1, 33, false, None),
+            (32, 4, 128, 8, 33, false, None),
+            (16, 8, 64, 16, 5, false, None),
+            (8, 2, 128, 5, 7, true, None),
+            (16, 2, 128, 16, 2, false, Some(16 * 2 * 4 - 8)),
+            // 256 pairs: the GPU's tiled path in sub-blocks of rows, each
+            // appending the block's keys it covers.
+            (32, 2, 128, 16, 3, false, Some(16 * 3 * 2 - 5)),
         ] {
             let shape = HeadShape {
                 heads,
@@ -509,7 +516,7 @@ fn attention_with_rope_table() {
             );
             let (qn, kn) = norms.split_at(hd);
             let (table, _) = store(ex, DType::F32, &rope_table(qn, kn, eps, theta));
-            let p0 = rng.below(300);
+            let p0 = at.unwrap_or_else(|| rng.below(300));
             let got = AttnRun {
                 shape,
                 cache: &cache,
