@@ -733,7 +733,7 @@ fn check_routing(
 
 /// Routing alone for expert counts of every register width the device keeps
 /// a row's probabilities in (up to 128, 256, 512 and 1024 experts), with a
-/// tie among each row's leaders: the list, the masks and the weights against
+/// tie for each row's last pick: the list, the masks and the weights against
 /// an independent f64 reference.
 #[test]
 fn moe_routing_over_expert_counts() {
@@ -744,9 +744,14 @@ fn moe_routing_over_expert_counts() {
             let slots = (m * k).min(e);
             let mut lv: Vec<f32> = rng.vec(m * e).iter().map(|v| v * 4.0).collect();
             for i in 0..m {
-                // Two equal leaders in different lanes and register slots.
+                // Two equal values in different lanes and register slots,
+                // tied for the k-th place (k - 1 larger values before them):
+                // only the lower index may be chosen.
                 let row = &mut lv[i * e..(i + 1) * e];
                 let top = row.iter().cloned().fold(f32::MIN, f32::max) + 1.0;
+                for r in 0..k - 1 {
+                    row[10 + r] = top + 1.0 + r as f32 * 0.25;
+                }
                 row[e - 3] = top;
                 row[7] = top;
             }
@@ -761,8 +766,8 @@ fn moe_routing_over_expert_counts() {
             .unwrap();
             let (want_w, ids) = reference_routing(&lv, m, e, k);
             for i in 0..m {
-                // The tied leaders both chosen, with equal weights.
-                assert!(want_w[i * e + 7] > 0.0 && want_w[i * e + 7] == want_w[i * e + e - 3]);
+                // The tie at the cut goes to the lower index.
+                assert!(want_w[i * e + 7] > 0.0 && want_w[i * e + e - 3] == 0.0);
             }
             let what = format!("{e} experts, {m} rows: {}", ex.describe());
             check_routing(ex, &list, &weights, &want_w, &ids, m, e, slots, &what);
