@@ -5,11 +5,13 @@
 //
 //   tools/probes/run.sh [--ncu]     (or by hand:)
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Ikernels tools/probes/fp4_probe.cu -o fp4_probe
-//   ./fp4_probe gate|gate0|down [shared bytes per block] [launches]
+//   ./fp4_probe gate|gate0|down [shared bytes per block] [launches] [input rows]
 //
 // `gate`: gate and up, 8 experts x 2 matrices x 8 tasks of 96 rows x 2048
 // columns, one RMSNorm input row (`gate0`: the same without the RMSNorm);
 // `down`: 8 experts x 16 tasks of 128 rows x 768 columns, SwiGLU inputs.
+// With more input rows (up to 16, as in a verify block), every row is routed
+// to all eight experts.
 // MXFP4 codes and scales are random (scales 2^-9 .. 2^-2). Prints the mean
 // time of a launch (CUDA events, back to back) and the bytes each launch
 // streams; exits non-zero if a task reported a fault.
@@ -46,6 +48,7 @@ int main(int argc, char** argv) {
     const bool plain = argc > 1 && !strcmp(argv[1], "gate0");
     const u32 smem = argc > 2 ? u32(atoi(argv[2])) : PROBE_SMEM;
     const int launches = argc > 3 ? atoi(argv[3]) : 200;
+    const u32 nin = argc > 4 ? u32(atoi(argv[4])) : 1;  // input rows, each routed to all eight experts
     const u32 experts = 128, slots = 8, hidden = 2048, inter = 768;
     const u32 rows = down ? hidden : inter, cols = down ? inter : hidden;
     const u32 mats = down ? 1 : 2, per_slot = down ? 16 : 8;
@@ -60,7 +63,7 @@ int main(int argc, char** argv) {
         void *c, *s, *y;
         CHECK(cudaMalloc(&c, code_bytes));
         CHECK(cudaMalloc(&s, scales.size()));
-        CHECK(cudaMalloc(&y, u64(slots) * rows * 4));
+        CHECK(cudaMalloc(&y, u64(slots) * nin * rows * 4));
         CHECK(cudaMemcpy(c, codes.data(), code_bytes, cudaMemcpyHostToDevice));
         CHECK(cudaMemcpy(s, scales.data(), scales.size(), cudaMemcpyHostToDevice));
         m[k] = {u64(c), u64(s), u64(y)};
@@ -68,7 +71,7 @@ int main(int argc, char** argv) {
     if (mats == 1) m[1] = m[0];
     // Inputs: one f32 row (gate/up: RMSNorm with bf16 weights) or one f32 row
     // per slot (down: SwiGLU of gate and up outputs).
-    const u32 xlen = down ? slots * cols : cols;
+    const u32 xlen = (down ? slots : 1) * nin * cols;
     std::vector<float> x(xlen), u(xlen);
     for (auto& v : x) v = float(lcg(seed) % 2001) / 1000.0f - 1.0f;
     for (auto& v : u) v = float(lcg(seed) % 2001) / 1000.0f - 1.0f;
@@ -91,7 +94,7 @@ int main(int argc, char** argv) {
     std::vector<u32> list(LISTS * len);
     for (u32 l = 0; l < LISTS; ++l) {
         list[l * len] = slots;
-        for (u32 s = 0; s < slots; ++s) list[l * len + 1 + s] = (l * slots + s) * 37 % experts, list[l * len + 1 + slots + s] = 1;
+        for (u32 s = 0; s < slots; ++s) list[l * len + 1 + s] = (l * slots + s) * 37 % experts, list[l * len + 1 + slots + s] = (1u << nin) - 1;
     }
     CHECK(cudaMalloc(&dl, list.size() * 4));
     CHECK(cudaMemcpy(dl, list.data(), list.size() * 4, cudaMemcpyHostToDevice));
@@ -102,7 +105,7 @@ int main(int argc, char** argv) {
     a.x = u64(dx);
     a.aux = down ? u64(du) : u64(dg);
     a.cols = cols;
-    a.m = 1;
+    a.m = nin;
     a.ldy = rows;
     a.x_dtype = DTYPE_F32;
     a.y_dtype = DTYPE_F32;
@@ -125,8 +128,8 @@ int main(int argc, char** argv) {
     const double us = probe_time(launches, launch);
     const u32 fault = probe_fault(dsb);
     const double bytes = double(mats) * slots * (double(rows) * cols / 2 + double(rows) * cols / 32);
-    printf("%s: %u blocks, shared limit %u, %.2f us per launch, %.1f MB, %.3f TB/s, fault kind %u\n",
-           down ? "down" : plain ? "gate+up, no RMSNorm" : "gate+up", blocks, smem, us, bytes / 1e6, bytes / us / 1e6,
+    printf("%s, %u input rows: %u blocks, shared limit %u, %.2f us per launch, %.1f MB, %.3f TB/s, fault kind %u\n",
+           down ? "down" : plain ? "gate+up, no RMSNorm" : "gate+up", nin, blocks, smem, us, bytes / 1e6, bytes / us / 1e6,
            fault);
     return fault != 0;
 }
