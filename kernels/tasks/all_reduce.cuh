@@ -30,84 +30,98 @@ MK_OFFSET(AllReduceArgs, count, 44);
 constexpr u32 ALL_REDUCE_SUM = 0;
 constexpr u32 ALL_REDUCE_GATHER = 1;
 
-// Site table entries (u64): the abort word, then per rank its data and flags.
+// Site table entries (u64): the abort word, then per rank its data and its
+// receive slots (one u64 per rank and element: the value's 32 bits, then the
+// low 32 bits of the epoch that wrote it).
 __device__ __forceinline__ u64 site_data(const u64* table, u32 q) { return table[2 + 2 * q]; }
-__device__ __forceinline__ u64* site_flags(const u64* table, u32 q) {
+__device__ __forceinline__ u64* site_recv(const u64* table, u32 q) {
     return reinterpret_cast<u64*>(table[3 + 2 * q]);
 }
 
-// Thread 0: announces this rank's arrival (its epoch in every rank's flag slot
-// for it), then waits until every rank arrived. False: a fault was reported
-// (a rank that never arrives, or the abort word naming a failed rank) or the
-// kernel is stopping.
-__device__ __noinline__ bool all_reduce_meet(const Ctx& c, const AllReduceArgs& a) {
-    const u64* table = reinterpret_cast<const u64*>(a.table);
-    const u64 epoch = c.env->epoch;
-    // This block acquired the producers' writes (gpu scope); make them visible
-    // system-wide before the flags that publish them.
-    __threadfence_system();
-    for (u32 q = 0; q < a.ranks; ++q) st_release_sys(site_flags(table, q) + a.rank, epoch);
-    const u64* flags = site_flags(table, a.rank);
-    const u32* abort_word = reinterpret_cast<const u32*>(table[0]);
-    const u64 start = globaltimer();
-    u32 polls = 0;
-    for (u32 q = 0; q < a.ranks; ++q) {
-        for (;; ++polls) {
-            const u64 v = ld_acquire_sys(flags + q);
-            if (v >= epoch) break;
-            if ((polls & 63) == 63) {
-                if (aborted(c.env)) return false;
-                const u32 failed = ld_relaxed_sys_u32(abort_word);
-                if (failed != 0u) {
-                    report_fault(c.env, c.desc->id, c.desc->opcode, c.command, FAULT_PEER_FAILED, NO_EVENT, failed - 1,
-                                 a.ranks);
-                    return false;
-                }
-                // Half the wait timeout: this rank's other waits, which a missing
-                // rank stalls too, must not fire first and hide who is missing.
-                if (globaltimer() - start > c.env->timeout_ns / 2) {
-                    report_fault(c.env, c.desc->id, c.desc->opcode, c.command, FAULT_HANG, WAIT_PEER + q, v, epoch);
-                    return false;
-                }
-            }
-            if (polls >= 4096) __nanosleep(64);
-        }
-    }
-    return true;
+__device__ __forceinline__ void st_relaxed_sys_u64(u64* p, u64 v) {
+    asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
+__device__ __forceinline__ u64 ld_relaxed_sys_u64(const u64* p) {
+    u64 v;
+    asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+
+// Every thread: waits until `slot` holds a value of epoch `tag` and returns
+// the value's bits; 0 with *ok cleared when the kernel is stopping, a rank
+// failed (the abort word) or rank q never wrote (a hang naming it after half
+// the wait timeout, so that this rank's other waits, which a missing rank
+// stalls too, do not fire first and hide who is missing).
+__device__ __noinline__ u32 all_reduce_take(const Ctx& c, const AllReduceArgs& a, const u64* slot, u32 tag, u32 q,
+                                            int* ok) {
+    const u32* abort_word = reinterpret_cast<const u32*>(reinterpret_cast<const u64*>(a.table)[0]);
+    u64 start = 0;
+    for (u32 polls = 0;; ++polls) {
+        const u64 w = ld_relaxed_sys_u64(slot);
+        if (u32(w >> 32) == tag) return u32(w);
+        if (polls >= 4096) __nanosleep(64);
+        if ((polls & 63) == 63) {
+            if (start == 0) start = globaltimer();
+            if (aborted(c.env) || !*reinterpret_cast<volatile int*>(ok)) {
+                *ok = 0;
+                return 0;
+            }
+            const u32 failed = ld_relaxed_sys_u32(abort_word);
+            if (failed != 0u) {
+                report_fault(c.env, c.desc->id, c.desc->opcode, c.command, FAULT_PEER_FAILED, NO_EVENT, failed - 1,
+                             a.ranks);
+                *ok = 0;
+                return 0;
+            }
+            if (globaltimer() - start > c.env->timeout_ns / 2) {
+                report_fault(c.env, c.desc->id, c.desc->opcode, c.command, FAULT_HANG, WAIT_PEER + q, w >> 32, tag);
+                *ok = 0;
+                return 0;
+            }
+        }
+    }
+}
+
+// Push, then take: every thread stores its elements of this rank's data into
+// every rank's receive slots for this rank, each value with the epoch in the
+// same 64-bit store (so no fence orders them), then waits for its elements
+// from every rank in its own slots and combines them. The producers' writes
+// were acquired by this task's event wait.
 __device__ __noinline__ void task_all_reduce(const Ctx& c) {
     const AllReduceArgs& a = task_args<AllReduceArgs>(c);
     int* ok = reinterpret_cast<int*>(c.scratch());
-    if (threadIdx.x == 0) *ok = all_reduce_meet(c, a);
+    if (threadIdx.x == 0) *ok = 1;
     __syncthreads();
-    if (!*ok) return;
     const u64* table = reinterpret_cast<const u64*>(a.table);
+    const u32 tag = u32(c.env->epoch);
+    const u32* mine = reinterpret_cast<const u32*>(site_data(table, a.rank));
+    for (u32 j = threadIdx.x; j < a.count; j += blockDim.x) {
+        const u64 e = u64(a.first) + j;
+        const u64 w = (u64(tag) << 32) | __ldcg(mine + e);
+        for (u32 q = 0; q < a.ranks; ++q) st_relaxed_sys_u64(site_recv(table, q) + u64(a.rank) * a.seg + e, w);
+    }
+    const u64* recv = site_recv(table, a.rank);
     if (a.op == ALL_REDUCE_SUM) {
         // Ranks in order 0, 1, ...: every rank computes the same sum.
         for (u32 j = threadIdx.x; j < a.count; j += blockDim.x) {
             const u64 k = u64(a.first) + j;
-            float v[8];
             float s = 0.0f;
-            for (u32 q0 = 0; q0 < a.ranks; q0 += 8) {
-                const u32 n = min(a.ranks - q0, 8u);
-#pragma unroll
-                for (u32 i = 0; i < 8; ++i) {
-                    if (i < n) v[i] = __ldcg(reinterpret_cast<const float*>(site_data(table, q0 + i)) + k);
-                }
-#pragma unroll
-                for (u32 i = 0; i < 8; ++i) {
-                    if (i < n) s = (q0 + i == 0) ? v[i] : s + v[i];
-                }
+            for (u32 q = 0; q < a.ranks; ++q) {
+                const float v = __uint_as_float(all_reduce_take(c, a, recv + u64(q) * a.seg + k, tag, q, ok));
+                s = q == 0 ? v : s + v;
             }
+            if (!*reinterpret_cast<volatile int*>(ok)) break;
             store_float(a.out, a.out_dtype, k, load_float(a.out, a.out_dtype, k) + s);
         }
     } else {
         // Rank q's element e lands in chunk e / chunk of rank q's column.
         for (u32 j = threadIdx.x; j < a.count * a.ranks; j += blockDim.x) {
             const u32 q = j / a.count, e = a.first + j % a.count;
-            const u32 v = __ldcg(reinterpret_cast<const u32*>(site_data(table, q)) + e);
+            const u32 v = all_reduce_take(c, a, recv + u64(q) * a.seg + e, tag, q, ok);
+            if (!*reinterpret_cast<volatile int*>(ok)) break;
             reinterpret_cast<u32*>(a.out)[u64(e / a.chunk) * (a.ranks * a.chunk) + q * a.chunk + e % a.chunk] = v;
         }
     }
+    __syncthreads();
 }

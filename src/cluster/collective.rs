@@ -2,15 +2,16 @@
 //!
 //! A site is one all-reduce (or gather) in a program. Every rank builds the
 //! same program, asking for sites in the same order; the first rank to ask for
-//! site `k` allocates it for all ranks: each rank's data and flag array in
-//! memory every rank can address, and each rank's site table (the abort word,
-//! then every rank's data and flags; see [`all_reduce`](crate::task::all_reduce)).
+//! site `k` allocates it for all ranks: each rank's data and receive slots
+//! in memory every rank can address, and each rank's site table (the abort
+//! word, then every rank's data and receive slots; see
+//! [`all_reduce`](crate::task::all_reduce)).
 //!
-//! Reuse of a site's data one iteration later is safe because decode programs
-//! meet at two or more sites per iteration, each site's producers depending on
-//! the previous site's result: a rank arriving at site `k + 1` has finished
-//! reading site `k`, and one arriving at the first site of iteration `t + 1`
-//! has finished iteration `t`.
+//! Reuse of a site's slots one iteration later is safe because decode
+//! programs meet at two or more sites per iteration, each site's producers
+//! depending on the previous site's result: a rank pushing to site `k + 1`
+//! has finished reading site `k`, and one pushing to the first site of
+//! iteration `t + 1` has finished iteration `t`.
 
 use std::cell::Cell;
 use std::sync::Mutex;
@@ -20,7 +21,7 @@ use crate::buffer::{BufSlice, Buffer, DType};
 use crate::error::{Error, Result};
 use crate::exec::ExecutorExt;
 use crate::program::{ops, ProgramBuilder};
-use crate::task::all_reduce::{table_words, AllReduce};
+use crate::task::all_reduce::{recv_words, table_words, AllReduce};
 use crate::task::split_even;
 
 struct Site {
@@ -28,7 +29,7 @@ struct Site {
     len: usize,
     data: Vec<Buffer>,
     tables: Vec<Buffer>,
-    _flags: Vec<Buffer>,
+    _recv: Vec<Buffer>,
 }
 
 /// The sites of one set of rank programs (kept alive as long as they are).
@@ -41,15 +42,19 @@ impl Site {
     fn new(cluster: &Cluster, dtype: DType, len: usize) -> Result<Site> {
         let n = cluster.ranks();
         let mut data = Vec::with_capacity(n);
-        let mut flags = Vec::with_capacity(n);
+        let mut recv = Vec::with_capacity(n);
+        // Tags start at zero; epochs at one.
+        let zeros = vec![0u32; recv_words(n, len)];
         for q in 0..n {
             data.push(cluster.alloc_shared(q, dtype, len)?);
-            flags.push(cluster.alloc_shared(q, DType::U32, 2 * n)?);
+            let r = cluster.alloc_shared(q, DType::U32, zeros.len())?;
+            cluster.rank(q).write_u32(&r, &zeros)?;
+            recv.push(r);
         }
         let mut entries = vec![cluster.abort_addr(), 0];
         for q in 0..n {
             entries.push(data[q].addr());
-            entries.push(flags[q].addr());
+            entries.push(recv[q].addr());
         }
         let words: Vec<u32> = entries
             .iter()
@@ -67,7 +72,7 @@ impl Site {
             len,
             data,
             tables,
-            _flags: flags,
+            _recv: recv,
         })
     }
 }
