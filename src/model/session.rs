@@ -31,7 +31,7 @@ use crate::task::gemv_expert::GemvExpert;
 use crate::task::gemv_expert_fp4::{Fp4Experts, GemvExpertFp4};
 use crate::task::moe_combine::MoeCombine;
 use crate::task::moe_route::MoeRoute;
-use crate::task::rope_kv::{rope_table, HeadShape, RopeKv};
+use crate::task::rope_kv::{rope_table, rope_table_len, HeadShape, RopeKv};
 use crate::task::sample::{Sample, Sampling};
 use crate::task::split_even;
 
@@ -75,6 +75,25 @@ pub(crate) struct AttnWeights {
 struct Layer {
     attn: AttnWeights,
     mlp: Mlp,
+    /// The rope table of the layer's q and k norms ([`rope_table`]), for
+    /// attention tasks that do the rope work themselves.
+    rope: Buffer,
+}
+
+/// The rope table of a layer whose `q_norm` and `k_norm` weights are
+/// `qk_norms` (read back once, after the loader filled them).
+fn layer_rope(ex: &dyn Executor, qk_norms: &Buffer, c: &ModelConfig) -> Result<Buffer> {
+    let n = ex.read_f32(qk_norms)?;
+    let hd = n.len() / 2;
+    let t = rope_table(
+        &n[..hd],
+        &n[hd..2 * hd],
+        c.rms_norm_eps as f32,
+        c.rope_theta as f32,
+    );
+    let b = ex.alloc(DType::F32, t.len())?;
+    ex.write_f32(&b, &t)?;
+    Ok(b)
 }
 
 /// Rows of the prefill program: prompts go through in chunks of this many tokens.
@@ -708,37 +727,37 @@ impl Model {
         for l in 0..c.num_layers {
             bar.inc(1);
             let p = |s: &str| format!("model.layers.{l}.{s}");
-            layers.push(Layer {
-                attn: ld.attention(&format!("model.layers.{l}."))?,
-                mlp: match &c.moe {
-                    Some(m) if c.is_moe_layer(l) => {
-                        let experts = |kind: &str| -> Vec<String> {
-                            (0..m.num_experts)
-                                .map(|e| p(&format!("mlp.experts.{e}.{kind}.weight")))
-                                .collect()
-                        };
-                        let (h, i) = (c.hidden_size, m.moe_intermediate_size);
-                        let (i0, i1) = shard.range(i);
-                        let (rows, cols) = (Part::Rows(i0, i1), Part::Cols(i0, i1));
-                        Mlp::Moe {
-                            router: ld.tensor(&[p("mlp.gate.weight")])?,
-                            gate: ld.experts(&experts("gate_proj"), i, h, rows)?,
-                            up: ld.experts(&experts("up_proj"), i, h, rows)?,
-                            down: ld.experts(&experts("down_proj"), h, i, cols)?,
-                        }
+            let attn = ld.attention(&format!("model.layers.{l}."))?;
+            let mlp = match &c.moe {
+                Some(m) if c.is_moe_layer(l) => {
+                    let experts = |kind: &str| -> Vec<String> {
+                        (0..m.num_experts)
+                            .map(|e| p(&format!("mlp.experts.{e}.{kind}.weight")))
+                            .collect()
+                    };
+                    let (h, i) = (c.hidden_size, m.moe_intermediate_size);
+                    let (i0, i1) = shard.range(i);
+                    let (rows, cols) = (Part::Rows(i0, i1), Part::Cols(i0, i1));
+                    Mlp::Moe {
+                        router: ld.tensor(&[p("mlp.gate.weight")])?,
+                        gate: ld.experts(&experts("gate_proj"), i, h, rows)?,
+                        up: ld.experts(&experts("up_proj"), i, h, rows)?,
+                        down: ld.experts(&experts("down_proj"), h, i, cols)?,
                     }
-                    _ => {
-                        let (i0, i1) = shard.range(c.intermediate_size);
-                        let (rows, cols) = (Part::Rows(i0, i1), Part::Cols(i0, i1));
-                        Mlp::Dense {
-                            gate: ld.tensor_parts(&[(p("mlp.gate_proj.weight"), rows)])?,
-                            up: ld.tensor_parts(&[(p("mlp.up_proj.weight"), rows)])?,
-                            down: ld.tensor_parts(&[(p("mlp.down_proj.weight"), cols)])?,
-                        }
+                }
+                _ => {
+                    let (i0, i1) = shard.range(c.intermediate_size);
+                    let (rows, cols) = (Part::Rows(i0, i1), Part::Cols(i0, i1));
+                    Mlp::Dense {
+                        gate: ld.tensor_parts(&[(p("mlp.gate_proj.weight"), rows)])?,
+                        up: ld.tensor_parts(&[(p("mlp.up_proj.weight"), rows)])?,
+                        down: ld.tensor_parts(&[(p("mlp.down_proj.weight"), cols)])?,
                     }
-                },
-            });
+                }
+            };
             ld.flush()?;
+            let rope = layer_rope(ex, &attn.qk_norms, &c)?;
+            layers.push(Layer { attn, mlp, rope });
         }
         bar.finish_and_clear();
         let weights = Weights {
@@ -1297,7 +1316,7 @@ fn build(
     let chunks = (workers / shape.kv_heads).max(1);
     let fuse_rope = layers.first().is_some_and(|ly| {
         fuses_rope(shape, DType::Bf16, caches[0].dtype())
-            && ly.attn.qk_norms.len() >= 2 * hd
+            && ly.rope.len() == rope_table_len(hd)
             && tiled_fits(shape, ex.shared_bytes())
     });
     let partial = buf(DType::F32, m * shape.heads * chunks * (hd + 2))?;
@@ -1396,11 +1415,7 @@ fn build(
         // The attention slices normalise and rotate q and k themselves where
         // the GPU's tiled path takes them; elsewhere a rope stage runs first.
         let table = if fuse_rope {
-            let n = ex.read_f32(&ly.attn.qk_norms)?;
-            let t = rope_table(&n[..hd], &n[hd..2 * hd], eps, c.rope_theta as f32);
-            let b = buf(DType::F32, t.len())?;
-            ex.write_f32(&b, &t)?;
-            Some(b)
+            Some(ly.rope.all())
         } else {
             let jobs = (shape.heads + 2 * shape.kv_heads) * m;
             let r = RopeKv::split(
@@ -1433,7 +1448,7 @@ fn build(
             chunks,
             parts,
             false,
-            table.as_ref().map(|t| t.all()).as_ref(),
+            table.as_ref(),
         )?;
         if let Some(p) = ch.prev {
             slices.wait(ch.b, p);
