@@ -128,11 +128,22 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_prev() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
 
+// Row strides in shared memory, padded so that the tensor-core fragment
+// loads meet no bank conflicts: a q, K or V row is hd / 2 words plus 4 (the
+// eight rows g of a fragment then start in banks 4g apart, and the four
+// lanes of a row take the four words between), a score row ATTN_TILE floats
+// plus 8 (a half-warp's float2 loads of eight rows fall in distinct banks).
+// Unpadded, every fragment load was an 8-way conflict: all eight rows began in
+// the same bank.
+__host__ __device__ constexpr u32 attention_row_words(u32 hd) { return hd / 2 + 4; }
+constexpr u32 ATTN_SCORE_STRIDE = ATTN_TILE + 8;
+
 // Shared memory the fast path needs for `pairs` pairs: q, two K/V tile
 // buffers, scores, and per pair the running max, sum and correction and its
-// row's slice and tile grid.
+// row's slice and tile grid (src/task/attention.rs mirrors it).
 __host__ __device__ constexpr u32 attention_smem_bytes(u32 pairs, u32 hd) {
-    return pairs * hd * 2 + 4 * ATTN_TILE * (hd / 2) * 4 + pairs * ATTN_TILE * 4 + 6 * pairs * 4;
+    return pairs * attention_row_words(hd) * 4 + 4 * ATTN_TILE * attention_row_words(hd) * 4 +
+           pairs * ATTN_SCORE_STRIDE * 4 + 6 * pairs * 4;
 }
 
 // Issues the cp.async copies of keys t0 .. t0 + n into one tile buffer and
@@ -141,16 +152,16 @@ __host__ __device__ constexpr u32 attention_smem_bytes(u32 pairs, u32 hd) {
 // could be NaN).
 template <u32 HD>
 __device__ __forceinline__ void attention_load_tile(u32* k_s, u32* v_s, const char* kbase, const char* vbase, u32 t0, u32 n) {
-    constexpr u32 W = HD / 2;
+    constexpr u32 W = HD / 2, WS = attention_row_words(HD);
     const u32 per = n * (HD / 8);  // 16-byte pieces of K (then as many of V)
     for (u32 ch = threadIdx.x; ch < 2 * per; ch += BLOCK_THREADS) {
         const bool which = ch >= per;
         const u32 r = which ? ch - per : ch, j = r / (HD / 8), part = r % (HD / 8);
         const char* src = (which ? vbase : kbase) + u64(t0 + j) * HD * 2 + part * 16;
-        cp_async16((which ? v_s : k_s) + j * W + part * 4, src);
+        cp_async16((which ? v_s : k_s) + j * WS + part * 4, src);
     }
     const u32 pad = ((n + 15) & ~15u) - n;
-    for (u32 w = threadIdx.x; w < pad * W; w += BLOCK_THREADS) v_s[n * W + w] = 0u;
+    for (u32 w = threadIdx.x; w < pad * W; w += BLOCK_THREADS) v_s[(n + w / W) * WS + w % W] = 0u;
 }
 
 // P·V jobs a warp keeps across the tiles (accumulators in registers): a job
@@ -272,16 +283,17 @@ __device__ __forceinline__ bool attention_append_keys(const AttentionArgs& a, u3
 // its own.
 template <u32 HD>
 __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& a, u32 pos0, u32 i0, u32 rows) {
-    constexpr u32 W = HD / 2;        // 32-bit words (bf16 pairs) per row
-    constexpr u32 JPT = HD / 16;     // P·V jobs per 16-pair tile
+    constexpr u32 W = attention_row_words(HD);  // 32-bit words (bf16 pairs) per row, padded
+    constexpr u32 PS = ATTN_SCORE_STRIDE;       // floats per score row
+    constexpr u32 JPT = HD / 16;                // P·V jobs per 16-pair tile
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = BLOCK_THREADS / 32;
     const u32 g = lane >> 2, cc = lane & 3;
     const u32 group = a.heads / a.kv_heads, pairs = rows * group, width = (a.heads + 2 * a.kv_heads) * HD;
     const float scale = __uint_as_float(a.scale);
     u32* q_s = reinterpret_cast<u32*>(c.scratch());  // [pairs][W]
     u32* kv_s = q_s + pairs * W;                // [2][K, V][TILE][W]
-    float* p_s = reinterpret_cast<float*>(kv_s + 4 * ATTN_TILE * W);  // [pairs][TILE]
-    float* m_s = p_s + pairs * ATTN_TILE;                             // running max
+    float* p_s = reinterpret_cast<float*>(kv_s + 4 * ATTN_TILE * W);  // [pairs][PS]
+    float* m_s = p_s + pairs * PS;                                    // running max
     float* l_s = m_s + pairs;                                         // running sum
     float* f_s = l_s + pairs;                                         // this tile's correction
     u32* lo_s = reinterpret_cast<u32*>(f_s + pairs);                  // each row's slice
@@ -335,8 +347,8 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
         u16* qh = reinterpret_cast<u16*>(q_s);
         for (u32 p = warp; p < pairs; p += nwarps) {
             float x[HD / 32];
-            rope_load<HD>(qh + p * HD, x);
-            rl.apply(x, pos0 + i0 + p / group, qh + p * HD);
+            rope_load<HD>(qh + p * 2 * W, x);
+            rl.apply(x, pos0 + i0 + p / group, qh + p * 2 * W);
         }
     }
     for (u32 p = tid; p < pairs; p += BLOCK_THREADS) m_s[p] = -__int_as_float(0x7f800000), l_s[p] = 0.0f;
@@ -388,14 +400,14 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
                 if (p < pairs) {
                     const u32 r = e / 2;
                     const bool live = j < n && row_in[r] && t0 + j >= row_lo[r] && t0 + j < row_hi[r];
-                    p_s[p * ATTN_TILE + j] = live ? d[e] * scale : -__int_as_float(0x7f800000);
+                    p_s[p * PS + j] = live ? d[e] * scale : -__int_as_float(0x7f800000);
                 }
             }
         }
         __syncthreads();
         // Online softmax update, one warp per pair.
         for (u32 p = warp; p < pairs; p += nwarps) {
-            float* row = p_s + p * ATTN_TILE;
+            float* row = p_s + p * PS;
             const float s0 = row[lane], s1 = row[lane + 32];
             float mx = fmaxf(s0, s1);
 #pragma unroll
@@ -428,8 +440,8 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
             for (u32 t = 0; t < 2; ++t) {
                 acc[jw][t][0] *= fa, acc[jw][t][1] *= fa, acc[jw][t][2] *= fb, acc[jw][t][3] *= fb;
             }
-            const float* ra = p_s + min(pa, pairs - 1) * ATTN_TILE + 2 * cc;
-            const float* rb = p_s + min(pb, pairs - 1) * ATTN_TILE + 2 * cc;
+            const float* ra = p_s + min(pa, pairs - 1) * PS + 2 * cc;
+            const float* rb = p_s + min(pb, pairs - 1) * PS + 2 * cc;
             for (u32 st = 0; st < steps; ++st) {
                 const u32 kb = st * 16;
                 const float2 xa0 = la ? *reinterpret_cast<const float2*>(ra + kb) : make_float2(0.0f, 0.0f);

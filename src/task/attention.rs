@@ -192,8 +192,10 @@ const TILE_KEYS: usize = 64;
 pub fn tiled_fits(shape: HeadShape, shared_bytes: usize) -> bool {
     let (pairs, hd) = (shape.heads / shape.kv_heads.max(1), shape.head_dim);
     let max_pairs = 16 * 4 * (crate::abi::BLOCK_THREADS as usize / 32) / (hd / 16).max(1);
+    // Rows padded against bank conflicts: hd / 2 + 4 words, TILE_KEYS + 8 scores.
+    let words = hd / 2 + 4;
     let bytes =
-        pairs * hd * 2 + 4 * TILE_KEYS * (hd / 2) * 4 + pairs * TILE_KEYS * 4 + 6 * pairs * 4;
+        pairs * words * 4 + 4 * TILE_KEYS * words * 4 + pairs * (TILE_KEYS + 8) * 4 + 6 * pairs * 4;
     pairs <= max_pairs && bytes <= shared_bytes
 }
 
