@@ -239,12 +239,32 @@ fn tiny_model_decodes_like_the_reference_on_every_executor() {
     decode_against_reference(tiny_wide_heads());
 }
 
+/// [`decode_case`] on fresh random models until one gives enough tokens with
+/// a clear margin to check (a case whose routing nearly ties early leaves
+/// too few, and would check next to nothing); any mismatch fails at once.
 fn decode_against_reference(config: ModelConfig) {
-    let dir = tempfile::tempdir().unwrap();
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64;
+    const CASES: u64 = 6;
+    for k in 0..CASES {
+        if decode_case(&config, seed.wrapping_add(k)) {
+            return;
+        }
+    }
+    panic!(
+        "none of {CASES} random models (seeds from {seed}) gave enough tokens with a clear margin"
+    );
+}
+
+/// Decodes a random checkpoint (`seed`) on every executor and checks the
+/// tokens against an independent forward pass wherever its margin is clear.
+/// Returns whether every run had at least half of its examined tokens (and
+/// at least one) to check.
+fn decode_case(config: &ModelConfig, seed: u64) -> bool {
+    let config = config.clone();
+    let dir = tempfile::tempdir().unwrap();
     eprintln!("seed {seed}");
     let ck = checkpoint(dir.path(), &config, seed);
     let mut rng = Rng(seed);
@@ -316,10 +336,10 @@ fn decode_against_reference(config: ModelConfig) {
             config.tie_word_embeddings,
             got.len()
         );
-        assert!(
-            checked >= examined / 2,
-            "too few tokens with a clear margin ({checked} of {examined})"
-        );
+        if checked == 0 || checked < examined / 2 {
+            eprintln!("too few tokens with a clear margin ({checked} of {examined}): another case");
+            return false;
+        }
     }
     if runs.len() == 2 {
         let ((_, f0, m0, l0), (_, f1, m1, l1)) = (&runs[0], &runs[1]);
@@ -334,6 +354,7 @@ fn decode_against_reference(config: ModelConfig) {
             .count();
         eprintln!("GPU and CPU agree on the first {agree} of 25 tokens");
     }
+    true
 }
 
 #[test]
