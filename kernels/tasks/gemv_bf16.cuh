@@ -180,12 +180,24 @@ struct GemvInput {
     float eps;
 };
 
+// Input rows prepared in shared memory lie this many bytes further apart than
+// their length: the FP4 products' lanes read 16 bytes at offsets 0, 64, 128
+// and 192 of two rows at once, and with rows a multiple of 128 bytes apart
+// both rows' pieces fell in the same banks (4-way conflicts; 2-way with the
+// padding). The bf16 products' reads are 2-way either way.
+constexpr u32 GEMV_ROW_PAD = 32;
+
+// The stride (elements) of prepared input rows of `cols` elements of `size` bytes.
+__device__ __forceinline__ u32 gemv_prepared_ld(u32 cols, u32 size) { return cols + GEMV_ROW_PAD / size; }
+
 // Prepares the input rows into shared memory as bf16 (RMSNorm or SwiGLU, with
-// the same arithmetic as the rmsnorm and swiglu tasks) and returns their
-// address; the rows are then read from shared memory by every warp.
+// the same arithmetic as the rmsnorm and swiglu tasks), gemv_prepared_ld
+// apart, and returns their address; the rows are then read from shared
+// memory by every warp.
 __device__ __forceinline__ u64 gemv_prologue(const Ctx& c, const GemvInput& in) {
     u16* xs = reinterpret_cast<u16*>(c.scratch());
-    float* scratch = reinterpret_cast<float*>(c.scratch() + in.m * in.cols * 2);
+    const u32 ld = gemv_prepared_ld(in.cols, 2);
+    float* scratch = reinterpret_cast<float*>(c.scratch() + in.m * ld * 2);
     if (in.prologue == PROLOGUE_SWIGLU && in.m > 1 && in.x_dtype == DTYPE_BF16 && (in.cols & 7) == 0 &&
         ((in.x | in.aux | (u64(in.ldx) * 2)) & 15) == 0) {
         // Blocks of rows: eight columns of a row per thread and step, both
@@ -207,7 +219,7 @@ __device__ __forceinline__ u64 gemv_prologue(const Ctx& c, const GemvInput& in) 
                 out[t] = u32(f32_to_bf16(swiglu_value(g0, u0))) |
                          (u32(f32_to_bf16(swiglu_value(g1, u1))) << 16);
             }
-            *reinterpret_cast<uint4*>(xs + u64(i) * in.cols + j * 8) = make_uint4(out[0], out[1], out[2], out[3]);
+            *reinterpret_cast<uint4*>(xs + u64(i) * ld + j * 8) = make_uint4(out[0], out[1], out[2], out[3]);
         }
         __syncthreads();
         return reinterpret_cast<u64>(xs);
@@ -223,13 +235,13 @@ __device__ __forceinline__ u64 gemv_prologue(const Ctx& c, const GemvInput& in) 
             const float inv = rsqrtf(block_sum(ss, scratch) / float(in.cols) + in.eps);
             for (u32 k = threadIdx.x; k < in.cols; k += blockDim.x) {
                 const float v = load_float(in.x, in.x_dtype, row + k);
-                xs[i * in.cols + k] = f32_to_bf16(v * inv * load_float(in.aux, DTYPE_BF16, k));
+                xs[i * ld + k] = f32_to_bf16(v * inv * load_float(in.aux, DTYPE_BF16, k));
             }
         } else {
             for (u32 k = threadIdx.x; k < in.cols; k += blockDim.x) {
                 const float g = load_float(in.x, in.x_dtype, row + k);
                 const float u = load_float(in.aux, in.x_dtype, row + k);
-                xs[i * in.cols + k] = f32_to_bf16(swiglu_value(g, u));
+                xs[i * ld + k] = f32_to_bf16(swiglu_value(g, u));
             }
         }
     }
@@ -238,7 +250,7 @@ __device__ __forceinline__ u64 gemv_prologue(const Ctx& c, const GemvInput& in) 
 }
 
 // Bytes of shared memory the prologue needs.
-__device__ __forceinline__ u32 gemv_prologue_bytes(u32 m, u32 cols) { return m * cols * 2 + 32 * 4; }
+__device__ __forceinline__ u32 gemv_prologue_bytes(u32 m, u32 cols) { return m * gemv_prepared_ld(cols, 2) * 2 + 32 * 4; }
 
 // Bytes of shared memory gemv_input takes for `in` when it may use `room`
 // bytes: the prologue's rows, the rows copied unchanged, or 0 when the
@@ -248,9 +260,9 @@ __device__ __forceinline__ u32 gemv_input_bytes(const GemvInput& in, u32 room) {
     const u32 size = in.x_dtype == DTYPE_BF16 ? 2 : 4, row_bytes = in.cols * size;
     // Several rows are copied, since every warp rereads them for each matrix
     // row and the L1 left beside the kernel's shared memory does not hold them.
-    const bool copy = in.m > 1 && in.m * row_bytes <= room && (row_bytes & 15) == 0 &&
+    const bool copy = in.m > 1 && in.m * (row_bytes + GEMV_ROW_PAD) <= room && (row_bytes & 15) == 0 &&
                       ((in.x | (u64(in.ldx) * size)) & 15) == 0;
-    return copy ? in.m * row_bytes : 0u;
+    return copy ? in.m * (row_bytes + GEMV_ROW_PAD) : 0u;
 }
 
 // The rows the product reads: prepared in the first `room` bytes of shared
@@ -262,14 +274,14 @@ __device__ __forceinline__ bool gemv_input(const Ctx& c, const GemvInput& in, u6
         bf16 = in.x_dtype == DTYPE_BF16;
         const u32 bytes = gemv_input_bytes(in, room);
         if (bytes) {
-            const u32 per_row = in.cols * (bf16 ? 2 : 4) / 16;
-            for (u32 k = threadIdx.x; k < bytes / 16; k += blockDim.x) {
+            const u32 size = bf16 ? 2 : 4, per_row = in.cols * size / 16, ld = gemv_prepared_ld(in.cols, size);
+            for (u32 k = threadIdx.x; k < in.m * per_row; k += blockDim.x) {
                 const u32 i = k / per_row, j = k % per_row;
-                const uint4 v = *reinterpret_cast<const uint4*>(in.x + u64(i) * in.ldx * (bf16 ? 2 : 4) + u64(j) * 16);
-                reinterpret_cast<uint4*>(c.scratch())[k] = v;
+                const uint4 v = *reinterpret_cast<const uint4*>(in.x + u64(i) * in.ldx * size + u64(j) * 16);
+                *reinterpret_cast<uint4*>(c.scratch() + u64(i) * ld * size + u64(j) * 16) = v;
             }
             __syncthreads();
-            x = reinterpret_cast<u64>(c.scratch()), ldx = in.cols;
+            x = reinterpret_cast<u64>(c.scratch()), ldx = ld;
             return true;
         }
         x = in.x, ldx = in.ldx;
@@ -280,7 +292,7 @@ __device__ __forceinline__ bool gemv_input(const Ctx& c, const GemvInput& in, u6
         if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, in.prologue, gemv_prologue_bytes(in.m, in.cols));
         return false;
     }
-    x = gemv_prologue(c, in), ldx = in.cols, bf16 = true;
+    x = gemv_prologue(c, in), ldx = gemv_prepared_ld(in.cols, 2), bf16 = true;
     return true;
 }
 

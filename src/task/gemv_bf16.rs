@@ -72,9 +72,15 @@ pub enum Prologue {
     Swiglu(BufSlice),
 }
 
-/// Bytes of shared memory a prologue needs for `m` rows of `cols` (bf16 rows).
+/// Bytes by which input rows prepared in shared memory lie further apart than
+/// their length (the device's `GEMV_ROW_PAD`: it keeps the FP4 products'
+/// reads of two rows at once out of each other's banks).
+pub const ROW_PAD: usize = 32;
+
+/// Bytes of shared memory a prologue needs for `m` rows of `cols` (bf16 rows,
+/// [`ROW_PAD`] apart).
 pub fn prologue_bytes(m: usize, cols: usize) -> usize {
-    m * cols * 2
+    m * (cols * 2 + ROW_PAD)
 }
 
 /// Most bytes the prepared rows of a fused prologue take (a norm or SwiGLU
@@ -90,7 +96,7 @@ pub const FUSED_PROLOGUE_BYTES: usize = 96 * 1024;
 pub fn prologue_fits(m: usize, cols: usize, shared: usize) -> bool {
     let rows = prologue_bytes(m, cols);
     let partials = tensor_core_scratch(cols, 16).max(16 * 1024);
-    rows <= FUSED_PROLOGUE_BYTES && rows + 128 + partials + 512 <= shared
+    m * cols * 2 <= FUSED_PROLOGUE_BYTES && rows + 128 + partials + 512 <= shared
 }
 
 /// Whether a product runs on tensor cores on the GPU (the device's
@@ -240,7 +246,7 @@ impl GemvBf16 {
         // Shared memory the task uses below a staged slice: the prepared or
         // copied input rows (gemv_input on the device).
         let copied = if m > 1 {
-            m * cols * x.dtype().size()
+            m * (cols * x.dtype().size() + ROW_PAD)
         } else {
             0
         };

@@ -309,7 +309,10 @@ mod tests {
         assert_eq!(spec.args[TASK_ARG_SLOTS - 1], w.addr() + 16 * 64 * 2);
         assert_eq!(word & u64::from(u32::MAX), 8 * 64 * 2);
         // Three f32 input rows copied into shared memory exceed the prologue's need.
-        assert_eq!(word >> 32, (m * cols * 4) as u64);
+        assert_eq!(
+            word >> 32,
+            (m * (cols * 4 + super::gemv_bf16::ROW_PAD)) as u64
+        );
         let staged = spec.stage();
         assert_eq!(staged.flags, TASK_FLAG_PREFETCH | TASK_FLAG_STAGE);
         assert_eq!(staged.args[TASK_ARG_SLOTS - 2], word);
