@@ -178,6 +178,7 @@ struct GemvInput {
     u32 x_dtype;
     u32 prologue;
     float eps;
+    bool in_place;  // several rows read in place all the same (GEMV_READ_IN_PLACE_ROWS)
 };
 
 // Input rows prepared in shared memory lie this many bytes further apart than
@@ -186,6 +187,10 @@ struct GemvInput {
 // both rows' pieces fell in the same banks (4-way conflicts; 2-way with the
 // padding). The bf16 products' reads are 2-way either way.
 constexpr u32 GEMV_ROW_PAD = 32;
+
+// Tensor-core tasks of at most this many matrix rows read several input rows
+// in place instead of copying them (src/task/gemv_bf16.rs mirrors it).
+constexpr u32 GEMV_READ_IN_PLACE_ROWS = 64;
 
 // The stride (elements) of prepared input rows of `cols` elements of `size` bytes.
 __device__ __forceinline__ u32 gemv_prepared_ld(u32 cols, u32 size) { return cols + GEMV_ROW_PAD / size; }
@@ -260,8 +265,8 @@ __device__ __forceinline__ u32 gemv_input_bytes(const GemvInput& in, u32 room) {
     const u32 size = in.x_dtype == DTYPE_BF16 ? 2 : 4, row_bytes = in.cols * size;
     // Several rows are copied, since every warp rereads them for each matrix
     // row and the L1 left beside the kernel's shared memory does not hold them.
-    const bool copy = in.m > 1 && in.m * (row_bytes + GEMV_ROW_PAD) <= room && (row_bytes & 15) == 0 &&
-                      ((in.x | (u64(in.ldx) * size)) & 15) == 0;
+    const bool copy = !in.in_place && in.m > 1 && in.m * (row_bytes + GEMV_ROW_PAD) <= room &&
+                      (row_bytes & 15) == 0 && ((in.x | (u64(in.ldx) * size)) & 15) == 0;
     return copy ? in.m * (row_bytes + GEMV_ROW_PAD) : 0u;
 }
 
@@ -425,14 +430,19 @@ __device__ __noinline__ void gemv_mma_rows(const GemvBf16Args& a, u64 x, u32 ldx
 // whatever they held).
 __device__ __forceinline__ void gemv_dispatch(const Ctx& c, const GemvBf16Args& a, const u32* rmap = nullptr,
                                               u32 n = 0) {
-    const GemvInput in = {a.x, a.aux, a.ldx, a.m, a.cols, a.x_dtype, a.prologue, __uint_as_float(a.eps)};
+    const bool mma = gemv_mma_ok(a);
+    // On tensor cores a task of at most GEMV_READ_IN_PLACE_ROWS rows reads
+    // each element of its input rows once per 16-row tile (the repeats hit
+    // L1): copying them would take shared memory from the staged matrix, and
+    // time, for little reuse.
+    const GemvInput in = {a.x, a.aux, a.ldx, a.m, a.cols, a.x_dtype, a.prologue, __uint_as_float(a.eps),
+                          mma && a.rows <= GEMV_READ_IN_PLACE_ROWS};
     u64 x;
     u32 ldx;
     bool bf16;
-    const bool mma = gemv_mma_ok(a);
     // The tensor-core path keeps room for one tile's partials beside the input rows.
     const u32 reserve = mma ? gemv_mma_tile_bytes(a.cols) + 128 : 0u;
-    if (reserve >= c.smem_bytes) {
+    if (reserve > c.smem_bytes) {
         if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, reserve, c.smem_bytes);
         return;
     }

@@ -449,7 +449,7 @@ __device__ __forceinline__ GemvInput fp4_input(const GemvExpertFp4Args& a, u32 s
     const u32 xsize = a.x_dtype == DTYPE_BF16 ? 2 : 4;
     const u64 step = (a.flags & FP4_X_PER_SLOT) ? u64(slot) * a.m * a.cols * xsize : 0;
     return {a.x + step, a.prologue == PROLOGUE_SWIGLU ? a.aux + step : a.aux, a.cols, a.m, a.cols,
-            a.x_dtype, a.prologue, __uint_as_float(a.eps)};
+            a.x_dtype, a.prologue, __uint_as_float(a.eps), false};
 }
 
 // Shared memory of the tensor-core products' partials.

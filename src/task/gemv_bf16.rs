@@ -83,6 +83,14 @@ pub fn prologue_bytes(m: usize, cols: usize) -> usize {
     m * (cols * 2 + ROW_PAD)
 }
 
+/// Tensor-core tasks of at most this many matrix rows read their input rows
+/// in place even when there are several: each element goes into a warp's
+/// fragments once per 16-row tile, at most four times, and the repeats come
+/// from L1, while a copy would take shared memory from the staged matrix
+/// (and time before the products start). The device's
+/// `GEMV_READ_IN_PLACE_ROWS`.
+pub const READ_IN_PLACE_ROWS: usize = 64;
+
 /// Most bytes the prepared rows of a fused prologue take (a norm or SwiGLU
 /// inside the product), whatever the block's shared memory.
 pub const FUSED_PROLOGUE_BYTES: usize = 96 * 1024;
@@ -244,13 +252,20 @@ impl GemvBf16 {
             bufs.push(b);
         }
         // Shared memory the task uses below a staged slice: the prepared or
-        // copied input rows (gemv_input on the device).
-        let copied = if m > 1 {
+        // copied input rows (gemv_input on the device; a tensor-core task of
+        // few rows reads them in place, see READ_IN_PLACE_ROWS).
+        let in_place = takes_tensor_cores(cols, x, prologue) && rows <= READ_IN_PLACE_ROWS;
+        let copied = if m > 1 && !in_place {
             m * (cols * x.dtype().size() + ROW_PAD)
         } else {
             0
         };
-        let mut scratch = (prologue_bytes(m, cols) + 128).max(copied);
+        // A prologue's rows and its reduction scratch; without one, the
+        // copied rows (none for a single row: it is read in place).
+        let mut scratch = match prologue {
+            Prologue::None => copied,
+            _ => prologue_bytes(m, cols) + 128,
+        };
         if takes_tensor_cores(cols, x, prologue) {
             scratch = scratch.next_multiple_of(128) + tensor_core_scratch(cols, rows);
         }
