@@ -255,7 +255,9 @@ __device__ __forceinline__ u64 gemv_prologue(const Ctx& c, const GemvInput& in) 
 }
 
 // Bytes of shared memory the prologue needs.
-__device__ __forceinline__ u32 gemv_prologue_bytes(u32 m, u32 cols) { return m * gemv_prepared_ld(cols, 2) * 2 + 32 * 4; }
+__device__ __forceinline__ u32 gemv_prologue_bytes(u32 m, u32 cols) {
+    return m * gemv_prepared_ld(cols, 2) * 2 + 32 * 4;
+}
 
 // Bytes of shared memory gemv_input takes for `in` when it may use `room`
 // bytes: the prologue's rows, the rows copied unchanged, or 0 when the
