@@ -38,16 +38,6 @@ __device__ __forceinline__ u64* site_recv(const u64* table, u32 q) {
     return reinterpret_cast<u64*>(table[3 + 2 * q]);
 }
 
-__device__ __forceinline__ void st_relaxed_sys_u64(u64* p, u64 v) {
-    asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
-__device__ __forceinline__ u64 ld_relaxed_sys_u64(const u64* p) {
-    u64 v;
-    asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-    return v;
-}
-
 // Every thread: waits until `slot` holds a value of epoch `tag` and returns
 // the value's bits; 0 with *ok cleared when the kernel is stopping, a rank
 // failed (the abort word) or rank q never wrote (a hang naming it after half
@@ -58,7 +48,7 @@ __device__ __noinline__ u32 all_reduce_take(const Ctx& c, const AllReduceArgs& a
     const u32* abort_word = reinterpret_cast<const u32*>(reinterpret_cast<const u64*>(a.table)[0]);
     u64 start = 0;
     for (u32 polls = 0;; ++polls) {
-        const u64 w = ld_relaxed_sys_u64(slot);
+        const u64 w = ld_relaxed_sys(slot);
         if (u32(w >> 32) == tag) return u32(w);
         if (polls >= 4096) __nanosleep(64);
         if ((polls & 63) == 63) {
@@ -99,7 +89,7 @@ __device__ __noinline__ void task_all_reduce(const Ctx& c) {
     for (u32 j = threadIdx.x; j < a.count; j += blockDim.x) {
         const u64 e = u64(a.first) + j;
         const u64 w = (u64(tag) << 32) | __ldcg(mine + e);
-        for (u32 q = 0; q < a.ranks; ++q) st_relaxed_sys_u64(site_recv(table, q) + u64(a.rank) * a.seg + e, w);
+        for (u32 q = 0; q < a.ranks; ++q) st_relaxed_sys(site_recv(table, q) + u64(a.rank) * a.seg + e, w);
     }
     const u64* recv = site_recv(table, a.rank);
     if (a.op == ALL_REDUCE_SUM) {
