@@ -31,6 +31,9 @@ measured first in the same run, and the ratio (roofline %); then the time of a
                   one token), for each FP4 format, against the copy bandwidth
   --profile       after timing, trace one more step and print where its time
                   went, stage by stage (device timestamps of every task)
+  --trace-out D   with --profile, also write each traced step to
+                  D/PRESET-DTYPE-{decode,verify16,dflash}.json in the Chrome
+                  trace event format (one track per SM; open in Perfetto)
   --dflash TAUS   also decode with DFlash in INJECTED-ACCEPTANCE mode at each
                   mean acceptance length in the comma-separated list (e.g.
                   1,3,5,6.5,8): a random draft runs its full computation, then
@@ -52,6 +55,7 @@ fn main() -> Result<()> {
     let mut formats: Vec<Option<Fp4Format>> = Vec::new();
     let (mut taus, mut block) = (Vec::<f64>::new(), 8usize);
     let mut shared_kb: Option<u32> = None;
+    let mut trace_out: Option<std::path::PathBuf> = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut num = |f: &str| -> usize {
@@ -65,6 +69,7 @@ fn main() -> Result<()> {
             "--context" => context = num("--context"),
             "--tokens" => tokens = num("--tokens"),
             "--profile" => profile = true,
+            "--trace-out" => trace_out = it.next().map(Into::into),
             "--expert-stream" => expert_stream = true,
             "--config-out" => config_out = it.next(),
             "--block" => block = num("--block"),
@@ -225,18 +230,28 @@ fn main() -> Result<()> {
                 block,
                 plain: per_token,
                 profile,
+                trace_out: trace_out.as_deref(),
             };
             drop(d);
             run.go(&rt, &taus)?;
             continue;
         }
         if profile {
-            print_profile(&d.trace_step(&rt)?, d.step_program());
+            let out = |what: &str| {
+                trace_out
+                    .as_ref()
+                    .map(|d| d.join(format!("{name}-{dtype}-{what}.json")))
+            };
+            print_profile(&d.trace_step(&rt)?, d.step_program(), out("decode"));
             let chunk: Vec<u32> = (0..16)
                 .map(|i| ((i * 17 + 3) % config.vocab_size) as u32)
                 .collect();
             println!("  a 16-row chunk (verify block):");
-            print_profile(&d.trace_chunk(&rt, &chunk)?, d.chunk_program());
+            print_profile(
+                &d.trace_chunk(&rt, &chunk)?,
+                d.chunk_program(),
+                out("verify16"),
+            );
         }
     }
     Ok(())
@@ -342,6 +357,8 @@ struct DflashRun<'a> {
     /// Plain decode seconds per token, same run.
     plain: f64,
     profile: bool,
+    /// Where the traced iteration goes (Chrome trace format), if anywhere.
+    trace_out: Option<&'a std::path::Path>,
 }
 
 impl DflashRun<'_> {
@@ -441,7 +458,10 @@ impl DflashRun<'_> {
                 total / 1e3,
                 line.join(", ")
             );
-            print_profile(&trace, program);
+            let out = self
+                .trace_out
+                .map(|d| d.join(format!("{}-{}-dflash.json", self.name, self.dtype)));
+            print_profile(&trace, program, out);
         }
         Ok(())
     }
@@ -451,25 +471,51 @@ impl DflashRun<'_> {
 fn print_profile(
     trace: &megakernel::program::trace::Trace,
     program: &megakernel::program::Program,
+    out: Option<std::path::PathBuf>,
 ) {
+    if let Some(path) = out {
+        let written = std::fs::create_dir_all(path.parent().unwrap_or(std::path::Path::new(".")))
+            .and_then(|()| {
+                let mut f = std::io::BufWriter::new(std::fs::File::create(&path)?);
+                trace.write_chrome_json(program, &mut f)
+            });
+        match written {
+            Ok(()) => println!("  trace written to {}", path.display()),
+            Err(e) => eprintln!("  could not write {}: {e}", path.display()),
+        }
+    }
     let total = trace.total_ns() as f64;
     println!(
         "  traced step: {:.1} µs (first task start to last task end)",
         total / 1e3
     );
+    // Per stage of its kind (means over its occurrences): the critical-path
+    // share, and when its first and last tasks started after the stage before.
     println!(
-        "  {:<28} {:>6} {:>6} {:>10} {:>6} {:>12}",
-        "stage", "count", "tasks", "µs/step", "share", "µs/task"
+        "  {:<28} {:>6} {:>6} {:>10} {:>6} {:>9} {:>9} {:>9} {:>9}",
+        "stage",
+        "count",
+        "tasks",
+        "µs/step",
+        "share",
+        "µs/task",
+        "µs/stage",
+        "1st start",
+        "last start"
     );
     for s in trace.by_kind(program) {
+        let per = |ns: u64| ns as f64 / 1e3 / s.count as f64;
         println!(
-            "  {:<28} {:>6} {:>6} {:>10.1} {:>5.1}% {:>12.2}",
+            "  {:<28} {:>6} {:>6} {:>10.1} {:>5.1}% {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
             s.name,
             s.count,
             s.tasks,
             s.critical_ns as f64 / 1e3,
             100.0 * s.critical_ns as f64 / total,
-            s.mean_task_ns / 1e3
+            s.mean_task_ns / 1e3,
+            per(s.critical_ns),
+            per(s.first_start_ns),
+            per(s.last_start_ns)
         );
     }
 }

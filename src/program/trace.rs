@@ -38,6 +38,12 @@ pub struct StageTime {
     pub critical_ns: u64,
     /// Mean over tasks of end − start: the work itself, without waiting.
     pub mean_task_ns: f64,
+    /// From the previous stage's last end to this stage's first start (0 when
+    /// it started earlier): the dependency hop, where the stage waited.
+    pub first_start_ns: u64,
+    /// From the previous stage's last end to this stage's last start: how
+    /// late its slowest worker began.
+    pub last_start_ns: u64,
 }
 
 impl Trace {
@@ -51,34 +57,49 @@ impl Trace {
     /// One row per signalled event, in order of completion; tasks that signal
     /// nothing are grouped as `(no event)`.
     pub fn stages(&self, program: &Program) -> Vec<StageTime> {
-        let mut by_event: std::collections::BTreeMap<u32, (u64, u64, usize)> = Default::default();
+        #[derive(Clone, Copy)]
+        struct Span {
+            end: u64,
+            busy: u64,
+            tasks: usize,
+            first: u64,
+            last: u64,
+        }
+        let mut by_event: std::collections::BTreeMap<u32, Span> = Default::default();
         for t in &self.tasks {
             let ev = program
                 .descs
                 .get(t.task as usize)
                 .map_or(NO_EVENT, |d| d.signal);
-            let e = by_event.entry(ev).or_insert((0, 0, 0));
-            e.0 = e.0.max(t.end_ns);
-            e.1 += t.end_ns.saturating_sub(t.start_ns);
-            e.2 += 1;
+            let e = by_event.entry(ev).or_insert(Span {
+                end: 0,
+                busy: 0,
+                tasks: 0,
+                first: u64::MAX,
+                last: 0,
+            });
+            e.end = e.end.max(t.end_ns);
+            e.busy += t.end_ns.saturating_sub(t.start_ns);
+            e.tasks += 1;
+            e.first = e.first.min(t.start_ns);
+            e.last = e.last.max(t.start_ns);
         }
-        let mut rows: Vec<(u32, u64, u64, usize)> = by_event
-            .into_iter()
-            .map(|(ev, (end, busy, n))| (ev, end, busy, n))
-            .collect();
-        rows.sort_by_key(|r| r.1);
+        let mut rows: Vec<(u32, Span)> = by_event.into_iter().collect();
+        rows.sort_by_key(|r| r.1.end);
         let mut prev = self.tasks.iter().map(|t| t.start_ns).min().unwrap_or(0);
         rows.into_iter()
-            .map(|(ev, end, busy, n)| {
-                let critical = end.saturating_sub(prev);
-                prev = prev.max(end);
-                StageTime {
+            .map(|(ev, sp)| {
+                let row = StageTime {
                     name: program.event_name(ev).unwrap_or("(no event)").to_string(),
-                    tasks: n,
+                    tasks: sp.tasks,
                     count: 1,
-                    critical_ns: critical,
-                    mean_task_ns: busy as f64 / n as f64,
-                }
+                    critical_ns: sp.end.saturating_sub(prev),
+                    mean_task_ns: sp.busy as f64 / sp.tasks as f64,
+                    first_start_ns: sp.first.saturating_sub(prev),
+                    last_start_ns: sp.last.saturating_sub(prev),
+                };
+                prev = prev.max(sp.end);
+                row
             })
             .collect()
     }
@@ -97,12 +118,56 @@ impl Trace {
                     r.tasks += s.tasks;
                     r.count += 1;
                     r.critical_ns += s.critical_ns;
+                    r.first_start_ns += s.first_start_ns;
+                    r.last_start_ns += s.last_start_ns;
                 }
                 None => rows.push(StageTime { name, ..s }),
             }
         }
         rows.sort_by_key(|r| std::cmp::Reverse(r.critical_ns));
         rows
+    }
+}
+
+impl Trace {
+    /// Writes the trace in the Chrome trace event format, for Perfetto or
+    /// `chrome://tracing`: one track per worker (SM), one complete event per
+    /// task named for the event it signals, times in microseconds from the
+    /// first start.
+    pub fn write_chrome_json(
+        &self,
+        program: &Program,
+        out: &mut dyn std::io::Write,
+    ) -> std::io::Result<()> {
+        let t0 = self.tasks.iter().map(|t| t.start_ns).min().unwrap_or(0);
+        writeln!(out, "{{\"traceEvents\": [")?;
+        for (i, t) in self.tasks.iter().enumerate() {
+            let ev = program
+                .descs
+                .get(t.task as usize)
+                .map_or(NO_EVENT, |d| d.signal);
+            let name = program.event_name(ev).unwrap_or("(no event)");
+            let name: String = name
+                .chars()
+                .map(|c| {
+                    if c == '"' || c == '\\' || c.is_control() {
+                        '_'
+                    } else {
+                        c
+                    }
+                })
+                .collect();
+            writeln!(
+                out,
+                "{{\"name\": \"{name}\", \"ph\": \"X\", \"pid\": 0, \"tid\": {}, \"ts\": {:.3}, \"dur\": {:.3}, \"args\": {{\"task\": {}}}}}{}",
+                t.worker,
+                t.start_ns.saturating_sub(t0) as f64 / 1e3,
+                t.end_ns.saturating_sub(t.start_ns) as f64 / 1e3,
+                t.task,
+                if i + 1 < self.tasks.len() { "," } else { "" }
+            )?;
+        }
+        writeln!(out, "]}}")
     }
 }
 
@@ -117,6 +182,38 @@ fn strip_layer(name: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chrome_json_has_one_event_per_task() {
+        let mut b = crate::program::ProgramBuilder::new();
+        let ev = b.event("layer 0 \"odd\" name");
+        let _ = b.push(crate::task::TaskSpec::raw_opcode(0)).signal(ev);
+        let _ = b.push(crate::task::TaskSpec::raw_opcode(0));
+        let program = b.build().unwrap();
+        let trace = Trace {
+            tasks: vec![
+                TaskTime {
+                    task: 0,
+                    worker: 3,
+                    start_ns: 1_000,
+                    end_ns: 3_500,
+                },
+                TaskTime {
+                    task: 1,
+                    worker: 5,
+                    start_ns: 2_000,
+                    end_ns: 2_250,
+                },
+            ],
+        };
+        let mut out = Vec::new();
+        trace.write_chrome_json(&program, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("\"name\": \"layer 0 _odd_ name\", \"ph\": \"X\", \"pid\": 0, \"tid\": 3, \"ts\": 0.000, \"dur\": 2.500"));
+        assert!(text.contains("\"name\": \"(no event)\", \"ph\": \"X\", \"pid\": 0, \"tid\": 5, \"ts\": 1.000, \"dur\": 0.250"));
+        assert_eq!(text.matches("\"ph\"").count(), 2);
+        assert!(text.trim_end().ends_with("]}"));
+    }
 
     #[test]
     fn layer_prefixes_are_stripped() {

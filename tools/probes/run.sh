@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the task probes (plain kernels around one task kind's device code:
-# fp4_probe.cu, attention_probe.cu) and times their shapes; with --ncu, also
+# fp4_probe.cu, attention_probe.cu; and hop_probe.cu, the dependency hop's
+# parts: round trips, release cost, ways to poll) and times their shapes; with --ncu, also
 # profiles one launch of each with Nsight Compute (the resident kernel itself
 # cannot be profiled: the profiler serialises launches). Needs nvcc ($NVCC or
 # PATH) and, to run, an sm_90 GPU. Results go to target/probes.
@@ -10,7 +11,7 @@ nvcc="${NVCC:-nvcc}"
 root="$(dirname "$(dirname "$(command -v "$nvcc")")")"
 out=target/probes
 mkdir -p "$out"
-for probe in fp4_probe attention_probe; do
+for probe in fp4_probe attention_probe hop_probe; do
   "$nvcc" -std=c++17 -O3 -arch=sm_90a -Ikernels -L"$root/lib" -L"$root/lib64" \
     "tools/probes/$probe.cu" -o "$out/$probe"
 done
@@ -20,6 +21,7 @@ for rows in 1 8 16; do
   "$out/attention_probe" "$rows"
   "$out/attention_probe" "$rows" 400 rope
 done
+"$out/hop_probe"
 if [ "${1:-}" = --ncu ]; then
   profile() {  # name, then the probe's command line
     local name=$1
