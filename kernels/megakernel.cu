@@ -65,6 +65,14 @@ __device__ __noinline__ bool fetch_command(const Env* env, u64 seq, Command* out
     return true;
 }
 
+// The block's dynamic shared memory size, read where it is used (a special
+// register: cheaper than keeping it live across task bodies).
+__device__ __forceinline__ u32 dyn_smem_bytes() {
+    u32 n;
+    asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(n));
+    return n;
+}
+
 // Block-wide state of the command being run, written by thread 0 between barriers.
 struct Loop {
     u32 first;
@@ -75,6 +83,9 @@ struct Loop {
     bool stop;          // the command ends before this iteration
     u32 staged_bytes;   // the current task's staged bytes (0: none)
     u32 staged_off;     // where in dynamic shared memory they land
+    u32 t;              // the task the block runs (index into the command's task array)
+    u32 signal;         // its event
+    u64 t_start;        // when its waits were met (trace only)
 };
 
 // Thread 0: a task whose declared range is constant (TASK_FLAG_STAGE) gets as
@@ -190,8 +201,6 @@ __device__ __forceinline__ void resident(const KernelParams& kp) {
         stage_init(&s_stage.bar);
         s_loop.staged_bytes = 0;
     }
-    u32 dyn_bytes;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn_bytes));
     const Env* env = &s_env;
 
     // Thread 0 decides; __syncthreads_and hands the decision to the block, so
@@ -249,51 +258,65 @@ __device__ __forceinline__ void resident(const KernelParams& kp) {
             // copied here; then, while task t runs, threads 32..39 copy task t + 2
             // (cp.async, one group per task), so even short tasks never wait for
             // their descriptor.
-            const u32 first = s_loop.first, last = s_loop.last;
-            ulonglong2* const trace = TRACE ? s_loop.trace : nullptr;
-            if (tid < 16 && first + tid / 8 < last) {
-                const u32 t = first + tid / 8;
+            //
+            // The loop's state (the task index, its signal, its start time) lives
+            // in s_loop and is read back after each barrier, so that nothing of it
+            // is live across a task body: the bodies need every register, and a
+            // loop variable spilled to local memory costs an L1 miss per task
+            // once a body has streamed through L1.
+            if (tid < 16 && s_loop.first + tid / 8 < s_loop.last) {
+                const u32 t = s_loop.first + tid / 8;
                 reinterpret_cast<uint4*>(&s_descs[t & 3])[tid & 7] = reinterpret_cast<const uint4*>(&tasks[t])[tid & 7];
             }
+            if (tid == 0) s_loop.t = s_loop.first;
             __syncthreads();
-            for (u32 t = first; go && t < last; ++t) {
+            for (;;) {
+                const u32 t = s_loop.t;  // written by thread 0 between two barriers
+                if (t >= s_loop.last) break;
                 TaskDesc* d = &s_descs[t & 3];
-                const u32 signal = d->signal;  // read now: the buffer is refilled two tasks later
                 // The copying threads are in warp 1, so that thread 0's release
                 // fence when it signals never waits for these loads.
                 if (tid - 32 < 8) {
-                    if (t + 2 < last) {
+                    if (t + 2 < s_loop.last) {
+                        const TaskDesc* src = reinterpret_cast<const TaskDesc*>(s_cmd.tasks) + t + 2;
                         const unsigned dst = unsigned(__cvta_generic_to_shared(&s_descs[(t + 2) & 3])) + 16 * (tid - 32);
                         asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(dst),
-                                     "l"(reinterpret_cast<const uint4*>(&tasks[t + 2]) + (tid - 32))
+                                     "l"(reinterpret_cast<const uint4*>(src) + (tid - 32))
                                      : "memory");
                     }
                     asm volatile("cp.async.commit_group;" ::: "memory");
                 }
-                u64 t_start = 0;
                 if (tid == 0) {
-                    stage_task(&s_stage, d, s_dyn, dyn_bytes, &s_loop);
+                    s_loop.signal = d->signal;  // read now: the buffer is refilled two tasks later
+                    stage_task(&s_stage, d, s_dyn, dyn_smem_bytes(), &s_loop);
                     ok = prepare_task(env, d, &s_cmd, s_loop.epoch);
-                    if (trace) t_start = globaltimer();
+                    if (TRACE && s_loop.trace) s_loop.t_start = globaltimer();
                 }
                 go = __syncthreads_and(ok);
+                // Every thread read t before the barrier above.
+                if (tid == 0) s_loop.t = t + 1;
                 const u32 staged = s_loop.staged_bytes;
                 // Waited on even when the block stops: no copy may outlive it.
                 if (staged) stage_wait(&s_stage.bar, s_stage.stagings & 1u);
-                if (go) {
-                    const u32 keep = staged ? s_loop.staged_off : dyn_bytes;
-                    const Ctx c = {env, d, seq, s_dyn, keep, staged ? s_dyn + s_loop.staged_off : nullptr, staged};
+                if (!go) break;
+                {
+                    const u32 keep = staged ? s_loop.staged_off : dyn_smem_bytes();
+                    const Ctx c = {env, d, s_cmd.seq, s_dyn, keep, staged ? s_dyn + s_loop.staged_off : nullptr,
+                                   staged};
                     if (!dispatch_task(d->opcode, c) && tid == 0) {
-                        report_fault(env, d->id, d->opcode, seq, FAULT_BAD_OPCODE, NO_EVENT, d->opcode, 0);
+                        report_fault(env, d->id, d->opcode, s_cmd.seq, FAULT_BAD_OPCODE, NO_EVENT, d->opcode, 0);
                     }
                 }
                 // Task t + 1's descriptor (the group before the newest) has landed.
                 if (tid - 32 < 8) asm volatile("cp.async.wait_group 1;" ::: "memory");
                 __syncthreads();  // the task's writes are done
-                if (staged && tid == 0) ++s_stage.stagings;
-                if (go && tid == 0 && trace) trace[t] = make_ulonglong2(t_start, globaltimer());
-                if (go && tid == 0 && signal != NO_EVENT) {
-                    red_release_gpu(reinterpret_cast<u64*>(s_cmd.events) + signal, 1);
+                if (tid == 0) {
+                    if (s_loop.staged_bytes) ++s_stage.stagings;
+                    const u32 done = s_loop.t - 1, signal = s_loop.signal;
+                    if (TRACE && s_loop.trace) s_loop.trace[done] = make_ulonglong2(s_loop.t_start, globaltimer());
+                    if (signal != NO_EVENT) {
+                        red_release_gpu(reinterpret_cast<u64*>(s_cmd.events) + signal, 1);
+                    }
                 }
             }
             if (tid - 32 < 8) asm volatile("cp.async.wait_all;" ::: "memory");
