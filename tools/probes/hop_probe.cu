@@ -12,19 +12,7 @@
 // and how long a release reduction holds its thread.
 //
 // Usage: hop_probe [rounds]
-#include <cstdio>
-#include <cstdlib>
-
-#include "include/task.cuh"
-
-#define CHECK(x)                                                                              \
-    do {                                                                                      \
-        cudaError_t e_ = (x);                                                                 \
-        if (e_ != cudaSuccess) {                                                              \
-            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-            exit(1);                                                                          \
-        }                                                                                     \
-    } while (0)
+#include "probe.cuh"
 
 constexpr u32 STRIDE = 32;  // counters 256 bytes apart
 
