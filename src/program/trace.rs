@@ -39,10 +39,11 @@ pub struct StageTime {
     /// Mean over tasks of end − start: the work itself, without waiting.
     pub mean_task_ns: f64,
     /// From the previous stage's last end to this stage's first start (0 when
-    /// it started earlier): the dependency hop, where the stage waited.
+    /// it started earlier): the dependency hop, where the stage waited
+    /// (summed over layers by [`Trace::by_kind`]).
     pub first_start_ns: u64,
     /// From the previous stage's last end to this stage's last start: how
-    /// late its slowest worker began.
+    /// late its slowest worker began (summed like `first_start_ns`).
     pub last_start_ns: u64,
 }
 
@@ -182,6 +183,43 @@ fn strip_layer(name: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stages_time_their_starts_from_the_stage_before() {
+        let mut b = crate::program::ProgramBuilder::new();
+        let (e0, e1) = (b.event("layer 0 a"), b.event("layer 0 b"));
+        let _ = b.push(crate::task::TaskSpec::raw_opcode(0)).signal(e0);
+        for _ in 0..2 {
+            let _ = b
+                .push(crate::task::TaskSpec::raw_opcode(0))
+                .wait(e0)
+                .signal(e1);
+        }
+        let program = b.build().unwrap();
+        let at = |task, worker, start_ns, end_ns| TaskTime {
+            task,
+            worker,
+            start_ns,
+            end_ns,
+        };
+        let trace = Trace {
+            tasks: vec![
+                at(0, 0, 100, 400),
+                at(1, 1, 1_300, 2_000),
+                at(2, 2, 1_700, 2_600),
+            ],
+        };
+        let rows = trace.stages(&program);
+        assert_eq!(rows.len(), 2);
+        assert_eq!((rows[0].critical_ns, rows[0].first_start_ns), (300, 0));
+        assert_eq!(rows[1].name, "layer 0 b");
+        assert_eq!(rows[1].critical_ns, 2_200);
+        assert_eq!(
+            (rows[1].first_start_ns, rows[1].last_start_ns),
+            (900, 1_300)
+        );
+        assert_eq!(rows[1].mean_task_ns, 800.0);
+    }
 
     #[test]
     fn chrome_json_has_one_event_per_task() {
