@@ -68,10 +68,7 @@ impl Trace {
         }
         let mut by_event: std::collections::BTreeMap<u32, Span> = Default::default();
         for t in &self.tasks {
-            let ev = program
-                .descs
-                .get(t.task as usize)
-                .map_or(NO_EVENT, |d| d.signal);
+            let ev = signal_of(program, t.task);
             let e = by_event.entry(ev).or_insert(Span {
                 end: 0,
                 busy: 0,
@@ -128,9 +125,7 @@ impl Trace {
         rows.sort_by_key(|r| std::cmp::Reverse(r.critical_ns));
         rows
     }
-}
 
-impl Trace {
     /// Writes the trace in the Chrome trace event format, for Perfetto or
     /// `chrome://tracing`: one track per worker (SM), one complete event per
     /// task named for the event it signals, times in microseconds from the
@@ -143,10 +138,7 @@ impl Trace {
         let t0 = self.tasks.iter().map(|t| t.start_ns).min().unwrap_or(0);
         writeln!(out, "{{\"traceEvents\": [")?;
         for (i, t) in self.tasks.iter().enumerate() {
-            let ev = program
-                .descs
-                .get(t.task as usize)
-                .map_or(NO_EVENT, |d| d.signal);
+            let ev = signal_of(program, t.task);
             let name = program.event_name(ev).unwrap_or("(no event)");
             let name: String = name
                 .chars()
@@ -170,6 +162,14 @@ impl Trace {
         }
         writeln!(out, "]}}")
     }
+}
+
+/// The event task `task` of `program` signals ([`NO_EVENT`] if none).
+fn signal_of(program: &Program, task: u32) -> u32 {
+    program
+        .descs
+        .get(task as usize)
+        .map_or(NO_EVENT, |d| d.signal)
 }
 
 /// `layer 12 qkv` → `qkv`.
