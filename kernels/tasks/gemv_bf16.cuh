@@ -7,6 +7,12 @@
 #pragma once
 #include "../include/task.cuh"
 
+// A probe's mark of the product's phases (tools/probes/gemv_probe.cu); none
+// in the kernel.
+#ifndef MK_PHASE
+#define MK_PHASE(k)
+#endif
+
 struct GemvBf16Args {
     u64 w;
     u64 x;
@@ -341,6 +347,7 @@ __device__ __forceinline__ bool gemv_mma_ok(const GemvBf16Args& a) {
 template <int NT>
 __device__ __noinline__ void gemv_mma_job(const GemvBf16Args& a, u64 x, u32 ldx, const u32* rmap, u32 n,
                                           StagedRows st, u32 r0, u32 ch0, u32 ch1, float* part_in, u32 rbase) {
+    MK_PHASE(7);
     // Shared memory (passed in generic): see as_shared.
     float* const part = reinterpret_cast<float*>(as_shared(part_in));
     constexpr u32 U = 8;  // chunks whose loads are in flight at once
@@ -358,6 +365,7 @@ __device__ __noinline__ void gemv_mma_job(const GemvBf16Args& a, u64 x, u32 ldx,
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
     const uint4 zero = make_uint4(0, 0, 0, 0);
+    MK_PHASE(8);
     for (u32 ch = ch0; ch < ch1; ch += U) {
         uint4 qa[U], qb[U], x1[NT == 1 ? U : 1];
 #pragma unroll
@@ -368,6 +376,7 @@ __device__ __noinline__ void gemv_mma_job(const GemvBf16Args& a, u64 x, u32 ldx,
             // One n-tile (at most 8 input rows): its x chunks load with the matrix.
             if (NT == 1) x1[u] = in && xl[0] ? *reinterpret_cast<const uint4*>(xp[0] + u * 64) : zero;
         }
+        MK_PHASE(9);
 #pragma unroll
         for (u32 u = 0; u < U; ++u) {
             if (ch + u >= ch1) break;
@@ -389,6 +398,7 @@ __device__ __noinline__ void gemv_mma_job(const GemvBf16Args& a, u64 x, u32 ldx,
 #pragma unroll
         for (int j = 0; j < NT; ++j) xp[j] += U * 64;
     }
+    MK_PHASE(10);
     // acc[j][0..1]: row g, inputs j * 8 + 2c, + 1; acc[j][2..3]: row g + 8.
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
@@ -396,6 +406,7 @@ __device__ __noinline__ void gemv_mma_job(const GemvBf16Args& a, u64 x, u32 ldx,
         float* p1 = p0 + 8 * (NT * 8);
         p0[0] = acc[j][0], p0[1] = acc[j][1], p1[0] = acc[j][2], p1[1] = acc[j][3];
     }
+    MK_PHASE(11);
 }
 
 // The task's rows in groups of `group` (a multiple of 16): every warp takes
@@ -415,7 +426,9 @@ __device__ __noinline__ void gemv_mma_rows(const GemvBf16Args& a, u64 x, u32 ldx
             const u32 c0 = s * gemv_mma_per(a.cols), c1 = min(c0 + gemv_mma_per(a.cols), chunks);
             gemv_mma_job<NT>(a, x, ldx, rmap, n, st, g0 + tile * 16, c0, c1, part + s * group * (NT * 8), g0);
         }
+        MK_PHASE(2);
         __syncthreads();
+        MK_PHASE(3);
         for (u32 k = threadIdx.x; k < grows * n; k += blockDim.x) {
             const u32 r = k / n, i = k % n;
             float sum = 0.0f;
@@ -426,6 +439,7 @@ __device__ __noinline__ void gemv_mma_rows(const GemvBf16Args& a, u64 x, u32 ldx
         }
         __syncthreads();
     }
+    MK_PHASE(4);
 }
 
 // With `rmap`, only the `n` rows it lists are computed (the others keep
@@ -450,6 +464,7 @@ __device__ __forceinline__ void gemv_dispatch(const Ctx& c, const GemvBf16Args& 
     }
     const u32 room = c.smem_bytes - reserve;
     if (!gemv_input(c, in, x, ldx, bf16, room)) return;
+    MK_PHASE(1);
     if (!rmap) n = a.m;
     // A staged slice holds whole rows from row0 on (the declared range).
     const StagedRows st = {c.staged, c.staged && a.ldw == a.cols ? c.staged_bytes / (a.ldw * 2) : 0u};

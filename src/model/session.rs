@@ -1502,7 +1502,7 @@ fn build(
                     cols: h,
                     m,
                 };
-                let r = ops::gemv_with(
+                let mut r = ops::gemv_with(
                     ch.b,
                     &router.all(),
                     &src,
@@ -1514,7 +1514,15 @@ fn build(
                     &pro,
                 )?
                 .staged(ch.b);
+                // The experts read the normalised rows from `hn`: where the
+                // router normalises them itself, a norm task beside its
+                // tasks (on another SM, the same arithmetic) writes them, so
+                // that no expert task repeats the norm.
+                if !matches!(pro, Prologue::None) {
+                    r.0.extend(norm(&mut ch, &ly.attn.post_norm)?.0);
+                }
                 ch.stage(r, &format!("layer {l} router"));
+                let (src, pro) = (hn.all(), Prologue::None);
                 // This layer's tally for blocks of m rows.
                 let at = (l * MAX_ROWS + m - 1) * 2;
                 let tally = (m <= MAX_ROWS)

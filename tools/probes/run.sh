@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the task probes (plain kernels around one task kind's device code:
-# fp4_probe.cu, attention_probe.cu; and hop_probe.cu, the dependency hop's
+# fp4_probe.cu, attention_probe.cu, gemv_probe.cu; and hop_probe.cu, the dependency hop's
 # parts: round trips, release cost, ways to poll) and times their shapes; with --ncu, also
 # profiles one launch of each with Nsight Compute (the resident kernel itself
 # cannot be profiled: the profiler serialises launches). Needs nvcc ($NVCC or
@@ -11,7 +11,7 @@ nvcc="${NVCC:-nvcc}"
 root="$(dirname "$(dirname "$(command -v "$nvcc")")")"
 out=target/probes
 mkdir -p "$out"
-for probe in fp4_probe attention_probe hop_probe; do
+for probe in fp4_probe attention_probe gemv_probe hop_probe; do
   "$nvcc" -std=c++17 -O3 -arch=sm_90a -Ikernels -L"$root/lib" -L"$root/lib64" \
     "tools/probes/$probe.cu" -o "$out/$probe"
 done
@@ -20,6 +20,10 @@ for shape in gate gate0 down; do "$out/fp4_probe" "$shape"; done
 for rows in 1 8 16; do
   "$out/attention_probe" "$rows"
   "$out/attention_probe" "$rows" 400 rope
+done
+for shape in qkv oproj router; do
+  for mode in cold staged; do "$out/gemv_probe" "$shape" "$mode"; done
+  "$out/gemv_probe" "$shape" staged-hot 200 2
 done
 "$out/hop_probe"
 if [ "${1:-}" = --ncu ]; then
