@@ -1627,34 +1627,15 @@ fn build(
                     }
                     Ok::<_, Error>(specs)
                 };
-                let mut specs =
+                let gate_specs =
                     expert_gemv(gate, &src, &eg, moe_inter, h, false, &pro, per_slot_pair)?;
-                specs.extend(expert_gemv(
-                    up,
-                    &src,
-                    &eu,
-                    moe_inter,
-                    h,
-                    false,
-                    &pro,
-                    per_slot_pair,
-                )?);
-                let gu = ops::Group(ch.b.push_all(specs));
-                ch.stage(gu, &format!("layer {l} expert gate+up"));
-                let pro = if fuse(moe_inter) {
-                    Prologue::Swiglu(eu.all())
-                } else {
-                    let s = ops::swiglu(ch.b, &eg.all(), &eg.all(), &eu.all(), workers)?;
-                    ch.stage(s, &format!("layer {l} expert swiglu"));
-                    Prologue::None
-                };
-                let d = expert_gemv(down, &eg.all(), &ey, h, moe_inter, true, &pro, per_slot)?;
-                let d = ops::Group(ch.b.push_all(d));
-                ch.stage(d, &format!("layer {l} expert down"));
+                let up_specs =
+                    expert_gemv(up, &src, &eu, moe_inter, h, false, &pro, per_slot_pair)?;
                 let (dst, acc, site) = into_residual()?;
-                let mut specs = Vec::new();
-                for (h0, n) in split_even(h, workers.min(h.div_ceil(64))) {
-                    specs.push(MoeCombine::task(
+                let mut comb_specs = Vec::new();
+                let comb_ranges = split_even(h, workers.min(h.div_ceil(64)));
+                for &(h0, n) in &comb_ranges {
+                    comb_specs.push(MoeCombine::task(
                         &dst,
                         &ey.all(),
                         &route_weights.all(),
@@ -1668,8 +1649,74 @@ fn build(
                         acc,
                     )?);
                 }
-                let comb = ops::Group(ch.b.push_all(specs));
-                ch.stage(comb, &format!("layer {l} expert combine"));
+                // Where each slot has tasks of its own (one row: every task
+                // takes rows of one expert), an expert's down tasks wait for
+                // that expert's gate and up tasks alone, and a combine task
+                // for the down tasks of its columns alone: a late task holds
+                // back only the tasks that read what it writes.
+                let down_ranges = split_even(h, per_slot);
+                let spans: Vec<Vec<usize>> = comb_ranges
+                    .iter()
+                    .map(|&(h0, n)| {
+                        (0..down_ranges.len())
+                            .filter(|&p| {
+                                let (d0, dn) = down_ranges[p];
+                                d0 < h0 + n && h0 < d0 + dn
+                            })
+                            .collect()
+                    })
+                    .collect();
+                let per_expert = !(matches!(gate, ExpertMats::Fp4(_)) && m > 1)
+                    && fuse(moe_inter)
+                    && ch.join.is_empty()
+                    && spans.iter().all(|s| s.len() <= crate::abi::TASK_WAITS);
+                if let (true, Some(routed)) = (per_expert, ch.prev) {
+                    let pro = Prologue::Swiglu(eu.all());
+                    let down_specs =
+                        expert_gemv(down, &eg.all(), &ey, h, moe_inter, true, &pro, per_slot)?;
+                    let parts = split_even(moe_inter, per_slot_pair).len();
+                    let (gate_ids, up_ids) = (ch.b.push_all(gate_specs), ch.b.push_all(up_specs));
+                    let down_ids = ch.b.push_all(down_specs);
+                    let down_ev: Vec<_> = (0..down_ranges.len())
+                        .map(|p| ch.b.event(&format!("layer {l} expert down ({p})")))
+                        .collect();
+                    for slot in 0..slots {
+                        let ev = ch.b.event(&format!("layer {l} expert gate+up ({slot})"));
+                        let own = slot * parts..(slot + 1) * parts;
+                        for &t in gate_ids[own.clone()].iter().chain(&up_ids[own]) {
+                            ch.b.task(t).wait(routed).signal(ev);
+                        }
+                        for (p, &dev) in down_ev.iter().enumerate() {
+                            let t = down_ids[slot * down_ranges.len() + p];
+                            ch.b.task(t).wait(ev).signal(dev);
+                        }
+                    }
+                    let comb = ops::Group(ch.b.push_all(comb_specs));
+                    for (&t, span) in comb.0.iter().zip(&spans) {
+                        for &p in span {
+                            ch.b.task(t).wait(down_ev[p]);
+                        }
+                    }
+                    ch.prev = None;
+                    ch.stage(comb, &format!("layer {l} expert combine"));
+                } else {
+                    let mut specs = gate_specs;
+                    specs.extend(up_specs);
+                    let gu = ops::Group(ch.b.push_all(specs));
+                    ch.stage(gu, &format!("layer {l} expert gate+up"));
+                    let pro = if fuse(moe_inter) {
+                        Prologue::Swiglu(eu.all())
+                    } else {
+                        let s = ops::swiglu(ch.b, &eg.all(), &eg.all(), &eu.all(), workers)?;
+                        ch.stage(s, &format!("layer {l} expert swiglu"));
+                        Prologue::None
+                    };
+                    let d = expert_gemv(down, &eg.all(), &ey, h, moe_inter, true, &pro, per_slot)?;
+                    let d = ops::Group(ch.b.push_all(d));
+                    ch.stage(d, &format!("layer {l} expert down"));
+                    let comb = ops::Group(ch.b.push_all(comb_specs));
+                    ch.stage(comb, &format!("layer {l} expert combine"));
+                }
                 reduce(&mut ch, site, &format!("layer {l} experts"))?;
             }
         }

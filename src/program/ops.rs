@@ -311,24 +311,45 @@ pub fn attention(
         }
     }
     let slices = Group(b.push_all(specs));
-    let ev = b.event("attention.slices");
-    slices.signal(b, ev);
     // Each row of a block merges in tasks of its own (the same tasks a row
     // alone gets), so a block's rows merge side by side on more SMs.
     let mut specs = Vec::new();
+    let mut groups = Vec::new();
     let (per_partial, per_out) = (
         shape.heads * chunks * (shape.head_dim + 2),
         shape.heads * shape.head_dim,
     );
+    let group = shape.heads / shape.kv_heads.max(1);
     for i in 0..m {
         let p = partial.sub(i * per_partial, per_partial)?;
         let o = out.sub(i * per_out, per_out)?;
         for (h0, n) in split_even(shape.heads, combine_parts) {
             specs.push(AttentionCombine::task(&p, &o, shape, 1, chunks, h0, n)?);
+            groups.push(h0 / group.max(1)..(h0 + n - 1) / group.max(1) + 1);
         }
     }
     let combine = Group(b.push_all(specs));
-    combine.wait(b, ev);
+    // A merge task waits for the slices of the KV heads its query heads
+    // read (one event per KV head), not for every slice, where each task's
+    // heads lie under at most TASK_WAITS KV heads; else for all of them.
+    let per_kv = group > 0 && groups.iter().all(|g| g.len() <= crate::abi::TASK_WAITS);
+    if per_kv {
+        let evs: Vec<EventId> = (0..shape.kv_heads)
+            .map(|k| b.event(&format!("attention.slices ({k})")))
+            .collect();
+        for (kv, ids) in slices.0.chunks(chunks).enumerate() {
+            Group(ids.to_vec()).signal(b, evs[kv]);
+        }
+        for (&t, g) in combine.0.iter().zip(&groups) {
+            for kv in g.clone() {
+                b.task(t).wait(evs[kv]);
+            }
+        }
+    } else {
+        let ev = b.event("attention.slices");
+        slices.signal(b, ev);
+        combine.wait(b, ev);
+    }
     Ok((slices, combine))
 }
 

@@ -55,9 +55,22 @@ impl Trace {
         end.saturating_sub(start)
     }
 
-    /// One row per signalled event, in order of completion; tasks that signal
-    /// nothing are grouped as `(no event)`.
+    /// One row per stage, in order of completion: the tasks that signal one
+    /// event, or the parts of one stage (events made one after another whose
+    /// names differ only in a ` (N)` suffix, such as one per expert, signalled
+    /// side by side), named without the suffix; tasks that signal nothing are
+    /// grouped as `(no event)`.
     pub fn stages(&self, program: &Program) -> Vec<StageTime> {
+        // Each event's stage: the first event of its run of parts.
+        let name = |e: u32| strip_part(program.event_name(e).unwrap_or("(no event)"));
+        let mut stage_of = vec![0u32; program.num_events()];
+        for e in 0..stage_of.len() {
+            stage_of[e] = if e > 0 && name(e as u32) == name(e as u32 - 1) {
+                stage_of[e - 1]
+            } else {
+                e as u32
+            };
+        }
         #[derive(Clone, Copy)]
         struct Span {
             end: u64,
@@ -69,6 +82,7 @@ impl Trace {
         let mut by_event: std::collections::BTreeMap<u32, Span> = Default::default();
         for t in &self.tasks {
             let ev = signal_of(program, t.task);
+            let ev = stage_of.get(ev as usize).copied().unwrap_or(ev);
             let e = by_event.entry(ev).or_insert(Span {
                 end: 0,
                 busy: 0,
@@ -88,7 +102,7 @@ impl Trace {
         rows.into_iter()
             .map(|(ev, sp)| {
                 let row = StageTime {
-                    name: program.event_name(ev).unwrap_or("(no event)").to_string(),
+                    name: name(ev).to_string(),
                     tasks: sp.tasks,
                     count: 1,
                     critical_ns: sp.end.saturating_sub(prev),
@@ -172,6 +186,14 @@ fn signal_of(program: &Program, task: u32) -> u32 {
         .map_or(NO_EVENT, |d| d.signal)
 }
 
+/// `expert down (3)` → `expert down`: one part of a stage split over events.
+fn strip_part(name: &str) -> &str {
+    match name.strip_suffix(')').and_then(|r| r.rsplit_once(" (")) {
+        Some((base, n)) if !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()) => base,
+        _ => name,
+    }
+}
+
 /// `layer 12 qkv` → `qkv`.
 fn strip_layer(name: &str) -> &str {
     name.strip_prefix("layer ")
@@ -251,6 +273,54 @@ mod tests {
         assert!(text.contains("\"name\": \"(no event)\", \"ph\": \"X\", \"pid\": 0, \"tid\": 5, \"ts\": 1.000, \"dur\": 0.250"));
         assert_eq!(text.matches("\"ph\"").count(), 2);
         assert!(text.trim_end().ends_with("]}"));
+    }
+
+    #[test]
+    fn parts_of_a_stage_merge_into_one_stage() {
+        let mut b = crate::program::ProgramBuilder::new();
+        let e0 = b.event("layer 0 a");
+        let parts = [b.event("layer 0 b (0)"), b.event("layer 0 b (1)")];
+        let _ = b.push(crate::task::TaskSpec::raw_opcode(0)).signal(e0);
+        for p in parts {
+            let _ = b
+                .push(crate::task::TaskSpec::raw_opcode(0))
+                .wait(e0)
+                .signal(p);
+        }
+        let program = b.build().unwrap();
+        let at = |task, start_ns, end_ns| TaskTime {
+            task,
+            worker: task,
+            start_ns,
+            end_ns,
+        };
+        let trace = Trace {
+            tasks: vec![at(0, 100, 400), at(1, 1_300, 2_000), at(2, 1_700, 2_600)],
+        };
+        let rows = trace.stages(&program);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            (rows[0].name.as_str(), rows[0].critical_ns),
+            ("layer 0 a", 300)
+        );
+        let r = &rows[1];
+        assert_eq!((r.name.as_str(), r.count, r.tasks), ("layer 0 b", 1, 2));
+        // From `a`'s end (400 ns): the parts' last end, first and last start.
+        assert_eq!(r.critical_ns, 2_200);
+        assert_eq!((r.first_start_ns, r.last_start_ns), (900, 1_300));
+        assert_eq!(r.mean_task_ns, 800.0);
+    }
+
+    #[test]
+    fn part_suffixes_are_stripped() {
+        assert_eq!(
+            strip_part("layer 3 expert down (12)"),
+            "layer 3 expert down"
+        );
+        assert_eq!(strip_part("attention.slices (0)"), "attention.slices");
+        assert_eq!(strip_part("odd (x)"), "odd (x)");
+        assert_eq!(strip_part("odd ()"), "odd ()");
+        assert_eq!(strip_part("qkv"), "qkv");
     }
 
     #[test]
