@@ -108,12 +108,20 @@ __device__ __forceinline__ bool aborted(const Env* env) {
 // backing off with short sleeps later. (Relaxed polling closed by an acquire
 // fence measured slower: 1.58 vs 1.28 us per hop on an H100.) Returns false on
 // abort or timeout (a timeout is reported as a hang of `task` naming `event`).
+// Most bytes of a task's declared range an idle block asks L2 to fetch: all
+// blocks' shares together stay well inside an H100's 50 MB of L2. (Whole
+// ranges of several MiB, an LM head's, queued behind each other in the bulk
+// copy unit and held a block's wait up to 70 us past its inputs' arrival.)
+constexpr u64 PREFETCH_MAX_BYTES = 256 * 1024;
+
 // Thread 0: asks L2 to fetch the range a task declared (TASK_FLAG_PREFETCH),
-// in 32 KiB bulk requests. Hopper and later; a no-op elsewhere.
+// at most PREFETCH_MAX_BYTES of it, in 32 KiB bulk requests. Hopper and
+// later; a no-op elsewhere.
 __device__ __forceinline__ void prefetch_task(const TaskDesc* d) {
 #if __CUDA_ARCH__ >= 900
     if (d->flags & TASK_FLAG_PREFETCH) {
-        const u64 addr = d->args[TASK_ARG_SLOTS - 1], bytes = d->args[TASK_ARG_SLOTS - 2] & 0xFFFFFFFFu;
+        const u64 addr = d->args[TASK_ARG_SLOTS - 1];
+        const u64 bytes = min(d->args[TASK_ARG_SLOTS - 2] & 0xFFFFFFFFu, PREFETCH_MAX_BYTES);
         for (u64 off = 0; off < bytes; off += 32768) {
             const u32 n = u32(min(bytes - off, u64(32768)));
             asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(addr + off), "r"(n) : "memory");
