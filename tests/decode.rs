@@ -554,3 +554,131 @@ fn shared_memory_limit_changes_speed_not_results() {
         other => panic!("2 KiB of shared memory: expected a device fault, got {other:?}"),
     }
 }
+
+/// The argument record of a task, read from its descriptor.
+fn task_args<A: bytemuck::Pod>(d: &megakernel::abi::TaskDesc) -> A {
+    bytemuck::pod_read_unaligned(&bytemuck::bytes_of(&d.args)[..std::mem::size_of::<A>()])
+}
+
+/// A one-row MoE step waits for what each task reads, not for whole stages:
+/// an expert's down tasks for that expert's gate and up tasks (all their
+/// rows), an expert combine task for every slot's down tasks of its columns
+/// and no others, an attention merge task for all slices of its heads' KV
+/// heads and no others.
+#[test]
+fn moe_step_tasks_wait_for_their_producers_alone() {
+    use megakernel::abi::NO_EVENT;
+    use megakernel::task::attention::AttentionArgs;
+    use megakernel::task::attention_combine::AttentionCombineArgs;
+    use megakernel::task::gemv_expert::GemvExpertArgs;
+    use megakernel::task::moe_combine::MoeCombineArgs;
+    use std::collections::BTreeMap;
+
+    let cpu = CpuExecutor::new(CpuOptions {
+        threads: 4,
+        seed: 1,
+    });
+    let c = ModelConfig::preset("tiny-moe").unwrap();
+    let moe = c.moe.clone().unwrap();
+    let s = Model::random(&cpu, &c, 1)
+        .unwrap()
+        .session(&cpu, 16)
+        .unwrap();
+    let p = s.step_program();
+    let descs = p.descriptors();
+    let mut producers: Vec<Vec<usize>> = vec![Vec::new(); p.num_events()];
+    for (i, d) in descs.iter().enumerate() {
+        if d.signal != NO_EVENT {
+            producers[d.signal as usize].push(i);
+        }
+    }
+    let from = |i: usize| -> Vec<usize> {
+        descs[i]
+            .wait
+            .iter()
+            .filter(|&&e| e != NO_EVENT)
+            .flat_map(|&e| producers[e as usize].iter().copied())
+            .collect()
+    };
+    let kind = |i: usize| p.task_kind(i as u32);
+    let downs = (0..descs.len())
+        .filter(|&i| {
+            kind(i) == "gemv_expert" && task_args::<GemvExpertArgs>(&descs[i]).x_per_slot == 1
+        })
+        .count();
+    let (mut checked_downs, mut combines, mut merges) = (0, 0, 0);
+    for i in 0..descs.len() {
+        match kind(i) {
+            "gemv_expert" => {
+                let a: GemvExpertArgs = task_args(&descs[i]);
+                if a.x_per_slot == 0 {
+                    continue;
+                }
+                checked_downs += 1;
+                let mut rows = 0;
+                for t in from(i) {
+                    assert_eq!(kind(t), "gemv_expert");
+                    let b: GemvExpertArgs = task_args(&descs[t]);
+                    assert_eq!(
+                        (b.x_per_slot, b.slot),
+                        (0, a.slot),
+                        "down task {i} waits for task {t}"
+                    );
+                    rows += b.gemv.rows as usize;
+                }
+                assert_eq!(
+                    rows,
+                    2 * moe.moe_intermediate_size,
+                    "down task {i}: gate and up rows"
+                );
+            }
+            "moe_combine" => {
+                let a: MoeCombineArgs = task_args(&descs[i]);
+                combines += 1;
+                let producers = from(i);
+                assert!(
+                    producers.len() < downs,
+                    "combine task {i} waits for every down task"
+                );
+                let mut covered = vec![vec![false; a.hn as usize]; moe.top_k];
+                for t in producers {
+                    let b: GemvExpertArgs = task_args(&descs[t]);
+                    assert_eq!((kind(t), b.x_per_slot), ("gemv_expert", 1));
+                    for col in b.gemv.row0..b.gemv.row0 + b.gemv.rows {
+                        if (a.h0..a.h0 + a.hn).contains(&col) {
+                            covered[b.slot as usize][(col - a.h0) as usize] = true;
+                        }
+                    }
+                }
+                assert!(
+                    covered.iter().flatten().all(|&c| c),
+                    "combine task {i}: columns not covered"
+                );
+            }
+            "attention_combine" => {
+                let a: AttentionCombineArgs = task_args(&descs[i]);
+                merges += 1;
+                let group = (c.num_heads / c.num_kv_heads) as u32;
+                let mut got: BTreeMap<u32, u32> = BTreeMap::new();
+                for t in from(i) {
+                    assert_eq!(kind(t), "attention");
+                    let b: AttentionArgs = task_args(&descs[t]);
+                    *got.entry(b.kv_head).or_default() += 1;
+                    assert_eq!(b.chunks, a.chunks);
+                }
+                let need: Vec<u32> = (a.head0 / group..=(a.head0 + a.nheads - 1) / group).collect();
+                assert_eq!(
+                    got.keys().copied().collect::<Vec<_>>(),
+                    need,
+                    "merge task {i}"
+                );
+                assert!(
+                    got.values().all(|&n| n == a.chunks),
+                    "merge task {i}: slices missing"
+                );
+            }
+            _ => {}
+        }
+    }
+    assert!(checked_downs > 0 && combines > 0 && merges > 0);
+}
