@@ -104,10 +104,6 @@ __device__ __forceinline__ bool aborted(const Env* env) {
     return ld_relaxed_gpu_u32(&env->state->abort) != 0u;
 }
 
-// Waits (one thread) until *ctr >= need with acquire loads, spinning first and
-// backing off with short sleeps later. (Relaxed polling closed by an acquire
-// fence measured slower: 1.58 vs 1.28 us per hop on an H100.) Returns false on
-// abort or timeout (a timeout is reported as a hang of `task` naming `event`).
 // Most bytes of a task's declared range an idle block asks L2 to fetch: all
 // blocks' shares together stay well inside an H100's 50 MB of L2. (Whole
 // ranges of several MiB, an LM head's, queued behind each other in the bulk
@@ -130,6 +126,12 @@ __device__ __forceinline__ void prefetch_task(const TaskDesc* d) {
 #endif
 }
 
+// Waits (one thread) until *ctr >= need with acquire loads, spinning first and
+// backing off with short sleeps later. (Relaxed polling closed by an acquire
+// fence measured slower: 1.58 vs 1.28 us per hop on an H100.) Returns false on
+// abort or timeout (a timeout is reported as a hang of `task` naming `event`).
+// With `idle_prefetch`, a wait not met at once first asks L2 for that task's
+// range (prefetch_task).
 template <bool SYS>
 __device__ __noinline__ bool wait_at_least(const Env* env, u32 task, u32 opcode, u64 command, const u64* ctr,
                                            u64 need, u32 event, const TaskDesc* idle_prefetch = nullptr) {
