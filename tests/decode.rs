@@ -555,11 +555,6 @@ fn shared_memory_limit_changes_speed_not_results() {
     }
 }
 
-/// The argument record of a task, read from its descriptor.
-fn task_args<A: bytemuck::Pod>(d: &megakernel::abi::TaskDesc) -> A {
-    bytemuck::pod_read_unaligned(&bytemuck::bytes_of(&d.args)[..std::mem::size_of::<A>()])
-}
-
 /// A one-row MoE step waits for what each task reads, not for whole stages:
 /// an expert's down tasks for that expert's gate and up tasks (all their
 /// rows), an expert combine task for every slot's down tasks of its columns
@@ -570,6 +565,7 @@ fn moe_step_tasks_wait_for_their_producers_alone() {
     use megakernel::abi::NO_EVENT;
     use megakernel::task::attention::AttentionArgs;
     use megakernel::task::attention_combine::AttentionCombineArgs;
+    use megakernel::task::decode_args;
     use megakernel::task::gemv_expert::GemvExpertArgs;
     use megakernel::task::moe_combine::MoeCombineArgs;
     use std::collections::BTreeMap;
@@ -603,14 +599,15 @@ fn moe_step_tasks_wait_for_their_producers_alone() {
     let kind = |i: usize| p.task_kind(i as u32);
     let downs = (0..descs.len())
         .filter(|&i| {
-            kind(i) == "gemv_expert" && task_args::<GemvExpertArgs>(&descs[i]).x_per_slot == 1
+            kind(i) == "gemv_expert"
+                && decode_args::<GemvExpertArgs>(&descs[i].args).x_per_slot == 1
         })
         .count();
     let (mut checked_downs, mut combines, mut merges) = (0, 0, 0);
     for i in 0..descs.len() {
         match kind(i) {
             "gemv_expert" => {
-                let a: GemvExpertArgs = task_args(&descs[i]);
+                let a: GemvExpertArgs = decode_args(&descs[i].args);
                 if a.x_per_slot == 0 {
                     continue;
                 }
@@ -618,7 +615,7 @@ fn moe_step_tasks_wait_for_their_producers_alone() {
                 let mut rows = 0;
                 for t in from(i) {
                     assert_eq!(kind(t), "gemv_expert");
-                    let b: GemvExpertArgs = task_args(&descs[t]);
+                    let b: GemvExpertArgs = decode_args(&descs[t].args);
                     assert_eq!(
                         (b.x_per_slot, b.slot),
                         (0, a.slot),
@@ -633,7 +630,7 @@ fn moe_step_tasks_wait_for_their_producers_alone() {
                 );
             }
             "moe_combine" => {
-                let a: MoeCombineArgs = task_args(&descs[i]);
+                let a: MoeCombineArgs = decode_args(&descs[i].args);
                 combines += 1;
                 let producers = from(i);
                 assert!(
@@ -642,7 +639,7 @@ fn moe_step_tasks_wait_for_their_producers_alone() {
                 );
                 let mut covered = vec![vec![false; a.hn as usize]; moe.top_k];
                 for t in producers {
-                    let b: GemvExpertArgs = task_args(&descs[t]);
+                    let b: GemvExpertArgs = decode_args(&descs[t].args);
                     assert_eq!((kind(t), b.x_per_slot), ("gemv_expert", 1));
                     for col in b.gemv.row0..b.gemv.row0 + b.gemv.rows {
                         if (a.h0..a.h0 + a.hn).contains(&col) {
@@ -656,13 +653,13 @@ fn moe_step_tasks_wait_for_their_producers_alone() {
                 );
             }
             "attention_combine" => {
-                let a: AttentionCombineArgs = task_args(&descs[i]);
+                let a: AttentionCombineArgs = decode_args(&descs[i].args);
                 merges += 1;
                 let group = (c.num_heads / c.num_kv_heads) as u32;
                 let mut got: BTreeMap<u32, u32> = BTreeMap::new();
                 for t in from(i) {
                     assert_eq!(kind(t), "attention");
-                    let b: AttentionArgs = task_args(&descs[t]);
+                    let b: AttentionArgs = decode_args(&descs[t].args);
                     *got.entry(b.kv_head).or_default() += 1;
                     assert_eq!(b.chunks, a.chunks);
                 }

@@ -1399,6 +1399,17 @@ fn build(
     let normed = |ch: &mut Chain<'_>, w: &Buffer, what: &str| {
         norm_as(ch, w, what, m <= MAX_FUSED_NORM_ROWS && fuse(h))
     };
+    // SwiGLU of the rows of `gate` and `up` (`cols` each): fused into the
+    // following product (a prologue reading `up`) or a stage writing it over
+    // `gate` (and no prologue).
+    let swiglu_as = |ch: &mut Chain<'_>, gate: &Buffer, up: &Buffer, cols: usize, what: &str| {
+        if fuse(cols) {
+            return Ok(Prologue::Swiglu(up.all()));
+        }
+        let s = ops::swiglu(ch.b, &gate.all(), &gate.all(), &up.all(), workers)?;
+        ch.stage(s, what);
+        Ok::<_, Error>(Prologue::None)
+    };
     for (l, ly) in layers.iter().enumerate() {
         let (src, pro) = normed(&mut ch, &ly.attn.in_norm, &format!("layer {l} input norm"))?;
         let q = gemv(
@@ -1475,13 +1486,7 @@ fn build(
                 let mut gu = gemv(&mut ch, gate, &src, &g.all(), inter, h, false, &pro)?;
                 gu.0.extend(gemv(&mut ch, up, &src, &u.all(), inter, h, false, &pro)?.0);
                 ch.stage(gu, &format!("layer {l} gate+up"));
-                let pro = if fuse(inter) {
-                    Prologue::Swiglu(u.all())
-                } else {
-                    let s = ops::swiglu(ch.b, &g.all(), &g.all(), &u.all(), workers)?;
-                    ch.stage(s, &format!("layer {l} swiglu"));
-                    Prologue::None
-                };
+                let pro = swiglu_as(&mut ch, &g, &u, inter, &format!("layer {l} swiglu"))?;
                 let (dst, acc, site) = into_residual()?;
                 let d = gemv(&mut ch, down, &g.all(), &dst, h, inter, acc, &pro)?;
                 ch.stage(d, &format!("layer {l} down"));
@@ -1704,13 +1709,8 @@ fn build(
                     specs.extend(up_specs);
                     let gu = ops::Group(ch.b.push_all(specs));
                     ch.stage(gu, &format!("layer {l} expert gate+up"));
-                    let pro = if fuse(moe_inter) {
-                        Prologue::Swiglu(eu.all())
-                    } else {
-                        let s = ops::swiglu(ch.b, &eg.all(), &eg.all(), &eu.all(), workers)?;
-                        ch.stage(s, &format!("layer {l} expert swiglu"));
-                        Prologue::None
-                    };
+                    let what = format!("layer {l} expert swiglu");
+                    let pro = swiglu_as(&mut ch, &eg, &eu, moe_inter, &what)?;
                     let d = expert_gemv(down, &eg.all(), &ey, h, moe_inter, true, &pro, per_slot)?;
                     let d = ops::Group(ch.b.push_all(d));
                     ch.stage(d, &format!("layer {l} expert down"));

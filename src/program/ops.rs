@@ -319,20 +319,20 @@ pub fn attention(
         shape.heads * chunks * (shape.head_dim + 2),
         shape.heads * shape.head_dim,
     );
-    let group = shape.heads / shape.kv_heads.max(1);
+    let group = (shape.heads / shape.kv_heads.max(1)).max(1);
     for i in 0..m {
         let p = partial.sub(i * per_partial, per_partial)?;
         let o = out.sub(i * per_out, per_out)?;
         for (h0, n) in split_even(shape.heads, combine_parts) {
             specs.push(AttentionCombine::task(&p, &o, shape, 1, chunks, h0, n)?);
-            groups.push(h0 / group.max(1)..(h0 + n - 1) / group.max(1) + 1);
+            groups.push(h0 / group..(h0 + n - 1) / group + 1);
         }
     }
     let combine = Group(b.push_all(specs));
     // A merge task waits for the slices of the KV heads its query heads
     // read (one event per KV head), not for every slice, where each task's
     // heads lie under at most TASK_WAITS KV heads; else for all of them.
-    let per_kv = group > 0 && groups.iter().all(|g| g.len() <= crate::abi::TASK_WAITS);
+    let per_kv = groups.iter().all(|g| g.len() <= crate::abi::TASK_WAITS);
     if per_kv {
         let evs: Vec<EventId> = (0..shape.kv_heads)
             .map(|k| b.event(&format!("attention.slices ({k})")))

@@ -217,8 +217,9 @@ impl TaskSpec {
     }
 }
 
-/// Reads a kind's argument record out of descriptor slots.
-pub(crate) fn decode_args<A: Pod>(slots: &[u64; TASK_ARG_SLOTS]) -> A {
+/// Reads a kind's argument record (`A`, e.g. a task file's `...Args`) out of
+/// descriptor slots ([`TaskDesc::args`](crate::abi::TaskDesc::args)).
+pub fn decode_args<A: Pod>(slots: &[u64; TASK_ARG_SLOTS]) -> A {
     let bytes = bytemuck::cast_slice::<u64, u8>(slots);
     bytemuck::pod_read_unaligned(&bytes[..std::mem::size_of::<A>()])
 }
