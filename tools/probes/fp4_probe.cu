@@ -5,7 +5,7 @@
 //
 //   tools/probes/run.sh [--ncu]     (or by hand:)
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Ikernels tools/probes/fp4_probe.cu -o fp4_probe
-//   ./fp4_probe gate|gate0|down [shared bytes per block] [launches] [input rows]
+//   ./fp4_probe gate|gate0|down [shared bytes per block] [launches] [input rows] [cold-code]
 //
 // `gate`: gate and up, 8 experts x 2 matrices x 8 tasks of 96 rows x 2048
 // columns, one RMSNorm input row (`gate0`: the same without the RMSNorm);
@@ -13,19 +13,25 @@
 // With more input rows (up to 16, as in a verify block), every row is routed
 // to all eight experts.
 // MXFP4 codes and scales are random (scales 2^-9 .. 2^-2). Prints the mean
-// time of a launch (CUDA events, back to back) and the bytes each launch
-// streams; exits non-zero if a task reported a fault.
+// time of a launch (CUDA events, back to back), the bytes each launch
+// streams and a body's mean time (SM clock); exits non-zero if a task
+// reported a fault. With `cold-code`, each body comes after other code that
+// leaves none of its own in the SM's instruction cache (probe_evict_code).
 #include <vector>
 
 #include "probe.cuh"
 #include "tasks/gemv_expert_fp4.cuh"
+
+// Sum over blocks and launches of a body's cycles (SM clock).
+__device__ unsigned long long g_body;
 
 struct Mat {
     u64 codes, scales, y;
 };
 
 __global__ void __launch_bounds__(BLOCK_THREADS, 1)
-    fp4_probe(GemvExpertFp4Args base, Mat m0, Mat m1, u32 per_slot, u32 limit, DeviceState* st, StatusBlock* sb) {
+    fp4_probe(GemvExpertFp4Args base, Mat m0, Mat m1, u32 per_slot, u32 limit, u32 cold_code, DeviceState* st,
+              StatusBlock* sb) {
     __shared__ Env env;
     __shared__ TaskDesc desc;
     if (threadIdx.x == 0) {
@@ -39,8 +45,13 @@ __global__ void __launch_bounds__(BLOCK_THREADS, 1)
         a.rows = a.ldy * (part + 1) / per_slot - a.row0;
         probe_task(env, desc, a, st, sb);
     }
+    // The body's code out of the instruction cache (as after other tasks).
+    if (cold_code && probe_evict_code(threadIdx.x) == 0x9E3779B1u) g_body = 1;
     __syncthreads();
+    const long long t0 = clock64();
     task_gemv_expert_fp4(probe_ctx(env, desc, limit));
+    __syncthreads();
+    if (threadIdx.x == 0) atomicAdd(&g_body, (unsigned long long)(clock64() - t0));
 }
 
 int main(int argc, char** argv) {
@@ -49,6 +60,7 @@ int main(int argc, char** argv) {
     const u32 smem = argc > 2 ? u32(atoi(argv[2])) : PROBE_SMEM;
     const int launches = argc > 3 ? atoi(argv[3]) : 200;
     const u32 nin = argc > 4 ? u32(atoi(argv[4])) : 1;  // input rows, each routed to all eight experts
+    const u32 cold_code = argc > 5 && !strcmp(argv[5], "cold-code");
     const u32 experts = 128, slots = 8, hidden = 2048, inter = 768;
     const u32 rows = down ? hidden : inter, cols = down ? inter : hidden;
     const u32 mats = down ? 1 : 2, per_slot = down ? 16 : 8;
@@ -121,15 +133,23 @@ int main(int argc, char** argv) {
     auto launch = [&](int i) {
         GemvExpertFp4Args li = a;
         li.list = u64(dl) + u64(i % LISTS) * len * 4;
-        fp4_probe<<<blocks, BLOCK_THREADS, PROBE_SMEM>>>(li, m[0], m[1], per_slot, smem, dst, dsb);
+        fp4_probe<<<blocks, BLOCK_THREADS, PROBE_SMEM>>>(li, m[0], m[1], per_slot, smem, cold_code, dst, dsb);
     };
     for (int i = 0; i < int(LISTS); ++i) launch(i);
     CHECK(cudaDeviceSynchronize());
+    const unsigned long long zero = 0;
+    CHECK(cudaMemcpyToSymbol(g_body, &zero, sizeof zero));
     const double us = probe_time(launches, launch);
     const u32 fault = probe_fault(dsb);
+    unsigned long long body = 0;
+    CHECK(cudaMemcpyFromSymbol(&body, g_body, sizeof body));
+    int khz = 0;
+    CHECK(cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, 0));
+    const double cycles = double(body) / (double(blocks) * launches);
     const double bytes = double(mats) * slots * (double(rows) * cols / 2 + double(rows) * cols / 32);
-    printf("%s, %u input rows: %u blocks, shared limit %u, %.2f us per launch, %.1f MB, %.3f TB/s, fault kind %u\n",
-           down ? "down" : plain ? "gate+up, no RMSNorm" : "gate+up", nin, blocks, smem, us, bytes / 1e6, bytes / us / 1e6,
-           fault);
+    printf("%s, %u input rows%s: %u blocks, shared limit %u, %.2f us per launch, %.1f MB, %.3f TB/s, body %.0f cycles "
+           "(%.2f us), fault kind %u\n",
+           down ? "down" : plain ? "gate+up, no RMSNorm" : "gate+up", nin, cold_code ? ", code cold" : "", blocks, smem,
+           us, bytes / 1e6, bytes / us / 1e6, cycles, cycles / (khz / 1e3), fault);
     return fault != 0;
 }

@@ -10,7 +10,7 @@
 //
 //   tools/probes/run.sh     (or by hand:)
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Ikernels tools/probes/gemv_probe.cu -o gemv_probe
-//   ./gemv_probe qkv|oproj|router cold|hot|staged|staged-hot [launches] [bodies]
+//   ./gemv_probe qkv|oproj|router cold|hot|staged|staged-hot[-cold-code] [launches] [bodies]
 //
 // `cold`: launch i reads copy i % 8 of the matrix (8 copies exceed L2), so
 // its rows come from memory; `hot`: every launch the same copy (from L2).
@@ -21,6 +21,9 @@
 // Prints the mean and slowest block's cycles per phase, the staging's, and
 // the mean time of a launch. With several bodies per launch (the same task
 // again on the same rows), the last is marked: its code and rows are warm.
+// With `-cold-code`, each body comes after other code that leaves none of
+// its own in the SM's instruction cache (probe_evict_code), as in a step,
+// where every stage runs another task's code.
 #include <vector>
 
 #include "probe.cuh"
@@ -36,7 +39,8 @@ __device__ unsigned long long g_marks[1024 * 16];
 __device__ unsigned long long g_sum[16], g_max[16];
 
 __global__ void __launch_bounds__(BLOCK_THREADS, 1)
-    gemv_probe(GemvBf16Args base, u32 total, u32 tasks, u32 staged, u32 keep, u32 reps, DeviceState* st, StatusBlock* sb) {
+    gemv_probe(GemvBf16Args base, u32 total, u32 tasks, u32 staged, u32 keep, u32 reps, u32 cold_code, DeviceState* st,
+               StatusBlock* sb) {
     __shared__ Env env;
     __shared__ TaskDesc desc;
     __shared__ u64 bar;
@@ -65,6 +69,8 @@ __global__ void __launch_bounds__(BLOCK_THREADS, 1)
     if (s_n) stage_wait(&bar, 0);
     const Ctx c = {&env, &desc, 1, dyn, s_off, s_n ? dyn + s_off : nullptr, s_n};
     for (u32 r = 0; r < reps; ++r) {
+        // The body's code out of the instruction cache (as after other tasks).
+        if (cold_code && probe_evict_code(threadIdx.x + r) == 0x9E3779B1u) g_sum[15] = 1;
         __syncthreads();
         MK_PHASE(0);
         task_gemv_bf16(c);
@@ -88,6 +94,7 @@ int main(int argc, char** argv) {
     const int launches = argc > 3 ? atoi(argv[3]) : 200;
     const u32 reps = argc > 4 ? u32(atoi(argv[4])) : 1;  // bodies per launch; the last is marked
     const bool staged = !strncmp(mode, "staged", 6), hot = strstr(mode, "hot") != nullptr;
+    const bool cold_code = strstr(mode, "cold-code") != nullptr;
     u32 rows = 5120, cols = 2048, tasks = 132;
     u16 prologue = PROLOGUE_RMSNORM, ydt = DTYPE_BF16, acc = 0;
     if (!strcmp(shape, "oproj")) rows = 2048, cols = 4096, prologue = PROLOGUE_NONE, acc = 1;
@@ -141,7 +148,7 @@ int main(int argc, char** argv) {
     auto launch = [&](int i) {
         GemvBf16Args li = a;
         li.w = u64(mats[hot ? 0 : i % copies]);
-        gemv_probe<<<tasks, BLOCK_THREADS, PROBE_SMEM>>>(li, rows, tasks, staged, keep, reps, dst, dsb);
+        gemv_probe<<<tasks, BLOCK_THREADS, PROBE_SMEM>>>(li, rows, tasks, staged, keep, reps, cold_code, dst, dsb);
     };
     for (int i = 0; i < 16; ++i) launch(i);
     CHECK(cudaDeviceSynchronize());

@@ -78,3 +78,28 @@ static float probe_time(int launches, F launch) {
     CHECK(cudaEventElapsedTime(&ms, t0, t1));
     return ms * 1e3f / float(launches);
 }
+
+// One step of straight-line code: two multiply-xor chains that no compiler
+// folds (each product depends on the other chain), distinct constants per
+// step so that no two steps share code: 96 bytes of SASS on sm_90a.
+#define MK_IC_STEP(i)                                            \
+    a = (a * (0x9E3779B1u + 2u * (i))) ^ (b >> (((i) & 15) + 1)); \
+    b = (b * (0x85EBCA77u + 2u * (i))) ^ (a << (((i) & 7) + 1));
+#define MK_IC_4(i) MK_IC_STEP(i) MK_IC_STEP(i + 1) MK_IC_STEP(i + 2) MK_IC_STEP(i + 3)
+#define MK_IC_16(i) MK_IC_4(i) MK_IC_4(i + 4) MK_IC_4(i + 8) MK_IC_4(i + 12)
+
+// `STEPS` / 16 blocks of 16 steps each (a multiple of 16), seeded apart.
+// (Larger pieces than 256 KiB come out as loops: the unroll stops there.)
+template <u32 SEED, u32 STEPS>
+__device__ __noinline__ u32 code_piece(u32 a, u32 b) {
+#pragma unroll
+    for (u32 k = 0; k < STEPS / 16; ++k) {
+        MK_IC_16(SEED * 65536u + k * 16u)
+    }
+    return a ^ b;
+}
+
+// Every thread: runs about 240 KiB of straight-line code that nothing else
+// runs, which leaves the SM's instruction cache holding none of a task's code
+// (icache_probe.cu measures the cache).
+__device__ __noinline__ u32 probe_evict_code(u32 seed) { return code_piece<7, 2560>(seed, seed + 1); }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the task probes (plain kernels around one task kind's device code:
-# fp4_probe.cu, attention_probe.cu, gemv_probe.cu; and hop_probe.cu, the dependency hop's
-# parts: round trips, release cost, ways to poll) and times their shapes; with --ncu, also
+# fp4_probe.cu, attention_probe.cu, gemv_probe.cu; hop_probe.cu, the dependency
+# hop's parts: round trips, release cost, ways to poll; icache_probe.cu, the
+# SM's instruction cache) and times their shapes; with --ncu, also
 # profiles one launch of each with Nsight Compute (the resident kernel itself
 # cannot be profiled: the profiler serialises launches). Needs nvcc ($NVCC or
 # PATH) and, to run, an sm_90 GPU. Results go to target/probes.
@@ -11,21 +12,25 @@ nvcc="${NVCC:-nvcc}"
 root="$(dirname "$(dirname "$(command -v "$nvcc")")")"
 out=target/probes
 mkdir -p "$out"
-for probe in fp4_probe attention_probe gemv_probe hop_probe; do
+for probe in fp4_probe attention_probe gemv_probe hop_probe icache_probe; do
   "$nvcc" -std=c++17 -O3 -arch=sm_90a -Ikernels -L"$root/lib" -L"$root/lib64" \
     "tools/probes/$probe.cu" -o "$out/$probe"
 done
 [ "${1:-}" = --build-only ] && exit 0
-for shape in gate gate0 down; do "$out/fp4_probe" "$shape"; done
+for shape in gate gate0 down; do
+  "$out/fp4_probe" "$shape"
+  "$out/fp4_probe" "$shape" 133120 200 1 cold-code
+done
 for rows in 1 8 16; do
   "$out/attention_probe" "$rows"
   "$out/attention_probe" "$rows" 400 rope
 done
 for shape in qkv oproj router; do
-  for mode in cold staged; do "$out/gemv_probe" "$shape" "$mode"; done
+  for mode in cold staged staged-cold-code; do "$out/gemv_probe" "$shape" "$mode"; done
   "$out/gemv_probe" "$shape" staged-hot 200 2
 done
 "$out/hop_probe"
+"$out/icache_probe"
 if [ "${1:-}" = --ncu ]; then
   profile() {  # name, then the probe's command line
     local name=$1
