@@ -28,28 +28,26 @@ __device__ __forceinline__ long long clock_after(u32 dep) {
 // cubin: 160 steps, 15392 bytes), so a "KiB" below is 960 bytes.
 constexpr u32 STEPS_PER_KIB = 10;
 
+// Cycles of one run of a piece, from after the block's last barrier to after
+// the block's next (the clock reads depend on `s`, so no run moves past them).
+template <u32 SEED, u32 STEPS>
+__device__ __forceinline__ long long timed_run(u32& s) {
+    const long long t0 = clock_after(s);
+    s += code_piece<SEED, STEPS>(s, u32(t0));
+    __syncthreads();
+    return clock_after(s) - t0;
+}
+
 template <u32 PIECE_KIB, u32 OTHER_KIB>
 __global__ void __launch_bounds__(BLOCK_THREADS, 1) icache_probe(long long* out, u32* sink) {
     constexpr u32 P = (PIECE_KIB * STEPS_PER_KIB + 15) / 16 * 16, O = (OTHER_KIB * STEPS_PER_KIB + 15) / 16 * 16;
     u32 s = threadIdx.x;
     __syncthreads();
-    const long long t0 = clock_after(s);
-    s += code_piece<1, P>(s, u32(t0));
-    __syncthreads();
-    const long long t1 = clock_after(s);
-    s += code_piece<1, P>(s, u32(t1));
-    __syncthreads();
-    const long long t2 = clock_after(s);
-    s += code_piece<2, O>(s, u32(t2));
-    __syncthreads();
-    const long long t3 = clock_after(s);
-    s += code_piece<1, P>(s, u32(t3));
-    __syncthreads();
-    const long long t4 = clock_after(s);
-    if (threadIdx.x == 0) {
-        out[blockIdx.x * 2] = t2 - t1;
-        out[blockIdx.x * 2 + 1] = t4 - t3;
-    }
+    timed_run<1, P>(s);
+    const long long warm = timed_run<1, P>(s);
+    timed_run<2, O>(s);
+    const long long again = timed_run<1, P>(s);
+    if (threadIdx.x == 0) out[blockIdx.x * 2] = warm, out[blockIdx.x * 2 + 1] = again;
     if (s == 0x9E3779B1u) *sink = s;  // keeps the code
 }
 
