@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(BLOCK_THREADS, 1)
     const Ctx c = {&env, &desc, 1, dyn, s_off, s_n ? dyn + s_off : nullptr, s_n};
     for (u32 r = 0; r < reps; ++r) {
         // The body's code out of the instruction cache (as after other tasks).
-        if (cold_code && probe_evict_code(threadIdx.x + r) == 0x9E3779B1u) g_sum[15] = 1;
+        if (cold_code) probe_evict_code(threadIdx.x + r);
         __syncthreads();
         MK_PHASE(0);
         task_gemv_bf16(c);
