@@ -1679,20 +1679,23 @@ fn build(
                     let pro = Prologue::Swiglu(eu.all());
                     let down_specs =
                         expert_gemv(down, &eg.all(), &ey, h, moe_inter, true, &pro, per_slot)?;
-                    let parts = split_even(moe_inter, per_slot_pair).len();
+                    // expert_gemv lists each slot's tasks together.
                     let (gate_ids, up_ids) = (ch.b.push_all(gate_specs), ch.b.push_all(up_specs));
                     let down_ids = ch.b.push_all(down_specs);
                     let down_ev: Vec<_> = (0..down_ranges.len())
                         .map(|p| ch.b.event(&format!("layer {l} expert down ({p})")))
                         .collect();
-                    for slot in 0..slots {
+                    let parts = gate_ids.len() / slots;
+                    let slot_tasks = gate_ids
+                        .chunks(parts)
+                        .zip(up_ids.chunks(parts))
+                        .zip(down_ids.chunks(down_ranges.len()));
+                    for (slot, ((gates, ups), downs)) in slot_tasks.enumerate() {
                         let ev = ch.b.event(&format!("layer {l} expert gate+up ({slot})"));
-                        let own = slot * parts..(slot + 1) * parts;
-                        for &t in gate_ids[own.clone()].iter().chain(&up_ids[own]) {
+                        for &t in gates.iter().chain(ups) {
                             ch.b.task(t).wait(routed).signal(ev);
                         }
-                        for (p, &dev) in down_ev.iter().enumerate() {
-                            let t = down_ids[slot * down_ranges.len() + p];
+                        for (&t, &dev) in downs.iter().zip(&down_ev) {
                             ch.b.task(t).wait(ev).signal(dev);
                         }
                     }
