@@ -15,7 +15,7 @@ struct MoeCombineArgs {
     u32 hn;
     u32 x_dtype;
     u32 accumulate;
-    u32 reserved;
+    u32 slots;
 };
 MK_SIZE(MoeCombineArgs, 64);
 MK_OFFSET(MoeCombineArgs, x, 0);
@@ -29,53 +29,65 @@ MK_OFFSET(MoeCombineArgs, h0, 44);
 MK_OFFSET(MoeCombineArgs, hn, 48);
 MK_OFFSET(MoeCombineArgs, x_dtype, 52);
 MK_OFFSET(MoeCombineArgs, accumulate, 56);
-MK_OFFSET(MoeCombineArgs, reserved, 60);
+MK_OFFSET(MoeCombineArgs, slots, 60);
 
+// Two round trips for the task. First the list (count and ids) and the
+// rows' dense weights, all at once, into shared memory; then one warp per
+// row lists the slots routed to it (weight not zero) in list order with
+// their weights; then each element reads the residual and the outputs of its
+// row's routed slots together and sums them in that order (the sum over
+// every listed slot, slots of weight 0 left out, as it was defined).
 __device__ __forceinline__ void task_moe_combine(const Ctx& c) {
     const MoeCombineArgs& a = task_args<MoeCombineArgs>(c);
+    // The arguments in registers: stores through `x` would otherwise make the
+    // compiler read them again from the descriptor.
+    const u32 m = a.m, hidden = a.hidden, experts = a.experts, h0 = a.h0, hn = a.hn, slots = a.slots;
+    const u32 x_dtype = a.x_dtype;
+    const bool accumulate = a.accumulate != 0;
+    const u64 x = a.x;
     const u32* list = reinterpret_cast<const u32*>(a.list);
-    const u32 count = list[0];
     const float* y = reinterpret_cast<const float*>(a.y);
     const float* w = reinterpret_cast<const float*>(a.weights);
-    if (u64(count) * (a.m + 1) * 4 <= c.smem_bytes) {
-        // The listed experts and each row's weight for them, gathered into
-        // shared memory once: two round trips for the task instead of two
-        // per expert in every element's loop.
-        u32* ids = reinterpret_cast<u32*>(c.scratch());
-        float* ws = reinterpret_cast<float*>(ids + count);
-        for (u32 s = threadIdx.x; s < count; s += blockDim.x) ids[s] = list[1 + s];
-        __syncthreads();
-        for (u32 p = threadIdx.x; p < a.m * count; p += blockDim.x) {
-            const u32 i = p / count, s = p - i * count;
-            ws[p] = w[u64(i) * a.experts + ids[s]];
-        }
-        __syncthreads();
-        for (u32 k = threadIdx.x; k < a.m * a.hn; k += blockDim.x) {
-            const u32 i = k / a.hn, h = a.h0 + k % a.hn;
-            const u64 at = u64(i) * a.hidden + h;
-            const float prev = a.accumulate ? load_float(a.x, a.x_dtype, at) : 0.0f;
-            float acc = 0.0f;
-#pragma unroll 4
-            for (u32 s = 0; s < count; ++s) {
-                // Rows not routed to an expert weigh 0 and its output row was not computed.
-                const float wt = ws[i * count + s];
-                if (wt != 0.0f) acc = fmaf(wt, y[(u64(s) * a.m + i) * a.hidden + h], acc);
-            }
-            store_float(a.x, a.x_dtype, at, a.accumulate ? prev + acc : acc);
-        }
+    // Shared memory: list copy [1 + slots], dense weights [m][experts], per
+    // row its routed slots' count [m], slots [m][slots] and weights [m][slots].
+    u32* ls = reinterpret_cast<u32*>(c.scratch());
+    float* wd = reinterpret_cast<float*>(ls + 1 + slots);
+    u32* rn = reinterpret_cast<u32*>(wd + u64(m) * experts);
+    u32* rs = rn + m;
+    float* rw = reinterpret_cast<float*>(rs + u64(m) * slots);
+    if ((u64(1) + slots + u64(m) * (experts + 1 + 2 * u64(slots))) * 4 > c.smem_bytes) {
+        if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, slots, c.smem_bytes);
         return;
     }
-    // Too many rows and experts for shared memory. Kept apart from the loop
-    // above: one loop choosing its weights' source per expert measured
-    // slower (decode combine 4.74 against 4.01 us per task).
-    for (u32 k = threadIdx.x; k < a.m * a.hn; k += blockDim.x) {
-        const u32 i = k / a.hn, h = a.h0 + k % a.hn;
-        const u64 at = u64(i) * a.hidden + h;
-        float acc = 0.0f;
-        for (u32 s = 0; s < count; ++s) {
-            const float ws = w[u64(i) * a.experts + list[1 + s]];
-            if (ws != 0.0f) acc = fmaf(ws, y[(u64(s) * a.m + i) * a.hidden + h], acc);
+    for (u32 t = threadIdx.x; t < 1 + slots; t += blockDim.x) ls[t] = list[t];
+    for (u32 t = threadIdx.x; t < m * experts; t += blockDim.x) wd[t] = w[t];
+    __syncthreads();
+    const u32 count = min(ls[0], slots), lane = threadIdx.x & 31;
+    for (u32 i = threadIdx.x >> 5; i < m; i += blockDim.x >> 5) {
+        u32 n = 0;
+        for (u32 s0 = 0; s0 < count; s0 += 32) {
+            const u32 s = s0 + lane;
+            const float wt = s < count ? wd[u64(i) * experts + ls[1 + s]] : 0.0f;
+            const u32 on = __ballot_sync(0xFFFFFFFFu, wt != 0.0f);
+            if (wt != 0.0f) {
+                const u32 at = n + __popc(on & ((1u << lane) - 1u));
+                rs[u64(i) * slots + at] = s, rw[u64(i) * slots + at] = wt;
+            }
+            n += __popc(on);
         }
-        store_float(a.x, a.x_dtype, at, a.accumulate ? load_float(a.x, a.x_dtype, at) + acc : acc);
+        if (lane == 0) rn[i] = n;
+    }
+    __syncthreads();
+    for (u32 k = threadIdx.x; k < m * hn; k += blockDim.x) {
+        const u32 i = k / hn, h = h0 + k % hn;
+        const u64 at = u64(i) * hidden + h;
+        const float prev = accumulate ? load_float(x, x_dtype, at) : 0.0f;
+        const float* yk = y + u64(i) * hidden + h;
+        const u32 n = rn[i], *si = rs + u64(i) * slots;
+        const float* wi = rw + u64(i) * slots;
+        float acc = 0.0f;
+#pragma unroll 8
+        for (u32 r = 0; r < n; ++r) acc = fmaf(wi[r], __ldcg(yk + u64(si[r]) * m * hidden), acc);
+        store_float(x, x_dtype, at, accumulate ? prev + acc : acc);
     }
 }

@@ -5,6 +5,11 @@
 #pragma once
 #include "../include/task.cuh"
 
+// Phase marks for tools/probes/route_probe.cu (nothing in the kernel).
+#ifndef MK_PHASE
+#define MK_PHASE(k)
+#endif
+
 struct MoeRouteArgs {
     u64 logits;
     u64 weights;
@@ -48,6 +53,7 @@ __device__ __forceinline__ void route_row(const MoeRouteArgs& a, u32 i, u32* row
         v[u] = j < a.experts ? __ldcg(row + j) : NEG_INF;
         mx = fmaxf(mx, v[u]);
     }
+    MK_PHASE(2);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, o));
     float total = 0.0f;
@@ -65,6 +71,7 @@ __device__ __forceinline__ void route_row(const MoeRouteArgs& a, u32 i, u32* row
         const float p = __expf(v[u] - mx) / total;
         key[u] = u * 32 + lane < a.experts && p == p ? __float_as_uint(p) + 1u : 0u;
     }
+    MK_PHASE(3);
     u32 my_pick = 0xFFFFFFFFu;
     float my_p = 0.0f, picked_sum = 0.0f;
     for (u32 r = 0; r < a.top_k; ++r) {
@@ -84,6 +91,7 @@ __device__ __forceinline__ void route_row(const MoeRouteArgs& a, u32 i, u32* row
             if (u * 32 + lane == pick) key[u] = 0u;
         }
     }
+    MK_PHASE(4);
     __syncwarp();  // the zeros above are stored before the picks
     if (lane < a.top_k && my_pick < a.experts) {
         const float wv = a.norm_topk ? my_p / picked_sum : my_p;
@@ -91,6 +99,7 @@ __device__ __forceinline__ void route_row(const MoeRouteArgs& a, u32 i, u32* row
         chosen[my_pick] = 1;
         if (wv != 0.0f) atomicOr(&rowmask[my_pick], 1u << i);
     }
+    MK_PHASE(5);
 }
 
 // One warp per token row (route_row); thread 0's warp then lists the chosen
@@ -109,6 +118,7 @@ __device__ __forceinline__ void task_moe_route(const Ctx& c) {
     unsigned char* chosen = reinterpret_cast<unsigned char*>(rowmask + a.experts);
     for (u32 j = threadIdx.x; j < a.experts; j += blockDim.x) chosen[j] = 0, rowmask[j] = 0;
     __syncthreads();
+    MK_PHASE(1);
     for (u32 i = warp; i < a.m; i += nwarps) {
         if (a.experts <= 128) route_row<4>(a, i, rowmask, chosen);
         else if (a.experts <= 256) route_row<8>(a, i, rowmask, chosen);
@@ -116,6 +126,7 @@ __device__ __forceinline__ void task_moe_route(const Ctx& c) {
         else route_row<32>(a, i, rowmask, chosen);
     }
     __syncthreads();
+    MK_PHASE(6);
     if (warp == 0) {
         // Ordered compaction of the chosen experts: one ballot per 32 experts.
         u32* list = reinterpret_cast<u32*>(a.list);
@@ -139,4 +150,5 @@ __device__ __forceinline__ void task_moe_route(const Ctx& c) {
             }
         }
     }
+    MK_PHASE(7);
 }

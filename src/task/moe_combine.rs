@@ -37,8 +37,8 @@ pub struct MoeCombineArgs {
     pub x_dtype: u32,
     /// 1: `x += S`; 0: `x = S`.
     pub accumulate: u32,
-    /// Zero.
-    pub reserved: u32,
+    /// Capacity of the list (its ids and masks; the count is at most this).
+    pub slots: u32,
 }
 
 /// Weighted sum of expert outputs into the residual.
@@ -88,7 +88,7 @@ impl MoeCombine {
             hn: hn as u32,
             x_dtype: x.dtype().code(),
             accumulate: u32::from(accumulate),
-            reserved: 0,
+            slots: slots as u32,
         };
         Ok(TaskSpec::new::<MoeCombine>(args, &[x, y, weights, list]))
     }
@@ -140,7 +140,7 @@ impl TaskKind for MoeCombine {
             hn,
             x_dtype,
             accumulate,
-            reserved
+            slots
         })
     }
 }

@@ -1,0 +1,120 @@
+// A plain kernel around the routing task body (kernels/tasks/moe_route.cuh)
+// with its phases marked: each block routes m rows of its own router logits
+// (128 experts, top 8, renormalised: a qwen3-30b-a3b layer), as the resident
+// kernel would, without its waits or signals, and thread 0 reads the SM clock
+// (MK_PHASE) where the body enters, after the shared flags are cleared (1),
+// once row 0's logits are loaded (2), its softmax done (3), its top-k rounds
+// done (4), its picks stored (5), after the block's barrier (6) and once the
+// list is written (7).
+//
+//   tools/probes/run.sh     (or by hand:)
+//   nvcc -std=c++17 -O3 -arch=sm_90a -Ikernels tools/probes/route_probe.cu -o route_probe
+//   ./route_probe [rows] [launches] [warm|cold-code]
+//
+// `cold-code`: each body comes after other code that leaves none of its own
+// in the SM's instruction cache (probe_evict_code), as in a step.
+#include <algorithm>
+#include <vector>
+
+#include "probe.cuh"
+
+__device__ unsigned long long g_marks[1024 * 16];
+#define MK_PHASE(k)                                                      \
+    do {                                                                 \
+        if (threadIdx.x == 0) g_marks[blockIdx.x * 16 + (k)] = clock64(); \
+    } while (0)
+#include "tasks/moe_route.cuh"
+
+// Per phase k: sum over blocks and launches of (mark k - mark 0), and its maximum.
+__device__ unsigned long long g_sum[16], g_max[16];
+
+__global__ void __launch_bounds__(BLOCK_THREADS, 1)
+    route_probe(MoeRouteArgs base, u32 list_len, u32 cold_code, DeviceState* st, StatusBlock* sb) {
+    __shared__ Env env;
+    __shared__ TaskDesc desc;
+    const u32 b = blockIdx.x;
+    if (threadIdx.x == 0) {
+        MoeRouteArgs a = base;
+        a.logits += u64(b) * a.m * a.experts * 4;
+        a.weights += u64(b) * a.m * a.experts * 4;
+        a.list += u64(b) * list_len * 4;
+        probe_task(env, desc, a, st, sb);
+    }
+    __syncthreads();
+    const Ctx c = probe_ctx(env, desc, PROBE_SMEM);
+    if (cold_code) probe_evict_code(threadIdx.x);
+    __syncthreads();
+    MK_PHASE(0);
+    task_moe_route(c);
+    __syncthreads();
+    MK_PHASE(8);
+    if (threadIdx.x == 0) {
+        const unsigned long long* m = g_marks + b * 16;
+        for (int k = 1; k <= 8; ++k) {
+            const unsigned long long d = m[k] - m[0];
+            atomicAdd(&g_sum[k], d);
+            atomicMax(&g_max[k], d);
+        }
+    }
+}
+
+int main(int argc, char** argv) {
+    const u32 rows = argc > 1 ? u32(atoi(argv[1])) : 1;
+    const int launches = argc > 2 ? atoi(argv[2]) : 400;
+    const bool cold_code = argc > 3 && strstr(argv[3], "cold-code") != nullptr;
+    const u32 blocks = 132, experts = 128, top_k = 8;
+    const u32 slots = std::min(experts, rows * top_k), list_len = 1 + 2 * slots;
+    u64 seed = 7;
+    std::vector<float> logits(u64(blocks) * rows * experts);
+    for (auto& v : logits) v = float(lcg(seed) % 20000) / 5000.0f - 2.0f;
+    void *dl, *dw, *dlist;
+    CHECK(cudaMalloc(&dl, logits.size() * 4));
+    CHECK(cudaMalloc(&dw, logits.size() * 4));
+    CHECK(cudaMalloc(&dlist, u64(blocks) * list_len * 4));
+    CHECK(cudaMemcpy(dl, logits.data(), logits.size() * 4, cudaMemcpyHostToDevice));
+    DeviceState* dst;
+    StatusBlock* dsb;
+    probe_state(&dst, &dsb);
+    MoeRouteArgs a;
+    memset(&a, 0, sizeof a);
+    a.logits = u64(dl);
+    a.weights = u64(dw);
+    a.list = u64(dlist);
+    a.m = rows;
+    a.experts = experts;
+    a.top_k = top_k;
+    a.norm_topk = 1;
+    a.slots = slots;
+    CHECK(cudaFuncSetAttribute(route_probe, cudaFuncAttributeMaxDynamicSharedMemorySize, PROBE_SMEM));
+    auto launch = [&](int) { route_probe<<<blocks, BLOCK_THREADS, PROBE_SMEM>>>(a, list_len, cold_code, dst, dsb); };
+    for (int i = 0; i < 16; ++i) launch(i);
+    CHECK(cudaDeviceSynchronize());
+    unsigned long long zero[16] = {};
+    CHECK(cudaMemcpyToSymbol(g_sum, zero, sizeof zero));
+    CHECK(cudaMemcpyToSymbol(g_max, zero, sizeof zero));
+    const double us = probe_time(launches, launch);
+    unsigned long long sum[16], mx[16];
+    CHECK(cudaMemcpyFromSymbol(sum, g_sum, sizeof sum));
+    CHECK(cudaMemcpyFromSymbol(mx, g_max, sizeof mx));
+    // The first block's list, checked against a plain top-k of its first row.
+    std::vector<u32> list(list_len);
+    CHECK(cudaMemcpy(list.data(), dlist, list_len * 4, cudaMemcpyDeviceToHost));
+    std::vector<u32> order(experts);
+    for (u32 j = 0; j < experts; ++j) order[j] = j;
+    std::stable_sort(order.begin(), order.end(), [&](u32 x, u32 y) { return logits[x] > logits[y]; });
+    std::vector<u32> want(order.begin(), order.begin() + top_k);
+    std::sort(want.begin(), want.end());
+    const bool ok = rows != 1 || (list[0] == top_k && std::equal(want.begin(), want.end(), list.begin() + 1));
+    int khz = 0;
+    CHECK(cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, 0));
+    const double n = double(launches) * blocks, cyc_us = khz / 1e3;
+    printf("route %u rows x %u experts, top %u, %s: %.2f us per launch, list %s, fault kind %u\n", rows, experts, top_k,
+           cold_code ? "cold code" : "warm code", us, ok ? "right" : "WRONG", probe_fault(dsb));
+    const char* names[9] = {"",           "flags cleared", "row 0 loaded", "softmax",     "top-k rounds",
+                            "picks stored", "barrier",      "list written", "end barrier"};
+    for (int k = 1; k <= 8; ++k) {
+        printf("  %-14s mean %7.0f cycles (%6.2f us), slowest %7llu (%6.2f us)\n", names[k], sum[k] / n,
+               sum[k] / n / cyc_us, mx[k], mx[k] / cyc_us);
+    }
+    return (probe_fault(dsb) != 0 || !ok) ? 1 : 0;
+}
