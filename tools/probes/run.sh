@@ -2,7 +2,7 @@
 # Builds the task probes (plain kernels around one task kind's device code:
 # fp4_probe.cu, attention_probe.cu, gemv_probe.cu; hop_probe.cu, the dependency
 # hop's parts: round trips, release cost, ways to poll; icache_probe.cu, the
-# SM's instruction cache) and times their shapes; with --ncu, also
+# SM's instruction cache; route_probe.cu, the routing task's phases) and times their shapes; with --ncu, also
 # profiles one launch of each with Nsight Compute (the resident kernel itself
 # cannot be profiled: the profiler serialises launches). Needs nvcc ($NVCC or
 # PATH) and, to run, an sm_90 GPU. Results go to target/probes.
@@ -12,7 +12,7 @@ nvcc="${NVCC:-nvcc}"
 root="$(dirname "$(dirname "$(command -v "$nvcc")")")"
 out=target/probes
 mkdir -p "$out"
-for probe in fp4_probe attention_probe gemv_probe hop_probe icache_probe; do
+for probe in fp4_probe attention_probe gemv_probe hop_probe icache_probe route_probe; do
   "$nvcc" -std=c++17 -O3 -arch=sm_90a -Ikernels -L"$root/lib" -L"$root/lib64" \
     "tools/probes/$probe.cu" -o "$out/$probe"
 done
@@ -31,6 +31,10 @@ for shape in qkv oproj router; do
 done
 "$out/hop_probe"
 "$out/icache_probe"
+for rows in 1 8 16; do
+  "$out/route_probe" "$rows"
+  "$out/route_probe" "$rows" 400 cold-code
+done
 if [ "${1:-}" = --ncu ]; then
   profile() {  # name, then the probe's command line
     local name=$1
