@@ -240,6 +240,9 @@ __device__ __forceinline__ u64 gemv_prologue(const Ctx& c, const GemvInput& in) 
         if (in.prologue == PROLOGUE_RMSNORM) {
             float ss = 0.0f;
             for (u32 k = threadIdx.x; k < in.cols; k += blockDim.x) {
+                // The norm weights travel while the sum is formed (one line
+                // per 64 of them): the second pass finds them in L1.
+                if (i == 0 && (k & 63) == 0) prefetch_l1(reinterpret_cast<const u16*>(in.aux) + k);
                 const float v = load_float(in.x, in.x_dtype, row + k);
                 ss = fmaf(v, v, ss);
             }
