@@ -27,23 +27,32 @@ MK_OFFSET(RmsNormArgs, y_dtype, 44);
 
 __device__ __forceinline__ void task_rmsnorm(const Ctx& c) {
     const RmsNormArgs& a = task_args<RmsNormArgs>(c);
+    // The arguments in registers: stores through `y` would otherwise make
+    // the compiler read them again from the descriptor.
     const float eps = __uint_as_float(a.eps);
+    const u64 x = a.x, y = a.y, w = a.w;
+    const u32 rows = a.rows, cols = a.cols, x_dtype = a.x_dtype, y_dtype = a.y_dtype, w_dtype = a.w_dtype;
     // One row at a time with the whole block, summing in the order of the
     // product prologue (gemv_prologue): a row normalises to the same bits
     // whether its norm is fused into the product or runs here, so blocks of
     // rows (verify, prefill) match single steps.
     float* scratch = reinterpret_cast<float*>(c.scratch());
-    for (u32 r = 0; r < a.rows; ++r) {
-        const u64 base = u64(r) * a.cols;
+    for (u32 r = 0; r < rows; ++r) {
+        const u64 base = u64(r) * cols;
         float ss = 0.0f;
-        for (u32 i = threadIdx.x; i < a.cols; i += blockDim.x) {
-            const float v = load_float(a.x, a.x_dtype, base + i);
+        for (u32 i = threadIdx.x; i < cols; i += blockDim.x) {
+            // The weights travel while the first row's sum is formed (one
+            // line per 32 of them): the second pass finds them in L1.
+            if (r == 0 && (i & 31) == 0) {
+                prefetch_l1(reinterpret_cast<const unsigned char*>(w) + u64(i) * (w_dtype == DTYPE_BF16 ? 2 : 4));
+            }
+            const float v = load_float(x, x_dtype, base + i);
             ss = fmaf(v, v, ss);
         }
-        const float inv = rsqrtf(block_sum(ss, scratch) / float(a.cols) + eps);
-        for (u32 i = threadIdx.x; i < a.cols; i += blockDim.x) {
-            const float v = load_float(a.x, a.x_dtype, base + i);
-            store_float(a.y, a.y_dtype, base + i, v * inv * load_float(a.w, a.w_dtype, i));
+        const float inv = rsqrtf(block_sum(ss, scratch) / float(cols) + eps);
+        for (u32 i = threadIdx.x; i < cols; i += blockDim.x) {
+            const float v = load_float(x, x_dtype, base + i);
+            store_float(y, y_dtype, base + i, v * inv * load_float(w, w_dtype, i));
         }
         __syncthreads();  // y may alias x: the next row's reads follow this row's writes
     }
