@@ -26,17 +26,8 @@
 // where every stage runs another task's code.
 #include <vector>
 
-#include "probe.cuh"
-
-__device__ unsigned long long g_marks[1024 * 16];
-#define MK_PHASE(k)                                                                     \
-    do {                                                                                \
-        if (threadIdx.x == 0) g_marks[blockIdx.x * 16 + (k)] = clock64();                \
-    } while (0)
+#include "phases.cuh"
 #include "tasks/gemv_bf16.cuh"
-
-// Per phase k: sum over blocks and launches of (mark k - mark 0), and its maximum.
-__device__ unsigned long long g_sum[16], g_max[16];
 
 __global__ void __launch_bounds__(BLOCK_THREADS, 1)
     gemv_probe(GemvBf16Args base, u32 total, u32 tasks, u32 staged, u32 keep, u32 reps, u32 cold_code, DeviceState* st,
@@ -78,12 +69,11 @@ __global__ void __launch_bounds__(BLOCK_THREADS, 1)
         MK_PHASE(6);
     }
     if (threadIdx.x == 0) {
-        const unsigned long long* m = g_marks + b * 16;
+        const unsigned long long* m = probe_marks();
         for (int k = 1; k <= 11; ++k) {
             // Phase 5 is the staging: from before its copies to mark 0.
             const unsigned long long d = k == 5 ? m[0] - m[5] : m[k] - m[0];
-            atomicAdd(&g_sum[k], d);
-            atomicMax(&g_max[k], d);
+            probe_phase_add(k, d);
         }
     }
 }
@@ -152,24 +142,14 @@ int main(int argc, char** argv) {
     };
     for (int i = 0; i < 16; ++i) launch(i);
     CHECK(cudaDeviceSynchronize());
-    unsigned long long zero[16] = {};
-    CHECK(cudaMemcpyToSymbol(g_sum, zero, sizeof zero));
-    CHECK(cudaMemcpyToSymbol(g_max, zero, sizeof zero));
+    probe_phases_reset();
     const double us = probe_time(launches, launch);
-    unsigned long long sum[16], mx[16];
-    CHECK(cudaMemcpyFromSymbol(sum, g_sum, sizeof sum));
-    CHECK(cudaMemcpyFromSymbol(mx, g_max, sizeof mx));
-    int khz = 0;
-    CHECK(cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, 0));
-    const double n = double(launches) * tasks, cyc_us = khz / 1e3;
+    const double n = double(launches) * tasks;
     printf("%s %s x%u: %u blocks of %u rows x %u, keep %u, staged %s, %.2f us per launch, fault kind %u\n", shape, mode, reps,
            tasks, per_task, cols, keep, staged ? "yes" : "no", us, probe_fault(dsb));
     const char* names[12] = {"",           "prepared",         "warp 0 jobs",      "all jobs",
                              "end",        "staging",          "after barrier",    "last job: entry",
                              "... set up", "... loads issued", "... mmas issued",  "... partials stored"};
-    for (int k = 1; k <= 11; ++k) {
-        printf("  %-14s mean %7.0f cycles (%6.2f us), slowest %7llu (%6.2f us)\n", names[k], sum[k] / n,
-               sum[k] / n / cyc_us, mx[k], mx[k] / cyc_us);
-    }
+    probe_phases_print(names, 11, n);
     return probe_fault(dsb) != 0;
 }

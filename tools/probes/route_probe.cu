@@ -16,17 +16,8 @@
 #include <algorithm>
 #include <vector>
 
-#include "probe.cuh"
-
-__device__ unsigned long long g_marks[1024 * 16];
-#define MK_PHASE(k)                                                      \
-    do {                                                                 \
-        if (threadIdx.x == 0) g_marks[blockIdx.x * 16 + (k)] = clock64(); \
-    } while (0)
+#include "phases.cuh"
 #include "tasks/moe_route.cuh"
-
-// Per phase k: sum over blocks and launches of (mark k - mark 0), and its maximum.
-__device__ unsigned long long g_sum[16], g_max[16];
 
 __global__ void __launch_bounds__(BLOCK_THREADS, 1)
     route_probe(MoeRouteArgs base, u32 list_len, u32 cold_code, DeviceState* st, StatusBlock* sb) {
@@ -49,11 +40,10 @@ __global__ void __launch_bounds__(BLOCK_THREADS, 1)
     __syncthreads();
     MK_PHASE(8);
     if (threadIdx.x == 0) {
-        const unsigned long long* m = g_marks + b * 16;
+        const unsigned long long* m = probe_marks();
         for (int k = 1; k <= 8; ++k) {
             const unsigned long long d = m[k] - m[0];
-            atomicAdd(&g_sum[k], d);
-            atomicMax(&g_max[k], d);
+            probe_phase_add(k, d);
         }
     }
 }
@@ -89,13 +79,8 @@ int main(int argc, char** argv) {
     auto launch = [&](int) { route_probe<<<blocks, BLOCK_THREADS, PROBE_SMEM>>>(a, list_len, cold_code, dst, dsb); };
     for (int i = 0; i < 16; ++i) launch(i);
     CHECK(cudaDeviceSynchronize());
-    unsigned long long zero[16] = {};
-    CHECK(cudaMemcpyToSymbol(g_sum, zero, sizeof zero));
-    CHECK(cudaMemcpyToSymbol(g_max, zero, sizeof zero));
+    probe_phases_reset();
     const double us = probe_time(launches, launch);
-    unsigned long long sum[16], mx[16];
-    CHECK(cudaMemcpyFromSymbol(sum, g_sum, sizeof sum));
-    CHECK(cudaMemcpyFromSymbol(mx, g_max, sizeof mx));
     // The first block's list, checked against a plain top-k of its first row.
     std::vector<u32> list(list_len);
     CHECK(cudaMemcpy(list.data(), dlist, list_len * 4, cudaMemcpyDeviceToHost));
@@ -105,16 +90,11 @@ int main(int argc, char** argv) {
     std::vector<u32> want(order.begin(), order.begin() + top_k);
     std::sort(want.begin(), want.end());
     const bool ok = rows != 1 || (list[0] == top_k && std::equal(want.begin(), want.end(), list.begin() + 1));
-    int khz = 0;
-    CHECK(cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, 0));
-    const double n = double(launches) * blocks, cyc_us = khz / 1e3;
+    const double n = double(launches) * blocks;
     printf("route %u rows x %u experts, top %u, %s: %.2f us per launch, list %s, fault kind %u\n", rows, experts, top_k,
            cold_code ? "cold code" : "warm code", us, ok ? "right" : "WRONG", probe_fault(dsb));
     const char* names[9] = {"",           "flags cleared", "row 0 loaded", "softmax",     "top-k rounds",
                             "picks stored", "barrier",      "list written", "end barrier"};
-    for (int k = 1; k <= 8; ++k) {
-        printf("  %-14s mean %7.0f cycles (%6.2f us), slowest %7llu (%6.2f us)\n", names[k], sum[k] / n,
-               sum[k] / n / cyc_us, mx[k], mx[k] / cyc_us);
-    }
+    probe_phases_print(names, 8, n);
     return (probe_fault(dsb) != 0 || !ok) ? 1 : 0;
 }

@@ -1,0 +1,46 @@
+// Phase marks of the probes that time a task body's phases (gemv_probe,
+// route_probe): included before the task's header, whose MK_PHASE(k) marks
+// then record the SM clock (thread 0, per block); the probe adds each
+// block's phase durations to the totals and prints them.
+#pragma once
+#include "probe.cuh"
+
+__device__ unsigned long long g_marks[1024 * 16];
+#define MK_PHASE(k)                                                      \
+    do {                                                                 \
+        if (threadIdx.x == 0) g_marks[blockIdx.x * 16 + (k)] = clock64(); \
+    } while (0)
+
+// Per phase k: sum over blocks and launches of its duration, and its maximum.
+__device__ unsigned long long g_sum[16], g_max[16];
+
+// Thread 0: this block's marks (16 of them).
+__device__ __forceinline__ const unsigned long long* probe_marks() { return g_marks + blockIdx.x * 16; }
+
+// Thread 0: adds duration `d` of phase `k` to the totals.
+__device__ __forceinline__ void probe_phase_add(int k, unsigned long long d) {
+    atomicAdd(&g_sum[k], d);
+    atomicMax(&g_max[k], d);
+}
+
+// Zeroes the totals (after warm-up launches).
+static inline void probe_phases_reset() {
+    unsigned long long zero[16] = {};
+    CHECK(cudaMemcpyToSymbol(g_sum, zero, sizeof zero));
+    CHECK(cudaMemcpyToSymbol(g_max, zero, sizeof zero));
+}
+
+// Prints phases 1 .. last (names[k]): the mean over `samples` blocks and the
+// slowest, in cycles and in microseconds at the device's clock.
+static inline void probe_phases_print(const char* const* names, int last, double samples) {
+    unsigned long long sum[16], mx[16];
+    CHECK(cudaMemcpyFromSymbol(sum, g_sum, sizeof sum));
+    CHECK(cudaMemcpyFromSymbol(mx, g_max, sizeof mx));
+    int khz = 0;
+    CHECK(cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, 0));
+    const double cyc_us = khz / 1e3;
+    for (int k = 1; k <= last; ++k) {
+        printf("  %-14s mean %7.0f cycles (%6.2f us), slowest %7llu (%6.2f us)\n", names[k], sum[k] / samples,
+               sum[k] / samples / cyc_us, mx[k], mx[k] / cyc_us);
+    }
+}
