@@ -14,13 +14,16 @@ __device__ unsigned long long g_marks[1024 * 16];
 // Per phase k: sum over blocks and launches of its duration, and its maximum.
 __device__ unsigned long long g_sum[16], g_max[16];
 
-// Thread 0: this block's marks (16 of them).
-__device__ __forceinline__ const unsigned long long* probe_marks() { return g_marks + blockIdx.x * 16; }
-
-// Thread 0: adds duration `d` of phase `k` to the totals.
-__device__ __forceinline__ void probe_phase_add(int k, unsigned long long d) {
-    atomicAdd(&g_sum[k], d);
-    atomicMax(&g_max[k], d);
+// Thread 0: adds this block's phases 1 .. last to the totals: mark k - mark
+// 0, except phase `before` (if any), mark 0 - mark k: something timed ahead
+// of the body.
+__device__ __forceinline__ void probe_phases_add(int last, int before = -1) {
+    const unsigned long long* m = g_marks + blockIdx.x * 16;
+    for (int k = 1; k <= last; ++k) {
+        const unsigned long long d = k == before ? m[0] - m[k] : m[k] - m[0];
+        atomicAdd(&g_sum[k], d);
+        atomicMax(&g_max[k], d);
+    }
 }
 
 // Zeroes the totals (after warm-up launches).
