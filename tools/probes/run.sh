@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Builds the task probes (plain kernels around one task kind's device code:
-# fp4_probe.cu, attention_probe.cu, gemv_probe.cu; hop_probe.cu, the dependency
-# hop's parts: round trips, release cost, ways to poll; icache_probe.cu, the
-# SM's instruction cache; route_probe.cu, the routing task's phases) and times their shapes; with --ncu, also
-# profiles one launch of each with Nsight Compute (the resident kernel itself
-# cannot be profiled: the profiler serialises launches). Needs nvcc ($NVCC or
-# PATH) and, to run, an sm_90 GPU. Results go to target/probes.
+# fp4_probe.cu, attention_probe.cu, gemv_probe.cu, route_probe.cu; hop_probe.cu,
+# the dependency hop's parts: round trips, release cost, ways to poll;
+# icache_probe.cu, the SM's instruction cache) and times their shapes; with
+# --ncu, also profiles one launch of each with Nsight Compute (the resident
+# kernel itself cannot be profiled: the profiler serialises launches). Needs
+# nvcc ($NVCC or PATH) and, to run, an sm_90 GPU. Results go to target/probes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 nvcc="${NVCC:-nvcc}"
