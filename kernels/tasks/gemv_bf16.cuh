@@ -185,6 +185,7 @@ struct GemvInput {
     u32 prologue;
     float eps;
     bool in_place;  // several rows read in place all the same (GEMV_READ_IN_PLACE_ROWS)
+    bool copy_one;  // a single row is copied too (the FP4 products read it as shared memory)
 };
 
 // Input rows prepared in shared memory lie this many bytes further apart than
@@ -275,8 +276,9 @@ __device__ __forceinline__ u32 gemv_input_bytes(const GemvInput& in, u32 room) {
     if (in.prologue != PROLOGUE_NONE) return gemv_prologue_bytes(in.m, in.cols);
     const u32 size = in.x_dtype == DTYPE_BF16 ? 2 : 4, row_bytes = in.cols * size;
     // Several rows are copied, since every warp rereads them for each matrix
-    // row and the L1 left beside the kernel's shared memory does not hold them.
-    const bool copy = !in.in_place && in.m > 1 && in.m * (row_bytes + GEMV_ROW_PAD) <= room &&
+    // row and the L1 left beside the kernel's shared memory does not hold
+    // them; a single row when the caller asks (copy_one).
+    const bool copy = !in.in_place && (in.m > 1 || in.copy_one) && in.m * (row_bytes + GEMV_ROW_PAD) <= room &&
                       (row_bytes & 15) == 0 && ((in.x | (u64(in.ldx) * size)) & 15) == 0;
     return copy ? in.m * (row_bytes + GEMV_ROW_PAD) : 0u;
 }
@@ -455,7 +457,7 @@ __device__ __forceinline__ void gemv_dispatch(const Ctx& c, const GemvBf16Args& 
     // L1): copying them would take shared memory from the staged matrix, and
     // time, for little reuse.
     const GemvInput in = {a.x, a.aux, a.ldx, a.m, a.cols, a.x_dtype, a.prologue, __uint_as_float(a.eps),
-                          mma && a.rows <= GEMV_READ_IN_PLACE_ROWS};
+                          mma && a.rows <= GEMV_READ_IN_PLACE_ROWS, false};
     u64 x;
     u32 ldx;
     bool bf16;

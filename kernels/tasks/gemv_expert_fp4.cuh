@@ -262,11 +262,13 @@ __device__ __forceinline__ u32 fp4_mx_pair(u32 code) {
 }
 
 // Eight consecutive x values at `p` as the bf16 pairs (x[k], x[k + 4]) that
-// match fp4_to_bf16x8_scaled_down.
-template <bool XBF16>
+// match fp4_to_bf16x8_scaled_down. XS: bf16 rows in shared memory, read with
+// ld.shared (through a generic load, the data came back only after the codes
+// loaded before it from global memory: a round trip per column step).
+template <bool XBF16, bool XS>
 __device__ __forceinline__ void fp4_x8(const unsigned char* p, u32 b[4]) {
     if (XBF16) {
-        const uint4 v = *reinterpret_cast<const uint4*>(p);
+        const uint4 v = XS ? ld_shared16(p) : *reinterpret_cast<const uint4*>(p);
         b[0] = __byte_perm(v.x, v.z, 0x5410), b[1] = __byte_perm(v.x, v.z, 0x7632);
         b[2] = __byte_perm(v.y, v.w, 0x5410), b[3] = __byte_perm(v.y, v.w, 0x7632);
     } else {
@@ -301,7 +303,7 @@ __device__ __forceinline__ Fp4Chunk fp4_mma_load(const unsigned char* p, const u
 // g + 8) with their scale codes s0, s1, times the NT n-tiles of x at xp (this
 // step's columns of each input row; none where the row is not live). BIG: an
 // E8M0 scale above FP4_MX_BIG in the warp, scaled in two factors.
-template <int NT, bool XBF16, bool NV, bool BIG>
+template <int NT, bool XBF16, bool NV, bool BIG, bool XS>
 __device__ __forceinline__ void fp4_mma_step(float (&acc)[NT][4], const uint4& q0, const uint4& q1, u32 s0, u32 s1,
                                              const unsigned char* const (&xp)[NT], const bool (&xlive)[NT]) {
     // Scale pairs of the row's first and second 16 codes.
@@ -327,7 +329,7 @@ __device__ __forceinline__ void fp4_mma_step(float (&acc)[NT][4], const uint4& q
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
             b[j][0] = b[j][1] = b[j][2] = b[j][3] = 0;
-            if (xlive[j]) fp4_x8<XBF16>(xp[j] + w * 8 * (XBF16 ? 2 : 4), b[j]);
+            if (xlive[j]) fp4_x8<XBF16, XS>(xp[j] + w * 8 * (XBF16 ? 2 : 4), b[j]);
         }
         // Pairs (k, k + 4): k = 0, 1 make one k-step of 16, k = 2, 3 the next.
 #pragma unroll
@@ -342,8 +344,8 @@ __device__ __forceinline__ void fp4_mma_step(float (&acc)[NT][4], const uint4& q
 // One warp: rows tile0 .. tile0 + 16 (relative to row0; rows past `rows`
 // read as zero) over column steps step0 .. step1, for input rows 0 .. n of
 // rmap, NT n-tiles of 8; the tile's partials go to part[row][input row]. The
-// next step's codes are loaded before this step's products.
-template <int NT, bool XBF16, bool NV>
+// next step's codes are loaded before this step's products. XS: see fp4_x8.
+template <int NT, bool XBF16, bool NV, bool XS>
 __device__ __noinline__ void fp4_mma_job(const GemvExpertFp4Args& a, const unsigned char* codes,
                                             const unsigned char* sc, u64 x, u32 ldx, const u32* rmap, u32 n,
                                             u32 row0, u32 rows, u32 tile0, u32 step0, u32 step1,
@@ -381,9 +383,9 @@ __device__ __noinline__ void fp4_mma_job(const GemvExpertFp4Args& a, const unsig
         }
         // Warp-uniform: an E8M0 scale above 2 takes the two-factor scaling.
         if (!NV && __any_sync(0xFFFFFFFFu, s0 > FP4_MX_BIG || s1 > FP4_MX_BIG)) {
-            fp4_mma_step<NT, XBF16, NV, true>(acc, q0, q1, s0, s1, xp, xlive);
+            fp4_mma_step<NT, XBF16, NV, true, XS>(acc, q0, q1, s0, s1, xp, xlive);
         } else {
-            fp4_mma_step<NT, XBF16, NV, false>(acc, q0, q1, s0, s1, xp, xlive);
+            fp4_mma_step<NT, XBF16, NV, false, XS>(acc, q0, q1, s0, s1, xp, xlive);
         }
 #pragma unroll
         for (int j = 0; j < NT; ++j) xp[j] += 128 * XSIZE;
@@ -410,16 +412,22 @@ __device__ __noinline__ void fp4_mma_rows(const GemvExpertFp4Args& a, const unsi
     u32 slices, per, group;
     fp4_mma_shape(a.cols, slices, per, group);
     const u32 warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5, steps = a.cols / 128;
+    // bf16 input rows in shared memory are read as such (fp4_x8); a single
+    // row is copied there too (GemvInput::copy_one in fp4_input).
+    const bool xs = XBF16 && __isShared(reinterpret_cast<const void*>(x));
     for (u32 g0 = 0; g0 < rows; g0 += group) {
         const u32 grows = min(group, rows - g0), tiles = (grows + 15) / 16;
         for (u32 job = warp; job < tiles * slices; job += nwarps) {
             const u32 tile = job / slices, slice = job % slices;
             const u32 s0 = slice * per, s1 = min(s0 + per, steps);
             float* p = part + slice * group * 16;
+            const u32 r0 = row0 + g0, t0 = tile * 16;
             if (n <= 8) {
-                fp4_mma_job<1, XBF16, NV>(a, codes, sc, x, ldx, rmap, n, row0 + g0, grows, tile * 16, s0, s1, p);
+                if (xs) fp4_mma_job<1, XBF16, NV, XBF16>(a, codes, sc, x, ldx, rmap, n, r0, grows, t0, s0, s1, p);
+                else fp4_mma_job<1, XBF16, NV, false>(a, codes, sc, x, ldx, rmap, n, r0, grows, t0, s0, s1, p);
             } else {
-                fp4_mma_job<2, XBF16, NV>(a, codes, sc, x, ldx, rmap, n, row0 + g0, grows, tile * 16, s0, s1, p);
+                if (xs) fp4_mma_job<2, XBF16, NV, XBF16>(a, codes, sc, x, ldx, rmap, n, r0, grows, t0, s0, s1, p);
+                else fp4_mma_job<2, XBF16, NV, false>(a, codes, sc, x, ldx, rmap, n, r0, grows, t0, s0, s1, p);
             }
         }
         __syncthreads();
@@ -449,7 +457,7 @@ __device__ __forceinline__ GemvInput fp4_input(const GemvExpertFp4Args& a, u32 s
     const u32 xsize = a.x_dtype == DTYPE_BF16 ? 2 : 4;
     const u64 step = (a.flags & FP4_X_PER_SLOT) ? u64(slot) * a.m * a.cols * xsize : 0;
     return {a.x + step, a.prologue == PROLOGUE_SWIGLU ? a.aux + step : a.aux, a.cols, a.m, a.cols,
-            a.x_dtype, a.prologue, __uint_as_float(a.eps), false};
+            a.x_dtype, a.prologue, __uint_as_float(a.eps), false, true};
 }
 
 // Shared memory of the tensor-core products' partials.

@@ -5,10 +5,12 @@
 //
 //   tools/probes/run.sh [--ncu]     (or by hand:)
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Ikernels tools/probes/fp4_probe.cu -o fp4_probe
-//   ./fp4_probe gate|gate0|down [shared bytes per block] [launches] [input rows] [cold-code]
+//   ./fp4_probe gate|gate0|gate0b|down [shared bytes per block] [launches] [input rows] [cold-code]
 //
 // `gate`: gate and up, 8 experts x 2 matrices x 8 tasks of 96 rows x 2048
-// columns, one RMSNorm input row (`gate0`: the same without the RMSNorm);
+// columns, one RMSNorm input row (`gate0`: the same without the RMSNorm;
+// `gate0b`: without it and with bf16 input rows, as a decode step's shared
+// norm writes them);
 // `down`: 8 experts x 16 tasks of 128 rows x 768 columns, SwiGLU inputs.
 // With more input rows (up to 16, as in a verify block), every row is routed
 // to all eight experts.
@@ -56,7 +58,8 @@ __global__ void __launch_bounds__(BLOCK_THREADS, 1)
 
 int main(int argc, char** argv) {
     const bool down = argc > 1 && !strcmp(argv[1], "down");
-    const bool plain = argc > 1 && !strcmp(argv[1], "gate0");
+    const bool xbf = argc > 1 && !strcmp(argv[1], "gate0b");
+    const bool plain = xbf || (argc > 1 && !strcmp(argv[1], "gate0"));
     const u32 smem = argc > 2 ? u32(atoi(argv[2])) : PROBE_SMEM;
     const int launches = argc > 3 ? atoi(argv[3]) : 200;
     const u32 nin = argc > 4 ? u32(atoi(argv[4])) : 1;  // input rows, each routed to all eight experts
@@ -94,7 +97,17 @@ int main(int argc, char** argv) {
     CHECK(cudaMalloc(&dx, xlen * 4));
     CHECK(cudaMalloc(&du, xlen * 4));
     CHECK(cudaMalloc(&dg, cols * 2));
-    CHECK(cudaMemcpy(dx, x.data(), xlen * 4, cudaMemcpyHostToDevice));
+    if (xbf) {
+        std::vector<unsigned short> xb(xlen);
+        for (u32 i = 0; i < xlen; ++i) {
+            u32 bits;
+            memcpy(&bits, &x[i], 4);
+            xb[i] = (unsigned short)(bits >> 16);
+        }
+        CHECK(cudaMemcpy(dx, xb.data(), xlen * 2, cudaMemcpyHostToDevice));
+    } else {
+        CHECK(cudaMemcpy(dx, x.data(), xlen * 4, cudaMemcpyHostToDevice));
+    }
     CHECK(cudaMemcpy(du, u.data(), xlen * 4, cudaMemcpyHostToDevice));
     CHECK(cudaMemcpy(dg, g.data(), cols * 2, cudaMemcpyHostToDevice));
     // Routing lists: count, eight distinct experts, row masks (row 0). Launch
@@ -119,7 +132,7 @@ int main(int argc, char** argv) {
     a.cols = cols;
     a.m = nin;
     a.ldy = rows;
-    a.x_dtype = DTYPE_F32;
+    a.x_dtype = xbf ? DTYPE_BF16 : DTYPE_F32;
     a.y_dtype = DTYPE_F32;
     a.prologue = down ? PROLOGUE_SWIGLU : plain ? PROLOGUE_NONE : PROLOGUE_RMSNORM;
     a.format = FP4_MXFP4;
@@ -149,7 +162,7 @@ int main(int argc, char** argv) {
     const double bytes = double(mats) * slots * (double(rows) * cols / 2 + double(rows) * cols / 32);
     printf("%s, %u input rows%s: %u blocks, shared limit %u, %.2f us per launch, %.1f MB, %.3f TB/s, body %.0f cycles "
            "(%.2f us), fault kind %u\n",
-           down ? "down" : plain ? "gate+up, no RMSNorm" : "gate+up", nin, cold_code ? ", code cold" : "", blocks, smem,
+           down ? "down" : xbf ? "gate+up, bf16 rows, no RMSNorm" : plain ? "gate+up, no RMSNorm" : "gate+up", nin, cold_code ? ", code cold" : "", blocks, smem,
            us, bytes / 1e6, bytes / us / 1e6, cycles, cycles / (khz / 1e3), fault);
     return fault != 0;
 }
