@@ -162,7 +162,8 @@ int main(int argc, char** argv) {
     const double bytes = double(mats) * slots * (double(rows) * cols / 2 + double(rows) * cols / 32);
     printf("%s, %u input rows%s: %u blocks, shared limit %u, %.2f us per launch, %.1f MB, %.3f TB/s, body %.0f cycles "
            "(%.2f us), fault kind %u\n",
-           down ? "down" : xbf ? "gate+up, bf16 rows, no RMSNorm" : plain ? "gate+up, no RMSNorm" : "gate+up", nin, cold_code ? ", code cold" : "", blocks, smem,
-           us, bytes / 1e6, bytes / us / 1e6, cycles, cycles / (khz / 1e3), fault);
+           down ? "down" : xbf ? "gate+up, bf16 rows, no RMSNorm" : plain ? "gate+up, no RMSNorm" : "gate+up", nin,
+           cold_code ? ", code cold" : "", blocks, smem, us, bytes / 1e6, bytes / us / 1e6, cycles, cycles / (khz / 1e3),
+           fault);
     return fault != 0;
 }
