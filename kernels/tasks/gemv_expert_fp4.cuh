@@ -227,13 +227,17 @@ __device__ __forceinline__ u32 bf16x2_scale(u32 a, u32 s2) {
 // pairs out[k] = (element k, element k + 4), each the code's value times
 // 2^-126 exactly: the sign moves to bit 15, the exponent and mantissa bits to
 // bits 8..6 (E2M1's exponent bias is 1, bf16's 127, and E2M1's subnormal 0.5
-// lands on bf16's subnormal 2^-127). Two shifts and two logic operations per
-// pair.
+// lands on bf16's subnormal 2^-127). One multiply makes both copies of a
+// masked nibble (times 2^6 + 2^12 for nibbles 0 and 4, 2^2 + 2^8 for 1 and 5,
+// the same after a shift by 8 for the others), which do not overlap: a mask,
+// a multiply and a mask per pair.
 __device__ __forceinline__ void fp4_to_bf16x8_scaled_down(u32 w, u32 out[4]) {
-    out[0] = ((w << 6) & 0x01C001C0u) | ((w << 12) & 0x80008000u);
-    out[1] = ((w << 2) & 0x01C001C0u) | ((w << 8) & 0x80008000u);
-    out[2] = ((w >> 2) & 0x01C001C0u) | ((w << 4) & 0x80008000u);
-    out[3] = ((w >> 6) & 0x01C001C0u) | (w & 0x80008000u);
+    constexpr u32 KEEP = 0x81C081C0u;  // bits 15 and 8..6 of each half
+    const u32 v = w >> 8;
+    out[0] = ((w & 0x000F000Fu) * 4160u) & KEEP;
+    out[1] = ((w & 0x00F000F0u) * 260u) & KEEP;
+    out[2] = ((v & 0x000F000Fu) * 4160u) & KEEP;
+    out[3] = ((v & 0x00F000F0u) * 260u) & KEEP;
 }
 
 // The bf16 pair that scales decoded codes (values times 2^-126) to code times
