@@ -293,7 +293,13 @@ __device__ __forceinline__ bool gemv_input(const Ctx& c, const GemvInput& in, u6
         const u32 bytes = gemv_input_bytes(in, room);
         if (bytes) {
             const u32 size = bf16 ? 2 : 4, per_row = in.cols * size / 16, ld = gemv_prepared_ld(in.cols, size);
-            for (u32 k = threadIdx.x; k < in.m * per_row; k += blockDim.x) {
+            if (in.m == 1) {  // a single row (copy_one) without a division per element
+                for (u32 j = threadIdx.x; j < per_row; j += blockDim.x) {
+                    const uint4 v = *reinterpret_cast<const uint4*>(in.x + u64(j) * 16);
+                    *reinterpret_cast<uint4*>(c.scratch() + u64(j) * 16) = v;
+                }
+            }
+            for (u32 k = threadIdx.x; in.m > 1 && k < in.m * per_row; k += blockDim.x) {
                 const u32 i = k / per_row, j = k % per_row;
                 const uint4 v = *reinterpret_cast<const uint4*>(in.x + u64(i) * in.ldx * size + u64(j) * 16);
                 *reinterpret_cast<uint4*>(c.scratch() + u64(i) * ld * size + u64(j) * 16) = v;
@@ -490,9 +496,7 @@ __device__ __forceinline__ void gemv_dispatch(const Ctx& c, const GemvBf16Args& 
 // many. Every thread computes the same list.
 __device__ __forceinline__ u32 rows_of_mask(u32 mask, u32* rmap) {
     u32 n = 0;
-    for (u32 i = 0; i < 32; ++i) {
-        if (mask & (1u << i)) rmap[n++] = i;
-    }
+    for (; mask; mask &= mask - 1) rmap[n++] = __ffs(mask) - 1;
     return n;
 }
 

@@ -91,8 +91,7 @@ __device__ __forceinline__ float e4m3_value(u32 c) {
 // Bytes of one expert's scale region: its block scales, for NVFP4 followed by
 // its f32 tensor scale, padded to 16 bytes.
 __device__ __forceinline__ u64 fp4_scale_stride(u32 format, u32 ldy, u32 cols) {
-    const u64 block = format == FP4_MXFP4 ? 32 : 16;
-    const u64 bytes = u64(ldy) * (cols / block) + (format == FP4_NVFP4 ? 4 : 0);
+    const u64 bytes = u64(ldy) * (cols >> (format == FP4_MXFP4 ? 5 : 4)) + (format == FP4_NVFP4 ? 4 : 0);
     return (bytes + 15) & ~u64(15);
 }
 
@@ -202,12 +201,22 @@ __device__ __forceinline__ bool fp4_mma_ok(u32 cols) { return (cols & 127u) == 0
 // Column slices per row (two up to 16 128-column steps, else four; `per`
 // steps each) and the rows a block computes at once: slices x 16-row tiles
 // fill its warps. Two longer slices leave a warp fewer job starts, each of
-// which waits for its first loads.
+// which waits for its first loads. Without divisions (a task computes this
+// before its first loads): ceil(steps / per) is 2 for 2..16 steps (1 for
+// one) and 4 above 16, where per = ceil(steps / 4) > 4 and steps > 3 per.
+// `shift`: log2(slices).
+__device__ __forceinline__ void fp4_mma_shape(u32 cols, u32& slices, u32& per, u32& group, u32& shift) {
+    static_assert(BLOCK_THREADS / 32 == 16, "group sizes assume 16 warps");
+    const u32 steps = cols >> 7;
+    per = steps <= 16 ? (steps + 1) >> 1 : (steps + 3) >> 2;
+    shift = steps <= 1 ? 0u : steps <= 16 ? 1u : 2u;
+    slices = 1u << shift;
+    group = 256u >> shift;
+}
+
 __device__ __forceinline__ void fp4_mma_shape(u32 cols, u32& slices, u32& per, u32& group) {
-    const u32 steps = cols / 128;
-    per = steps <= 16 ? (steps + 1) / 2 : (steps + 3) / 4;
-    slices = (steps + per - 1) / per;
-    group = 16 * max(1u, (BLOCK_THREADS / 32) / slices);
+    u32 shift;
+    fp4_mma_shape(cols, slices, per, group, shift);
 }
 
 // Shared memory (bytes) of the slice partials of one group.
@@ -413,16 +422,16 @@ __device__ __noinline__ void fp4_mma_rows(const GemvExpertFp4Args& a, const unsi
                                           const u32* rmap, u32 n, u32 row0, u32 rows, float* part_in) {
     // Shared memory (passed in generic): see as_shared.
     float* const part = reinterpret_cast<float*>(as_shared(part_in));
-    u32 slices, per, group;
-    fp4_mma_shape(a.cols, slices, per, group);
-    const u32 warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5, steps = a.cols / 128;
+    u32 slices, per, group, shift;
+    fp4_mma_shape(a.cols, slices, per, group, shift);
+    const u32 warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5, steps = a.cols >> 7;
     // bf16 input rows in shared memory are read as such (fp4_x8); a single
     // row is copied there too (GemvInput::copy_one in fp4_input).
     const bool xs = XBF16 && __isShared(reinterpret_cast<const void*>(x));
     for (u32 g0 = 0; g0 < rows; g0 += group) {
-        const u32 grows = min(group, rows - g0), tiles = (grows + 15) / 16;
-        for (u32 job = warp; job < tiles * slices; job += nwarps) {
-            const u32 tile = job / slices, slice = job % slices;
+        const u32 grows = min(group, rows - g0), tiles = (grows + 15) >> 4;
+        for (u32 job = warp; job < tiles << shift; job += nwarps) {
+            const u32 tile = job >> shift, slice = job & (slices - 1);
             const u32 s0 = slice * per, s1 = min(s0 + per, steps);
             float* p = part + slice * group * 16;
             const u32 r0 = row0 + g0, t0 = tile * 16;
@@ -489,12 +498,13 @@ __device__ __forceinline__ u32 fp4_scratch(const Ctx& c, const GemvExpertFp4Args
 // Matrix rows row0 .. row0 + rows of the expert in `slot`, for the input rows
 // routed to it. The input rows are prepared (shared memory) when `slot` needs
 // other rows than the last call's (`prepared`: that slot, or ~0 for none).
-__device__ __forceinline__ void fp4_expert_rows(const Ctx& c, const GemvExpertFp4Args& a, const u32* list, u32 slot,
-                                                u32 row0, u32 rows, u32& prepared, u64& x, u32& ldx, bool& bf16,
-                                                u32 pass = ~0u) {
-    const u32 mask = list[1 + a.slots + slot] & ((1u << a.m) - 1u);
+// `mask`: the slot's row mask (list[1 + a.slots + slot]) and `expert` its id
+// (list[1 + slot]), read by the caller in one trip.
+__device__ __forceinline__ void fp4_expert_rows(const Ctx& c, const GemvExpertFp4Args& a, u32 mask_word, u64 expert,
+                                                u32 slot, u32 row0, u32 rows, u32& prepared, u64& x, u32& ldx,
+                                                bool& bf16, u32 pass = ~0u) {
+    const u32 mask = mask_word & ((1u << a.m) - 1u);
     if (mask == 0u) return;
-    const u64 expert = list[1 + slot];
     const bool nv = a.format == FP4_NVFP4;
     const unsigned char* codes = reinterpret_cast<const unsigned char*>(a.w) + expert * a.ldy * (a.cols / 2);
     const u64 stride = fp4_scale_stride(a.format, a.ldy, a.cols);
@@ -576,7 +586,8 @@ __device__ __noinline__ void fp4_spread(const Ctx& c, const GemvExpertFp4Args& a
     const u32 t = a.slot, tasks = a.reserved;
     const u32 u0 = u32(u64(units) * t / tasks), u1 = u32(u64(units) * (t + 1) / tasks);
     fp4_units(a, list, u0, u1, [&](u32 slot, u32 pass, u32 r0, u32 rows) {
-        fp4_expert_rows(c, a, list, slot, r0, rows, prepared, x, ldx, bf16, pass);
+        fp4_expert_rows(c, a, list[1 + a.slots + slot], list[1 + slot], slot, r0, rows, prepared, x, ldx, bf16,
+                        pass);
     });
 }
 
@@ -595,10 +606,16 @@ __device__ __forceinline__ void task_gemv_expert_fp4(const Ctx& c) {
         fp4_spread(c, a, list);
         return;
     }
-    if (a.slot < list[0]) {
+    if (a.slot >= a.slots) {  // GemvExpertFp4::rows rejects it
+        if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, a.slot, a.slots);
+        return;
+    }
+    // The count, the slot's row mask and its expert in one trip.
+    const u32 count = list[0], mask = list[1 + a.slots + a.slot], expert = list[1 + a.slot];
+    if (a.slot < count) {
         u32 prepared = ~0u, ldx = 0;
         u64 x = 0;
         bool bf16 = false;
-        fp4_expert_rows(c, a, list, a.slot, a.row0, a.rows, prepared, x, ldx, bf16);
+        fp4_expert_rows(c, a, mask, expert, a.slot, a.row0, a.rows, prepared, x, ldx, bf16);
     }
 }
