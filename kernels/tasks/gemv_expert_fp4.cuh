@@ -363,6 +363,7 @@ __device__ __noinline__ void fp4_mma_job(const GemvExpertFp4Args& a, const unsig
                                             const unsigned char* sc, u64 x, u32 ldx, const u32* rmap, u32 n,
                                             u32 row0, u32 rows, u32 tile0, u32 step0, u32 step1,
                                             float* part_in) {
+    MK_PHASE(5);
     // Shared memory (passed in generic): see as_shared.
     float* const part = reinterpret_cast<float*>(as_shared(part_in));
     const u32 lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
@@ -387,6 +388,11 @@ __device__ __noinline__ void fp4_mma_job(const GemvExpertFp4Args& a, const unsig
         n1 = fp4_mma_load<NV>(cp + cp8, sp + sp8, live1);
     }
     for (u32 st = step0; st < step1; ++st) {
+        // Probe marks (tools/probes/fp4_probe.cu; none in the kernel): the
+        // first, second and last column steps begin.
+        if (st == step0) { MK_PHASE(6); }
+        if (st == step0 + 1) { MK_PHASE(7); }
+        if (st + 1 == step1) { MK_PHASE(8); }
         const uint4 q0 = n0.q, q1 = n1.q;
         const u32 s0 = n0.s, s1 = n1.s;
         cp += 64, sp += 4 * SCALES;
@@ -410,6 +416,7 @@ __device__ __noinline__ void fp4_mma_job(const GemvExpertFp4Args& a, const unsig
         float* p1 = part + (tile0 + g + 8) * 16 + j * 8 + 2 * c;
         p0[0] = acc[j][0], p0[1] = acc[j][1], p1[0] = acc[j][2], p1[1] = acc[j][3];
     }
+    MK_PHASE(9);
 }
 
 // Matrix rows row0 .. row0 + rows for the n input rows of rmap (n <= 16),
@@ -443,7 +450,9 @@ __device__ __noinline__ void fp4_mma_rows(const GemvExpertFp4Args& a, const unsi
                 else fp4_mma_job<2, XBF16, NV, false>(a, codes, sc, x, ldx, rmap, n, r0, grows, t0, s0, s1, p);
             }
         }
+        MK_PHASE(2);
         __syncthreads();
+        MK_PHASE(3);
         for (u32 k = threadIdx.x; k < grows * n; k += blockDim.x) {
             const u32 r = k / n, i = k % n;
             float sum = 0.0f;
@@ -455,6 +464,7 @@ __device__ __noinline__ void fp4_mma_rows(const GemvExpertFp4Args& a, const unsi
         }
         __syncthreads();
     }
+    MK_PHASE(4);
 }
 
 // Passes over a unit for the input rows in `mask`: one with tensor cores,
@@ -498,8 +508,8 @@ __device__ __forceinline__ u32 fp4_scratch(const Ctx& c, const GemvExpertFp4Args
 // Matrix rows row0 .. row0 + rows of the expert in `slot`, for the input rows
 // routed to it. The input rows are prepared (shared memory) when `slot` needs
 // other rows than the last call's (`prepared`: that slot, or ~0 for none).
-// `mask`: the slot's row mask (list[1 + a.slots + slot]) and `expert` its id
-// (list[1 + slot]), read by the caller in one trip.
+// `mask_word`: the slot's row mask (list[1 + a.slots + slot]) and `expert`
+// its id (list[1 + slot]), read by the caller in one trip.
 __device__ __forceinline__ void fp4_expert_rows(const Ctx& c, const GemvExpertFp4Args& a, u32 mask_word, u64 expert,
                                                 u32 slot, u32 row0, u32 rows, u32& prepared, u64& x, u32& ldx,
                                                 bool& bf16, u32 pass = ~0u) {
@@ -518,6 +528,7 @@ __device__ __forceinline__ void fp4_expert_rows(const Ctx& c, const GemvExpertFp
         if (!gemv_input(c, fp4_input(a, slot), x, ldx, bf16, fp4_input_room(c, a))) return;
         prepared = slot;
     }
+    MK_PHASE(1);
     // Only the rows routed to this expert (the mask after the list's ids).
     // With `pass`, only input rows 2 pass .. 2 pass + 2 of them.
     u32 rmap[16];

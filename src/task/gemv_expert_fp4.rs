@@ -427,6 +427,9 @@ impl TaskKind for GemvExpertFp4 {
             return Err(TaskFault::BadArgs("fp4 rows"));
         }
         if a.flags & SPREAD == 0 {
+            if u32::from(a.slot) >= a.slots {
+                return Err(TaskFault::BadArgs("fp4 slot"));
+            }
             let count = mem.read_u32(a.list, 1)?[0];
             if u32::from(a.slot) < count {
                 cpu_unit(a, mem, u32::from(a.slot), a.row0, a.rows)?;

@@ -19,9 +19,14 @@
 // streams and a body's mean time (SM clock); exits non-zero if a task
 // reported a fault. With `cold-code`, each body comes after other code that
 // leaves none of its own in the SM's instruction cache (probe_evict_code).
+// Then, for the tensor-core path, the mean and slowest block's SM clock at
+// the task's marks (MK_PHASE): its input rows prepared (1), warp 0's jobs
+// done (2), every warp's (3), the end (4), and in warp 0's last job its
+// entry (5), its first, second and last column steps beginning (6, 7, 8)
+// and its partials stored (9).
 #include <vector>
 
-#include "probe.cuh"
+#include "phases.cuh"
 #include "tasks/gemv_expert_fp4.cuh"
 
 // Sum over blocks and launches of a body's cycles (SM clock).
@@ -51,9 +56,13 @@ __global__ void __launch_bounds__(BLOCK_THREADS, 1)
     if (cold_code) probe_evict_code(threadIdx.x);
     __syncthreads();
     const long long t0 = clock64();
+    MK_PHASE(0);
     task_gemv_expert_fp4(probe_ctx(env, desc, limit));
     __syncthreads();
-    if (threadIdx.x == 0) atomicAdd(&g_body, (unsigned long long)(clock64() - t0));
+    if (threadIdx.x == 0) {
+        atomicAdd(&g_body, (unsigned long long)(clock64() - t0));
+        probe_phases_add(9);
+    }
 }
 
 int main(int argc, char** argv) {
@@ -152,6 +161,7 @@ int main(int argc, char** argv) {
     CHECK(cudaDeviceSynchronize());
     const unsigned long long zero = 0;
     CHECK(cudaMemcpyToSymbol(g_body, &zero, sizeof zero));
+    probe_phases_reset();
     const double us = probe_time(launches, launch);
     const u32 fault = probe_fault(dsb);
     unsigned long long body = 0;
@@ -165,5 +175,16 @@ int main(int argc, char** argv) {
            down ? "down" : xbf ? "gate+up, bf16 rows, no RMSNorm" : plain ? "gate+up, no RMSNorm" : "gate+up", nin,
            cold_code ? ", code cold" : "", blocks, smem, us, bytes / 1e6, bytes / us / 1e6, cycles, cycles / (khz / 1e3),
            fault);
+    const char* names[10] = {"",
+                             "prepared",
+                             "warp 0 jobs",
+                             "all jobs",
+                             "end",
+                             "last job: entry",
+                             "... 1st step",
+                             "... 2nd step",
+                             "... last step",
+                             "... partials"};
+    probe_phases_print(names, 9, double(blocks) * launches);
     return fault != 0;
 }
