@@ -1,7 +1,7 @@
 // Phase marks of the probes that time a task body's phases (gemv_probe,
-// route_probe, fp4_probe): included before the task's header, whose MK_PHASE(k) marks
-// then record the SM clock (thread 0, per block); the probe adds each
-// block's phase durations to the totals and prints them.
+// route_probe, fp4_probe): included before the task's header, whose
+// MK_PHASE(k) marks then record the SM clock (thread 0, per block); the probe
+// adds each block's phase durations to the totals and prints them.
 #pragma once
 #include "probe.cuh"
 

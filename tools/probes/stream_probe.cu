@@ -12,27 +12,20 @@
 //
 // Usage: stream_probe
 #include "probe.cuh"
+#include "tasks/gemv_bf16.cuh"
 
 constexpr u32 REGIONS = 16;
 constexpr u32 REGION_BYTES = 96 * 1024;
 constexpr u32 BUFFER_REGIONS = 2048;
 constexpr u32 STREAM_BLOCKS = 128;
 
-__device__ __forceinline__ uint4 stream_ld16(const unsigned char* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-}
-
 template <int D, bool TILES>
 __global__ void __launch_bounds__(BLOCK_THREADS, 1) stream_probe(const unsigned char* base, u32* sink, u32 rotate) {
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    if (warp >= 12) return;  // the one-row task's 12 jobs
     u32 acc = 0;
     for (u32 reg = 0; reg < REGIONS; ++reg) {
         const unsigned char* r = base + u64((blockIdx.x * REGIONS + reg + rotate) % BUFFER_REGIONS) * REGION_BYTES;
-        if (warp >= 12) continue;
         const u32 tile = warp / 2, slice = warp % 2;
         const unsigned char *p0, *p1;
         u32 stride;
@@ -47,13 +40,13 @@ __global__ void __launch_bounds__(BLOCK_THREADS, 1) stream_probe(const unsigned 
         }
         uint4 q0[D], q1[D];
 #pragma unroll
-        for (int d = 0; d < D; ++d) q0[d] = stream_ld16(p0 + d * stride), q1[d] = stream_ld16(p1 + d * stride);
+        for (int d = 0; d < D; ++d) q0[d] = ld_stream16(p0 + d * stride), q1[d] = ld_stream16(p1 + d * stride);
         for (u32 st = 0; st < 8; st += D) {
 #pragma unroll
             for (int d = 0; d < D; ++d) {
                 acc ^= q0[d].x ^ q0[d].y ^ q0[d].z ^ q0[d].w ^ q1[d].x ^ q1[d].y ^ q1[d].z ^ q1[d].w;
                 const u32 next = st + D + d;
-                if (next < 8) q0[d] = stream_ld16(p0 + next * stride), q1[d] = stream_ld16(p1 + next * stride);
+                if (next < 8) q0[d] = ld_stream16(p0 + next * stride), q1[d] = ld_stream16(p1 + next * stride);
             }
         }
     }
