@@ -18,6 +18,11 @@
 #pragma once
 #include "../include/task.cuh"
 
+// Phase marks for tools/probes/attention_probe.cu (nothing in the kernel).
+#ifndef MK_PHASE
+#define MK_PHASE(k)
+#endif
+
 struct AttentionArgs {
     u64 qkv;
     u64 cache;
@@ -327,11 +332,13 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
         const u32 i = i0 + p / group, h = a.kv_head * group + p % group;
         cp_async16(q_s + p * W + part * 4, reinterpret_cast<const char*>(a.qkv) + (u64(i) * width + u64(h) * HD) * 2 + part * 16);
     }
+    MK_PHASE(1);
     const float* rope = reinterpret_cast<const float*>(a.rope);
     if (rope) {
         cp_async_commit();  // q on its own: it is rotated before the first tile lands
         if (attention_append_keys<HD>(a, pos0, glo, ghi)) __syncthreads();
     }
+    MK_PHASE(2);
     if (ntiles > 0) {
         u32 gr, t0, n;
         tile(0, gr, t0, n);
@@ -351,6 +358,7 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
             rl.apply(x, pos0 + i0 + p / group, qh + p * 2 * W);
         }
     }
+    MK_PHASE(3);
     for (u32 p = tid; p < pairs; p += BLOCK_THREADS) m_s[p] = -__int_as_float(0x7f800000), l_s[p] = 0.0f;
     const u32 pv_jobs = (pairs + 15) / 16 * JPT;
     float acc[ATTN_JOBS_PER_WARP][2][4];
@@ -372,6 +380,7 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
         cp_async_commit();
         cp_async_wait_prev();
         __syncthreads();
+        if (k == 0) { MK_PHASE(4); }
         const u32* k_s = kv_s + buf * 2 * ATTN_TILE * W;
         const u32* v_s = k_s + ATTN_TILE * W;
         // Scores: keys past n read stale words and are masked, like the
@@ -405,6 +414,7 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
             }
         }
         __syncthreads();
+        if (k == 0) { MK_PHASE(5); }
         // Online softmax update, one warp per pair.
         for (u32 p = warp; p < pairs; p += nwarps) {
             float* row = p_s + p * PS;
@@ -427,6 +437,7 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
             }
         }
         __syncthreads();
+        if (k == 0) { MK_PHASE(6); }
         // P·V: job = (16-pair tile, 16 columns), warp w takes jobs w, w + 16, ...
         const u32 steps = (n + 15) / 16;
 #pragma unroll
@@ -466,7 +477,9 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
             }
         }
         __syncthreads();  // this buffer and p_s are refilled
+        if (k == 0) { MK_PHASE(7); }
     }
+    MK_PHASE(8);
     asm volatile("cp.async.wait_all;" ::: "memory");
     // Partials: acc[.][t][0..1] pair pa, columns base + 8t + 2cc, + 1; [2..3] pair pb.
 #pragma unroll

@@ -420,17 +420,20 @@ __device__ __noinline__ void fp4_mma_job(const GemvExpertFp4Args& a, const unsig
 }
 
 // Matrix rows row0 .. row0 + rows for the n input rows of rmap (n <= 16),
-// in groups of rows: every warp takes (tile, slice) jobs, then the block sums
-// each row's slices in order and stores (or adds) the results. `part` is
-// fp4_mma_partial_bytes of shared memory.
+// in sets of `batch` groups of rows: every warp takes (tile, slice) jobs of
+// a set, then the block sums each row's slices in order and stores (or adds)
+// the results. `part` is `batch` times fp4_mma_partial_bytes of shared
+// memory. A row's jobs and sums are the same whatever the batch: only the
+// barriers between groups go.
 template <bool XBF16, bool NV>
 __device__ __noinline__ void fp4_mma_rows(const GemvExpertFp4Args& a, const unsigned char* codes,
                                           const unsigned char* sc, float tscale, u64 x, u32 ldx, u64 y,
-                                          const u32* rmap, u32 n, u32 row0, u32 rows, float* part_in) {
+                                          const u32* rmap, u32 n, u32 row0, u32 rows, float* part_in, u32 batch) {
     // Shared memory (passed in generic): see as_shared.
     float* const part = reinterpret_cast<float*>(as_shared(part_in));
     u32 slices, per, group, shift;
     fp4_mma_shape(a.cols, slices, per, group, shift);
+    group *= batch;  // rows whose partials are summed at once
     const u32 warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5, steps = a.cols >> 7;
     // bf16 input rows in shared memory are read as such (fp4_x8); a single
     // row is copied there too (GemvInput::copy_one in fp4_input).
@@ -535,17 +538,23 @@ __device__ __forceinline__ void fp4_expert_rows(const Ctx& c, const GemvExpertFp
     u32 n = rows_of_mask(mask, rmap);
     if (fp4_mma_ok(a.cols)) {
         // Every input row at once (its one pass, fp4_passes).
-        float* part = reinterpret_cast<float*>(c.scratch() + fp4_keep(c, a));
+        const u32 keep = fp4_keep(c, a);
+        float* part = reinterpret_cast<float*>(c.scratch() + keep);
         if (fp4_scratch(c, a) > c.smem_bytes) {
             if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, a.cols, c.smem_bytes);
             return;
         }
+        // Rows past one group: as many groups as their partials fit at once
+        // (one at least: checked above).
+        u32 slices, per, group;
+        fp4_mma_shape(a.cols, slices, per, group);
+        const u32 batch = rows > group ? (c.smem_bytes - keep) / fp4_partials(a) : 1u;
         if (bf16) {
-            if (nv) fp4_mma_rows<true, true>(a, codes, sc, tscale, x, ldx, y, rmap, n, row0, rows, part);
-            else fp4_mma_rows<true, false>(a, codes, sc, tscale, x, ldx, y, rmap, n, row0, rows, part);
+            if (nv) fp4_mma_rows<true, true>(a, codes, sc, tscale, x, ldx, y, rmap, n, row0, rows, part, batch);
+            else fp4_mma_rows<true, false>(a, codes, sc, tscale, x, ldx, y, rmap, n, row0, rows, part, batch);
         } else {
-            if (nv) fp4_mma_rows<false, true>(a, codes, sc, tscale, x, ldx, y, rmap, n, row0, rows, part);
-            else fp4_mma_rows<false, false>(a, codes, sc, tscale, x, ldx, y, rmap, n, row0, rows, part);
+            if (nv) fp4_mma_rows<false, true>(a, codes, sc, tscale, x, ldx, y, rmap, n, row0, rows, part, batch);
+            else fp4_mma_rows<false, false>(a, codes, sc, tscale, x, ldx, y, rmap, n, row0, rows, part, batch);
         }
         return;
     }
@@ -564,29 +573,25 @@ __device__ __forceinline__ void fp4_expert_rows(const Ctx& c, const GemvExpertFp
     }
 }
 
-// Walks units u0 .. u1 of a spread task (see fp4_spread) in order, calling
-// f(slot, pass, r0, rows) for each.
-template <typename F>
-__device__ __forceinline__ void fp4_units(const GemvExpertFp4Args& a, const u32* list, u32 u0, u32 u1, F f) {
-    const u32 per = (a.ldy + a.rows - 1) / a.rows;
-    u32 slot = 0, base = 0, size = fp4_passes(a, list[1 + a.slots]) * per;
-    for (u32 u = u0; u < u1; ++u) {
-        while (u >= base + size) {
-            base += size;
-            ++slot;
-            size = fp4_passes(a, list[1 + a.slots + slot]) * per;
-        }
-        const u32 k = u - base, r0 = (k % per) * a.rows;
-        f(slot, k / per, r0, min(a.rows, a.ldy - r0));
-    }
+// Task t's units u0 .. u1 of `units` over `tasks`: the first units % tasks
+// tasks take one unit more, in blocks that start at multiples of their
+// size, so that where every slot has an even number of units, a block of
+// two never straddles two slots (and runs as one call, fp4_spread).
+__device__ __forceinline__ void fp4_share(u32 units, u32 t, u32 tasks, u32& u0, u32& u1) {
+    const u32 q = units / tasks, r = units - q * tasks;
+    u0 = t < r ? t * (q + 1) : r * (q + 1) + (t - r) * q;
+    u1 = u0 + q + (t < r ? 1 : 0);
 }
 
 // Spread: the chosen experts' matrices cut into units of `rows` rows, one
 // unit per pass over two of the input rows routed to the expert (an expert
 // chosen by many rows is that much more work), dealt evenly over the tasks at
 // run time: however many experts a block chose, and however unevenly, every
-// SM streams an equal share. Out of line: blocks of rows only, and its
-// registers stay out of the resident loop's.
+// SM streams an equal share. With tensor cores (one pass a unit) a run of
+// units of one slot is one range of its matrix's rows, computed in one call
+// (its groups share barriers; each row's arithmetic is the same). Out of
+// line: blocks of rows only, and its registers stay out of the resident
+// loop's.
 __device__ __noinline__ void fp4_spread(const Ctx& c, const GemvExpertFp4Args& a, const u32* list) {
     u32 prepared = ~0u, ldx = 0;
     u64 x = 0;
@@ -594,12 +599,33 @@ __device__ __noinline__ void fp4_spread(const Ctx& c, const GemvExpertFp4Args& a
     const u32 per = (a.ldy + a.rows - 1) / a.rows, count = min(list[0], a.slots);
     u32 units = 0;
     for (u32 s = 0; s < count; ++s) units += fp4_passes(a, list[1 + a.slots + s]) * per;
-    const u32 t = a.slot, tasks = a.reserved;
-    const u32 u0 = u32(u64(units) * t / tasks), u1 = u32(u64(units) * (t + 1) / tasks);
-    fp4_units(a, list, u0, u1, [&](u32 slot, u32 pass, u32 r0, u32 rows) {
-        fp4_expert_rows(c, a, list[1 + a.slots + slot], list[1 + slot], slot, r0, rows, prepared, x, ldx, bf16,
-                        pass);
-    });
+    u32 u0, u1;
+    fp4_share(units, a.slot, max(a.reserved, 1u), u0, u1);
+    const bool merge = fp4_mma_ok(a.cols);
+    // Units u0 .. u1 in order (slot, pass, first row), then one step past
+    // them to compute the last run; one call site.
+    u32 slot = 0, base = 0, size = fp4_passes(a, list[1 + a.slots]) * per;
+    u32 run_slot = ~0u, run_pass = 0, run_r0 = 0, run_rows = 0;
+    for (u32 u = u0; u <= u1; ++u) {
+        u32 pass = 0, r0 = 0, rows = 0;
+        if (u < u1) {
+            while (u >= base + size) {
+                base += size;
+                ++slot;
+                size = fp4_passes(a, list[1 + a.slots + slot]) * per;
+            }
+            const u32 k = u - base;
+            pass = k / per, r0 = (k % per) * a.rows, rows = min(a.rows, a.ldy - r0);
+        }
+        if (u == u1 || !merge || slot != run_slot || r0 != run_r0 + run_rows) {
+            if (run_rows) {
+                fp4_expert_rows(c, a, list[1 + a.slots + run_slot], list[1 + run_slot], run_slot, run_r0, run_rows,
+                                prepared, x, ldx, bf16, run_pass);
+            }
+            run_slot = slot, run_pass = pass, run_r0 = r0, run_rows = 0;
+        }
+        run_rows += rows;
+    }
 }
 
 // The codes are read straight from global memory (no staging into shared

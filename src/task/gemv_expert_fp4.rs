@@ -341,6 +341,19 @@ fn mma_slices(cols: usize) -> Option<(usize, usize)> {
     Some((steps.div_ceil(per), per))
 }
 
+/// Spread task `t`'s units of `units` over `tasks`, as the device deals them:
+/// the first `units % tasks` tasks take one unit more, in blocks starting at
+/// multiples of their size.
+fn share(units: usize, t: usize, tasks: usize) -> std::ops::Range<usize> {
+    let (q, r) = (units / tasks, units % tasks);
+    let u0 = if t < r {
+        t * (q + 1)
+    } else {
+        r * (q + 1) + (t - r) * q
+    };
+    u0..u0 + q + usize::from(t < r)
+}
+
 /// The CPU reference for matrix rows `row0 .. row0 + rows` of the expert in `slot`.
 fn cpu_unit(
     a: &GemvExpertFp4Args,
@@ -456,8 +469,8 @@ impl TaskKind for GemvExpertFp4 {
                 items.push((s as u32, k / per, (k % per) * a.rows));
             }
         }
-        let (t, tasks, n) = (a.slot as usize, a.reserved.max(1) as usize, items.len());
-        for &(slot, pass, r0) in &items[n * t / tasks..n * (t + 1) / tasks] {
+        let (t, tasks) = (a.slot as usize, a.reserved.max(1) as usize);
+        for &(slot, pass, r0) in &items[share(items.len(), t, tasks)] {
             if pass == 0 {
                 cpu_unit(a, mem, slot, r0, a.rows.min(a.ldy - r0))?;
             }

@@ -17,7 +17,7 @@
 #include <cstring>
 #include <vector>
 
-#include "probe.cuh"
+#include "phases.cuh"
 #include "tasks/attention.cuh"
 
 __global__ void __launch_bounds__(BLOCK_THREADS, 1)
@@ -31,7 +31,13 @@ __global__ void __launch_bounds__(BLOCK_THREADS, 1)
         probe_task(env, desc, a, st, sb);
     }
     __syncthreads();
+    MK_PHASE(0);
     task_attention(probe_ctx(env, desc, PROBE_SMEM));
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        MK_PHASE(9);
+        probe_phases_add(9);
+    }
 }
 
 static unsigned short bf16_of(float v) {
@@ -87,9 +93,13 @@ int main(int argc, char** argv) {
     auto launch = [&](int) { attention_probe<<<blocks, BLOCK_THREADS, PROBE_SMEM>>>(a, dst, dsb); };
     for (int i = 0; i < 3; ++i) launch(i);
     CHECK(cudaDeviceSynchronize());
+    probe_phases_reset();
     const float us = probe_time(launches, launch);
     const u32 fault = probe_fault(dsb);
     printf("attention, %u rows%s: %u blocks, %.2f us per launch, fault kind %u\n", m, rope ? ", rope" : "", blocks, us,
            fault);
+    const char* names[10] = {"",           "slices, q issued", "keys appended", "q rotated", "1st tile landed",
+                             "... scores", "... softmax",      "... P.V",       "last tile",  "end"};
+    probe_phases_print(names, 9, double(blocks) * launches);
     return fault != 0;
 }
