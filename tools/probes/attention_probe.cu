@@ -11,8 +11,12 @@
 //
 // With `rope`, the tasks also normalise and rotate q and the block's keys
 // themselves (a rope table, AttentionArgs::rope), as a model layer's do.
-// Prints the mean time of a launch (CUDA events, back to back); exits
-// non-zero if a task reported a fault.
+// Prints the mean time of a launch (CUDA events, back to back), then the
+// mean and slowest block's SM clock at the task's marks (MK_PHASE: slices
+// computed and q's copies issued, the block's keys appended, q rotated, the
+// first tile landed, its scores, softmax and P·V done, the last tile done,
+// the end; with two sub-blocks of rows, the second's); exits non-zero if a
+// task reported a fault.
 #include <cmath>
 #include <cstring>
 #include <vector>
