@@ -16,6 +16,15 @@ struct Ctx {
     __device__ __forceinline__ unsigned char* scratch() const { return as_shared(smem); }
 };
 
+// The entry of a task kind that a decode layer does not run on the GPU's
+// usual path (setup, once per step or per command, and the stages that fused
+// prologues replace): compiled out of line, so that the resident loop's body
+// holds the loop and the kinds every layer runs.
+// With these inline the loop spilled more (114 / 224 bytes against 110 /
+// 208) and a decode step took 1-2 % longer (BENCHMARKS.md, 21st round).
+// The per-layer kinds' entries stay __forceinline__.
+#define MK_COLD_TASK __device__ __noinline__
+
 template <typename A>
 __device__ __forceinline__ const A& task_args(const Ctx& c) {
     static_assert(sizeof(A) <= TASK_ARG_SLOTS * 8, "argument record too large");

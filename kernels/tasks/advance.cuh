@@ -16,7 +16,7 @@ MK_OFFSET(AdvanceArgs, token, 16);
 MK_OFFSET(AdvanceArgs, m, 24);
 MK_OFFSET(AdvanceArgs, reserved, 28);
 
-__device__ __forceinline__ void task_advance(const Ctx& c) {
+MK_COLD_TASK void task_advance(const Ctx& c) {
     const AdvanceArgs& a = task_args<AdvanceArgs>(c);
     if (threadIdx.x == 0) {
         reinterpret_cast<u32*>(a.ids)[0] = reinterpret_cast<const u32*>(a.token)[0];

@@ -36,7 +36,7 @@ __device__ __forceinline__ void argmax_warp(float& bv, u32& bi) {
     }
 }
 
-__device__ __forceinline__ void task_argmax(const Ctx& c) {
+MK_COLD_TASK void task_argmax(const Ctx& c) {
     const ArgmaxArgs& a = task_args<ArgmaxArgs>(c);
     float bv = -__int_as_float(0x7f800000);  // -inf
     u32 bi = 0xFFFFFFFFu;

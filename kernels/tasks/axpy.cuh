@@ -20,7 +20,7 @@ MK_OFFSET(AxpyArgs, x_dtype, 28);
 MK_OFFSET(AxpyArgs, y_dtype, 32);
 MK_OFFSET(AxpyArgs, reserved, 36);
 
-__device__ __forceinline__ void task_axpy(const Ctx& c) {
+MK_COLD_TASK void task_axpy(const Ctx& c) {
     const AxpyArgs& a = task_args<AxpyArgs>(c);
     const float alpha = __uint_as_float(u32(a.alpha));
     for (u32 i = threadIdx.x; i < a.n; i += blockDim.x) {

@@ -20,7 +20,7 @@ MK_OFFSET(CopyArgs, src_rows, 28);
 MK_OFFSET(CopyArgs, dst_dtype, 32);
 MK_OFFSET(CopyArgs, src_dtype, 36);
 
-__device__ __forceinline__ void task_copy(const Ctx& c) {
+MK_COLD_TASK void task_copy(const Ctx& c) {
     const CopyArgs& a = task_args<CopyArgs>(c);
     if (a.row >= a.src_rows) {
         if (threadIdx.x == 0) task_fault(c, FAULT_OUT_OF_RANGE, a.row, a.src_rows);

@@ -30,7 +30,7 @@ MK_OFFSET(DflashAcceptArgs, max_pos, 60);
 constexpr u32 DFLASH_LIMIT = 0, DFLASH_PRODUCED = 1, DFLASH_STOP_TOKEN = 2, DFLASH_ITERS = 3, DFLASH_REASON = 4,
               DFLASH_HIST = 5;
 
-__device__ __forceinline__ void task_dflash_accept(const Ctx& c) {
+MK_COLD_TASK void task_dflash_accept(const Ctx& c) {
     const DflashAcceptArgs& a = task_args<DflashAcceptArgs>(c);
     if (threadIdx.x != 0) return;
     u32* ids = reinterpret_cast<u32*>(a.ids);

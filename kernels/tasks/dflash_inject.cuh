@@ -24,7 +24,7 @@ MK_OFFSET(DflashInjectArgs, ref_len, 36);
 MK_OFFSET(DflashInjectArgs, vocab, 40);
 MK_OFFSET(DflashInjectArgs, reserved, 44);
 
-__device__ __forceinline__ void task_dflash_inject(const Ctx& c) {
+MK_COLD_TASK void task_dflash_inject(const Ctx& c) {
     const DflashInjectArgs& a = task_args<DflashInjectArgs>(c);
     if (threadIdx.x != 0) return;
     u32* ids = reinterpret_cast<u32*>(a.ids);

@@ -24,7 +24,7 @@ MK_OFFSET(EmbedArgs, table_dtype, 36);
 MK_OFFSET(EmbedArgs, dst_dtype, 40);
 MK_OFFSET(EmbedArgs, reserved, 44);
 
-__device__ __forceinline__ void task_embed(const Ctx& c) {
+MK_COLD_TASK void task_embed(const Ctx& c) {
     const EmbedArgs& a = task_args<EmbedArgs>(c);
     const u32* ids = reinterpret_cast<const u32*>(a.ids);
     for (u32 i = 0; i < a.m; ++i) {

@@ -29,7 +29,7 @@ __device__ __noinline__ void emit_values(const Ctx& c, const u32* src, u32 n) {
     st_release_gpu(&st->out_published, base + n);
 }
 
-__device__ __forceinline__ void task_emit(const Ctx& c) {
+MK_COLD_TASK void task_emit(const Ctx& c) {
     const EmitArgs& a = task_args<EmitArgs>(c);
     if (threadIdx.x == 0) emit_values(c, reinterpret_cast<const u32*>(a.src), a.n);
 }

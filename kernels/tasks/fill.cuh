@@ -14,7 +14,7 @@ MK_OFFSET(FillArgs, n, 8);
 MK_OFFSET(FillArgs, dtype, 12);
 MK_OFFSET(FillArgs, value, 16);
 
-__device__ __forceinline__ void task_fill(const Ctx& c) {
+MK_COLD_TASK void task_fill(const Ctx& c) {
     const FillArgs& a = task_args<FillArgs>(c);
     const u32 bits = u32(a.value);
     for (u32 i = threadIdx.x; i < a.n; i += blockDim.x) {

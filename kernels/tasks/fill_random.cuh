@@ -38,7 +38,7 @@ __device__ __forceinline__ float random_value(u64 key, u64 i, float std, float m
     return __fadd_rn(mean, __fmul_rn(std, g));
 }
 
-__device__ __forceinline__ void task_fill_random(const Ctx& c) {
+MK_COLD_TASK void task_fill_random(const Ctx& c) {
     const FillRandomArgs& a = task_args<FillRandomArgs>(c);
     const float std = __uint_as_float(a.std), mean = __uint_as_float(a.mean);
     for (u32 j = threadIdx.x; j < a.n; j += blockDim.x) {

@@ -18,7 +18,7 @@ MK_OFFSET(ReduceSumArgs, x_dtype, 20);
 MK_OFFSET(ReduceSumArgs, out_dtype, 24);
 MK_OFFSET(ReduceSumArgs, reserved, 28);
 
-__device__ __forceinline__ void task_reduce_sum(const Ctx& c) {
+MK_COLD_TASK void task_reduce_sum(const Ctx& c) {
     const ReduceSumArgs& a = task_args<ReduceSumArgs>(c);
     float s = 0.0f;
     for (u32 i = threadIdx.x; i < a.n; i += blockDim.x) s += load_float(a.x, a.x_dtype, i);

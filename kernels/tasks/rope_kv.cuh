@@ -40,7 +40,7 @@ MK_OFFSET(RopeKvArgs, cache_dtype, 68);
 MK_OFFSET(RopeKvArgs, job0, 72);
 MK_OFFSET(RopeKvArgs, jobs, 76);
 
-__device__ __forceinline__ void task_rope_kv(const Ctx& c) {
+MK_COLD_TASK void task_rope_kv(const Ctx& c) {
     const RopeKvArgs& a = task_args<RopeKvArgs>(c);
     const u32 pos0 = *reinterpret_cast<const u32*>(a.pos);
     if (u64(pos0) + a.m > a.max_seq) {

@@ -43,7 +43,7 @@ __device__ __forceinline__ float sample_uniform(u64 seed, u32 pos) {
     return float(u32(z >> 40)) * (1.0f / 16777216.0f);
 }
 
-__device__ __forceinline__ void task_sample(const Ctx& c) {
+MK_COLD_TASK void task_sample(const Ctx& c) {
     const SampleArgs& a = task_args<SampleArgs>(c);
     const u32* prm = reinterpret_cast<const u32*>(a.params);
     const float temperature = __uint_as_float(prm[0]), top_p = __uint_as_float(prm[2]);

@@ -20,7 +20,7 @@ MK_OFFSET(SwigluArgs, gate_dtype, 28);
 MK_OFFSET(SwigluArgs, up_dtype, 32);
 MK_OFFSET(SwigluArgs, out_dtype, 36);
 
-__device__ __forceinline__ void task_swiglu(const Ctx& c) {
+MK_COLD_TASK void task_swiglu(const Ctx& c) {
     const SwigluArgs& a = task_args<SwigluArgs>(c);
     for (u32 i = threadIdx.x; i < a.n; i += blockDim.x) {
         const float g = load_float(a.gate, a.gate_dtype, i);
