@@ -54,7 +54,7 @@ __device__ __forceinline__ u32 e2m1_code(float x) {
     return sign | code;
 }
 
-__device__ __noinline__ void task_fill_random_fp4(const Ctx& c) {
+MK_COLD_TASK void task_fill_random_fp4(const Ctx& c) {
     const FillRandomFp4Args& a = task_args<FillRandomFp4Args>(c);
     const float std = __uint_as_float(a.std), mean = __uint_as_float(a.mean);
     u32* codes = reinterpret_cast<u32*>(a.codes);
