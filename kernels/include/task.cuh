@@ -2,6 +2,12 @@
 #pragma once
 #include "stage.cuh"
 
+// A probe's mark of a task body's phases (tools/probes/phases.cuh defines it
+// before this header); nothing in the kernel.
+#ifndef MK_PHASE
+#define MK_PHASE(k)
+#endif
+
 struct Ctx {
     const Env* env;         // shared memory
     const TaskDesc* desc;   // shared-memory copy, parameters substituted

@@ -18,11 +18,6 @@
 #pragma once
 #include "../include/task.cuh"
 
-// Phase marks for tools/probes/attention_probe.cu (nothing in the kernel).
-#ifndef MK_PHASE
-#define MK_PHASE(k)
-#endif
-
 struct AttentionArgs {
     u64 qkv;
     u64 cache;
@@ -123,7 +118,6 @@ __device__ __forceinline__ void attention_rows(const AttentionArgs& a, u32 pos0)
         if (lane == 0) out[hd] = mx, out[hd + 1] = sum;
     }
 }
-
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     const unsigned dst = unsigned(__cvta_generic_to_shared(smem));

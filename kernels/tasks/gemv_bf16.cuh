@@ -7,12 +7,6 @@
 #pragma once
 #include "../include/task.cuh"
 
-// A probe's mark of the product's phases (tools/probes/gemv_probe.cu); none
-// in the kernel.
-#ifndef MK_PHASE
-#define MK_PHASE(k)
-#endif
-
 struct GemvBf16Args {
     u64 w;
     u64 x;

@@ -5,11 +5,6 @@
 #pragma once
 #include "../include/task.cuh"
 
-// Phase marks for tools/probes/route_probe.cu (nothing in the kernel).
-#ifndef MK_PHASE
-#define MK_PHASE(k)
-#endif
-
 struct MoeRouteArgs {
     u64 logits;
     u64 weights;

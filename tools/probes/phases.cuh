@@ -3,13 +3,15 @@
 // MK_PHASE(k) marks then record the SM clock (thread 0, per block); the probe
 // adds each block's phase durations to the totals and prints them.
 #pragma once
-#include "probe.cuh"
-
-__device__ unsigned long long g_marks[1024 * 16];
+// Defined before probe.cuh brings in the kernel's task.cuh, whose empty
+// default it replaces.
 #define MK_PHASE(k)                                                      \
     do {                                                                 \
         if (threadIdx.x == 0) g_marks[blockIdx.x * 16 + (k)] = clock64(); \
     } while (0)
+#include "probe.cuh"
+
+__device__ unsigned long long g_marks[1024 * 16];
 
 // Per phase k: sum over blocks and launches of its duration, and its maximum.
 __device__ unsigned long long g_sum[16], g_max[16];
