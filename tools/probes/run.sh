@@ -3,7 +3,8 @@
 # fp4_probe.cu, attention_probe.cu, gemv_probe.cu, route_probe.cu; hop_probe.cu,
 # the dependency hop's parts: round trips, release cost, ways to poll;
 # icache_probe.cu, the SM's instruction cache; stream_probe.cu, the FP4
-# job's load pattern alone against a copy) and times their shapes; with
+# job's load pattern alone against a copy; tagged_probe.cu, a hop whose data
+# carries its own readiness against the event counter's) and times their shapes; with
 # --ncu, also profiles one launch of each with Nsight Compute (the resident
 # kernel itself cannot be profiled: the profiler serialises launches). Needs
 # nvcc ($NVCC or PATH) and, to run, an sm_90 GPU. Results go to target/probes.
@@ -13,7 +14,7 @@ nvcc="${NVCC:-nvcc}"
 root="$(dirname "$(dirname "$(command -v "$nvcc")")")"
 out=target/probes
 mkdir -p "$out"
-for probe in fp4_probe attention_probe gemv_probe hop_probe icache_probe route_probe stream_probe; do
+for probe in fp4_probe attention_probe gemv_probe hop_probe icache_probe route_probe stream_probe tagged_probe; do
   "$nvcc" -std=c++17 -O3 -arch=sm_90a -Ikernels -L"$root/lib" -L"$root/lib64" \
     "tools/probes/$probe.cu" -o "$out/$probe"
 done
@@ -31,6 +32,7 @@ for shape in qkv oproj router; do
   "$out/gemv_probe" "$shape" staged-hot 200 2
 done
 "$out/hop_probe"
+"$out/tagged_probe"
 "$out/stream_probe"
 "$out/icache_probe"
 for rows in 1 8 16; do
