@@ -461,7 +461,8 @@ impl Decode<'_> {
         // Each rank reads about 1/n of a step's bytes (replicated norms and router aside).
         let bytes = config.decode_bytes_with(context + tokens / 2, self.experts) as f64 / n as f64;
         let roofline = bytes / per_token / self.copy;
-        let reduces = 2 * config.num_layers + 1;
+        // Two all-reduces a layer and the token's gather; one rank has none.
+        let reduces = if n > 1 { 2 * config.num_layers + 1 } else { 0 };
         let share_ar = self
             .hidden_latency
             .map(|l| reduces as f64 * l * 1e-6 / per_token);

@@ -95,8 +95,9 @@ impl ClusterModel {
             .iter()
             .enumerate()
             .map(|(r, m)| {
-                let comm = super::RankComm::new(cluster, &sites, r);
-                m.session_on(cluster.rank(r), max_seq, None, Some(&comm))
+                // One rank has nobody to meet: its programs are a lone device's.
+                let comm = (cluster.ranks() > 1).then(|| super::RankComm::new(cluster, &sites, r));
+                m.session_on(cluster.rank(r), max_seq, None, comm.as_ref())
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(ClusterSession {

@@ -38,14 +38,15 @@ impl ClusterDflashSession {
             .iter()
             .enumerate()
             .map(|(r, d)| {
-                let comm = RankComm::new(cluster, &sites, r);
+                // One rank has nobody to meet (as ClusterModel::session).
+                let comm = (cluster.ranks() > 1).then(|| RankComm::new(cluster, &sites, r));
                 DflashSession::new_on(
                     cluster.rank(r),
                     model.rank(r),
                     d,
                     max_seq,
                     opts,
-                    Some(&comm),
+                    comm.as_ref(),
                 )
             })
             .collect::<Result<Vec<_>>>()?;
