@@ -119,21 +119,14 @@ __global__ void basics(u64* line, u64* out, u32 n) {
 
 template <int MODE, int N>
 static void run(const char* name, int sms, u32 rounds, u32 stagger, u64* ctrs, u64* out) {
-    double best = 1e30, sum = 0;
-    const int reps = 5;
-    for (int rep = 0; rep < reps; ++rep) {
-        CHECK(cudaMemset(ctrs, 0, size_t(sms) * STRIDE * 8));
-        ring<MODE, N><<<sms, 512>>>(ctrs, rounds, stagger, out);
-        CHECK(cudaGetLastError());
-        CHECK(cudaDeviceSynchronize());
-        u64 ns = 0;
-        CHECK(cudaMemcpy(&ns, out, 8, cudaMemcpyDeviceToHost));
-        const double hop = double(ns) / (double(rounds) * sms);
-        best = hop < best ? hop : best;
-        sum += hop;
-    }
-    printf("%-24s stagger %4u cycles: %.3f us per hop (best of %d), mean %.3f\n", name, stagger, best / 1e3, reps,
-           sum / reps / 1e3);
+    double mean = 0;
+    const double best = probe_ring_hop(
+        [&] {
+            CHECK(cudaMemset(ctrs, 0, size_t(sms) * STRIDE * 8));
+            ring<MODE, N><<<sms, 512>>>(ctrs, rounds, stagger, out);
+        },
+        rounds, sms, out, mean);
+    printf("%-24s stagger %4u cycles: %.3f us per hop (best of 5), mean %.3f\n", name, stagger, best, mean);
 }
 
 int main(int argc, char** argv) {

@@ -79,6 +79,26 @@ static float probe_time(int launches, F launch) {
     return ms * 1e3f / float(launches);
 }
 
+// A token ring around `sms` blocks: `launch` runs it once (after resetting
+// what it needs), leaving the ring's total nanoseconds in out[0]. Returns
+// the best of `reps` runs in microseconds per hop; `mean_us` their mean.
+template <typename F>
+static double probe_ring_hop(F launch, u32 rounds, int sms, const u64* out, double& mean_us, int reps = 5) {
+    double best = 1e30, sum = 0;
+    for (int rep = 0; rep < reps; ++rep) {
+        launch();
+        CHECK(cudaGetLastError());
+        CHECK(cudaDeviceSynchronize());
+        u64 ns = 0;
+        CHECK(cudaMemcpy(&ns, out, 8, cudaMemcpyDeviceToHost));
+        const double hop = double(ns) / (double(rounds) * sms);
+        best = hop < best ? hop : best;
+        sum += hop;
+    }
+    mean_us = sum / reps / 1e3;
+    return best / 1e3;
+}
+
 // One step of straight-line code: two multiply-xor chains that no compiler
 // folds (each product depends on the other chain), distinct constants per
 // step so that no two steps share code: 96 bytes of SASS on sm_90a.

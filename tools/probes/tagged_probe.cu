@@ -114,22 +114,15 @@ __global__ void __launch_bounds__(512, 1) ring(u64* ctrs, float* plain, u64* tag
 
 template <int MODE>
 static void run(const char* name, int sms, u32 rounds, u32 values, u64* ctrs, float* plain, u64* tagged, u64* out) {
-    double best = 1e30, sum = 0;
-    const int reps = 5;
-    for (int rep = 0; rep < reps; ++rep) {
-        CHECK(cudaMemset(ctrs, 0, size_t(sms) * STRIDE * 8));
-        CHECK(cudaMemset(tagged, 0, size_t(sms) * values * 8));
-        ring<MODE><<<sms, 512>>>(ctrs, plain, tagged, rounds, values, out);
-        CHECK(cudaGetLastError());
-        CHECK(cudaDeviceSynchronize());
-        u64 ns = 0;
-        CHECK(cudaMemcpy(&ns, out, 8, cudaMemcpyDeviceToHost));
-        const double hop = double(ns) / (double(rounds) * sms);
-        best = hop < best ? hop : best;
-        sum += hop;
-    }
-    printf("%-8s %5u values: %.3f us per hop (best of %d), mean %.3f\n", name, values, best / 1e3, reps,
-           sum / reps / 1e3);
+    double mean = 0;
+    const double best = probe_ring_hop(
+        [&] {
+            CHECK(cudaMemset(ctrs, 0, size_t(sms) * STRIDE * 8));
+            CHECK(cudaMemset(tagged, 0, size_t(sms) * values * 8));
+            ring<MODE><<<sms, 512>>>(ctrs, plain, tagged, rounds, values, out);
+        },
+        rounds, sms, out, mean);
+    printf("%-8s %5u values: %.3f us per hop (best of 5), mean %.3f\n", name, values, best, mean);
 }
 
 int main(int argc, char** argv) {
