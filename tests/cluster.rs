@@ -115,6 +115,29 @@ fn cpu_30b_shaped_mxfp4_matches_one_device_on_1_2_4_8_ranks() {
 }
 
 #[test]
+fn only_clusters_of_several_ranks_build_collectives() {
+    let c = ModelConfig::preset("tiny").unwrap();
+    for n in [1, 2] {
+        let cluster = Cluster::cpu(n, cpu_opts()).unwrap();
+        let model = ClusterModel::random(&cluster, &c, 1, None).unwrap();
+        let s = model.session(&cluster, 64).unwrap();
+        let p = s.rank(0).step_program();
+        let collectives = (0..p.num_tasks() as u32)
+            .filter(|&t| p.task_kind(t) == "all_reduce")
+            .count();
+        if n == 1 {
+            assert_eq!(collectives, 0, "one rank has nobody to meet");
+        } else {
+            // Two sums a layer and the token's gather.
+            assert!(
+                collectives > 2 * c.num_layers,
+                "{collectives} collective tasks"
+            );
+        }
+    }
+}
+
+#[test]
 fn models_that_do_not_split_are_typed_errors() {
     let cluster = Cluster::cpu(3, cpu_opts()).unwrap();
     let c = ModelConfig::preset("tiny").unwrap();

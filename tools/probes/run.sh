@@ -4,8 +4,8 @@
 # the dependency hop's parts: round trips, release cost, ways to poll;
 # icache_probe.cu, the SM's instruction cache; stream_probe.cu, the FP4
 # job's load pattern alone against a copy; tagged_probe.cu, a hop whose data
-# carries its own readiness against the event counter's) and times their shapes; with
-# --ncu, also profiles one launch of each with Nsight Compute (the resident
+# carries its own readiness against the event counter's) and times their
+# shapes; with --ncu, also profiles one launch of each with Nsight Compute (the resident
 # kernel itself cannot be profiled: the profiler serialises launches). Needs
 # nvcc ($NVCC or PATH) and, to run, an sm_90 GPU. Results go to target/probes.
 set -euo pipefail

@@ -6,15 +6,17 @@
 //            thread 0 polls the counter with ld.acquire.gpu, the block meets
 //            a barrier and then loads the values (the resident kernel's hop)
 //   tagged   every value travels with the round number in the same 64-bit
-//            store (st.relaxed.gpu); each consumer thread polls the words it
-//            reads until their tags are the round's, with no counter, fence
-//            or barrier on the way
+//            store (st.relaxed.gpu); each consumer thread loads the words it
+//            reads at once and polls again those whose tag is old, then the
+//            block meets a barrier (as a reduction over the vector would);
+//            no counter or fence on the way
 //   tagged+  tagged, and the producer also signals its counter as in
 //            `event`; the consumer checks that counter (ld.acquire.gpu)
 //            after it has stored its own vector and before it signals: the
 //            counter still orders whatever the data does not carry, off the
 //            data's path
-// Prints the mean time per hop over `rounds` trips around the ring.
+// Prints the best and mean time per hop over `rounds` trips around the ring,
+// for 128, 2048 and 4096 values, or for `values` alone (at most 4096).
 //
 // Usage: tagged_probe [rounds] [values]
 #include "probe.cuh"
@@ -130,14 +132,20 @@ int main(int argc, char** argv) {
     int sms = 0;
     CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
     const u32 max_values = PER * 512;
+    const u32 one = argc > 2 ? u32(atoi(argv[2])) : 0;
+    if (one > max_values) {
+        fprintf(stderr, "at most %u values\n", max_values);
+        return 1;
+    }
     u64 *ctrs, *out, *tagged;
     float* plain;
     CHECK(cudaMalloc(&ctrs, size_t(sms) * STRIDE * 8));
     CHECK(cudaMalloc(&out, 64));
     CHECK(cudaMalloc(&plain, size_t(sms) * max_values * 4));
     CHECK(cudaMalloc(&tagged, size_t(sms) * max_values * 8));
-    for (u32 v : {128u, 2048u, 4096u}) {
-        if (argc > 2 && u32(atoi(argv[2])) != v) continue;
+    const u32 sizes[3] = {128u, 2048u, 4096u};
+    for (u32 k = 0; k < (one ? 1u : 3u); ++k) {
+        const u32 v = one ? one : sizes[k];
         run<0>("event", sms, rounds, v, ctrs, plain, tagged, out);
         run<1>("tagged", sms, rounds, v, ctrs, plain, tagged, out);
         run<2>("tagged+", sms, rounds, v, ctrs, plain, tagged, out);
