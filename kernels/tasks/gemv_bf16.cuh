@@ -94,6 +94,15 @@ __device__ __forceinline__ void mma_input_rows(u64 x, u64 row_bytes, const u32* 
     }
 }
 
+// The same pointers without the liveness (a row past n points at the first
+// input row; for callers whose products of such rows are never stored).
+template <int NT>
+__device__ __forceinline__ void mma_input_rows(u64 x, u64 row_bytes, const u32* rmap, u32 n, u32 g, u64 off,
+                                               const unsigned char* (&xp)[NT]) {
+    bool live[NT];
+    mma_input_rows<NT>(x, row_bytes, rmap, n, g, off, xp, live);
+}
+
 // Matrix rows of a task that were staged (TASK_FLAG_STAGE): the first
 // `rows` rows of its slice, at `base` in shared memory.
 struct StagedRows {
@@ -180,7 +189,20 @@ struct GemvInput {
     float eps;
     bool in_place;  // several rows read in place all the same (GEMV_READ_IN_PLACE_ROWS)
     bool copy_one;  // a single row is copied too (the FP4 products read it as shared memory)
+    bool pairs;     // bf16 rows prepared in shared memory in pair order (gemv_pair_slot)
 };
+
+// Pair order, for the FP4 tensor-core products: each eight elements of a
+// prepared bf16 row lie as 0, 4, 1, 5, 2, 6, 3, 7, so that one 16-byte load
+// gives the pairs (k, k + 4) that the decoded codes come in. The slot of
+// element k of a row:
+__device__ __forceinline__ u32 gemv_pair_slot(u32 k) { return (k & ~7u) | ((k & 3u) << 1) | ((k >> 2) & 1u); }
+
+// Eight consecutive bf16 elements (16 bytes) in pair order.
+__device__ __forceinline__ uint4 gemv_pair_order(const uint4& v) {
+    return make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632), __byte_perm(v.y, v.w, 0x5410),
+                      __byte_perm(v.y, v.w, 0x7632));
+}
 
 // Input rows prepared in shared memory lie this many bytes further apart than
 // their length: the FP4 products' lanes read 16 bytes at offsets 0, 64, 128
@@ -217,13 +239,17 @@ __device__ __forceinline__ u64 gemv_prologue(const Ctx& c, const GemvInput& in) 
             const uint4 g = *reinterpret_cast<const uint4*>(in.x + off);
             const uint4 u = *reinterpret_cast<const uint4*>(in.aux + off);
             const u32 gw[4] = {g.x, g.y, g.z, g.w}, uw[4] = {u.x, u.y, u.z, u.w};
-            u32 out[4];
+            u32 e[8];
 #pragma unroll
             for (int t = 0; t < 4; ++t) {
                 const float g0 = __uint_as_float(gw[t] << 16), g1 = __uint_as_float(gw[t] & 0xFFFF0000u);
                 const float u0 = __uint_as_float(uw[t] << 16), u1 = __uint_as_float(uw[t] & 0xFFFF0000u);
-                out[t] = u32(f32_to_bf16(swiglu_value(g0, u0))) |
-                         (u32(f32_to_bf16(swiglu_value(g1, u1))) << 16);
+                e[2 * t] = f32_to_bf16(swiglu_value(g0, u0)), e[2 * t + 1] = f32_to_bf16(swiglu_value(g1, u1));
+            }
+            u32 out[4];
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+                out[t] = in.pairs ? e[t] | (e[t + 4] << 16) : e[2 * t] | (e[2 * t + 1] << 16);
             }
             *reinterpret_cast<uint4*>(xs + u64(i) * ld + j * 8) = make_uint4(out[0], out[1], out[2], out[3]);
         }
@@ -244,13 +270,14 @@ __device__ __forceinline__ u64 gemv_prologue(const Ctx& c, const GemvInput& in) 
             const float inv = rsqrtf(block_sum(ss, scratch) / float(in.cols) + in.eps);
             for (u32 k = threadIdx.x; k < in.cols; k += blockDim.x) {
                 const float v = load_float(in.x, in.x_dtype, row + k);
-                xs[i * ld + k] = f32_to_bf16(v * inv * load_float(in.aux, DTYPE_BF16, k));
+                const u16 h = f32_to_bf16(v * inv * load_float(in.aux, DTYPE_BF16, k));
+                xs[i * ld + (in.pairs ? gemv_pair_slot(k) : k)] = h;
             }
         } else {
             for (u32 k = threadIdx.x; k < in.cols; k += blockDim.x) {
                 const float g = load_float(in.x, in.x_dtype, row + k);
                 const float u = load_float(in.aux, in.x_dtype, row + k);
-                xs[i * ld + k] = f32_to_bf16(swiglu_value(g, u));
+                xs[i * ld + (in.pairs ? gemv_pair_slot(k) : k)] = f32_to_bf16(swiglu_value(g, u));
             }
         }
     }
@@ -287,16 +314,18 @@ __device__ __forceinline__ bool gemv_input(const Ctx& c, const GemvInput& in, u6
         const u32 bytes = gemv_input_bytes(in, room);
         if (bytes) {
             const u32 size = bf16 ? 2 : 4, per_row = in.cols * size / 16, ld = gemv_prepared_ld(in.cols, size);
+            const bool pairs = in.pairs && bf16;
             if (in.m == 1) {  // a single row (copy_one) without a division per element
                 for (u32 j = threadIdx.x; j < per_row; j += blockDim.x) {
                     const uint4 v = *reinterpret_cast<const uint4*>(in.x + u64(j) * 16);
-                    *reinterpret_cast<uint4*>(c.scratch() + u64(j) * 16) = v;
+                    *reinterpret_cast<uint4*>(c.scratch() + u64(j) * 16) = pairs ? gemv_pair_order(v) : v;
                 }
             }
             for (u32 k = threadIdx.x; in.m > 1 && k < in.m * per_row; k += blockDim.x) {
                 const u32 i = k / per_row, j = k % per_row;
                 const uint4 v = *reinterpret_cast<const uint4*>(in.x + u64(i) * in.ldx * size + u64(j) * 16);
-                *reinterpret_cast<uint4*>(c.scratch() + u64(i) * ld * size + u64(j) * 16) = v;
+                unsigned char* dst = c.scratch() + u64(i) * ld * size + u64(j) * 16;
+                *reinterpret_cast<uint4*>(dst) = pairs ? gemv_pair_order(v) : v;
             }
             __syncthreads();
             x = reinterpret_cast<u64>(c.scratch()), ldx = ld;
@@ -457,7 +486,7 @@ __device__ __forceinline__ void gemv_dispatch(const Ctx& c, const GemvBf16Args& 
     // L1): copying them would take shared memory from the staged matrix, and
     // time, for little reuse.
     const GemvInput in = {a.x, a.aux, a.ldx, a.m, a.cols, a.x_dtype, a.prologue, __uint_as_float(a.eps),
-                          mma && a.rows <= GEMV_READ_IN_PLACE_ROWS, false};
+                          mma && a.rows <= GEMV_READ_IN_PLACE_ROWS, false, false};
     u64 x;
     u32 ldx;
     bool bf16;

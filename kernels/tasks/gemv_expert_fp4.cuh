@@ -275,15 +275,18 @@ __device__ __forceinline__ u32 fp4_mx_pair(u32 code) {
 }
 
 // Eight consecutive x values at `p` as the bf16 pairs (x[k], x[k + 4]) that
-// match fp4_to_bf16x8_scaled_down. XS: bf16 rows in shared memory, read with
-// ld.shared (through a generic load, the data came back only after the codes
-// loaded before it from global memory: a round trip per column step).
+// match fp4_to_bf16x8_scaled_down. XS: bf16 rows prepared in shared memory,
+// already in that pair order (GemvInput::pairs), read with ld.shared
+// (through a generic load, the data came back only after the codes loaded
+// before it from global memory: a round trip per column step).
 template <bool XBF16, bool XS>
 __device__ __forceinline__ void fp4_x8(const unsigned char* p, u32 b[4]) {
-    if (XBF16) {
-        const uint4 v = XS ? ld_shared16(p) : *reinterpret_cast<const uint4*>(p);
-        b[0] = __byte_perm(v.x, v.z, 0x5410), b[1] = __byte_perm(v.x, v.z, 0x7632);
-        b[2] = __byte_perm(v.y, v.w, 0x5410), b[3] = __byte_perm(v.y, v.w, 0x7632);
+    if (XBF16 && XS) {
+        const uint4 v = ld_shared16(p);
+        b[0] = v.x, b[1] = v.y, b[2] = v.z, b[3] = v.w;
+    } else if (XBF16) {
+        const uint4 v = gemv_pair_order(*reinterpret_cast<const uint4*>(p));
+        b[0] = v.x, b[1] = v.y, b[2] = v.z, b[3] = v.w;
     } else {
         const float4 lo = *reinterpret_cast<const float4*>(p);
         const float4 hi = *reinterpret_cast<const float4*>(p + 16);
@@ -294,31 +297,20 @@ __device__ __forceinline__ void fp4_x8(const unsigned char* p, u32 b[4]) {
     }
 }
 
-// A lane's chunk of 32 codes of one matrix row at `p` and its scale codes at
-// `sp` (NVFP4: the first 16 codes' in the low byte, the second 16's above);
-// zeros for a row that is not `live`.
-struct Fp4Chunk {
-    uint4 q;
-    u32 s;
-};
-
+// A lane's scale codes of one 128-column step (NVFP4: the first 16 codes' in
+// the low byte, the second 16's above), through the read-only path.
 template <bool NV>
-__device__ __forceinline__ Fp4Chunk fp4_mma_load(const unsigned char* p, const unsigned char* sp, bool live) {
-    Fp4Chunk k = {make_uint4(0, 0, 0, 0), 0u};
-    if (live) {
-        k.q = ld_stream16(p);
-        k.s = NV ? *reinterpret_cast<const u16*>(sp) : *sp;
-    }
-    return k;
+__device__ __forceinline__ u32 fp4_scale_codes(const unsigned char* sp) {
+    return NV ? u32(__ldg(reinterpret_cast<const unsigned short*>(sp))) : u32(__ldg(sp));
 }
 
 // One 128-column step of a warp's tile: the chunks q0 (row g) and q1 (row
 // g + 8) with their scale codes s0, s1, times the NT n-tiles of x at xp (this
-// step's columns of each input row; none where the row is not live). BIG: an
-// E8M0 scale above FP4_MX_BIG in the warp, scaled in two factors.
+// step's columns of each input row). BIG: an E8M0 scale above FP4_MX_BIG in
+// the warp, scaled in two factors.
 template <int NT, bool XBF16, bool NV, bool BIG, bool XS>
 __device__ __forceinline__ void fp4_mma_step(float (&acc)[NT][4], const uint4& q0, const uint4& q1, u32 s0, u32 s1,
-                                             const unsigned char* const (&xp)[NT], const bool (&xlive)[NT]) {
+                                             const unsigned char* const (&xp)[NT]) {
     // Scale pairs of the row's first and second 16 codes.
     u32 p0[2], p1[2];
 #pragma unroll
@@ -340,10 +332,7 @@ __device__ __forceinline__ void fp4_mma_step(float (&acc)[NT][4], const uint4& q
         }
         u32 b[NT][4];
 #pragma unroll
-        for (int j = 0; j < NT; ++j) {
-            b[j][0] = b[j][1] = b[j][2] = b[j][3] = 0;
-            if (xlive[j]) fp4_x8<XBF16, XS>(xp[j] + w * 8 * (XBF16 ? 2 : 4), b[j]);
-        }
+        for (int j = 0; j < NT; ++j) fp4_x8<XBF16, XS>(xp[j] + w * 8 * (XBF16 ? 2 : 4), b[j]);
         // Pairs (k, k + 4): k = 0, 1 make one k-step of 16, k = 2, 3 the next.
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -354,10 +343,56 @@ __device__ __forceinline__ void fp4_mma_step(float (&acc)[NT][4], const uint4& q
     }
 }
 
-// One warp: rows tile0 .. tile0 + 16 (relative to row0; rows past `rows`
-// read as zero) over column steps step0 .. step1, for input rows 0 .. n of
-// rmap, NT n-tiles of 8; the tile's partials go to part[row][input row]. The
-// next step's codes are loaded before this step's products. XS: see fp4_x8.
+// The two-factor step (an E8M0 scale above 2), out of line: such scales are
+// rare, and the hot loop's code stays small. Everything travels by value (a
+// reference would put the accumulators in local memory).
+template <int NT>
+struct Fp4Acc {
+    float v[NT][4];
+};
+
+template <int NT, bool XBF16, bool XS>
+__device__ __noinline__ Fp4Acc<NT> fp4_mma_step_big(Fp4Acc<NT> acc, const uint4 q0, const uint4 q1, u32 s0, u32 s1,
+                                                    const unsigned char* x0, const unsigned char* x1) {
+    const unsigned char* xp[NT];
+    xp[0] = x0;
+    if (NT > 1) xp[NT - 1] = x1;
+    fp4_mma_step<NT, XBF16, false, true, XS>(acc.v, q0, q1, s0, s1, xp);
+    return acc;
+}
+
+// A step with the warp's scales: an E8M0 scale above 2 anywhere in the warp
+// takes the two-factor scaling (warp-uniform).
+template <int NT, bool XBF16, bool NV, bool XS>
+__device__ __forceinline__ void fp4_mma_step_any(float (&acc)[NT][4], const uint4& q0, const uint4& q1, u32 s0,
+                                                 u32 s1, const unsigned char* const (&xp)[NT]) {
+    if (!NV && __any_sync(0xFFFFFFFFu, s0 > FP4_MX_BIG || s1 > FP4_MX_BIG)) {
+        Fp4Acc<NT> t;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) t.v[j][e] = acc[j][e];
+        }
+        t = fp4_mma_step_big<NT, XBF16, XS>(t, q0, q1, s0, s1, xp[0], xp[NT - 1]);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[j][e] = t.v[j][e];
+        }
+    } else {
+        fp4_mma_step<NT, XBF16, NV, false, XS>(acc, q0, q1, s0, s1, xp);
+    }
+}
+
+// One warp: rows tile0 .. tile0 + 16 (relative to row0) over column steps
+// step0 .. step1, for input rows 0 .. n of rmap, NT n-tiles of 8; the tile's
+// partials go to part[row][input row]. The next step's codes are loaded
+// before this step's products (the last step's again on the last step: no
+// branch). A matrix row past `rows` reads the tile's first row (tile0 <
+// rows) and an input row past n the first input row (mma_input_rows): a row
+// of either operand reaches only its own row or column of the product,
+// whose partial is never summed, so no load needs a predicate or zeros.
+// XS: see fp4_x8.
 template <int NT, bool XBF16, bool NV, bool XS>
 __device__ __noinline__ void fp4_mma_job(const GemvExpertFp4Args& a, const unsigned char* codes,
                                             const unsigned char* sc, u64 x, u32 ldx, const u32* rmap, u32 n,
@@ -368,46 +403,47 @@ __device__ __noinline__ void fp4_mma_job(const GemvExpertFp4Args& a, const unsig
     float* const part = reinterpret_cast<float*>(as_shared(part_in));
     const u32 lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const u32 row_codes = a.cols / 2, row_scales = NV ? a.cols / 16 : a.cols / 32;
-    const bool live0 = tile0 + g < rows, live1 = tile0 + g + 8 < rows;
-    const u64 r_0 = u64(row0) + tile0 + g;
+    const u32 ta = tile0 + g < rows ? tile0 + g : tile0, tb = tile0 + g + 8 < rows ? tile0 + g + 8 : tile0;
     // The lane's chunk (st * 4 + c) of rows g and g + 8, and its scale codes.
     constexpr u32 SCALES = NV ? 2 : 1;
-    const unsigned char* cp = codes + r_0 * row_codes + (step0 * 4 + c) * 16;
-    const unsigned char* sp = sc + r_0 * row_scales + (step0 * 4 + c) * SCALES;
-    const u64 cp8 = u64(row_codes) * 8, sp8 = u64(row_scales) * 8;
+    const u32 chunk = step0 * 4 + c;
+    const unsigned char* ca = codes + (u64(row0) + ta) * row_codes + chunk * 16;
+    const unsigned char* cb = codes + (u64(row0) + tb) * row_codes + chunk * 16;
+    const unsigned char* sa = sc + (u64(row0) + ta) * row_scales + chunk * SCALES;
+    const unsigned char* sb = sc + (u64(row0) + tb) * row_scales + chunk * SCALES;
     constexpr u32 XSIZE = XBF16 ? 2 : 4;
     const unsigned char* xp[NT];
-    bool xlive[NT];
-    mma_input_rows<NT>(x, u64(ldx) * XSIZE, rmap, n, g, (u64(step0) * 128 + c * 32) * XSIZE, xp, xlive);
+    mma_input_rows<NT>(x, u64(ldx) * XSIZE, rmap, n, g, (u64(step0) * 128 + c * 32) * XSIZE, xp);
     float acc[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-    Fp4Chunk n0 = {make_uint4(0, 0, 0, 0), 0u}, n1 = n0;
     if (step0 < step1) {
-        n0 = fp4_mma_load<NV>(cp, sp, live0);
-        n1 = fp4_mma_load<NV>(cp + cp8, sp + sp8, live1);
-    }
-    for (u32 st = step0; st < step1; ++st) {
-        // Probe marks (tools/probes/fp4_probe.cu; none in the kernel): the
-        // first, second and last column steps begin.
-        if (st == step0) { MK_PHASE(6); }
-        if (st == step0 + 1) { MK_PHASE(7); }
-        if (st + 1 == step1) { MK_PHASE(8); }
-        const uint4 q0 = n0.q, q1 = n1.q;
-        const u32 s0 = n0.s, s1 = n1.s;
-        cp += 64, sp += 4 * SCALES;
-        if (st + 1 < step1) {
-            n0 = fp4_mma_load<NV>(cp, sp, live0);
-            n1 = fp4_mma_load<NV>(cp + cp8, sp + sp8, live1);
-        }
-        // Warp-uniform: an E8M0 scale above 2 takes the two-factor scaling.
-        if (!NV && __any_sync(0xFFFFFFFFu, s0 > FP4_MX_BIG || s1 > FP4_MX_BIG)) {
-            fp4_mma_step<NT, XBF16, NV, true, XS>(acc, q0, q1, s0, s1, xp, xlive);
-        } else {
-            fp4_mma_step<NT, XBF16, NV, false, XS>(acc, q0, q1, s0, s1, xp, xlive);
-        }
+        const u32 last = step1 - step0 - 1;
+        // Two register sets, used in turn (no moves between steps).
+        uint4 qa0 = ld_stream16(ca), qa1 = ld_stream16(cb), qb0, qb1;
+        u32 sa0 = fp4_scale_codes<NV>(sa), sa1 = fp4_scale_codes<NV>(sb), sb0, sb1;
+        for (u32 k = 0;; k += 2) {
+            // Probe marks (tools/probes/fp4_probe.cu; none in the kernel): the
+            // first, second and last column steps begin.
+            if (k == 0) { MK_PHASE(6); }
+            if (k == last) { MK_PHASE(8); }
+            u32 nx = min(k + 1, last);
+            qb0 = ld_stream16(ca + nx * 64), qb1 = ld_stream16(cb + nx * 64);
+            sb0 = fp4_scale_codes<NV>(sa + nx * 4 * SCALES), sb1 = fp4_scale_codes<NV>(sb + nx * 4 * SCALES);
+            fp4_mma_step_any<NT, XBF16, NV, XS>(acc, qa0, qa1, sa0, sa1, xp);
+            if (k == last) break;
 #pragma unroll
-        for (int j = 0; j < NT; ++j) xp[j] += 128 * XSIZE;
+            for (int j = 0; j < NT; ++j) xp[j] += 128 * XSIZE;
+            nx = min(k + 2, last);
+            qa0 = ld_stream16(ca + nx * 64), qa1 = ld_stream16(cb + nx * 64);
+            sa0 = fp4_scale_codes<NV>(sa + nx * 4 * SCALES), sa1 = fp4_scale_codes<NV>(sb + nx * 4 * SCALES);
+            if (k == 0) { MK_PHASE(7); }
+            if (k + 1 == last) { MK_PHASE(8); }
+            fp4_mma_step_any<NT, XBF16, NV, XS>(acc, qb0, qb1, sb0, sb1, xp);
+            if (k + 1 == last) break;
+#pragma unroll
+            for (int j = 0; j < NT; ++j) xp[j] += 128 * XSIZE;
+        }
     }
     // c0, c1: row g, inputs 2c, 2c + 1 of the n-tile; c2, c3: row g + 8.
 #pragma unroll
@@ -478,12 +514,12 @@ __device__ __forceinline__ u32 fp4_passes(const GemvExpertFp4Args& a, u32 mask) 
 }
 
 // The input rows of `slot`'s expert (the rows of every slot when they are
-// shared).
+// shared); prepared in pair order for the tensor-core path (fp4_x8).
 __device__ __forceinline__ GemvInput fp4_input(const GemvExpertFp4Args& a, u32 slot) {
     const u32 xsize = a.x_dtype == DTYPE_BF16 ? 2 : 4;
     const u64 step = (a.flags & FP4_X_PER_SLOT) ? u64(slot) * a.m * a.cols * xsize : 0;
     return {a.x + step, a.prologue == PROLOGUE_SWIGLU ? a.aux + step : a.aux, a.cols, a.m, a.cols,
-            a.x_dtype, a.prologue, __uint_as_float(a.eps), false, true};
+            a.x_dtype, a.prologue, __uint_as_float(a.eps), false, true, fp4_mma_ok(a.cols)};
 }
 
 // Shared memory of the tensor-core products' partials.
