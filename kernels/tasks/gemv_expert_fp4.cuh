@@ -343,13 +343,16 @@ __device__ __forceinline__ void fp4_mma_step(float (&acc)[NT][4], const uint4& q
     }
 }
 
-// The two-factor step (an E8M0 scale above 2), out of line: such scales are
-// rare, and the hot loop's code stays small. Everything travels by value (a
-// reference would put the accumulators in local memory).
+// A tile's accumulators (NT n-tiles of a 16-row tile), as a value: the
+// out-of-line step below takes and returns them (by reference they would
+// live in local memory).
 template <int NT>
 struct Fp4Acc {
     float v[NT][4];
 };
+
+// The two-factor step (an E8M0 scale above 2), out of line: such scales are
+// rare, and the hot loop's code stays small.
 
 template <int NT, bool XBF16, bool XS>
 __device__ __noinline__ Fp4Acc<NT> fp4_mma_step_big(Fp4Acc<NT> acc, const uint4 q0, const uint4 q1, u32 s0, u32 s1,
@@ -364,23 +367,12 @@ __device__ __noinline__ Fp4Acc<NT> fp4_mma_step_big(Fp4Acc<NT> acc, const uint4 
 // A step with the warp's scales: an E8M0 scale above 2 anywhere in the warp
 // takes the two-factor scaling (warp-uniform).
 template <int NT, bool XBF16, bool NV, bool XS>
-__device__ __forceinline__ void fp4_mma_step_any(float (&acc)[NT][4], const uint4& q0, const uint4& q1, u32 s0,
-                                                 u32 s1, const unsigned char* const (&xp)[NT]) {
+__device__ __forceinline__ void fp4_mma_step_any(Fp4Acc<NT>& acc, const uint4& q0, const uint4& q1, u32 s0, u32 s1,
+                                                 const unsigned char* const (&xp)[NT]) {
     if (!NV && __any_sync(0xFFFFFFFFu, s0 > FP4_MX_BIG || s1 > FP4_MX_BIG)) {
-        Fp4Acc<NT> t;
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) t.v[j][e] = acc[j][e];
-        }
-        t = fp4_mma_step_big<NT, XBF16, XS>(t, q0, q1, s0, s1, xp[0], xp[NT - 1]);
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[j][e] = t.v[j][e];
-        }
+        acc = fp4_mma_step_big<NT, XBF16, XS>(acc, q0, q1, s0, s1, xp[0], xp[NT - 1]);
     } else {
-        fp4_mma_step<NT, XBF16, NV, false, XS>(acc, q0, q1, s0, s1, xp);
+        fp4_mma_step<NT, XBF16, NV, false, XS>(acc.v, q0, q1, s0, s1, xp);
     }
 }
 
@@ -414,9 +406,9 @@ __device__ __noinline__ void fp4_mma_job(const GemvExpertFp4Args& a, const unsig
     constexpr u32 XSIZE = XBF16 ? 2 : 4;
     const unsigned char* xp[NT];
     mma_input_rows<NT>(x, u64(ldx) * XSIZE, rmap, n, g, (u64(step0) * 128 + c * 32) * XSIZE, xp);
-    float acc[NT][4];
+    Fp4Acc<NT> acc;
 #pragma unroll
-    for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    for (int j = 0; j < NT; ++j) acc.v[j][0] = acc.v[j][1] = acc.v[j][2] = acc.v[j][3] = 0.0f;
     if (step0 < step1) {
         const u32 last = step1 - step0 - 1;
         // Two register sets, used in turn (no moves between steps).
@@ -450,7 +442,7 @@ __device__ __noinline__ void fp4_mma_job(const GemvExpertFp4Args& a, const unsig
     for (int j = 0; j < NT; ++j) {
         float* p0 = part + (tile0 + g) * 16 + j * 8 + 2 * c;
         float* p1 = part + (tile0 + g + 8) * 16 + j * 8 + 2 * c;
-        p0[0] = acc[j][0], p0[1] = acc[j][1], p1[0] = acc[j][2], p1[1] = acc[j][3];
+        p0[0] = acc.v[j][0], p0[1] = acc.v[j][1], p1[0] = acc.v[j][2], p1[1] = acc.v[j][3];
     }
     MK_PHASE(9);
 }
