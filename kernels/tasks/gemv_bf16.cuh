@@ -354,8 +354,7 @@ __device__ __forceinline__ bool gemv_input(const Ctx& c, const GemvInput& in, u6
 // a row depend on its column count alone, each is accumulated in order by
 // one warp and the slices are summed in order: a row's result does not
 // depend on how many input rows are computed with it, or where.
-// Chunks per slice: 8 (all of a job's loads in flight at once) up to 4096
-// columns, else 16 (fewer partials to keep).
+// Chunks per slice: 8 up to 4096 columns, else 16 (fewer partials to keep).
 __device__ __forceinline__ u32 gemv_mma_per(u32 cols) { return cols <= 4096 ? 8 : 16; }
 
 __device__ __forceinline__ u32 gemv_mma_slices(u32 cols) {
@@ -384,7 +383,11 @@ __device__ __noinline__ void gemv_mma_job(const GemvBf16Args& a, u64 x, u32 ldx,
     MK_PHASE(7);
     // Shared memory (passed in generic): see as_shared.
     float* const part = reinterpret_cast<float*>(as_shared(part_in));
-    constexpr u32 U = 8;  // chunks whose loads are in flight at once
+    // Chunks whose loads are in flight at once. Four rather than eight: on an
+    // H200 eight per lane (96 registers of loads) cost spills and read
+    // 8192 x 8192 at 75 % of a plain read's bandwidth, four at 82 %
+    // (tools/probes/gemv_probe.cu `sq`), and every decode shape was faster.
+    constexpr u32 U = 4;
     const u32 lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const u32 ra = r0 + g, rb = ra + 8;
     const bool la = ra < a.rows, lb = rb < a.rows, sa = ra < st.rows, sb = rb < st.rows;

@@ -11,6 +11,12 @@
 //   tools/probes/run.sh     (or by hand:)
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Ikernels tools/probes/gemv_probe.cu -o gemv_probe
 //   ./gemv_probe qkv|oproj|router cold|hot|staged|staged-hot[-cold-code] [launches] [bodies]
+//   ./gemv_probe sq|lm cold [launches] [bodies] [blocks]
+//
+// `sq` is an 8192 x 8192 product and `lm` an LM head (151936 x 2048), one
+// input row, no prologue; `blocks` overrides the number of tasks. Each run
+// also times a plain grid-stride read of the same matrices (16 bytes a
+// thread) and prints the body's bandwidth as a share of it.
 //
 // `cold`: launch i reads copy i % 8 of the matrix (8 copies exceed L2), so
 // its rows come from memory; `hot`: every launch the same copy (from L2).
@@ -72,6 +78,15 @@ __global__ void __launch_bounds__(BLOCK_THREADS, 1)
     if (threadIdx.x == 0) probe_phases_add(11, 5);
 }
 
+__global__ void probe_read(const uint4* __restrict__ src, u64 n, u32* sink) {
+    u32 acc = 0;
+    for (u64 i = u64(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += u64(gridDim.x) * blockDim.x) {
+        const uint4 v = ld_stream16(src + i);
+        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    if (acc == 0x9E3779B9u) *sink = acc;  // keeps the loads
+}
+
 int main(int argc, char** argv) {
     const char* shape = argc > 1 ? argv[1] : "qkv";
     const char* mode = argc > 2 ? argv[2] : "cold";
@@ -83,6 +98,9 @@ int main(int argc, char** argv) {
     u16 prologue = PROLOGUE_RMSNORM, ydt = DTYPE_BF16, acc = 0;
     if (!strcmp(shape, "oproj")) rows = 2048, cols = 4096, prologue = PROLOGUE_NONE, acc = 1;
     if (!strcmp(shape, "router")) rows = 128, tasks = 8, ydt = DTYPE_F32;
+    if (!strcmp(shape, "sq")) rows = 8192, cols = 8192, prologue = PROLOGUE_NONE, ydt = DTYPE_F32;
+    if (!strcmp(shape, "lm")) rows = 151936, prologue = PROLOGUE_NONE, ydt = DTYPE_F32;
+    if (argc > 5) tasks = u32(atoi(argv[5]));
     const u32 copies = 8;
     const u64 mat_bytes = u64(rows) * cols * 2;
     u64 seed = 11;
@@ -145,5 +163,12 @@ int main(int argc, char** argv) {
                              "end",        "staging",          "after barrier",    "last job: entry",
                              "... set up", "... loads issued", "... mmas issued",  "... partials stored"};
     probe_phases_print(names, 11, n);
+    // The same matrices read by a plain grid-stride kernel (16 bytes a thread).
+    const double read_us = probe_time(launches, [&](int i) {
+        probe_read<<<132 * 4, BLOCK_THREADS>>>(reinterpret_cast<const uint4*>(mats[hot ? 0 : i % copies]),
+                                               mat_bytes / 16, reinterpret_cast<u32*>(dy));
+    });
+    printf("  body %.1f GB/s, plain read %.1f GB/s: %.1f %%\n", mat_bytes / us / 1e3, mat_bytes / read_us / 1e3,
+           100.0 * read_us / us);
     return probe_fault(dsb) != 0;
 }
