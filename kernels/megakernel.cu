@@ -185,6 +185,11 @@ __device__ __forceinline__ void resident(const KernelParams& kp) {
     __shared__ Command s_cmd;
     __shared__ Loop s_loop;
     __shared__ Stage s_stage;
+    // The running task's context: written by thread 0 before the barrier
+    // that starts the task and read by every thread. (Built by each thread,
+    // it went to local memory before every task, 68 bytes a thread, since the
+    // out-of-line bodies take it by reference.)
+    __shared__ Ctx s_ctx;
     extern __shared__ __align__(16) unsigned char s_dyn[];
 
     const u32 tid = threadIdx.x;
@@ -291,6 +296,9 @@ __device__ __forceinline__ void resident(const KernelParams& kp) {
                     stage_task(&s_stage, d, s_dyn, dyn_smem_bytes(), &s_loop);
                     ok = prepare_task(env, d, &s_cmd, s_loop.epoch);
                     if (TRACE && s_loop.trace) s_loop.t_start = globaltimer();
+                    const u32 staged = s_loop.staged_bytes;
+                    s_ctx = {env, d, s_cmd.seq, s_dyn, staged ? s_loop.staged_off : dyn_smem_bytes(),
+                             staged ? s_dyn + s_loop.staged_off : nullptr, staged};
                 }
                 go = __syncthreads_and(ok);
                 // Every thread read t before the barrier above.
@@ -299,13 +307,8 @@ __device__ __forceinline__ void resident(const KernelParams& kp) {
                 // Waited on even when the block stops: no copy may outlive it.
                 if (staged) stage_wait(&s_stage.bar, s_stage.stagings & 1u);
                 if (!go) break;
-                {
-                    const u32 keep = staged ? s_loop.staged_off : dyn_smem_bytes();
-                    const Ctx c = {env, d, s_cmd.seq, s_dyn, keep, staged ? s_dyn + s_loop.staged_off : nullptr,
-                                   staged};
-                    if (!dispatch_task(d->opcode, c) && tid == 0) {
-                        report_fault(env, d->id, d->opcode, s_cmd.seq, FAULT_BAD_OPCODE, NO_EVENT, d->opcode, 0);
-                    }
+                if (!dispatch_task(d->opcode, s_ctx) && tid == 0) {
+                    report_fault(env, d->id, d->opcode, s_cmd.seq, FAULT_BAD_OPCODE, NO_EVENT, d->opcode, 0);
                 }
                 // Task t + 1's descriptor (the group before the newest) has landed.
                 if (tid - 32 < 8) asm volatile("cp.async.wait_group 1;" ::: "memory");
