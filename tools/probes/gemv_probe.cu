@@ -101,6 +101,10 @@ int main(int argc, char** argv) {
     if (!strcmp(shape, "sq")) rows = 8192, cols = 8192, prologue = PROLOGUE_NONE, ydt = DTYPE_F32;
     if (!strcmp(shape, "lm")) rows = 151936, prologue = PROLOGUE_NONE, ydt = DTYPE_F32;
     if (argc > 5) tasks = u32(atoi(argv[5]));
+    if (tasks == 0 || tasks > 1024) {  // g_marks holds 1024 blocks' marks
+        fprintf(stderr, "blocks must be 1 .. 1024\n");
+        return 2;
+    }
     const u32 copies = 8;
     const u64 mat_bytes = u64(rows) * cols * 2;
     u64 seed = 11;
