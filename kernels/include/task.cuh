@@ -17,8 +17,9 @@ struct Ctx {
     const unsigned char* staged;  // the task's declared range, copied (TASK_FLAG_STAGE), or null
     u32 staged_bytes;       // how much of the range was copied (its start)
 
-    // The scratch as a shared-memory pointer (see as_shared): the context
-    // may live in local memory, from where `smem` comes back generic.
+    // The scratch as a shared-memory pointer (see as_shared): the resident
+    // loop keeps the context in shared memory and the probes in local memory,
+    // and from either `smem` comes back generic.
     __device__ __forceinline__ unsigned char* scratch() const { return as_shared(smem); }
 };
 

@@ -353,7 +353,6 @@ struct Fp4Acc {
 
 // The two-factor step (an E8M0 scale above 2), out of line: such scales are
 // rare, and the hot loop's code stays small.
-
 template <int NT, bool XBF16, bool XS>
 __device__ __noinline__ Fp4Acc<NT> fp4_mma_step_big(Fp4Acc<NT> acc, const uint4 q0, const uint4 q1, u32 s0, u32 s1,
                                                     const unsigned char* x0, const unsigned char* x1) {
