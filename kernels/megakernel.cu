@@ -236,11 +236,12 @@ __device__ __forceinline__ void resident(const KernelParams& kp) {
         const TaskDesc* tasks = reinterpret_cast<const TaskDesc*>(s_cmd.tasks);
         bool go = true;
         for (u32 j = 0; go && j < s_cmd.iterations; ++j) {
+            bool ready = true;
             if (tid == 0) {
                 s_loop.iteration = s_cmd.iter_base + j + 1;
                 s_loop.epoch = s_cmd.epoch_base + j + 1;
                 s_env.epoch = s_loop.epoch;
-                ok = wait_at_least<false>(env, NO_EVENT, 0, seq, &env->state->worker_iters,
+                ready = wait_at_least<false>(env, NO_EVENT, 0, seq, &env->state->worker_iters,
                                           u64(env->num_sms) * (s_loop.iteration - 1), WAIT_ITERATION);
                 // CMD_FLAG_UNTIL: params[last] points at a stop word that a task
                 // sets to its epoch to end the command after that iteration. Every
@@ -248,12 +249,12 @@ __device__ __forceinline__ void resident(const KernelParams& kp) {
                 // reads the same verdict; a word stamped with this iteration's
                 // epoch (a fast block's task ran already) does not stop it.
                 s_loop.stop = false;
-                if (ok && j > 0 && (s_cmd.kind & CMD_FLAG_UNTIL)) {
+                if (ready && j > 0 && (s_cmd.kind & CMD_FLAG_UNTIL)) {
                     const u64 w = ld_relaxed_gpu64(reinterpret_cast<const u64*>(s_cmd.params[COMMAND_PARAMS - 1]));
                     s_loop.stop = w > s_cmd.epoch_base && w < s_loop.epoch;
                 }
             }
-            go = __syncthreads_and(ok);
+            go = __syncthreads_and(ready);
             if (go && s_loop.stop) {
                 finish_early(env, tasks, s_loop.first, s_loop.last, &s_cmd, s_cmd.iterations - j,
                              s_loop.iteration - 1);
@@ -291,24 +292,32 @@ __device__ __forceinline__ void resident(const KernelParams& kp) {
                     }
                     asm volatile("cp.async.commit_group;" ::: "memory");
                 }
+                // Nothing the loop keeps in registers may live across the task
+                // body (the bodies need every register, and a value spilled there
+                // comes back from L2 once a wait's acquire has invalidated L1):
+                // after the barrier below, the descriptor is reached through
+                // s_ctx, and thread 0's verdict is local to this task.
+                bool prepared = true;
                 if (tid == 0) {
                     s_loop.signal = d->signal;  // read now: the buffer is refilled two tasks later
                     stage_task(&s_stage, d, s_dyn, dyn_smem_bytes(), &s_loop);
-                    ok = prepare_task(env, d, &s_cmd, s_loop.epoch);
+                    prepared = prepare_task(env, d, &s_cmd, s_loop.epoch);
                     if (TRACE && s_loop.trace) s_loop.t_start = globaltimer();
                     const u32 staged = s_loop.staged_bytes;
                     s_ctx = {env, d, s_cmd.seq, s_dyn, staged ? s_loop.staged_off : dyn_smem_bytes(),
                              staged ? s_dyn + s_loop.staged_off : nullptr, staged};
                 }
-                go = __syncthreads_and(ok);
+                go = __syncthreads_and(prepared);
                 // Every thread read t before the barrier above.
                 if (tid == 0) s_loop.t = t + 1;
                 const u32 staged = s_loop.staged_bytes;
                 // Waited on even when the block stops: no copy may outlive it.
                 if (staged) stage_wait(&s_stage.bar, s_stage.stagings & 1u);
                 if (!go) break;
-                if (!dispatch_task(d->opcode, s_ctx) && tid == 0) {
-                    report_fault(env, d->id, d->opcode, s_cmd.seq, FAULT_BAD_OPCODE, NO_EVENT, d->opcode, 0);
+                const TaskDesc* run = s_ctx.desc;
+                if (!dispatch_task(run->opcode, s_ctx) && tid == 0) {
+                    run = s_ctx.desc;
+                    report_fault(env, run->id, run->opcode, s_cmd.seq, FAULT_BAD_OPCODE, NO_EVENT, run->opcode, 0);
                 }
                 // Task t + 1's descriptor (the group before the newest) has landed.
                 if (tid - 32 < 8) asm volatile("cp.async.wait_group 1;" ::: "memory");
