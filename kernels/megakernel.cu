@@ -84,7 +84,7 @@ struct Loop {
     u32 staged_bytes;   // the current task's staged bytes (0: none)
     u32 staged_off;     // where in dynamic shared memory they land
     u32 t;              // the task the block runs (index into the command's task array)
-    u32 signal;         // its event
+    u64* signal;        // its event's counter, or null
     u64 t_start;        // when its waits were met (trace only)
 };
 
@@ -110,10 +110,11 @@ __device__ __forceinline__ void stage_task(Stage* st, const TaskDesc* d, unsigne
     loop->staged_off = off;
 }
 
-// Thread 0: prepares the task in `d` (parameters, event checks, waits). Returns
-// false to stop the block. The header is read into registers once; most tasks
-// take no parameter, so that loop is skipped entirely.
-__device__ __forceinline__ bool prepare_task(const Env* env, TaskDesc* d, const Command* cmd, u64 epoch) {
+// Thread 0: prepares the task in `d` before its waits: substitutes its
+// parameters and checks its event indices. Returns false to stop the block.
+// The header is read into registers once; most tasks take no parameter, so
+// that loop is skipped entirely.
+__device__ __forceinline__ bool prepare_task(const Env* env, TaskDesc* d, const Command* cmd) {
     const u64 seq = cmd->seq;
     const u32 id = d->id, opcode = d->opcode, mask = d->param_mask, signal = d->signal;
     const u32 num_events = cmd->num_events;
@@ -130,29 +131,35 @@ __device__ __forceinline__ bool prepare_task(const Env* env, TaskDesc* d, const 
             }
         }
     }
-    const u32 w0 = d->wait[0], w1 = d->wait[1];
-    if (w0 != NO_EVENT || w1 != NO_EVENT) {
-        u64* events = reinterpret_cast<u64*>(cmd->events);
-        const u32 waits[TASK_WAITS] = {w0, w1};
+    const u32 events[TASK_WAITS + 1] = {d->wait[0], d->wait[1], signal};
 #pragma unroll
-        for (u32 k = 0; k < TASK_WAITS; ++k) {
-            const u32 ev = waits[k];
-            if (ev == NO_EVENT) continue;
-            if (ev >= num_events) {
-                report_fault(env, id, opcode, seq, FAULT_OUT_OF_RANGE, ev, ev, num_events);
-                return false;
-            }
-            // A task about to idle lets the range it will stream travel to L2
-            // meanwhile (only then, so a ready task does not fetch twice).
-            if (!wait_at_least<false>(env, id, opcode, seq, &events[ev], u64(d->wait_need[k]) * epoch, ev,
-                                      k == 0 ? d : nullptr)) {
-                return false;
-            }
+    for (u32 k = 0; k <= TASK_WAITS; ++k) {
+        const u32 ev = events[k];
+        if (ev != NO_EVENT && ev >= num_events) {
+            report_fault(env, id, opcode, seq, FAULT_OUT_OF_RANGE, ev, ev, num_events);
+            return false;
         }
     }
-    if (signal != NO_EVENT && signal >= num_events) {
-        report_fault(env, id, opcode, seq, FAULT_OUT_OF_RANGE, signal, signal, num_events);
-        return false;
+    return true;
+}
+
+// Thread 0: waits for the events of a prepared task. Returns false to stop
+// the block.
+__device__ __forceinline__ bool await_task(const Env* env, const TaskDesc* d, const Command* cmd, u64 epoch) {
+    const u32 w0 = d->wait[0], w1 = d->wait[1];
+    if (w0 == NO_EVENT && w1 == NO_EVENT) return true;
+    u64* events = reinterpret_cast<u64*>(cmd->events);
+    const u32 waits[TASK_WAITS] = {w0, w1};
+#pragma unroll
+    for (u32 k = 0; k < TASK_WAITS; ++k) {
+        const u32 ev = waits[k];
+        if (ev == NO_EVENT) continue;
+        // A task about to idle lets the range it will stream travel to L2
+        // meanwhile (only then, so a ready task does not fetch twice).
+        if (!wait_at_least<false>(env, d->id, d->opcode, cmd->seq, &events[ev], u64(d->wait_need[k]) * epoch, ev,
+                                  k == 0 ? d : nullptr)) {
+            return false;
+        }
     }
     return true;
 }
@@ -295,17 +302,25 @@ __device__ __forceinline__ void resident(const KernelParams& kp) {
                 // Nothing the loop keeps in registers may live across the task
                 // body (the bodies need every register, and a value spilled there
                 // comes back from L2 once a wait's acquire has invalidated L1):
-                // after the barrier below, the descriptor is reached through
-                // s_ctx, and thread 0's verdict is local to this task.
+                // `d` is recomputed from `t`, a fault after the body reads the
+                // descriptor through s_ctx, and thread 0's verdict is local to
+                // this task.
+                //
+                // Thread 0 does all it can before the waits, so that once they
+                // are met only the barrier stands between them and the body: the
+                // staging copy, the parameters and checks, the context, and the
+                // address its signal goes to (read now: the descriptor's buffer
+                // is refilled two tasks later).
                 bool prepared = true;
                 if (tid == 0) {
-                    s_loop.signal = d->signal;  // read now: the buffer is refilled two tasks later
                     stage_task(&s_stage, d, s_dyn, dyn_smem_bytes(), &s_loop);
-                    prepared = prepare_task(env, d, &s_cmd, s_loop.epoch);
-                    if (TRACE && s_loop.trace) s_loop.t_start = globaltimer();
-                    const u32 staged = s_loop.staged_bytes;
+                    prepared = prepare_task(env, d, &s_cmd);
+                    const u32 signal = d->signal, staged = s_loop.staged_bytes;
+                    s_loop.signal = signal == NO_EVENT ? nullptr : reinterpret_cast<u64*>(s_cmd.events) + signal;
                     s_ctx = {env, d, s_cmd.seq, s_dyn, staged ? s_loop.staged_off : dyn_smem_bytes(),
                              staged ? s_dyn + s_loop.staged_off : nullptr, staged};
+                    prepared = prepared && await_task(env, d, &s_cmd, s_loop.epoch);
+                    if (TRACE && s_loop.trace) s_loop.t_start = globaltimer();
                 }
                 go = __syncthreads_and(prepared);
                 // Every thread read t before the barrier above.
@@ -314,20 +329,21 @@ __device__ __forceinline__ void resident(const KernelParams& kp) {
                 // Waited on even when the block stops: no copy may outlive it.
                 if (staged) stage_wait(&s_stage.bar, s_stage.stagings & 1u);
                 if (!go) break;
-                const TaskDesc* run = s_ctx.desc;
-                if (!dispatch_task(run->opcode, s_ctx) && tid == 0) {
-                    run = s_ctx.desc;
-                    report_fault(env, run->id, run->opcode, s_cmd.seq, FAULT_BAD_OPCODE, NO_EVENT, run->opcode, 0);
+                if (!dispatch_task(d->opcode, s_ctx) && tid == 0) {
+                    const TaskDesc* bad = s_ctx.desc;  // `d` is not kept across the body
+                    report_fault(env, bad->id, bad->opcode, s_cmd.seq, FAULT_BAD_OPCODE, NO_EVENT, bad->opcode, 0);
                 }
                 // Task t + 1's descriptor (the group before the newest) has landed.
                 if (tid - 32 < 8) asm volatile("cp.async.wait_group 1;" ::: "memory");
                 __syncthreads();  // the task's writes are done
                 if (tid == 0) {
                     if (s_loop.staged_bytes) ++s_stage.stagings;
-                    const u32 done = s_loop.t - 1, signal = s_loop.signal;
-                    if (TRACE && s_loop.trace) s_loop.trace[done] = make_ulonglong2(s_loop.t_start, globaltimer());
-                    if (signal != NO_EVENT) {
-                        red_release_gpu(reinterpret_cast<u64*>(s_cmd.events) + signal, 1);
+                    u64* const signal = s_loop.signal;
+                    if (TRACE && s_loop.trace) {
+                        s_loop.trace[s_loop.t - 1] = make_ulonglong2(s_loop.t_start, globaltimer());
+                    }
+                    if (signal) {
+                        red_release_gpu(signal, 1);
                     }
                 }
             }
