@@ -249,7 +249,7 @@ __device__ __forceinline__ void resident(const KernelParams& kp) {
                 s_loop.epoch = s_cmd.epoch_base + j + 1;
                 s_env.epoch = s_loop.epoch;
                 ready = wait_at_least<false>(env, NO_EVENT, 0, seq, &env->state->worker_iters,
-                                          u64(env->num_sms) * (s_loop.iteration - 1), WAIT_ITERATION);
+                                             u64(env->num_sms) * (s_loop.iteration - 1), WAIT_ITERATION);
                 // CMD_FLAG_UNTIL: params[last] points at a stop word that a task
                 // sets to its epoch to end the command after that iteration. Every
                 // block finished iteration j - 1 (the wait above), so every block
