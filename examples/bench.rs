@@ -44,7 +44,7 @@ measured first in the same run, and the ratio (roofline %); then the time of a
   --block B       DFlash block size (default 8: on one H100 8-row blocks gave
                   more tokens/s than 16-row ones at every tau measured)
   --shared-kb N   give each resident block at most N KiB of dynamic shared
-                  memory (default 130, the crate default); the rest of the
+                  memory (default 98, the crate default); the rest of the
                   SM's memory serves as L1 cache, which holds register spills";
 
 fn main() -> Result<()> {

@@ -73,14 +73,15 @@ impl Default for RuntimeOptions {
 
 /// Dynamic shared memory a resident block takes unless
 /// [`RuntimeOptions::shared_limit`] says otherwise (or the device allows
-/// less). Room for every task's scratch (fused prologues take up to 96 KiB)
-/// and for staged weight slices, yet with the kernel's static shared memory
-/// and the 1 KiB the hardware reserves per block it fits the 132 KiB
-/// shared-memory configuration of sm_80/sm_90 SMs, so the other 124 KiB
-/// of an H100 SM's 256 KiB serve as L1 cache (register spills, reused
-/// inputs). Taking all 227 KiB left 28 KiB of L1 and made the 30B decode
-/// step 8 % slower (BENCHMARKS.md).
-pub const DEFAULT_SHARED_LIMIT: u32 = 130 * 1024;
+/// less). Room for every task's scratch and for staged weight slices, yet
+/// with the kernel's static shared memory and the 1 KiB the hardware
+/// reserves per block it fits the 100 KiB shared-memory configuration of
+/// sm_80/sm_90 SMs, so the other 156 KiB of an H100 or H200 SM's 256 KiB
+/// serve as L1 cache (register spills, reused inputs). On an H200 this made
+/// the 30B decode step 3 % faster than 130 KiB (124 KiB of L1) and DFlash 1
+/// % faster, with 16-row blocks 1 % slower; taking all 227 KiB left 28 KiB
+/// of L1 and made decode 8 % slower (BENCHMARKS.md).
+pub const DEFAULT_SHARED_LIMIT: u32 = 98 * 1024;
 
 /// SMs held by live resident kernels in this process, per device.
 static BUSY: Mutex<Option<HashMap<usize, u32>>> = Mutex::new(None);

@@ -365,8 +365,8 @@ mod tests {
 
     #[test]
     fn prologues_fuse_only_where_they_fit() {
-        // A draft block's SwiGLU input, 8 rows of 6144: the default 130 KiB
-        // holds it beside the partials, 98 KiB does not.
+        // A draft block's SwiGLU input, 8 rows of 6144: 130 KiB holds it
+        // beside the partials, 98 KiB (the default) does not.
         assert!(prologue_fits(8, 6144, 130 * 1024));
         assert!(!prologue_fits(8, 6144, 98 * 1024));
         assert!(prologue_fits(1, 2048, 48 * 1024));
