@@ -76,7 +76,9 @@ impl Default for RuntimeOptions {
 /// less). Room for every task's scratch and for staged weight slices, yet
 /// with the kernel's static shared memory and the 1 KiB the hardware
 /// reserves per block it fits the 100 KiB shared-memory configuration of
-/// sm_80/sm_90 SMs, so the other 156 KiB of an H100 or H200 SM's 256 KiB
+/// sm_80/sm_90 SMs (with 176 bytes to spare: the kernels' static shared
+/// memory is 832 and 848 bytes; any more and a block takes the 132 KiB
+/// configuration), so the other 156 KiB of an H100 or H200 SM's 256 KiB
 /// serve as L1 cache (register spills, reused inputs). On an H200 this made
 /// the 30B decode step 3 % faster than 130 KiB (124 KiB of L1) and DFlash 1
 /// % faster, with 16-row blocks 1 % slower; taking all 227 KiB left 28 KiB
