@@ -740,7 +740,14 @@ fn moe_routing_over_expert_counts() {
     use megakernel::task::moe_route::MoeRoute;
     let mut rng = Rng(seed());
     on_every_executor("moe_routing_over_expert_counts", |ex| {
-        for (m, e, k) in [(1, 128, 8), (5, 200, 8), (3, 384, 8), (2, 1000, 16)] {
+        for (m, e, k) in [
+            (1, 128, 8),
+            (5, 200, 8),
+            (3, 384, 8),
+            (2, 1000, 16),
+            (1, 200, 8),
+            (1, 1000, 16),
+        ] {
             let slots = (m * k).min(e);
             let mut lv: Vec<f32> = rng.vec(m * e).iter().map(|v| v * 4.0).collect();
             for i in 0..m {
@@ -771,6 +778,57 @@ fn moe_routing_over_expert_counts() {
             }
             let what = format!("{e} experts, {m} rows: {}", ex.describe());
             check_routing(ex, &list, &weights, &want_w, &ids, m, e, slots, &what);
+        }
+    });
+}
+
+/// A row routed alone (a decode step) gets the weights it gets inside a
+/// block of rows (a chunk), bit for bit, and lists the experts it chose:
+/// fresh random logits, and logits of three values (ties everywhere), for
+/// expert counts of each width.
+#[test]
+fn a_lone_row_routes_as_in_a_block() {
+    use megakernel::task::moe_route::{list_len, MoeRoute};
+    let mut rng = Rng(seed());
+    on_every_executor("a_lone_row_routes_as_in_a_block", |ex| {
+        let m = 4;
+        for (e, k, ties) in [
+            (128, 8, false),
+            (128, 8, true),
+            (40, 4, false),
+            (300, 8, true),
+            (1000, 16, false),
+        ] {
+            let mut lv: Vec<f32> = rng.vec(m * e).iter().map(|v| v * 4.0).collect();
+            if ties {
+                lv.iter_mut().for_each(|v| *v = rng.below(3) as f32);
+            }
+            let (logits, _) = store(ex, DType::F32, &lv);
+            let (weights, _) = store(ex, DType::F32, &vec![f32::NAN; m * e]);
+            let list = ex.alloc(DType::U32, list_len(m, e, k)).unwrap();
+            let (l, w) = (logits.all(), weights.all());
+            let spec = MoeRoute::task(&l, &w, &list.all(), m, e, k, true, None).unwrap();
+            run1(ex, spec).unwrap();
+            let block = ex.read_f32(&weights).unwrap();
+            for i in 0..m {
+                let (one, _) = store(ex, DType::F32, &vec![f32::NAN; e]);
+                let one_list = ex.alloc(DType::U32, list_len(1, e, k)).unwrap();
+                let row = logits.all().sub(i * e, e).unwrap();
+                let spec =
+                    MoeRoute::task(&row, &one.all(), &one_list.all(), 1, e, k, true, None).unwrap();
+                run1(ex, spec).unwrap();
+                let what = format!("{e} experts, ties {ties}, row {i}: {}", ex.describe());
+                let got = ex.read_f32(&one).unwrap();
+                for (j, (a, b)) in got.iter().zip(&block[i * e..(i + 1) * e]).enumerate() {
+                    assert_eq!(a.to_bits(), b.to_bits(), "expert {j}, {what}");
+                }
+                let ids: Vec<u32> = (0..e as u32).filter(|&j| got[j as usize] != 0.0).collect();
+                assert_eq!(ids.len(), k, "{what}");
+                let l = ex.read_u32(&one_list).unwrap();
+                assert_eq!(l[0] as usize, k, "{what}");
+                assert_eq!(&l[1..=k], &ids[..], "{what}");
+                assert!(l[1 + k..1 + 2 * k].iter().all(|&b| b == 1), "{what}");
+            }
         }
     });
 }
