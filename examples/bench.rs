@@ -30,7 +30,9 @@ measured first in the same run, and the ratio (roofline %); then the time of a
                   of one qwen3-30b-a3b layer (gate, up and down of 128 experts,
                   one token), for each FP4 format, against the copy bandwidth
   --profile       after timing, trace one more step and print where its time
-                  went, stage by stage (device timestamps of every task)
+                  went, stage by stage (device timestamps of every task); the
+                  whole run then uses the tracing kernel, a few percent slower:
+                  compare speeds from runs without it
   --trace-out D   with --profile, also write each traced step to
                   D/PRESET-DTYPE-{decode,verify16,dflash}.json in the Chrome
                   trace event format (one track per SM; open in Perfetto)
@@ -159,6 +161,11 @@ fn main() -> Result<()> {
             "{name}: {} KiB of shared memory per block",
             rt.shared_bytes() / 1024
         );
+        if profile {
+            println!(
+                "{name}: timed on the tracing kernel (a few percent slower than the plain one)"
+            );
+        }
         let t = Instant::now();
         eprintln!("{name}: drawing random weights on the device");
         let model = Model::random_with(&rt, &config, 7, experts)?;
