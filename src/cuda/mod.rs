@@ -45,6 +45,8 @@ pub struct RuntimeOptions {
     pub host_timeout: Duration,
     /// Launch the kernel variant that can time every task
     /// ([`Runtime::trace`]); the default variant carries no tracing code.
+    /// The variant runs every program, traced or not, and is a few percent
+    /// slower: time speeds without it.
     pub trace: bool,
     /// Run on this many SMs instead of all of them. Several runtimes may share
     /// one GPU this way (each keeps its SMs for itself), for example the ranks
