@@ -1,6 +1,6 @@
 //! `fill_random_fp4`: random expert weights drawn and quantized to MXFP4 on
 //! the executor itself, bit-identical to quantizing
-//! [`random_value`](super::fill_random::random_value)s on the host with
+//! [`random_value`]s on the host with
 //! [`quantize_mxfp4`](crate::quant::quantize_mxfp4), so that large random
 //! MoE models never pass through the host.
 //!
