@@ -89,6 +89,44 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// Elements of a row a thread loads before using any: a strided loop that
+// uses each load at once waits one memory round trip per element.
+constexpr u32 ROW_BATCH = 4;
+
+// Elements k0, k0 + step, ... (ROW_BATCH of them; indices past `cols` read
+// element cols - 1) of the row at element `at` of a float array of type
+// `dtype`: every load issued before any value is converted.
+__device__ __forceinline__ void load_row_batch(u64 base, u32 dtype, u64 at, u32 k0, u32 step, u32 cols,
+                                               float (&v)[ROW_BATCH]) {
+    if (dtype == DTYPE_BF16) {
+        u16 r[ROW_BATCH];
+#pragma unroll
+        for (u32 j = 0; j < ROW_BATCH; ++j) r[j] = reinterpret_cast<const u16*>(base)[at + min(k0 + j * step, cols - 1)];
+#pragma unroll
+        for (u32 j = 0; j < ROW_BATCH; ++j) v[j] = bf16_to_f32(r[j]);
+    } else {
+#pragma unroll
+        for (u32 j = 0; j < ROW_BATCH; ++j) v[j] = reinterpret_cast<const float*>(base)[at + min(k0 + j * step, cols - 1)];
+    }
+}
+
+// This thread's sum of squares of elements threadIdx.x, + blockDim.x, ... of
+// the row at element `base`, accumulated in that order (the order every norm
+// of the kernel uses, so the bits do not depend on the batching), with
+// ROW_BATCH loads in flight.
+__device__ __forceinline__ float row_sum_squares(u64 x, u32 dtype, u64 base, u32 cols) {
+    float ss = 0.0f;
+    for (u32 k0 = threadIdx.x; k0 < cols; k0 += ROW_BATCH * blockDim.x) {
+        float v[ROW_BATCH];
+        load_row_batch(x, dtype, base, k0, blockDim.x, cols, v);
+#pragma unroll
+        for (u32 j = 0; j < ROW_BATCH; ++j) {
+            if (k0 + j * blockDim.x < cols) ss = fmaf(v[j], v[j], ss);
+        }
+    }
+    return ss;
+}
+
 // Sum over the block; the result is valid in every thread. Uses 32 floats of scratch.
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;

@@ -37,7 +37,32 @@ constexpr u32 COMBINE_MAX_CHUNKS = 256;
 // positive, into w[k]; returns the weighted total of the sums (every lane).
 __device__ __forceinline__ float combine_weights(const AttentionCombineArgs& a, const float* p, float* w) {
     const u32 lane = threadIdx.x & 31, hd = a.head_dim, stride = hd + 2;
-    float mx = -__int_as_float(0x7f800000);
+    const float ninf = -__int_as_float(0x7f800000);
+    float mx = ninf;
+    if (a.chunks <= 64) {
+        // At most two slices a lane: both loaded at once and kept (the loop
+        // below waits a round trip per slice and loads each twice).
+        const u32 k1 = lane + 32;
+        const bool h0 = lane < a.chunks, h1 = k1 < a.chunks;
+        const float m0 = h0 ? p[lane * stride + hd] : ninf, s0 = h0 ? p[lane * stride + hd + 1] : 0.0f;
+        const float m1 = h1 ? p[k1 * stride + hd] : ninf, s1 = h1 ? p[k1 * stride + hd + 1] : 0.0f;
+        mx = fmaxf(fmaxf(mx, m0), m1);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, o));
+        // The same arithmetic, in the same order, as the loop.
+        float total = 0.0f;
+        if (h0) {
+            const float wk = s0 > 0.0f ? __expf(m0 - mx) : 0.0f;
+            w[lane] = wk;
+            total = fmaf(wk, s0, total);
+        }
+        if (h1) {
+            const float wk = s1 > 0.0f ? __expf(m1 - mx) : 0.0f;
+            w[k1] = wk;
+            total = fmaf(wk, s1, total);
+        }
+        return warp_sum(total);
+    }
     for (u32 k = lane; k < a.chunks; k += 32) mx = fmaxf(mx, p[k * stride + hd]);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, o));
@@ -87,6 +112,19 @@ __device__ __forceinline__ void combine_pair_block(const AttentionCombineArgs& a
                                                    u32 i, u32 h) {
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     const u32 hd = a.head_dim, stride = hd + 2;
+    // Each warp's first COMBINE_AHEAD slices of values are loaded before the
+    // weights are waited for (they do not depend on them), so their round
+    // trips overlap warp 0's and one another's; slices past them (more than
+    // COMBINE_AHEAD * nwarps) load in the loop. The sums run in slice order
+    // either way.
+    constexpr u32 COMBINE_AHEAD = 4;
+    float v[COMBINE_AHEAD][E];
+#pragma unroll
+    for (u32 j = 0; j < COMBINE_AHEAD; ++j) {
+        const u32 k = min(warp + j * nwarps, a.chunks - 1);
+#pragma unroll
+        for (u32 e = 0; e < E; ++e) v[j][e] = p[k * stride + lane * E + e];
+    }
     if (warp == 0) {
         const float total = combine_weights(a, p, w);
         if (lane == 0) w[COMBINE_MAX_CHUNKS] = total;
@@ -95,7 +133,16 @@ __device__ __forceinline__ void combine_pair_block(const AttentionCombineArgs& a
     float acc[E];
 #pragma unroll
     for (u32 e = 0; e < E; ++e) acc[e] = 0.0f;
-    for (u32 k = warp; k < a.chunks; k += nwarps) {
+#pragma unroll
+    for (u32 j = 0; j < COMBINE_AHEAD; ++j) {
+        const u32 k = warp + j * nwarps;
+        if (k < a.chunks) {
+            const float wk = w[k];
+#pragma unroll
+            for (u32 e = 0; e < E; ++e) acc[e] = fmaf(wk, v[j][e], acc[e]);
+        }
+    }
+    for (u32 k = warp + COMBINE_AHEAD * nwarps; k < a.chunks; k += nwarps) {
         const float wk = w[k];
         const float* src = p + k * stride + lane * E;
 #pragma unroll
@@ -118,7 +165,7 @@ __device__ __forceinline__ void task_attention_combine(const Ctx& c) {
     const u32 warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     const u32 hd = a.head_dim, stride = hd + 2;
     const u32 need = (nwarps * COMBINE_MAX_CHUNKS + COMBINE_MAX_CHUNKS + 1 + nwarps * hd) * 4;
-    if (a.chunks > COMBINE_MAX_CHUNKS || need > c.smem_bytes || (hd != 64 && hd != 128 && hd != 32)) {
+    if (a.chunks == 0 || a.chunks > COMBINE_MAX_CHUNKS || need > c.smem_bytes || (hd != 64 && hd != 128 && hd != 32)) {
         if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, a.chunks, COMBINE_MAX_CHUNKS);
         return;
     }

@@ -258,26 +258,37 @@ __device__ __forceinline__ u64 gemv_prologue(const Ctx& c, const GemvInput& in) 
     }
     for (u32 i = 0; i < in.m; ++i) {
         const u64 row = u64(i) * in.ldx;
+        // Both passes load ROW_BATCH elements of a thread before using them.
         if (in.prologue == PROLOGUE_RMSNORM) {
-            float ss = 0.0f;
-            for (u32 k = threadIdx.x; k < in.cols; k += blockDim.x) {
-                // The norm weights travel while the sum is formed (one line
-                // per 64 of them): the second pass finds them in L1.
-                if (i == 0 && (k & 63) == 0) prefetch_l1(reinterpret_cast<const u16*>(in.aux) + k);
-                const float v = load_float(in.x, in.x_dtype, row + k);
-                ss = fmaf(v, v, ss);
+            // The norm weights travel while the sum is formed (one line per
+            // 64 of them): the second pass finds them in L1.
+            if (i == 0) {
+                for (u32 k = threadIdx.x * 64; k < in.cols; k += blockDim.x * 64) {
+                    prefetch_l1(reinterpret_cast<const u16*>(in.aux) + k);
+                }
             }
+            const float ss = row_sum_squares(in.x, in.x_dtype, row, in.cols);
             const float inv = rsqrtf(block_sum(ss, scratch) / float(in.cols) + in.eps);
-            for (u32 k = threadIdx.x; k < in.cols; k += blockDim.x) {
-                const float v = load_float(in.x, in.x_dtype, row + k);
-                const u16 h = f32_to_bf16(v * inv * load_float(in.aux, DTYPE_BF16, k));
-                xs[i * ld + (in.pairs ? gemv_pair_slot(k) : k)] = h;
+            for (u32 k0 = threadIdx.x; k0 < in.cols; k0 += ROW_BATCH * blockDim.x) {
+                float v[ROW_BATCH], g[ROW_BATCH];
+                load_row_batch(in.x, in.x_dtype, row, k0, blockDim.x, in.cols, v);
+                load_row_batch(in.aux, DTYPE_BF16, 0, k0, blockDim.x, in.cols, g);
+#pragma unroll
+                for (u32 j = 0; j < ROW_BATCH; ++j) {
+                    const u32 k = k0 + j * blockDim.x;
+                    if (k < in.cols) xs[i * ld + (in.pairs ? gemv_pair_slot(k) : k)] = f32_to_bf16(v[j] * inv * g[j]);
+                }
             }
         } else {
-            for (u32 k = threadIdx.x; k < in.cols; k += blockDim.x) {
-                const float g = load_float(in.x, in.x_dtype, row + k);
-                const float u = load_float(in.aux, in.x_dtype, row + k);
-                xs[i * ld + (in.pairs ? gemv_pair_slot(k) : k)] = f32_to_bf16(swiglu_value(g, u));
+            for (u32 k0 = threadIdx.x; k0 < in.cols; k0 += ROW_BATCH * blockDim.x) {
+                float g[ROW_BATCH], u[ROW_BATCH];
+                load_row_batch(in.x, in.x_dtype, row, k0, blockDim.x, in.cols, g);
+                load_row_batch(in.aux, in.x_dtype, row, k0, blockDim.x, in.cols, u);
+#pragma unroll
+                for (u32 j = 0; j < ROW_BATCH; ++j) {
+                    const u32 k = k0 + j * blockDim.x;
+                    if (k < in.cols) xs[i * ld + (in.pairs ? gemv_pair_slot(k) : k)] = f32_to_bf16(swiglu_value(g[j], u[j]));
+                }
             }
         }
     }

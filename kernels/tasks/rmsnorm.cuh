@@ -39,20 +39,25 @@ __device__ __forceinline__ void task_rmsnorm(const Ctx& c) {
     float* scratch = reinterpret_cast<float*>(c.scratch());
     for (u32 r = 0; r < rows; ++r) {
         const u64 base = u64(r) * cols;
-        float ss = 0.0f;
-        for (u32 i = threadIdx.x; i < cols; i += blockDim.x) {
-            // The weights travel while the first row's sum is formed (one
-            // line per 32 of them): the second pass finds them in L1.
-            if (r == 0 && (i & 31) == 0) {
+        // The weights travel while the first row's sum is formed (one line
+        // per 32 of them): the second pass finds them in L1.
+        if (r == 0) {
+            for (u32 i = threadIdx.x * 32; i < cols; i += blockDim.x * 32) {
                 prefetch_l1(reinterpret_cast<const unsigned char*>(w) + u64(i) * (w_dtype == DTYPE_BF16 ? 2 : 4));
             }
-            const float v = load_float(x, x_dtype, base + i);
-            ss = fmaf(v, v, ss);
         }
+        const float ss = row_sum_squares(x, x_dtype, base, cols);
         const float inv = rsqrtf(block_sum(ss, scratch) / float(cols) + eps);
-        for (u32 i = threadIdx.x; i < cols; i += blockDim.x) {
-            const float v = load_float(x, x_dtype, base + i);
-            store_float(y, y_dtype, base + i, v * inv * load_float(w, w_dtype, i));
+        // ROW_BATCH elements of a thread loaded before any is used.
+        for (u32 i0 = threadIdx.x; i0 < cols; i0 += ROW_BATCH * blockDim.x) {
+            float v[ROW_BATCH], g[ROW_BATCH];
+            load_row_batch(x, x_dtype, base, i0, blockDim.x, cols, v);
+            load_row_batch(w, w_dtype, 0, i0, blockDim.x, cols, g);
+#pragma unroll
+            for (u32 j = 0; j < ROW_BATCH; ++j) {
+                const u32 i = i0 + j * blockDim.x;
+                if (i < cols) store_float(y, y_dtype, base + i, v[j] * inv * g[j]);
+            }
         }
         __syncthreads();  // y may alias x: the next row's reads follow this row's writes
     }
