@@ -31,7 +31,11 @@ MK_OFFSET(MoeCombineArgs, x_dtype, 52);
 MK_OFFSET(MoeCombineArgs, accumulate, 56);
 MK_OFFSET(MoeCombineArgs, slots, 60);
 
-// Two round trips for the task. First the list (count and ids) and the
+// Slots a one-row combine loads before the list arrives.
+constexpr u32 COMBINE_EARLY_SLOTS = 8;
+
+// Two round trips for the task (one for a row of at most COMBINE_EARLY_SLOTS
+// slots). First the list (count and ids) and the
 // rows' dense weights, all at once, into shared memory; then one warp per
 // row lists the slots routed to it (weight not zero) in list order with
 // their weights; then each element reads the residual and the outputs of its
@@ -59,9 +63,36 @@ __device__ __forceinline__ void task_moe_combine(const Ctx& c) {
         if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, slots, c.smem_bytes);
         return;
     }
+    // One row of few slots (a decode step): each element's residual and
+    // every slot's output are loaded in the first trip too, beside the list
+    // (slots past the count are loaded and never used).
+    const bool one = m == 1 && slots <= COMBINE_EARLY_SLOTS && hn <= blockDim.x;
+    const bool early = one && threadIdx.x < hn;
+    float ey[COMBINE_EARLY_SLOTS], eprev = 0.0f;
+    if (early) {
+        const u64 at = h0 + threadIdx.x;
+        if (accumulate) eprev = load_float(x, x_dtype, at);
+#pragma unroll
+        for (u32 s = 0; s < COMBINE_EARLY_SLOTS; ++s) ey[s] = s < slots ? __ldcg(y + u64(s) * hidden + at) : 0.0f;
+    }
     for (u32 t = threadIdx.x; t < 1 + slots; t += blockDim.x) ls[t] = list[t];
     for (u32 t = threadIdx.x; t < m * experts; t += blockDim.x) wd[t] = w[t];
     __syncthreads();
+    if (one) {
+        // The same sum as below: the slots of weight not zero in list order.
+        if (early) {
+            const u32 count = min(ls[0], slots);
+            float acc = 0.0f;
+#pragma unroll
+            for (u32 s = 0; s < COMBINE_EARLY_SLOTS; ++s) {
+                const float wt = s < count ? wd[ls[1 + s]] : 0.0f;
+                if (wt != 0.0f) acc = fmaf(wt, ey[s], acc);
+            }
+            const u64 at = h0 + threadIdx.x;
+            store_float(x, x_dtype, at, accumulate ? eprev + acc : acc);
+        }
+        return;
+    }
     const u32 count = min(ls[0], slots), lane = threadIdx.x & 31;
     for (u32 i = threadIdx.x >> 5; i < m; i += blockDim.x >> 5) {
         u32 n = 0;
