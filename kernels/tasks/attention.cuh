@@ -149,13 +149,17 @@ __host__ __device__ constexpr u32 attention_smem_bytes(u32 pairs, u32 hd) {
 // zeros the value rows n .. up to the next multiple of 16 (P·V multiplies
 // whole 16-key steps; their weights are zero, and zero times a stale word
 // could be NaN).
+// Row `skip` (if below n) is left alone: its key is being appended and
+// written into the tile directly (attention_append_keys).
 template <u32 HD>
-__device__ __forceinline__ void attention_load_tile(u32* k_s, u32* v_s, const char* kbase, const char* vbase, u32 t0, u32 n) {
+__device__ __forceinline__ void attention_load_tile(u32* k_s, u32* v_s, const char* kbase, const char* vbase, u32 t0, u32 n,
+                                                    u32 skip = ~0u) {
     constexpr u32 W = HD / 2, WS = attention_row_words(HD);
     const u32 per = n * (HD / 8);  // 16-byte pieces of K (then as many of V)
     for (u32 ch = threadIdx.x; ch < 2 * per; ch += BLOCK_THREADS) {
         const bool which = ch >= per;
         const u32 r = which ? ch - per : ch, j = r / (HD / 8), part = r % (HD / 8);
+        if (j == skip) continue;
         const char* src = (which ? vbase : kbase) + u64(t0 + j) * HD * 2 + part * 16;
         cp_async16((which ? v_s : k_s) + j * WS + part * 4, src);
     }
@@ -202,7 +206,8 @@ struct RopeLane {
     // One warp: the lane's values `x` of a head, normalised and rotated to
     // position p (Hugging Face's rotate_half, the rope_kv task's
     // arithmetic), into `dst` (bf16).
-    __device__ __forceinline__ void apply(const float (&x)[HD / 32], u32 p, u16* dst) const {
+    // `dst2`, if not null, gets the same values (a row of a tile in shared memory).
+    __device__ __forceinline__ void apply(const float (&x)[HD / 32], u32 p, u16* dst, u16* dst2 = nullptr) const {
         constexpr u32 T = HD / 32, HALF = HD / 2;
         const u32 lane = threadIdx.x & 31;
         float ss = 0.0f;
@@ -215,8 +220,9 @@ struct RopeLane {
             const float x1 = x[t] * inv * w[t], x2 = x[t + T / 2] * inv * w[t + T / 2];
             float s, co;
             sincosf(float(p) * freq[t], &s, &co);
-            dst[j] = f32_to_bf16(x1 * co - x2 * s);
-            dst[j + HALF] = f32_to_bf16(x2 * co + x1 * s);
+            const u16 r1 = f32_to_bf16(x1 * co - x2 * s), r2 = f32_to_bf16(x2 * co + x1 * s);
+            dst[j] = r1, dst[j + HALF] = r2;
+            if (dst2) dst2[j] = r1, dst2[j + HALF] = r2;
         }
     }
 };
@@ -229,17 +235,22 @@ __device__ __forceinline__ void rope_load(const u16* src, float (&x)[HD / 32]) {
 }
 
 // The keys of the block (positions pos0 .. pos0 + m) inside the grids' key
-// ranges: normalised and rotated into the cache, their values copied beside
-// them. Every thread returns whether any was written (the caller then holds
-// the block at a barrier before loading tiles).
-template <u32 HD>
-__device__ __forceinline__ bool attention_append_keys(const AttentionArgs& a, u32 pos0, const u32 (&glo)[2],
-                                                      const u32 (&ghi)[2]) {
+// ranges (bit k of the mask: key pos0 + k).
+__device__ __forceinline__ u32 attention_cover(const AttentionArgs& a, u32 pos0, const u32 (&glo)[2], const u32 (&ghi)[2]) {
     u32 cover = 0;
     for (u32 k = 0; k < a.m; ++k) {
         const u32 p = pos0 + k;
         if ((p >= glo[0] && p < ghi[0]) || (p >= glo[1] && p < ghi[1])) cover |= 1u << k;
     }
+    return cover;
+}
+
+// The keys in `cover`: normalised and rotated into the cache, their values
+// copied beside them. With `k_row` and `v_row` (a single key), its rotated
+// key and its value also go to those rows of a tile in shared memory.
+template <u32 HD>
+__device__ __forceinline__ void attention_append_keys(const AttentionArgs& a, u32 pos0, u32 cover, u16* k_row = nullptr,
+                                                      u16* v_row = nullptr) {
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = BLOCK_THREADS / 32;
     const u32 width = (a.heads + 2 * a.kv_heads) * HD;
     const u16* qkv = reinterpret_cast<const u16*>(a.qkv);
@@ -255,14 +266,18 @@ __device__ __forceinline__ bool attention_append_keys(const AttentionArgs& a, u3
         if (job % 2 == 0) {
             float x[HD / 32];
             rope_load<HD>(qkv + u64(k) * width + u64(a.heads + a.kv_head) * HD, x);
-            RopeLane<HD>(reinterpret_cast<const float*>(a.rope), true).apply(x, p, cache + (u64(a.kv_head) * a.max_seq + p) * HD);
+            RopeLane<HD>(reinterpret_cast<const float*>(a.rope), true)
+                .apply(x, p, cache + (u64(a.kv_head) * a.max_seq + p) * HD, k_row);
         } else {
             const u16* v = qkv + u64(k) * width + u64(a.heads + a.kv_heads + a.kv_head) * HD;
             u16* dst = cache + (u64(a.kv_heads + a.kv_head) * a.max_seq + p) * HD;
-            for (u32 j = lane; j < HD; j += 32) dst[j] = v[j];
+            for (u32 j = lane; j < HD; j += 32) {
+                const u16 e = v[j];
+                dst[j] = e;
+                if (v_row) v_row[j] = e;
+            }
         }
     }
-    return cover != 0;
 }
 
 // Tensor cores for both products. Scores: a warp job is 16 pairs x 8 keys
@@ -328,16 +343,27 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
     }
     MK_PHASE(1);
     const float* rope = reinterpret_cast<const float*>(a.rope);
+    const u32 cover = rope ? attention_cover(a, pos0, glo, ghi) : 0u;
+    u32 gr0 = 0, t00 = 0, n0 = 0;
+    if (ntiles > 0) tile(0, gr0, t00, n0);
+    // A single appended key inside the first tile (a decode step's, in its
+    // last slice) goes into the tile straight from the append, so the tile's
+    // other keys load meanwhile; otherwise the tiles load after the appended
+    // keys reach the cache.
+    const bool direct = cover == 1u && ntiles > 0 && pos0 >= t00 && pos0 < t00 + n0;
     if (rope) {
         cp_async_commit();  // q on its own: it is rotated before the first tile lands
-        if (attention_append_keys<HD>(a, pos0, glo, ghi)) __syncthreads();
+        if (direct) {
+            attention_load_tile<HD>(kv_s, kv_s + ATTN_TILE * W, kbase, vbase, t00, n0, pos0 - t00);
+            u16* k_row = reinterpret_cast<u16*>(kv_s + (pos0 - t00) * W);
+            attention_append_keys<HD>(a, pos0, cover, k_row, k_row + ATTN_TILE * W * 2);
+        } else if (cover) {
+            attention_append_keys<HD>(a, pos0, cover);
+            __syncthreads();
+        }
     }
     MK_PHASE(2);
-    if (ntiles > 0) {
-        u32 gr, t0, n;
-        tile(0, gr, t0, n);
-        attention_load_tile<HD>(kv_s, kv_s + ATTN_TILE * W, kbase, vbase, t0, n);
-    }
+    if (ntiles > 0 && !direct) attention_load_tile<HD>(kv_s, kv_s + ATTN_TILE * W, kbase, vbase, t00, n0);
     cp_async_commit();
     if (rope) {
         // Each pair's q normalised and rotated in place while the first tile
