@@ -34,11 +34,11 @@ MK_OFFSET(MoeCombineArgs, slots, 60);
 // Slots a one-row combine loads before the list arrives.
 constexpr u32 COMBINE_EARLY_SLOTS = 8;
 
-// Two round trips for the task (one for a row of at most COMBINE_EARLY_SLOTS
-// slots). First the list (count and ids) and the
-// rows' dense weights, all at once, into shared memory; then one warp per
-// row lists the slots routed to it (weight not zero) in list order with
-// their weights; then each element reads the residual and the outputs of its
+// Two round trips for the task (one for a single row of at most
+// COMBINE_EARLY_SLOTS slots). First the list (count and ids) and the rows'
+// dense weights, all at once, into shared memory; then one warp per row
+// lists the slots routed to it (weight not zero) in list order with their
+// weights; then each element reads the residual and the outputs of its
 // row's routed slots together and sums them in that order (the sum over
 // every listed slot, slots of weight 0 left out, as it was defined).
 __device__ __forceinline__ void task_moe_combine(const Ctx& c) {
