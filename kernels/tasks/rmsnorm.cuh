@@ -1,5 +1,5 @@
 // rmsnorm: y[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * w; src/task/rmsnorm.rs.
-// Long rows use the whole block per row; short rows (per-head norms) one warp per row.
+// Each row uses the whole block, one row after another (short rows too: the per-head norms).
 #pragma once
 #include "../include/task.cuh"
 
