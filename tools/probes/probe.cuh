@@ -36,8 +36,10 @@ __device__ void probe_task(Env& env, TaskDesc& desc, const A& args, DeviceState*
     memcpy(desc.args, &args, sizeof args);
 }
 
-// Dynamic shared memory per block: the runtime's default.
-constexpr u32 PROBE_SMEM = 130 * 1024;
+// Dynamic shared memory per block: the runtime's default
+// (DEFAULT_SHARED_LIMIT in src/cuda/mod.rs), so that the SM's L1 is as large
+// as the resident kernel leaves it.
+constexpr u32 PROBE_SMEM = 98 * 1024;
 
 // Every thread: the context of the task in `desc`, with at most `limit`
 // bytes of the block's dynamic shared memory (after a barrier that follows
