@@ -5,7 +5,7 @@
 //
 //   tools/probes/run.sh [--ncu]     (or by hand:)
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Ikernels tools/probes/fp4_probe.cu -o fp4_probe
-//   ./fp4_probe gate|gate0|gate0b|down [shared bytes per block] [launches] [input rows] [cold-code]
+//   ./fp4_probe gate|gate0|gate0b|down [shared bytes per block, at most PROBE_SMEM] [launches] [input rows] [cold-code]
 //
 // `gate`: gate and up, 8 experts x 2 matrices x 8 tasks of 96 rows x 2048
 // columns, one RMSNorm input row (`gate0`: the same without the RMSNorm;
@@ -73,6 +73,10 @@ int main(int argc, char** argv) {
     const int launches = argc > 3 ? atoi(argv[3]) : 200;
     const u32 nin = argc > 4 ? u32(atoi(argv[4])) : 1;  // input rows, each routed to all eight experts
     const u32 cold_code = argc > 5 && !strcmp(argv[5], "cold-code");
+    if (smem > PROBE_SMEM) {
+        fprintf(stderr, "a shared limit of %u bytes is more than the block's %u\n", smem, PROBE_SMEM);
+        return 2;
+    }
     const u32 experts = 128, slots = 8, hidden = 2048, inter = 768;
     const u32 rows = down ? hidden : inter, cols = down ? inter : hidden;
     const u32 mats = down ? 1 : 2, per_slot = down ? 16 : 8;
