@@ -677,10 +677,10 @@ __device__ __forceinline__ void task_gemv_expert_fp4(const Ctx& c) {
     // The count, the slot's row mask and its expert in one trip, and the
     // slot's input rows (which do not depend on them) prepared meanwhile.
     const u32 count = list[0], mask = list[1 + a.slots + a.slot], expert = list[1 + a.slot];
-    u32 prepared = ~0u, ldx = 0;
+    u32 ldx = 0;
     u64 x = 0;
     bool bf16 = false;
     if (!gemv_input(c, fp4_input(a, a.slot), x, ldx, bf16, fp4_input_room(c, a))) return;
-    prepared = a.slot;
+    u32 prepared = a.slot;
     if (a.slot < count) fp4_expert_rows(c, a, mask, expert, a.slot, a.row0, a.rows, prepared, x, ldx, bf16);
 }
