@@ -84,16 +84,22 @@ fn run(
 
 /// One-hot inputs read single matrix entries out of the product: every
 /// decoded weight equals `quant::dequantize` bit for bit, for experts whose
-/// block scales are ordinary, above 2 (E8M0 codes over 128) and tiny.
+/// block scales are ordinary, above 2 (E8M0 codes over 128), tiny, and
+/// spread over 2^20 within one matrix (NVFP4 block scales down to E4M3's
+/// subnormals and zero).
 #[test]
 fn device_decoding_is_bit_exact() {
     let mut rng = Rng(seed());
     on_every_executor("device_decoding_is_bit_exact", |ex| {
         let (rows, cols, m) = (40, 256, 16);
         for format in [Fp4Format::Mxfp4, Fp4Format::Nvfp4] {
-            let mut mats = experts(&mut rng, 3, rows, cols);
-            for (mat, k) in mats.iter_mut().zip([1.0f32, 4096.0, 2f32.powi(-60)]) {
+            let mut mats = experts(&mut rng, 4, rows, cols);
+            for (mat, k) in mats.iter_mut().zip([1.0f32, 4096.0, 2f32.powi(-60), 1.0]) {
                 mat.iter_mut().for_each(|v| *v *= k);
+            }
+            // Each 16 columns of a row a power of two smaller than the last.
+            for (i, v) in mats[3].iter_mut().enumerate() {
+                *v *= 2f32.powi(-(((i % cols) / 16 + i / cols) as i32 % 21));
             }
             let w = Fp4Experts::upload(ex, format, rows, cols, &mats).unwrap();
             for (e, mat) in mats.iter().enumerate() {
