@@ -101,6 +101,14 @@ fn device_decoding_is_bit_exact() {
             for (i, v) in mats[3].iter_mut().enumerate() {
                 *v *= 2f32.powi(-(((i % cols) / 16 + i / cols) as i32 % 21));
             }
+            if format == Fp4Format::Nvfp4 {
+                let s = quantize(format, &mats[3]).unwrap().scales;
+                assert!(
+                    s.iter().any(|&c| c & 0x78 == 0 && c & 7 != 0),
+                    "no subnormal E4M3 scale"
+                );
+                assert!(s.iter().any(|&c| c & 0x7F == 0), "no zero E4M3 scale");
+            }
             let w = Fp4Experts::upload(ex, format, rows, cols, &mats).unwrap();
             for (e, mat) in mats.iter().enumerate() {
                 let want = quantize(format, mat).unwrap().dequantize();
