@@ -97,7 +97,8 @@ fn device_decoding_is_bit_exact() {
             for (mat, k) in mats.iter_mut().zip([1.0f32, 4096.0, 2f32.powi(-60), 1.0]) {
                 mat.iter_mut().for_each(|v| *v *= k);
             }
-            // Each 16 columns of a row a power of two smaller than the last.
+            // Each 16 columns of a row a power of two smaller than the last,
+            // each row starting one lower, wrapping after 2^-20.
             for (i, v) in mats[3].iter_mut().enumerate() {
                 *v *= 2f32.powi(-(((i % cols) / 16 + i / cols) as i32 % 21));
             }
