@@ -5,7 +5,7 @@
 //
 //   tools/probes/run.sh [--ncu]     (or by hand:)
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Ikernels tools/probes/fp4_probe.cu -o fp4_probe
-//   ./fp4_probe gate|gate0|gate0b|down [shared bytes per block, at most PROBE_SMEM] [launches] [input rows] [cold-code]
+//   ./fp4_probe gate|gate0|gate0b|down [shared bytes per block, at most PROBE_SMEM; 0: PROBE_SMEM] [launches] [input rows] [cold-code]
 //
 // `gate`: gate and up, 8 experts x 2 matrices x 8 tasks of 96 rows x 2048
 // columns, one RMSNorm input row (`gate0`: the same without the RMSNorm;
@@ -69,7 +69,7 @@ int main(int argc, char** argv) {
     const bool down = argc > 1 && !strcmp(argv[1], "down");
     const bool xbf = argc > 1 && !strcmp(argv[1], "gate0b");
     const bool plain = xbf || (argc > 1 && !strcmp(argv[1], "gate0"));
-    const u32 smem = argc > 2 ? u32(atoi(argv[2])) : PROBE_SMEM;
+    const u32 smem = argc > 2 && atoi(argv[2]) > 0 ? u32(atoi(argv[2])) : PROBE_SMEM;
     const int launches = argc > 3 ? atoi(argv[3]) : 200;
     const u32 nin = argc > 4 ? u32(atoi(argv[4])) : 1;  // input rows, each routed to all eight experts
     const u32 cold_code = argc > 5 && !strcmp(argv[5], "cold-code");

@@ -21,7 +21,7 @@ done
 [ "${1:-}" = --build-only ] && exit 0
 for shape in gate gate0 gate0b down; do
   "$out/fp4_probe" "$shape"
-  "$out/fp4_probe" "$shape" 100352 200 1 cold-code
+  "$out/fp4_probe" "$shape" 0 200 1 cold-code
 done
 for rows in 1 8 16; do
   "$out/attention_probe" "$rows"
@@ -46,8 +46,8 @@ if [ "${1:-}" = --ncu ]; then
     ncu --clock-control none --cache-control none --set full -k regex:probe -s 3 -c 1 -f -o "$out/$name" "$@"
     ncu -i "$out/$name.ncu-rep" --page source --csv --print-source sass > "$out/$name.sass.csv"
   }
-  profile fp4_gate "$out/fp4_probe" gate 100352 5
-  profile fp4_down "$out/fp4_probe" down 100352 5
+  profile fp4_gate "$out/fp4_probe" gate 0 5
+  profile fp4_down "$out/fp4_probe" down 0 5
   profile attention_1 "$out/attention_probe" 1 5
   profile attention_8 "$out/attention_probe" 8 5
   profile attention_8_rope "$out/attention_probe" 8 5 rope
