@@ -553,6 +553,7 @@ __device__ __forceinline__ void fp4_expert_rows(const Ctx& c, const GemvExpertFp
     const u32 ysize = a.y_dtype == DTYPE_BF16 ? 2 : 4;
     const u64 y = a.y + u64(slot) * a.m * a.ldy * ysize;
     const bool per_slot = a.flags & FP4_X_PER_SLOT;
+    MK_PHASE(12);
     if (prepared == ~0u || (per_slot && prepared != slot)) {
         if (prepared != ~0u) __syncthreads();  // the last unit's reads of the prepared rows are done
         if (!gemv_input(c, fp4_input(a, slot), x, ldx, bf16, fp4_input_room(c, a))) return;
@@ -625,9 +626,11 @@ __device__ __noinline__ void fp4_spread(const Ctx& c, const GemvExpertFp4Args& a
     bool bf16 = false;
     const u32 per = (a.ldy + a.rows - 1) / a.rows, count = min(list[0], a.slots);
     u32 units = 0;
+    MK_PHASE(10);
     for (u32 s = 0; s < count; ++s) units += fp4_passes(a, list[1 + a.slots + s]) * per;
     u32 u0, u1;
     fp4_share(units, a.slot, max(a.reserved, 1u), u0, u1);
+    MK_PHASE(11);
     const bool merge = fp4_mma_ok(a.cols);
     // Units u0 .. u1 in order (slot, pass, first row), then one step past
     // them to compute the last run; one call site.

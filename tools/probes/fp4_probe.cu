@@ -5,7 +5,7 @@
 //
 //   tools/probes/run.sh [--ncu]     (or by hand:)
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Ikernels tools/probes/fp4_probe.cu -o fp4_probe
-//   ./fp4_probe gate|gate0|gate0b|down [shared bytes per block, at most PROBE_SMEM; 0: PROBE_SMEM] [launches] [input rows] [cold-code]
+//   ./fp4_probe gate|gate0|gate0b|down|spread|spread-down [shared bytes per block, at most PROBE_SMEM; 0: PROBE_SMEM] [launches] [input rows] [cold-code]
 //
 // `gate`: gate and up, 8 experts x 2 matrices x 8 tasks of 96 rows x 2048
 // columns, one RMSNorm input row (`gate0`: the same without the RMSNorm;
@@ -14,6 +14,12 @@
 // `down`: 8 experts x 16 tasks of 128 rows x 768 columns, SwiGLU inputs.
 // With more input rows (up to 16, as in a verify block), every row is routed
 // to all eight experts.
+// `spread` and `spread-down`: the same matrices as a verify block's stages
+// compute them, every chosen expert's rows dealt in 128-row units over 66
+// tasks per matrix (gate, up) or 132 (down): 15 experts chosen, each by a
+// random nonempty set of the input rows (8 by default), bf16 input rows
+// (gate and up: one set shared; down: one set per slot, SwiGLU); 128-row
+// units, as GemvExpertFp4::unit_rows gives both shapes.
 // MXFP4 codes and scales are random (scales 2^-9 .. 2^-2). Prints the mean
 // time of a launch (CUDA events, back to back), the bytes each launch
 // streams and a body's mean time (SM clock); exits non-zero if a task
@@ -23,7 +29,8 @@
 // the task's marks (MK_PHASE): its input rows prepared (1), warp 0's jobs
 // done (2), every warp's (3), the end (4), and in warp 0's last job its
 // entry (5), its first, second and last column steps beginning (6, 7, 8)
-// and its partials stored (9).
+// and its partials stored (9); in a spread task, the list's count read (10),
+// the units dealt (11) and its first run of units begun (12).
 #include <vector>
 
 #include "phases.cuh"
@@ -37,8 +44,8 @@ struct Mat {
 };
 
 __global__ void __launch_bounds__(BLOCK_THREADS, 1)
-    fp4_probe(GemvExpertFp4Args base, Mat m0, Mat m1, u32 per_slot, u32 limit, u32 cold_code, DeviceState* st,
-              StatusBlock* sb) {
+    fp4_probe(GemvExpertFp4Args base, Mat m0, Mat m1, u32 per_slot, u32 spread, u32 limit, u32 cold_code,
+              DeviceState* st, StatusBlock* sb) {
     __shared__ Env env;
     __shared__ TaskDesc desc;
     if (threadIdx.x == 0) {
@@ -50,6 +57,11 @@ __global__ void __launch_bounds__(BLOCK_THREADS, 1)
         a.slot = u16(slot);
         a.row0 = a.ldy * part / per_slot;
         a.rows = a.ldy * (part + 1) / per_slot - a.row0;
+        if (spread) {  // task b % spread of its matrix's spread tasks
+            const Mat& ms = b / spread ? m1 : m0;
+            a.w = ms.codes, a.scales = ms.scales, a.y = ms.y;
+            a.slot = u16(b % spread), a.reserved = spread, a.flags |= FP4_SPREAD, a.row0 = 0, a.rows = 128;
+        }
         probe_task(env, desc, a, st, sb);
     }
     // The body's code out of the instruction cache (as after other tasks).
@@ -61,23 +73,29 @@ __global__ void __launch_bounds__(BLOCK_THREADS, 1)
     __syncthreads();
     if (threadIdx.x == 0) {
         atomicAdd(&g_body, (unsigned long long)(clock64() - t0));
-        probe_phases_add(9);
+        probe_phases_add(spread ? 12 : 9);
     }
 }
 
 int main(int argc, char** argv) {
-    const bool down = argc > 1 && !strcmp(argv[1], "down");
-    const bool xbf = argc > 1 && !strcmp(argv[1], "gate0b");
+    const bool spread = argc > 1 && !strncmp(argv[1], "spread", 6);
+    const bool down = argc > 1 && (!strcmp(argv[1], "down") || !strcmp(argv[1], "spread-down"));
+    const bool xbf = argc > 1 && (!strcmp(argv[1], "gate0b") || spread);
     const bool plain = xbf || (argc > 1 && !strcmp(argv[1], "gate0"));
     const u32 smem = argc > 2 && atoi(argv[2]) > 0 ? u32(atoi(argv[2])) : PROBE_SMEM;
     const int launches = argc > 3 ? atoi(argv[3]) : 200;
-    const u32 nin = argc > 4 ? u32(atoi(argv[4])) : 1;  // input rows, each routed to all eight experts
+    // Input rows: each routed to all eight experts (spread: to random ones).
+    const u32 nin = argc > 4 ? u32(atoi(argv[4])) : spread ? 8 : 1;
     const u32 cold_code = argc > 5 && !strcmp(argv[5], "cold-code");
+    if (nin == 0 || nin > 16) {
+        fprintf(stderr, "input rows: 1 to 16, not %u\n", nin);
+        return 2;
+    }
     if (smem > PROBE_SMEM) {
         fprintf(stderr, "a shared limit of %u bytes is more than the block's %u\n", smem, PROBE_SMEM);
         return 2;
     }
-    const u32 experts = 128, slots = 8, hidden = 2048, inter = 768;
+    const u32 experts = 128, slots = spread ? 64 : 8, count = spread ? 15 : 8, hidden = 2048, inter = 768;
     const u32 rows = down ? hidden : inter, cols = down ? inter : hidden;
     const u32 mats = down ? 1 : 2, per_slot = down ? 16 : 8;
     const u64 code_bytes = u64(experts) * rows * cols / 2;
@@ -92,6 +110,7 @@ int main(int argc, char** argv) {
         CHECK(cudaMalloc(&c, code_bytes));
         CHECK(cudaMalloc(&s, scales.size()));
         CHECK(cudaMalloc(&y, u64(slots) * nin * rows * 4));
+        CHECK(cudaMemset(y, 0, u64(slots) * nin * rows * 4));
         CHECK(cudaMemcpy(c, codes.data(), code_bytes, cudaMemcpyHostToDevice));
         CHECK(cudaMemcpy(s, scales.data(), scales.size(), cudaMemcpyHostToDevice));
         m[k] = {u64(c), u64(s), u64(y)};
@@ -110,20 +129,25 @@ int main(int argc, char** argv) {
     CHECK(cudaMalloc(&dx, xlen * 4));
     CHECK(cudaMalloc(&du, xlen * 4));
     CHECK(cudaMalloc(&dg, cols * 2));
-    if (xbf) {
-        std::vector<unsigned short> xb(xlen);
-        for (u32 i = 0; i < xlen; ++i) {
-            u32 bits;
-            memcpy(&bits, &x[i], 4);
-            xb[i] = (unsigned short)(bits >> 16);
+    auto upload = [&](void* d, const std::vector<float>& v) {
+        if (xbf) {
+            std::vector<unsigned short> vb(v.size());
+            for (size_t i = 0; i < v.size(); ++i) {
+                u32 bits;
+                memcpy(&bits, &v[i], 4);
+                vb[i] = (unsigned short)(bits >> 16);
+            }
+            CHECK(cudaMemcpy(d, vb.data(), v.size() * 2, cudaMemcpyHostToDevice));
+        } else {
+            CHECK(cudaMemcpy(d, v.data(), v.size() * 4, cudaMemcpyHostToDevice));
         }
-        CHECK(cudaMemcpy(dx, xb.data(), xlen * 2, cudaMemcpyHostToDevice));
-    } else {
-        CHECK(cudaMemcpy(dx, x.data(), xlen * 4, cudaMemcpyHostToDevice));
-    }
-    CHECK(cudaMemcpy(du, u.data(), xlen * 4, cudaMemcpyHostToDevice));
+    };
+    upload(dx, x);
+    if (spread && down) upload(du, u);  // SwiGLU of bf16 rows takes both as bf16
+    else CHECK(cudaMemcpy(du, u.data(), xlen * 4, cudaMemcpyHostToDevice));
     CHECK(cudaMemcpy(dg, g.data(), cols * 2, cudaMemcpyHostToDevice));
-    // Routing lists: count, eight distinct experts, row masks (row 0). Launch
+    // Routing lists: count, distinct experts, row masks (spread: random
+    // nonempty sets of the input rows; otherwise every row). Launch
     // i takes list i % LISTS, which together name every expert once, so that
     // the weights of one launch were last read 15 launches (200 MB) earlier
     // and come from memory, as in a decode step, not from L2.
@@ -131,8 +155,13 @@ int main(int argc, char** argv) {
     const u32 len = 1 + 2 * slots;
     std::vector<u32> list(LISTS * len);
     for (u32 l = 0; l < LISTS; ++l) {
-        list[l * len] = slots;
-        for (u32 s = 0; s < slots; ++s) list[l * len + 1 + s] = (l * slots + s) * 37 % experts, list[l * len + 1 + slots + s] = (1u << nin) - 1;
+        list[l * len] = count;
+        for (u32 s = 0; s < count; ++s) {
+            list[l * len + 1 + s] = (l * count + s) * 37 % experts;
+            u32 mask = (1u << nin) - 1;
+            if (spread) mask &= u32(lcg(seed)) | (1u << (s % nin));
+            list[l * len + 1 + slots + s] = mask;
+        }
     }
     CHECK(cudaMalloc(&dl, list.size() * 4));
     CHECK(cudaMemcpy(dl, list.data(), list.size() * 4, cudaMemcpyHostToDevice));
@@ -154,12 +183,14 @@ int main(int argc, char** argv) {
     a.flags = down ? FP4_X_PER_SLOT : 0;
     a.slots = slots;
 
-    const u32 blocks = mats * slots * per_slot;
+    const u32 spread_tasks = spread ? (down ? 132 : 66) : 0;
+    const u32 blocks = spread ? mats * spread_tasks : mats * slots * per_slot;
     CHECK(cudaFuncSetAttribute(fp4_probe, cudaFuncAttributeMaxDynamicSharedMemorySize, PROBE_SMEM));
     auto launch = [&](int i) {
         GemvExpertFp4Args li = a;
         li.list = u64(dl) + u64(i % LISTS) * len * 4;
-        fp4_probe<<<blocks, BLOCK_THREADS, PROBE_SMEM>>>(li, m[0], m[1], per_slot, smem, cold_code, dst, dsb);
+        fp4_probe<<<blocks, BLOCK_THREADS, PROBE_SMEM>>>(li, m[0], m[1], per_slot, spread_tasks, smem, cold_code, dst,
+                                                         dsb);
     };
     for (int i = 0; i < int(LISTS); ++i) launch(i);
     CHECK(cudaDeviceSynchronize());
@@ -173,13 +204,17 @@ int main(int argc, char** argv) {
     int khz = 0;
     CHECK(cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, 0));
     const double cycles = double(body) / (double(blocks) * launches);
-    const double bytes = double(mats) * slots * (double(rows) * cols / 2 + double(rows) * cols / 32);
+    const double bytes = double(mats) * count * (double(rows) * cols / 2 + double(rows) * cols / 32);
     printf("%s, %u input rows%s: %u blocks, shared limit %u, %.2f us per launch, %.1f MB, %.3f TB/s, body %.0f cycles "
            "(%.2f us), fault kind %u\n",
-           down ? "down" : xbf ? "gate+up, bf16 rows, no RMSNorm" : plain ? "gate+up, no RMSNorm" : "gate+up", nin,
+           spread ? (down ? "spread down" : "spread gate+up") : down ? "down"
+           : xbf                                              ? "gate+up, bf16 rows, no RMSNorm"
+           : plain                                            ? "gate+up, no RMSNorm"
+                                                              : "gate+up",
+           nin,
            cold_code ? ", code cold" : "", blocks, smem, us, bytes / 1e6, bytes / us / 1e6, cycles, cycles / (khz / 1e3),
            fault);
-    const char* names[10] = {"",
+    const char* names[13] = {"",
                              "prepared",
                              "warp 0 jobs",
                              "all jobs",
@@ -188,7 +223,10 @@ int main(int argc, char** argv) {
                              "... 1st step",
                              "... 2nd step",
                              "... last step",
-                             "... partials"};
-    probe_phases_print(names, 9, double(blocks) * launches);
+                             "... partials",
+                             "spread: count",
+                             "... dealt",
+                             "... 1st run"};
+    probe_phases_print(names, spread ? 12 : 9, double(blocks) * launches);
     return fault != 0;
 }

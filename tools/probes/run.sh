@@ -23,6 +23,9 @@ for shape in gate gate0 gate0b down; do
   "$out/fp4_probe" "$shape"
   "$out/fp4_probe" "$shape" 0 200 1 cold-code
 done
+for shape in spread spread-down; do
+  for rows in 8 16; do "$out/fp4_probe" "$shape" 0 200 "$rows"; done
+done
 for rows in 1 8 16; do
   "$out/attention_probe" "$rows"
   "$out/attention_probe" "$rows" 400 rope
