@@ -137,11 +137,12 @@ __device__ __forceinline__ void cp_async_wait_prev() { asm volatile("cp.async.wa
 __host__ __device__ constexpr u32 attention_row_words(u32 hd) { return hd / 2 + 4; }
 constexpr u32 ATTN_SCORE_STRIDE = ATTN_TILE + 8;
 
-// Shared memory the fast path needs for `pairs` pairs: q, two K/V tile
-// buffers, scores, and per pair the running max, sum and correction and its
-// row's slice and tile grid (src/task/attention.rs mirrors it).
-__host__ __device__ constexpr u32 attention_smem_bytes(u32 pairs, u32 hd) {
-    return pairs * attention_row_words(hd) * 4 + 4 * ATTN_TILE * attention_row_words(hd) * 4 +
+// Shared memory the fast path needs for `pairs` pairs: q, `bufs` K/V tile
+// buffers of `tk` rows each, scores, and per pair the running max, sum and
+// correction and its row's slice and tile grid (src/task/attention.rs
+// mirrors the layout of two full buffers, the most a block needs).
+__host__ __device__ constexpr u32 attention_smem_bytes(u32 pairs, u32 hd, u32 tk = ATTN_TILE, u32 bufs = 2) {
+    return pairs * attention_row_words(hd) * 4 + bufs * 2 * tk * attention_row_words(hd) * 4 +
            pairs * ATTN_SCORE_STRIDE * 4 + 6 * pairs * 4;
 }
 
@@ -165,6 +166,28 @@ __device__ __forceinline__ void attention_load_tile(u32* k_s, u32* v_s, const ch
     }
     const u32 pad = ((n + 15) & ~15u) - n;
     for (u32 w = threadIdx.x; w < pad * W; w += BLOCK_THREADS) v_s[(n + w / W) * WS + w % W] = 0u;
+}
+
+// The K/V tile buffers of the block's rows i0 .. i0 + rows, if the pairs
+// fit `smem` bytes with them: two of ATTN_TILE rows (the next tile in flight
+// while one is computed) where they fit; else, for rows that share one
+// slice length of at most ATTN_TILE keys (one tile), one buffer of max(32,
+// that length) rows (the scores read K rows up to ATTN_TILE, masked past the
+// tile: they stay inside its K and V rows). A decode step's slices are 32
+// keys at 1024 positions, so an 8-row block fits one sub-block that way
+// (two buffers left it six rows: BENCHMARKS.md, 32nd round). False if
+// neither fits.
+__device__ __forceinline__ bool attention_tile_buffers(const AttentionArgs& a, u32 pos0, u32 i0, u32 rows, u32 pairs,
+                                                       u32 hd, u32 smem, u32& tk, u32& bufs) {
+    tk = ATTN_TILE, bufs = 2;
+    if (attention_smem_bytes(pairs, hd) <= smem) return true;
+    u32 l, h;
+    // Slice lengths do not fall as rows attend more keys.
+    const u32 p0 = attention_slice(a, attention_row_len(a, pos0, i0), l, h);
+    const u32 p1 = attention_slice(a, attention_row_len(a, pos0, i0 + rows - 1), l, h);
+    if (p0 != p1 || p1 > ATTN_TILE) return false;
+    tk = max(p1, 32u), bufs = 1;
+    return attention_smem_bytes(pairs, hd, tk, bufs) <= smem;
 }
 
 // P·V jobs a warp keeps across the tiles (accumulators in registers): a job
@@ -291,12 +314,14 @@ __device__ __forceinline__ void attention_append_keys(const AttentionArgs& a, u3
 // start. Rows of a block share their slice length but where a block straddles
 // a change of it (at most once: 16 rows span fewer than 16 * chunks keys):
 // each of the two grids walks its own tiles, and a row attends only in its
-// own grid's tiles. Tiles are double buffered: tile t + 1 is in flight while
-// tile t is computed. The block's rows i0 .. i0 + rows are computed (a row's
-// result is the same in any such sub-block). Out of line, with registers of
-// its own.
+// own grid's tiles. Tiles are double buffered, tile t + 1 in flight while
+// tile t is computed, unless the block has one tile (`bufs` buffers of `tk`
+// rows: attention_tile_buffers). The block's rows i0 .. i0 + rows are
+// computed (a row's result is the same in any such sub-block). Out of line,
+// with registers of its own.
 template <u32 HD>
-__device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& a, u32 pos0, u32 i0, u32 rows) {
+__device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& a, u32 pos0, u32 i0, u32 rows, u32 tk,
+                                             u32 bufs) {
     constexpr u32 W = attention_row_words(HD);  // 32-bit words (bf16 pairs) per row, padded
     constexpr u32 PS = ATTN_SCORE_STRIDE;       // floats per score row
     constexpr u32 JPT = HD / 16;                // P·V jobs per 16-pair tile
@@ -305,8 +330,8 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
     const u32 group = a.heads / a.kv_heads, pairs = rows * group, width = (a.heads + 2 * a.kv_heads) * HD;
     const float scale = __uint_as_float(a.scale);
     u32* q_s = reinterpret_cast<u32*>(c.scratch());  // [pairs][W]
-    u32* kv_s = q_s + pairs * W;                // [2][K, V][TILE][W]
-    float* p_s = reinterpret_cast<float*>(kv_s + 4 * ATTN_TILE * W);  // [pairs][PS]
+    u32* kv_s = q_s + pairs * W;                                       // [bufs][K, V][tk][W]
+    float* p_s = reinterpret_cast<float*>(kv_s + bufs * 2 * tk * W);  // [pairs][PS]
     float* m_s = p_s + pairs * PS;                                    // running max
     float* l_s = m_s + pairs;                                         // running sum
     float* f_s = l_s + pairs;                                         // this tile's correction
@@ -354,16 +379,16 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
     if (rope) {
         cp_async_commit();  // q on its own: it is rotated before the first tile lands
         if (direct) {
-            attention_load_tile<HD>(kv_s, kv_s + ATTN_TILE * W, kbase, vbase, t00, n0, pos0 - t00);
+            attention_load_tile<HD>(kv_s, kv_s + tk * W, kbase, vbase, t00, n0, pos0 - t00);
             u16* k_row = reinterpret_cast<u16*>(kv_s + (pos0 - t00) * W);
-            attention_append_keys<HD>(a, pos0, cover, k_row, k_row + ATTN_TILE * W * 2);
+            attention_append_keys<HD>(a, pos0, cover, k_row, k_row + tk * W * 2);
         } else if (cover) {
             attention_append_keys<HD>(a, pos0, cover);
             __syncthreads();
         }
     }
     MK_PHASE(2);
-    if (ntiles > 0 && !direct) attention_load_tile<HD>(kv_s, kv_s + ATTN_TILE * W, kbase, vbase, t00, n0);
+    if (ntiles > 0 && !direct) attention_load_tile<HD>(kv_s, kv_s + tk * W, kbase, vbase, t00, n0);
     cp_async_commit();
     if (rope) {
         // Each pair's q normalised and rotated in place while the first tile
@@ -394,15 +419,15 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
         if (k + 1 < ntiles) {
             u32 g1, t1, n1;
             tile(k + 1, g1, t1, n1);
-            u32* nk = kv_s + (buf ^ 1) * 2 * ATTN_TILE * W;
-            attention_load_tile<HD>(nk, nk + ATTN_TILE * W, kbase, vbase, t1, n1);
+            u32* nk = kv_s + (buf ^ 1) * 2 * tk * W;  // two buffers: tk is ATTN_TILE
+            attention_load_tile<HD>(nk, nk + tk * W, kbase, vbase, t1, n1);
         }
         cp_async_commit();
         cp_async_wait_prev();
         __syncthreads();
         if (k == 0) { MK_PHASE(4); }
-        const u32* k_s = kv_s + buf * 2 * ATTN_TILE * W;
-        const u32* v_s = k_s + ATTN_TILE * W;
+        const u32* k_s = kv_s + buf * 2 * tk * W;
+        const u32* v_s = k_s + tk * W;
         // Scores: keys past n read stale words and are masked, like the
         // pairs past `pairs`, which are zeros.
         for (u32 job = warp; job < ((pairs + 15) / 16) * (ATTN_TILE / 8); job += nwarps) {
@@ -531,12 +556,25 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
 template <u32 HD>
 __device__ __forceinline__ bool attention_fast(const Ctx& c, const AttentionArgs& a, u32 pos0) {
     const u32 group = a.heads / a.kv_heads;
+    // The largest sub-block size whose every sub-block fits.
+    auto fits = [&](u32 sub) {
+        if (sub * group > attention_max_pairs(HD)) return false;
+        for (u32 i0 = 0; i0 < a.m; i0 += sub) {
+            const u32 rows = min(sub, a.m - i0);
+            u32 tk, bufs;
+            if (!attention_tile_buffers(a, pos0, i0, rows, rows * group, HD, c.smem_bytes, tk, bufs)) return false;
+        }
+        return true;
+    };
     u32 sub = a.m;
-    while (sub > 0 && (sub * group > attention_max_pairs(HD) || attention_smem_bytes(sub * group, HD) > c.smem_bytes)) --sub;
+    while (sub > 0 && !fits(sub)) --sub;
     if (sub == 0) return false;
     for (u32 i0 = 0; i0 < a.m; i0 += sub) {
         if (i0 > 0) __syncthreads();  // the last sub-block's shared memory is read
-        attention_tiled<HD>(c, a, pos0, i0, min(sub, a.m - i0));
+        const u32 rows = min(sub, a.m - i0);
+        u32 tk, bufs;
+        attention_tile_buffers(a, pos0, i0, rows, rows * group, HD, c.smem_bytes, tk, bufs);
+        attention_tiled<HD>(c, a, pos0, i0, rows, tk, bufs);
     }
     return true;
 }

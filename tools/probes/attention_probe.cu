@@ -7,10 +7,12 @@
 //
 //   tools/probes/run.sh [--ncu]     (or by hand:)
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Ikernels tools/probes/attention_probe.cu -o attention_probe
-//   ./attention_probe [m] [launches] [rope]
+//   ./attention_probe [m] [launches] [rope|plain] [hbm]
 //
 // With `rope`, the tasks also normalise and rotate q and the block's keys
 // themselves (a rope table, AttentionArgs::rope), as a model layer's do.
+// With `hbm`, launch i reads cache i % 32 (128 MB in all), so that its keys
+// and values come from memory, as a decode layer's do, not from L2.
 // Prints the mean time of a launch (CUDA events, back to back), then the
 // mean and slowest block's SM clock at the task's marks (MK_PHASE: slices
 // computed and q's copies issued, the block's keys appended, q rotated, the
@@ -54,6 +56,7 @@ int main(int argc, char** argv) {
     const u32 m = argc > 1 ? u32(atoi(argv[1])) : 8;
     const int launches = argc > 2 ? atoi(argv[2]) : 400;
     const bool rope = argc > 3 && strcmp(argv[3], "rope") == 0;
+    const u32 caches = argc > 4 && strcmp(argv[4], "hbm") == 0 ? 32 : 1;
     const u32 heads = 32, kv_heads = 4, hd = 128, chunks = 33, max_seq = 2048, pos0 = 1024;
     const u32 width = (heads + 2 * kv_heads) * hd;
     u64 seed = 11;
@@ -67,11 +70,13 @@ int main(int argc, char** argv) {
     DeviceState* dst;
     StatusBlock* dsb;
     CHECK(cudaMalloc(&dq, q.size() * 2));
-    CHECK(cudaMalloc(&dkv, kv.size() * 2));
+    CHECK(cudaMalloc(&dkv, kv.size() * 2 * caches));
     CHECK(cudaMalloc(&dpos, 4));
     CHECK(cudaMalloc(&dpart, size_t(m) * heads * chunks * (hd + 2) * 4));
     CHECK(cudaMemcpy(dq, q.data(), q.size() * 2, cudaMemcpyHostToDevice));
-    CHECK(cudaMemcpy(dkv, kv.data(), kv.size() * 2, cudaMemcpyHostToDevice));
+    for (u32 k = 0; k < caches; ++k) {
+        CHECK(cudaMemcpy(static_cast<char*>(dkv) + kv.size() * 2 * k, kv.data(), kv.size() * 2, cudaMemcpyHostToDevice));
+    }
     CHECK(cudaMemcpy(dpos, &pos0, 4, cudaMemcpyHostToDevice));
     probe_state(&dst, &dsb);
     AttentionArgs a;
@@ -94,14 +99,18 @@ int main(int argc, char** argv) {
     }
     const u32 blocks = kv_heads * chunks;
     CHECK(cudaFuncSetAttribute(attention_probe, cudaFuncAttributeMaxDynamicSharedMemorySize, PROBE_SMEM));
-    auto launch = [&](int) { attention_probe<<<blocks, BLOCK_THREADS, PROBE_SMEM>>>(a, dst, dsb); };
+    auto launch = [&](int i) {
+        AttentionArgs li = a;
+        li.cache = a.cache + u64(i % int(caches)) * kv.size() * 2;
+        attention_probe<<<blocks, BLOCK_THREADS, PROBE_SMEM>>>(li, dst, dsb);
+    };
     for (int i = 0; i < 3; ++i) launch(i);
     CHECK(cudaDeviceSynchronize());
     probe_phases_reset();
     const float us = probe_time(launches, launch);
     const u32 fault = probe_fault(dsb);
-    printf("attention, %u rows%s: %u blocks, %.2f us per launch, fault kind %u\n", m, rope ? ", rope" : "", blocks, us,
-           fault);
+    printf("attention, %u rows%s%s: %u blocks, %.2f us per launch, fault kind %u\n", m, rope ? ", rope" : "",
+           caches > 1 ? ", cache from memory" : "", blocks, us, fault);
     const char* names[10] = {"",           "slices, q issued", "keys appended", "q rotated", "1st tile landed",
                              "... scores", "... softmax",      "... P.V",       "last tile",  "end"};
     probe_phases_print(names, 9, double(blocks) * launches);
