@@ -634,9 +634,17 @@ fn attention_rows_do_not_depend_on_their_block() {
             let width = shape.qkv_width();
             let (qkv, qv) = store(ex, DType::Bf16, &rng.vec(m * width));
             let (cache, _) = store(ex, DType::Bf16, &rng.vec(2 * kvh * max_seq * hd));
-            // A random place, and one where the block straddles a change of
-            // the slice length (every 16 × chunks keys).
-            for p0 in [60 + rng.below(1000), 16 * chunks * (1 + rng.below(3)) - 8] {
+            // A random place; places whose rows' slices are 48 and 64 keys
+            // (a block that fits one tile takes one K/V buffer of that
+            // many rows on the GPU, a row alone two of 64); and one where
+            // the block straddles a change of the slice length (every
+            // 16 × chunks keys).
+            for p0 in [
+                60 + rng.below(1000),
+                16 * chunks * 2 + 100,
+                16 * chunks * 3 + 100,
+                16 * chunks * (1 + rng.below(3)) - 8,
+            ] {
                 let attn = AttnRun {
                     shape,
                     cache: &cache,
