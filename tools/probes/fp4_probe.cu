@@ -18,8 +18,9 @@
 // compute them, every chosen expert's rows dealt in 128-row units over 66
 // tasks per matrix (gate, up) or 132 (down): 15 experts chosen, each by a
 // random nonempty set of the input rows (8 by default), bf16 input rows
-// (gate and up: one set shared; down: one set per slot, SwiGLU); 128-row
-// units, as GemvExpertFp4::unit_rows gives both shapes.
+// (gate and up: one set shared; down: one set per slot, SwiGLU); units of a
+// tensor-core group of rows (fp4_mma_shape), as GemvExpertFp4::unit_rows
+// deals them.
 // MXFP4 codes and scales are random (scales 2^-9 .. 2^-2). Prints the mean
 // time of a launch (CUDA events, back to back), the bytes each launch
 // streams and a body's mean time (SM clock); exits non-zero if a task
@@ -60,7 +61,9 @@ __global__ void __launch_bounds__(BLOCK_THREADS, 1)
         if (spread) {  // task b % spread of its matrix's spread tasks
             const Mat& ms = b / spread ? m1 : m0;
             a.w = ms.codes, a.scales = ms.scales, a.y = ms.y;
-            a.slot = u16(b % spread), a.reserved = spread, a.flags |= FP4_SPREAD, a.row0 = 0, a.rows = 128;
+            u32 slices, per, group;
+            fp4_mma_shape(a.cols, slices, per, group);
+            a.slot = u16(b % spread), a.reserved = spread, a.flags |= FP4_SPREAD, a.row0 = 0, a.rows = group;
         }
         probe_task(env, desc, a, st, sb);
     }
@@ -147,9 +150,10 @@ int main(int argc, char** argv) {
     else CHECK(cudaMemcpy(du, u.data(), xlen * 4, cudaMemcpyHostToDevice));
     CHECK(cudaMemcpy(dg, g.data(), cols * 2, cudaMemcpyHostToDevice));
     // Routing lists: count, distinct experts, row masks (spread: random
-    // nonempty sets of the input rows; otherwise every row). Launch
-    // i takes list i % LISTS, which together name every expert once, so that
-    // the weights of one launch were last read 15 launches (200 MB) earlier
+    // nonempty sets of the input rows; otherwise every row). Launch i takes
+    // list i % LISTS, the lists walking the experts in turn (eight a list name
+    // each expert once; fifteen come back to one after eight or nine lists),
+    // so that the weights of one launch were last read 100 MB or more earlier
     // and come from memory, as in a decode step, not from L2.
     constexpr u32 LISTS = 16;
     const u32 len = 1 + 2 * slots;
