@@ -195,6 +195,9 @@ __device__ __forceinline__ bool attention_tile_buffers(const AttentionArgs& a, u
 // 16 * ATTN_JOBS_PER_WARP * warps / (HD / 16) pairs.
 constexpr u32 ATTN_JOBS_PER_WARP = 4;
 
+// Pairs whose softmax updates a warp interleaves.
+constexpr u32 ATTN_SOFTMAX_BATCH = 4;
+
 __host__ __device__ constexpr u32 attention_max_pairs(u32 hd) {
     return 16 * ATTN_JOBS_PER_WARP * (BLOCK_THREADS / 32) / (hd / 16);
 }
@@ -226,28 +229,60 @@ struct RopeLane {
         eps = table[2 * HD + HD / 2];
     }
 
-    // One warp: the lane's values `x` of a head, normalised and rotated to
-    // position p (Hugging Face's rotate_half, the rope_kv task's
-    // arithmetic), into `dst` (bf16).
-    // `dst2`, if not null, gets the same values (a row of a tile in shared memory).
-    __device__ __forceinline__ void apply(const float (&x)[HD / 32], u32 p, u16* dst, u16* dst2 = nullptr) const {
-        constexpr u32 T = HD / 32, HALF = HD / 2;
-        const u32 lane = threadIdx.x & 31;
+    // The lane's rotation angles' sines and cosines at position p (heads of
+    // one row share them).
+    struct Angles {
+        float s[HD / 64], c[HD / 64];
+    };
+    __device__ __forceinline__ Angles angles(u32 p) const {
+        Angles r;
+#pragma unroll
+        for (u32 t = 0; t < HD / 64; ++t) sincosf(float(p) * freq[t], &r.s[t], &r.c[t]);
+        return r;
+    }
+
+    // The lane's share of the sum of squares of a head's values `x`.
+    __device__ __forceinline__ static float sum_squares(const float (&x)[HD / 32]) {
         float ss = 0.0f;
 #pragma unroll
-        for (u32 t = 0; t < T; ++t) ss = fmaf(x[t], x[t], ss);
-        const float inv = rsqrtf(warp_sum(ss) / float(HD) + eps);
+        for (u32 t = 0; t < HD / 32; ++t) ss = fmaf(x[t], x[t], ss);
+        return ss;
+    }
+
+    // The lane's values `x` of a head whose sum of squares over the warp is
+    // `ss`, normalised and rotated by `an` (Hugging Face's rotate_half, the
+    // rope_kv task's arithmetic), into `dst` (bf16). `dst2`, if not null,
+    // gets the same values (a row of a tile in shared memory).
+    __device__ __forceinline__ void rotate(const float (&x)[HD / 32], float ss, const Angles& an, u16* dst,
+                                           u16* dst2 = nullptr) const {
+        constexpr u32 T = HD / 32, HALF = HD / 2;
+        const u32 lane = threadIdx.x & 31;
+        const float inv = rsqrtf(ss / float(HD) + eps);
 #pragma unroll
         for (u32 t = 0; t < T / 2; ++t) {
             const u32 j = lane + 32 * t;
             const float x1 = x[t] * inv * w[t], x2 = x[t + T / 2] * inv * w[t + T / 2];
-            float s, co;
-            sincosf(float(p) * freq[t], &s, &co);
+            const float s = an.s[t], co = an.c[t];
             const u16 r1 = f32_to_bf16(x1 * co - x2 * s), r2 = f32_to_bf16(x2 * co + x1 * s);
             dst[j] = r1, dst[j + HALF] = r2;
             if (dst2) dst2[j] = r1, dst2[j + HALF] = r2;
         }
     }
+
+    // One warp: a head at position p, as rotate.
+    __device__ __forceinline__ void apply(const float (&x)[HD / 32], u32 p, u16* dst, u16* dst2 = nullptr) const {
+        rotate(x, warp_sum(sum_squares(x)), angles(p), dst, dst2);
+    }
+};
+
+// Division by a run-time divisor d >= 1 (a group of heads, a count of
+// jobs) of numbers x with x * d < 2^32 (pairs and jobs of a block are a few
+// hundred): one multiply-high by ceil(2^32 / d), exact there.
+struct DivBy {
+    u32 d, m;
+    __device__ __forceinline__ explicit DivBy(u32 d_) : d(d_), m(d_ > 1 ? 0xFFFFFFFFu / d_ + 1u : 0u) {}
+    __device__ __forceinline__ u32 div(u32 x) const { return d > 1 ? __umulhi(x, m) : x; }
+    __device__ __forceinline__ u32 mod(u32 x) const { return x - div(x) * d; }
 };
 
 // The lane's elements of a bf16 head.
@@ -303,6 +338,64 @@ __device__ __forceinline__ void attention_append_keys(const AttentionArgs& a, u3
     }
 }
 
+// The online softmax update of one tile (attention_tiled): scores p_s of
+// `pairs` pairs, keys n16 and past them masked; the running max m_s and sum
+// l_s, the tile's correction f_s. One warp per pair, B pairs of a warp (p,
+// p + warps, ...) at a time with their reductions interleaved; a pair's
+// arithmetic is the same for every B.
+template <u32 B>
+__device__ __forceinline__ void attention_softmax(float* p_s, float* m_s, float* l_s, float* f_s, u32 pairs,
+                                                  u32 n16) {
+    constexpr u32 PS = ATTN_SCORE_STRIDE;
+    const float neg_inf = -__int_as_float(0x7f800000);
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = BLOCK_THREADS / 32;
+    const bool in0 = lane < n16, in1 = lane + 32 < n16;
+    for (u32 pb = warp; pb < pairs; pb += B * nwarps) {
+        float s0[B], s1[B], mx[B];
+#pragma unroll
+        for (u32 b = 0; b < B; ++b) {
+            const float* row = p_s + min(pb + b * nwarps, pairs - 1) * PS;
+            s0[b] = in0 ? row[lane] : neg_inf, s1[b] = in1 ? row[lane + 32] : neg_inf;
+            mx[b] = fmaxf(s0[b], s1[b]);
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) {
+#pragma unroll
+            for (u32 b = 0; b < B; ++b) mx[b] = fmaxf(mx[b], __shfl_xor_sync(0xFFFFFFFFu, mx[b], off));
+        }
+        float sum[B], nm[B], old[B];
+#pragma unroll
+        for (u32 b = 0; b < B; ++b) {
+            const u32 p = pb + b * nwarps;
+            old[b] = m_s[min(p, pairs - 1)], nm[b] = fmaxf(old[b], mx[b]);
+            const bool none = nm[b] == neg_inf;
+            const float e0 = none ? 0.0f : __expf(s0[b] - nm[b]), e1 = none ? 0.0f : __expf(s1[b] - nm[b]);
+            if (p < pairs) {
+                if (in0) p_s[p * PS + lane] = e0;
+                if (in1) p_s[p * PS + lane + 32] = e1;
+            }
+            sum[b] = e0 + e1;
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) {
+#pragma unroll
+            for (u32 b = 0; b < B; ++b) sum[b] += __shfl_xor_sync(0xFFFFFFFFu, sum[b], off);
+        }
+#pragma unroll
+        for (u32 b = 0; b < B; ++b) {
+            const u32 p = pb + b * nwarps;
+            if (lane == 0 && p < pairs) {
+                // Exactly 1 when the maximum holds (a tile wholly outside a
+                // row's slice then changes nothing, bit for bit).
+                const float corr = (nm[b] == neg_inf || old[b] == nm[b]) ? 1.0f : __expf(old[b] - nm[b]);
+                f_s[p] = corr;
+                l_s[p] = fmaf(l_s[p], corr, sum[b]);
+                m_s[p] = nm[b];
+            }
+        }
+    }
+}
+
 // Tensor cores for both products. Scores: a warp job is 16 pairs x 8 keys
 // over the head's dimensions (mma.m16n8k16, A = q, B = k). P·V: a warp job is
 // 16 pairs x 16 columns over a tile's keys (A = the weights split into two
@@ -318,8 +411,13 @@ __device__ __forceinline__ void attention_append_keys(const AttentionArgs& a, u3
 // tile t is computed, unless the block has one tile (`bufs` buffers of `tk`
 // rows: attention_tile_buffers). The block's rows i0 .. i0 + rows are
 // computed (a row's result is the same in any such sub-block). Out of line,
-// with registers of its own.
-template <u32 HD>
+// with registers of its own. BLOCK (2 to 32 rows): the rows' slices found
+// by a warp's lanes at once, a warp's q rotations over consecutive pairs
+// (one row's heads share their angles), score jobs only over the keys P·V
+// reads and the softmax of ATTN_SOFTMAX_BATCH pairs of a warp at a time;
+// otherwise (a decode step's single row) the shorter code of one thread's
+// loop and one pair at a time. The same arithmetic, the same bits.
+template <u32 HD, bool BLOCK>
 __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& a, u32 pos0, u32 i0, u32 rows, u32 tk,
                                              u32 bufs) {
     constexpr u32 W = attention_row_words(HD);  // 32-bit words (bf16 pairs) per row, padded
@@ -338,32 +436,53 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
     u32* lo_s = reinterpret_cast<u32*>(f_s + pairs);                  // each row's slice
     u32* hi_s = lo_s + pairs;
     u32* grid_s = hi_s + pairs;  // each row's tile grid: 0, or 1 past a change of slice length
-    // The grids' key ranges (every thread alike): union of their rows' slices.
-    u32 glo[2] = {0, 0}, ghi[2] = {0, 0}, per0 = 0;
-    for (u32 i = 0; i < rows; ++i) {
-        u32 l, h;
-        const u32 per = attention_slice(a, attention_row_len(a, pos0, i0 + i), l, h);
-        if (i == 0) per0 = per;
-        const u32 gr = per != per0;
-        if (tid == 0) lo_s[i] = l, hi_s[i] = h, grid_s[i] = gr;
-        if (l < h) {
-            if (glo[gr] == ghi[gr]) glo[gr] = l;
-            ghi[gr] = h;
+    const DivBy gdiv(group);
+    // The pair's row and head within the group.
+    auto prow = [&](u32 p) { return BLOCK ? gdiv.div(p) : p / group; };
+    auto phead = [&](u32 p) { return BLOCK ? gdiv.mod(p) : p % group; };
+    // The grids' key ranges (every thread alike): the first key of the first
+    // row and the end of the last row of each grid whose slices are not
+    // empty. BLOCK: every warp, lane i computing row i's slice.
+    u32 glo[2] = {0, 0}, ghi[2] = {0, 0};
+    if (BLOCK) {
+        u32 l = 0, h = 0, per = 0;
+        if (lane < rows) per = attention_slice(a, attention_row_len(a, pos0, i0 + lane), l, h);
+        const u32 gr = per != __shfl_sync(0xFFFFFFFFu, per, 0);
+        if (warp == 0 && lane < rows) lo_s[lane] = l, hi_s[lane] = h, grid_s[lane] = gr;
+#pragma unroll
+        for (u32 k = 0; k < 2; ++k) {
+            const u32 live = __ballot_sync(0xFFFFFFFFu, lane < rows && l < h && gr == k);
+            const u32 first = __shfl_sync(0xFFFFFFFFu, l, live ? __ffs(live) - 1 : 0);
+            const u32 last = __shfl_sync(0xFFFFFFFFu, h, live ? 31 - __clz(live) : 0);
+            glo[k] = live ? first : 0u, ghi[k] = live ? last : 0u;
+        }
+    } else {
+        u32 per0 = 0;
+        for (u32 i = 0; i < rows; ++i) {
+            u32 l, h;
+            const u32 per = attention_slice(a, attention_row_len(a, pos0, i0 + i), l, h);
+            if (i == 0) per0 = per;
+            const u32 gr = per != per0;
+            if (tid == 0) lo_s[i] = l, hi_s[i] = h, grid_s[i] = gr;
+            if (l < h) {
+                if (glo[gr] == ghi[gr]) glo[gr] = l;
+                ghi[gr] = h;
+            }
         }
     }
     const u32 gt0 = (ghi[0] - glo[0] + ATTN_TILE - 1) / ATTN_TILE, ntiles = gt0 + (ghi[1] - glo[1] + ATTN_TILE - 1) / ATTN_TILE;
     // Tile k: its grid, first key and key count.
     auto tile = [&](u32 k, u32& gr, u32& t0, u32& n) {
         gr = k >= gt0;
-        t0 = glo[gr] + (k - (gr ? gt0 : 0)) * ATTN_TILE;
-        n = min(ATTN_TILE, ghi[gr] - t0);
+        t0 = (gr ? glo[1] : glo[0]) + (k - (gr ? gt0 : 0)) * ATTN_TILE;
+        n = min(ATTN_TILE, (gr ? ghi[1] : ghi[0]) - t0);
     };
     const char* kbase = reinterpret_cast<const char*>(a.cache) + (u64(a.kv_head) * a.max_seq) * HD * 2;
     const char* vbase = reinterpret_cast<const char*>(a.cache) + (u64(a.kv_heads + a.kv_head) * a.max_seq) * HD * 2;
     // q of every pair: row i0 + p / group, head kv_head * group + p % group.
     for (u32 ch = tid; ch < pairs * (HD / 8); ch += BLOCK_THREADS) {
         const u32 p = ch / (HD / 8), part = ch % (HD / 8);
-        const u32 i = i0 + p / group, h = a.kv_head * group + p % group;
+        const u32 i = i0 + prow(p), h = a.kv_head * group + phead(p);
         cp_async16(q_s + p * W + part * 4, reinterpret_cast<const char*>(a.qkv) + (u64(i) * width + u64(h) * HD) * 2 + part * 16);
     }
     MK_PHASE(1);
@@ -397,10 +516,25 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
         cp_async_wait_prev();
         __syncthreads();
         u16* qh = reinterpret_cast<u16*>(q_s);
-        for (u32 p = warp; p < pairs; p += nwarps) {
-            float x[HD / 32];
-            rope_load<HD>(qh + p * 2 * W, x);
-            rl.apply(x, pos0 + i0 + p / group, qh + p * 2 * W);
+        if (BLOCK) {
+            // A warp takes consecutive pairs, so that the heads of a row
+            // share its angles.
+            const u32 per_warp = (pairs + nwarps - 1) / nwarps, p1 = min(pairs, (warp + 1) * per_warp);
+            u32 row = ~0u;
+            typename RopeLane<HD>::Angles an;
+            for (u32 p = warp * per_warp; p < p1; ++p) {
+                float x[HD / 32];
+                rope_load<HD>(qh + p * 2 * W, x);
+                const u32 r = prow(p);
+                if (r != row) an = rl.angles(pos0 + i0 + r), row = r;
+                rl.rotate(x, warp_sum(RopeLane<HD>::sum_squares(x)), an, qh + p * 2 * W);
+            }
+        } else {
+            for (u32 p = warp; p < pairs; p += nwarps) {
+                float x[HD / 32];
+                rope_load<HD>(qh + p * 2 * W, x);
+                rl.apply(x, pos0 + i0 + prow(p), qh + p * 2 * W);
+            }
         }
     }
     MK_PHASE(3);
@@ -428,16 +562,21 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
         if (k == 0) { MK_PHASE(4); }
         const u32* k_s = kv_s + buf * 2 * tk * W;
         const u32* v_s = k_s + tk * W;
-        // Scores: keys past n read stale words and are masked, like the
-        // pairs past `pairs`, which are zeros.
-        for (u32 job = warp; job < ((pairs + 15) / 16) * (ATTN_TILE / 8); job += nwarps) {
-            const u32 pa = (job / (ATTN_TILE / 8)) * 16 + g, pb = pa + 8, key = (job % (ATTN_TILE / 8)) * 8 + g;
+        // Scores of the tile's keys up to n16 (n rounded up to 16, what P·V
+        // reads; the softmax takes the keys past n16 as masked): keys past n
+        // read stale words and are masked, like the pairs past `pairs`,
+        // which are zeros.
+        const u32 n16 = BLOCK ? (n + 15) & ~15u : ATTN_TILE, kjobs = n16 / 8;
+        const DivBy kdiv(kjobs);
+        for (u32 job = warp; job < ((pairs + 15) / 16) * kjobs; job += nwarps) {
+            const u32 jt = BLOCK ? kdiv.div(job) : job / (ATTN_TILE / 8), jk = job - jt * kjobs;
+            const u32 pa = jt * 16 + g, pb = pa + 8, key = jk * 8 + g;
             const u32* qa = q_s + min(pa, pairs - 1) * W + cc;
             const u32* qb = q_s + min(pb, pairs - 1) * W + cc;
             const u32* kr = k_s + key * W + cc;
             // The two rows' slices and grids, loaded before the products so
             // that the masking below does not wait on them.
-            const u32 ia = min(pa, pairs - 1) / group, ib = min(pb, pairs - 1) / group;
+            const u32 ia = prow(min(pa, pairs - 1)), ib = prow(min(pb, pairs - 1));
             const u32 row_lo[2] = {lo_s[ia], lo_s[ib]}, row_hi[2] = {hi_s[ia], hi_s[ib]};
             const bool row_in[2] = {grid_s[ia] == grid, grid_s[ib] == grid};
             float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -450,7 +589,7 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
             // d[0], d[1]: pair pa, keys 2cc, 2cc + 1 of the block; d[2], d[3]: pair pb.
 #pragma unroll
             for (u32 e = 0; e < 4; ++e) {
-                const u32 p = e < 2 ? pa : pb, j = (job % (ATTN_TILE / 8)) * 8 + 2 * cc + (e & 1);
+                const u32 p = e < 2 ? pa : pb, j = jk * 8 + 2 * cc + (e & 1);
                 if (p < pairs) {
                     const u32 r = e / 2;
                     const bool live = j < n && row_in[r] && t0 + j >= row_lo[r] && t0 + j < row_hi[r];
@@ -460,27 +599,11 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
         }
         __syncthreads();
         if (k == 0) { MK_PHASE(5); }
-        // Online softmax update, one warp per pair.
-        for (u32 p = warp; p < pairs; p += nwarps) {
-            float* row = p_s + p * PS;
-            const float s0 = row[lane], s1 = row[lane + 32];
-            float mx = fmaxf(s0, s1);
-#pragma unroll
-            for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, off));
-            const float old = m_s[p], nm = fmaxf(old, mx);
-            const bool none = nm == -__int_as_float(0x7f800000);
-            const float e0 = none ? 0.0f : __expf(s0 - nm), e1 = none ? 0.0f : __expf(s1 - nm);
-            row[lane] = e0, row[lane + 32] = e1;
-            const float sum = warp_sum(e0 + e1);
-            if (lane == 0) {
-                // Exactly 1 when the maximum holds (a tile wholly outside a
-                // row's slice then changes nothing, bit for bit).
-                const float corr = (none || old == nm) ? 1.0f : __expf(old - nm);
-                f_s[p] = corr;
-                l_s[p] = fmaf(l_s[p], corr, sum);
-                m_s[p] = nm;
-            }
-        }
+        // Online softmax update, one warp per pair (keys from n16 on
+        // masked, as their scores would be); BLOCK: a warp's pairs (p, p +
+        // nwarps, ...) ATTN_SOFTMAX_BATCH at a time, their reductions
+        // interleaved (each pair's arithmetic as alone).
+        attention_softmax<BLOCK ? ATTN_SOFTMAX_BATCH : 1>(p_s, m_s, l_s, f_s, pairs, n16);
         __syncthreads();
         if (k == 0) { MK_PHASE(6); }
         // P·V: job = (16-pair tile, 16 columns), warp w takes jobs w, w + 16, ...
@@ -536,7 +659,7 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
         for (u32 half = 0; half < 2; ++half) {
             const u32 p = pa + 8 * half;
             if (p >= pairs) continue;
-            const u32 i = i0 + p / group, h = a.kv_head * group + p % group;
+            const u32 i = i0 + prow(p), h = a.kv_head * group + phead(p);
             float* out = reinterpret_cast<float*>(a.partial) + ((u64(i) * a.heads + h) * a.chunks + a.chunk) * (HD + 2);
 #pragma unroll
             for (u32 t = 0; t < 2; ++t) {
@@ -545,7 +668,7 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
         }
     }
     for (u32 p = tid; p < pairs; p += BLOCK_THREADS) {
-        const u32 i = i0 + p / group, h = a.kv_head * group + p % group;
+        const u32 i = i0 + prow(p), h = a.kv_head * group + phead(p);
         float* out = reinterpret_cast<float*>(a.partial) + ((u64(i) * a.heads + h) * a.chunks + a.chunk) * (HD + 2);
         out[HD] = m_s[p], out[HD + 1] = l_s[p];
     }
@@ -574,7 +697,8 @@ __device__ __forceinline__ bool attention_fast(const Ctx& c, const AttentionArgs
         const u32 rows = min(sub, a.m - i0);
         u32 tk, bufs;
         attention_tile_buffers(a, pos0, i0, rows, rows * group, HD, c.smem_bytes, tk, bufs);
-        attention_tiled<HD>(c, a, pos0, i0, rows, tk, bufs);
+        if (rows > 1 && rows <= 32) attention_tiled<HD, true>(c, a, pos0, i0, rows, tk, bufs);
+        else attention_tiled<HD, false>(c, a, pos0, i0, rows, tk, bufs);
     }
     return true;
 }

@@ -109,6 +109,13 @@ int main(int argc, char** argv) {
     probe_phases_reset();
     const float us = probe_time(launches, launch);
     const u32 fault = probe_fault(dsb);
+    // A hash of the partials (FNV-1a over their bytes): builds that must
+    // compute the same bits print the same hash.
+    std::vector<unsigned char> part(size_t(m) * heads * chunks * (hd + 2) * 4);
+    CHECK(cudaMemcpy(part.data(), dpart, part.size(), cudaMemcpyDeviceToHost));
+    u64 hash = 1469598103934665603ull;
+    for (unsigned char b : part) hash = (hash ^ b) * 1099511628211ull;
+    printf("partials hash %016llx\n", (unsigned long long)hash);
     printf("attention, %u rows%s%s: %u blocks, %.2f us per launch, fault kind %u\n", m, rope ? ", rope" : "",
            caches > 1 ? ", cache from memory" : "", blocks, us, fault);
     const char* names[10] = {"",           "slices, q issued", "keys appended", "q rotated", "1st tile landed",
