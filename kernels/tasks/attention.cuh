@@ -138,12 +138,14 @@ __host__ __device__ constexpr u32 attention_row_words(u32 hd) { return hd / 2 + 
 constexpr u32 ATTN_SCORE_STRIDE = ATTN_TILE + 8;
 
 // Shared memory the fast path needs for `pairs` pairs: q, `bufs` K/V tile
-// buffers of `tk` rows each, scores, and per pair the running max, sum and
-// correction and its row's slice and tile grid (src/task/attention.rs
-// mirrors the layout of two full buffers, the most a block needs).
-__host__ __device__ constexpr u32 attention_smem_bytes(u32 pairs, u32 hd, u32 tk = ATTN_TILE, u32 bufs = 2) {
+// buffers of `tk` rows each, scores, per pair the running max, sum and
+// correction, and per row (`rows`, at most the pairs) its slice and tile grid
+// (src/task/attention.rs mirrors the layout of two full buffers, the most a
+// block needs).
+__host__ __device__ constexpr u32 attention_smem_bytes(u32 pairs, u32 hd, u32 tk = ATTN_TILE, u32 bufs = 2,
+                                                      u32 rows = ~0u) {
     return pairs * attention_row_words(hd) * 4 + bufs * 2 * tk * attention_row_words(hd) * 4 +
-           pairs * ATTN_SCORE_STRIDE * 4 + 6 * pairs * 4;
+           pairs * ATTN_SCORE_STRIDE * 4 + 3 * pairs * 4 + 3 * (rows < pairs ? rows : pairs) * 4;
 }
 
 // Issues the cp.async copies of keys t0 .. t0 + n into one tile buffer and
@@ -180,14 +182,14 @@ __device__ __forceinline__ void attention_load_tile(u32* k_s, u32* v_s, const ch
 __device__ __forceinline__ bool attention_tile_buffers(const AttentionArgs& a, u32 pos0, u32 i0, u32 rows, u32 pairs,
                                                        u32 hd, u32 smem, u32& tk, u32& bufs) {
     tk = ATTN_TILE, bufs = 2;
-    if (attention_smem_bytes(pairs, hd) <= smem) return true;
+    if (attention_smem_bytes(pairs, hd, ATTN_TILE, 2, rows) <= smem) return true;
     u32 l, h;
     // Slice lengths do not fall as rows attend more keys.
     const u32 p0 = attention_slice(a, attention_row_len(a, pos0, i0), l, h);
     const u32 p1 = attention_slice(a, attention_row_len(a, pos0, i0 + rows - 1), l, h);
     if (p0 != p1 || p1 > ATTN_TILE) return false;
     tk = max(p1, 32u), bufs = 1;
-    return attention_smem_bytes(pairs, hd, tk, bufs) <= smem;
+    return attention_smem_bytes(pairs, hd, tk, bufs, rows) <= smem;
 }
 
 // P·V jobs a warp keeps across the tiles (accumulators in registers): a job
@@ -434,8 +436,8 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
     float* l_s = m_s + pairs;                                         // running sum
     float* f_s = l_s + pairs;                                         // this tile's correction
     u32* lo_s = reinterpret_cast<u32*>(f_s + pairs);                  // each row's slice
-    u32* hi_s = lo_s + pairs;
-    u32* grid_s = hi_s + pairs;  // each row's tile grid: 0, or 1 past a change of slice length
+    u32* hi_s = lo_s + rows;
+    u32* grid_s = hi_s + rows;  // each row's tile grid: 0, or 1 past a change of slice length
     const DivBy gdiv(group);
     // The pair's row and head within the group.
     auto prow = [&](u32 p) { return BLOCK ? gdiv.div(p) : p / group; };
@@ -471,6 +473,18 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
         }
     }
     const u32 gt0 = (ghi[0] - glo[0] + ATTN_TILE - 1) / ATTN_TILE, ntiles = gt0 + (ghi[1] - glo[1] + ATTN_TILE - 1) / ATTN_TILE;
+    if (ntiles == 0) {
+        // A slice no row reaches (a context shorter than 16 keys a slice
+        // leaves the last ones empty), and so no key of the block to append:
+        // the partials of no keys (what the tile loop leaves), without q.
+        for (u32 k = tid; k < pairs * (HD + 2); k += BLOCK_THREADS) {
+            const u32 p = k / (HD + 2), e = k % (HD + 2);
+            const u32 i = i0 + prow(p), h = a.kv_head * group + phead(p);
+            reinterpret_cast<float*>(a.partial)[((u64(i) * a.heads + h) * a.chunks + a.chunk) * (HD + 2) + e] =
+                e == HD ? -__int_as_float(0x7f800000) : 0.0f;
+        }
+        return;
+    }
     // Tile k: its grid, first key and key count.
     auto tile = [&](u32 k, u32& gr, u32& t0, u32& n) {
         gr = k >= gt0;

@@ -1313,7 +1313,7 @@ fn build(
         buf(DType::Bf16, slots * m * moe_inter)?,
     );
     let ey = buf(DType::F32, slots * m * h)?;
-    let chunks = (workers / shape.kv_heads).max(1);
+    let chunks = crate::task::attention::slices_per_head(workers, shape.kv_heads, max_seq);
     let fuse_rope = layers.first().is_some_and(|ly| {
         fuses_rope(shape, DType::Bf16, caches[0].dtype())
             && ly.rope.len() == rope_table_len(hd)

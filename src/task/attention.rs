@@ -194,9 +194,24 @@ pub fn tiled_fits(shape: HeadShape, shared_bytes: usize) -> bool {
     let max_pairs = 16 * 4 * (crate::abi::BLOCK_THREADS as usize / 32) / (hd / 16).max(1);
     // Rows padded against bank conflicts: hd / 2 + 4 words, TILE_KEYS + 8 scores.
     let words = hd / 2 + 4;
-    let bytes =
-        pairs * words * 4 + 4 * TILE_KEYS * words * 4 + pairs * (TILE_KEYS + 8) * 4 + 6 * pairs * 4;
+    // Per pair its running max, sum and correction; per row its slice and grid.
+    let bytes = pairs * words * 4
+        + 4 * TILE_KEYS * words * 4
+        + pairs * (TILE_KEYS + 8) * 4
+        + 3 * pairs * 4
+        + 3 * 4;
     pairs <= max_pairs && bytes <= shared_bytes
+}
+
+/// Sequence slices per KV head for a KV cache of `max_len` positions on
+/// `workers` workers: one per worker of each KV head, so that a long
+/// sequence's attention uses every SM, but no more than keep a slice of a
+/// full cache within one tile of the GPU's tiled path (more would only add
+/// tasks, each a hop and a partial to merge, for a few keys each).
+pub fn slices_per_head(workers: usize, kv_heads: usize, max_len: usize) -> usize {
+    (workers / kv_heads.max(1))
+        .min(max_len.div_ceil(TILE_KEYS))
+        .max(1)
 }
 
 /// Whether attention over `qkv` and `cache` of these types and head size
@@ -339,5 +354,43 @@ impl TaskKind for Attention {
             bidirectional,
             rope
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slices_per_head_keeps_a_full_cache_within_a_tile_a_slice() {
+        // 132 workers, 4 KV heads: 33 slices for long caches, fewer for short.
+        assert_eq!(slices_per_head(132, 4, 40960), 33);
+        assert_eq!(slices_per_head(132, 4, 1122), 18);
+        assert_eq!(slices_per_head(132, 4, 64), 1);
+        assert_eq!(slices_per_head(132, 4, 1), 1);
+        assert_eq!(slices_per_head(2, 4, 4096), 1);
+        assert_eq!(slices_per_head(132, 0, 4096), 64);
+        // At the full cache every slice is at most one tile, and the slices
+        // cover every key once.
+        for max_len in [1usize, 63, 64, 65, 1000, 1122, 2112, 2113, 9000] {
+            let chunks = slices_per_head(132, 4, max_len) as u32;
+            for len in [1u32, 17, max_len as u32] {
+                let mut next = 0;
+                for chunk in 0..chunks {
+                    let (lo, hi) = slice_range(len, chunk, chunks);
+                    assert!(
+                        lo == next || lo == hi,
+                        "len {len} chunk {chunk}: {lo}..{hi} after {next}"
+                    );
+                    if lo < hi {
+                        next = hi;
+                    }
+                    if len as usize == max_len && max_len <= 33 * TILE_KEYS {
+                        assert!(hi - lo <= TILE_KEYS as u32, "len {len}: slice {lo}..{hi}");
+                    }
+                }
+                assert_eq!(next, len);
+            }
+        }
     }
 }
