@@ -219,7 +219,7 @@ impl DflashSession {
             None => None,
         };
         let (pos, step_ids) = session.position_and_input();
-        let scratch = BlockBufs::new(ex, model, draft, block)?;
+        let scratch = BlockBufs::new(ex, model, draft, block, bufs.cache_len)?;
         let head = |b: &mut ProgramBuilder| {
             let ev = draft_block(
                 b, model, draft, &bufs, &scratch, &dids, &vids, pos, block, workers, shared, tp,
@@ -587,11 +587,17 @@ struct BlockBufs {
 }
 
 impl BlockBufs {
-    fn new(ex: &dyn Executor, model: &Model, draft: &DraftModel, block: usize) -> Result<Self> {
+    fn new(
+        ex: &dyn Executor,
+        model: &Model,
+        draft: &DraftModel,
+        block: usize,
+        cache_len: usize,
+    ) -> Result<Self> {
         let d = &draft.config().layers;
         let shape = head_shape(d);
         let workers = ex.num_workers();
-        let chunks = (workers / d.num_kv_heads).max(1);
+        let chunks = crate::task::attention::slices_per_head(workers, d.num_kv_heads, cache_len);
         let shard = model.shard();
         let (v0, v1) = shard.range(model.config().vocab_size);
         let vl = v1 - v0;
