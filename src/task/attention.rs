@@ -188,7 +188,7 @@ const TILE_KEYS: usize = 64;
 
 /// Whether the GPU's tiled path takes one query row of `shape` within
 /// `shared_bytes` of shared memory per block (q, two K/V tile buffers,
-/// scores and per-pair state, as the kernel lays them out).
+/// scores, per-pair and per-row state, as the kernel lays them out).
 pub fn tiled_fits(shape: HeadShape, shared_bytes: usize) -> bool {
     let (pairs, hd) = (shape.heads / shape.kv_heads.max(1), shape.head_dim);
     let max_pairs = 16 * 4 * (crate::abi::BLOCK_THREADS as usize / 32) / (hd / 16).max(1);

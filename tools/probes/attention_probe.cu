@@ -13,7 +13,8 @@
 // themselves (a rope table, AttentionArgs::rope), as a model layer's do.
 // With `hbm`, launch i reads cache i % 32 (128 MB in all), so that its keys
 // and values come from memory, as a decode layer's do, not from L2.
-// Prints the mean time of a launch (CUDA events, back to back), then the
+// Prints a hash of the partials (builds that must give the same bits print
+// the same hash), the mean time of a launch (CUDA events, back to back), then the
 // mean and slowest block's SM clock at the task's marks (MK_PHASE: slices
 // computed and q's copies issued, the block's keys appended, q rotated, the
 // first tile landed, its scores, softmax and P·V done, the last tile done,
