@@ -80,6 +80,12 @@ __device__ __forceinline__ u32 attention_slice(const AttentionArgs& a, u32 len, 
     return per;
 }
 
+// Where the partial (hd values, then max and sum) of query row i and head h
+// of this task's slice goes.
+__device__ __forceinline__ float* attention_partial(const AttentionArgs& a, u32 i, u32 h, u32 hd) {
+    return reinterpret_cast<float*>(a.partial) + ((u64(i) * a.heads + h) * a.chunks + a.chunk) * (hd + 2);
+}
+
 template <int E>
 __device__ __forceinline__ void attention_rows(const AttentionArgs& a, u32 pos0) {
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
@@ -112,7 +118,7 @@ __device__ __forceinline__ void attention_rows(const AttentionArgs& a, u32 pos0)
             }
             mx = nmx;
         }
-        float* out = reinterpret_cast<float*>(a.partial) + ((u64(i) * a.heads + h) * a.chunks + a.chunk) * (hd + 2);
+        float* out = attention_partial(a, i, h, hd);
 #pragma unroll
         for (int e = 0; e < E; ++e) out[lane * E + e] = o[e];
         if (lane == 0) out[hd] = mx, out[hd + 1] = sum;
@@ -139,13 +145,12 @@ constexpr u32 ATTN_SCORE_STRIDE = ATTN_TILE + 8;
 
 // Shared memory the fast path needs for `pairs` pairs: q, `bufs` K/V tile
 // buffers of `tk` rows each, scores, per pair the running max, sum and
-// correction, and per row (`rows`, at most the pairs) its slice and tile grid
+// correction, and per row (`rows`) its slice and tile grid
 // (src/task/attention.rs mirrors the layout of two full buffers, the most a
 // block needs).
-__host__ __device__ constexpr u32 attention_smem_bytes(u32 pairs, u32 hd, u32 tk = ATTN_TILE, u32 bufs = 2,
-                                                      u32 rows = ~0u) {
+__host__ __device__ constexpr u32 attention_smem_bytes(u32 pairs, u32 rows, u32 hd, u32 tk, u32 bufs) {
     return pairs * attention_row_words(hd) * 4 + bufs * 2 * tk * attention_row_words(hd) * 4 +
-           pairs * ATTN_SCORE_STRIDE * 4 + 3 * pairs * 4 + 3 * (rows < pairs ? rows : pairs) * 4;
+           pairs * ATTN_SCORE_STRIDE * 4 + 3 * pairs * 4 + 3 * rows * 4;
 }
 
 // Issues the cp.async copies of keys t0 .. t0 + n into one tile buffer and
@@ -182,14 +187,14 @@ __device__ __forceinline__ void attention_load_tile(u32* k_s, u32* v_s, const ch
 __device__ __forceinline__ bool attention_tile_buffers(const AttentionArgs& a, u32 pos0, u32 i0, u32 rows, u32 pairs,
                                                        u32 hd, u32 smem, u32& tk, u32& bufs) {
     tk = ATTN_TILE, bufs = 2;
-    if (attention_smem_bytes(pairs, hd, ATTN_TILE, 2, rows) <= smem) return true;
+    if (attention_smem_bytes(pairs, rows, hd, ATTN_TILE, 2) <= smem) return true;
     u32 l, h;
     // Slice lengths do not fall as rows attend more keys.
     const u32 p0 = attention_slice(a, attention_row_len(a, pos0, i0), l, h);
     const u32 p1 = attention_slice(a, attention_row_len(a, pos0, i0 + rows - 1), l, h);
     if (p0 != p1 || p1 > ATTN_TILE) return false;
     tk = max(p1, 32u), bufs = 1;
-    return attention_smem_bytes(pairs, hd, tk, bufs, rows) <= smem;
+    return attention_smem_bytes(pairs, rows, hd, tk, bufs) <= smem;
 }
 
 // P·V jobs a warp keeps across the tiles (accumulators in registers): a job
@@ -480,8 +485,7 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
         for (u32 k = tid; k < pairs * (HD + 2); k += BLOCK_THREADS) {
             const u32 p = k / (HD + 2), e = k % (HD + 2);
             const u32 i = i0 + prow(p), h = a.kv_head * group + phead(p);
-            reinterpret_cast<float*>(a.partial)[((u64(i) * a.heads + h) * a.chunks + a.chunk) * (HD + 2) + e] =
-                e == HD ? -__int_as_float(0x7f800000) : 0.0f;
+            attention_partial(a, i, h, HD)[e] = e == HD ? -__int_as_float(0x7f800000) : 0.0f;
         }
         return;
     }
@@ -674,7 +678,7 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
             const u32 p = pa + 8 * half;
             if (p >= pairs) continue;
             const u32 i = i0 + prow(p), h = a.kv_head * group + phead(p);
-            float* out = reinterpret_cast<float*>(a.partial) + ((u64(i) * a.heads + h) * a.chunks + a.chunk) * (HD + 2);
+            float* out = attention_partial(a, i, h, HD);
 #pragma unroll
             for (u32 t = 0; t < 2; ++t) {
                 *reinterpret_cast<float2*>(out + base + 8 * t) = make_float2(acc[jw][t][2 * half], acc[jw][t][2 * half + 1]);
@@ -683,7 +687,7 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
     }
     for (u32 p = tid; p < pairs; p += BLOCK_THREADS) {
         const u32 i = i0 + prow(p), h = a.kv_head * group + phead(p);
-        float* out = reinterpret_cast<float*>(a.partial) + ((u64(i) * a.heads + h) * a.chunks + a.chunk) * (HD + 2);
+        float* out = attention_partial(a, i, h, HD);
         out[HD] = m_s[p], out[HD + 1] = l_s[p];
     }
 }
