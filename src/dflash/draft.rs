@@ -22,7 +22,7 @@ use crate::error::{Error, LoadError, Result};
 use crate::exec::Executor;
 use crate::model::checkpoint::{create_with_config, encode, tensor_values};
 use crate::model::safetensors::{write, TensorDtype};
-use crate::model::session::{AttnWeights, Loader, WeightSource};
+use crate::model::session::{layer_rope, AttnWeights, Loader, WeightSource};
 use crate::model::{Checkpoint, Model};
 
 /// One draft decoder layer (a dense Qwen3 layer).
@@ -31,6 +31,9 @@ pub(crate) struct DraftLayer {
     pub gate: Buffer,
     pub up: Buffer,
     pub down: Buffer,
+    /// The rope table of the layer's q and k norms, for attention tasks
+    /// that do the rope work themselves.
+    pub rope: Buffer,
 }
 
 /// A draft model's weights; it uses its target's embedding and LM head.
@@ -90,17 +93,31 @@ impl DraftModel {
         let fc = ld.tensor(&one("fc.weight"))?;
         let hidden_norm = ld.tensor(&one("hidden_norm.weight"))?;
         let norm = ld.tensor(&one("norm.weight"))?;
-        let mut layers = Vec::new();
+        let mut loaded = Vec::new();
         for l in 0..config.layers.num_layers {
             let p = |s: &str| format!("layers.{l}.{s}");
-            layers.push(DraftLayer {
-                attn: ld.attention(&format!("layers.{l}."))?,
-                gate: ld.tensor(&[p("mlp.gate_proj.weight")])?,
-                up: ld.tensor(&[p("mlp.up_proj.weight")])?,
-                down: ld.tensor(&[p("mlp.down_proj.weight")])?,
-            });
+            loaded.push((
+                ld.attention(&format!("layers.{l}."))?,
+                ld.tensor(&[p("mlp.gate_proj.weight")])?,
+                ld.tensor(&[p("mlp.up_proj.weight")])?,
+                ld.tensor(&[p("mlp.down_proj.weight")])?,
+            ));
         }
         ld.flush()?;
+        // The rope tables read the q and k norms the loader filled.
+        let layers = loaded
+            .into_iter()
+            .map(|(attn, gate, up, down)| {
+                let rope = layer_rope(ex, &attn.qk_norms, &config.layers)?;
+                Ok(DraftLayer {
+                    attn,
+                    gate,
+                    up,
+                    down,
+                    rope,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(DraftModel {
             config,
             fc,

@@ -33,11 +33,12 @@ use crate::model::session::{ExpertUse, Extras, Hook, MAX_FUSED_NORM_ROWS};
 use crate::model::{Model, Session};
 use crate::program::{ops, EventId, ProgramBuilder};
 use crate::task::argmax::Argmax;
+use crate::task::attention::{fuses_rope, tiled_fits};
 use crate::task::dflash_accept::{state, AcceptIo, DflashAccept};
 use crate::task::dflash_inject::DflashInject;
 use crate::task::embed::Embed;
 use crate::task::gemv_bf16::{prologue_fits, GemvShape, Prologue};
-use crate::task::rope_kv::{HeadShape, RopeKv};
+use crate::task::rope_kv::{rope_table_len, HeadShape, RopeKv};
 
 /// How a [`DflashSession`] runs.
 #[derive(Clone, Debug, Default)]
@@ -498,7 +499,8 @@ fn context_tasks(
         },
         workers,
         false,
-    )?;
+    )?
+    .staged(s.b);
     s.stage(fc, "draft context fc");
     let (src, pro) = if m <= MAX_FUSED_NORM_ROWS && prologue_fits(m, h, shared) {
         (ctx, Prologue::RmsNorm(draft.hidden_norm.all(), eps))
@@ -664,6 +666,7 @@ fn draft_block(
         s.stage(n, name);
         Ok((out, Prologue::None))
     };
+    // Products split over `parts` tasks, their weight slices staged.
     let gemv = |s: &mut Stages<'_>,
                 w: &Buffer,
                 x: &BufSlice,
@@ -671,17 +674,19 @@ fn draft_block(
                 rows,
                 cols,
                 acc,
-                pro: &Prologue| {
+                pro: &Prologue,
+                parts: usize| {
         ops::gemv_with(
             s.b,
             &w.all(),
             x,
             y,
             GemvShape { rows, cols, m },
-            workers,
+            parts,
             acc,
             pro,
         )
+        .map(|g| g.staged(s.b))
     };
     for (l, (ly, cache)) in draft.layers.iter().zip(&bufs.caches).enumerate() {
         let (src, pro) = normed(&mut s, &a.x.all(), &ly.attn.in_norm, m, "draft input norm")?;
@@ -694,23 +699,32 @@ fn draft_block(
             h,
             false,
             &pro,
+            workers,
         )?;
         s.stage(q, &format!("draft layer {l} qkv"));
-        let jobs = (shape.heads + 2 * shape.kv_heads) * m;
-        let r = RopeKv::split(
-            &a.qkv.all(),
-            &ly.attn.qk_norms.all(),
-            &cache.all(),
-            &pos.all(),
-            shape,
-            m,
-            bufs.cache_len,
-            eps,
-            d.rope_theta as f32,
-            jobs.div_ceil(4).min(workers),
-        )?;
-        let r = ops::Group(s.b.push_all(r));
-        s.stage(r, &format!("draft layer {l} rope"));
+        // The attention slices normalise and rotate q and k themselves where
+        // the GPU's tiled path takes them; elsewhere a rope stage runs first.
+        let fused = fuses_rope(shape, DType::Bf16, cache.dtype())
+            && ly.rope.len() == rope_table_len(shape.head_dim)
+            && tiled_fits(shape, shared);
+        if !fused {
+            let jobs = (shape.heads + 2 * shape.kv_heads) * m;
+            let r = RopeKv::split(
+                &a.qkv.all(),
+                &ly.attn.qk_norms.all(),
+                &cache.all(),
+                &pos.all(),
+                shape,
+                m,
+                bufs.cache_len,
+                eps,
+                d.rope_theta as f32,
+                jobs.div_ceil(4).min(workers),
+            )?;
+            let r = ops::Group(s.b.push_all(r));
+            s.stage(r, &format!("draft layer {l} rope"));
+        }
+        let table = fused.then(|| ly.rope.all());
         let (slices, combine) = ops::attention(
             s.b,
             &a.qkv.all(),
@@ -724,7 +738,7 @@ fn draft_block(
             a.chunks,
             ops::combine_parts(shape.heads, m, workers),
             true,
-            None,
+            table.as_ref(),
         )?;
         slices.wait(s.b, s.prev);
         let ev = s.b.event("draft attention");
@@ -739,17 +753,21 @@ fn draft_block(
             shape.heads * shape.head_dim,
             true,
             &Prologue::None,
+            workers,
         )?;
         s.stage(o, &format!("draft layer {l} o_proj"));
         let (src, pro) = normed(&mut s, &a.x.all(), &ly.attn.post_norm, m, "draft post norm")?;
         let inter = d.intermediate_size;
-        let mut gu = gemv(&mut s, &ly.gate, &src, &a.g.all(), inter, h, false, &pro)?;
-        gu.0.extend(gemv(&mut s, &ly.up, &src, &a.u.all(), inter, h, false, &pro)?.0);
+        // Gate and up over half the workers each: one task of the pair per SM.
+        let half = (workers / 2).max(1);
+        let (g, u) = (a.g.all(), a.u.all());
+        let mut gu = gemv(&mut s, &ly.gate, &src, &g, inter, h, false, &pro, half)?;
+        gu.0.extend(gemv(&mut s, &ly.up, &src, &u, inter, h, false, &pro, half)?.0);
         s.stage(gu, &format!("draft layer {l} gate+up"));
         let pro = if fuse(m, inter) {
-            Prologue::Swiglu(a.u.all())
+            Prologue::Swiglu(u)
         } else {
-            let sw = ops::swiglu(s.b, &a.g.all(), &a.g.all(), &a.u.all(), workers)?;
+            let sw = ops::swiglu(s.b, &g, &g, &u, workers)?;
             s.stage(sw, &format!("draft layer {l} swiglu"));
             Prologue::None
         };
@@ -762,6 +780,7 @@ fn draft_block(
             inter,
             true,
             &pro,
+            workers,
         )?;
         s.stage(dn, &format!("draft layer {l} down"));
     }

@@ -82,7 +82,7 @@ struct Layer {
 
 /// The rope table of a layer whose `q_norm` and `k_norm` weights are
 /// `qk_norms` (read back once, after the loader filled them).
-fn layer_rope(ex: &dyn Executor, qk_norms: &Buffer, c: &ModelConfig) -> Result<Buffer> {
+pub(crate) fn layer_rope(ex: &dyn Executor, qk_norms: &Buffer, c: &ModelConfig) -> Result<Buffer> {
     let n = ex.read_f32(qk_norms)?;
     let hd = n.len() / 2;
     let t = rope_table(
@@ -1483,8 +1483,20 @@ fn build(
             Mlp::Dense { gate, up, down } => {
                 let (src, pro) =
                     normed(&mut ch, &ly.attn.post_norm, &format!("layer {l} post norm"))?;
-                let mut gu = gemv(&mut ch, gate, &src, &g.all(), inter, h, false, &pro)?;
-                gu.0.extend(gemv(&mut ch, up, &src, &u.all(), inter, h, false, &pro)?.0);
+                // Gate and up over half the workers each: one task of the
+                // pair per SM, not two in turn.
+                let half = |ch: &mut Chain<'_>, w: &Buffer, y: &Buffer| {
+                    let shape = GemvShape {
+                        rows: inter,
+                        cols: h,
+                        m,
+                    };
+                    let parts = (workers / 2).max(1);
+                    ops::gemv_with(ch.b, &w.all(), &src, &y.all(), shape, parts, false, &pro)
+                        .map(|g| g.staged(ch.b))
+                };
+                let mut gu = half(&mut ch, gate, &g)?;
+                gu.0.extend(half(&mut ch, up, &u)?.0);
                 ch.stage(gu, &format!("layer {l} gate+up"));
                 let pro = swiglu_as(&mut ch, &g, &u, inter, &format!("layer {l} swiglu"))?;
                 let (dst, acc, site) = into_residual()?;
