@@ -274,7 +274,8 @@ fn gemv_random_shapes() {
 /// slice is copied into shared memory before its waits, in full when it fits
 /// and otherwise its first rows, the rest read from global memory. Products
 /// of every size and input-row count against an f64 reference, and blocks of
-/// rows too wide for shared memory (run in groups of rows).
+/// rows too wide for shared memory (run in groups of rows, or read in place
+/// by tensor-core tasks of at most 64 matrix rows).
 #[test]
 fn staged_gemv_matches_reference() {
     let mut rng = Rng(seed());
@@ -289,12 +290,39 @@ fn staged_gemv_matches_reference() {
             let acc = rng.below(2) == 0;
             gemv_case(ex, &mut rng, shape, xd, DType::F32, acc, true);
         }
-        // Blocks whose input rows exceed shared memory: groups of rows.
-        for (cols, m, xd) in [(12288, 16, DType::Bf16), (8192, 11, DType::F32)] {
-            let shape = GemvShape { rows: 200, cols, m };
+        // Blocks whose input rows exceed shared memory: groups of rows, or
+        // (64 matrix rows: every task at most 64) read in place.
+        for (rows, cols, m, xd) in [
+            (200, 12288, 16, DType::Bf16),
+            (64, 12288, 16, DType::Bf16),
+            (200, 8192, 11, DType::F32),
+        ] {
+            let shape = GemvShape { rows, cols, m };
             gemv_case(ex, &mut rng, shape, xd, DType::F32, true, true);
         }
     });
+}
+
+/// A block of input rows too wide for shared memory is computed in groups of
+/// rows (one stream of the matrix each) unless every task is a tensor-core
+/// task of at most 64 matrix rows, which reads the rows in place: then one
+/// task per part streams its slice once for every row.
+#[test]
+fn wide_rows_stream_the_matrix_once_where_read_in_place() {
+    let ex = CpuExecutor::new(CpuOptions {
+        threads: 1,
+        seed: 1,
+    });
+    let (cols, m) = (12288, 16);
+    let x = ex.alloc(DType::Bf16, m * cols).unwrap();
+    for (rows, parts, tasks) in [(640, 10, 10), (640, 5, 10), (640, 11, 11)] {
+        let w = ex.alloc(DType::Bf16, rows * cols).unwrap();
+        let y = ex.alloc(DType::F32, m * rows).unwrap();
+        let mut b = ProgramBuilder::new();
+        let shape = GemvShape { rows, cols, m };
+        let g = ops::gemv(&mut b, &w.all(), &x.all(), &y.all(), shape, parts, false).unwrap();
+        assert_eq!(g.len(), tasks, "{rows} rows in {parts} parts");
+    }
 }
 
 #[test]

@@ -9,7 +9,7 @@ use crate::task::{
     attention_combine::AttentionCombine,
     axpy::Axpy,
     fill::Fill,
-    gemv_bf16::{GemvBf16, GemvShape, Prologue},
+    gemv_bf16::{takes_tensor_cores, GemvBf16, GemvShape, Prologue, READ_IN_PLACE_ROWS},
     reduce_sum::ReduceSum,
     rmsnorm::RmsNorm,
     rope_kv::HeadShape,
@@ -89,8 +89,14 @@ pub fn gemv_with(
     // when they fit; a block whose rows do not fit runs in groups of rows that
     // do (each group streams the matrix once, as the device's passes of at
     // most 8 rows would anyway), instead of every warp rereading them from L2.
+    // Tensor-core tasks of few matrix rows read their input rows in place
+    // whatever their size (READ_IN_PLACE_ROWS): one stream of the matrix
+    // serves every row.
     let row_bytes = shape.cols * x.dtype().size();
+    let in_place = takes_tensor_cores(shape.cols, x, prologue)
+        && shape.rows.div_ceil(parts.max(1)) <= READ_IN_PLACE_ROWS;
     if shape.m > 1
+        && !in_place
         && matches!(prologue, Prologue::None)
         && shape.m * row_bytes > COPIED_ROWS_BYTES
         && row_bytes <= COPIED_ROWS_BYTES
