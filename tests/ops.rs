@@ -325,6 +325,31 @@ fn wide_rows_stream_the_matrix_once_where_read_in_place() {
     }
 }
 
+/// Tensor-core products (bf16 input rows, columns a multiple of 32) take at
+/// most one task per 16-row tile; other products take the parts asked for.
+#[test]
+fn tensor_core_products_take_whole_tiles() {
+    let ex = CpuExecutor::new(CpuOptions {
+        threads: 1,
+        seed: 1,
+    });
+    let cols = 256;
+    for (rows, xd, parts, tasks) in [
+        (2048, DType::Bf16, 132, 128),
+        (1000, DType::Bf16, 132, 63),
+        (5120, DType::Bf16, 132, 132),
+        (1000, DType::F32, 132, 132),
+    ] {
+        let w = ex.alloc(DType::Bf16, rows * cols).unwrap();
+        let x = ex.alloc(xd, cols).unwrap();
+        let y = ex.alloc(DType::F32, rows).unwrap();
+        let mut b = ProgramBuilder::new();
+        let shape = GemvShape { rows, cols, m: 1 };
+        let g = ops::gemv(&mut b, &w.all(), &x.all(), &y.all(), shape, parts, false).unwrap();
+        assert_eq!(g.len(), tasks, "{rows} rows, {xd:?} input, {parts} parts");
+    }
+}
+
 #[test]
 fn emit_streams_values_in_order() {
     let mut rng = Rng(seed());

@@ -60,7 +60,8 @@ impl Group {
 /// of it stages the matrix slice).
 const COPIED_ROWS_BYTES: usize = 200 * 1024;
 
-/// `y (+)= x · Wᵀ`, rows split evenly over `parts` tasks.
+/// `y (+)= x · Wᵀ`, rows split evenly over `parts` tasks (on tensor cores at
+/// most one task per 16-row tile).
 pub fn gemv(
     b: &mut ProgramBuilder,
     w: &BufSlice,
@@ -85,6 +86,15 @@ pub fn gemv_with(
     accumulate: bool,
     prologue: &Prologue,
 ) -> Result<Group> {
+    // Tensor-core tasks compute whole 16-row tiles: no more tasks than tiles
+    // (132 tasks of 15 or 16 rows ran slower than 128 of 16, whose four idle
+    // SMs start on the next stage's tasks early).
+    let mma = takes_tensor_cores(shape.cols, x, prologue);
+    let parts = if mma {
+        parts.min(shape.rows.div_ceil(16)).max(1)
+    } else {
+        parts
+    };
     // Input rows read as they are are copied into each task's shared memory
     // when they fit; a block whose rows do not fit runs in groups of rows that
     // do (each group streams the matrix once, as the device's passes of at
@@ -93,8 +103,7 @@ pub fn gemv_with(
     // whatever their size (READ_IN_PLACE_ROWS): one stream of the matrix
     // serves every row.
     let row_bytes = shape.cols * x.dtype().size();
-    let in_place = takes_tensor_cores(shape.cols, x, prologue)
-        && shape.rows.div_ceil(parts.max(1)) <= READ_IN_PLACE_ROWS;
+    let in_place = mma && shape.rows.div_ceil(parts.max(1)) <= READ_IN_PLACE_ROWS;
     if shape.m > 1
         && !in_place
         && matches!(prologue, Prologue::None)
