@@ -87,8 +87,9 @@ pub fn gemv_with(
     prologue: &Prologue,
 ) -> Result<Group> {
     // Tensor-core tasks compute whole 16-row tiles: no more tasks than tiles
-    // (132 tasks of 15 or 16 rows ran slower than 128 of 16, whose four idle
-    // SMs start on the next stage's tasks early).
+    // (132 tasks of 15 or 16 rows ran slower than 128 of 16; the round-robin
+    // layout then puts the next stage's first tasks on the four SMs left
+    // without one).
     let mma = takes_tensor_cores(shape.cols, x, prologue);
     let parts = if mma {
         parts.min(shape.rows.div_ceil(16)).max(1)
