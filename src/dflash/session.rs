@@ -33,12 +33,12 @@ use crate::model::session::{ExpertUse, Extras, Hook, MAX_FUSED_NORM_ROWS};
 use crate::model::{Model, Session};
 use crate::program::{ops, EventId, ProgramBuilder};
 use crate::task::argmax::Argmax;
-use crate::task::attention::{fuses_rope, tiled_fits};
+use crate::task::attention::takes_rope_table;
 use crate::task::dflash_accept::{state, AcceptIo, DflashAccept};
 use crate::task::dflash_inject::DflashInject;
 use crate::task::embed::Embed;
 use crate::task::gemv_bf16::{prologue_fits, GemvShape, Prologue};
-use crate::task::rope_kv::{rope_table_len, HeadShape, RopeKv};
+use crate::task::rope_kv::HeadShape;
 
 /// How a [`DflashSession`] runs.
 #[derive(Clone, Debug, Default)]
@@ -553,8 +553,8 @@ fn context_tasks(
     };
     let mut g = ops::Group(Vec::new());
     for ((ly, kv), cache) in draft.layers.iter().zip(&bufs.kv).zip(&bufs.caches) {
-        let jobs = 2 * d.num_kv_heads * m;
-        let r = RopeKv::split(
+        let r = ops::rope_kv(
+            s.b,
             &kv.all(),
             &ly.attn.qk_norms.all(),
             &cache.all(),
@@ -564,9 +564,9 @@ fn context_tasks(
             bufs.cache_len,
             eps,
             d.rope_theta as f32,
-            jobs.div_ceil(4).min(per),
+            per,
         )?;
-        g.0.extend(s.b.push_all(r));
+        g.0.extend(r.0);
     }
     s.stage(g, "draft context rope");
     Ok(s.prev)
@@ -704,12 +704,10 @@ fn draft_block(
         s.stage(q, &format!("draft layer {l} qkv"));
         // The attention slices normalise and rotate q and k themselves where
         // the GPU's tiled path takes them; elsewhere a rope stage runs first.
-        let fused = fuses_rope(shape, DType::Bf16, cache.dtype())
-            && ly.rope.len() == rope_table_len(shape.head_dim)
-            && tiled_fits(shape, shared);
+        let fused = takes_rope_table(shape, DType::Bf16, cache.dtype(), ly.rope.len(), shared);
         if !fused {
-            let jobs = (shape.heads + 2 * shape.kv_heads) * m;
-            let r = RopeKv::split(
+            let r = ops::rope_kv(
+                s.b,
                 &a.qkv.all(),
                 &ly.attn.qk_norms.all(),
                 &cache.all(),
@@ -719,9 +717,8 @@ fn draft_block(
                 bufs.cache_len,
                 eps,
                 d.rope_theta as f32,
-                jobs.div_ceil(4).min(workers),
+                workers,
             )?;
-            let r = ops::Group(s.b.push_all(r));
             s.stage(r, &format!("draft layer {l} rope"));
         }
         let table = fused.then(|| ly.rope.all());

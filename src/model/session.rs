@@ -21,7 +21,7 @@ use crate::program::{ops, EventId, ProgramBuilder};
 use crate::quant::{self, Fp4Format};
 use crate::task::advance::Advance;
 use crate::task::argmax::Argmax;
-use crate::task::attention::{fuses_rope, tiled_fits};
+use crate::task::attention::takes_rope_table;
 use crate::task::copy::Copy;
 use crate::task::embed::Embed;
 use crate::task::emit::Emit;
@@ -31,7 +31,7 @@ use crate::task::gemv_expert::GemvExpert;
 use crate::task::gemv_expert_fp4::{Fp4Experts, GemvExpertFp4};
 use crate::task::moe_combine::MoeCombine;
 use crate::task::moe_route::MoeRoute;
-use crate::task::rope_kv::{rope_table, rope_table_len, HeadShape, RopeKv};
+use crate::task::rope_kv::{rope_table, HeadShape};
 use crate::task::sample::{Sample, Sampling};
 use crate::task::split_even;
 
@@ -1315,9 +1315,13 @@ fn build(
     let ey = buf(DType::F32, slots * m * h)?;
     let chunks = crate::task::attention::slices_per_head(workers, shape.kv_heads, max_seq);
     let fuse_rope = layers.first().is_some_and(|ly| {
-        fuses_rope(shape, DType::Bf16, caches[0].dtype())
-            && ly.rope.len() == rope_table_len(hd)
-            && tiled_fits(shape, ex.shared_bytes())
+        takes_rope_table(
+            shape,
+            DType::Bf16,
+            caches[0].dtype(),
+            ly.rope.len(),
+            ex.shared_bytes(),
+        )
     });
     let partial = buf(DType::F32, m * shape.heads * chunks * (hd + 2))?;
     let pairs = buf(DType::U32, 2 * workers)?;
@@ -1428,8 +1432,8 @@ fn build(
         let table = if fuse_rope {
             Some(ly.rope.all())
         } else {
-            let jobs = (shape.heads + 2 * shape.kv_heads) * m;
-            let r = RopeKv::split(
+            let r = ops::rope_kv(
+                ch.b,
                 &qkv.all(),
                 &ly.attn.qk_norms.all(),
                 &caches[l].all(),
@@ -1439,9 +1443,8 @@ fn build(
                 max_seq,
                 eps,
                 c.rope_theta as f32,
-                jobs.div_ceil(4).min(workers),
+                workers,
             )?;
-            let r = ops::Group(ch.b.push_all(r));
             ch.stage(r, &format!("layer {l} rope"));
             None
         };

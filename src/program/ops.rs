@@ -12,7 +12,7 @@ use crate::task::{
     gemv_bf16::{takes_tensor_cores, GemvBf16, GemvShape, Prologue, READ_IN_PLACE_ROWS},
     reduce_sum::ReduceSum,
     rmsnorm::RmsNorm,
-    rope_kv::HeadShape,
+    rope_kv::{HeadShape, RopeKv},
     split_even,
     swiglu::Swiglu,
     TaskSpec,
@@ -161,6 +161,39 @@ pub fn rmsnorm(
             eps,
         )?);
     }
+    Ok(Group(b.push_all(specs)))
+}
+
+/// The `rope_kv` work of `m` rows of `shape` (q and k normalised and rotated,
+/// k and v appended to `cache`), its (row, head) jobs four a task, over at
+/// most `parts` tasks.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_kv(
+    b: &mut ProgramBuilder,
+    qkv: &BufSlice,
+    norms: &BufSlice,
+    cache: &BufSlice,
+    pos: &BufSlice,
+    shape: HeadShape,
+    m: usize,
+    max_seq: usize,
+    eps: f32,
+    theta: f32,
+    parts: usize,
+) -> Result<Group> {
+    let jobs = (shape.heads + 2 * shape.kv_heads) * m;
+    let specs = RopeKv::split(
+        qkv,
+        norms,
+        cache,
+        pos,
+        shape,
+        m,
+        max_seq,
+        eps,
+        theta,
+        jobs.div_ceil(4).min(parts),
+    )?;
     Ok(Group(b.push_all(specs)))
 }
 

@@ -221,6 +221,21 @@ pub fn fuses_rope(shape: HeadShape, qkv: DType, cache: DType) -> bool {
     qkv == DType::Bf16 && cache == DType::Bf16 && matches!(shape.head_dim, 64 | 128)
 }
 
+/// Whether a model layer's attention slices take its rope `table` of
+/// `table_len` values (and no `rope_kv` stage runs): [`fuses_rope`], a full
+/// table, and the tiled path fitting `shared_bytes`.
+pub fn takes_rope_table(
+    shape: HeadShape,
+    qkv: DType,
+    cache: DType,
+    table_len: usize,
+    shared_bytes: usize,
+) -> bool {
+    fuses_rope(shape, qkv, cache)
+        && table_len == super::rope_kv::rope_table_len(shape.head_dim)
+        && tiled_fits(shape, shared_bytes)
+}
+
 /// Keys per slice step: a row's slices are multiples of it.
 pub const SLICE_KEYS: u32 = 16;
 
