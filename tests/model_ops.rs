@@ -117,6 +117,14 @@ fn embedding_lookup_and_bad_ids() {
                 tv[id as usize * cols..(id as usize + 1) * cols]
             );
         }
+        // The same rows through `ops::embed`: one task per row.
+        ex.write_f32(&dst, &vec![f32::NAN; m * cols]).unwrap();
+        let mut b = ProgramBuilder::new();
+        let g = ops::embed(&mut b, &dst.all(), &table.all(), &idb.all(), cols).unwrap();
+        assert_eq!(g.len(), m);
+        ex.run(&ex.load(&b.build().unwrap()).unwrap(), 1, &[])
+            .unwrap();
+        assert_eq!(ex.read_f32(&dst).unwrap(), got);
         ex.write_u32(&idb, &[1, 2, rows as u32, 0, 0, 0, 0])
             .unwrap();
         match run1(

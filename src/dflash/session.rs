@@ -36,7 +36,6 @@ use crate::task::argmax::Argmax;
 use crate::task::attention::takes_rope_table;
 use crate::task::dflash_accept::{state, AcceptIo, DflashAccept};
 use crate::task::dflash_inject::DflashInject;
-use crate::task::embed::Embed;
 use crate::task::gemv_bf16::{prologue_fits, GemvShape, Prologue};
 use crate::task::rope_kv::HeadShape;
 
@@ -652,8 +651,7 @@ fn draft_block(
     let width = shape.qkv_width();
     let (embed, lm_head) = model.embed_and_head();
     let ev = b.event("draft embed");
-    b.push(Embed::task(&a.x.all(), &embed.all(), &dids.all(), h)?)
-        .signal(ev);
+    ops::embed(b, &a.x.all(), &embed.all(), &dids.all(), h)?.signal(b, ev);
     let mut s = Stages { b, prev: ev };
     let fuse = |rows: usize, cols: usize| prologue_fits(rows, cols, shared);
     // `x` rows normalised by `w`: inside the product, or as a stage.
@@ -805,7 +803,7 @@ fn draft_block(
         &pro,
     )?;
     s.stage(lm, "draft lm head");
-    let parts = (workers / rows).max(1);
+    let parts = ops::row_argmax_parts(rows, workers);
     let lm_done = s.prev;
     let picked = s.b.event("draft proposals");
     let site = tp.map(|tp| tp.site(DType::U32, 2 * rows)).transpose()?;

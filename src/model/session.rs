@@ -23,7 +23,6 @@ use crate::task::advance::Advance;
 use crate::task::argmax::Argmax;
 use crate::task::attention::takes_rope_table;
 use crate::task::copy::Copy;
-use crate::task::embed::Embed;
 use crate::task::emit::Emit;
 use crate::task::fill_random::FillRandom;
 use crate::task::gemv_bf16::{prologue_fits, GemvShape, Prologue};
@@ -1384,7 +1383,7 @@ fn build(
         }
         Ok(())
     };
-    let e = single(&mut ch, Embed::task(&x.all(), &embed.all(), &ids.all(), h)?);
+    let e = ops::embed(ch.b, &x.all(), &embed.all(), &ids.all(), h)?;
     ch.stage(e, "embed");
     // `src` normalised by `w`: fused into the product (`x` and a prologue) or a
     // stage writing `hn` (and no prologue).
@@ -1774,7 +1773,7 @@ fn build(
         )?
         .staged(ch.b);
         ch.stage(lm, "lm head");
-        let parts = (workers / m).max(1);
+        let parts = ops::row_argmax_parts(m, workers);
         let row_pairs = buf(DType::U32, 2 * parts * m)?;
         let lm_done = ch.prev.expect("stages exist");
         let picked = ch.b.event("row tokens");

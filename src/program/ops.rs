@@ -8,6 +8,7 @@ use crate::task::{
     attention::Attention,
     attention_combine::AttentionCombine,
     axpy::Axpy,
+    embed::Embed,
     fill::Fill,
     gemv_bf16::{takes_tensor_cores, GemvBf16, GemvShape, Prologue, READ_IN_PLACE_ROWS},
     reduce_sum::ReduceSum,
@@ -126,6 +127,28 @@ pub fn gemv_with(
         .into_iter()
         .map(|(r0, n)| GemvBf16::rows_with(w, x, y, shape, r0, n, accumulate, prologue))
         .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(Group(b.push_all(specs)))
+}
+
+/// Embedding lookup of `ids.len()` rows of `cols` columns into `dst`, one
+/// task per row: the rows' reads run side by side on as many SMs instead of
+/// one after another in one task.
+pub fn embed(
+    b: &mut ProgramBuilder,
+    dst: &BufSlice,
+    table: &BufSlice,
+    ids: &BufSlice,
+    cols: usize,
+) -> Result<Group> {
+    let mut specs = Vec::new();
+    for r in 0..ids.len() {
+        specs.push(Embed::task(
+            &dst.sub(r * cols, cols)?,
+            table,
+            &ids.sub(r, 1)?,
+            cols,
+        )?);
+    }
     Ok(Group(b.push_all(specs)))
 }
 
@@ -314,6 +337,14 @@ pub fn argmax_with(
     split_then_combine(b, x, scratch, parts, 2, "argmax.partials", part, combine)
 }
 
+/// Partial tasks per row when `rows` rows each find their greedy token with
+/// [`argmax_with`] side by side on `workers`: as many as leave room for
+/// every row's combining task too, so that no row's partials queue behind
+/// another row's on the same SM.
+pub fn row_argmax_parts(rows: usize, workers: usize) -> usize {
+    (workers.saturating_sub(rows) / rows.max(1)).max(1)
+}
+
 /// Merge tasks per row for `m` rows of `heads` query heads on `workers`: as
 /// many as let all rows' tasks run side by side, with at most four heads each
 /// (up to four, a task merges each head with the whole block, as a lone row's
@@ -404,7 +435,24 @@ pub fn attention(
 
 #[cfg(test)]
 mod tests {
-    use super::combine_parts;
+    use super::{combine_parts, row_argmax_parts};
+
+    #[test]
+    fn row_argmax_tasks_fit_the_workers_side_by_side() {
+        for workers in [1, 7, 16, 132] {
+            for rows in 1..=16 {
+                let parts = row_argmax_parts(rows, workers);
+                assert!(parts >= 1);
+                if rows * 2 <= workers {
+                    // Every row's partials and its combining task.
+                    assert!(rows * (parts + 1) <= workers, "{rows} rows on {workers}");
+                    assert!(rows * (parts + 2) > workers, "{rows} rows on {workers}");
+                }
+            }
+        }
+        assert_eq!(row_argmax_parts(8, 132), 15);
+        assert_eq!(row_argmax_parts(7, 132), 17);
+    }
 
     #[test]
     fn merge_tasks_fill_the_workers_with_at_most_four_heads_each() {
