@@ -22,6 +22,10 @@ measured first in the same run, and the ratio (roofline %); then the time of a
   --preset NAME   tiny, tiny-moe, qwen3-0.6b, qwen3-8b, qwen3-30b-a3b (repeatable)
   --context N     positions before the timed steps (default 1024)
   --tokens N      timed decode steps (default 64)
+  --max-context N open every session with room for N positions (default: the
+                  context, the timed tokens and some slack; attention splits
+                  a session's keys by its maximum, so this times the programs
+                  of a session opened for long prompts at a short context)
   --config-out D  write D/NAME/config.json for each preset (for the PyTorch
                   peer, scripts/torch_decode_bench.py --random) and exit
   --experts F     routed experts as bf16 (default), mxfp4 or nvfp4 (repeatable:
@@ -52,6 +56,7 @@ measured first in the same run, and the ratio (roofline %); then the time of a
 fn main() -> Result<()> {
     let mut presets = Vec::new();
     let (mut context, mut tokens, mut profile) = (1024usize, 64usize, false);
+    let mut max_context = 0usize;
     let mut config_out: Option<String> = None;
     let mut expert_stream = false;
     let mut formats: Vec<Option<Fp4Format>> = Vec::new();
@@ -70,6 +75,7 @@ fn main() -> Result<()> {
             "--preset" => presets.push(it.next().unwrap_or_default()),
             "--context" => context = num("--context"),
             "--tokens" => tokens = num("--tokens"),
+            "--max-context" => max_context = num("--max-context"),
             "--profile" => profile = true,
             "--trace-out" => trace_out = it.next().map(Into::into),
             "--expert-stream" => expert_stream = true,
@@ -169,7 +175,7 @@ fn main() -> Result<()> {
         let t = Instant::now();
         eprintln!("{name}: drawing random weights on the device");
         let model = Model::random_with(&rt, &config, 7, experts)?;
-        let mut d = model.session(&rt, context + tokens + 34)?;
+        let mut d = model.session(&rt, (context + tokens + 34).max(max_context))?;
         let load = t.elapsed().as_secs_f64();
         let prompt: Vec<u32> = (0..context)
             .map(|i| ((i * 7919) % config.vocab_size) as u32)
@@ -235,6 +241,7 @@ fn main() -> Result<()> {
                 reference,
                 tokens,
                 block,
+                max_context,
                 plain: per_token,
                 profile,
                 trace_out: trace_out.as_deref(),
@@ -361,6 +368,8 @@ struct DflashRun<'a> {
     reference: Vec<u32>,
     tokens: usize,
     block: usize,
+    /// Positions the session must hold at least (`--max-context`).
+    max_context: usize,
     /// Plain decode seconds per token, same run.
     plain: f64,
     profile: bool,
@@ -381,7 +390,7 @@ impl DflashRun<'_> {
                 tau: 1.0,
             }),
         };
-        let max_seq = self.prompt.len() + self.tokens + 2 * self.block + 34;
+        let max_seq = (self.prompt.len() + self.tokens + 2 * self.block + 34).max(self.max_context);
         let mut s = DflashSession::new(rt, self.model, &draft, max_seq, &opts)?;
         let first = s.prefill(rt, self.prompt)?;
         let base = s.position();
