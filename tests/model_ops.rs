@@ -638,7 +638,7 @@ fn attention_rows_do_not_depend_on_their_block() {
                 16,
             ),
         ] {
-            let (hd, kvh, max_seq, chunks) = (shape.head_dim, shape.kv_heads, 1200, 16);
+            let (hd, kvh, max_seq, chunks) = (shape.head_dim, shape.kv_heads, 2600, 16);
             let width = shape.qkv_width();
             let (qkv, qv) = store(ex, DType::Bf16, &rng.vec(m * width));
             let (cache, _) = store(ex, DType::Bf16, &rng.vec(2 * kvh * max_seq * hd));
@@ -646,12 +646,16 @@ fn attention_rows_do_not_depend_on_their_block() {
             // (a block that fits one tile takes one K/V buffer of that
             // many rows on the GPU, a row alone two of 64); and one where
             // the block straddles a change of the slice length (every
-            // 16 × chunks keys).
+            // 16 × chunks keys); and places whose slices span two and three
+            // tiles (where two K/V buffers do not fit a block's pairs, the
+            // GPU keeps it in one sub-block with two K tiles and one V tile).
             for p0 in [
                 60 + rng.below(1000),
                 16 * chunks * 2 + 100,
                 16 * chunks * 3 + 100,
                 16 * chunks * (1 + rng.below(3)) - 8,
+                16 * chunks * 4 + 60,
+                16 * chunks * 9 + 50,
             ] {
                 let attn = AttnRun {
                     shape,

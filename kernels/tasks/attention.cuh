@@ -143,9 +143,19 @@ __device__ __forceinline__ void cp_async_wait_prev() { asm volatile("cp.async.wa
 __host__ __device__ constexpr u32 attention_row_words(u32 hd) { return hd / 2 + 4; }
 constexpr u32 ATTN_SCORE_STRIDE = ATTN_TILE + 8;
 
-// Shared memory the fast path needs for `pairs` pairs: q, `bufs` K/V tile
-// buffers of `tk` rows each, scores, per pair the running max, sum and
-// correction, and per row (`rows`) its slice and tile grid
+// Tile buffer modes (attention_tile_buffers): `bufs` 1 or 2 hold that many
+// K/V tiles; ATTN_SPLIT_BUFS holds two K tiles and one V tile (the next
+// tile's keys in flight while this tile's values are read, its values loaded
+// once they are not).
+constexpr u32 ATTN_SPLIT_BUFS = 3;
+
+// How attention_tile_buffers asks for split buffers: one buffer of this
+// many rows (K and V each), the room of two K tiles and one V tile.
+constexpr u32 ATTN_SPLIT_TK = 3 * ATTN_TILE / 2;
+
+// Shared memory the fast path needs for `pairs` pairs: q, the K/V tile
+// buffers of mode `bufs` with `tk` rows each, scores, per pair the running
+// max, sum and correction, and per row (`rows`) its slice and tile grid
 // (src/task/attention.rs mirrors the layout of two full buffers, the most a
 // block needs).
 __host__ __device__ constexpr u32 attention_smem_bytes(u32 pairs, u32 rows, u32 hd, u32 tk, u32 bufs) {
@@ -159,20 +169,24 @@ __host__ __device__ constexpr u32 attention_smem_bytes(u32 pairs, u32 rows, u32 
 // could be NaN).
 // Row `skip` (if below n) is left alone: its key is being appended and
 // written into the tile directly (attention_append_keys).
-template <u32 HD>
+// KV: 3 copies both, 1 the keys alone, 2 the values alone (and their zeros).
+template <u32 HD, u32 KV = 3>
 __device__ __forceinline__ void attention_load_tile(u32* k_s, u32* v_s, const char* kbase, const char* vbase, u32 t0, u32 n,
                                                     u32 skip = ~0u) {
     constexpr u32 W = HD / 2, WS = attention_row_words(HD);
     const u32 per = n * (HD / 8);  // 16-byte pieces of K (then as many of V)
-    for (u32 ch = threadIdx.x; ch < 2 * per; ch += BLOCK_THREADS) {
+    const u32 first = KV & 1u ? 0u : per, end = KV & 2u ? 2 * per : per;
+    for (u32 ch = first + threadIdx.x; ch < end; ch += BLOCK_THREADS) {
         const bool which = ch >= per;
         const u32 r = which ? ch - per : ch, j = r / (HD / 8), part = r % (HD / 8);
         if (j == skip) continue;
         const char* src = (which ? vbase : kbase) + u64(t0 + j) * HD * 2 + part * 16;
         cp_async16((which ? v_s : k_s) + j * WS + part * 4, src);
     }
-    const u32 pad = ((n + 15) & ~15u) - n;
-    for (u32 w = threadIdx.x; w < pad * W; w += BLOCK_THREADS) v_s[(n + w / W) * WS + w % W] = 0u;
+    if (KV & 2u) {
+        const u32 pad = ((n + 15) & ~15u) - n;
+        for (u32 w = threadIdx.x; w < pad * W; w += BLOCK_THREADS) v_s[(n + w / W) * WS + w % W] = 0u;
+    }
 }
 
 // The K/V tile buffers of the block's rows i0 .. i0 + rows, if the pairs
@@ -180,10 +194,12 @@ __device__ __forceinline__ void attention_load_tile(u32* k_s, u32* v_s, const ch
 // while one is computed) where they fit; else, for rows that share one
 // slice length of at most ATTN_TILE keys (one tile), one buffer of max(32,
 // that length) rows (the scores read K rows up to ATTN_TILE, masked past the
-// tile: they stay inside its K and V rows). A decode step's slices are 32
+// tile: they stay inside its K and V rows); else two K tiles and one V tile
+// (ATTN_SPLIT_BUFS; blocks of rows only). A decode step's slices are 32
 // keys at 1024 positions, so an 8-row block fits one sub-block that way
-// (two buffers left it six rows: BENCHMARKS.md, 32nd round). False if
-// neither fits.
+// (two buffers left it six rows: BENCHMARKS.md, 32nd round), and the split
+// buffers keep an 8-row block in one sub-block over longer slices. False if
+// none fits.
 __device__ __forceinline__ bool attention_tile_buffers(const AttentionArgs& a, u32 pos0, u32 i0, u32 rows, u32 pairs,
                                                        u32 hd, u32 smem, u32& tk, u32& bufs) {
     tk = ATTN_TILE, bufs = 2;
@@ -192,8 +208,11 @@ __device__ __forceinline__ bool attention_tile_buffers(const AttentionArgs& a, u
     // Slice lengths do not fall as rows attend more keys.
     const u32 p0 = attention_slice(a, attention_row_len(a, pos0, i0), l, h);
     const u32 p1 = attention_slice(a, attention_row_len(a, pos0, i0 + rows - 1), l, h);
-    if (p0 != p1 || p1 > ATTN_TILE) return false;
-    tk = max(p1, 32u), bufs = 1;
+    // Past one tile, blocks take split buffers: one "buffer" of 1.5 tiles'
+    // K and V rows (ATTN_SPLIT_TK), as much as two K tiles and one V tile.
+    const bool one = p0 == p1 && p1 <= ATTN_TILE;
+    if (!one && (i0 != 0 || rows != a.m || rows < 2 || rows > 32)) return false;
+    tk = one ? max(p1, 32u) : ATTN_SPLIT_TK, bufs = 1;
     return attention_smem_bytes(pairs, rows, hd, tk, bufs) <= smem;
 }
 
@@ -424,7 +443,7 @@ __device__ __forceinline__ void attention_softmax(float* p_s, float* m_s, float*
 // reads and the softmax of ATTN_SOFTMAX_BATCH pairs of a warp at a time;
 // otherwise (a decode step's single row) the shorter code of one thread's
 // loop and one pair at a time. The same arithmetic, the same bits.
-template <u32 HD, bool BLOCK>
+template <u32 HD, bool BLOCK, bool SPLIT = false>
 __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& a, u32 pos0, u32 i0, u32 rows, u32 tk,
                                              u32 bufs) {
     constexpr u32 W = attention_row_words(HD);  // 32-bit words (bf16 pairs) per row, padded
@@ -435,8 +454,12 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
     const u32 group = a.heads / a.kv_heads, pairs = rows * group, width = (a.heads + 2 * a.kv_heads) * HD;
     const float scale = __uint_as_float(a.scale);
     u32* q_s = reinterpret_cast<u32*>(c.scratch());  // [pairs][W]
-    u32* kv_s = q_s + pairs * W;                                       // [bufs][K, V][tk][W]
-    float* p_s = reinterpret_cast<float*>(kv_s + bufs * 2 * tk * W);  // [pairs][PS]
+    u32* kv_s = q_s + pairs * W;  // [bufs][K, V][tk][W]; SPLIT: [K, K, V][tk][W]
+    float* p_s = reinterpret_cast<float*>(kv_s + (SPLIT ? 3 * ATTN_TILE : bufs * 2 * tk) * W);  // [pairs][PS]
+    // Split buffers (ATTN_SPLIT_BUFS): blocks only, a lone row always fits two full ones.
+    constexpr bool split = BLOCK && SPLIT;
+    if (split) tk = ATTN_TILE;  // a constant for the split instance
+    u32* const v_split = kv_s + 2 * tk * W;
     float* m_s = p_s + pairs * PS;                                    // running max
     float* l_s = m_s + pairs;                                         // running sum
     float* f_s = l_s + pairs;                                         // this tile's correction
@@ -516,16 +539,17 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
     if (rope) {
         cp_async_commit();  // q on its own: it is rotated before the first tile lands
         if (direct) {
-            attention_load_tile<HD>(kv_s, kv_s + tk * W, kbase, vbase, t00, n0, pos0 - t00);
-            u16* k_row = reinterpret_cast<u16*>(kv_s + (pos0 - t00) * W);
-            attention_append_keys<HD>(a, pos0, cover, k_row, k_row + tk * W * 2);
+            u32* v0 = split ? v_split : kv_s + tk * W;
+            attention_load_tile<HD>(kv_s, v0, kbase, vbase, t00, n0, pos0 - t00);
+            attention_append_keys<HD>(a, pos0, cover, reinterpret_cast<u16*>(kv_s + (pos0 - t00) * W),
+                                      reinterpret_cast<u16*>(v0 + (pos0 - t00) * W));
         } else if (cover) {
             attention_append_keys<HD>(a, pos0, cover);
             __syncthreads();
         }
     }
     MK_PHASE(2);
-    if (ntiles > 0 && !direct) attention_load_tile<HD>(kv_s, kv_s + tk * W, kbase, vbase, t00, n0);
+    if (ntiles > 0 && !direct) attention_load_tile<HD>(kv_s, split ? v_split : kv_s + tk * W, kbase, vbase, t00, n0);
     cp_async_commit();
     if (rope) {
         // Each pair's q normalised and rotated in place while the first tile
@@ -571,15 +595,24 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
         if (k + 1 < ntiles) {
             u32 g1, t1, n1;
             tile(k + 1, g1, t1, n1);
-            u32* nk = kv_s + (buf ^ 1) * 2 * tk * W;  // two buffers: tk is ATTN_TILE
-            attention_load_tile<HD>(nk, nk + tk * W, kbase, vbase, t1, n1);
+            if (split) {
+                // The next tile's keys; its values follow this tile's P·V.
+                attention_load_tile<HD, 1>(kv_s + (buf ^ 1) * tk * W, nullptr, kbase, vbase, t1, n1);
+            } else {
+                u32* nk = kv_s + (buf ^ 1) * 2 * tk * W;  // two buffers: tk is ATTN_TILE
+                attention_load_tile<HD>(nk, nk + tk * W, kbase, vbase, t1, n1);
+            }
         }
         cp_async_commit();
-        cp_async_wait_prev();
+        // Split buffers past the first tile: groups in flight are this
+        // tile's keys, its values and the next tile's keys; the keys are
+        // needed now, the values before P·V.
+        if (split && k > 0) asm volatile("cp.async.wait_group 2;" ::: "memory");
+        else cp_async_wait_prev();
         __syncthreads();
         if (k == 0) { MK_PHASE(4); }
-        const u32* k_s = kv_s + buf * 2 * tk * W;
-        const u32* v_s = k_s + tk * W;
+        const u32* k_s = kv_s + buf * (split ? 1 : 2) * tk * W;
+        const u32* v_s = split ? v_split : k_s + tk * W;
         // Scores of the tile's keys up to n16 (n rounded up to 16, what P·V
         // reads; the softmax takes the keys past n16 as masked): keys past n
         // read stale words and are masked, like the pairs past `pairs`,
@@ -622,6 +655,7 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
         // nwarps, ...) ATTN_SOFTMAX_BATCH at a time, their reductions
         // interleaved (each pair's arithmetic as alone).
         attention_softmax<BLOCK ? ATTN_SOFTMAX_BATCH : 1>(p_s, m_s, l_s, f_s, pairs, n16);
+        if (split && k > 0) cp_async_wait_prev();  // this tile's values
         __syncthreads();
         if (k == 0) { MK_PHASE(6); }
         // P·V: job = (16-pair tile, 16 columns), warp w takes jobs w, w + 16, ...
@@ -663,6 +697,12 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
             }
         }
         __syncthreads();  // this buffer and p_s are refilled
+        if (split && k + 1 < ntiles) {
+            u32 g1, t1, n1;
+            tile(k + 1, g1, t1, n1);
+            attention_load_tile<HD, 2>(nullptr, v_split, kbase, vbase, t1, n1);
+            cp_async_commit();
+        }
         if (k == 0) { MK_PHASE(7); }
     }
     MK_PHASE(8);
@@ -715,7 +755,11 @@ __device__ __forceinline__ bool attention_fast(const Ctx& c, const AttentionArgs
         const u32 rows = min(sub, a.m - i0);
         u32 tk, bufs;
         attention_tile_buffers(a, pos0, i0, rows, rows * group, HD, c.smem_bytes, tk, bufs);
-        if (rows > 1 && rows <= 32) attention_tiled<HD, true>(c, a, pos0, i0, rows, tk, bufs);
+        if (rows > 1 && rows <= 32 && tk > ATTN_TILE) {
+            attention_tiled<HD, true, true>(c, a, pos0, i0, rows, ATTN_TILE, ATTN_SPLIT_BUFS);
+        } else if (rows > 1 && rows <= 32) {
+            attention_tiled<HD, true>(c, a, pos0, i0, rows, tk, bufs);
+        }
         else attention_tiled<HD, false>(c, a, pos0, i0, rows, tk, bufs);
     }
     return true;

@@ -7,7 +7,8 @@
 //
 //   tools/probes/run.sh [--ncu]     (or by hand:)
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Ikernels tools/probes/attention_probe.cu -o attention_probe
-//   ./attention_probe [m] [launches] [rope|plain] [hbm]   (PROBE_CHUNKS=N: N slices per KV head, not 33)
+//   ./attention_probe [m] [launches] [rope|plain] [hbm]   (PROBE_CHUNKS=N: N slices per KV head, not 33;
+//   PROBE_POS=P: P cached keys, not 1024)
 //
 // With `rope`, the tasks also normalise and rotate q and the block's keys
 // themselves (a rope table, AttentionArgs::rope), as a model layer's do.
@@ -58,7 +59,8 @@ int main(int argc, char** argv) {
     const int launches = argc > 2 ? atoi(argv[2]) : 400;
     const bool rope = argc > 3 && strcmp(argv[3], "rope") == 0;
     const u32 caches = argc > 4 && strcmp(argv[4], "hbm") == 0 ? 32 : 1;
-    const u32 heads = 32, kv_heads = 4, hd = 128, max_seq = 2048, pos0 = 1024;
+    const u32 pos0 = getenv("PROBE_POS") ? u32(atoi(getenv("PROBE_POS"))) : 1024;
+    const u32 heads = 32, kv_heads = 4, hd = 128, max_seq = pos0 + 1024;
     const u32 chunks = getenv("PROBE_CHUNKS") ? u32(atoi(getenv("PROBE_CHUNKS"))) : 33;
     const u32 width = (heads + 2 * kv_heads) * hd;
     u64 seed = 11;
