@@ -194,8 +194,9 @@ __device__ __forceinline__ void attention_load_tile(u32* k_s, u32* v_s, const ch
 // while one is computed) where they fit; else, for rows that share one
 // slice length of at most ATTN_TILE keys (one tile), one buffer of max(32,
 // that length) rows (the scores read K rows up to ATTN_TILE, masked past the
-// tile: they stay inside its K and V rows); else two K tiles and one V tile
-// (ATTN_SPLIT_BUFS; blocks of rows only). A decode step's slices are 32
+// tile: they stay inside its K and V rows); else, for a whole block of 2
+// to 32 rows, two K tiles and one V tile (ATTN_SPLIT_BUFS, asked for as one
+// buffer of ATTN_SPLIT_TK rows). A decode step's slices are 32
 // keys at 1024 positions, so an 8-row block fits one sub-block that way
 // (two buffers left it six rows: BENCHMARKS.md, 32nd round), and the split
 // buffers keep an 8-row block in one sub-block over longer slices. False if
