@@ -754,7 +754,7 @@ fn draft_block(
         let (src, pro) = normed(&mut s, &a.x.all(), &ly.attn.post_norm, m, "draft post norm")?;
         let inter = d.intermediate_size;
         // Gate and up over half the workers each: one task of the pair per SM.
-        let half = (workers / 2).max(1);
+        let half = ops::pair_parts(workers);
         let (g, u) = (a.g.all(), a.u.all());
         let mut gu = gemv(&mut s, &ly.gate, &src, &g, inter, h, false, &pro, half)?;
         gu.0.extend(gemv(&mut s, &ly.up, &src, &u, inter, h, false, &pro, half)?.0);

@@ -1493,7 +1493,7 @@ fn build(
                         cols: h,
                         m,
                     };
-                    let parts = (workers / 2).max(1);
+                    let parts = ops::pair_parts(workers);
                     ops::gemv_with(ch.b, &w.all(), &src, &y.all(), shape, parts, false, &pro)
                         .map(|g| g.staged(ch.b))
                 };
@@ -1572,7 +1572,7 @@ fn build(
                 // stage.
                 let spread_tasks = |shared_x: bool| {
                     if shared_x {
-                        (workers / 2).max(1)
+                        ops::pair_parts(workers)
                     } else {
                         workers
                     }

@@ -337,6 +337,12 @@ pub fn argmax_with(
     split_then_combine(b, x, scratch, parts, 2, "argmax.partials", part, combine)
 }
 
+/// Tasks of each product of a pair run as one stage (gate and up): half the
+/// workers each, so that an SM runs one task of the pair, not two in turn.
+pub fn pair_parts(workers: usize) -> usize {
+    (workers / 2).max(1)
+}
+
 /// Partial tasks per row when `rows` rows each find their greedy token with
 /// [`argmax_with`] side by side on `workers`: as many as leave room for
 /// every row's combining task too, so that no row's partials queue behind
