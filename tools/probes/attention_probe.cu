@@ -8,7 +8,8 @@
 //   tools/probes/run.sh [--ncu]     (or by hand:)
 //   nvcc -std=c++17 -O3 -arch=sm_90a -Ikernels tools/probes/attention_probe.cu -o attention_probe
 //   ./attention_probe [m] [launches] [rope|plain] [hbm]   (PROBE_CHUNKS=N: N slices per KV head, not 33;
-//   PROBE_POS=P: P cached keys, not 1024)
+//   PROBE_POS=P: P cached keys, not 1024; PROBE_COLD=1: each body after
+//   other code, its own out of the instruction cache, as in the resident kernel)
 //
 // With `rope`, the tasks also normalise and rotate q and the block's keys
 // themselves (a rope table, AttentionArgs::rope), as a model layer's do.
@@ -29,7 +30,7 @@
 #include "tasks/attention.cuh"
 
 __global__ void __launch_bounds__(BLOCK_THREADS, 1)
-    attention_probe(AttentionArgs base, DeviceState* st, StatusBlock* sb) {
+    attention_probe(AttentionArgs base, u32 cold_code, DeviceState* st, StatusBlock* sb) {
     __shared__ Env env;
     __shared__ TaskDesc desc;
     if (threadIdx.x == 0) {
@@ -38,6 +39,8 @@ __global__ void __launch_bounds__(BLOCK_THREADS, 1)
         a.chunk = blockIdx.x % a.chunks;
         probe_task(env, desc, a, st, sb);
     }
+    // The body's code out of the instruction cache (as after other tasks).
+    if (cold_code) probe_evict_code(threadIdx.x);
     __syncthreads();
     MK_PHASE(0);
     task_attention(probe_ctx(env, desc, PROBE_SMEM));
@@ -62,6 +65,7 @@ int main(int argc, char** argv) {
     const u32 pos0 = getenv("PROBE_POS") ? u32(atoi(getenv("PROBE_POS"))) : 1024;
     const u32 heads = 32, kv_heads = 4, hd = 128, max_seq = pos0 + 1024;
     const u32 chunks = getenv("PROBE_CHUNKS") ? u32(atoi(getenv("PROBE_CHUNKS"))) : 33;
+    const u32 cold_code = getenv("PROBE_COLD") ? 1u : 0u;
     const u32 width = (heads + 2 * kv_heads) * hd;
     u64 seed = 11;
     auto fill = [&](size_t n) {
@@ -106,7 +110,7 @@ int main(int argc, char** argv) {
     auto launch = [&](int i) {
         AttentionArgs li = a;
         li.cache = a.cache + u64(i % int(caches)) * kv.size() * 2;
-        attention_probe<<<blocks, BLOCK_THREADS, PROBE_SMEM>>>(li, dst, dsb);
+        attention_probe<<<blocks, BLOCK_THREADS, PROBE_SMEM>>>(li, cold_code, dst, dsb);
     };
     for (int i = 0; i < 3; ++i) launch(i);
     CHECK(cudaDeviceSynchronize());
@@ -120,8 +124,8 @@ int main(int argc, char** argv) {
     u64 hash = 1469598103934665603ull;
     for (unsigned char b : part) hash = (hash ^ b) * 1099511628211ull;
     printf("partials hash %016llx\n", (unsigned long long)hash);
-    printf("attention, %u rows%s%s: %u blocks, %.2f us per launch, fault kind %u\n", m, rope ? ", rope" : "",
-           caches > 1 ? ", cache from memory" : "", blocks, us, fault);
+    printf("attention, %u rows%s%s%s: %u blocks, %.2f us per launch, fault kind %u\n", m, rope ? ", rope" : "",
+           caches > 1 ? ", cache from memory" : "", cold_code ? ", code cold" : "", blocks, us, fault);
     const char* names[10] = {"",           "slices, q issued", "keys appended", "q rotated", "1st tile landed",
                              "... scores", "... softmax",      "... P.V",       "last tile",  "end"};
     probe_phases_print(names, 9, double(blocks) * launches);
