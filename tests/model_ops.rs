@@ -643,12 +643,10 @@ fn attention_rows_do_not_depend_on_their_block() {
             let (qkv, qv) = store(ex, DType::Bf16, &rng.vec(m * width));
             let (cache, _) = store(ex, DType::Bf16, &rng.vec(2 * kvh * max_seq * hd));
             // A random place; places whose rows' slices are 48 and 64 keys
-            // (a block that fits one tile takes one K/V buffer of that
-            // many rows on the GPU, a row alone two of 64); and one where
-            // the block straddles a change of the slice length (every
-            // 16 × chunks keys); and places whose slices span two and three
-            // tiles (where two K/V buffers do not fit a block's pairs, the
-            // GPU keeps it in one sub-block with two K tiles and one V tile).
+            // (one tile, some of its key quarters empty); one where the
+            // block straddles a change of the slice length (every 16 ×
+            // chunks keys); and places whose slices span two and three
+            // tiles (every quarter of a warp's keys holding some).
             for p0 in [
                 60 + rng.below(1000),
                 16 * chunks * 2 + 100,

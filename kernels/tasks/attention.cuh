@@ -4,10 +4,10 @@
 //
 // Fast path (bf16 q and cache, head_dim 64 or 128): the slice is processed in
 // tiles of 64 keys. The block copies the pairs' q and a tile's K and V into
-// shared memory (cp.async, 16 bytes per thread), computes the (pair, key)
-// scores on tensor cores (16 pairs x 8 keys per warp job), updates each
-// pair's running max and sum (one warp per pair), then accumulates P·V on
-// tensor cores too (16 pairs x 16 columns per warp job).
+// shared memory (cp.async, 16 bytes per thread); each warp takes 16 pairs and
+// a quarter of every tile's keys, computes their scores on tensor cores, keeps
+// its own running max and sum in registers and accumulates P·V on tensor
+// cores from the score fragments; the quarters merge at the end.
 // Other geometries use the generic path: one warp per pair, one key at a time.
 //
 // With a rope table (AttentionArgs::rope, fast path only) the task also does
@@ -134,100 +134,69 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 __device__ __forceinline__ void cp_async_wait_prev() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
 
 // Row strides in shared memory, padded so that the tensor-core fragment
-// loads meet no bank conflicts: a q, K or V row is hd / 2 words plus 4 (the
-// eight rows g of a fragment then start in banks 4g apart, and the four
-// lanes of a row take the four words between), a score row ATTN_TILE floats
-// plus 8 (a half-warp's float2 loads of eight rows fall in distinct banks).
-// Unpadded, every fragment load was an 8-way conflict: all eight rows began in
-// the same bank.
+// loads meet no bank conflicts: a q, K or V row is hd / 2 words plus 4, 16
+// bytes more than a multiple of 128, so the eight 16-byte rows of an
+// ldmatrix fall in distinct banks. Unpadded, every fragment load was an
+// 8-way conflict: all eight rows began in the same bank.
 __host__ __device__ constexpr u32 attention_row_words(u32 hd) { return hd / 2 + 4; }
-constexpr u32 ATTN_SCORE_STRIDE = ATTN_TILE + 8;
 
-// Tile buffer modes (attention_tile_buffers): `bufs` 1 or 2 hold that many
-// K/V tiles; ATTN_SPLIT_BUFS holds two K tiles and one V tile (the next
-// tile's keys in flight while this tile's values are read, its values loaded
-// once they are not).
-constexpr u32 ATTN_SPLIT_BUFS = 3;
+// Keys of a tile each warp takes (a quarter of ATTN_TILE): warp w works on
+// pair tile w / ATTN_QUARTERS (16 pairs) and keys ATTN_QKEYS * (w %
+// ATTN_QUARTERS) .. + ATTN_QKEYS of every tile.
+constexpr u32 ATTN_QUARTERS = 4;
+constexpr u32 ATTN_QKEYS = ATTN_TILE / ATTN_QUARTERS;
 
-// How attention_tile_buffers asks for split buffers: one buffer of this
-// many rows (K and V each), the room of two K tiles and one V tile.
-constexpr u32 ATTN_SPLIT_TK = 3 * ATTN_TILE / 2;
+// Pairs (query row x head of the group) a block computes at once: one
+// 16-pair tile per ATTN_QUARTERS warps.
+__host__ __device__ constexpr u32 attention_max_pairs() { return 16 * (BLOCK_THREADS / 32) / ATTN_QUARTERS; }
 
-// Shared memory the fast path needs for `pairs` pairs: q, the K/V tile
-// buffers of mode `bufs` with `tk` rows each, scores, per pair the running
-// max, sum and correction, and per row (`rows`) its slice and tile grid
-// (src/task/attention.rs mirrors the layout of two full buffers, the most a
-// block needs).
-__host__ __device__ constexpr u32 attention_smem_bytes(u32 pairs, u32 rows, u32 hd, u32 tk, u32 bufs) {
-    return pairs * attention_row_words(hd) * 4 + bufs * 2 * tk * attention_row_words(hd) * 4 +
-           pairs * ATTN_SCORE_STRIDE * 4 + 3 * pairs * 4 + 3 * rows * 4;
+// Shared memory the fast path needs for `pairs` pairs of `rows` query rows:
+// q, two K/V tile buffers (the next tile in flight while one is computed;
+// at the end, the quarters' states), per row its slice and tile grid
+// (src/task/attention.rs mirrors it).
+__host__ __device__ constexpr u32 attention_smem_bytes(u32 pairs, u32 rows, u32 hd) {
+    return pairs * attention_row_words(hd) * 4 + 2 * 2 * ATTN_TILE * attention_row_words(hd) * 4 + 3 * rows * 4;
 }
 
 // Issues the cp.async copies of keys t0 .. t0 + n into one tile buffer and
-// zeros the value rows n .. up to the next multiple of 16 (P·V multiplies
-// whole 16-key steps; their weights are zero, and zero times a stale word
-// could be NaN).
-// Row `skip` (if below n) is left alone: its key is being appended and
-// written into the tile directly (attention_append_keys).
-// KV: 3 copies both, 1 the keys alone, 2 the values alone (and their zeros).
-template <u32 HD, u32 KV = 3>
+// zeros the value rows n .. up to the next multiple of ATTN_QKEYS (P·V
+// multiplies a quarter's keys at once; their weights are zero, and zero
+// times a stale word could be NaN). Row `skip` (if below n) is left alone:
+// its key is being appended and written into the tile directly
+// (attention_append_keys).
+template <u32 HD>
 __device__ __forceinline__ void attention_load_tile(u32* k_s, u32* v_s, const char* kbase, const char* vbase, u32 t0, u32 n,
                                                     u32 skip = ~0u) {
     constexpr u32 W = HD / 2, WS = attention_row_words(HD);
     const u32 per = n * (HD / 8);  // 16-byte pieces of K (then as many of V)
-    const u32 first = KV & 1u ? 0u : per, end = KV & 2u ? 2 * per : per;
-    for (u32 ch = first + threadIdx.x; ch < end; ch += BLOCK_THREADS) {
+    for (u32 ch = threadIdx.x; ch < 2 * per; ch += BLOCK_THREADS) {
         const bool which = ch >= per;
         const u32 r = which ? ch - per : ch, j = r / (HD / 8), part = r % (HD / 8);
         if (j == skip) continue;
         const char* src = (which ? vbase : kbase) + u64(t0 + j) * HD * 2 + part * 16;
         cp_async16((which ? v_s : k_s) + j * WS + part * 4, src);
     }
-    if (KV & 2u) {
-        const u32 pad = ((n + 15) & ~15u) - n;
-        for (u32 w = threadIdx.x; w < pad * W; w += BLOCK_THREADS) v_s[(n + w / W) * WS + w % W] = 0u;
+    const u32 pad = ((n + ATTN_QKEYS - 1) / ATTN_QKEYS * ATTN_QKEYS) - n;
+    for (u32 w = threadIdx.x; w < pad * W; w += BLOCK_THREADS) v_s[(n + w / W) * WS + w % W] = 0u;
+}
+
+// Four 8x8 bf16 matrices from shared memory (ldmatrix): lane l gives the
+// address of row l % 8 of matrix l / 8 and gets, of each matrix, row l / 4,
+// elements 2 (l % 4) and + 1 (TRANS: column l / 4, rows 2 (l % 4) and + 1):
+// tensor-core fragments.
+template <bool TRANS = false>
+__device__ __forceinline__ void ldsm_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+    if (TRANS) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                     : "r"(addr));
+    } else {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                     : "r"(addr));
     }
 }
 
-// The K/V tile buffers of the block's rows i0 .. i0 + rows, if the pairs
-// fit `smem` bytes with them: two of ATTN_TILE rows (the next tile in flight
-// while one is computed) where they fit; else, for rows that share one
-// slice length of at most ATTN_TILE keys (one tile), one buffer of max(32,
-// that length) rows (the scores read K rows up to ATTN_TILE, masked past the
-// tile: they stay inside its K and V rows); else, for a whole block of 2
-// to 32 rows, two K tiles and one V tile (ATTN_SPLIT_BUFS, asked for as one
-// buffer of ATTN_SPLIT_TK rows). A decode step's slices are 32
-// keys at 1024 positions, so an 8-row block fits one sub-block that way
-// (two buffers left it six rows: BENCHMARKS.md, 32nd round), and the split
-// buffers keep an 8-row block in one sub-block over longer slices. False if
-// none fits.
-__device__ __forceinline__ bool attention_tile_buffers(const AttentionArgs& a, u32 pos0, u32 i0, u32 rows, u32 pairs,
-                                                       u32 hd, u32 smem, u32& tk, u32& bufs) {
-    tk = ATTN_TILE, bufs = 2;
-    if (attention_smem_bytes(pairs, rows, hd, ATTN_TILE, 2) <= smem) return true;
-    u32 l, h;
-    // Slice lengths do not fall as rows attend more keys.
-    const u32 p0 = attention_slice(a, attention_row_len(a, pos0, i0), l, h);
-    const u32 p1 = attention_slice(a, attention_row_len(a, pos0, i0 + rows - 1), l, h);
-    // Past one tile, blocks take split buffers: one "buffer" of 1.5 tiles'
-    // K and V rows (ATTN_SPLIT_TK), as much as two K tiles and one V tile.
-    const bool one = p0 == p1 && p1 <= ATTN_TILE;
-    if (!one && (i0 != 0 || rows != a.m || rows < 2 || rows > 32)) return false;
-    tk = one ? max(p1, 32u) : ATTN_SPLIT_TK, bufs = 1;
-    return attention_smem_bytes(pairs, rows, hd, tk, bufs) <= smem;
-}
-
-// P·V jobs a warp keeps across the tiles (accumulators in registers): a job
-// is 16 pairs x 16 columns, so a sub-block holds at most
-// 16 * ATTN_JOBS_PER_WARP * warps / (HD / 16) pairs.
-constexpr u32 ATTN_JOBS_PER_WARP = 4;
-
-// Pairs whose softmax updates a warp interleaves.
-constexpr u32 ATTN_SOFTMAX_BATCH = 4;
-
-__host__ __device__ constexpr u32 attention_max_pairs(u32 hd) {
-    return 16 * ATTN_JOBS_PER_WARP * (BLOCK_THREADS / 32) / (hd / 16);
-}
 
 // f32 weights (x0 of key k, x1 of key k + 1) as the bf16 pair nearest them
 // and the bf16 pair nearest what that leaves: hi + lo carries 16 significant
@@ -365,106 +334,73 @@ __device__ __forceinline__ void attention_append_keys(const AttentionArgs& a, u3
     }
 }
 
-// The online softmax update of one tile (attention_tiled): scores p_s of
-// `pairs` pairs, keys n16 and past them masked; the running max m_s and sum
-// l_s, the tile's correction f_s. One warp per pair, B pairs of a warp (p,
-// p + warps, ...) at a time with their reductions interleaved; a pair's
-// arithmetic is the same for every B.
-template <u32 B>
-__device__ __forceinline__ void attention_softmax(float* p_s, float* m_s, float* l_s, float* f_s, u32 pairs,
-                                                  u32 n16) {
-    constexpr u32 PS = ATTN_SCORE_STRIDE;
-    const float neg_inf = -__int_as_float(0x7f800000);
-    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = BLOCK_THREADS / 32;
-    const bool in0 = lane < n16, in1 = lane + 32 < n16;
-    for (u32 pb = warp; pb < pairs; pb += B * nwarps) {
-        float s0[B], s1[B], mx[B];
-#pragma unroll
-        for (u32 b = 0; b < B; ++b) {
-            const float* row = p_s + min(pb + b * nwarps, pairs - 1) * PS;
-            s0[b] = in0 ? row[lane] : neg_inf, s1[b] = in1 ? row[lane + 32] : neg_inf;
-            mx[b] = fmaxf(s0[b], s1[b]);
-        }
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) {
-#pragma unroll
-            for (u32 b = 0; b < B; ++b) mx[b] = fmaxf(mx[b], __shfl_xor_sync(0xFFFFFFFFu, mx[b], off));
-        }
-        float sum[B], nm[B], old[B];
-#pragma unroll
-        for (u32 b = 0; b < B; ++b) {
-            const u32 p = pb + b * nwarps;
-            old[b] = m_s[min(p, pairs - 1)], nm[b] = fmaxf(old[b], mx[b]);
-            const bool none = nm[b] == neg_inf;
-            const float e0 = none ? 0.0f : __expf(s0[b] - nm[b]), e1 = none ? 0.0f : __expf(s1[b] - nm[b]);
-            if (p < pairs) {
-                if (in0) p_s[p * PS + lane] = e0;
-                if (in1) p_s[p * PS + lane + 32] = e1;
-            }
-            sum[b] = e0 + e1;
-        }
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) {
-#pragma unroll
-            for (u32 b = 0; b < B; ++b) sum[b] += __shfl_xor_sync(0xFFFFFFFFu, sum[b], off);
-        }
-#pragma unroll
-        for (u32 b = 0; b < B; ++b) {
-            const u32 p = pb + b * nwarps;
-            if (lane == 0 && p < pairs) {
-                // Exactly 1 when the maximum holds (a tile wholly outside a
-                // row's slice then changes nothing, bit for bit).
-                const float corr = (nm[b] == neg_inf || old[b] == nm[b]) ? 1.0f : __expf(old[b] - nm[b]);
-                f_s[p] = corr;
-                l_s[p] = fmaf(l_s[p], corr, sum[b]);
-                m_s[p] = nm[b];
-            }
-        }
-    }
+// The A fragment of a 16-row tile (rows r0 .. r0 + 16, `rows` valid, each
+// `stride` bytes from `base`, a shared address), 16 columns from byte offset
+// `col`: rows past the valid ones read the last valid one (a row of A
+// reaches only its own row of the product, which is never stored).
+__device__ __forceinline__ void attention_a_frag(u32 base, u32 stride, u32 r0, u32 rows, u32 col, u32 (&af)[4]) {
+    const u32 lane = threadIdx.x & 31;
+    const u32 r = min(r0 + (lane & 7) + ((lane >> 3) & 1) * 8, rows - 1);
+    ldsm_x4(base + r * stride + col + (lane >> 4) * 16, af[0], af[1], af[2], af[3]);
 }
 
-// Tensor cores for both products. Scores: a warp job is 16 pairs x 8 keys
-// over the head's dimensions (mma.m16n8k16, A = q, B = k). P·V: a warp job is
-// 16 pairs x 16 columns over a tile's keys (A = the weights split into two
-// bf16 parts, B = v), its accumulators kept in registers across the tiles and
-// scaled by each pair's correction per tile. Every output of a pair depends
-// on its own q, weights and the tile's keys and values alone, never on the
-// other pairs of its 16-pair tile, so a row computes bit for bit alike alone
-// (decode) or in a block (verify). Tiles of ATTN_TILE keys start at the slice
-// start. Rows of a block share their slice length but where a block straddles
-// a change of it (at most once: 16 rows span fewer than 16 * chunks keys):
-// each of the two grids walks its own tiles, and a row attends only in its
-// own grid's tiles. Tiles are double buffered, tile t + 1 in flight while
-// tile t is computed, unless the block has one tile (`bufs` buffers of `tk`
-// rows: attention_tile_buffers). The block's rows i0 .. i0 + rows are
-// computed (a row's result is the same in any such sub-block). Out of line,
-// with registers of its own. BLOCK (2 to 32 rows): the rows' slices found
-// by a warp's lanes at once, a warp's q rotations over consecutive pairs
-// (one row's heads share their angles), score jobs only over the keys P·V
-// reads and the softmax of ATTN_SOFTMAX_BATCH pairs of a warp at a time;
-// otherwise (a decode step's single row) the shorter code of one thread's
-// loop and one pair at a time. The same arithmetic, the same bits.
-template <u32 HD, bool BLOCK, bool SPLIT = false>
-__device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& a, u32 pos0, u32 i0, u32 rows, u32 tk,
-                                             u32 bufs) {
+// The factor that rescales a running sum taken under the maximum old_m to
+// the maximum new_m.
+__device__ __forceinline__ float attention_corr(float old_m, float new_m) {
+    // Exactly 1 when the maximum holds, so that keys outside a row's slice
+    // (weights 0) change nothing, bit for bit.
+    return (new_m == -__int_as_float(0x7f800000) || old_m == new_m) ? 1.0f : __expf(old_m - new_m);
+}
+
+// The sum of a value over the four lanes of a quad (every lane gets the
+// same bits: each step adds two equal-ordered halves).
+__device__ __forceinline__ float attention_quad_sum(float v) {
+    v += __shfl_xor_sync(0xFFFFFFFFu, v, 1);
+    return v + __shfl_xor_sync(0xFFFFFFFFu, v, 2);
+}
+
+// The maximum of a value over the four lanes of a quad.
+__device__ __forceinline__ float attention_quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, 2));
+}
+
+// Tensor cores for both products, one barrier a tile. Warp w takes the
+// 16-pair tile w / ATTN_QUARTERS and quarter q = w % ATTN_QUARTERS of every
+// tile's keys (ATTN_QKEYS keys from the tile's start + ATTN_QKEYS q): it
+// computes their scores (mma.m16n8k16, A = q, B = k) into registers, keeps
+// its own running max and sum per pair (rows g and g + 8 of its lanes,
+// reduced over a quad), and multiplies the weights, split into two bf16
+// parts, by the values (A = the score fragments as they come, B = v through
+// ldmatrix.trans), its accumulators in registers across the tiles. At the
+// end the quarters' states merge in a fixed order ((0 with 2) and (1 with
+// 3), then those two) into the slice's partial. Every output of a pair
+// depends on its own q and the keys and values of its slice alone, never on
+// the other pairs of its tile or which warp computed it, so a row computes
+// bit for bit alike alone (decode) or in a block (verify). Tiles of
+// ATTN_TILE keys start at the slice start. Rows of a block share their slice
+// length but where a block straddles a change of it (at most once: 16 rows
+// span fewer than 16 * chunks keys): each of the two grids walks its own
+// tiles, and a row attends only in its own grid's tiles. Tiles are double
+// buffered, tile t + 1 in flight while tile t is computed. The block's rows
+// i0 .. i0 + rows are computed (at most attention_max_pairs pairs). Out of
+// line, with registers of its own. BLOCK (2 rows or more): the rows' slices
+// found by a warp's lanes at once and a warp's q rotations over consecutive
+// pairs (one row's heads share their angles); otherwise (a decode step's
+// single row) one thread's loop and one pair a warp. The same arithmetic,
+// the same bits.
+template <u32 HD, bool BLOCK>
+__device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& a, u32 pos0, u32 i0, u32 rows) {
     constexpr u32 W = attention_row_words(HD);  // 32-bit words (bf16 pairs) per row, padded
-    constexpr u32 PS = ATTN_SCORE_STRIDE;       // floats per score row
-    constexpr u32 JPT = HD / 16;                // P·V jobs per 16-pair tile
+    constexpr u32 NT = HD / 8;                  // 8-column tiles of a head
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = BLOCK_THREADS / 32;
     const u32 g = lane >> 2, cc = lane & 3;
     const u32 group = a.heads / a.kv_heads, pairs = rows * group, width = (a.heads + 2 * a.kv_heads) * HD;
     const float scale = __uint_as_float(a.scale);
+    const float neg_inf = -__int_as_float(0x7f800000);
     u32* q_s = reinterpret_cast<u32*>(c.scratch());  // [pairs][W]
-    u32* kv_s = q_s + pairs * W;  // [bufs][K, V][tk][W]; SPLIT: [K, K, V][tk][W]
-    float* p_s = reinterpret_cast<float*>(kv_s + (SPLIT ? 3 * ATTN_TILE : bufs * 2 * tk) * W);  // [pairs][PS]
-    // Split buffers (ATTN_SPLIT_BUFS): blocks only, a lone row always fits two full ones.
-    constexpr bool split = BLOCK && SPLIT;
-    if (split) tk = ATTN_TILE;  // a constant for the split instance
-    u32* const v_split = kv_s + 2 * tk * W;
-    float* m_s = p_s + pairs * PS;                                    // running max
-    float* l_s = m_s + pairs;                                         // running sum
-    float* f_s = l_s + pairs;                                         // this tile's correction
-    u32* lo_s = reinterpret_cast<u32*>(f_s + pairs);                  // each row's slice
+    u32* kv_s = q_s + pairs * W;                     // [2][K, V][ATTN_TILE][W]
+    u32* lo_s = kv_s + 2 * 2 * ATTN_TILE * W;        // each row's slice
     u32* hi_s = lo_s + rows;
     u32* grid_s = hi_s + rows;  // each row's tile grid: 0, or 1 past a change of slice length
     const DivBy gdiv(group);
@@ -509,7 +445,7 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
         for (u32 k = tid; k < pairs * (HD + 2); k += BLOCK_THREADS) {
             const u32 p = k / (HD + 2), e = k % (HD + 2);
             const u32 i = i0 + prow(p), h = a.kv_head * group + phead(p);
-            attention_partial(a, i, h, HD)[e] = e == HD ? -__int_as_float(0x7f800000) : 0.0f;
+            attention_partial(a, i, h, HD)[e] = e == HD ? neg_inf : 0.0f;
         }
         return;
     }
@@ -531,26 +467,25 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
     const float* rope = reinterpret_cast<const float*>(a.rope);
     const u32 cover = rope ? attention_cover(a, pos0, glo, ghi) : 0u;
     u32 gr0 = 0, t00 = 0, n0 = 0;
-    if (ntiles > 0) tile(0, gr0, t00, n0);
+    tile(0, gr0, t00, n0);
     // A single appended key inside the first tile (a decode step's, in its
     // last slice) goes into the tile straight from the append, so the tile's
     // other keys load meanwhile; otherwise the tiles load after the appended
     // keys reach the cache.
-    const bool direct = cover == 1u && ntiles > 0 && pos0 >= t00 && pos0 < t00 + n0;
+    const bool direct = cover == 1u && pos0 >= t00 && pos0 < t00 + n0;
     if (rope) {
         cp_async_commit();  // q on its own: it is rotated before the first tile lands
         if (direct) {
-            u32* v0 = split ? v_split : kv_s + tk * W;
-            attention_load_tile<HD>(kv_s, v0, kbase, vbase, t00, n0, pos0 - t00);
+            attention_load_tile<HD>(kv_s, kv_s + ATTN_TILE * W, kbase, vbase, t00, n0, pos0 - t00);
             attention_append_keys<HD>(a, pos0, cover, reinterpret_cast<u16*>(kv_s + (pos0 - t00) * W),
-                                      reinterpret_cast<u16*>(v0 + (pos0 - t00) * W));
+                                      reinterpret_cast<u16*>(kv_s + (ATTN_TILE + pos0 - t00) * W));
         } else if (cover) {
             attention_append_keys<HD>(a, pos0, cover);
             __syncthreads();
         }
     }
     MK_PHASE(2);
-    if (ntiles > 0 && !direct) attention_load_tile<HD>(kv_s, split ? v_split : kv_s + tk * W, kbase, vbase, t00, n0);
+    if (!direct) attention_load_tile<HD>(kv_s, kv_s + ATTN_TILE * W, kbase, vbase, t00, n0);
     cp_async_commit();
     if (rope) {
         // Each pair's q normalised and rotated in place while the first tile
@@ -581,139 +516,162 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
         }
     }
     MK_PHASE(3);
-    for (u32 p = tid; p < pairs; p += BLOCK_THREADS) m_s[p] = -__int_as_float(0x7f800000), l_s[p] = 0.0f;
-    const u32 pv_jobs = (pairs + 15) / 16 * JPT;
-    float acc[ATTN_JOBS_PER_WARP][2][4];
+    // This warp's pair tile and quarter; its lanes' rows g and g + 8.
+    const u32 pt = (warp / ATTN_QUARTERS) * 16, quarter = warp % ATTN_QUARTERS;
+    const bool active = pt < pairs;
+    const u32 pa = pt + g, pb = pa + 8;
+    const u32 ia = prow(min(pa, pairs - 1)), ib = prow(min(pb, pairs - 1));
+    const u32 q_sa = smem_addr(q_s);
+    float m[2] = {neg_inf, neg_inf}, l[2] = {0.0f, 0.0f};
+    float acc[NT][4];
 #pragma unroll
-    for (u32 j = 0; j < ATTN_JOBS_PER_WARP; ++j) {
-#pragma unroll
-        for (u32 t = 0; t < 2; ++t) acc[j][t][0] = acc[j][t][1] = acc[j][t][2] = acc[j][t][3] = 0.0f;
-    }
-    u32 buf = 0;
-    for (u32 k = 0; k < ntiles; ++k, buf ^= 1) {
-        u32 grid, t0, n;
-        tile(k, grid, t0, n);
+    for (u32 j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    for (u32 k = 0; k < ntiles; ++k) {
+        asm volatile("cp.async.wait_all;" ::: "memory");
+        __syncthreads();  // tile k landed; every warp is done with tile k - 1's buffer
+        if (k == 0) { MK_PHASE(4); }
         if (k + 1 < ntiles) {
             u32 g1, t1, n1;
             tile(k + 1, g1, t1, n1);
-            if (split) {
-                // The next tile's keys; its values follow this tile's P·V.
-                attention_load_tile<HD, 1>(kv_s + (buf ^ 1) * tk * W, nullptr, kbase, vbase, t1, n1);
-            } else {
-                u32* nk = kv_s + (buf ^ 1) * 2 * tk * W;  // two buffers: tk is ATTN_TILE
-                attention_load_tile<HD>(nk, nk + tk * W, kbase, vbase, t1, n1);
+            u32* nk = kv_s + ((k + 1) & 1) * 2 * ATTN_TILE * W;
+            attention_load_tile<HD>(nk, nk + ATTN_TILE * W, kbase, vbase, t1, n1);
+            cp_async_commit();
+        }
+        u32 grid, t0, n;
+        tile(k, grid, t0, n);
+        const u32 k0 = quarter * ATTN_QKEYS;  // the quarter's first key in the tile
+        if (!active || k0 >= n) continue;     // no keys of this quarter: its state stays
+        const u32 kv_sa = smem_addr(kv_s + (k & 1) * 2 * ATTN_TILE * W);
+        // Scores: two 8-key n-tiles (keys k0 + 8 t + l % 8 of the K rows).
+        float d[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+        const u32 kaddr = kv_sa + (k0 + (lane & 7)) * W * 4 + (lane >> 3) * 16;
+#pragma unroll
+        for (u32 k32 = 0; k32 < HD / 32; ++k32) {
+            u32 kf[2][4];
+#pragma unroll
+            for (u32 t = 0; t < 2; ++t) ldsm_x4(kaddr + t * 8 * W * 4 + k32 * 64, kf[t][0], kf[t][1], kf[t][2], kf[t][3]);
+#pragma unroll
+            for (u32 h = 0; h < 2; ++h) {
+                u32 af[4];
+                attention_a_frag(q_sa, W * 4, pt, pairs, (2 * k32 + h) * 32, af);
+#pragma unroll
+                for (u32 t = 0; t < 2; ++t) mma_bf16_16816(d[t], af, kf[t][2 * h], kf[t][2 * h + 1]);
             }
         }
-        cp_async_commit();
-        // Split buffers past the first tile: groups in flight are this
-        // tile's keys, its values and the next tile's keys; the keys are
-        // needed now, the values before P·V.
-        if (split && k > 0) asm volatile("cp.async.wait_group 2;" ::: "memory");
-        else cp_async_wait_prev();
-        __syncthreads();
-        if (k == 0) { MK_PHASE(4); }
-        const u32* k_s = kv_s + buf * (split ? 1 : 2) * tk * W;
-        const u32* v_s = split ? v_split : k_s + tk * W;
-        // Scores of the tile's keys up to n16 (n rounded up to 16, what P·V
-        // reads; the softmax takes the keys past n16 as masked): keys past n
-        // read stale words and are masked, like the pairs past `pairs`,
-        // which are zeros.
-        const u32 n16 = BLOCK ? (n + 15) & ~15u : ATTN_TILE, kjobs = n16 / 8;
-        const DivBy kdiv(kjobs);
-        for (u32 job = warp; job < ((pairs + 15) / 16) * kjobs; job += nwarps) {
-            const u32 jt = BLOCK ? kdiv.div(job) : job / (ATTN_TILE / 8), jk = job - jt * kjobs;
-            const u32 pa = jt * 16 + g, pb = pa + 8, key = jk * 8 + g;
-            const u32* qa = q_s + min(pa, pairs - 1) * W + cc;
-            const u32* qb = q_s + min(pb, pairs - 1) * W + cc;
-            const u32* kr = k_s + key * W + cc;
-            // The two rows' slices and grids, loaded before the products so
-            // that the masking below does not wait on them.
-            const u32 ia = prow(min(pa, pairs - 1)), ib = prow(min(pb, pairs - 1));
-            const u32 row_lo[2] = {lo_s[ia], lo_s[ib]}, row_hi[2] = {hi_s[ia], hi_s[ib]};
-            const bool row_in[2] = {grid_s[ia] == grid, grid_s[ib] == grid};
-            float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (k == 0) { MK_PHASE(5); }
+        // Masked and scaled: d[t][0..1] pair pa, keys k0 + 8t + 2cc, + 1;
+        // d[t][2..3] pair pb.
+        const u32 rlo[2] = {lo_s[ia], lo_s[ib]}, rhi[2] = {hi_s[ia], hi_s[ib]};
+        const bool rin[2] = {grid_s[ia] == grid, grid_s[ib] == grid};
+        float mx[2] = {neg_inf, neg_inf};
 #pragma unroll
-            for (u32 k16 = 0; k16 < HD / 16; ++k16) {
-                const u32 af[4] = {pa < pairs ? qa[k16 * 8] : 0u, pb < pairs ? qb[k16 * 8] : 0u,
-                                   pa < pairs ? qa[k16 * 8 + 4] : 0u, pb < pairs ? qb[k16 * 8 + 4] : 0u};
-                mma_bf16_16816(d, af, kr[k16 * 8], kr[k16 * 8 + 4]);
-            }
-            // d[0], d[1]: pair pa, keys 2cc, 2cc + 1 of the block; d[2], d[3]: pair pb.
+        for (u32 t = 0; t < 2; ++t) {
 #pragma unroll
             for (u32 e = 0; e < 4; ++e) {
-                const u32 p = e < 2 ? pa : pb, j = jk * 8 + 2 * cc + (e & 1);
-                if (p < pairs) {
-                    const u32 r = e / 2;
-                    const bool live = j < n && row_in[r] && t0 + j >= row_lo[r] && t0 + j < row_hi[r];
-                    p_s[p * PS + j] = live ? d[e] * scale : -__int_as_float(0x7f800000);
-                }
+                const u32 r = e / 2, j = k0 + 8 * t + 2 * cc + (e & 1), key = t0 + j;
+                const bool live = j < n && rin[r] && key >= rlo[r] && key < rhi[r];
+                d[t][e] = live ? d[t][e] * scale : neg_inf;
+                mx[r] = fmaxf(mx[r], d[t][e]);
             }
         }
-        __syncthreads();
-        if (k == 0) { MK_PHASE(5); }
-        // Online softmax update, one warp per pair (keys from n16 on
-        // masked, as their scores would be); BLOCK: a warp's pairs (p, p +
-        // nwarps, ...) ATTN_SOFTMAX_BATCH at a time, their reductions
-        // interleaved (each pair's arithmetic as alone).
-        attention_softmax<BLOCK ? ATTN_SOFTMAX_BATCH : 1>(p_s, m_s, l_s, f_s, pairs, n16);
-        if (split && k > 0) cp_async_wait_prev();  // this tile's values
-        __syncthreads();
-        if (k == 0) { MK_PHASE(6); }
-        // P·V: job = (16-pair tile, 16 columns), warp w takes jobs w, w + 16, ...
-        const u32 steps = (n + 15) / 16;
+        // The running max and sum of rows g and g + 8; the weights.
+        float corr[2];
 #pragma unroll
-        for (u32 jw = 0; jw < ATTN_JOBS_PER_WARP; ++jw) {
-            const u32 job = warp + jw * nwarps;
-            if (job >= pv_jobs) break;
-            const u32 pa = (job / JPT) * 16 + g, pb = pa + 8, col = (job % JPT) * 16 + g;
-            const bool la = pa < pairs, lb = pb < pairs;
-            const float fa = la ? f_s[pa] : 1.0f, fb = lb ? f_s[pb] : 1.0f;
+        for (u32 r = 0; r < 2; ++r) {
+            const float nm = fmaxf(m[r], attention_quad_max(mx[r]));
+            corr[r] = attention_corr(m[r], nm);
+            const bool none = nm == neg_inf;
+            float s = 0.0f;
 #pragma unroll
             for (u32 t = 0; t < 2; ++t) {
-                acc[jw][t][0] *= fa, acc[jw][t][1] *= fa, acc[jw][t][2] *= fb, acc[jw][t][3] *= fb;
+                const float e0 = none ? 0.0f : __expf(d[t][2 * r] - nm), e1 = none ? 0.0f : __expf(d[t][2 * r + 1] - nm);
+                d[t][2 * r] = e0, d[t][2 * r + 1] = e1;
+                s += e0 + e1;
             }
-            const float* ra = p_s + min(pa, pairs - 1) * PS + 2 * cc;
-            const float* rb = p_s + min(pb, pairs - 1) * PS + 2 * cc;
-            for (u32 st = 0; st < steps; ++st) {
-                const u32 kb = st * 16;
-                const float2 xa0 = la ? *reinterpret_cast<const float2*>(ra + kb) : make_float2(0.0f, 0.0f);
-                const float2 xb0 = lb ? *reinterpret_cast<const float2*>(rb + kb) : make_float2(0.0f, 0.0f);
-                const float2 xa1 = la ? *reinterpret_cast<const float2*>(ra + kb + 8) : make_float2(0.0f, 0.0f);
-                const float2 xb1 = lb ? *reinterpret_cast<const float2*>(rb + kb + 8) : make_float2(0.0f, 0.0f);
-                u32 ah[4], al[4];
-                attention_split_pair(xa0.x, xa0.y, ah[0], al[0]);
-                attention_split_pair(xb0.x, xb0.y, ah[1], al[1]);
-                attention_split_pair(xa1.x, xa1.y, ah[2], al[2]);
-                attention_split_pair(xb1.x, xb1.y, ah[3], al[3]);
-                const u32* v0 = v_s + (kb + 2 * cc) * W;
-#pragma unroll
-                for (u32 t = 0; t < 2; ++t) {
-                    // Column col + 8t of keys kb + 2cc, + 1 and kb + 2cc + 8, + 9.
-                    const u32 wd = (col + 8 * t) / 2, sel = (g & 1) ? 0x7632u : 0x5410u;
-                    const u32 b0 = __byte_perm(v0[wd], v0[W + wd], sel);
-                    const u32 b1 = __byte_perm(v0[8 * W + wd], v0[9 * W + wd], sel);
-                    mma_bf16_16816(acc[jw][t], ah, b0, b1);
-                    mma_bf16_16816(acc[jw][t], al, b0, b1);
-                }
-            }
+            l[r] = fmaf(l[r], corr[r], attention_quad_sum(s));
+            m[r] = nm;
         }
-        __syncthreads();  // this buffer and p_s are refilled
-        if (split && k + 1 < ntiles) {
-            u32 g1, t1, n1;
-            tile(k + 1, g1, t1, n1);
-            attention_load_tile<HD, 2>(nullptr, v_split, kbase, vbase, t1, n1);
-            cp_async_commit();
+        if (k == 0) { MK_PHASE(6); }
+        // The weights as the A fragments of P·V (keys k0 .. k0 + 16), hi and lo.
+        u32 ah[4], al[4];
+        attention_split_pair(d[0][0], d[0][1], ah[0], al[0]);
+        attention_split_pair(d[0][2], d[0][3], ah[1], al[1]);
+        attention_split_pair(d[1][0], d[1][1], ah[2], al[2]);
+        attention_split_pair(d[1][2], d[1][3], ah[3], al[3]);
+        // V rows (keys) k0 + l % 16, columns 16 jj + 8 (l / 16): with the
+        // transpose, the B fragments of two 8-column tiles.
+        const u32 vaddr = kv_sa + ((ATTN_TILE + k0 + (lane & 15)) * W + (lane >> 4) * 4) * 4;
+#pragma unroll
+        for (u32 jj = 0; jj < NT / 2; ++jj) {
+            u32 vb[4];
+            ldsm_x4<true>(vaddr + jj * 32, vb[0], vb[1], vb[2], vb[3]);
+#pragma unroll
+            for (u32 t = 0; t < 2; ++t) {
+                float(&ac)[4] = acc[2 * jj + t];
+                ac[0] *= corr[0], ac[1] *= corr[0], ac[2] *= corr[1], ac[3] *= corr[1];
+                mma_bf16_16816(ac, ah, vb[2 * t], vb[2 * t + 1]);
+                mma_bf16_16816(ac, al, vb[2 * t], vb[2 * t + 1]);
+            }
         }
         if (k == 0) { MK_PHASE(7); }
     }
     MK_PHASE(8);
-    asm volatile("cp.async.wait_all;" ::: "memory");
-    // Partials: acc[.][t][0..1] pair pa, columns base + 8t + 2cc, + 1; [2..3] pair pb.
+    // The quarters' states merged through shared memory (the tile buffers):
+    // slot (pair tile, quarter % 2), a lane's accumulators of 8-column tile
+    // j at float4 j * 32 + lane, then its rows' max and sum.
+    __syncthreads();
+    float4* slots = reinterpret_cast<float4*>(kv_s);
+    constexpr u32 SLOT = (NT + 1) * 32;
+    auto put = [&](u32 slot) {
+        float4* sp = slots + slot * SLOT + lane;
 #pragma unroll
-    for (u32 jw = 0; jw < ATTN_JOBS_PER_WARP; ++jw) {
-        const u32 job = warp + jw * nwarps;
-        if (job >= pv_jobs) break;
-        const u32 pa = (job / JPT) * 16 + g, base = (job % JPT) * 16 + 2 * cc;
+        for (u32 j = 0; j < NT; ++j) sp[j * 32] = make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
+        sp[NT * 32] = make_float4(m[0], m[1], l[0], l[1]);
+    };
+    auto take = [&](u32 slot) {
+        const float4* sp = slots + slot * SLOT + lane;
+        const float4 ml = sp[NT * 32];
+        const float mb[2] = {ml.x, ml.y}, lb[2] = {ml.z, ml.w};
+        float ca[2], cb[2];
+#pragma unroll
+        for (u32 r = 0; r < 2; ++r) {
+            const float nm = fmaxf(m[r], mb[r]);
+            ca[r] = attention_corr(m[r], nm), cb[r] = attention_corr(mb[r], nm);
+            l[r] = fmaf(l[r], ca[r], lb[r] * cb[r]);
+            m[r] = nm;
+        }
+#pragma unroll
+        for (u32 j = 0; j < NT; ++j) {
+            const float4 o = sp[j * 32];
+            acc[j][0] = fmaf(acc[j][0], ca[0], o.x * cb[0]), acc[j][1] = fmaf(acc[j][1], ca[0], o.y * cb[0]);
+            acc[j][2] = fmaf(acc[j][2], ca[1], o.z * cb[1]), acc[j][3] = fmaf(acc[j][3], ca[1], o.w * cb[1]);
+        }
+    };
+    const u32 pslot = (pt / 16) * 2;
+    if (active && quarter >= 2) put(pslot + quarter - 2);
+    __syncthreads();
+    if (active && quarter < 2) {
+        take(pslot + quarter);
+    }
+    __syncthreads();
+    if (active && quarter < 2) put(pslot + quarter);
+    __syncthreads();
+    if (active) {
+        // (0 with 2) with (1 with 3): each quarter merges and stores a
+        // quarter of the columns (8-column tiles quarter * NT / 4 ..), the
+        // rows' max and sum alike in each.
+        const float4* sa = slots + pslot * SLOT + lane;
+        const float4* sb = sa + SLOT;
+        const float4 mla = sa[NT * 32], mlb = sb[NT * 32];
+        const float ma[2] = {mla.x, mla.y}, la[2] = {mla.z, mla.w}, mb[2] = {mlb.x, mlb.y}, lb[2] = {mlb.z, mlb.w};
+        float ca[2], cb[2], mo[2], lo[2];
+#pragma unroll
+        for (u32 r = 0; r < 2; ++r) {
+            mo[r] = fmaxf(ma[r], mb[r]);
+            ca[r] = attention_corr(ma[r], mo[r]), cb[r] = attention_corr(mb[r], mo[r]);
+            lo[r] = fmaf(la[r], ca[r], lb[r] * cb[r]);
+        }
+        // Partials: tile j's [0..1] pair pa, columns 8 j + 2 cc, + 1; [2..3] pair pb.
 #pragma unroll
         for (u32 half = 0; half < 2; ++half) {
             const u32 p = pa + 8 * half;
@@ -721,50 +679,35 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
             const u32 i = i0 + prow(p), h = a.kv_head * group + phead(p);
             float* out = attention_partial(a, i, h, HD);
 #pragma unroll
-            for (u32 t = 0; t < 2; ++t) {
-                *reinterpret_cast<float2*>(out + base + 8 * t) = make_float2(acc[jw][t][2 * half], acc[jw][t][2 * half + 1]);
+            for (u32 jq = 0; jq < NT / ATTN_QUARTERS; ++jq) {
+                const u32 j = quarter * (NT / ATTN_QUARTERS) + jq;
+                const float2 oa = reinterpret_cast<const float2*>(sa + j * 32)[half];
+                const float2 ob = reinterpret_cast<const float2*>(sb + j * 32)[half];
+                *reinterpret_cast<float2*>(out + 8 * j + 2 * cc) =
+                    make_float2(fmaf(oa.x, ca[half], ob.x * cb[half]), fmaf(oa.y, ca[half], ob.y * cb[half]));
             }
+            if (quarter == 0 && cc == 0) out[HD] = mo[half], out[HD + 1] = lo[half];
         }
-    }
-    for (u32 p = tid; p < pairs; p += BLOCK_THREADS) {
-        const u32 i = i0 + prow(p), h = a.kv_head * group + phead(p);
-        float* out = attention_partial(a, i, h, HD);
-        out[HD] = m_s[p], out[HD + 1] = l_s[p];
     }
 }
 
 // The fast path over sub-blocks of the rows as large as its pair limit and
-// shared memory allow.
+// shared memory allow (every sub-block walks the tiles of its rows).
 template <u32 HD>
 __device__ __forceinline__ bool attention_fast(const Ctx& c, const AttentionArgs& a, u32 pos0) {
     const u32 group = a.heads / a.kv_heads;
-    // The largest sub-block size whose every sub-block fits.
-    auto fits = [&](u32 sub) {
-        if (sub * group > attention_max_pairs(HD)) return false;
-        for (u32 i0 = 0; i0 < a.m; i0 += sub) {
-            const u32 rows = min(sub, a.m - i0);
-            u32 tk, bufs;
-            if (!attention_tile_buffers(a, pos0, i0, rows, rows * group, HD, c.smem_bytes, tk, bufs)) return false;
-        }
-        return true;
-    };
-    u32 sub = a.m;
-    while (sub > 0 && !fits(sub)) --sub;
+    u32 sub = min(a.m, attention_max_pairs() / group);
+    while (sub > 0 && attention_smem_bytes(sub * group, sub, HD) > c.smem_bytes) --sub;
     if (sub == 0) return false;
     for (u32 i0 = 0; i0 < a.m; i0 += sub) {
         if (i0 > 0) __syncthreads();  // the last sub-block's shared memory is read
         const u32 rows = min(sub, a.m - i0);
-        u32 tk, bufs;
-        attention_tile_buffers(a, pos0, i0, rows, rows * group, HD, c.smem_bytes, tk, bufs);
-        if (rows > 1 && rows <= 32 && tk > ATTN_TILE) {
-            attention_tiled<HD, true, true>(c, a, pos0, i0, rows, ATTN_TILE, ATTN_SPLIT_BUFS);
-        } else if (rows > 1 && rows <= 32) {
-            attention_tiled<HD, true>(c, a, pos0, i0, rows, tk, bufs);
-        }
-        else attention_tiled<HD, false>(c, a, pos0, i0, rows, tk, bufs);
+        if (rows > 1) attention_tiled<HD, true>(c, a, pos0, i0, rows);
+        else attention_tiled<HD, false>(c, a, pos0, i0, rows);
     }
     return true;
 }
+
 
 __device__ __forceinline__ void task_attention(const Ctx& c) {
     const AttentionArgs& a = task_args<AttentionArgs>(c);

@@ -187,19 +187,15 @@ impl Attention {
 const TILE_KEYS: usize = 64;
 
 /// Whether the GPU's tiled path takes one query row of `shape` within
-/// `shared_bytes` of shared memory per block (q, two K/V tile buffers,
-/// scores, per-pair and per-row state, as the kernel lays them out).
+/// `shared_bytes` of shared memory per block (q and two K/V tile buffers, as
+/// the kernel lays them out, and at most one 16-pair tile per four warps).
 pub fn tiled_fits(shape: HeadShape, shared_bytes: usize) -> bool {
     let (pairs, hd) = (shape.heads / shape.kv_heads.max(1), shape.head_dim);
-    let max_pairs = 16 * 4 * (crate::abi::BLOCK_THREADS as usize / 32) / (hd / 16).max(1);
-    // Rows padded against bank conflicts: hd / 2 + 4 words, TILE_KEYS + 8 scores.
+    let max_pairs = 16 * (crate::abi::BLOCK_THREADS as usize / 32) / 4;
+    // Rows padded against bank conflicts: hd / 2 + 4 words.
     let words = hd / 2 + 4;
-    // Per pair its running max, sum and correction; per row its slice and grid.
-    let bytes = pairs * words * 4
-        + 4 * TILE_KEYS * words * 4
-        + pairs * (TILE_KEYS + 8) * 4
-        + 3 * pairs * 4
-        + 3 * 4;
+    // Per row its slice and grid.
+    let bytes = pairs * words * 4 + 4 * TILE_KEYS * words * 4 + 3 * 4;
     pairs <= max_pairs && bytes <= shared_bytes
 }
 
