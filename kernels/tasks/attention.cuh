@@ -650,9 +650,7 @@ __device__ __noinline__ void attention_tiled(const Ctx& c, const AttentionArgs& 
     const u32 pslot = (pt / 16) * 2;
     if (active && quarter >= 2) put(pslot + quarter - 2);
     __syncthreads();
-    if (active && quarter < 2) {
-        take(pslot + quarter);
-    }
+    if (active && quarter < 2) take(pslot + quarter);
     __syncthreads();
     if (active && quarter < 2) put(pslot + quarter);
     __syncthreads();
