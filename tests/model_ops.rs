@@ -643,7 +643,7 @@ fn attention_rows_do_not_depend_on_their_block() {
             let (qkv, qv) = store(ex, DType::Bf16, &rng.vec(m * width));
             let (cache, _) = store(ex, DType::Bf16, &rng.vec(2 * kvh * max_seq * hd));
             // A random place; places whose rows' slices are 48 and 64 keys
-            // (one tile, some of its key quarters empty); one where the
+            // (one tile; at 48 its last quarter of keys empty); one where the
             // block straddles a change of the slice length (every 16 ×
             // chunks keys); and places whose slices span two and three
             // tiles (every quarter of a warp's keys holding some).

@@ -186,12 +186,16 @@ impl Attention {
 /// Keys per tile of the GPU's tiled path.
 const TILE_KEYS: usize = 64;
 
+/// Warps of the GPU's tiled path that share a 16-pair tile, each a quarter
+/// of every tile's keys.
+const KEY_QUARTERS: usize = 4;
+
 /// Whether the GPU's tiled path takes one query row of `shape` within
 /// `shared_bytes` of shared memory per block (q and two K/V tile buffers, as
 /// the kernel lays them out, and at most one 16-pair tile per four warps).
 pub fn tiled_fits(shape: HeadShape, shared_bytes: usize) -> bool {
     let (pairs, hd) = (shape.heads / shape.kv_heads.max(1), shape.head_dim);
-    let max_pairs = 16 * (crate::abi::BLOCK_THREADS as usize / 32) / 4;
+    let max_pairs = 16 * (crate::abi::BLOCK_THREADS as usize / 32) / KEY_QUARTERS;
     // Rows padded against bank conflicts: hd / 2 + 4 words.
     let words = hd / 2 + 4;
     // Per row its slice and grid.
