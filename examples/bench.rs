@@ -507,31 +507,7 @@ fn print_profile(
     );
     // Per stage of its kind (means over its occurrences): the critical-path
     // share, and when its first and last tasks started after the stage before.
-    println!(
-        "  {:<28} {:>6} {:>6} {:>10} {:>6} {:>9} {:>9} {:>9} {:>9}",
-        "stage",
-        "count",
-        "tasks",
-        "µs/step",
-        "share",
-        "µs/task",
-        "µs/stage",
-        "1st start",
-        "last start"
-    );
-    for s in trace.by_kind(program) {
-        let per = |ns: u64| ns as f64 / 1e3 / s.count as f64;
-        println!(
-            "  {:<28} {:>6} {:>6} {:>10.1} {:>5.1}% {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
-            s.name,
-            s.count,
-            s.tasks,
-            s.critical_ns as f64 / 1e3,
-            100.0 * s.critical_ns as f64 / total,
-            s.mean_task_ns / 1e3,
-            per(s.critical_ns),
-            per(s.first_start_ns),
-            per(s.last_start_ns)
-        );
+    if let Err(e) = trace.write_stage_table(program, &mut std::io::stdout()) {
+        eprintln!("  could not print the stages: {e}");
     }
 }

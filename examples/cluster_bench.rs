@@ -15,7 +15,7 @@ use megakernel::quant::Fp4Format;
 const HELP: &str = "usage: cluster_bench [--ranks N]... [--share] [--preset NAME] [--experts F]
                      [--context N] [--tokens N] [--sizes LIST] [--no-decode]
                      [--dflash TAUS] [--block B] [--layers LIST]
-                     [--project-ranks R]
+                     [--project-ranks R] [--profile] [--trace-out D]
 
 For each rank count N: the all-reduce latency of vectors of each size (f32
 partials summed into the output, what a decode step does twice per layer)
@@ -40,6 +40,15 @@ at a time); then batch-1 decode of the preset split over the N ranks.
                 its proposals are replaced by the greedy continuation from the
                 plain run with the first mismatch placed to give that tau
   --block B     DFlash block size (default 8, as in bench)
+  --profile     after the decode timing, trace one 16-row prefill chunk on
+                every rank (a fresh session, all ranks submitted together) and
+                print each rank's traced time and the first and last ranks'
+                stages; with --dflash, likewise one iteration after each timed
+                run (rank 0's stages). Every run is then timed on the tracing
+                kernel (a few percent slower)
+  --trace-out D with --profile, also write each rank's traced chunk and
+                iterations to D/<what>-rank<r>.json (Chrome trace format, for
+                Perfetto or chrome://tracing)
   --layers LIST decode the preset cut to each of these layer counts (e.g.
                 8,24: as many of a large shape's layers as fit); with two or
                 more, a straight line through the step times gives the time
@@ -51,6 +60,27 @@ at a time); then batch-1 decode of the preset split over the N ranks.
                 bandwidth, and all-reduces of 6 us x log2(2R) scaled to the
                 latency measured on N ranks (2 ranks 12 us, 4 ranks 18 us
                 measured on H100 NVLink follow that line)";
+
+/// Each rank's trace as `dir/<what>-rank<r>.json` (Chrome trace format).
+fn write_traces(
+    dir: Option<&std::path::Path>,
+    what: &str,
+    traces: &[megakernel::program::trace::Trace],
+    programs: &[&megakernel::program::Program],
+) {
+    let Some(dir) = dir else { return };
+    for (r, (t, p)) in traces.iter().zip(programs).enumerate() {
+        let path = dir.join(format!("{what}-rank{r}.json"));
+        let written = std::fs::create_dir_all(dir).and_then(|()| {
+            let mut f = std::io::BufWriter::new(std::fs::File::create(&path)?);
+            t.write_chrome_json(p, &mut f)
+        });
+        match written {
+            Ok(()) => println!("  trace written to {}", path.display()),
+            Err(e) => eprintln!("  could not write {}: {e}", path.display()),
+        }
+    }
+}
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -124,6 +154,8 @@ fn main() -> Result<()> {
     let mut sizes = vec![2048usize, 4096, 7168];
     let (mut taus, mut block) = (Vec::<f64>::new(), 8usize);
     let (mut layer_counts, mut project) = (Vec::<usize>::new(), None::<usize>);
+    let mut profile = false;
+    let mut trace_out: Option<std::path::PathBuf> = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut val = || {
@@ -158,6 +190,8 @@ fn main() -> Result<()> {
             "--block" => block = num(val()),
             "--layers" => layer_counts = val().split(',').map(|s| num(s.to_string())).collect(),
             "--project-ranks" => project = Some(num(val())),
+            "--profile" => profile = true,
+            "--trace-out" => trace_out = Some(val().into()),
             "--dflash" => {
                 taus = val()
                     .split(',')
@@ -215,8 +249,20 @@ fn main() -> Result<()> {
             })
             .collect();
         let devices: Vec<usize> = (0..n).map(|r| if share { 0 } else { r }).collect();
-        let cluster = Cluster::gpus(&devices, &ClusterOptions::default())?;
+        let opts = ClusterOptions {
+            runtime: RuntimeOptions {
+                trace: profile,
+                ..RuntimeOptions::default()
+            },
+            ..ClusterOptions::default()
+        };
+        let cluster = Cluster::gpus(&devices, &opts)?;
         println!("{}", cluster.describe());
+        if profile {
+            println!(
+                "{n} ranks: timed on the tracing kernel (a few percent slower than the plain one)"
+            );
+        }
         let mut hidden_latency = None;
         for (&len, nccl) in sizes.iter().zip(&nccl) {
             let (med, p99) = kernel_latency(&cluster, len)?;
@@ -277,6 +323,8 @@ fn main() -> Result<()> {
                 copy,
                 share,
                 hidden_latency,
+                profile,
+                trace_out: trace_out.as_deref(),
             };
             points.push(run.go(&taus, block)?);
         }
@@ -428,6 +476,8 @@ struct Decode<'a> {
     copy: f64,
     share: bool,
     hidden_latency: Option<f64>,
+    profile: bool,
+    trace_out: Option<&'a std::path::Path>,
 }
 
 impl Decode<'_> {
@@ -458,6 +508,32 @@ impl Decode<'_> {
         let generated = s.generate(cluster, tokens)?;
         let per_token = t.elapsed().as_secs_f64() / tokens as f64;
         drop(s);
+        if self.profile && prompt.len() >= 16 {
+            // One prefill chunk traced on every rank, in a fresh session.
+            let mut p = model.session(cluster, context + tokens + 8)?;
+            let traces = p.trace_chunk(cluster, &prompt[..16])?;
+            for (r, t) in traces.iter().enumerate() {
+                println!(
+                    "  rank {r}: one traced 16-row prefill chunk, {:.1} µs (first task start to last task end)",
+                    t.total_ns() as f64 / 1e3
+                );
+            }
+            let programs: Vec<_> = (0..n).map(|r| p.rank(r).chunk_program()).collect();
+            write_traces(
+                self.trace_out,
+                &format!("chunk-{n}-ranks"),
+                &traces,
+                &programs,
+            );
+            for r in [0, n - 1].into_iter().take(n.min(2)) {
+                println!("  rank {r}'s stages of the chunk:");
+                if let Err(e) =
+                    traces[r].write_stage_table(p.rank(r).chunk_program(), &mut std::io::stdout())
+                {
+                    eprintln!("  could not print the stages: {e}");
+                }
+            }
+        }
         // Each rank reads about 1/n of a step's bytes (replicated norms and router aside).
         let bytes = config.decode_bytes_with(context + tokens / 2, self.experts) as f64 / n as f64;
         let roofline = bytes / per_token / self.copy;
@@ -498,6 +574,8 @@ impl Decode<'_> {
                 tokens,
                 block,
                 plain: per_token,
+                profile: self.profile,
+                trace_out: self.trace_out,
             };
             iterations = run.go(cluster, taus, &format!("{label} {dtype} over {n} ranks"))?;
         }
@@ -518,6 +596,8 @@ struct DflashRun<'a> {
     tokens: usize,
     block: usize,
     plain: f64,
+    profile: bool,
+    trace_out: Option<&'a std::path::Path>,
 }
 
 impl DflashRun<'_> {
@@ -583,6 +663,30 @@ impl DflashRun<'_> {
                 experts.map_or("null".into(), |e| format!("{e:.2}")),
             );
             out.push((tau, self.tokens as f64 / iters as f64, per_iteration));
+            if self.profile {
+                // A fresh session at the timed run's start, one traced iteration.
+                drop(s);
+                let mut p =
+                    ClusterDflashSession::new(cluster, self.model, &drafts, max_seq, &opts)?;
+                p.prefill(cluster, self.prompt)?;
+                p.generate(cluster, 4, None)?;
+                let traces = p.trace_iteration(cluster)?;
+                let programs: Vec<_> = (0..traces.len()).map(|r| p.iteration_program(r)).collect();
+                let what = format!("dflash-tau{tau}-{}-ranks", traces.len());
+                write_traces(self.trace_out, &what, &traces, &programs);
+                for (r, t) in traces.iter().enumerate() {
+                    println!(
+                        "  rank {r}: one traced iteration (tau {tau}), {:.1} µs (first task start to last task end)",
+                        t.total_ns() as f64 / 1e3
+                    );
+                }
+                println!("  rank 0's stages:");
+                if let Err(e) =
+                    traces[0].write_stage_table(p.iteration_program(0), &mut std::io::stdout())
+                {
+                    eprintln!("  could not print the stages: {e}");
+                }
+            }
         }
         Ok(out)
     }

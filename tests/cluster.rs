@@ -416,6 +416,84 @@ fn dflash_case(cluster: &Cluster, one_device: Option<&dyn Executor>) {
     }
 }
 
+/// One prefill chunk and one DFlash iteration traced on every rank at once: a
+/// time for every task of each rank's program, and the sessions go on as
+/// untraced ones would; CPU ranks cannot be traced (a typed error).
+#[test]
+fn traced_chunk_and_dflash_iteration_on_every_rank() {
+    use megakernel::cluster::ClusterDflashSession;
+    use megakernel::dflash::{DflashOptions, DraftConfig, DraftModel};
+    let c = ModelConfig::preset("tiny").unwrap();
+    let session = |cluster: &Cluster| {
+        let model = ClusterModel::random(cluster, &c, 9, None).unwrap();
+        let dc = DraftConfig::for_target(&c, DraftConfig::default_layers(c.num_layers), 4);
+        let drafts: Vec<DraftModel> = (0..cluster.ranks())
+            .map(|r| DraftModel::random(cluster.rank(r), &dc, 5, model.rank(r)).unwrap())
+            .collect();
+        let s = ClusterDflashSession::new(cluster, &model, &drafts, 96, &DflashOptions::default());
+        (model, s.unwrap())
+    };
+    let cpu = Cluster::cpu(2, cpu_opts()).unwrap();
+    let (model, mut s) = session(&cpu);
+    s.prefill(&cpu, &PROMPT).unwrap();
+    assert!(matches!(
+        s.trace_iteration(&cpu),
+        Err(Error::InvalidArgument(_))
+    ));
+    let mut plain = model.session(&cpu, 96).unwrap();
+    let chunk = plain.trace_chunk(&cpu, &PROMPT[..16]);
+    assert!(matches!(chunk, Err(Error::InvalidArgument(_))));
+
+    let Some(_lock) = common::gpus("traced_chunk_and_dflash_iteration", 1) else {
+        return;
+    };
+    let opts = ClusterOptions {
+        runtime: RuntimeOptions {
+            trace: true,
+            ..RuntimeOptions::default()
+        },
+        ..ClusterOptions::default()
+    };
+    let cluster = Cluster::gpus(&[0, 0], &opts).unwrap();
+    let (model, mut s) = session(&cluster);
+    let mut plain = model.session(&cluster, 96).unwrap();
+    let mut want = vec![plain.prefill(&cluster, &PROMPT).unwrap()];
+    want.extend(plain.generate(&cluster, 39).unwrap());
+    // A traced prefill chunk: every task timed on each rank, and the rest of
+    // the prompt then gives the same next token.
+    let mut chunked = model.session(&cluster, 96).unwrap();
+    assert!(matches!(
+        chunked.trace_chunk(&cluster, &PROMPT[..15]),
+        Err(Error::InvalidArgument(_))
+    ));
+    let traces = chunked.trace_chunk(&cluster, &PROMPT[..16]).unwrap();
+    for (r, t) in traces.iter().enumerate() {
+        assert_eq!(t.tasks.len(), chunked.rank(r).chunk_program().num_tasks());
+    }
+    assert_eq!(chunked.position(), 16);
+    assert_eq!(chunked.prefill(&cluster, &PROMPT[16..]).unwrap(), want[0]);
+    let mut got = vec![s.prefill(&cluster, &PROMPT).unwrap()];
+    got.extend(s.generate(&cluster, 3, None).unwrap());
+    let traces = s.trace_iteration(&cluster).unwrap();
+    assert_eq!(traces.len(), 2);
+    for (r, t) in traces.iter().enumerate() {
+        let tasks = s.iteration_program(r).num_tasks();
+        assert_eq!(t.tasks.len(), tasks, "rank {r}");
+        assert!(
+            t.tasks
+                .iter()
+                .all(|x| x.start_ns > 0 && x.end_ns >= x.start_ns),
+            "rank {r}"
+        );
+        assert!(t.total_ns() > 0, "rank {r}");
+    }
+    // The traced iteration's tokens were counted; the next ones follow them.
+    let done = s.position() - PROMPT.len() + 1;
+    assert!(done > got.len(), "the traced iteration produced nothing");
+    let next = s.generate(&cluster, 8, None).unwrap();
+    assert_eq!(next, want[done..done + 8], "after the traced iteration");
+}
+
 /// Injected acceptance (the benchmark mode) over ranks: the mean acceptance
 /// length asked for, and the greedy output.
 #[test]

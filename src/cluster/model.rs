@@ -5,6 +5,7 @@ use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
 use crate::model::safetensors::Checkpoint;
 use crate::model::session::{prompt_commands, wait_outputs, Model, Session, WeightSource};
+use crate::program::trace::Trace;
 use crate::quant::Fp4Format;
 use crate::task::sample::Sampling;
 
@@ -127,6 +128,43 @@ impl ClusterSession {
     pub fn prefill(&mut self, cluster: &Cluster, prompt: &[u32]) -> Result<u32> {
         let mut all: Vec<&mut Session> = self.sessions.iter_mut().collect();
         prefill_ranks(cluster, &mut all, prompt)
+    }
+
+    /// Feeds one prefill chunk (`tokens`, [`PREFILL_CHUNK`](crate::model::session::PREFILL_CHUNK)
+    /// of them) on every rank with device timing of every task (GPU ranks
+    /// created with tracing on), the ranks' commands submitted together.
+    /// Returns each rank's times; [`Session::chunk_program`] of
+    /// [`rank`](Self::rank) names the stages. The positions count like any
+    /// others; the chunk's next token is dropped.
+    pub fn trace_chunk(&mut self, cluster: &Cluster, tokens: &[u32]) -> Result<Vec<Trace>> {
+        use crate::model::session::PREFILL_CHUNK;
+        if tokens.len() != PREFILL_CHUNK {
+            return Err(Error::InvalidArgument(format!(
+                "a chunk is {PREFILL_CHUNK} tokens, not {}",
+                tokens.len()
+            )));
+        }
+        let rts = (0..cluster.ranks())
+            .map(|r| cluster.runtime(r))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| Error::InvalidArgument("tracing needs GPU ranks".into()))?;
+        self.sessions[0].check_prompt(tokens)?;
+        drain(cluster)?;
+        let mut staged = Vec::with_capacity(rts.len());
+        for (s, rt) in self.sessions.iter().zip(&rts) {
+            staged.push(s.stage_prompt(*rt, tokens)?.0);
+        }
+        cluster.run_all(&|r, _| rts[r].submit_traced(staged[r], &[]), &mut || Ok(()))?;
+        let traces = staged
+            .iter()
+            .zip(&rts)
+            .map(|(p, rt)| rt.read_trace(p))
+            .collect::<Result<Vec<_>>>()?;
+        self.sessions
+            .iter_mut()
+            .for_each(|s| s.advanced(tokens.len()));
+        drain(cluster)?;
+        Ok(traces)
     }
 
     /// Generates `n` tokens greedily in one command per rank.

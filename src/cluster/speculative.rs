@@ -109,4 +109,40 @@ impl ClusterDflashSession {
     pub fn reset_expert_use(&mut self, cluster: &Cluster) -> Result<()> {
         self.sessions[0].session().reset_expert_use(cluster.rank(0))
     }
+
+    /// Runs one iteration on every rank with device timing of every task
+    /// (GPU ranks created with tracing on), as
+    /// [`DflashSession::trace_iteration`] does on one device: the ranks'
+    /// commands are submitted together, since they meet at their
+    /// all-reduces. Returns each rank's times;
+    /// [`iteration_program`](Self::iteration_program) names the stages.
+    pub fn trace_iteration(
+        &mut self,
+        cluster: &Cluster,
+    ) -> Result<Vec<crate::program::trace::Trace>> {
+        let rts = (0..cluster.ranks())
+            .map(|r| cluster.runtime(r))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| Error::InvalidArgument("tracing needs GPU ranks".into()))?;
+        drain(cluster)?;
+        let before = self
+            .sessions
+            .iter()
+            .zip(&rts)
+            .map(|(s, rt)| s.traced_prepare(rt))
+            .collect::<Result<Vec<_>>>()?;
+        let sessions = &self.sessions;
+        cluster.run_all(&|r, _| sessions[r].traced_submit(rts[r]), &mut || Ok(()))?;
+        self.sessions
+            .iter_mut()
+            .zip(&rts)
+            .zip(before)
+            .map(|((s, rt), b)| s.traced_finish(rt, b))
+            .collect()
+    }
+
+    /// Rank `r`'s iteration program (its event names label the stages).
+    pub fn iteration_program(&self, r: usize) -> &crate::program::Program {
+        self.sessions[r].iteration_program()
+    }
 }

@@ -909,14 +909,28 @@ impl Runtime {
     /// [`RuntimeOptions::trace`]), recording when each task started
     /// (its waits satisfied) and ended, and returns those times.
     pub fn trace(&self, program: &LoadedProgram, params: &[u64]) -> Result<Trace> {
+        let t = self.submit_traced(program, params)?;
+        self.wait(&t, self.opts.host_timeout)?;
+        self.read_trace(program)
+    }
+
+    /// Submits one traced run of `program` (as [`trace`](Self::trace) does)
+    /// without waiting for it: ranks of a cluster that meet inside their
+    /// programs are submitted together. Read the times with
+    /// [`read_trace`](Self::read_trace) once it completed.
+    pub fn submit_traced(&self, program: &LoadedProgram, params: &[u64]) -> Result<Ticket> {
         if !self.opts.trace {
             return Err(Error::InvalidArgument(
                 "tracing needs a runtime created with RuntimeOptions { trace: true, .. }".into(),
             ));
         }
+        self.submit_kind(program, 1, pack_params(params)?, CMD_RUN | CMD_FLAG_TRACE)
+    }
+
+    /// The task times of `program`'s last traced run (after its ticket
+    /// completed).
+    pub fn read_trace(&self, program: &LoadedProgram) -> Result<Trace> {
         let gp = self.gpu_program(program)?;
-        let t = self.submit_kind(program, 1, pack_params(params)?, CMD_RUN | CMD_FLAG_TRACE)?;
-        self.wait(&t, self.opts.host_timeout)?;
         let mut raw = vec![0u8; gp.slots.len() * 16];
         gp.mem.read(gp.trace_off, &mut raw)?;
         let times: &[u64] = bytemuck::cast_slice(&raw);

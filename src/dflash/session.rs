@@ -304,6 +304,15 @@ impl DflashSession {
         &mut self,
         rt: &crate::cuda::Runtime,
     ) -> Result<crate::program::trace::Trace> {
+        let before = self.traced_prepare(rt)?;
+        let t = self.traced_submit(rt)?;
+        rt.wait(&t, rt.default_timeout())?;
+        self.traced_finish(rt, before)
+    }
+
+    /// A traced iteration's set-up (room checked, one block's limit set);
+    /// returns the tokens produced before it.
+    pub(crate) fn traced_prepare(&self, rt: &crate::cuda::Runtime) -> Result<u32> {
         let room = self.session.max_seq() - self.session.position();
         if room < self.block {
             return Err(Error::InvalidArgument(format!(
@@ -316,7 +325,22 @@ impl DflashSession {
         let mut st = rt.read_u32(&self.state)?;
         st[state::LIMIT] = before.saturating_add(self.block as u32);
         rt.write_u32(&self.state, &st)?;
-        let trace = rt.trace(&self.iteration, &[])?;
+        Ok(before)
+    }
+
+    /// Submits the traced iteration prepared by `traced_prepare`.
+    pub(crate) fn traced_submit(&self, rt: &crate::cuda::Runtime) -> Result<crate::exec::Ticket> {
+        rt.submit_traced(&self.iteration, &[])
+    }
+
+    /// After the traced iteration completed: its task times; the tokens it
+    /// produced are counted (and drained).
+    pub(crate) fn traced_finish(
+        &mut self,
+        rt: &crate::cuda::Runtime,
+        before: u32,
+    ) -> Result<crate::program::trace::Trace> {
+        let trace = rt.read_trace(&self.iteration)?;
         let after = rt.read_u32(&self.state)?[state::PRODUCED];
         self.session.advanced((after - before) as usize);
         let mut sink = Vec::new();

@@ -140,6 +140,49 @@ impl Trace {
         rows
     }
 
+    /// Writes [`by_kind`](Self::by_kind) as a table, one line a stage kind
+    /// (each line indented by two spaces): its occurrences and tasks, its
+    /// critical-path time and share, the mean task, and per occurrence its
+    /// critical time and when its first and last tasks started after the
+    /// stage before (all in µs).
+    pub fn write_stage_table(
+        &self,
+        program: &Program,
+        out: &mut dyn std::io::Write,
+    ) -> std::io::Result<()> {
+        let total = self.total_ns() as f64;
+        writeln!(
+            out,
+            "  {:<28} {:>6} {:>6} {:>10} {:>6} {:>9} {:>9} {:>9} {:>9}",
+            "stage",
+            "count",
+            "tasks",
+            "µs/step",
+            "share",
+            "µs/task",
+            "µs/stage",
+            "1st start",
+            "last start"
+        )?;
+        for s in self.by_kind(program) {
+            let per = |ns: u64| ns as f64 / 1e3 / s.count as f64;
+            writeln!(
+                out,
+                "  {:<28} {:>6} {:>6} {:>10.1} {:>5.1}% {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+                s.name,
+                s.count,
+                s.tasks,
+                s.critical_ns as f64 / 1e3,
+                100.0 * s.critical_ns as f64 / total,
+                s.mean_task_ns / 1e3,
+                per(s.critical_ns),
+                per(s.first_start_ns),
+                per(s.last_start_ns)
+            )?;
+        }
+        Ok(())
+    }
+
     /// Writes the trace in the Chrome trace event format, for Perfetto or
     /// `chrome://tracing`: one track per worker (SM), one complete event per
     /// task named for the event it signals, times in microseconds from the
