@@ -83,7 +83,16 @@ fn cpu_opts() -> CpuOptions {
 }
 
 fn cpu_case(preset: &str, experts: Option<Fp4Format>, ranks: &[usize]) {
-    let c = ModelConfig::preset(preset).unwrap();
+    cpu_case_of(
+        preset,
+        &ModelConfig::preset(preset).unwrap(),
+        experts,
+        ranks,
+    );
+}
+
+fn cpu_case_of(preset: &str, c: &ModelConfig, experts: Option<Fp4Format>, ranks: &[usize]) {
+    let c = c.clone();
     let single = CpuExecutor::new(cpu_opts());
     let want = reference(&single, &c, experts, 11);
     for &n in ranks {
@@ -112,6 +121,25 @@ fn cpu_30b_shaped_matches_one_device_on_1_2_4_8_ranks() {
 #[test]
 fn cpu_30b_shaped_mxfp4_matches_one_device_on_1_2_4_8_ranks() {
     cpu_case("qwen3-30b-a3b-mini", Some(Fp4Format::Mxfp4), &[1, 2, 4, 8]);
+}
+
+/// FP4 experts whose even share would not be whole 128-column steps split
+/// in such steps, unevenly (640 columns over 4 ranks: 128, 128, 128, 256),
+/// and still decode as one device does.
+#[test]
+fn cpu_fp4_experts_in_uneven_column_steps_match_one_device() {
+    let mut c = ModelConfig::preset("qwen3-30b-a3b-mini").unwrap();
+    c.moe.as_mut().unwrap().moe_intermediate_size = 640;
+    let shares: Vec<_> = (0..4)
+        .map(|rank| megakernel::cluster::shard::Shard { rank, ranks: 4 }.expert_range(640, true))
+        .collect();
+    assert_eq!(shares, [(0, 128), (128, 256), (256, 384), (384, 640)]);
+    cpu_case_of(
+        "30b-shaped, 640 expert columns",
+        &c,
+        Some(Fp4Format::Mxfp4),
+        &[4],
+    );
 }
 
 #[test]

@@ -57,12 +57,19 @@ __device__ __noinline__ u32 all_reduce_take(const Ctx& c, const AllReduceArgs& a
                 *ok = 0;
                 return 0;
             }
-            const u32 failed = ld_relaxed_sys_u32(abort_word);
-            if (failed != 0u) {
-                report_fault(c.env, c.desc->id, c.desc->opcode, c.command, FAULT_PEER_FAILED, NO_EVENT, failed - 1,
-                             a.ranks);
-                *ok = 0;
-                return 0;
+            // The abort word is host memory: one read a warp (its lowest
+            // lane still waiting) every 1024 polls; the others learn of a
+            // failure through `ok`. (Every waiting thread reading it every
+            // 64 polls saturated the bus once ranks drifted apart, and the
+            // peers' stores then took milliseconds to arrive.)
+            if ((polls & 1023) == 1023 && (threadIdx.x & 31) == u32(__ffs(__activemask()) - 1)) {
+                const u32 failed = ld_relaxed_sys_u32(abort_word);
+                if (failed != 0u) {
+                    report_fault(c.env, c.desc->id, c.desc->opcode, c.command, FAULT_PEER_FAILED, NO_EVENT,
+                                 failed - 1, a.ranks);
+                    *ok = 0;
+                    return 0;
+                }
             }
             if (globaltimer() - start > c.env->timeout_ns / 2) {
                 report_fault(c.env, c.desc->id, c.desc->opcode, c.command, FAULT_HANG, WAIT_PEER + q, w >> 32, tag);

@@ -188,6 +188,9 @@ struct Weights {
     shard: Shard,
     /// The attention heads they hold.
     heads: HeadRange,
+    /// Their share of the routed experts' intermediate size
+    /// ([`Shard::expert_range`]; 0 without routed experts).
+    moe_inter: usize,
 }
 
 /// Buffers both programs share.
@@ -692,6 +695,7 @@ impl Model {
             (s, e) => s.or(e),
         };
         Shard::check(shard.ranks, &c, experts)?;
+        let fp4_experts = experts.is_some();
         let heads = shard.heads(&c);
         let whole = shard == Shard::WHOLE;
         let mut ld = Loader::new(ex, src, experts, (!whole).then_some(heads));
@@ -735,7 +739,7 @@ impl Model {
                             .collect()
                     };
                     let (h, i) = (c.hidden_size, m.moe_intermediate_size);
-                    let (i0, i1) = shard.range(i);
+                    let (i0, i1) = shard.expert_range(i, fp4_experts);
                     let (rows, cols) = (Part::Rows(i0, i1), Part::Cols(i0, i1));
                     Mlp::Moe {
                         router: ld.tensor(&[p("mlp.gate.weight")])?,
@@ -759,6 +763,10 @@ impl Model {
             layers.push(Layer { attn, mlp, rope });
         }
         bar.finish_and_clear();
+        let moe_inter = c.moe.as_ref().map_or(0, |m| {
+            let (i0, i1) = shard.expert_range(m.moe_intermediate_size, fp4_experts);
+            i1 - i0
+        });
         let weights = Weights {
             embed,
             lm_head,
@@ -766,6 +774,7 @@ impl Model {
             layers,
             shard,
             heads,
+            moe_inter,
         };
         Ok(Model {
             config: c,
@@ -1268,6 +1277,7 @@ fn build(
         layers,
         shard,
         heads,
+        moe_inter: expert_share,
     } = wts;
     if tp.map_or(Shard::WHOLE, |t| t.shard()) != *shard {
         return Err(Error::InvalidArgument(format!(
@@ -1297,9 +1307,10 @@ fn build(
     );
     let (g, u) = (buf(DType::Bf16, m * inter)?, buf(DType::Bf16, m * inter)?);
     // Routed experts: one slot per expert chosen by any row (at most m * top_k).
-    let (experts, top_k, moe_inter) = c.moe.as_ref().map_or((1, 1, 8), |mo| {
-        (mo.num_experts, mo.top_k, part(mo.moe_intermediate_size))
-    });
+    let (experts, top_k, moe_inter) = c
+        .moe
+        .as_ref()
+        .map_or((1, 1, 8), |mo| (mo.num_experts, mo.top_k, *expert_share));
     let slots = experts.min(m * top_k);
     let router_logits = buf(DType::F32, m * experts)?;
     let route_weights = buf(DType::F32, m * experts)?;
