@@ -15,7 +15,10 @@
 //! 2 for an even share, and 2.53 against 1 on 8 ranks: a Monte Carlo estimate
 //! over uniformly random routings), while row splits read exactly `1 / ranks` of every
 //! chosen expert on every rank. Each rank computes the router itself, on the
-//! same bits, so all ranks choose the same experts.
+//! same bits, so all ranks choose the same experts. FP4 experts' slices are
+//! whole 128-column steps where an even slice would not be
+//! ([`Shard::expert_range`]): an uneven split on tensor cores beats an even
+//! one without them.
 //!
 //! Query heads split evenly. With at least as many KV heads as ranks the KV
 //! heads split too; with fewer, each rank keeps the one KV head its query

@@ -20,8 +20,9 @@
 //!    for every rank `q`, giving up with a hang naming the missing rank after
 //!    half the wait timeout on a GPU (so that the rank's other waits, which a
 //!    missing rank stalls too, do not fire first), after the CPU executor's
-//!    peer timeout there, or with a "peer failed" fault as soon as the abort
-//!    word is set (to 1 + the failed rank), and combines:
+//!    peer timeout there, or with a "peer failed" fault soon after the abort
+//!    word is set (to 1 + the failed rank; host memory, so on a GPU one lane
+//!    of each waiting warp reads it every 1024 polls), and combines:
 //!    - *sum*: `out[k] += Σ_q data_q[k]` (f32 sum in rank order, so every rank
 //!      gets the same bits; with one rank `out[k] + data_0[k]`, the rounding a
 //!      single-device accumulating product does);
