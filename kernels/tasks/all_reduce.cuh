@@ -59,9 +59,9 @@ __device__ __noinline__ u32 all_reduce_take(const Ctx& c, const AllReduceArgs& a
             }
             // The abort word is host memory: one read a warp (its lowest
             // lane still waiting) every 1024 polls; the others learn of a
-            // failure through `ok`. (Every waiting thread reading it every
-            // 64 polls saturated the bus once ranks drifted apart, and the
-            // peers' stores then took milliseconds to arrive.)
+            // failure through `ok`. (With every waiting thread reading it
+            // every 64 polls, the peers' stores took milliseconds to arrive
+            // once ranks drifted apart: BENCHMARKS.md, thirty-eighth round.)
             if ((polls & 1023) == 1023 && (threadIdx.x & 31) == u32(__ffs(__activemask()) - 1)) {
                 const u32 failed = ld_relaxed_sys_u32(abort_word);
                 if (failed != 0u) {

@@ -141,7 +141,7 @@ mod tests {
                 .map(|rank| Shard { rank, ranks }.expert_range(i, fp4))
                 .collect()
         };
-        // 768 over 4: 6 steps of 128 as 2, 2, 1, 1 (an even share, 192, is none).
+        // 768 over 4: 6 steps of 128 as 1, 2, 1, 2 (an even share, 192, is none).
         assert_eq!(
             shares(768, 4, true),
             [(0, 128), (128, 384), (384, 512), (512, 768)]
