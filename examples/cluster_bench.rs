@@ -61,13 +61,29 @@ at a time); then batch-1 decode of the preset split over the N ranks.
                 latency measured on N ranks (2 ranks 12 us, 4 ranks 18 us
                 measured on H100 NVLink follow that line)";
 
-/// Each rank's trace as `dir/<what>-rank<r>.json` (Chrome trace format).
-fn write_traces(
-    dir: Option<&std::path::Path>,
+/// Each rank's traced time of one `label` run, the stages of the ranks in
+/// `tables`, and with `dir` each rank's trace as `dir/<what>-rank<r>.json`
+/// (Chrome trace format).
+fn report_traces(
+    label: &str,
     what: &str,
     traces: &[megakernel::program::trace::Trace],
     programs: &[&megakernel::program::Program],
+    tables: &[usize],
+    dir: Option<&std::path::Path>,
 ) {
+    for (r, t) in traces.iter().enumerate() {
+        println!(
+            "  rank {r}: one traced {label}, {:.1} µs (first task start to last task end)",
+            t.total_ns() as f64 / 1e3
+        );
+    }
+    for &r in tables {
+        println!("  rank {r}'s stages of the {label}:");
+        if let Err(e) = traces[r].write_stage_table(programs[r], &mut std::io::stdout()) {
+            eprintln!("  could not print the stages: {e}");
+        }
+    }
     let Some(dir) = dir else { return };
     for (r, (t, p)) in traces.iter().zip(programs).enumerate() {
         let path = dir.join(format!("{what}-rank{r}.json"));
@@ -512,27 +528,16 @@ impl Decode<'_> {
             // One prefill chunk traced on every rank, in a fresh session.
             let mut p = model.session(cluster, context + tokens + 8)?;
             let traces = p.trace_chunk(cluster, &prompt[..16])?;
-            for (r, t) in traces.iter().enumerate() {
-                println!(
-                    "  rank {r}: one traced 16-row prefill chunk, {:.1} µs (first task start to last task end)",
-                    t.total_ns() as f64 / 1e3
-                );
-            }
             let programs: Vec<_> = (0..n).map(|r| p.rank(r).chunk_program()).collect();
-            write_traces(
-                self.trace_out,
+            let tables = if n > 1 { vec![0, n - 1] } else { vec![0] };
+            report_traces(
+                "16-row prefill chunk",
                 &format!("chunk-{n}-ranks"),
                 &traces,
                 &programs,
+                &tables,
+                self.trace_out,
             );
-            for r in [0, n - 1].into_iter().take(n.min(2)) {
-                println!("  rank {r}'s stages of the chunk:");
-                if let Err(e) =
-                    traces[r].write_stage_table(p.rank(r).chunk_program(), &mut std::io::stdout())
-                {
-                    eprintln!("  could not print the stages: {e}");
-                }
-            }
         }
         // Each rank reads about 1/n of a step's bytes (replicated norms and router aside).
         let bytes = config.decode_bytes_with(context + tokens / 2, self.experts) as f64 / n as f64;
@@ -672,20 +677,14 @@ impl DflashRun<'_> {
                 p.generate(cluster, 4, None)?;
                 let traces = p.trace_iteration(cluster)?;
                 let programs: Vec<_> = (0..traces.len()).map(|r| p.iteration_program(r)).collect();
-                let what = format!("dflash-tau{tau}-{}-ranks", traces.len());
-                write_traces(self.trace_out, &what, &traces, &programs);
-                for (r, t) in traces.iter().enumerate() {
-                    println!(
-                        "  rank {r}: one traced iteration (tau {tau}), {:.1} µs (first task start to last task end)",
-                        t.total_ns() as f64 / 1e3
-                    );
-                }
-                println!("  rank 0's stages:");
-                if let Err(e) =
-                    traces[0].write_stage_table(p.iteration_program(0), &mut std::io::stdout())
-                {
-                    eprintln!("  could not print the stages: {e}");
-                }
+                report_traces(
+                    &format!("iteration (tau {tau})"),
+                    &format!("dflash-tau{tau}-{}-ranks", traces.len()),
+                    &traces,
+                    &programs,
+                    &[0],
+                    self.trace_out,
+                );
             }
         }
         Ok(out)

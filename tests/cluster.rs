@@ -482,6 +482,13 @@ fn traced_chunk_and_dflash_iteration_on_every_rank() {
         },
         ..ClusterOptions::default()
     };
+    // Every task has a start and an end (a trace never recorded reads as zeros).
+    let timed = |t: &megakernel::program::trace::Trace| {
+        t.total_ns() > 0
+            && t.tasks
+                .iter()
+                .all(|x| x.start_ns > 0 && x.end_ns >= x.start_ns)
+    };
     let cluster = Cluster::gpus(&[0, 0], &opts).unwrap();
     let (model, mut s) = session(&cluster);
     let mut plain = model.session(&cluster, 96).unwrap();
@@ -495,8 +502,10 @@ fn traced_chunk_and_dflash_iteration_on_every_rank() {
         Err(Error::InvalidArgument(_))
     ));
     let traces = chunked.trace_chunk(&cluster, &PROMPT[..16]).unwrap();
+    assert_eq!(traces.len(), 2);
     for (r, t) in traces.iter().enumerate() {
         assert_eq!(t.tasks.len(), chunked.rank(r).chunk_program().num_tasks());
+        assert!(timed(t), "chunk, rank {r}");
     }
     assert_eq!(chunked.position(), 16);
     assert_eq!(chunked.prefill(&cluster, &PROMPT[16..]).unwrap(), want[0]);
@@ -507,13 +516,7 @@ fn traced_chunk_and_dflash_iteration_on_every_rank() {
     for (r, t) in traces.iter().enumerate() {
         let tasks = s.iteration_program(r).num_tasks();
         assert_eq!(t.tasks.len(), tasks, "rank {r}");
-        assert!(
-            t.tasks
-                .iter()
-                .all(|x| x.start_ns > 0 && x.end_ns >= x.start_ns),
-            "rank {r}"
-        );
-        assert!(t.total_ns() > 0, "rank {r}");
+        assert!(timed(t), "iteration, rank {r}");
     }
     // The traced iteration's tokens were counted; the next ones follow them.
     let done = s.position() - PROMPT.len() + 1;

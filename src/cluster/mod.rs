@@ -189,6 +189,15 @@ impl Cluster {
         }
     }
 
+    /// Every rank's runtime, for what only GPU ranks can do (`what`, named in
+    /// the error CPU ranks give).
+    pub(crate) fn gpu_runtimes(&self, what: &str) -> Result<Vec<&Runtime>> {
+        match &self.ranks {
+            Ranks::Gpu(v) => Ok(v.iter().collect()),
+            Ranks::Cpu(_) => Err(Error::InvalidArgument(format!("{what} needs GPU ranks"))),
+        }
+    }
+
     /// How ranks reach each other.
     pub fn transport(&self) -> Transport {
         self.transport

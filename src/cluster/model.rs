@@ -144,10 +144,7 @@ impl ClusterSession {
                 tokens.len()
             )));
         }
-        let rts = (0..cluster.ranks())
-            .map(|r| cluster.runtime(r))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| Error::InvalidArgument("tracing needs GPU ranks".into()))?;
+        let rts = cluster.gpu_runtimes("tracing")?;
         self.sessions[0].check_prompt(tokens)?;
         drain(cluster)?;
         let mut staged = Vec::with_capacity(rts.len());

@@ -120,10 +120,7 @@ impl ClusterDflashSession {
         &mut self,
         cluster: &Cluster,
     ) -> Result<Vec<crate::program::trace::Trace>> {
-        let rts = (0..cluster.ranks())
-            .map(|r| cluster.runtime(r))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| Error::InvalidArgument("tracing needs GPU ranks".into()))?;
+        let rts = cluster.gpu_runtimes("tracing")?;
         drain(cluster)?;
         let before = self
             .sessions

@@ -695,7 +695,10 @@ impl Model {
             (s, e) => s.or(e),
         };
         Shard::check(shard.ranks, &c, experts)?;
-        let fp4_experts = experts.is_some();
+        // This rank's share of the routed experts' intermediate size.
+        let (e0, e1) = c.moe.as_ref().map_or((0, 0), |m| {
+            shard.expert_range(m.moe_intermediate_size, experts.is_some())
+        });
         let heads = shard.heads(&c);
         let whole = shard == Shard::WHOLE;
         let mut ld = Loader::new(ex, src, experts, (!whole).then_some(heads));
@@ -739,8 +742,7 @@ impl Model {
                             .collect()
                     };
                     let (h, i) = (c.hidden_size, m.moe_intermediate_size);
-                    let (i0, i1) = shard.expert_range(i, fp4_experts);
-                    let (rows, cols) = (Part::Rows(i0, i1), Part::Cols(i0, i1));
+                    let (rows, cols) = (Part::Rows(e0, e1), Part::Cols(e0, e1));
                     Mlp::Moe {
                         router: ld.tensor(&[p("mlp.gate.weight")])?,
                         gate: ld.experts(&experts("gate_proj"), i, h, rows)?,
@@ -763,10 +765,6 @@ impl Model {
             layers.push(Layer { attn, mlp, rope });
         }
         bar.finish_and_clear();
-        let moe_inter = c.moe.as_ref().map_or(0, |m| {
-            let (i0, i1) = shard.expert_range(m.moe_intermediate_size, fp4_experts);
-            i1 - i0
-        });
         let weights = Weights {
             embed,
             lm_head,
@@ -774,7 +772,7 @@ impl Model {
             layers,
             shard,
             heads,
-            moe_inter,
+            moe_inter: e1 - e0,
         };
         Ok(Model {
             config: c,
