@@ -39,11 +39,11 @@ __device__ __forceinline__ u64* site_recv(const u64* table, u32 q) {
 }
 
 // Every thread: waits until `slot` holds a value of epoch `tag` and returns
-// the value's bits; 0 with *ok cleared when the kernel is stopping, a rank
+// the value's bits (the slow path of all_reduce_take); 0 with *ok cleared when the kernel is stopping, a rank
 // failed (the abort word) or rank q never wrote (a hang naming it after half
 // the wait timeout, so that this rank's other waits, which a missing rank
 // stalls too, do not fire first and hide who is missing).
-__device__ __noinline__ u32 all_reduce_take(const Ctx& c, const AllReduceArgs& a, const u64* slot, u32 tag, u32 q,
+__device__ __noinline__ u32 all_reduce_wait(const Ctx& c, const AllReduceArgs& a, const u64* slot, u32 tag, u32 q,
                                             int* ok) {
     const u32* abort_word = reinterpret_cast<const u32*>(reinterpret_cast<const u64*>(a.table)[0]);
     u64 start = 0;
@@ -80,6 +80,56 @@ __device__ __noinline__ u32 all_reduce_take(const Ctx& c, const AllReduceArgs& a
     }
 }
 
+// Ranks' slots of one element a take reads at once.
+constexpr u32 ALL_REDUCE_READS = 8;
+// Rounds of reads a take makes before it waits for each missing slot in turn.
+constexpr u32 ALL_REDUCE_ROUNDS = 64;
+
+// A relaxed read of a receive slot. No memory clobber: the value and its
+// tag share one word, so nothing else has to be ordered around the read,
+// and the task's arguments stay in registers across the polls.
+__device__ __forceinline__ u64 all_reduce_read(const u64* p) {
+    u64 v;
+    asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p));
+    return v;
+}
+
+// Every thread: the bits of the values of epoch `tag` in the slots of ranks
+// q0 .. q0 + n (n <= ALL_REDUCE_READS) of element k (`stride`: slots between
+// two ranks), into v. Each round reads every slot still missing at once, so
+// values that arrive together cost one round trip, not one a rank; slots
+// still missing after ALL_REDUCE_ROUNDS rounds are waited for one by one
+// (all_reduce_wait, which also watches for failures). False when the task
+// has to stop.
+__device__ __forceinline__ bool all_reduce_take(const Ctx& c, const AllReduceArgs& a, const u64* slots, u64 stride,
+                                                u32 q0, u32 n, u32 tag, int* ok, u32 (&v)[ALL_REDUCE_READS]) {
+    u32 missing = (1u << n) - 1u;
+    for (u32 round = 0; missing != 0u && round < ALL_REDUCE_ROUNDS; ++round) {
+        u64 w[ALL_REDUCE_READS];
+#pragma unroll
+        for (u32 i = 0; i < ALL_REDUCE_READS; ++i) {
+            w[i] = (missing & (1u << i)) ? all_reduce_read(slots + (q0 + i) * stride) : 0u;
+        }
+#pragma unroll
+        for (u32 i = 0; i < ALL_REDUCE_READS; ++i) {
+            if ((missing & (1u << i)) && u32(w[i] >> 32) == tag) {
+                v[i] = u32(w[i]);
+                missing &= ~(1u << i);
+            }
+        }
+    }
+    if (missing != 0u) {
+#pragma unroll 1
+        for (u32 i = 0; i < n; ++i) {
+            if (missing & (1u << i)) {
+                v[i] = all_reduce_wait(c, a, slots + (q0 + i) * stride, tag, q0 + i, ok);
+                if (!*reinterpret_cast<volatile int*>(ok)) return false;
+            }
+        }
+    }
+    return true;
+}
+
 // Push, then take: every thread stores its elements of this rank's data into
 // every rank's receive slots for this rank, each value with the epoch in the
 // same 64-bit store (so no fence orders them), then waits for its elements
@@ -99,23 +149,33 @@ __device__ __noinline__ void task_all_reduce(const Ctx& c) {
         for (u32 q = 0; q < a.ranks; ++q) st_relaxed_sys(site_recv(table, q) + u64(a.rank) * a.seg + e, w);
     }
     const u64* recv = site_recv(table, a.rank);
+    const u32 ranks = a.ranks;
+    const u64 seg = a.seg;
     if (a.op == ALL_REDUCE_SUM) {
-        // Ranks in order 0, 1, ...: every rank computes the same sum.
+        // Ranks in order 0, 1, ...: every rank computes the same sum. The
+        // output's element is read first, so that its trip overlaps the takes.
         for (u32 j = threadIdx.x; j < a.count; j += blockDim.x) {
             const u64 k = u64(a.first) + j;
+            const float base = load_float(a.out, a.out_dtype, k);
             float s = 0.0f;
-            for (u32 q = 0; q < a.ranks; ++q) {
-                const float v = __uint_as_float(all_reduce_take(c, a, recv + u64(q) * a.seg + k, tag, q, ok));
-                s = q == 0 ? v : s + v;
+            bool live = true;
+            for (u32 q0 = 0; live && q0 < ranks; q0 += ALL_REDUCE_READS) {
+                const u32 n = min(ranks - q0, ALL_REDUCE_READS);
+                u32 v[ALL_REDUCE_READS];
+                live = all_reduce_take(c, a, recv + k, seg, q0, n, tag, ok, v);
+#pragma unroll
+                for (u32 i = 0; i < ALL_REDUCE_READS; ++i) {
+                    if (i < n) s = q0 + i == 0 ? __uint_as_float(v[i]) : s + __uint_as_float(v[i]);
+                }
             }
-            if (!*reinterpret_cast<volatile int*>(ok)) break;
-            store_float(a.out, a.out_dtype, k, load_float(a.out, a.out_dtype, k) + s);
+            if (!live || !*reinterpret_cast<volatile int*>(ok)) break;
+            store_float(a.out, a.out_dtype, k, base + s);
         }
     } else {
         // Rank q's element e lands in chunk e / chunk of rank q's column.
         for (u32 j = threadIdx.x; j < a.count * a.ranks; j += blockDim.x) {
             const u32 q = j / a.count, e = a.first + j % a.count;
-            const u32 v = all_reduce_take(c, a, recv + u64(q) * a.seg + e, tag, q, ok);
+            const u32 v = all_reduce_wait(c, a, recv + u64(q) * a.seg + e, tag, q, ok);
             if (!*reinterpret_cast<volatile int*>(ok)) break;
             reinterpret_cast<u32*>(a.out)[u64(e / a.chunk) * (a.ranks * a.chunk) + q * a.chunk + e % a.chunk] = v;
         }
