@@ -188,3 +188,60 @@ fn schedule_keeps_every_list_in_topological_order() {
             .all(|i| s.list(3 % workers).iter().any(|d| d.id == i)));
     }
 }
+
+#[test]
+fn followers_share_their_producers_worker_and_drop_the_waits_its_list_meets() {
+    use megakernel::abi::NO_EVENT;
+    let mut b = ProgramBuilder::new();
+    let (ea, ec, ed) = (b.event("a"), b.event("c"), b.event("d"));
+    // Producers dealt round-robin, each followed by a task on its worker.
+    let mut pairs = Vec::new();
+    for k in 0..5 {
+        let ev = b.event(&format!("p ({k})"));
+        let p = b.push(Nop::task()).signal(ev).id();
+        let f = b.push(Nop::task()).wait(ev).follow(p).signal(ec).id();
+        pairs.push((p.0, f.0));
+    }
+    // A task waiting on producers spread over several workers, and a chain
+    // of two tasks pinned to one worker.
+    let spread = b.push(Nop::task()).wait(ec).id().0;
+    let first = b.push(Nop::task()).on_worker(1).signal(ea).id().0;
+    let second = b.push(Nop::task()).on_worker(1).wait(ea).signal(ed).id().0;
+    b.push(Nop::task()).wait(ed);
+    let p = b.build().unwrap();
+    for workers in [1, 2, 3, 8] {
+        let s = p.schedule(workers);
+        let at = |id: u32| {
+            (0..workers)
+                .find_map(|w| s.list(w).iter().position(|d| d.id == id).map(|i| (w, i)))
+                .unwrap()
+        };
+        let desc = |id: u32| *s.tasks.iter().find(|d| d.id == id).unwrap();
+        for &(p, f) in &pairs {
+            let ((wp, ip), (wf, i_f)) = (at(p), at(f));
+            assert_eq!(wp, wf, "a follower runs on its producer's worker");
+            assert!(ip < i_f, "and after it");
+            assert_eq!(desc(f).wait, [NO_EVENT; 2], "its wait is met by its list");
+        }
+        let pinned = desc(second).wait;
+        assert_eq!(
+            pinned, [NO_EVENT; 2],
+            "a wait on the same worker is dropped"
+        );
+        assert_eq!(at(first).0, at(second).0);
+        // Five producers on one worker only when there is one worker.
+        let kept = desc(spread).wait[0] != NO_EVENT;
+        assert_eq!(kept, workers > 1, "{workers} workers");
+        // The program's own descriptors keep every wait (other executors use them).
+        assert_ne!(p.descriptors()[pairs[0].1 as usize].wait[0], NO_EVENT);
+    }
+}
+
+#[test]
+fn a_follower_must_wait_for_the_task_it_follows() {
+    let mut b = ProgramBuilder::new();
+    let e = b.event("e");
+    let p = b.push(Nop::task()).signal(e).id();
+    b.push(Nop::task()).follow(p);
+    assert!(matches!(err(b), ProgramError::BadArgs { kind: "nop", .. }));
+}

@@ -14,8 +14,10 @@ struct AllReduceArgs {
     u32 chunk;
     u32 first;
     u32 count;
+    u32 runs;
+    u32 stride;
 };
-MK_SIZE(AllReduceArgs, 48);
+MK_SIZE(AllReduceArgs, 56);
 MK_OFFSET(AllReduceArgs, table, 0);
 MK_OFFSET(AllReduceArgs, out, 8);
 MK_OFFSET(AllReduceArgs, rank, 16);
@@ -26,6 +28,8 @@ MK_OFFSET(AllReduceArgs, seg, 32);
 MK_OFFSET(AllReduceArgs, chunk, 36);
 MK_OFFSET(AllReduceArgs, first, 40);
 MK_OFFSET(AllReduceArgs, count, 44);
+MK_OFFSET(AllReduceArgs, runs, 48);
+MK_OFFSET(AllReduceArgs, stride, 52);
 
 constexpr u32 ALL_REDUCE_SUM = 0;
 constexpr u32 ALL_REDUCE_GATHER = 1;
@@ -134,29 +138,46 @@ __device__ __forceinline__ bool all_reduce_take(const Ctx& c, const AllReduceArg
 // every rank's receive slots for this rank, each value with the epoch in the
 // same 64-bit store (so no fence orders them), then waits for its elements
 // from every rank in its own slots and combines them. The producers' writes
-// were acquired by this task's event wait.
+// were acquired by this task's event wait, or made by this block (a task that
+// follows its producer on its SM: ProgramBuilder's `follow`).
 __device__ __noinline__ void task_all_reduce(const Ctx& c) {
     const AllReduceArgs& a = task_args<AllReduceArgs>(c);
+    // The arguments in registers: the slots' stores and reads (asm with
+    // memory clobbers) would otherwise make the compiler read them again.
+    const u32 rank = a.rank, ranks = a.ranks, op = a.op, out_dtype = a.out_dtype, chunk = a.chunk;
+    const u32 first = a.first, count = a.count, runs = a.runs, stride = a.stride;
+    const u64 seg = a.seg, out = a.out;
+    if (runs == 0 || (op != ALL_REDUCE_SUM && runs != 1)) {  // AllReduce::spec rejects these
+        if (threadIdx.x == 0) task_fault(c, FAULT_BAD_ARGS, op, runs);
+        return;
+    }
     int* ok = reinterpret_cast<int*>(c.scratch());
     if (threadIdx.x == 0) *ok = 1;
     __syncthreads();
     const u64* table = reinterpret_cast<const u64*>(a.table);
     const u32 tag = u32(c.env->epoch);
-    const u32* mine = reinterpret_cast<const u32*>(site_data(table, a.rank));
-    for (u32 j = threadIdx.x; j < a.count; j += blockDim.x) {
-        const u64 e = u64(a.first) + j;
+    const u32* mine = reinterpret_cast<const u32*>(site_data(table, rank));
+    const u64* recv = site_recv(table, rank);
+    // Elements j of the task: runs of `count` elements, `stride` apart.
+    const u32 total = count * runs;
+    auto element = [&](u32 j) {
+        return u64(first) + (runs == 1 ? u64(j) : u64(j / count) * stride + j % count);
+    };
+    for (u32 j = threadIdx.x; j < total; j += blockDim.x) {
+        const u64 e = element(j);
         const u64 w = (u64(tag) << 32) | __ldcg(mine + e);
-        for (u32 q = 0; q < a.ranks; ++q) st_relaxed_sys(site_recv(table, q) + u64(a.rank) * a.seg + e, w);
+        for (u32 q = 0; q < ranks; ++q) st_relaxed_sys(site_recv(table, q) + u64(rank) * seg + e, w);
     }
-    const u64* recv = site_recv(table, a.rank);
-    const u32 ranks = a.ranks;
-    const u64 seg = a.seg;
-    if (a.op == ALL_REDUCE_SUM) {
+    if (op == ALL_REDUCE_SUM) {
         // Ranks in order 0, 1, ...: every rank computes the same sum. The
         // output's element is read first, so that its trip overlaps the takes.
-        for (u32 j = threadIdx.x; j < a.count; j += blockDim.x) {
-            const u64 k = u64(a.first) + j;
-            const float base = load_float(a.out, a.out_dtype, k);
+        for (u32 j = threadIdx.x; j < total; j += blockDim.x) {
+            const u64 k = element(j);
+            // From L2 (`__ldcg`): a task that follows its producer meets no
+            // acquire between the output's last writer, on another SM, and it.
+            const float base = out_dtype == DTYPE_BF16
+                                   ? bf16_to_f32(__ldcg(reinterpret_cast<const unsigned short*>(out) + k))
+                                   : __ldcg(reinterpret_cast<const float*>(out) + k);
             float s = 0.0f;
             bool live = true;
             for (u32 q0 = 0; live && q0 < ranks; q0 += ALL_REDUCE_READS) {
@@ -169,15 +190,15 @@ __device__ __noinline__ void task_all_reduce(const Ctx& c) {
                 }
             }
             if (!live || !*reinterpret_cast<volatile int*>(ok)) break;
-            store_float(a.out, a.out_dtype, k, base + s);
+            store_float(out, out_dtype, k, base + s);
         }
     } else {
         // Rank q's element e lands in chunk e / chunk of rank q's column.
-        for (u32 j = threadIdx.x; j < a.count * a.ranks; j += blockDim.x) {
-            const u32 q = j / a.count, e = a.first + j % a.count;
-            const u32 v = all_reduce_wait(c, a, recv + u64(q) * a.seg + e, tag, q, ok);
+        for (u32 j = threadIdx.x; j < count * ranks; j += blockDim.x) {
+            const u32 q = j / count, e = first + j % count;
+            const u32 v = all_reduce_wait(c, a, recv + u64(q) * seg + e, tag, q, ok);
             if (!*reinterpret_cast<volatile int*>(ok)) break;
-            reinterpret_cast<u32*>(a.out)[u64(e / a.chunk) * (a.ranks * a.chunk) + q * a.chunk + e % a.chunk] = v;
+            reinterpret_cast<u32*>(out)[u64(e / chunk) * (ranks * chunk) + q * chunk + e % chunk] = v;
         }
     }
     __syncthreads();

@@ -21,7 +21,7 @@ use crate::buffer::{BufSlice, Buffer, DType};
 use crate::error::{Error, Result};
 use crate::exec::ExecutorExt;
 use crate::program::{ops, ProgramBuilder};
-use crate::task::all_reduce::{recv_words, table_words, AllReduce};
+use crate::task::all_reduce::{recv_words, table_words, AllReduce, Runs};
 use crate::task::split_even;
 
 struct Site {
@@ -140,6 +140,65 @@ impl<'a> RankComm<'a> {
             ids.push(b.push(t).id());
         }
         Ok(ops::Group(ids))
+    }
+
+    /// Tasks adding the ranks' f32 partials in `data` into `out`, one after
+    /// each of the `producers` that write `data` (`gemv_bf16` or
+    /// `moe_combine` tasks), on its worker: each sums the elements its
+    /// producer wrote as soon as that producer is done, with no wait for the
+    /// stage's other tasks. Each producer signals an event of its own, named
+    /// `name (k)`. None (nothing pushed) when the producers outnumber
+    /// `workers`: an executor that runs ready tasks in any order could then
+    /// hold every thread in a sum whose peer task cannot start.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn sum_after(
+        &self,
+        b: &mut ProgramBuilder,
+        table: &Buffer,
+        data: &Buffer,
+        out: &BufSlice,
+        producers: &ops::Group,
+        workers: usize,
+        name: &str,
+    ) -> Result<Option<ops::Group>> {
+        if producers.len() > workers {
+            return Ok(None);
+        }
+        let n = self.cluster.ranks();
+        let mut specs = Vec::with_capacity(producers.len());
+        for &p in &producers.0 {
+            let written = b.spec(p).and_then(|s| s.written_f32());
+            let Some((addr, runs)) = written else {
+                return Err(Error::InvalidArgument(format!(
+                    "{name}: a producer of an all-reduce site must be a product writing f32"
+                )));
+            };
+            let offset = addr.checked_sub(data.addr()).filter(|o| o % 4 == 0);
+            let Some(offset) = offset else {
+                return Err(Error::InvalidArgument(format!(
+                    "{name}: a producer writes outside the site's data"
+                )));
+            };
+            let runs = Runs {
+                first: runs.first + (offset / 4) as usize,
+                ..runs
+            };
+            specs.push(AllReduce::sum_runs(
+                &table.all(),
+                &data.all(),
+                out,
+                self.rank,
+                n,
+                runs,
+            )?);
+        }
+        let mut ids = Vec::with_capacity(specs.len());
+        for (k, (&p, spec)) in producers.0.iter().zip(specs).enumerate() {
+            let ev = b.event(&format!("{name} ({k})"));
+            b.task(p).signal(ev);
+            ids.push(b.push(spec).wait(ev).follow(p).id());
+        }
+        Ok(Some(ops::Group(ids)))
     }
 
     /// One task gathering every rank's `data` into `out`, in chunks of `chunk`.

@@ -1384,11 +1384,33 @@ fn build(
             }
         }
     };
-    // After the producers of `site`: every rank's partials added into `x`.
-    let reduce = |ch: &mut Chain<'_>, site: Site, name: &str| -> Result<()> {
-        if let (Some(tp), Some((table, data))) = (tp, site) {
-            let r = tp.sum(ch.b, &table, &data, &x.all(), workers)?;
-            ch.stage(r, &format!("{name} all-reduce"));
+    // `group` (the producers of `site`, or of `x` itself on one device) as a
+    // stage, then every rank's partials added into `x`: by a task after each
+    // producer on its worker (RankComm::sum_after), or by a stage of sums
+    // after all of them.
+    let stage_into = |ch: &mut Chain<'_>, mut group: ops::Group, site: Site, name: &str| {
+        let (Some(tp), Some((table, data))) = (tp, site) else {
+            ch.stage(group, name);
+            return Ok::<_, Error>(());
+        };
+        group.0.append(&mut ch.join);
+        if let Some(p) = ch.prev {
+            group.wait(ch.b, p);
+        }
+        let what = format!("{name} all-reduce");
+        match tp.sum_after(ch.b, &table, &data, &x.all(), &group, workers, name)? {
+            Some(sums) => {
+                let ev = ch.b.event(&what);
+                sums.signal(ch.b, ev);
+                ch.prev = Some(ev);
+            }
+            None => {
+                let ev = ch.b.event(name);
+                group.signal(ch.b, ev);
+                ch.prev = Some(ev);
+                let sums = tp.sum(ch.b, &table, &data, &x.all(), workers)?;
+                ch.stage(sums, &what);
+            }
         }
         Ok(())
     };
@@ -1488,8 +1510,7 @@ fn build(
             acc,
             &Prologue::None,
         )?;
-        ch.stage(o, &format!("layer {l} o_proj"));
-        reduce(&mut ch, site, &format!("layer {l} o_proj"))?;
+        stage_into(&mut ch, o, site, &format!("layer {l} o_proj"))?;
         match &ly.mlp {
             Mlp::Dense { gate, up, down } => {
                 let (src, pro) =
@@ -1512,8 +1533,7 @@ fn build(
                 let pro = swiglu_as(&mut ch, &g, &u, inter, &format!("layer {l} swiglu"))?;
                 let (dst, acc, site) = into_residual()?;
                 let d = gemv(&mut ch, down, &g.all(), &dst, h, inter, acc, &pro)?;
-                ch.stage(d, &format!("layer {l} down"));
-                reduce(&mut ch, site, &format!("layer {l} down"))?;
+                stage_into(&mut ch, d, site, &format!("layer {l} down"))?;
             }
             Mlp::Moe {
                 router,
@@ -1729,7 +1749,7 @@ fn build(
                         }
                     }
                     ch.prev = None;
-                    ch.stage(comb, &format!("layer {l} expert combine"));
+                    stage_into(&mut ch, comb, site, &format!("layer {l} expert combine"))?;
                 } else {
                     let mut specs = gate_specs;
                     specs.extend(up_specs);
@@ -1741,9 +1761,8 @@ fn build(
                     let d = ops::Group(ch.b.push_all(d));
                     ch.stage(d, &format!("layer {l} expert down"));
                     let comb = ops::Group(ch.b.push_all(comb_specs));
-                    ch.stage(comb, &format!("layer {l} expert combine"));
+                    stage_into(&mut ch, comb, site, &format!("layer {l} expert combine"))?;
                 }
-                reduce(&mut ch, site, &format!("layer {l} experts"))?;
             }
         }
         // The layer's output rows, copied while the next stage runs.

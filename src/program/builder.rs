@@ -27,6 +27,7 @@ pub(crate) struct TaskNode {
     pub(crate) signals: Vec<EventId>,
     pub(crate) params: Vec<(usize, u8)>,
     pub(crate) worker: Option<u32>,
+    pub(crate) follows: Option<u32>,
 }
 
 /// Collects tasks and events; [`build`](Self::build) validates them into a [`Program`].
@@ -86,6 +87,15 @@ impl TaskHandle<'_> {
         self.node().worker = Some(w);
         self
     }
+    /// Places the task on the worker of `task`, which it must wait for
+    /// (through an event only `task` signals, or events whose producers all
+    /// share that worker): the worker runs it after `task`, and the device
+    /// drops such waits, which the order of the worker's list already meets
+    /// ([`Program::schedule`]). Other executors wait as usual.
+    pub fn follow(mut self, task: TaskId) -> Self {
+        self.node().follows = Some(task.0);
+        self
+    }
     /// The task's id.
     pub fn id(&self) -> TaskId {
         self.id
@@ -127,6 +137,7 @@ impl ProgramBuilder {
             signals: Vec::new(),
             params: Vec::new(),
             worker: None,
+            follows: None,
         });
         let id = TaskId(self.tasks.len() as u32 - 1);
         TaskHandle { b: self, id }
@@ -140,6 +151,11 @@ impl ProgramBuilder {
     /// Configures an already pushed task.
     pub fn task(&mut self, id: TaskId) -> TaskHandle<'_> {
         TaskHandle { b: self, id }
+    }
+
+    /// The spec of a pushed task.
+    pub(crate) fn spec(&self, id: TaskId) -> Option<&TaskSpec> {
+        self.tasks.get(id.0 as usize).map(|t| &t.spec)
     }
 
     /// Number of tasks pushed so far.
@@ -267,12 +283,31 @@ impl ProgramBuilder {
                 }
             }
         }
+        for (i, t) in self.tasks.iter().enumerate() {
+            if let Some(f) = t.follows {
+                let waits_on = |ev: &u32| {
+                    self.tasks
+                        .get(f as usize)
+                        .is_some_and(|p| p.signals.iter().any(|e| e.0 == *ev))
+                };
+                if !descs[i].wait.iter().any(waits_on) {
+                    let reason = format!("task {i} follows task {f} but waits for no event of it");
+                    return Err(ProgramError::BadArgs {
+                        kind: t.spec.kind,
+                        reason,
+                    }
+                    .into());
+                }
+            }
+        }
         let workers = self.tasks.iter().map(|t| t.worker).collect();
+        let follows = self.tasks.iter().map(|t| t.follows).collect();
         Ok(Program {
             descs,
             events: self.events,
             topo,
             workers,
+            follows,
             buffers,
             owner,
         })
@@ -346,6 +381,7 @@ pub struct Program {
     pub(crate) events: Vec<EventInfo>,
     pub(crate) topo: Vec<u32>,
     pub(crate) workers: Vec<Option<u32>>,
+    pub(crate) follows: Vec<Option<u32>>,
     pub(crate) buffers: Vec<Buffer>,
     pub(crate) owner: Option<u64>,
 }

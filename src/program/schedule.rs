@@ -4,10 +4,11 @@
 //! worker a task is pinned to), and every worker's list keeps that order.
 //! Blocking waits therefore cannot deadlock: the unfinished task that comes
 //! first in the topological order is always at the head of its worker's list
-//! with all its producers done.
+//! with all its producers done. A task that follows another goes to that
+//! task's worker, later in its list.
 
 use super::Program;
-use crate::abi::TaskDesc;
+use crate::abi::{TaskDesc, NO_EVENT, TASK_WAITS};
 
 /// Per-worker task lists, flattened.
 #[derive(Clone, Debug)]
@@ -31,19 +32,57 @@ impl Schedule {
 
 impl Program {
     /// Lays the program out for `workers` workers (at least one).
+    ///
+    /// A task that follows another ([`TaskHandle::follow`]) goes to that
+    /// task's worker. A wait whose event's producers all precede the waiting
+    /// task on its own worker is dropped from the laid-out descriptor: the
+    /// worker ran them first, and the block's barrier between two tasks makes
+    /// their writes visible.
+    ///
+    /// [`TaskHandle::follow`]: super::TaskHandle::follow
     pub fn schedule(&self, workers: usize) -> Schedule {
         let workers = workers.max(1);
         let mut lists: Vec<Vec<TaskDesc>> = vec![Vec::new(); workers];
+        let mut placed = vec![usize::MAX; self.descs.len()];
         let mut cursor = 0usize;
         for &t in &self.topo {
-            let w = match self.workers[t as usize] {
-                Some(w) => w as usize % workers,
-                None => {
+            let w = match (self.follows[t as usize], self.workers[t as usize]) {
+                (Some(f), _) if placed[f as usize] != usize::MAX => placed[f as usize],
+                (_, Some(w)) => w as usize % workers,
+                _ => {
                     cursor += 1;
                     (cursor - 1) % workers
                 }
             };
+            placed[t as usize] = w;
             lists[w].push(self.descs[t as usize]);
+        }
+        // The worker of each event's producers, if they share one.
+        let mut home: Vec<Option<usize>> = vec![None; self.events.len()];
+        let mut mixed = vec![false; self.events.len()];
+        for (t, d) in self.descs.iter().enumerate() {
+            if let Some(e) = (d.signal != NO_EVENT).then_some(d.signal as usize) {
+                match home[e] {
+                    Some(w) if w != placed[t] => mixed[e] = true,
+                    _ => home[e] = Some(placed[t]),
+                }
+            }
+        }
+        for (w, list) in lists.iter_mut().enumerate() {
+            for d in list.iter_mut() {
+                for k in 0..TASK_WAITS {
+                    let e = d.wait[k];
+                    // Internal events only: an external one has no producers here.
+                    let local = e != NO_EVENT
+                        && !self.events[e as usize].external
+                        && !mixed[e as usize]
+                        && home[e as usize] == Some(w);
+                    if local {
+                        d.wait[k] = NO_EVENT;
+                        d.wait_need[k] = 0;
+                    }
+                }
+            }
         }
         let mut offsets = Vec::with_capacity(workers + 1);
         let mut tasks = Vec::with_capacity(self.descs.len());

@@ -10,8 +10,10 @@
 //! data and receive slots (peer memory, mapped host memory, or the shared
 //! table of CPU ranks).
 //!
-//! Every task of a site, once the local producers are done (its event wait),
-//! for its elements:
+//! Every task of a site, once the local producers are done (its event wait;
+//! a task that follows its producer on that producer's worker, as the model
+//! programs place them, has its wait met by the worker's order), for its
+//! elements (runs of `count`, `stride` apart: one producer's outputs):
 //! 1. pushes: stores each element of this rank's data, with the low 32 bits
 //!    of the running epoch beside it, into slot `[rank][element]` of every
 //!    rank's receive slots (one 64-bit store on a GPU, so no fence has to
@@ -79,8 +81,12 @@ pub struct AllReduceArgs {
     pub chunk: u32,
     /// First element of each rank's data this task handles.
     pub first: u32,
-    /// Elements this task handles.
+    /// Elements of each run this task handles.
     pub count: u32,
+    /// Runs of `count` elements (sum only; 1 for a gather).
+    pub runs: u32,
+    /// Elements from one run's start to the next's.
+    pub stride: u32,
 }
 
 /// `u32` words of a rank's receive slots at a site of `len` elements.
@@ -91,6 +97,40 @@ pub fn recv_words(ranks: usize, len: usize) -> usize {
 /// `u32` words of a site table for `ranks` ranks.
 pub fn table_words(ranks: usize) -> usize {
     2 * (2 + 2 * ranks)
+}
+
+/// Elements `first + i * stride .. first + i * stride + count` for `i` in
+/// `0..runs`: what one task of a collective handles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Runs {
+    /// First element of the first run.
+    pub first: usize,
+    /// Elements of each run.
+    pub count: usize,
+    /// Number of runs.
+    pub runs: usize,
+    /// Elements from one run's start to the next's.
+    pub stride: usize,
+}
+
+impl Runs {
+    /// One run of `count` elements from `first`.
+    pub fn new(first: usize, count: usize) -> Runs {
+        Runs {
+            first,
+            count,
+            runs: 1,
+            stride: count,
+        }
+    }
+
+    /// The elements, run after run.
+    pub fn elements(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.runs).flat_map(move |i| {
+            let s = self.first + i * self.stride;
+            s..s + self.count
+        })
+    }
 }
 
 /// The collective step.
@@ -109,11 +149,24 @@ impl AllReduce {
         first: usize,
         count: usize,
     ) -> Result<TaskSpec, ProgramError> {
+        Self::sum_runs(table, local, out, rank, ranks, Runs::new(first, count))
+    }
+
+    /// The sum of [`sum`](Self::sum) over the elements of `runs` (for
+    /// instance the outputs of one product task, a run per input row).
+    pub fn sum_runs(
+        table: &BufSlice,
+        local: &BufSlice,
+        out: &BufSlice,
+        rank: usize,
+        ranks: usize,
+        runs: Runs,
+    ) -> Result<TaskSpec, ProgramError> {
         if local.dtype() != DType::F32 || !out.dtype().is_float() {
             return Err(bad::<AllReduce>("sums f32 partials into a float output"));
         }
         want_len::<AllReduce>("out", out, local.len())?;
-        Self::spec(table, local, out, rank, ranks, OP_SUM, 1, first, count)
+        Self::spec(table, local, out, rank, ranks, OP_SUM, 1, runs)
     }
 
     /// Words `first..first + count` of every rank's `seg` 32-bit words (this
@@ -139,7 +192,14 @@ impl AllReduce {
         }
         want_len::<AllReduce>("out", out, local.len() * ranks)?;
         Self::spec(
-            table, local, out, rank, ranks, OP_GATHER, chunk, first, count,
+            table,
+            local,
+            out,
+            rank,
+            ranks,
+            OP_GATHER,
+            chunk,
+            Runs::new(first, count),
         )
     }
 
@@ -152,8 +212,7 @@ impl AllReduce {
         ranks: usize,
         op: u32,
         chunk: usize,
-        first: usize,
-        count: usize,
+        r: Runs,
     ) -> Result<TaskSpec, ProgramError> {
         if table.dtype() != DType::U32 {
             return Err(bad::<AllReduce>("the site table is a u32 buffer"));
@@ -164,7 +223,11 @@ impl AllReduce {
                 "rank {rank} of {ranks} (1..=256)"
             )));
         }
-        if count == 0 || first + count > local.len() {
+        let end = (r.runs.max(1) - 1)
+            .checked_mul(r.stride)
+            .and_then(|v| v.checked_add(r.first + r.count));
+        let overlap = r.runs > 1 && r.stride < r.count;
+        if r.count == 0 || r.runs == 0 || overlap || !matches!(end, Some(e) if e <= local.len()) {
             return Err(bad::<AllReduce>("elements out of range"));
         }
         let u = |v: usize| u32::try_from(v).map_err(|_| bad::<AllReduce>("too many elements"));
@@ -177,8 +240,10 @@ impl AllReduce {
             out_dtype: out.dtype().code(),
             seg: u(local.len())?,
             chunk: u(chunk)?,
-            first: u(first)?,
-            count: u(count)?,
+            first: u(r.first)?,
+            count: u(r.count)?,
+            runs: u(r.runs)?,
+            stride: u(r.stride)?,
         };
         Ok(TaskSpec::new::<AllReduce>(args, &[table, local, out]))
     }
@@ -189,78 +254,17 @@ impl TaskKind for AllReduce {
     const NAME: &'static str = "all_reduce";
     fn cpu(a: &AllReduceArgs, mem: &dyn Memory) -> Result<(), TaskFault> {
         let ranks = a.ranks as usize;
-        if ranks == 0 || a.rank >= a.ranks || a.chunk == 0 {
+        if ranks == 0 || a.rank >= a.ranks || a.chunk == 0 || a.runs == 0 {
             return Err(TaskFault::BadArgs("all_reduce ranks"));
         }
-        let t = mem.read_u32(a.table, table_words(ranks))?;
-        let entry = |i: usize| u64::from(t[2 * i]) | (u64::from(t[2 * i + 1]) << 32);
-        let (data, recv) = (|q: usize| entry(2 + 2 * q), |q: usize| entry(3 + 2 * q));
-        let tag = mem.epoch() as u32;
-        let (first, count, seg) = (a.first as usize, a.count as usize, a.seg as u64);
-        // Push: each value, then (after a fence) its tag.
-        let mine = mem.read_u32(data(a.rank as usize) + 4 * first as u64, count)?;
-        for q in 0..ranks {
-            let at = recv(q) + 8 * (u64::from(a.rank) * seg + first as u64);
-            for (j, v) in mine.iter().enumerate() {
-                mem.write_u32(at + 8 * j as u64, &[*v])?;
-            }
-            fence(SeqCst);
-            for j in 0..count {
-                mem.write_u32(at + 8 * j as u64 + 4, &[tag])?;
-            }
+        if a.op != OP_SUM && a.runs != 1 {
+            return Err(TaskFault::BadArgs("all_reduce gathers one run"));
         }
-        // Take: every rank's values of these elements, each once its tag is there.
-        let start = Instant::now();
-        let mut got = vec![vec![0u32; count]; ranks];
-        for (q, vals) in got.iter_mut().enumerate() {
-            let at = recv(a.rank as usize) + 8 * (q as u64 * seg + first as u64);
-            for (j, v) in vals.iter_mut().enumerate() {
-                let slot = at + 8 * j as u64;
-                loop {
-                    let seen = mem.read_u32(slot + 4, 1)?[0];
-                    if seen == tag {
-                        fence(SeqCst);
-                        *v = mem.read_u32(slot, 1)?[0];
-                        break;
-                    }
-                    let failed = mem.read_u32(entry(0), 1)?[0];
-                    if failed != 0 {
-                        return Err(TaskFault::PeerFailed { rank: failed - 1 });
-                    }
-                    if start.elapsed() > mem.wait_timeout() {
-                        return Err(TaskFault::PeerHang {
-                            rank: q as u32,
-                            seen: u64::from(seen),
-                            needed: u64::from(tag),
-                        });
-                    }
-                    std::thread::sleep(std::time::Duration::from_micros(20));
-                }
-            }
+        for i in 0..a.runs as u64 {
+            let first = a.first as u64 + i * u64::from(a.stride);
+            cpu_run(a, mem, first as usize)?;
         }
-        if a.op == OP_SUM {
-            let od = DType::from_code(a.out_dtype).ok_or(TaskFault::BadArgs("all_reduce dtype"))?;
-            let mut sum: Vec<f32> = got[0].iter().map(|w| f32::from_bits(*w)).collect();
-            for vals in &got[1..] {
-                sum.iter_mut()
-                    .zip(vals)
-                    .for_each(|(s, v)| *s += f32::from_bits(*v));
-            }
-            let at = a.out + (first * od.size()) as u64;
-            let out = mem.read_f32(at, od, count)?;
-            let v: Vec<f32> = out.iter().zip(&sum).map(|(o, s)| o + s).collect();
-            mem.write_f32(at, od, &v)
-        } else {
-            let chunk = a.chunk as usize;
-            for (q, words) in got.iter().enumerate() {
-                for (j, w) in words.iter().enumerate() {
-                    let e = first + j;
-                    let dst = (e / chunk) * ranks * chunk + q * chunk + e % chunk;
-                    mem.write_u32(a.out + 4 * dst as u64, &[*w])?;
-                }
-            }
-            Ok(())
-        }
+        Ok(())
     }
     fn layout() -> Layout {
         layout!(AllReduceArgs {
@@ -273,7 +277,84 @@ impl TaskKind for AllReduce {
             seg,
             chunk,
             first,
-            count
+            count,
+            runs,
+            stride
         })
+    }
+}
+
+/// One run of `a.count` elements from `first` on the CPU executor: push,
+/// take, combine.
+fn cpu_run(a: &AllReduceArgs, mem: &dyn Memory, first: usize) -> Result<(), TaskFault> {
+    let ranks = a.ranks as usize;
+    let t = mem.read_u32(a.table, table_words(ranks))?;
+    let entry = |i: usize| u64::from(t[2 * i]) | (u64::from(t[2 * i + 1]) << 32);
+    let (data, recv) = (|q: usize| entry(2 + 2 * q), |q: usize| entry(3 + 2 * q));
+    let tag = mem.epoch() as u32;
+    let (count, seg) = (a.count as usize, a.seg as u64);
+    // Push: each value, then (after a fence) its tag.
+    let mine = mem.read_u32(data(a.rank as usize) + 4 * first as u64, count)?;
+    for q in 0..ranks {
+        let at = recv(q) + 8 * (u64::from(a.rank) * seg + first as u64);
+        for (j, v) in mine.iter().enumerate() {
+            mem.write_u32(at + 8 * j as u64, &[*v])?;
+        }
+        fence(SeqCst);
+        for j in 0..count {
+            mem.write_u32(at + 8 * j as u64 + 4, &[tag])?;
+        }
+    }
+    // Take: every rank's values of these elements, each once its tag is there.
+    let start = Instant::now();
+    let mut got = vec![vec![0u32; count]; ranks];
+    for (q, vals) in got.iter_mut().enumerate() {
+        let at = recv(a.rank as usize) + 8 * (q as u64 * seg + first as u64);
+        for (j, v) in vals.iter_mut().enumerate() {
+            let slot = at + 8 * j as u64;
+            loop {
+                let seen = mem.read_u32(slot + 4, 1)?[0];
+                if seen == tag {
+                    fence(SeqCst);
+                    *v = mem.read_u32(slot, 1)?[0];
+                    break;
+                }
+                let failed = mem.read_u32(entry(0), 1)?[0];
+                if failed != 0 {
+                    return Err(TaskFault::PeerFailed { rank: failed - 1 });
+                }
+                if start.elapsed() > mem.wait_timeout() {
+                    return Err(TaskFault::PeerHang {
+                        rank: q as u32,
+                        seen: u64::from(seen),
+                        needed: u64::from(tag),
+                    });
+                }
+                std::thread::sleep(std::time::Duration::from_micros(20));
+            }
+        }
+    }
+    if a.op == OP_SUM {
+        let od = DType::from_code(a.out_dtype).ok_or(TaskFault::BadArgs("all_reduce dtype"))?;
+        let mut sum: Vec<f32> = got[0].iter().map(|w| f32::from_bits(*w)).collect();
+        for vals in &got[1..] {
+            sum.iter_mut()
+                .zip(vals)
+                .for_each(|(s, v)| *s += f32::from_bits(*v));
+        }
+        let at = a.out + (first * od.size()) as u64;
+        let out = mem.read_f32(at, od, count)?;
+        let v: Vec<f32> = out.iter().zip(&sum).map(|(o, s)| o + s).collect();
+        mem.write_f32(at, od, &v)
+    } else {
+        let chunk = a.chunk as usize;
+        for (q, words) in got.iter().enumerate() {
+            for (j, w) in words.iter().enumerate() {
+                let e = first + j;
+                let dst = (e / chunk) * ranks * chunk + q * chunk + e % chunk;
+                mem.write_u32(a.out + 4 * dst as u64, &[*w])?;
+            }
+        }
+        Ok(())
     }
 }

@@ -5,6 +5,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::all_reduce::Runs;
 use super::{bad, want_float, Memory, TaskFault, TaskKind, TaskSpec};
 use crate::abi::layouts::{layout, Layout};
 use crate::buffer::{BufSlice, DType};
@@ -144,6 +145,18 @@ pub struct GemvShape {
 }
 
 impl GemvBf16 {
+    /// The output elements a task writes: `y`'s address, its element type
+    /// and the runs (one per input row) of `y`'s elements.
+    pub(crate) fn written(a: &GemvBf16Args) -> (u64, Option<DType>, Runs) {
+        let runs = Runs {
+            first: a.row0 as usize,
+            count: a.rows as usize,
+            runs: a.m as usize,
+            stride: a.ldy as usize,
+        };
+        (a.y, DType::from_code(u32::from(a.y_dtype)), runs)
+    }
+
     /// Rows `row0..row0 + rows` of the product; `w` is `[shape.rows, shape.cols]`,
     /// `x` is `[m, cols]`, `y` is `[m, shape.rows]`, all dense.
     pub fn rows(

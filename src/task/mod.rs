@@ -207,6 +207,20 @@ impl TaskSpec {
         self
     }
 
+    /// The output elements of a product that writes an f32 buffer (a
+    /// `gemv_bf16` or `moe_combine` task): the buffer's address and the runs
+    /// of its elements the task writes. None for other kinds and types.
+    pub(crate) fn written_f32(&self) -> Option<(u64, all_reduce::Runs)> {
+        let (addr, dtype, runs) = if self.opcode == gemv_bf16::GemvBf16::OPCODE {
+            gemv_bf16::GemvBf16::written(&decode_args(&self.args))
+        } else if self.opcode == moe_combine::MoeCombine::OPCODE {
+            moe_combine::MoeCombine::written(&decode_args(&self.args))
+        } else {
+            return None;
+        };
+        (dtype == Some(DType::F32)).then_some((addr, runs))
+    }
+
     /// Opcode of the task.
     pub fn opcode(&self) -> u16 {
         self.opcode

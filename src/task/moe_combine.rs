@@ -6,6 +6,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::all_reduce::Runs;
 use super::{bad, want_float, Memory, TaskFault, TaskKind, TaskSpec};
 use crate::abi::layouts::{layout, Layout};
 use crate::buffer::{BufSlice, DType};
@@ -45,6 +46,18 @@ pub struct MoeCombineArgs {
 pub struct MoeCombine;
 
 impl MoeCombine {
+    /// The output elements a task writes: `x`'s address, its element type
+    /// and the runs (one per row) of `x`'s elements.
+    pub(crate) fn written(a: &MoeCombineArgs) -> (u64, Option<DType>, Runs) {
+        let runs = Runs {
+            first: a.h0 as usize,
+            count: a.hn as usize,
+            runs: a.m as usize,
+            stride: a.hidden as usize,
+        };
+        (a.x, DType::from_code(a.x_dtype), runs)
+    }
+
     /// Columns `h0..h0 + hn` of every row, added into `x` (`accumulate`) or
     /// written over it.
     #[allow(clippy::too_many_arguments)]
