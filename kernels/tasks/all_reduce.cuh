@@ -165,7 +165,10 @@ __device__ __noinline__ void task_all_reduce(const Ctx& c) {
     };
     for (u32 j = threadIdx.x; j < total; j += blockDim.x) {
         const u64 e = element(j);
-        const u64 w = (u64(tag) << 32) | __ldcg(mine + e);
+        // A plain load: the producers' writes were acquired by this task's
+        // wait (which cleared L1) or made on this SM (a follower), so L1 holds
+        // no stale copy, and a follower may find them there.
+        const u64 w = (u64(tag) << 32) | mine[e];
         for (u32 q = 0; q < ranks; ++q) st_relaxed_sys(site_recv(table, q) + u64(rank) * seg + e, w);
     }
     if (op == ALL_REDUCE_SUM) {

@@ -147,9 +147,11 @@ impl<'a> RankComm<'a> {
     /// `moe_combine` tasks), on its worker: each sums the elements its
     /// producer wrote as soon as that producer is done, with no wait for the
     /// stage's other tasks. Each producer signals an event of its own, named
-    /// `name (k)`. None (nothing pushed) when the producers outnumber
-    /// `workers`: an executor that runs ready tasks in any order could then
-    /// hold every thread in a sum whose peer task cannot start.
+    /// `name (k)`. With `any_order` (an executor that runs ready tasks in any
+    /// order, the CPU executor), None (nothing pushed) when the producers
+    /// outnumber `workers`: every thread could then wait in a sum whose peer
+    /// task cannot start. A GPU runs each worker's list in order, the same
+    /// lists on every rank, so a sum's peer task always comes.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn sum_after(
         &self,
@@ -159,9 +161,10 @@ impl<'a> RankComm<'a> {
         out: &BufSlice,
         producers: &ops::Group,
         workers: usize,
+        any_order: bool,
         name: &str,
     ) -> Result<Option<ops::Group>> {
-        if producers.len() > workers {
+        if any_order && producers.len() > workers {
             return Ok(None);
         }
         let n = self.cluster.ranks();

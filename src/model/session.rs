@@ -1398,7 +1398,16 @@ fn build(
             group.wait(ch.b, p);
         }
         let what = format!("{name} all-reduce");
-        match tp.sum_after(ch.b, &table, &data, &x.all(), &group, workers, name)? {
+        match tp.sum_after(
+            ch.b,
+            &table,
+            &data,
+            &x.all(),
+            &group,
+            workers,
+            !ex.is_gpu(),
+            name,
+        )? {
             Some(sums) => {
                 let ev = ch.b.event(&what);
                 sums.signal(ch.b, ev);
