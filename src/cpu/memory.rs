@@ -102,14 +102,20 @@ impl MemTable {
                 i += 4;
             } else {
                 let shift = 8 * (p % 4);
-                let v = u32::from(src[i]) << shift;
-                w[p / 4].fetch_and(!(0xFF << shift), Relaxed);
-                w[p / 4].fetch_or(v, Relaxed);
+                set_bits(&w[p / 4], 0xFF << shift, u32::from(src[i]) << shift);
                 i += 1;
             }
         }
         Ok(())
     }
+}
+
+/// Replaces the bits of `word` under `mask` with `bits` in one atomic step,
+/// so that a concurrent reader never sees them cleared (tasks may rewrite an
+/// element with the value it holds while another task reads it, as attention
+/// slices covering the same key of a block do).
+fn set_bits(word: &AtomicU32, mask: u32, bits: u32) {
+    let _ = word.fetch_update(Relaxed, Relaxed, |old| Some((old & !mask) | bits));
 }
 
 /// [`Memory`] for tasks of one run: the table plus the output ring.
@@ -151,8 +157,7 @@ impl Memory for CpuMemory<'_> {
                 let p = off / 2 + i;
                 let shift = 16 * (p % 2);
                 let bits = u32::from(bf16::from_f32(*v).to_bits()) << shift;
-                w[p / 2].fetch_and(!(0xFFFF << shift), Relaxed);
-                w[p / 2].fetch_or(bits, Relaxed);
+                set_bits(&w[p / 2], 0xFFFF << shift, bits);
             }),
             DType::U32 => return Err(TaskFault::BadArgs("floats written to u32 data")),
         }
