@@ -95,15 +95,21 @@ fn resident(c: &mut Criterion, summary: &mut Vec<(String, f64)>) {
         per_task(b, n),
     ));
     let mut b = ProgramBuilder::new();
-    let ev = b.event("unused");
+    let ev = b.event("signals");
     for _ in 0..n {
         b.push(Nop::task()).on_worker(1).signal(ev);
     }
+    // Read by a task on another worker: a signal nobody waits for is left
+    // out of the device's program (`Program::schedule`).
+    b.push(Nop::task()).on_worker(2).wait(ev);
     summary.push(("task, signal only, one worker (s)".into(), per_task(b, n)));
     let mut b = ProgramBuilder::new();
     let mut prev: Option<EventId> = None;
     for _ in 0..n {
         let ev = b.event("link");
+        // A second producer on another worker, so that the device keeps the
+        // wait (one whose producers all ran earlier on its worker is left out).
+        b.push(Nop::task()).on_worker(2).signal(ev);
         let mut h = b.push(Nop::task()).on_worker(1).signal(ev);
         if let Some(p) = prev {
             h = h.wait(p);

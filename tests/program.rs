@@ -190,7 +190,7 @@ fn schedule_keeps_every_list_in_topological_order() {
 }
 
 #[test]
-fn followers_share_their_producers_worker_and_drop_the_waits_its_list_meets() {
+fn followers_share_their_producers_worker_and_drop_the_waits_and_signals_its_list_meets() {
     use megakernel::abi::NO_EVENT;
     let mut b = ProgramBuilder::new();
     let (ea, ec, ed) = (b.event("a"), b.event("c"), b.event("d"));
@@ -222,6 +222,10 @@ fn followers_share_their_producers_worker_and_drop_the_waits_its_list_meets() {
             assert_eq!(wp, wf, "a follower runs on its producer's worker");
             assert!(ip < i_f, "and after it");
             assert_eq!(desc(f).wait, [NO_EVENT; 2], "its wait is met by its list");
+            // Nobody on the device waits for the producer's event any more.
+            assert_eq!(desc(p).signal, NO_EVENT);
+            // The followers' event is read by `spread` where it still waits.
+            assert_eq!(desc(f).signal != NO_EVENT, workers > 1);
         }
         let pinned = desc(second).wait;
         assert_eq!(

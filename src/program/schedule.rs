@@ -37,7 +37,9 @@ impl Program {
     /// task's worker. A wait whose event's producers all precede the waiting
     /// task on its own worker is dropped from the laid-out descriptor: the
     /// worker ran them first, and the block's barrier between two tasks makes
-    /// their writes visible.
+    /// their writes visible. Then a signal that no laid-out wait reads is
+    /// dropped as well. (Executors that run the program's own descriptors,
+    /// as the CPU executor does, keep every wait and signal.)
     ///
     /// [`TaskHandle::follow`]: super::TaskHandle::follow
     pub fn schedule(&self, workers: usize) -> Schedule {
@@ -82,6 +84,20 @@ impl Program {
                         d.wait_need[k] = 0;
                     }
                 }
+            }
+        }
+        // A signal no wait of the laid-out program reads (a follower's
+        // producer, for instance) is left out too: its release fence and
+        // atomic would only delay the worker's next task.
+        let mut waited = vec![false; self.events.len()];
+        for d in lists.iter().flatten() {
+            for &e in d.wait.iter().filter(|&&e| e != NO_EVENT) {
+                waited[e as usize] = true;
+            }
+        }
+        for d in lists.iter_mut().flatten() {
+            if d.signal != NO_EVENT && !waited[d.signal as usize] {
+                d.signal = NO_EVENT;
             }
         }
         let mut offsets = Vec::with_capacity(workers + 1);
