@@ -43,10 +43,11 @@ __device__ __forceinline__ u64* site_recv(const u64* table, u32 q) {
 }
 
 // Every thread: waits until `slot` holds a value of epoch `tag` and returns
-// the value's bits (the slow path of all_reduce_take); 0 with *ok cleared when the kernel is stopping, a rank
-// failed (the abort word) or rank q never wrote (a hang naming it after half
-// the wait timeout, so that this rank's other waits, which a missing rank
-// stalls too, do not fire first and hide who is missing).
+// the value's bits (the slow path of all_reduce_take); 0 with *ok cleared
+// when the kernel is stopping, a rank failed (the abort word) or rank q
+// never wrote (a hang naming it after half the wait timeout, so that this
+// rank's other waits, which a missing rank stalls too, do not fire first and
+// hide who is missing).
 __device__ __noinline__ u32 all_reduce_wait(const Ctx& c, const AllReduceArgs& a, const u64* slot, u32 tag, u32 q,
                                             int* ok) {
     const u32* abort_word = reinterpret_cast<const u32*>(reinterpret_cast<const u64*>(a.table)[0]);

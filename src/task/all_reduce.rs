@@ -124,12 +124,16 @@ impl Runs {
         }
     }
 
-    /// The elements, run after run.
-    pub fn elements(&self) -> impl Iterator<Item = usize> + '_ {
-        (0..self.runs).flat_map(move |i| {
-            let s = self.first + i * self.stride;
-            s..s + self.count
-        })
+    /// `runs` runs of `count` elements from `first`, `stride` apart, as a
+    /// task's `u32` arguments give them.
+    pub fn strided(first: u32, count: u32, runs: u32, stride: u32) -> Runs {
+        let u = |v: u32| v as usize;
+        Runs {
+            first: u(first),
+            count: u(count),
+            runs: u(runs),
+            stride: u(stride),
+        }
     }
 }
 

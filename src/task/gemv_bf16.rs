@@ -148,12 +148,7 @@ impl GemvBf16 {
     /// The output elements a task writes: `y`'s address, its element type
     /// and the runs (one per input row) of `y`'s elements.
     pub(crate) fn written(a: &GemvBf16Args) -> (u64, Option<DType>, Runs) {
-        let runs = Runs {
-            first: a.row0 as usize,
-            count: a.rows as usize,
-            runs: a.m as usize,
-            stride: a.ldy as usize,
-        };
+        let runs = Runs::strided(a.row0, a.rows, a.m, a.ldy);
         (a.y, DType::from_code(u32::from(a.y_dtype)), runs)
     }
 

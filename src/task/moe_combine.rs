@@ -49,12 +49,7 @@ impl MoeCombine {
     /// The output elements a task writes: `x`'s address, its element type
     /// and the runs (one per row) of `x`'s elements.
     pub(crate) fn written(a: &MoeCombineArgs) -> (u64, Option<DType>, Runs) {
-        let runs = Runs {
-            first: a.h0 as usize,
-            count: a.hn as usize,
-            runs: a.m as usize,
-            stride: a.hidden as usize,
-        };
+        let runs = Runs::strided(a.h0, a.hn, a.m, a.hidden);
         (a.x, DType::from_code(a.x_dtype), runs)
     }
 
