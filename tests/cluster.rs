@@ -166,6 +166,39 @@ fn only_clusters_of_several_ranks_build_collectives() {
 }
 
 #[test]
+fn strided_sum_runs_are_checked() {
+    use megakernel::error::ProgramError;
+    use megakernel::task::all_reduce::{table_words, AllReduce, Runs};
+    let ex = CpuExecutor::new(cpu_opts());
+    let ranks = 2;
+    let table = ex.alloc(DType::U32, table_words(ranks)).unwrap();
+    let (data, out) = (
+        ex.alloc(DType::F32, 64).unwrap(),
+        ex.alloc(DType::F32, 64).unwrap(),
+    );
+    let spec = |r: Runs| AllReduce::sum_runs(&table.all(), &data.all(), &out.all(), 1, ranks, r);
+    // Four runs of 5 elements, 16 apart: elements 3..8, 19..24, 35..40, 51..56.
+    assert!(spec(Runs::strided(3, 5, 4, 16)).is_ok());
+    for bad in [
+        Runs::strided(3, 5, 4, 4),  // runs overlap
+        Runs::strided(3, 5, 4, 20), // the last run ends past the data
+        Runs::strided(3, 0, 4, 16), // empty runs
+        Runs::strided(3, 5, 0, 16), // no run
+    ] {
+        assert!(
+            matches!(
+                spec(bad),
+                Err(ProgramError::BadArgs {
+                    kind: "all_reduce",
+                    ..
+                })
+            ),
+            "{bad:?}"
+        );
+    }
+}
+
+#[test]
 fn models_that_do_not_split_are_typed_errors() {
     let cluster = Cluster::cpu(3, cpu_opts()).unwrap();
     let c = ModelConfig::preset("tiny").unwrap();
