@@ -1393,21 +1393,31 @@ fn build(
             ch.stage(group, name);
             return Ok::<_, Error>(());
         };
+        // Followers need every task of the stage to be a producer of the
+        // site: a task joined to it (a copy of `x`) has to end before any sum
+        // writes `x`, so a stage with one keeps the stage of sums.
+        let joined = !ch.join.is_empty();
         group.0.append(&mut ch.join);
         if let Some(p) = ch.prev {
             group.wait(ch.b, p);
         }
         let what = format!("{name} all-reduce");
-        match tp.sum_after(
-            ch.b,
-            &table,
-            &data,
-            &x.all(),
-            &group,
-            workers,
-            !ex.is_gpu(),
-            name,
-        )? {
+        let followers = if joined {
+            None
+        } else {
+            let any_order = !ex.is_gpu();
+            tp.sum_after(
+                ch.b,
+                &table,
+                &data,
+                &x.all(),
+                &group,
+                workers,
+                any_order,
+                name,
+            )?
+        };
+        match followers {
             Some(sums) => {
                 let ev = ch.b.event(&what);
                 sums.signal(ch.b, ev);

@@ -264,9 +264,10 @@ impl TaskKind for AllReduce {
         if a.op != OP_SUM && a.runs != 1 {
             return Err(TaskFault::BadArgs("all_reduce gathers one run"));
         }
+        let table = mem.read_u32(a.table, table_words(ranks))?;
         for i in 0..a.runs as u64 {
             let first = a.first as u64 + i * u64::from(a.stride);
-            cpu_run(a, mem, first as usize)?;
+            cpu_run(a, mem, &table, first as usize)?;
         }
         Ok(())
     }
@@ -289,10 +290,9 @@ impl TaskKind for AllReduce {
 }
 
 /// One run of `a.count` elements from `first` on the CPU executor: push,
-/// take, combine.
-fn cpu_run(a: &AllReduceArgs, mem: &dyn Memory, first: usize) -> Result<(), TaskFault> {
+/// take, combine. `t`: the site table's words.
+fn cpu_run(a: &AllReduceArgs, mem: &dyn Memory, t: &[u32], first: usize) -> Result<(), TaskFault> {
     let ranks = a.ranks as usize;
-    let t = mem.read_u32(a.table, table_words(ranks))?;
     let entry = |i: usize| u64::from(t[2 * i]) | (u64::from(t[2 * i + 1]) << 32);
     let (data, recv) = (|q: usize| entry(2 + 2 * q), |q: usize| entry(3 + 2 * q));
     let tag = mem.epoch() as u32;
