@@ -4,9 +4,11 @@
 # the dependency hop's parts: round trips, release cost, ways to poll;
 # icache_probe.cu, the SM's instruction cache; stream_probe.cu, the FP4
 # job's load pattern alone against a copy; tagged_probe.cu, a hop whose data
-# carries its own readiness against the event counter's) and times their
-# shapes; with --ncu, also profiles one launch of each with Nsight Compute (the resident
-# kernel itself cannot be profiled: the profiler serialises launches). Needs
+# carries its own readiness against the event counter's; ring_probe.cu, the
+# FP4 product fed by bulk copies into a ring of shared-memory slots against
+# the task's loop) and times their shapes; with --ncu, also profiles one
+# launch of each with Nsight Compute (the resident kernel itself cannot be
+# profiled: the profiler serialises launches). Needs
 # nvcc ($NVCC or PATH) and, to run, an sm_90 GPU. Results go to target/probes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -14,7 +16,7 @@ nvcc="${NVCC:-nvcc}"
 root="$(dirname "$(dirname "$(command -v "$nvcc")")")"
 out=target/probes
 mkdir -p "$out"
-for probe in fp4_probe attention_probe gemv_probe hop_probe icache_probe route_probe stream_probe tagged_probe; do
+for probe in fp4_probe attention_probe gemv_probe hop_probe icache_probe route_probe stream_probe tagged_probe ring_probe; do
   "$nvcc" -std=c++17 -O3 -arch=sm_90a -Ikernels -L"$root/lib" -L"$root/lib64" \
     "tools/probes/$probe.cu" -o "$out/$probe"
 done
@@ -38,6 +40,10 @@ done
 "$out/tagged_probe"
 "$out/stream_probe"
 "$out/icache_probe"
+for shape in "2048 96 1 4" "2048 256 8 2" "768 256 8 2" "2048 2048 1 4"; do
+  for mode in "" sliced lazyf; do "$out/ring_probe" $shape $mode; done
+done
+for shape in "2048 256 1" "2048 2048 1" "2048 2048 8"; do "$out/ring_probe" $shape 4 lazy; done
 for rows in 1 8 16; do
   "$out/route_probe" "$rows"
   "$out/route_probe" "$rows" 400 cold-code
