@@ -99,6 +99,55 @@ __device__ __forceinline__ void issue_slot(const SlotPlan& pl, u32 q, const unsi
     }
 }
 
+// A warp's tile partials of slice `sl` (the task's job layout).
+__device__ __forceinline__ void store_partials(float* part, u32 sl, u32 group, u32 tile, const Fp4Acc<1>& acc) {
+    const u32 lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    float* p = part + sl * group * 16;
+    float* p0 = p + (tile * 16 + g) * 16 + 2 * c;
+    float* p1 = p + (tile * 16 + g + 8) * 16 + 2 * c;
+    p0[0] = acc.v[0][0], p0[1] = acc.v[0][1], p1[0] = acc.v[0][2], p1[1] = acc.v[0][3];
+}
+
+// Every thread: the slices of `grows` rows summed in order and stored, as the
+// task does, between two block barriers.
+__device__ __forceinline__ void sum_slices(const float* part, u32 slices, u32 group, u32 grows, const Shape& sh,
+                                           u32 r0, float* y) {
+    __syncthreads();
+    for (u32 k = threadIdx.x; k < grows * sh.n; k += blockDim.x) {
+        const u32 r = k / sh.n, i = k % sh.n;
+        float sum = 0.0f;
+        for (u32 s = 0; s < slices; ++s) sum += part[(s * group + r) * 16 + i];
+        y[u64(i) * sh.total_rows + r0 + r] = sum;
+    }
+    __syncthreads();
+}
+
+// A whole-row warp's tile (first row `row`) stored from its accumulators.
+__device__ __forceinline__ void store_tile(float* y, const Shape& sh, u64 row, const Fp4Acc<1>& acc) {
+    const u32 lane = threadIdx.x & 31, c = lane & 3;
+    row += lane >> 2;
+    if (2 * c < sh.n) {
+        y[u64(2 * c) * sh.total_rows + row] = acc.v[0][0];
+        y[u64(2 * c) * sh.total_rows + row + 8] = acc.v[0][2];
+    }
+    if (2 * c + 1 < sh.n) {
+        y[u64(2 * c + 1) * sh.total_rows + row] = acc.v[0][1];
+        y[u64(2 * c + 1) * sh.total_rows + row + 8] = acc.v[0][3];
+    }
+}
+
+// One column step of a warp's job from a tile in a slot (`t`), the task's
+// step function; x advanced to the next step.
+__device__ __forceinline__ void slot_step(Fp4Acc<1>& acc, const unsigned char* t, const unsigned char* (&xp)[1]) {
+    const u32 lane = threadIdx.x & 31;
+    const uint4 q0 = ld_shared16(t + lane * 16), q1 = ld_shared16(t + 512 + lane * 16);
+    u32 sc;
+    asm volatile("ld.shared.u16 %0, [%1];" : "=r"(sc) : "r"(smem_addr(t + 1024 + lane * 2)));
+    fp4_mma_step_any<1, true, false, true>(acc, q0, q1, sc & 0xFFu, sc >> 8, xp);
+    xp[0] += 128 * 2;
+    __syncwarp();
+}
+
 // Modes (none), `pair`, `whole` and `lazyf`.
 template <int NS, bool PAIR, bool WHOLE, bool LAZY>
 __global__ void __launch_bounds__(BLOCK_THREADS, 1)
@@ -156,13 +205,7 @@ __global__ void __launch_bounds__(BLOCK_THREADS, 1)
                 const u32 q = set * sh.steps + i * slices + sl, slot = q % NS;
                 if (LAZY && tid == 0) refill(q, true);
                 stage_wait(&full[slot], (q / NS) & 1);
-                const unsigned char* t = ring + slot * SLOT + tile * TILE;
-                const uint4 q0 = ld_shared16(t + lane * 16), q1 = ld_shared16(t + 512 + lane * 16);
-                u32 sc;
-                asm volatile("ld.shared.u16 %0, [%1];" : "=r"(sc) : "r"(smem_addr(t + 1024 + lane * 2)));
-                fp4_mma_step_any<1, true, false, true>(acc, q0, q1, sc & 0xFFu, sc >> 8, xp);
-                xp[0] += 128 * 2;
-                __syncwarp();
+                slot_step(acc, ring + slot * SLOT + tile * TILE, xp);
                 if (LAZY) {
                     if (lane == 0) atomicAdd(&done_count[slot], 1u);
                 } else if (lane == 0 && atomicAdd(&done_count[slot], 1u) + 1 == tiles) {
@@ -175,21 +218,10 @@ __global__ void __launch_bounds__(BLOCK_THREADS, 1)
             if (WHOLE) {
                 // One warp a tile over every step: no slices to meet, the
                 // accumulators stored as they are, no barrier.
-                const u64 row = r0 + tile * 16 + g;
-                if (2 * c < sh.n) {
-                    y[u64(2 * c) * sh.total_rows + row] = acc.v[0][0];
-                    y[u64(2 * c) * sh.total_rows + row + 8] = acc.v[0][2];
-                }
-                if (2 * c + 1 < sh.n) {
-                    y[u64(2 * c + 1) * sh.total_rows + row] = acc.v[0][1];
-                    y[u64(2 * c + 1) * sh.total_rows + row + 8] = acc.v[0][3];
-                }
+                store_tile(y, sh, r0 + tile * 16, acc);
                 continue;
             }
-            float* p = setp + sl * group * 16;
-            float* p0 = p + (tile * 16 + g) * 16 + 2 * c;
-            float* p1 = p + (tile * 16 + g + 8) * 16 + 2 * c;
-            p0[0] = acc.v[0][0], p0[1] = acc.v[0][1], p1[0] = acc.v[0][2], p1[1] = acc.v[0][3];
+            store_partials(setp, sl, group, tile, acc);
             if (PAIR) {
                 // The tile's slices meet (a named barrier of their warps); its
                 // first slice's warp sums them in order and stores.
@@ -205,16 +237,7 @@ __global__ void __launch_bounds__(BLOCK_THREADS, 1)
                 }
             }
         }
-        if (!PAIR && !WHOLE) {
-            __syncthreads();
-            for (u32 k = tid; k < grows * sh.n; k += blockDim.x) {
-                const u32 r = k / sh.n, i = k % sh.n;
-                float sum = 0.0f;
-                for (u32 s2 = 0; s2 < slices; ++s2) sum += part[(s2 * group + r) * 16 + i];
-                y[u64(i) * sh.total_rows + r0 + r] = sum;
-            }
-            __syncthreads();
-        }
+        if (!PAIR && !WHOLE) sum_slices(part, slices, group, grows, sh, r0, y);
     }
 }
 
@@ -275,28 +298,12 @@ __global__ void __launch_bounds__(BLOCK_THREADS, 1)
                     issue(sl, q - 1 + NS2);
                 }
                 stage_wait(&full[sl][slot], (q / NS2) & 1);
-                const unsigned char* t = ring + (sl * NS2 + slot) * SLOT + tile * TILE;
-                const uint4 q0 = ld_shared16(t + lane * 16), q1 = ld_shared16(t + 512 + lane * 16);
-                u32 sc;
-                asm volatile("ld.shared.u16 %0, [%1];" : "=r"(sc) : "r"(smem_addr(t + 1024 + lane * 2)));
-                fp4_mma_step_any<1, true, false, true>(acc, q0, q1, sc & 0xFFu, sc >> 8, xp);
-                xp[0] += 128 * 2;
-                __syncwarp();
+                slot_step(acc, ring + (sl * NS2 + slot) * SLOT + tile * TILE, xp);
                 if (lane == 0) atomicAdd(&done_count[sl][slot], 1u);
             }
-            float* p = part + sl * group * 16;
-            float* p0 = p + (tile * 16 + g) * 16 + 2 * c;
-            float* p1 = p + (tile * 16 + g + 8) * 16 + 2 * c;
-            p0[0] = acc.v[0][0], p0[1] = acc.v[0][1], p1[0] = acc.v[0][2], p1[1] = acc.v[0][3];
+            store_partials(part, sl, group, tile, acc);
         }
-        __syncthreads();
-        for (u32 k = tid; k < grows * sh.n; k += blockDim.x) {
-            const u32 r = k / sh.n, i = k % sh.n;
-            float sum = 0.0f;
-            for (u32 s2 = 0; s2 < slices; ++s2) sum += part[(s2 * group + r) * 16 + i];
-            y[u64(i) * sh.total_rows + r0 + r] = sum;
-        }
-        __syncthreads();
+        sum_slices(part, slices, group, grows, sh, r0, y);
     }
 }
 
@@ -345,15 +352,7 @@ __global__ void __launch_bounds__(BLOCK_THREADS, 1)
             asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(&empty[slot])) : "memory");
         }
         if (k % sh.steps == sh.steps - 1) {
-            const u64 row = u64(g0 + k / sh.steps) * GROUP_ROWS + warp * 16 + g;
-            if (2 * c < sh.n) {
-                y[u64(2 * c) * sh.total_rows + row] = acc.v[0][0];
-                y[u64(2 * c) * sh.total_rows + row + 8] = acc.v[0][2];
-            }
-            if (2 * c + 1 < sh.n) {
-                y[u64(2 * c + 1) * sh.total_rows + row] = acc.v[0][1];
-                y[u64(2 * c + 1) * sh.total_rows + row + 8] = acc.v[0][3];
-            }
+            store_tile(y, sh, u64(g0 + k / sh.steps) * GROUP_ROWS + warp * 16, acc);
             acc.v[0][0] = acc.v[0][1] = acc.v[0][2] = acc.v[0][3] = 0.0f;
         }
     }
