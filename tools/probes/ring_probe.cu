@@ -65,6 +65,8 @@ __device__ __forceinline__ u32 block_row0(const Shape& sh, u32 rot) {
     return ((blockIdx.x + rot) % places) * sh.rows;
 }
 
+// The n input rows into shared memory, as they are (both paths read them
+// with the same fragment loads).
 __device__ __forceinline__ void copy_x(const u16* xg, unsigned char* xs, u32 n, u32 cols) {
     for (u32 i = threadIdx.x; i < n * cols / 8; i += blockDim.x) {
         reinterpret_cast<uint4*>(xs)[i] = reinterpret_cast<const uint4*>(xg)[i];
