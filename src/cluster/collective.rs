@@ -142,17 +142,23 @@ impl<'a> RankComm<'a> {
         Ok(ops::Group(ids))
     }
 
+    /// Whether the sums of a site can follow its `producers` tasks
+    /// ([`sum_after`](Self::sum_after)) on `workers` workers. An executor that
+    /// runs ready tasks in any order (`any_order`: the CPU executor) cannot
+    /// take more such producers than it has workers: every thread could then
+    /// wait in a sum whose peer task cannot start. A GPU runs each worker's
+    /// list in order, the same lists on every rank, so a sum's peer task
+    /// always comes.
+    pub(crate) fn followers_fit(producers: usize, workers: usize, any_order: bool) -> bool {
+        !any_order || producers <= workers
+    }
+
     /// Tasks adding the ranks' f32 partials in `data` into `out`, one after
     /// each of the `producers` that write `data` (`gemv_bf16` or
     /// `moe_combine` tasks), on its worker: each sums the elements its
     /// producer wrote as soon as that producer is done, with no wait for the
     /// stage's other tasks. Each producer signals an event of its own, named
-    /// `name (k)`. With `any_order` (an executor that runs ready tasks in any
-    /// order, the CPU executor), None (nothing pushed) when the producers
-    /// outnumber `workers`: every thread could then wait in a sum whose peer
-    /// task cannot start. A GPU runs each worker's list in order, the same
-    /// lists on every rank, so a sum's peer task always comes.
-    #[allow(clippy::too_many_arguments)]
+    /// `name (k)`. Only where [`followers_fit`](Self::followers_fit).
     pub(crate) fn sum_after(
         &self,
         b: &mut ProgramBuilder,
@@ -160,13 +166,8 @@ impl<'a> RankComm<'a> {
         data: &Buffer,
         out: &BufSlice,
         producers: &ops::Group,
-        workers: usize,
-        any_order: bool,
         name: &str,
-    ) -> Result<Option<ops::Group>> {
-        if any_order && producers.len() > workers {
-            return Ok(None);
-        }
+    ) -> Result<ops::Group> {
         let n = self.cluster.ranks();
         let mut specs = Vec::with_capacity(producers.len());
         for &p in &producers.0 {
@@ -201,7 +202,7 @@ impl<'a> RankComm<'a> {
             b.task(p).signal(ev);
             ids.push(b.push(spec).wait(ev).follow(p).id());
         }
-        Ok(Some(ops::Group(ids)))
+        Ok(ops::Group(ids))
     }
 
     /// One task gathering every rank's `data` into `out`, in chunks of `chunk`.

@@ -1388,49 +1388,29 @@ fn build(
     // stage, then every rank's partials added into `x`: by a task after each
     // producer on its worker (RankComm::sum_after), or by a stage of sums
     // after all of them.
-    let stage_into = |ch: &mut Chain<'_>, mut group: ops::Group, site: Site, name: &str| {
+    let stage_into = |ch: &mut Chain<'_>, group: ops::Group, site: Site, name: &str| {
         let (Some(tp), Some((table, data))) = (tp, site) else {
             ch.stage(group, name);
             return Ok::<_, Error>(());
         };
+        let what = format!("{name} all-reduce");
         // Followers need every task of the stage to be a producer of the
         // site: a task joined to it (a copy of `x`) has to end before any sum
         // writes `x`, so a stage with one keeps the stage of sums.
-        let joined = !ch.join.is_empty();
-        group.0.append(&mut ch.join);
+        let fit = RankComm::followers_fit(group.len(), workers, !ex.is_gpu());
+        if !ch.join.is_empty() || !fit {
+            ch.stage(group, name);
+            let sums = tp.sum(ch.b, &table, &data, &x.all(), workers)?;
+            ch.stage(sums, &what);
+            return Ok(());
+        }
         if let Some(p) = ch.prev {
             group.wait(ch.b, p);
         }
-        let what = format!("{name} all-reduce");
-        let followers = if joined {
-            None
-        } else {
-            let any_order = !ex.is_gpu();
-            tp.sum_after(
-                ch.b,
-                &table,
-                &data,
-                &x.all(),
-                &group,
-                workers,
-                any_order,
-                name,
-            )?
-        };
-        match followers {
-            Some(sums) => {
-                let ev = ch.b.event(&what);
-                sums.signal(ch.b, ev);
-                ch.prev = Some(ev);
-            }
-            None => {
-                let ev = ch.b.event(name);
-                group.signal(ch.b, ev);
-                ch.prev = Some(ev);
-                let sums = tp.sum(ch.b, &table, &data, &x.all(), workers)?;
-                ch.stage(sums, &what);
-            }
-        }
+        let sums = tp.sum_after(ch.b, &table, &data, &x.all(), &group, name)?;
+        let ev = ch.b.event(&what);
+        sums.signal(ch.b, ev);
+        ch.prev = Some(ev);
         Ok(())
     };
     let e = ops::embed(ch.b, &x.all(), &embed.all(), &ids.all(), h)?;
