@@ -139,11 +139,16 @@ __device__ __noinline__ bool wait_at_least(const Env* env, u32 task, u32 opcode,
     if (v >= need) return true;
     if (idle_prefetch) prefetch_task(idle_prefetch);
     const u64 start = globaltimer();
-    for (u32 polls = 0;; ++polls) {
+    // Polls in rounds of four, so that the count and its checks come between
+    // rounds, not between two polls.
+    for (u32 polls = 0;; polls += 4) {
         if (polls >= 4096) __nanosleep(polls >= 16384 ? 512 : 64);
-        v = SYS ? ld_acquire_sys(ctr) : ld_acquire_gpu(ctr);
-        if (v >= need) return true;
-        if ((polls & 63) == 63) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            v = SYS ? ld_acquire_sys(ctr) : ld_acquire_gpu(ctr);
+            if (v >= need) return true;
+        }
+        if ((polls & 63) == 60) {
             if (aborted(env)) return false;
             if (globaltimer() - start > env->timeout_ns) {
                 report_fault(env, task, opcode, command, FAULT_HANG, event, v, need);
