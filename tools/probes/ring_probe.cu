@@ -138,14 +138,23 @@ __device__ __forceinline__ void store_tile(float* y, const Shape& sh, u64 row, c
     }
 }
 
+// The lane's part of a warp's tile in a slot (`t`): the codes of rows g and
+// g + 8 and their two scale codes.
+__device__ __forceinline__ void slot_tile(const unsigned char* t, uint4& q0, uint4& q1, u32& s0, u32& s1) {
+    const u32 lane = threadIdx.x & 31;
+    q0 = ld_shared16(t + lane * 16), q1 = ld_shared16(t + 512 + lane * 16);
+    u32 sc;
+    asm volatile("ld.shared.u16 %0, [%1];" : "=r"(sc) : "r"(smem_addr(t + 1024 + lane * 2)));
+    s0 = sc & 0xFFu, s1 = sc >> 8;
+}
+
 // One column step of a warp's job from a tile in a slot (`t`), the task's
 // step function; x advanced to the next step.
 __device__ __forceinline__ void slot_step(Fp4Acc<1>& acc, const unsigned char* t, const unsigned char* (&xp)[1]) {
-    const u32 lane = threadIdx.x & 31;
-    const uint4 q0 = ld_shared16(t + lane * 16), q1 = ld_shared16(t + 512 + lane * 16);
-    u32 sc;
-    asm volatile("ld.shared.u16 %0, [%1];" : "=r"(sc) : "r"(smem_addr(t + 1024 + lane * 2)));
-    fp4_mma_step_any<1, true, false, true>(acc, q0, q1, sc & 0xFFu, sc >> 8, xp);
+    uint4 q0, q1;
+    u32 s0, s1;
+    slot_tile(t, q0, q1, s0, s1);
+    fp4_mma_step_any<1, true, false, true>(acc, q0, q1, s0, s1, xp);
     xp[0] += 128 * 2;
     __syncwarp();
 }
@@ -344,11 +353,11 @@ __global__ void __launch_bounds__(BLOCK_THREADS, 1)
         }
         stage_wait(&full[slot], use & 1);
         const unsigned char* t = ring + slot * SLOT + warp * TILE;
-        const uint4 q0 = ld_shared16(t + lane * 16), q1 = ld_shared16(t + 512 + lane * 16);
-        u32 sc;
-        asm volatile("ld.shared.u16 %0, [%1];" : "=r"(sc) : "r"(smem_addr(t + 1024 + lane * 2)));
+        uint4 q0, q1;
+        u32 s0, s1;
+        slot_tile(t, q0, q1, s0, s1);
         const unsigned char* xp[1] = {xrow + (k % sh.steps) * 128 * 2};
-        fp4_mma_step<1, true, false, false, true>(acc.v, q0, q1, sc & 0xFFu, sc >> 8, xp);
+        fp4_mma_step<1, true, false, false, true>(acc.v, q0, q1, s0, s1, xp);
         __syncwarp();
         if (lane == 0) {
             asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(&empty[slot])) : "memory");
